@@ -1,0 +1,91 @@
+"""One side of a streaming channel served over ``/ws/channels/{id}``.
+
+* An unknown channel id or a wrong key is refused with HTTP 404 ("Channel not
+  found") before the upgrade.
+* A side already claimed is upgraded and closed at once (upstream behaviour).
+* The writer side (``dir=write``) puts every frame, text or binary, into the
+  channel's bounded buffer; when it is full the engine stops reading the socket
+  (backpressure).  The client's Close ends the stream.
+* The reader side (``dir=read``) gets the frames in order with their type kept,
+  then a Close when the writer has finished.
+
+Lifetime: the handler returns when its socket or the channel ends; the channel
+itself is removed by the sweep once both sides are finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from iii.channels import Channel, ChannelClaimedError
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["serve_channel_side"]
+
+log = logging.getLogger(__name__)
+
+
+async def serve_channel_side(
+    engine: Engine, request: WebSocketRequest, *, channel_id: str, access_key: str, direction: str
+) -> None:
+    channel = engine.channels.lookup(channel_id, access_key)
+    if channel is None or direction not in ("read", "write"):
+        await request.reject(404, body=b"Channel not found")
+        return
+    try:
+        if direction == "write":
+            send_side = channel.claim_writer()
+        else:
+            receive_side = channel.claim_reader()
+    except ChannelClaimedError:
+        ws = await request.accept()
+        await ws.aclose(1008, "channel side already claimed")
+        return
+    ws = await request.accept()
+    if direction == "write":
+        await _pump_from_socket(ws, channel, send_side)
+    else:
+        await _pump_to_socket(ws, channel, receive_side)
+
+
+async def _pump_from_socket(
+    ws: WebSocketConnection, channel: Channel, send_side: trio.MemorySendChannel[str | bytes]
+) -> None:
+    try:
+        while True:
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed:
+                return
+            try:
+                await send_side.send(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The reader went away: nothing more will be read.
+                await ws.aclose(1000, "channel reader closed")
+                return
+    finally:
+        send_side.close()
+        channel.writer_done = True
+
+
+async def _pump_to_socket(
+    ws: WebSocketConnection, channel: Channel, receive_side: trio.MemoryReceiveChannel[str | bytes]
+) -> None:
+    try:
+        async for frame in receive_side:
+            try:
+                await ws.send_message(frame)
+            except ConnectionClosed:
+                return
+        await ws.aclose(1000, "channel closed")
+    except trio.ClosedResourceError:
+        await ws.aclose(1000, "channel removed")
+    finally:
+        receive_side.close()
+        channel.reader_done = True

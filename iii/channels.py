@@ -1,0 +1,135 @@
+"""Streaming channels: ordered text/binary frames from one party to another.
+
+A channel is created by ``engine::channels::create`` (no owner) or by the
+engine itself (the REST module streams request and response bodies through
+them).  Each side is claimed once, either by a WebSocket on
+``/ws/channels/{id}?key=…&dir=read|write`` (served by :mod:`iii.channel_conn`)
+or by engine code through :meth:`Channel.claim_writer` /
+:meth:`Channel.claim_reader`.
+
+Frames go through a bounded trio memory channel of ``buffer_size`` frames, so
+a fast writer waits for a slow reader (backpressure), and frames plus the
+end-of-stream that a writer sends before the reader attaches are kept until
+it does (spec protocol.md §10.1).
+
+Lifetime: :meth:`ChannelTable.sweep` (run every 60 s by the engine) removes
+channels older than 5 minutes that still have an unclaimed side, and channels
+whose both sides are finished (upstream never frees those).
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Any
+
+import attrs
+import trio
+
+__all__ = ["Channel", "ChannelTable", "ChannelClaimedError", "Frame"]
+
+Frame = str | bytes
+
+DEFAULT_BUFFER = 64
+MAX_BUFFER = 1024
+UNCLAIMED_TTL = 300.0
+
+
+class ChannelClaimedError(Exception):
+    """That side of the channel already has a party."""
+
+
+def _clamp_buffer(buffer_size: Any) -> int:
+    if not isinstance(buffer_size, int) or isinstance(buffer_size, bool):
+        return DEFAULT_BUFFER
+    return max(1, min(MAX_BUFFER, buffer_size))
+
+
+@attrs.define(eq=False)
+class Channel:
+    channel_id: str
+    access_key: str
+    buffer_size: int
+    created_at: float
+    owner: str | None = None
+    send_side: trio.MemorySendChannel[Frame] = attrs.field(init=False)
+    receive_side: trio.MemoryReceiveChannel[Frame] = attrs.field(init=False)
+    writer_claimed: bool = False
+    reader_claimed: bool = False
+    writer_done: bool = False
+    reader_done: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.send_side, self.receive_side = trio.open_memory_channel[Frame](self.buffer_size)
+
+    def ref(self, direction: str) -> dict[str, str]:
+        """The ``StreamChannelRef`` a worker uses to connect to one side."""
+        return {"channel_id": self.channel_id, "access_key": self.access_key, "direction": direction}
+
+    def claim_writer(self) -> trio.MemorySendChannel[Frame]:
+        if self.writer_claimed:
+            raise ChannelClaimedError(self.channel_id)
+        self.writer_claimed = True
+        return self.send_side
+
+    def claim_reader(self) -> trio.MemoryReceiveChannel[Frame]:
+        if self.reader_claimed:
+            raise ChannelClaimedError(self.channel_id)
+        self.reader_claimed = True
+        return self.receive_side
+
+    def close(self) -> None:
+        """End both sides at once (the channel is being removed)."""
+        self.send_side.close()
+        self.receive_side.close()
+        self.writer_done = self.reader_done = True
+
+    @property
+    def finished(self) -> bool:
+        return self.writer_done and self.reader_done
+
+
+@attrs.define(eq=False)
+class ChannelTable:
+    channels: dict[str, Channel] = attrs.field(factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def create(self, buffer_size: Any = None, *, owner: str | None = None) -> Channel:
+        channel = Channel(
+            channel_id=str(uuid.uuid4()),
+            access_key=str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)),
+            buffer_size=_clamp_buffer(buffer_size),
+            created_at=trio.current_time(),
+            owner=owner,
+        )
+        self.channels[channel.channel_id] = channel
+        return channel
+
+    def lookup(self, channel_id: str, access_key: str) -> Channel | None:
+        channel = self.channels.get(channel_id)
+        if channel is None or not secrets.compare_digest(channel.access_key, access_key):
+            return None
+        return channel
+
+    def remove(self, channel: Channel) -> None:
+        if self.channels.get(channel.channel_id) is channel:
+            del self.channels[channel.channel_id]
+        channel.close()
+
+    def remove_owned_by(self, owner: str) -> int:
+        owned = [c for c in self.channels.values() if c.owner == owner]
+        for channel in owned:
+            self.remove(channel)
+        return len(owned)
+
+    def sweep(self, now: float, ttl: float = UNCLAIMED_TTL) -> int:
+        stale = [
+            c
+            for c in self.channels.values()
+            if c.finished or (now - c.created_at > ttl and not (c.writer_claimed and c.reader_claimed))
+        ]
+        for channel in stale:
+            self.remove(channel)
+        return len(stale)

@@ -1,0 +1,350 @@
+"""Loading the engine config: ``config.yaml`` (or ``.toml``) into a frozen attrs tree.
+
+The file has upstream's shape (spec modules.md §0.1)::
+
+    port: 49134
+    modules:
+      - class: modules::api::RestApiModule
+        config: {port: 3111}
+
+plus a few engine keys of our own (``host``, ``invocation_timeout_ms`` …, see
+:class:`EngineConfig`).  Keys the Rust engine gives in milliseconds keep their
+``_ms`` name in the file; code reads seconds through the properties.
+
+Improvements over upstream, each a :class:`~iii.errors.ConfigError` naming the
+file, the key and the reason:
+
+* ``${VAR}`` / ``${VAR:default}`` is expanded in string values *after* YAML
+  parsing, so comments are never expanded and a value cannot inject YAML.  A
+  value that is exactly one reference takes the type of what it expands to
+  (``port: ${PORT:49134}`` is an integer).  An unset variable without a
+  default is an error naming the variable and the key.
+* An unknown module class, an unknown key (top level or in a module's config)
+  and a wrongly typed value are errors.
+* A module listed twice is an error.
+
+With no file, or a file without ``modules``, the default module set is used.
+The mandatory modules (worker, telemetry) are added when missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import tomli_w
+import yaml
+
+from iii.errors import ConfigError
+from iii.modules import DEFAULT_MODULES, MODULE_SPECS
+
+__all__ = [
+    "EngineConfig",
+    "ModuleEntry",
+    "load_config",
+    "parse_config",
+    "default_config",
+    "config_to_dict",
+    "dump_config",
+    "expand_env",
+    "CONFIG_CONVERTER",
+    "DEFAULT_PORT",
+]
+
+DEFAULT_PORT = 49134
+MiB = 1024 * 1024
+
+_ENV_REF = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
+
+
+@attrs.frozen(kw_only=True)
+class ModuleEntry:
+    class_name: str
+    config: Any
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    port: int = DEFAULT_PORT
+    # Loopback by default: anyone who reaches the worker port can register
+    # routes and call functions.  Set 0.0.0.0 (with auth) to expose it.
+    host: str = "127.0.0.1"
+    invocation_timeout_ms: int = 30_000
+    heartbeat_interval_ms: int = 20_000
+    heartbeat_timeout_ms: int = 20_000
+    handshake_timeout_ms: int = 10_000
+    shutdown_grace_ms: int = 10_000
+    slow_consumer_timeout_ms: int = 30_000
+    max_message_size: int = 64 * MiB
+    send_queue_size: int = 1024
+    modules: tuple[ModuleEntry, ...] = ()
+
+    @property
+    def invocation_timeout(self) -> float:
+        return self.invocation_timeout_ms / 1000
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_interval_ms / 1000
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.heartbeat_timeout_ms / 1000
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.handshake_timeout_ms / 1000
+
+    @property
+    def shutdown_grace(self) -> float:
+        return self.shutdown_grace_ms / 1000
+
+    @property
+    def slow_consumer_timeout(self) -> float:
+        return self.slow_consumer_timeout_ms / 1000
+
+    def module_config(self, class_name: str) -> Any:
+        for entry in self.modules:
+            if entry.class_name == class_name:
+                return entry.config
+        return None
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+
+    def strict(kind: type, name: str) -> Any:
+        def hook(value: Any, _: type) -> Any:
+            if isinstance(value, bool) and kind is not bool:
+                raise TypeError(f"expected {name}, got a boolean")
+            if kind is float and isinstance(value, int):
+                return float(value)
+            if not isinstance(value, kind):
+                raise TypeError(f"expected {name}, got {_type_name(value)}")
+            return value
+
+        return hook
+
+    converter.register_structure_hook(str, strict(str, "a string"))
+    converter.register_structure_hook(int, strict(int, "an integer"))
+    converter.register_structure_hook(float, strict(float, "a number"))
+    converter.register_structure_hook(bool, strict(bool, "a boolean"))
+    converter.register_structure_hook(Any, lambda v, _: v)
+    return converter
+
+
+CONFIG_CONVERTER = _make_converter()
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _format_error(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        keys = ", ".join(sorted(exc.extra_fields))
+        return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    return str(exc) or type(exc).__name__
+
+
+def _structure(data: Any, cls: type, *, file: str | None, path: str) -> Any:
+    try:
+        return CONFIG_CONVERTER.structure(data, cls)
+    except cattrs.BaseValidationError as exc:
+        first = cattrs.transform_error(exc, path="$", format_exception=_format_error)[0]
+        reason, _, where = first.rpartition(" @ ")
+        key = path + where[1:] if where.startswith("$") else path
+        raise ConfigError(reason, file=file, key=key or None) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc), file=file, key=path or None) from None
+
+
+# -- env expansion ---------------------------------------------------------------
+
+
+def expand_env(value: Any, *, file: str | None = None, path: str = "", env: Any = None) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:default}`` in every string of a parsed tree."""
+    environ = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {
+            k: expand_env(v, file=file, path=f"{path}.{k}" if path else str(k), env=environ)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_env(v, file=file, path=f"{path}[{i}]", env=environ) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return str(environ[name])
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"environment variable {name} is not set and has no default (write ${{{name}:default}})",
+            file=file,
+            key=path or None,
+        )
+
+    expanded = _ENV_REF.sub(substitute, value)
+    if _ENV_REF.fullmatch(value):
+        # A value that is one reference takes the type of what it expands to.
+        try:
+            typed = yaml.safe_load(expanded) if expanded.strip() else expanded
+        except yaml.YAMLError:
+            return expanded
+        if isinstance(typed, (int, float, bool)) or typed is None:
+            return typed
+    return expanded
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+def _read_file(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", file=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=str(path)) from None
+
+
+def _module_entry(raw: Any, index: int, file: str | None) -> ModuleEntry:
+    path = f"modules[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping with 'class' and 'config', got {_type_name(raw)}", file=file, key=path)
+    unknown = set(raw) - {"class", "config"}
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}", file=file, key=path)
+    class_name = raw.get("class")
+    if not isinstance(class_name, str):
+        raise ConfigError("'class' is required and must be a string", file=file, key=f"{path}.class")
+    spec = MODULE_SPECS.get(class_name)
+    if spec is None:
+        known = ", ".join(sorted(MODULE_SPECS))
+        raise ConfigError(f"unknown module class {class_name!r} (known: {known})", file=file, key=f"{path}.class")
+    return ModuleEntry(
+        class_name=class_name,
+        config=_module_config(spec.class_name, raw.get("config"), file=file, path=f"{path}.config"),
+    )
+
+
+def _module_config(class_name: str, raw: Any, *, file: str | None, path: str) -> Any:
+    spec = MODULE_SPECS[class_name]
+    if not spec.available:
+        return raw  # kept as given; the engine logs that the module is not available
+    config_cls = spec.load().Config
+    if getattr(config_cls, "LENIENT", False):
+        return config_cls(raw=raw)
+    return _structure({} if raw is None else raw, config_cls, file=file, path=path)
+
+
+def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> EngineConfig:
+    """Build an :class:`EngineConfig` from an already-parsed YAML/TOML tree."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping, got {_type_name(raw)}", file=file)
+    raw = expand_env(raw, file=file, env=env)
+    raw_modules = raw.pop("modules", None)
+    if raw_modules is None:
+        entries = [{"class": name} for name in DEFAULT_MODULES]
+    elif not isinstance(raw_modules, list):
+        raise ConfigError(f"expected a list, got {_type_name(raw_modules)}", file=file, key="modules")
+    else:
+        entries = raw_modules
+    if raw.get("port") == 0:
+        raw["port"] = DEFAULT_PORT  # upstream: 0 or missing means the default port
+    engine = _structure(raw, EngineConfig, file=file, path="")
+    modules: list[ModuleEntry] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        module = _module_entry(entry, index, file)
+        if module.class_name in seen:
+            raise ConfigError(
+                f"module {module.class_name} is listed twice (also at modules[{seen[module.class_name]}])",
+                file=file,
+                key=f"modules[{index}].class",
+            )
+        seen[module.class_name] = index
+        modules.append(module)
+    for spec in MODULE_SPECS.values():
+        if spec.mandatory and spec.class_name not in seen:
+            modules.append(
+                ModuleEntry(
+                    class_name=spec.class_name,
+                    config=_module_config(spec.class_name, None, file=file, path=""),
+                )
+            )
+    return attrs.evolve(engine, modules=tuple(modules))
+
+
+def load_config(path: str | os.PathLike[str] | None, *, env: Any = None) -> EngineConfig:
+    """Load a config file; ``None`` gives the defaults."""
+    if path is None:
+        return parse_config({}, env=env)
+    file = Path(path)
+    try:
+        raw = _read_file(file)
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(file)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
+    return parse_config(raw, file=str(file), env=env)
+
+
+def default_config() -> EngineConfig:
+    return parse_config({})
+
+
+# -- showing -------------------------------------------------------------------------
+
+
+def config_to_dict(config: EngineConfig) -> dict[str, Any]:
+    """The effective config with every default filled in, in the file's shape."""
+    top = {
+        field.name: getattr(config, field.name)
+        for field in attrs.fields(EngineConfig)
+        if field.name != "modules"
+    }
+    modules = []
+    for entry in config.modules:
+        module_config = entry.config
+        if attrs.has(type(module_config)):
+            if getattr(type(module_config), "LENIENT", False):
+                module_config = module_config.raw
+            else:
+                module_config = CONFIG_CONVERTER.unstructure(module_config)
+        modules.append({"class": entry.class_name, "config": module_config if module_config is not None else {}})
+    top["modules"] = modules
+    return top
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value
+
+
+def dump_config(config: EngineConfig, fmt: str = "yaml") -> str:
+    data = config_to_dict(config)
+    if fmt == "toml":
+        return tomli_w.dumps(_drop_none(data))  # TOML has no null
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,464 @@
+"""The engine: its shared state, invocation routing, and THE supervision tree.
+
+Supervision tree (copied into README.rst)::
+
+    trio.run
+    └── serve_engine                      engine nursery
+        ├── signal watcher                SIGTERM/SIGINT -> graceful shutdown
+        └── module nursery                one task per module (``await start(module.run)``,
+            │                             in config order); each module owns its adapter
+            │                             and its own nursery; modules exit last
+            ├── <module>.run ...
+            └── connection nursery        owned by the engine
+                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}"
+                ├── WorkerConnection.run  one per worker, with a per-connection nursery:
+                │   ├── reader            decodes and dispatches, never awaits a call inline
+                │   ├── writer            drains a bounded send queue (backpressure)
+                │   ├── heartbeat         WS ping; no pong in time -> connection dropped
+                │   └── invocation tasks  one per request/response call the worker made,
+                │                         each under its own deadline (cancel scope)
+                ├── channel / otel sockets
+                └── detached calls        fire-and-forget calls: owned by the engine, not
+                                          by the caller, so a caller that leaves right after
+                                          sending (``trigger_void`` then exit) loses nothing
+
+A disconnect cancels exactly that worker's nursery: its reader, writer and the
+calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
+module that crashes raises through the module nursery and stops the engine
+(one-for-all; systemd restarts it).
+
+Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
+
+1. stop intake: the listener closes, ``engine.shutting_down`` is set (modules
+   stop their trigger sources: cron ticks, queue pulls);
+2. in-flight calls get ``shutdown_grace`` seconds to finish;
+3. workers are closed with 1012 (service restart), not 1000/1001, so both
+   SDK generations reconnect to the next engine (spec protocol.md §1);
+4. the connection nursery is cancelled, then modules exit (and close their
+   adapters); ``serve_engine`` returns.
+
+Routing a call (:meth:`Engine.invoke`): look the function up; an engine
+function runs in-process; a worker function goes to the replica with the
+fewest pending calls, with its pending record filed *before* the
+``invokefunction`` is sent; the caller's ``invocation_id`` is used on both
+hops; an engine-side deadline (``invocation_timeout_ms``, default 30 s)
+answers ``timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from iii.channels import ChannelTable
+from iii.errors import (
+    FunctionNotFoundError,
+    IIIError,
+    InvocationFailedError,
+    InvocationTimeoutError,
+    TriggerRegistrationError,
+)
+from iii.invocations import DuplicateInvocationError, Invocation, PendingTable
+from iii.native import CallContext, NativeHandler
+from iii.protocol import (
+    ErrorBody,
+    InvokeFunction,
+    RegisterTrigger,
+    UnregisterTrigger,
+    encode_message,
+)
+from iii.registry import (
+    FunctionRegistration,
+    LogicalTrigger,
+    Registry,
+    RegistryError,
+    TriggerRegistration,
+    TriggerType,
+    TriggerTypeHandler,
+)
+from iii.telemetry import TelemetrySink
+
+if TYPE_CHECKING:
+    from iii.config import EngineConfig
+    from iii.worker_conn import WorkerConnection
+
+__all__ = ["Engine", "serve_engine", "WorkerEvent"]
+
+log = logging.getLogger(__name__)
+
+WorkerEvent = Callable[[str, str], None]  # (event, worker_id)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@attrs.define(eq=False)
+class Engine:
+    config: EngineConfig
+    registry: Registry = attrs.field(factory=Registry)
+    pending: PendingTable = attrs.field(factory=PendingTable)
+    channels: ChannelTable = attrs.field(factory=ChannelTable)
+    telemetry: TelemetrySink = attrs.field(factory=TelemetrySink)
+    connections: dict[str, WorkerConnection] = attrs.field(factory=dict)
+    modules: dict[str, Any] = attrs.field(factory=dict)
+    # Listeners for worker connect / disconnect / metadata events, and for
+    # changes of the function set (the worker module turns them into triggers).
+    worker_listeners: list[WorkerEvent] = attrs.field(factory=list)
+    function_listeners: list[Callable[[], None]] = attrs.field(factory=list)
+    # Installed by the http_functions module: builds the engine-side handler
+    # for a ``registerfunction`` that carries an ``invocation`` block.
+    external_function_factory: Callable[[str, Any], NativeHandler] | None = None
+    shutting_down: trio.Event = attrs.field(factory=trio.Event)
+    ready: trio.Event = attrs.field(factory=trio.Event)
+    # Set while serving: where detached (fire-and-forget) calls run.
+    connection_nursery: trio.Nursery | None = None
+    listen_port: int | None = None
+    inflight: int = 0
+    _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+
+    # -- engine functions and trigger types (module API) -------------------
+
+    def register_function(
+        self,
+        function_id: str,
+        handler: NativeHandler,
+        *,
+        description: str | None = None,
+        request_format: Any = None,
+        response_format: Any = None,
+        metadata: Any = None,
+        owner: str | None = None,
+    ) -> None:
+        """Add an engine-side function.  ``owner`` ties it to a worker's lifetime."""
+        created = self.registry.add_function(
+            FunctionRegistration(
+                function_id=function_id,
+                owner=owner,
+                description=description,
+                request_format=request_format,
+                response_format=response_format,
+                metadata=metadata,
+                handler=handler,
+            )
+        )
+        if created:
+            self.notify_functions_changed()
+
+    def unregister_function(self, function_id: str, *, owner: str | None = None) -> None:
+        if self.registry.remove_function(owner, function_id):
+            self.notify_functions_changed()
+
+    def register_trigger_type(
+        self, type_id: str, handler: TriggerTypeHandler, *, description: str = ""
+    ) -> None:
+        waiting = self.registry.add_trigger_type(
+            TriggerType(id=type_id, description=description, handler=handler)
+        )
+        for trigger in waiting:
+            error = self._activate(trigger)
+            if error is not None:
+                log.warning("parked trigger %s refused by %s: %s", trigger.id, type_id, error.message)
+
+    # -- triggers ----------------------------------------------------------
+
+    def register_trigger(self, registration: TriggerRegistration) -> ErrorBody | None:
+        """File a registration; returns an error body if its trigger type refused it."""
+        existing = self.registry.registration(registration.worker_id, registration.id)
+        if existing == registration:
+            return None  # a replay of what this connection already registered
+        if existing is not None:
+            self.unregister_trigger(registration.worker_id, registration.id)
+        trigger, created = self.registry.add_trigger(registration)
+        if not created:
+            return None  # joins an identical trigger: it already fires
+        error = self._activate(trigger)
+        if error is not None:
+            self.registry.remove_trigger(registration.worker_id, registration.id)
+        return error
+
+    def unregister_trigger(self, worker_id: str | None, trigger_id: str) -> None:
+        removed = self.registry.remove_trigger(worker_id, trigger_id)
+        if removed is not None and removed[1]:
+            self._deactivate(removed[0])
+
+    def _activate(self, trigger: LogicalTrigger) -> ErrorBody | None:
+        trigger_type = self.registry.trigger_types.get(trigger.trigger_type)
+        if trigger_type is None:
+            log.warning(
+                "trigger %s waits for trigger type %r, which nobody provides yet",
+                trigger.id,
+                trigger.trigger_type,
+            )
+            return None
+        if trigger_type.handler is not None:
+            try:
+                trigger_type.handler.register_trigger(trigger)
+            except IIIError as exc:
+                return ErrorBody(code=exc.code, message=exc.message)
+            except Exception as exc:
+                log.exception("trigger type %s failed to register %s", trigger.trigger_type, trigger.id)
+                return ErrorBody(code=TriggerRegistrationError.code, message=str(exc))
+            trigger.active = True
+            return None
+        provider = self.connections.get(trigger_type.provider or "")
+        if provider is not None:
+            provider.send_nowait(
+                encode_message(
+                    RegisterTrigger(
+                        id=trigger.id,
+                        trigger_type=trigger.trigger_type,
+                        function_id=trigger.function_id,
+                        config=trigger.config,
+                        metadata=trigger.metadata,
+                    )
+                )
+            )
+            trigger.active = True
+        return None
+
+    def _deactivate(self, trigger: LogicalTrigger) -> None:
+        if not trigger.active:
+            return
+        trigger.active = False
+        trigger_type = self.registry.trigger_types.get(trigger.trigger_type)
+        if trigger_type is None:
+            return
+        if trigger_type.handler is not None:
+            try:
+                trigger_type.handler.unregister_trigger(trigger)
+            except Exception:
+                log.exception("trigger type %s failed to unregister %s", trigger.trigger_type, trigger.id)
+            return
+        provider = self.connections.get(trigger_type.provider or "")
+        if provider is not None:
+            provider.send_nowait(
+                encode_message(UnregisterTrigger(id=trigger.id, trigger_type=trigger.trigger_type))
+            )
+
+    def add_worker_trigger_type(self, provider: str, trigger_type: TriggerType) -> None:
+        try:
+            waiting = self.registry.add_trigger_type(trigger_type)
+        except RegistryError as exc:
+            log.warning("worker %s: %s", provider, exc)
+            return
+        for trigger in waiting:
+            self._activate(trigger)
+
+    # -- workers -------------------------------------------------------------
+
+    def notify_worker(self, event: str, worker_id: str) -> None:
+        for listener in self.worker_listeners:
+            try:
+                listener(event, worker_id)
+            except Exception:
+                log.exception("worker listener failed on %s", event)
+
+    def notify_functions_changed(self) -> None:
+        for listener in self.function_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("function listener failed")
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Remove everything a gone worker owned (spec protocol.md §3.1 step 4).
+
+        Synchronous, so it runs to completion even while the connection's
+        scope is being cancelled.
+        """
+        self.connections.pop(worker_id, None)
+        for invocation in self.pending.stop_target(worker_id):
+            log.debug(
+                "invocation %s of %s stopped: worker %s left",
+                invocation.invocation_id,
+                invocation.function_id,
+                worker_id,
+            )
+        removal = self.registry.remove_worker(worker_id)
+        self.channels.remove_owned_by(worker_id)
+        if removal is None:
+            return
+        for trigger in removal.triggers_gone:
+            self._deactivate(trigger)
+        if removal.functions_gone:
+            self.notify_functions_changed()
+        self.notify_worker("worker_disconnected", worker_id)
+
+    # -- invocation ------------------------------------------------------------
+
+    async def invoke(
+        self,
+        function_id: str,
+        data: Any,
+        *,
+        caller_worker_id: str | None = None,
+        invocation_id: str | None = None,
+        traceparent: str | None = None,
+        baggage: str | None = None,
+        metadata: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a function wherever it lives and return its result.
+
+        Raises an :class:`IIIError`: ``function_not_found``, the function's own
+        error, ``invocation_stopped`` (the worker left), ``timeout``.
+        """
+        entry = self.registry.functions.get(function_id)
+        if entry is None:
+            raise FunctionNotFoundError(function_id)
+        if timeout is None:
+            timeout = self.config.invocation_timeout
+        replica = entry.pick(self.pending.executing_on)
+        if invocation_id is None:
+            invocation_id = str(uuid.uuid4())
+        if replica.handler is not None:
+            ctx = CallContext(
+                function_id=function_id,
+                caller_worker_id=caller_worker_id,
+                invocation_id=invocation_id,
+                traceparent=traceparent,
+                baggage=baggage,
+                metadata=metadata,
+            )
+            with trio.move_on_after(timeout) as scope:
+                return await replica.handler(data, ctx)
+            raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
+        assert replica.owner is not None
+        target = self.connections.get(replica.owner)
+        if target is None:  # registry and connections disagree only during teardown
+            raise FunctionNotFoundError(function_id)
+        invocation = Invocation(
+            invocation_id=invocation_id,
+            function_id=function_id,
+            target_worker_id=replica.owner,
+            caller_worker_id=caller_worker_id,
+        )
+        try:
+            self.pending.add(invocation)
+        except DuplicateInvocationError:
+            raise IIIError(
+                f"invocation id {invocation_id} is already in use", code="invocation_error"
+            ) from None
+        try:
+            frame = encode_message(
+                InvokeFunction(
+                    function_id=function_id,
+                    data=data,
+                    invocation_id=invocation_id,
+                    traceparent=traceparent,
+                    baggage=baggage,
+                    metadata=metadata,
+                )
+            )
+            with trio.move_on_after(timeout) as scope:
+                await target.send(frame)
+                await invocation.done.wait()
+            if scope.cancelled_caught:
+                raise InvocationTimeoutError(
+                    f"Invocation of {function_id} timed out after {timeout:g}s"
+                )
+        finally:
+            self.pending.discard(invocation)
+        if invocation.error is not None:
+            raise InvocationFailedError.from_body(
+                {
+                    "code": invocation.error.code,
+                    "message": invocation.error.message,
+                    "stacktrace": invocation.error.stacktrace,
+                }
+            )
+        return invocation.result
+
+    async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
+        """``invoke`` for trigger sources: an error is logged and returned as None."""
+        try:
+            return await self.invoke(function_id, data, **kwargs)
+        except IIIError as exc:
+            log.warning("%s -> %s failed: %s: %s", what, function_id, exc.code, exc.message)
+            return None
+
+    def spawn_detached(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the engine-owned connection nursery."""
+        if self.connection_nursery is None:
+            raise RuntimeError("the engine is not serving")
+        self.connection_nursery.start_soon(fn, *args)
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        self._shutdown_requested.set()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                self.request_shutdown()
+                return
+
+    async def _drain(self, listener_scope: trio.CancelScope) -> None:
+        """Shutdown steps 1–3 (see the module docstring)."""
+        listener_scope.cancel()
+        self.shutting_down.set()
+        with trio.move_on_after(self.config.shutdown_grace):
+            while self.inflight or len(self.pending):
+                await trio.sleep(0.05)
+        if self.inflight or len(self.pending):
+            log.warning(
+                "shutdown grace over with %d calls in flight; they are cancelled",
+                self.inflight + len(self.pending),
+            )
+        with trio.move_on_after(2):
+            async with trio.open_nursery() as closing:
+                for connection in list(self.connections.values()):
+                    closing.start_soon(connection.close_for_restart)
+
+
+async def serve_engine(
+    config: EngineConfig,
+    *,
+    handle_signals: bool = True,
+    engine: Engine | None = None,
+    task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the engine until shutdown is requested; see the module docstring."""
+    from iii.listener import serve_listener
+    from iii.modules import build_modules
+
+    if engine is None:
+        engine = Engine(config)
+    async with trio.open_nursery() as engine_nursery:
+        if handle_signals:
+            engine_nursery.start_soon(engine._watch_signals)
+        async with trio.open_nursery() as module_nursery:
+            for name, module in build_modules(engine, config):
+                engine.modules[name] = module
+                await module_nursery.start(module.run)
+                log.debug("module %s ready", name)
+            async with trio.open_nursery() as connection_nursery:
+                engine.connection_nursery = connection_nursery
+                listener_scope = trio.CancelScope()
+                server = await connection_nursery.start(serve_listener, engine, listener_scope)
+                engine.listen_port = server.port
+                log.info(
+                    "iii engine listening on ws://%s:%d (%d modules)",
+                    config.host,
+                    engine.listen_port,
+                    len(engine.modules),
+                )
+                engine.ready.set()
+                task_status.started(engine)
+                await engine._shutdown_requested.wait()
+                await engine._drain(listener_scope)
+                connection_nursery.cancel_scope.cancel()
+            engine.connection_nursery = None
+            module_nursery.cancel_scope.cancel()
+            engine_nursery.cancel_scope.cancel()
+    log.info("iii engine stopped")

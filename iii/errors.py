@@ -1,0 +1,121 @@
+"""The engine's error hierarchy: one class per failure a caller can see.
+
+Each :class:`IIIError` carries the wire ``code`` that ends up in an
+``ErrorBody`` sent to the caller.  Errors that end a WebSocket connection
+carry the close code as well.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "IIIError",
+    "FunctionNotFoundError",
+    "InvocationFailedError",
+    "InvocationStoppedError",
+    "InvocationTimeoutError",
+    "DeserializationError",
+    "AdapterUnavailableError",
+    "TriggerRegistrationError",
+    "ConfigError",
+    "MessageDecodeError",
+]
+
+
+class IIIError(Exception):
+    """An error with a stable wire code, shown to callers as ``{code, message}``."""
+
+    code = "invocation_error"
+
+    def __init__(self, message: str, *, code: str | None = None, stacktrace: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.stacktrace = stacktrace
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.stacktrace:
+            body["stacktrace"] = self.stacktrace
+        return body
+
+
+class FunctionNotFoundError(IIIError):
+    code = "function_not_found"
+
+    def __init__(self, function_id: str):
+        super().__init__(f"Function {function_id} not found")
+        self.function_id = function_id
+
+
+class InvocationFailedError(IIIError):
+    """The function ran and reported an error (the body is the worker's own)."""
+
+    code = "invocation_failed"
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> InvocationFailedError:
+        return cls(
+            str(body.get("message", "")),
+            code=str(body.get("code", cls.code)),
+            stacktrace=body.get("stacktrace"),
+        )
+
+
+class InvocationStoppedError(IIIError):
+    code = "invocation_stopped"
+
+    def __init__(self, message: str = "Invocation stopped"):
+        super().__init__(message)
+
+
+class InvocationTimeoutError(IIIError):
+    code = "timeout"
+
+
+class DeserializationError(IIIError):
+    code = "deserialization_error"
+
+
+class AdapterUnavailableError(IIIError):
+    code = "adapter_unavailable"
+
+
+class TriggerRegistrationError(IIIError):
+    code = "trigger_registration_failed"
+
+
+class ConfigError(Exception):
+    """A configuration problem: names the file, the key and the reason."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        self.reason = message
+        where = ": ".join(part for part in (file, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class MessageDecodeError(Exception):
+    """A frame from a worker that is not a valid protocol message.
+
+    ``invocation_id`` / ``function_id`` / ``message_type`` are filled in when they
+    could still be read, so the engine can answer a caller instead of leaving it
+    waiting for its own timeout.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        message_type: str | None = None,
+        invocation_id: str | None = None,
+        function_id: str | None = None,
+    ):
+        super().__init__(reason)
+        self.reason = reason
+        self.message_type = message_type
+        self.invocation_id = invocation_id
+        self.function_id = function_id

@@ -1,0 +1,344 @@
+"""The engine's tables of workers, functions, trigger types and triggers.
+
+Pure and synchronous: nothing here does I/O or awaits.  The engine applies a
+protocol message to the registry and then acts on what the call returns (which
+module to tell, which provider worker to forward a binding to).  This makes it
+the target of the state-machine fuzzer in ``fuzz/``.
+
+Ownership rules (which replace upstream's, see spec protocol.md §3.7):
+
+* **Function replicas.**  Several live workers may register the same function
+  id.  Each is a *replica*; a call goes to the replica with the fewest pending
+  invocations.  The function exists until its last replica is gone.  Engine
+  functions (``owner=None``) cannot be shadowed by a worker.
+* **Logical triggers.**  Registrations identical in ``(trigger_type,
+  function_id, config)`` from any number of workers are one
+  :class:`LogicalTrigger`: the trigger type's handler sees it once, it fires
+  once per event, and it lives while any registrant is connected.
+* A worker removes only what it registered.  Registrations are keyed by
+  ``(worker_id, id)``, so a reconnecting worker replaying the same trigger ids
+  never disturbs another connection's entries.
+* A registration for a trigger type nobody provides is *parked*, and activated
+  when the type appears (HEAD behaviour; v0.4 dropped it silently).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+import orjson
+
+__all__ = [
+    "Registry",
+    "WorkerInfo",
+    "FunctionRegistration",
+    "FunctionEntry",
+    "TriggerType",
+    "TriggerTypeHandler",
+    "TriggerRegistration",
+    "LogicalTrigger",
+    "WorkerRemoval",
+    "RegistryError",
+    "trigger_key",
+]
+
+
+class RegistryError(Exception):
+    """A registration that the registry refuses (e.g. shadowing an engine function)."""
+
+
+class TriggerTypeHandler(Protocol):
+    """What an engine module implements to provide a trigger type.
+
+    Both calls are synchronous: validate the config and raise
+    :class:`~iii.errors.TriggerRegistrationError` to refuse it, then start any
+    background work in the module's own nursery.
+    """
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None: ...
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None: ...
+
+
+@attrs.define(eq=False)
+class WorkerInfo:
+    id: str
+    ip_address: str = ""
+    connected_at_ms: int = 0
+    name: str | None = None
+    runtime: str | None = None
+    version: str | None = None
+    os: str | None = None
+    pid: int | None = None
+    description: str | None = None
+    telemetry: Any = None
+    isolation: Any = None
+    namespace: str | None = None
+    features: tuple[str, ...] = ()
+    latest_metrics: Any = None
+    status: str = "connected"
+    function_ids: set[str] = attrs.field(factory=set)
+    trigger_ids: set[str] = attrs.field(factory=set)
+    trigger_type_ids: set[str] = attrs.field(factory=set)
+
+
+@attrs.define(eq=False)
+class FunctionRegistration:
+    """One replica of a function: a worker's handler, or an engine-side handler."""
+
+    function_id: str
+    owner: str | None  # worker id; None for engine functions
+    description: str | None = None
+    request_format: Any = None
+    response_format: Any = None
+    metadata: Any = None
+    # Engine-side handler: engine functions, and HTTP-invoked functions that a
+    # worker registered (owner set) but the engine calls itself.
+    handler: Any = None
+
+
+@attrs.define(eq=False)
+class FunctionEntry:
+    function_id: str
+    replicas: dict[str | None, FunctionRegistration] = attrs.field(factory=dict)
+    latest: FunctionRegistration | None = None
+    _turn: Iterable[int] = attrs.field(factory=itertools.count)
+
+    def pick(self, load: Callable[[str], int]) -> FunctionRegistration:
+        """The replica with the fewest pending invocations; ties rotate."""
+        replicas = list(self.replicas.values())
+        if len(replicas) == 1:
+            return replicas[0]
+        start = next(self._turn) % len(replicas)  # type: ignore[call-overload]
+        rotated = replicas[start:] + replicas[:start]
+        return min(rotated, key=lambda r: load(r.owner) if r.owner is not None else 0)
+
+
+@attrs.define(eq=False)
+class TriggerType:
+    id: str
+    description: str = ""
+    provider: str | None = None  # worker id, or None for an engine module
+    handler: TriggerTypeHandler | None = None
+    trigger_request_format: Any = None
+    call_request_format: Any = None
+
+
+@attrs.frozen
+class TriggerRegistration:
+    """One worker's ``registertrigger``."""
+
+    worker_id: str | None  # None: registered by the engine itself
+    id: str
+    trigger_type: str
+    function_id: str
+    config: Any = None
+    metadata: Any = None
+
+
+def trigger_key(trigger_type: str, function_id: str, config: Any) -> tuple[str, str, bytes]:
+    return (trigger_type, function_id, orjson.dumps(config, option=orjson.OPT_SORT_KEYS))
+
+
+@attrs.define(eq=False)
+class LogicalTrigger:
+    """The one trigger that identical registrations from several workers share.
+
+    ``id`` is the first registrant's trigger id and stays the same while the
+    trigger lives: modules key their work on it, providers know it by it.
+    """
+
+    id: str
+    trigger_type: str
+    function_id: str
+    config: Any
+    metadata: Any = None
+    registrants: set[tuple[str | None, str]] = attrs.field(factory=set)
+    active: bool = False  # handed to the type's handler or provider
+
+    @property
+    def key(self) -> tuple[str, str, bytes]:
+        return trigger_key(self.trigger_type, self.function_id, self.config)
+
+
+@attrs.frozen
+class WorkerRemoval:
+    """What disappeared with a worker, for the engine to act on."""
+
+    worker: WorkerInfo
+    functions_gone: list[str]
+    triggers_gone: list[LogicalTrigger]
+    trigger_types_gone: list[TriggerType]
+
+
+@attrs.define(eq=False)
+class Registry:
+    workers: dict[str, WorkerInfo] = attrs.field(factory=dict)
+    functions: dict[str, FunctionEntry] = attrs.field(factory=dict)
+    trigger_types: dict[str, TriggerType] = attrs.field(factory=dict)
+    registrations: dict[tuple[str | None, str], TriggerRegistration] = attrs.field(factory=dict)
+    triggers: dict[tuple[str, str, bytes], LogicalTrigger] = attrs.field(factory=dict)
+    # Bumped whenever the set of function ids changes (functions-available).
+    function_set_version: int = 0
+
+    # -- workers ---------------------------------------------------------
+
+    def add_worker(self, worker: WorkerInfo) -> None:
+        if worker.id in self.workers:
+            raise RegistryError(f"worker {worker.id} already registered")
+        self.workers[worker.id] = worker
+
+    def remove_worker(self, worker_id: str) -> WorkerRemoval | None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return None
+        functions_gone = [
+            fid for fid in list(worker.function_ids) if self._drop_replica(worker_id, fid)
+        ]
+        triggers_gone = []
+        for trigger_id in list(worker.trigger_ids):
+            removed = self._drop_registration(worker_id, trigger_id)
+            if removed is not None and removed[1]:
+                triggers_gone.append(removed[0])
+        types_gone = []
+        for type_id in list(worker.trigger_type_ids):
+            gone = self.remove_trigger_type(type_id, provider=worker_id)
+            if gone is not None:
+                types_gone.append(gone)
+        return WorkerRemoval(worker, functions_gone, triggers_gone, types_gone)
+
+    # -- functions -------------------------------------------------------
+
+    def add_function(self, registration: FunctionRegistration) -> bool:
+        """File one replica; returns True if the function id is new."""
+        entry = self.functions.get(registration.function_id)
+        if entry is not None and None in entry.replicas and registration.owner is not None:
+            raise RegistryError(f"{registration.function_id} is an engine function")
+        if entry is not None and registration.owner is None and entry.replicas:
+            if None in entry.replicas:
+                raise RegistryError(f"{registration.function_id} is already registered")
+            raise RegistryError(f"{registration.function_id} is already registered by a worker")
+        created = entry is None
+        if entry is None:
+            entry = self.functions[registration.function_id] = FunctionEntry(registration.function_id)
+            self.function_set_version += 1
+        entry.replicas[registration.owner] = registration
+        entry.latest = registration
+        if registration.owner is not None:
+            self.workers[registration.owner].function_ids.add(registration.function_id)
+        return created
+
+    def remove_function(self, owner: str | None, function_id: str) -> bool:
+        """Drop ``owner``'s replica; returns True if the function id is now gone."""
+        if owner is not None:
+            worker = self.workers.get(owner)
+            if worker is None or function_id not in worker.function_ids:
+                return False
+        return self._drop_replica(owner, function_id)
+
+    def _drop_replica(self, owner: str | None, function_id: str) -> bool:
+        if owner is not None and owner in self.workers:
+            self.workers[owner].function_ids.discard(function_id)
+        entry = self.functions.get(function_id)
+        if entry is None or entry.replicas.pop(owner, None) is None:
+            return False
+        if entry.replicas:
+            if entry.latest is not None and entry.latest.owner == owner:
+                entry.latest = next(reversed(entry.replicas.values()))
+            return False
+        del self.functions[function_id]
+        self.function_set_version += 1
+        return True
+
+    # -- trigger types ---------------------------------------------------
+
+    def add_trigger_type(self, trigger_type: TriggerType) -> list[LogicalTrigger]:
+        """Record a provider; returns the triggers it must now be given.
+
+        An engine module's type cannot be taken over by a worker.  A worker
+        that provides a type already provided by another worker replaces it
+        (v0.4 behaviour), and is handed every existing trigger of the type.
+        """
+        current = self.trigger_types.get(trigger_type.id)
+        if current is not None and current.provider is None and trigger_type.provider is not None:
+            raise RegistryError(f"trigger type {trigger_type.id} is provided by the engine")
+        if current is not None and current.provider is not None and current.provider in self.workers:
+            self.workers[current.provider].trigger_type_ids.discard(trigger_type.id)
+        self.trigger_types[trigger_type.id] = trigger_type
+        if trigger_type.provider is not None:
+            self.workers[trigger_type.provider].trigger_type_ids.add(trigger_type.id)
+        pending = [t for t in self.triggers.values() if t.trigger_type == trigger_type.id]
+        for trigger in pending:
+            trigger.active = False
+        return pending
+
+    def remove_trigger_type(self, type_id: str, *, provider: str | None) -> TriggerType | None:
+        current = self.trigger_types.get(type_id)
+        if current is None or current.provider != provider:
+            return None
+        del self.trigger_types[type_id]
+        if provider is not None and provider in self.workers:
+            self.workers[provider].trigger_type_ids.discard(type_id)
+        for trigger in self.triggers.values():
+            if trigger.trigger_type == type_id:
+                trigger.active = False  # parked until the next provider
+        return current
+
+    # -- triggers --------------------------------------------------------
+
+    def add_trigger(self, registration: TriggerRegistration) -> tuple[LogicalTrigger, bool]:
+        """File a registration; returns its logical trigger and whether it is new.
+
+        The caller must have removed any earlier, different registration with
+        the same ``(worker_id, id)`` first (see :meth:`registration`).
+        """
+        slot = (registration.worker_id, registration.id)
+        if slot in self.registrations:
+            raise RegistryError(f"trigger {registration.id} is already registered by this worker")
+        key = trigger_key(registration.trigger_type, registration.function_id, registration.config)
+        trigger = self.triggers.get(key)
+        created = trigger is None
+        if trigger is None:
+            trigger = self.triggers[key] = LogicalTrigger(
+                id=registration.id,
+                trigger_type=registration.trigger_type,
+                function_id=registration.function_id,
+                config=registration.config,
+                metadata=registration.metadata,
+            )
+        trigger.registrants.add(slot)
+        self.registrations[slot] = registration
+        if registration.worker_id is not None:
+            self.workers[registration.worker_id].trigger_ids.add(registration.id)
+        return trigger, created
+
+    def registration(self, worker_id: str | None, trigger_id: str) -> TriggerRegistration | None:
+        return self.registrations.get((worker_id, trigger_id))
+
+    def remove_trigger(
+        self, worker_id: str | None, trigger_id: str
+    ) -> tuple[LogicalTrigger, bool] | None:
+        """Drop one registration; returns its logical trigger and whether that is now gone."""
+        return self._drop_registration(worker_id, trigger_id)
+
+    def _drop_registration(
+        self, worker_id: str | None, trigger_id: str
+    ) -> tuple[LogicalTrigger, bool] | None:
+        registration = self.registrations.pop((worker_id, trigger_id), None)
+        if worker_id is not None and worker_id in self.workers:
+            self.workers[worker_id].trigger_ids.discard(trigger_id)
+        if registration is None:
+            return None
+        key = trigger_key(registration.trigger_type, registration.function_id, registration.config)
+        trigger = self.triggers[key]
+        trigger.registrants.discard((worker_id, trigger_id))
+        if trigger.registrants:
+            return trigger, False
+        del self.triggers[key]
+        return trigger, True
+
+    def triggers_of_type(self, type_id: str) -> list[LogicalTrigger]:
+        return [t for t in self.triggers.values() if t.trigger_type == type_id]

@@ -1,0 +1,534 @@
+"""One worker's WebSocket connection: handshake, reader, writer, heartbeat.
+
+Lifetime: :meth:`WorkerConnection.run` is started by the listener in the
+engine's connection nursery and returns when the socket ends, the worker
+misses a heartbeat, falls too far behind (slow consumer), is replaced by a
+``reattach``, or the engine shuts down.  Everything the worker registered is
+then removed (:meth:`Engine.forget_worker`) and every call it was waiting on
+is cancelled with it, because those calls run in its per-connection nursery.
+
+The engine speaks first (``workerregistered``), then the reader dispatches
+each frame in order.  Registrations are applied inline (they are synchronous
+table updates), and each ``invokefunction`` becomes its own task, so a slow
+call never holds up pings, results or other calls.
+
+Frames to 0.4.1 workers are capped at 1 MiB (its ``websockets`` client closes
+on anything larger, spec protocol.md §1); a worker that reports the
+``large-messages.v1`` feature, or a non-Python runtime, gets the full limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from iii.errors import IIIError, MessageDecodeError
+from iii.protocol import (
+    TELEMETRY_PREFIXES,
+    CloseCode,
+    ErrorBody,
+    InvocationResult,
+    InvokeFunction,
+    Ping,
+    Pong,
+    Reattach,
+    RegisterFunction,
+    RegisterService,
+    RegisterTrigger,
+    RegisterTriggerType,
+    RegistrationRejected,
+    TriggerRegistrationResult,
+    UnregisterFunction,
+    UnregisterTrigger,
+    UnregisterTriggerType,
+    WorkerRegistered,
+    decode_message,
+    encode_message,
+)
+from iii.registry import (
+    FunctionRegistration,
+    RegistryError,
+    TriggerRegistration,
+    TriggerType,
+    WorkerInfo,
+)
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["WorkerConnection", "FrameTooLargeError", "LEGACY_FRAME_LIMIT"]
+
+log = logging.getLogger(__name__)
+
+LEGACY_FRAME_LIMIT = 1024 * 1024
+PONG = encode_message(Pong())
+
+
+class FrameTooLargeError(IIIError):
+    code = "payload_too_large"
+
+
+@attrs.define(eq=False)
+class WorkerConnection:
+    engine: Engine
+    ws: WebSocketConnection
+    ip_address: str = ""
+    worker_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+    reattach_token: str = attrs.field(factory=lambda: str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)))
+    frame_limit: int = LEGACY_FRAME_LIMIT
+    close_reason: str | None = None
+    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _nursery: trio.Nursery | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](
+            self.engine.config.send_queue_size
+        )
+
+    # -- sending -------------------------------------------------------------
+
+    def _check_size(self, frame: str) -> None:
+        if len(frame) > self.frame_limit:
+            raise FrameTooLargeError(
+                f"message of {len(frame)} bytes exceeds this worker's limit of {self.frame_limit}"
+            )
+
+    async def send(self, frame: str) -> None:
+        """Queue a frame for the writer; a worker that stays full is dropped."""
+        self._check_size(frame)
+        try:
+            self._outbox_send.send_nowait(frame)
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return  # the connection is going away; its cleanup answers everyone
+        with trio.move_on_after(self.engine.config.slow_consumer_timeout):
+            try:
+                await self._outbox_send.send(frame)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+            return
+        self.abort(f"slow consumer: send queue full for {self.engine.config.slow_consumer_timeout:g}s")
+
+    def send_nowait(self, frame: str) -> None:
+        """Queue a frame from synchronous code; a full queue drops the worker."""
+        try:
+            self._check_size(frame)
+            self._outbox_send.send_nowait(frame)
+        except trio.WouldBlock:
+            self.abort("slow consumer: send queue full")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        except FrameTooLargeError as exc:
+            log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
+
+    def abort(self, reason: str) -> None:
+        """End the connection at once; :meth:`run` cleans up."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            log.warning("worker %s dropped: %s", self.worker_id, reason)
+        self._scope.cancel()
+
+    async def close_for_restart(self) -> None:
+        """Engine shutdown: close with 1012 so every SDK reconnects later."""
+        self.close_reason = self.close_reason or "engine shutdown"
+        with trio.move_on_after(1):
+            await self.ws.aclose(CloseCode.SERVICE_RESTART, "engine restarting")
+        self._scope.cancel()
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def run(self) -> None:
+        engine = self.engine
+        info = WorkerInfo(id=self.worker_id, ip_address=self.ip_address, connected_at_ms=_now_ms())
+        try:
+            await self.ws.send_message(
+                encode_message(
+                    WorkerRegistered(worker_id=self.worker_id, reattach_token=self.reattach_token)
+                )
+            )
+        except ConnectionClosed:
+            return
+        engine.registry.add_worker(info)
+        engine.connections[self.worker_id] = self
+        engine.notify_worker("worker_connected", self.worker_id)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as connection_nursery:
+                    self._nursery = connection_nursery
+                    connection_nursery.start_soon(self._writer)
+                    connection_nursery.start_soon(self._heartbeat)
+                    await self._reader()
+                    connection_nursery.cancel_scope.cancel()
+        finally:
+            self._outbox_send.close()
+            engine.forget_worker(self.worker_id)
+            log.info(
+                "worker %s (%s) disconnected: %s",
+                self.worker_id,
+                info.name or "unnamed",
+                self.close_reason or _describe_close(self.ws),
+            )
+            if self._scope.cancelled_caught and self.close_reason != "engine shutdown":
+                # Aborted: drop the TCP connection without a close handshake.
+                with trio.CancelScope() as abort_scope:
+                    abort_scope.cancel()
+                    await self.ws.aclose(CloseCode.POLICY, (self.close_reason or "")[:120])
+
+    async def _writer(self) -> None:
+        try:
+            async for frame in self._outbox_receive:
+                await self.ws.send_message(frame)
+        except ConnectionClosed:
+            self._scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        interval = self.engine.config.heartbeat_interval
+        timeout = self.engine.config.heartbeat_timeout
+        if interval <= 0 or math.isinf(interval):
+            return
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught:
+                self.abort(f"no pong within {timeout:g}s")
+                return
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(frame, bytes):
+                if frame[:4] in TELEMETRY_PREFIXES:
+                    self.engine.telemetry.ingest(frame, self.worker_id)
+                    continue
+            elif not frame.strip():
+                continue
+            try:
+                message = decode_message(frame)
+            except MessageDecodeError as exc:
+                self._on_bad_frame(exc, frame)
+                continue
+            self._dispatch(message)
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _on_bad_frame(self, exc: MessageDecodeError, frame: str | bytes) -> None:
+        log.warning(
+            "worker %s sent a malformed message (dropped): %s",
+            self.worker_id,
+            exc.reason,
+            extra={"worker_id": self.worker_id, "invocation_id": exc.invocation_id},
+        )
+        if exc.invocation_id is None:
+            return
+        error = ErrorBody(code="deserialization_error", message=f"Malformed message: {exc.reason}")
+        if exc.message_type == "invocationresult":
+            # The answer to a call could not be read: fail that call now.
+            self.engine.pending.resolve_from(self.worker_id, exc.invocation_id, error=error)
+        elif exc.message_type == "invokefunction" or exc.message_type is None:
+            self.send_nowait(
+                encode_message(
+                    InvocationResult(
+                        invocation_id=exc.invocation_id,
+                        function_id=exc.function_id or "",
+                        error=error,
+                    )
+                )
+            )
+
+    def _dispatch(self, message: Any) -> None:
+        engine = self.engine
+        kind = type(message)
+        if kind is InvokeFunction:
+            self._start_call(message)
+        elif kind is InvocationResult:
+            engine.pending.resolve_from(
+                self.worker_id, message.invocation_id, result=message.result, error=message.error
+            )
+        elif kind is Ping:
+            self.send_nowait(PONG)
+        elif kind is RegisterFunction:
+            self._register_function(message)
+        elif kind is UnregisterFunction:
+            engine.unregister_function(message.id, owner=self.worker_id)
+        elif kind is RegisterTrigger:
+            self._register_trigger(message)
+        elif kind is UnregisterTrigger:
+            engine.unregister_trigger(self.worker_id, message.id)
+        elif kind is RegisterTriggerType:
+            engine.add_worker_trigger_type(
+                self.worker_id,
+                TriggerType(
+                    id=message.id,
+                    description=message.description,
+                    provider=self.worker_id,
+                    trigger_request_format=message.trigger_request_format,
+                    call_request_format=message.call_request_format,
+                ),
+            )
+        elif kind is UnregisterTriggerType:
+            engine.registry.remove_trigger_type(message.id, provider=self.worker_id)
+        elif kind is TriggerRegistrationResult:
+            self._on_trigger_result(message)
+        elif kind is Reattach:
+            self._reattach(message)
+        elif kind is RegisterService:
+            log.debug("worker %s registered service %s", self.worker_id, message.id)
+        # Pong, WorkerRegistered, RegistrationRejected from a worker: nothing to do.
+
+    def _register_function(self, message: RegisterFunction) -> None:
+        engine = self.engine
+        if message.invocation is not None:
+            factory = engine.external_function_factory
+            if factory is None:
+                log.error(
+                    "worker %s registered HTTP-invoked function %s, but the http_functions "
+                    "module is not enabled: ignored",
+                    self.worker_id,
+                    message.id,
+                )
+                self._reject_function(message.id, "HTTP_FUNCTIONS_DISABLED")
+                return
+            try:
+                handler = factory(message.id, message.invocation)
+            except IIIError as exc:
+                log.error("worker %s: HTTP function %s refused: %s", self.worker_id, message.id, exc)
+                self._reject_function(message.id, exc.code)
+                return
+        else:
+            handler = None
+        try:
+            created = engine.registry.add_function(
+                FunctionRegistration(
+                    function_id=message.id,
+                    owner=self.worker_id,
+                    description=message.description,
+                    request_format=message.request_format,
+                    response_format=message.response_format,
+                    metadata=message.metadata,
+                    handler=handler,
+                )
+            )
+        except RegistryError as exc:
+            log.warning("worker %s: function %s refused: %s", self.worker_id, message.id, exc)
+            self._reject_function(message.id, "FUNCTION_NAMESPACE_CONFLICT")
+            return
+        if created:
+            engine.notify_functions_changed()
+
+    def _reject_function(self, function_id: str, code: str) -> None:
+        self.send_nowait(
+            encode_message(
+                RegistrationRejected(code=code, function_id=function_id, owner_worker_id="")
+            )
+        )
+
+    def _register_trigger(self, message: RegisterTrigger) -> None:
+        error = self.engine.register_trigger(
+            TriggerRegistration(
+                worker_id=self.worker_id,
+                id=message.id,
+                trigger_type=message.trigger_type,
+                function_id=message.function_id,
+                config=message.config,
+                metadata=message.metadata,
+            )
+        )
+        if error is not None:
+            log.warning(
+                "worker %s: trigger %s (%s -> %s) refused: %s",
+                self.worker_id,
+                message.id,
+                message.trigger_type,
+                message.function_id,
+                error.message,
+            )
+            self.send_nowait(
+                encode_message(
+                    TriggerRegistrationResult(
+                        id=message.id,
+                        trigger_type=message.trigger_type,
+                        function_id=message.function_id,
+                        error=error,
+                    )
+                )
+            )
+
+    def _on_trigger_result(self, message: TriggerRegistrationResult) -> None:
+        if message.error is None:
+            return
+        trigger_type = self.engine.registry.trigger_types.get(message.trigger_type)
+        if trigger_type is None or trigger_type.provider != self.worker_id:
+            return  # only the provider of the type may answer for it
+        log.warning(
+            "provider %s refused trigger %s: %s",
+            self.worker_id,
+            message.id,
+            message.error.message,
+        )
+        for trigger in self.engine.registry.triggers_of_type(message.trigger_type):
+            if trigger.id != message.id:
+                continue
+            for worker_id, trigger_id in trigger.registrants:
+                registrant = self.engine.connections.get(worker_id or "")
+                if registrant is not None:
+                    registrant.send_nowait(
+                        encode_message(
+                            TriggerRegistrationResult(
+                                id=trigger_id,
+                                trigger_type=message.trigger_type,
+                                function_id=message.function_id,
+                                error=message.error,
+                            )
+                        )
+                    )
+
+    def _reattach(self, message: Reattach) -> None:
+        previous = self.engine.connections.get(message.previous_worker_id)
+        if previous is None or previous is self:
+            return
+        if message.reattach_token is None or not secrets.compare_digest(
+            message.reattach_token, previous.reattach_token
+        ):
+            log.info("worker %s: reattach to %s without a valid token ignored", self.worker_id, previous.worker_id)
+            return
+        previous.abort(f"replaced by its reconnection {self.worker_id}")
+
+    # -- calls made by this worker ---------------------------------------------------------
+
+    def _start_call(self, message: InvokeFunction) -> None:
+        action = message.action
+        action_type = action.get("type") if isinstance(action, dict) else None
+        data = message.data
+        if action_type != "enqueue" and isinstance(data, dict):
+            data["_caller_worker_id"] = self.worker_id
+        if message.invocation_id is None or action_type == "void":
+            # Fire-and-forget: owned by the engine, not by this connection.
+            self.engine.spawn_detached(self._run_call, message, data, False)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_call, message, data, True)
+
+    async def _run_call(self, message: InvokeFunction, data: Any, reply: bool) -> None:
+        engine = self.engine
+        engine.inflight += 1
+        try:
+            try:
+                result = await self._call(message, data)
+                error = None
+            except IIIError as exc:
+                result, error = None, ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
+            except Exception:
+                log.exception("invocation of %s failed inside the engine", message.function_id)
+                result, error = None, ErrorBody(code="invocation_error", message="internal engine error")
+            if not reply:
+                if error is not None:
+                    log.info(
+                        "fire-and-forget call %s from %s failed: %s: %s",
+                        message.function_id,
+                        self.worker_id,
+                        error.code,
+                        error.message,
+                    )
+                return
+            assert message.invocation_id is not None
+            answer = InvocationResult(
+                invocation_id=message.invocation_id,
+                function_id=message.function_id,
+                result=result,
+                error=error,
+                traceparent=message.traceparent,
+                baggage=message.baggage,
+            )
+            try:
+                await self.send(encode_message(answer))
+            except FrameTooLargeError as exc:
+                await self.send(
+                    encode_message(
+                        InvocationResult(
+                            invocation_id=message.invocation_id,
+                            function_id=message.function_id,
+                            error=ErrorBody(code=exc.code, message=f"result too large: {exc.message}"),
+                        )
+                    )
+                )
+        finally:
+            engine.inflight -= 1
+
+    async def _call(self, message: InvokeFunction, data: Any) -> Any:
+        action = message.action
+        if isinstance(action, dict) and action.get("type") == "enqueue":
+            receipt = str(uuid.uuid4())
+            await self.engine.invoke(
+                "engine::queue::enqueue",
+                {
+                    "queue": action.get("queue"),
+                    "function_id": message.function_id,
+                    "data": data,
+                    "messageReceiptId": receipt,
+                    "traceparent": message.traceparent,
+                    "baggage": message.baggage,
+                },
+                caller_worker_id=self.worker_id,
+            )
+            return {"messageReceiptId": receipt}
+        return await self.engine.invoke(
+            message.function_id,
+            data,
+            caller_worker_id=self.worker_id,
+            invocation_id=message.invocation_id,
+            traceparent=message.traceparent,
+            baggage=message.baggage,
+            metadata=message.metadata,
+        )
+
+    # -- metadata (engine::workers::register) ------------------------------------------
+
+    def apply_metadata(self, metadata: dict[str, Any]) -> None:
+        info = self.engine.registry.workers.get(self.worker_id)
+        if info is None:
+            return
+        for field in ("name", "runtime", "version", "os", "description", "namespace"):
+            value = metadata.get(field)
+            if isinstance(value, str):
+                setattr(info, field, value)
+        pid = metadata.get("pid")
+        if isinstance(pid, int) and not isinstance(pid, bool):
+            info.pid = pid
+        info.telemetry = metadata.get("telemetry", info.telemetry)
+        info.isolation = metadata.get("isolation", info.isolation)
+        features = metadata.get("features")
+        if isinstance(features, list):
+            info.features = tuple(f for f in features if isinstance(f, str))
+        if "large-messages.v1" in info.features or (info.runtime not in (None, "python")):
+            self.frame_limit = self.engine.config.max_message_size
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _describe_close(ws: WebSocketConnection) -> str:
+    reason = ws.closed
+    if reason is None:
+        return "connection ended"
+    return f"close code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
