@@ -1,0 +1,254 @@
+"""Shared helpers for the integration tests: official SDK workers, engine processes,
+and the real services (Redis, RabbitMQ).
+
+* :func:`sdk_python` returns the interpreter of a cached virtual environment
+  with ``iii-sdk==<version>`` installed (created once under ``.cache/``; the
+  0.4.1 and 0.25.0 SDKs conflict, so each has its own).
+* :func:`start_sdk_worker` runs a worker script with that interpreter as a
+  child process of the test and exposes its stdout line by line.
+* :class:`EngineProcess` runs ``python -m iii serve`` as a real process, for
+  tests that kill and restart the engine.
+* :func:`require_redis` / :func:`require_rabbitmq` skip when the service is
+  absent, except under ``III_REQUIRE_SERVICES=1`` (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import venv
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+__all__ = [
+    "ROOT",
+    "sdk_python",
+    "start_sdk_worker",
+    "SdkWorker",
+    "EngineProcess",
+    "free_port",
+    "require_redis",
+    "require_rabbitmq",
+    "services_required",
+    "wait_for_port",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
+SDK_VERSIONS = ("0.4.1", "0.25.0")
+
+
+def services_required() -> bool:
+    return os.environ.get("III_REQUIRE_SERVICES") == "1"
+
+
+def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _require(name: str, port: int) -> None:
+    if _port_open("127.0.0.1", port):
+        return
+    message = f"{name} is not running on 127.0.0.1:{port}"
+    if services_required():
+        pytest.fail(message + " (III_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+def require_redis() -> str:
+    _require("Redis", 6379)
+    return "redis://127.0.0.1:6379"
+
+
+def require_rabbitmq() -> str:
+    _require("RabbitMQ", 5672)
+    return "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+# -- SDK virtual environments ------------------------------------------------------
+
+
+def sdk_python(version: str) -> Path:
+    """The python of a venv with ``iii-sdk==version``; built once, under a file lock."""
+    target = CACHE / "sdk-venvs" / f"iii-sdk-{version}"
+    python = target / "bin" / "python"
+    marker = target / ".installed"
+    if marker.exists():
+        return python
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".lock-{version}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            venv.EnvBuilder(with_pip=True, clear=True).create(target)
+            result = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", f"iii-sdk=={version}"],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}")
+            marker.write_text(version)
+    return python
+
+
+@attrs.define(eq=False)
+class SdkWorker:
+    """An SDK worker process; its stdout is read line by line."""
+
+    process: trio.Process
+    lines: trio.MemoryReceiveChannel[str]
+    seen: list[str] = attrs.field(factory=list)
+
+    async def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
+        """The first stdout line (seen before or arriving) starting with ``prefix``."""
+        for line in self.seen:
+            if line.startswith(prefix):
+                self.seen.remove(line)
+                return line
+        with trio.fail_after(timeout):
+            async for line in self.lines:
+                if line.startswith(prefix):
+                    return line
+                self.seen.append(line)
+        raise AssertionError(f"worker exited before printing {prefix!r}; output: {self.seen}")
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    async def send_line(self, text: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(text.encode() + b"\n")
+
+
+@asynccontextmanager
+async def start_sdk_worker(
+    version: str, script: str, *, url: str, env: dict[str, str] | None = None
+) -> AsyncIterator[SdkWorker]:
+    """Run ``script`` (Python source) under SDK ``version`` with ``III_URL=url``.
+
+    The script reads the engine URL from ``sys.argv[1]``.  The process is
+    killed when the block exits.
+    """
+    python = await trio.to_thread.run_sync(sdk_python, version)
+    script_path = CACHE / "worker-scripts"
+    script_path.mkdir(parents=True, exist_ok=True)
+    file = script_path / f"w{os.getpid()}_{id(script)}_{trio.current_time():.0f}.py"
+    file.write_text(textwrap.dedent(script))
+    child_env = {**os.environ, "III_URL": url, "PYTHONUNBUFFERED": "1", "OTEL_ENABLED": "false"}
+    child_env.pop("PYTHONPATH", None)
+    child_env.update(env or {})
+    send, receive = trio.open_memory_channel[str](1000)
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [str(python), str(file), url],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                env=child_env,
+                check=False,
+                task_status=task_status,
+            )
+        )
+
+        async def pump() -> None:
+            buffer = b""
+            async with send:
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        await send.send(line.decode(errors="replace"))
+
+        nursery.start_soon(pump)
+        worker = SdkWorker(process, receive)
+        try:
+            yield worker
+        finally:
+            worker.kill()
+            nursery.cancel_scope.cancel()
+            file.unlink(missing_ok=True)
+
+
+@attrs.define(eq=False)
+class EngineProcess:
+    """``python -m iii serve -c <config>`` as a real child process."""
+
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.config_path.parent,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    async def started(self, timeout: float = 20.0) -> None:
+        await wait_for_port(self.port, timeout)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @classmethod
+    def write(cls, directory: Path, config: dict[str, Any], name: str = "config.yaml") -> EngineProcess:
+        import yaml
+
+        port = config.setdefault("port", free_port())
+        path = directory / name
+        path.write_text(yaml.safe_dump(config))
+        return cls(config_path=path, port=port, log_path=directory / f"{path.stem}.log")
