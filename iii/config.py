@@ -44,6 +44,7 @@ from iii.errors import ConfigError
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
 
 __all__ = [
+    "AdapterRef",
     "EngineConfig",
     "ModuleEntry",
     "load_config",
@@ -60,6 +61,17 @@ DEFAULT_PORT = 49134
 MiB = 1024 * 1024
 
 _ENV_REF = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
+
+
+@attrs.frozen(kw_only=True)
+class AdapterRef:
+    """A module's ``adapter: {class: <upstream adapter class>, config: {...}}`` block.
+
+    ``config`` is kept as raw JSON: each backend validates its own keys.
+    """
+
+    class_name: str
+    config: Any = None
 
 
 @attrs.frozen(kw_only=True)
@@ -135,6 +147,22 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, strict(float, "a number"))
     converter.register_structure_hook(bool, strict(bool, "a boolean"))
     converter.register_structure_hook(Any, lambda v, _: v)
+
+    def structure_adapter(value: Any, _: type) -> AdapterRef:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping with 'class' and 'config', got {_type_name(value)}")
+        extra = set(value) - {"class", "config"}
+        if extra:
+            raise cattrs.ForbiddenExtraKeysError("", AdapterRef, extra)
+        class_name = value.get("class")
+        if not isinstance(class_name, str):
+            raise TypeError("'class' is required and must be a string")
+        return AdapterRef(class_name=class_name, config=value.get("config"))
+
+    converter.register_structure_hook(AdapterRef, structure_adapter)
+    converter.register_unstructure_hook(
+        AdapterRef, lambda ref: {"class": ref.class_name, "config": ref.config if ref.config is not None else {}}
+    )
     return converter
 
 
