@@ -39,12 +39,16 @@ import attrs
 import cattrs
 import tomli_w
 import yaml
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from iii.errors import ConfigError
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
 
 __all__ = [
     "AdapterRef",
+    "AuthConfig",
+    "AuthToken",
+    "TlsConfig",
     "EngineConfig",
     "ModuleEntry",
     "load_config",
@@ -81,6 +85,54 @@ class ModuleEntry:
 
 
 @attrs.frozen(kw_only=True)
+class AuthToken:
+    """One worker token and what it allows (``auth.tokens[]``).
+
+    The secret is never written in the file: ``env`` names the environment
+    variable that holds it, read when the config is loaded (unset, empty or
+    shorter than 16 characters is a config error).  The lists are
+    ``fnmatch``-style patterns (``billing::*``); each defaults to everything.
+    """
+
+    name: str = ""
+    env: str
+    # Function ids this token's workers may register, and invoke (including
+    # binding a trigger to them); trigger types they may bind or provide.
+    register: tuple[str, ...] = ("*",)
+    invoke: tuple[str, ...] = ("*",)
+    trigger_types: tuple[str, ...] = ("*",)
+    # Filled from ``env`` by the loader; never read from nor shown in a file.
+    secret: str = attrs.field(default="", repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.env
+
+
+@attrs.frozen(kw_only=True)
+class AuthConfig:
+    """``auth:``: with no tokens, any client that reaches the port may connect."""
+
+    tokens: tuple[AuthToken, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+
+@attrs.frozen(kw_only=True)
+class TlsConfig:
+    """``tls:``: PEM certificate chain and key; both set = the worker port speaks ``wss://``."""
+
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@attrs.frozen(kw_only=True)
 class EngineConfig:
     port: int = DEFAULT_PORT
     # Loopback by default: anyone who reaches the worker port can register
@@ -94,6 +146,14 @@ class EngineConfig:
     slow_consumer_timeout_ms: int = 30_000
     max_message_size: int = 64 * MiB
     send_queue_size: int = 1024
+    # Open sockets on the worker port (workers, /otel, channels); more are
+    # refused with HTTP 503 before the upgrade.
+    max_connections: int = 1024
+    # Calls one worker may have outstanding (request/response and
+    # fire-and-forget); more are answered ``too_many_pending_invocations``.
+    max_pending_invocations: int = 4096
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
+    tls: TlsConfig = attrs.field(factory=TlsConfig)
     modules: tuple[ModuleEntry, ...] = ()
 
     @property
@@ -160,6 +220,24 @@ def _make_converter() -> cattrs.Converter:
         return AdapterRef(class_name=class_name, config=value.get("config"))
 
     converter.register_structure_hook(AdapterRef, structure_adapter)
+
+    def structure_patterns(value: Any, _: type) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"expected a list of strings, got {_type_name(value)}")
+        return tuple(value)
+
+    # A bare string must not become a tuple of characters.
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_patterns)
+    # The token secret comes from the environment only (see AuthToken).
+    converter.register_structure_hook(
+        AuthToken,
+        make_dict_structure_fn(
+            AuthToken, converter, _cattrs_forbid_extra_keys=True, secret=override(omit=True)
+        ),
+    )
+    converter.register_unstructure_hook(
+        AuthToken, make_dict_unstructure_fn(AuthToken, converter, secret=override(omit=True))
+    )
     converter.register_unstructure_hook(
         AdapterRef, lambda ref: {"class": ref.class_name, "config": ref.config if ref.config is not None else {}}
     )
@@ -190,7 +268,7 @@ def _structure(data: Any, cls: type, *, file: str | None, path: str) -> Any:
     except cattrs.BaseValidationError as exc:
         first = cattrs.transform_error(exc, path="$", format_exception=_format_error)[0]
         reason, _, where = first.rpartition(" @ ")
-        key = path + where[1:] if where.startswith("$") else path
+        key = (path + where[1:]).lstrip(".") if where.startswith("$") else path
         raise ConfigError(reason, file=file, key=key or None) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc), file=file, key=path or None) from None
@@ -299,6 +377,11 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
     if raw.get("port") == 0:
         raw["port"] = DEFAULT_PORT  # upstream: 0 or missing means the default port
     engine = _structure(raw, EngineConfig, file=file, path="")
+    engine = attrs.evolve(
+        engine,
+        auth=_resolve_tokens(engine.auth, os.environ if env is None else env, file),
+        tls=_check_tls(engine.tls, file),
+    )
     modules: list[ModuleEntry] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
@@ -320,6 +403,44 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
                 )
             )
     return attrs.evolve(engine, modules=tuple(modules))
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthConfig:
+    """Read each token's secret from its environment variable."""
+    tokens = []
+    seen: dict[str, int] = {}
+    for index, token in enumerate(auth.tokens):
+        key = f"auth.tokens[{index}].env"
+        secret = str(environ.get(token.env, "")).strip()
+        if not secret:
+            raise ConfigError(f"environment variable {token.env} (the token's secret) is not set", file=file, key=key)
+        if len(secret) < MIN_TOKEN_LENGTH:
+            raise ConfigError(
+                f"the token in {token.env} has {len(secret)} characters; use at least {MIN_TOKEN_LENGTH}",
+                file=file,
+                key=key,
+            )
+        if secret in seen:
+            raise ConfigError(
+                f"the token in {token.env} is the same as auth.tokens[{seen[secret]}]'s", file=file, key=key
+            )
+        seen[secret] = index
+        tokens.append(attrs.evolve(token, secret=secret))
+    return attrs.evolve(auth, tokens=tuple(tokens))
+
+
+def _check_tls(tls: TlsConfig, file: str | None) -> TlsConfig:
+    if (tls.cert is None) != (tls.key is None):
+        missing = "tls.key" if tls.key is None else "tls.cert"
+        raise ConfigError("tls.cert and tls.key must be given together", file=file, key=missing)
+    for name in ("cert", "key"):
+        path = getattr(tls, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"file not found: {path}", file=file, key=f"tls.{name}")
+    return tls
 
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Any = None) -> EngineConfig:
@@ -346,7 +467,7 @@ def default_config() -> EngineConfig:
 def config_to_dict(config: EngineConfig) -> dict[str, Any]:
     """The effective config with every default filled in, in the file's shape."""
     top = {
-        field.name: getattr(config, field.name)
+        field.name: CONFIG_CONVERTER.unstructure(getattr(config, field.name))
         for field in attrs.fields(EngineConfig)
         if field.name != "modules"
     }

@@ -83,6 +83,7 @@ from iii.registry import (
     TriggerType,
     TriggerTypeHandler,
 )
+from iii.security import Authenticator
 from iii.telemetry import TelemetrySink
 
 if TYPE_CHECKING:
@@ -122,6 +123,11 @@ class Engine:
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
     inflight: int = 0
+    # Sockets open on the worker port (checked against ``max_connections``).
+    open_sockets: int = 0
+    authenticator: Authenticator = attrs.field(
+        default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
+    )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
 
     # -- engine functions and trigger types (module API) -------------------
@@ -448,10 +454,12 @@ async def serve_engine(
                 server = await connection_nursery.start(serve_listener, engine, listener_scope)
                 engine.listen_port = server.port
                 log.info(
-                    "iii engine listening on ws://%s:%d (%d modules)",
+                    "iii engine listening on %s://%s:%d (%d modules%s)",
+                    "wss" if config.tls.enabled else "ws",
                     config.host,
                     engine.listen_port,
                     len(engine.modules),
+                    ", worker auth on" if engine.authenticator.enabled else "",
                 )
                 engine.ready.set()
                 task_status.started(engine)

@@ -8,11 +8,19 @@
 Anything else is refused with HTTP 404 before the upgrade.  Each accepted
 socket's handler runs in the engine's connection nursery (``handler_nursery``),
 so the engine can cancel all of them at shutdown.
+
+Checks before the upgrade (:mod:`iii.security`): with ``auth.tokens`` set,
+``/`` and ``/otel`` need a valid ``Authorization: Bearer`` header (else 401,
+logged with the peer and the reason, never the token); past
+``max_connections`` open sockets a new one gets 503.  With ``tls.cert`` /
+``tls.key`` the port speaks TLS (``wss://``).  Messages over
+``max_message_size`` close the socket with 1009 (trio-websocket).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +29,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, 
 
 from iii.channel_conn import serve_channel_side
 from iii.protocol import TELEMETRY_PREFIXES
+from iii.security import AuthRefusal, server_ssl_context
 from iii.worker_conn import WorkerConnection
 
 if TYPE_CHECKING:
@@ -37,10 +46,19 @@ async def handle_request(engine: Engine, request: WebSocketRequest, peer: str = 
     """Route one upgrade request by path."""
     target = urlsplit(request.path)
     path = target.path or "/"
+    is_otel = path.rstrip("/") == "/otel"
+    if path == "/" or is_otel:
+        grant = engine.authenticator.authenticate(request.headers)
+        if isinstance(grant, AuthRefusal):
+            log.warning("refused %s upgrade from %s: %s (401)", path, peer or "?", grant.reason)
+            await request.reject(
+                401, extra_headers=[(b"WWW-Authenticate", b'Bearer realm="iii"')], body=b"Unauthorized"
+            )
+            return
     if path == "/":
         ws = await request.accept()
-        await WorkerConnection(engine, ws, ip_address=peer).run()
-    elif path.rstrip("/") == "/otel":
+        await WorkerConnection(engine, ws, ip_address=peer, grant=grant).run()
+    elif is_otel:
         ws = await request.accept()
         await _serve_telemetry(engine, ws)
     elif path.startswith(CHANNEL_PREFIX):
@@ -66,6 +84,25 @@ async def _serve_telemetry(engine: Engine, ws: object) -> None:
             engine.telemetry.ingest(frame, None)
 
 
+class _RateLimitedLog:
+    """A warning at most every ``interval`` seconds (with a count of the ones held back)."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self.last = -interval
+        self.held = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        if self.held:
+            message += f" ({self.held} more since the last report)"
+        self.last, self.held = now, 0
+        log.warning(message, *args)
+
+
 def _peer_of(request: WebSocketRequest) -> str:
     remote = request.remote
     return str(getattr(remote, "address", remote))
@@ -83,23 +120,35 @@ async def serve_listener(
     listener stops intake without touching live connections.
     """
     config = engine.config
+    ssl_context = server_ssl_context(config.tls)
+    refusals = _RateLimitedLog()
 
     async def handler(request: WebSocketRequest) -> None:
+        peer = _peer_of(request)
+        if engine.open_sockets >= config.max_connections:
+            refusals.warning(
+                "refused a connection from %s: max_connections (%d) reached (503)", peer, config.max_connections
+            )
+            await request.reject(503, body=b"Too many connections")
+            return
+        engine.open_sockets += 1
         try:
-            await handle_request(engine, request, _peer_of(request))
+            await handle_request(engine, request, peer)
         except ConnectionClosed:
             pass
         except Exception:
             # One connection's failure is logged here and never reaches the
             # connection nursery (the style's error policy).
             log.exception("connection handler failed")
+        finally:
+            engine.open_sockets -= 1
 
     with listener_scope:
         await serve_websocket(
             handler,
             config.host,
             config.port,
-            None,
+            ssl_context,
             handler_nursery=engine.connection_nursery,
             max_message_size=config.max_message_size,
             receive_buffer_size=65536,

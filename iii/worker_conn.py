@@ -12,6 +12,14 @@ each frame in order.  Registrations are applied inline (they are synchronous
 table updates), and each ``invokefunction`` becomes its own task, so a slow
 call never holds up pings, results or other calls.
 
+With ``auth.tokens`` configured, the connection carries its token's
+:class:`~iii.security.Grant`: a registration outside it is refused
+(``registrationrejected`` code ``FORBIDDEN`` for a function, a
+``triggerregistrationresult`` error ``forbidden`` for a trigger) and a call
+outside it is answered ``forbidden``.  A worker may have at most
+``max_pending_invocations`` calls outstanding; more are answered
+``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
+
 Frames to 0.4.1 workers are capped at 1 MiB (its ``websockets`` client closes
 on anything larger, spec protocol.md §1); a worker that reports the
 ``large-messages.v1`` feature, or a non-Python runtime, gets the full limit.
@@ -59,6 +67,7 @@ from iii.registry import (
     TriggerType,
     WorkerInfo,
 )
+from iii.security import ALLOW_ALL, Grant
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -83,7 +92,11 @@ class WorkerConnection:
     worker_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     reattach_token: str = attrs.field(factory=lambda: str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)))
     frame_limit: int = LEGACY_FRAME_LIMIT
+    grant: Grant = ALLOW_ALL
     close_reason: str | None = None
+    # Calls this worker made that are not answered yet (max_pending_invocations).
+    calls_outstanding: int = 0
+    _over_limit_logged: bool = False
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -273,6 +286,14 @@ class WorkerConnection:
         elif kind is UnregisterTrigger:
             engine.unregister_trigger(self.worker_id, message.id)
         elif kind is RegisterTriggerType:
+            if not self.grant.may_use_trigger_type(message.id):
+                log.warning(
+                    "worker %s (token %s) may not provide trigger type %s: ignored",
+                    self.worker_id,
+                    self.grant.name,
+                    message.id,
+                )
+                return
             engine.add_worker_trigger_type(
                 self.worker_id,
                 TriggerType(
@@ -295,6 +316,15 @@ class WorkerConnection:
 
     def _register_function(self, message: RegisterFunction) -> None:
         engine = self.engine
+        if not self.grant.may_register(message.id):
+            log.warning(
+                "worker %s (token %s) may not register function %s: refused",
+                self.worker_id,
+                self.grant.name,
+                message.id,
+            )
+            self._reject_function(message.id, "FORBIDDEN")
+            return
         if message.invocation is not None:
             factory = engine.external_function_factory
             if factory is None:
@@ -341,16 +371,19 @@ class WorkerConnection:
         )
 
     def _register_trigger(self, message: RegisterTrigger) -> None:
-        error = self.engine.register_trigger(
-            TriggerRegistration(
-                worker_id=self.worker_id,
-                id=message.id,
-                trigger_type=message.trigger_type,
-                function_id=message.function_id,
-                config=message.config,
-                metadata=message.metadata,
+        error: ErrorBody | None
+        if not self.grant.may_use_trigger_type(message.trigger_type):
+            error = ErrorBody(
+                code="forbidden",
+                message=f"token {self.grant.name!r} may not use trigger type {message.trigger_type}",
             )
-        )
+        elif not self.grant.may_invoke(message.function_id):
+            error = ErrorBody(
+                code="forbidden",
+                message=f"token {self.grant.name!r} may not bind triggers to {message.function_id}",
+            )
+        else:
+            error = self._file_trigger(message)
         if error is not None:
             log.warning(
                 "worker %s: trigger %s (%s -> %s) refused: %s",
@@ -370,6 +403,18 @@ class WorkerConnection:
                     )
                 )
             )
+
+    def _file_trigger(self, message: RegisterTrigger) -> ErrorBody | None:
+        return self.engine.register_trigger(
+            TriggerRegistration(
+                worker_id=self.worker_id,
+                id=message.id,
+                trigger_type=message.trigger_type,
+                function_id=message.function_id,
+                config=message.config,
+                metadata=message.metadata,
+            )
+        )
 
     def _on_trigger_result(self, message: TriggerRegistrationResult) -> None:
         if message.error is None:
@@ -416,15 +461,58 @@ class WorkerConnection:
     def _start_call(self, message: InvokeFunction) -> None:
         action = message.action
         action_type = action.get("type") if isinstance(action, dict) else None
+        detached = message.invocation_id is None or action_type == "void"
+        refusal = self._refuse_call(message)
+        if refusal is not None:
+            if detached:
+                log.info("fire-and-forget call %s from %s dropped: %s", message.function_id, self.worker_id, refusal.message)
+            else:
+                assert message.invocation_id is not None
+                self.send_nowait(
+                    encode_message(
+                        InvocationResult(
+                            invocation_id=message.invocation_id, function_id=message.function_id, error=refusal
+                        )
+                    )
+                )
+            return
         data = message.data
         if action_type != "enqueue" and isinstance(data, dict):
             data["_caller_worker_id"] = self.worker_id
-        if message.invocation_id is None or action_type == "void":
+        self.calls_outstanding += 1
+        if detached:
             # Fire-and-forget: owned by the engine, not by this connection.
             self.engine.spawn_detached(self._run_call, message, data, False)
         else:
             assert self._nursery is not None
             self._nursery.start_soon(self._run_call, message, data, True)
+
+    def _refuse_call(self, message: InvokeFunction) -> ErrorBody | None:
+        if not self.grant.may_invoke(message.function_id):
+            log.warning(
+                "worker %s (token %s) may not invoke %s: refused",
+                self.worker_id,
+                self.grant.name,
+                message.function_id,
+            )
+            return ErrorBody(
+                code="forbidden", message=f"token {self.grant.name!r} may not invoke {message.function_id}"
+            )
+        limit = self.engine.config.max_pending_invocations
+        if self.calls_outstanding >= limit:
+            if not self._over_limit_logged:
+                self._over_limit_logged = True
+                log.warning(
+                    "worker %s has %d calls outstanding (max_pending_invocations): refusing more",
+                    self.worker_id,
+                    limit,
+                )
+            return ErrorBody(
+                code="too_many_pending_invocations",
+                message=f"this worker already has {limit} calls outstanding (max_pending_invocations)",
+            )
+        self._over_limit_logged = False
+        return None
 
     async def _run_call(self, message: InvokeFunction, data: Any, reply: bool) -> None:
         engine = self.engine
@@ -471,6 +559,7 @@ class WorkerConnection:
                 )
         finally:
             engine.inflight -= 1
+            self.calls_outstanding -= 1
 
     async def _call(self, message: InvokeFunction, data: Any) -> Any:
         action = message.action
