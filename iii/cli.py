@@ -61,10 +61,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(config: EngineConfig) -> ExitCode:
-    from iii.engine import serve_engine
+    # serve_engine, plus READY/WATCHDOG/STOPPING when run by systemd (Type=notify).
+    from iii.systemd import serve_with_systemd
 
     try:
-        trio.run(serve_engine, config)
+        trio.run(serve_with_systemd, config)
     except KeyboardInterrupt:
         return ExitCode.OK
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
