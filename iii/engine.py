@@ -85,6 +85,7 @@ from iii.registry import (
 )
 from iii.security import Authenticator
 from iii.telemetry import TelemetrySink
+from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
 if TYPE_CHECKING:
     from iii.config import EngineConfig
@@ -108,6 +109,9 @@ class Engine:
     pending: PendingTable = attrs.field(factory=PendingTable)
     channels: ChannelTable = attrs.field(factory=ChannelTable)
     telemetry: TelemetrySink = attrs.field(factory=TelemetrySink)
+    # Spans for invocations and module work (iii.tracing); the observability
+    # module replaces the no-op default.
+    tracer: EngineTracer = NOOP_TRACER
     connections: dict[str, WorkerConnection] = attrs.field(factory=dict)
     modules: dict[str, Any] = attrs.field(factory=dict)
     # Listeners for worker connect / disconnect / metadata events, and for
@@ -311,12 +315,27 @@ class Engine:
         baggage: str | None = None,
         metadata: Any = None,
         timeout: float | None = None,
+        _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
 
         Raises an :class:`IIIError`: ``function_not_found``, the function's own
         error, ``invocation_stopped`` (the worker left), ``timeout``.
+
+        With a tracer installed the call runs under an invocation span (child
+        of ``traceparent``), and the function receives that span's context.
         """
+        if _span is None and self.tracer.enabled:
+            return await self._invoke_traced(
+                function_id,
+                data,
+                caller_worker_id=caller_worker_id,
+                invocation_id=invocation_id,
+                traceparent=traceparent,
+                baggage=baggage,
+                metadata=metadata,
+                timeout=timeout,
+            )
         entry = self.registry.functions.get(function_id)
         if entry is None:
             raise FunctionNotFoundError(function_id)
@@ -325,6 +344,8 @@ class Engine:
         replica = entry.pick(self.pending.executing_on)
         if invocation_id is None:
             invocation_id = str(uuid.uuid4())
+        if _span is not None:
+            _span.set_attribute("iii.worker.id", replica.owner or "engine")
         if replica.handler is not None:
             ctx = CallContext(
                 function_id=function_id,
@@ -382,6 +403,37 @@ class Engine:
                 }
             )
         return invocation.result
+
+    async def _invoke_traced(
+        self,
+        function_id: str,
+        data: Any,
+        *,
+        caller_worker_id: str | None,
+        invocation_id: str | None,
+        traceparent: str | None,
+        baggage: str | None,
+        metadata: Any,
+        timeout: float | None,
+    ) -> Any:
+        with self.tracer.invocation(
+            function_id,
+            traceparent=traceparent,
+            baggage=baggage,
+            caller_worker_id=caller_worker_id,
+            invocation_id=invocation_id,
+        ) as span:
+            return await self.invoke(
+                function_id,
+                data,
+                caller_worker_id=caller_worker_id,
+                invocation_id=invocation_id,
+                traceparent=span.traceparent,
+                baggage=span.baggage,
+                metadata=metadata,
+                timeout=timeout,
+                _span=span,
+            )
 
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
