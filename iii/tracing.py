@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-__all__ = ["Span", "EngineTracer", "NOOP_TRACER"]
+__all__ = ["Span", "NoopSpan", "EngineTracer", "NOOP_TRACER"]
 
 
 class Span(Protocol):
@@ -49,7 +49,9 @@ class Span(Protocol):
         """Mark the span failed (without an exception leaving the block)."""
 
 
-class _NoopSpan:
+class NoopSpan:
+    """Passes the given context through unchanged (tracing off)."""
+
     __slots__ = ("traceparent", "baggage")
 
     def __init__(self, traceparent: str | None, baggage: str | None):
@@ -79,7 +81,7 @@ class EngineTracer:
         attributes: Mapping[str, Any] | None = None,
     ) -> Iterator[Span]:
         """A span around a unit of work (HTTP request, queue job, cron firing ...)."""
-        yield _NoopSpan(traceparent, baggage)
+        yield NoopSpan(traceparent, baggage)
 
     @contextmanager
     def invocation(
@@ -92,7 +94,7 @@ class EngineTracer:
         invocation_id: str | None = None,
     ) -> Iterator[Span]:
         """The span of one :meth:`Engine.invoke` (also counted in the invocation metrics)."""
-        yield _NoopSpan(traceparent, baggage)
+        yield NoopSpan(traceparent, baggage)
 
 
 NOOP_TRACER = EngineTracer()
