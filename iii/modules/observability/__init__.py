@@ -1,0 +1,327 @@
+"""Observability: ``modules::observability::OtelModule`` (spec modules.md §8).
+
+Traces, logs and metrics through the official OpenTelemetry SDK:
+
+* **Traces.** While the module runs, ``engine.tracer`` is an
+  :class:`~.tracer.OtelTracer`: every :meth:`Engine.invoke` gets a ``call
+  <function_id>`` span, child of the caller's ``traceparent``, whose context
+  the target worker receives; modules' spans (HTTP requests, queue jobs, cron
+  firings) use the same hook.  Sampling: ``sampling_ratio`` and the
+  ``sampling`` rules (:mod:`.sampler`).  Exporters: ``memory`` (the
+  :class:`~.spans.SpanStore` behind ``engine::traces::*``), ``otlp``
+  (OTLP/HTTP to ``endpoint``), or ``both``.  Spans SDK workers send
+  (``OTLP`` frames on ``/`` or ``/otel``) go to the same processors, so a
+  trace's tree holds the caller's, the engine's and the worker's spans.
+* **Logs.** ``engine::log::{info,warn,error,debug,trace}``, the engine's own
+  log records and SDK ``LOGS`` frames, in one store (``engine::logs::*``),
+  offered to ``log`` triggers; also exported over OTLP with
+  ``logs_exporter: otlp|both``.
+* **Metrics.** Invocation counts, errors and latency per function, workers
+  connected, SDK ``MTRC`` data points (``engine::metrics::list``), OTel
+  instruments exported over OTLP with ``metrics_enabled`` and
+  ``metrics_exporter: otlp``, and a Prometheus text endpoint
+  (``prometheus_host``:``prometheus_port``/metrics) that also shows every
+  module's numeric ``statistics()``.
+* ``engine::health::check``, ``engine::sampling::rules``,
+  ``engine::baggage::{get,set,get_all}``.
+
+Not implemented: alerts (``alerts`` is parsed and ignored, with a warning),
+``engine::rollups::list``, ``engine::alerts::*``.
+
+Lifetime: :meth:`Module.run` installs the tracer, the telemetry consumer, the
+worker listener and the log handler, serves ``/metrics`` and delivers log
+triggers in its own nursery; on exit it removes them all and flushes the
+OTLP exporters (bounded, shielded).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+from iii import __version__
+from iii.modules.observability import functions
+from iii.modules.observability.config import Config
+from iii.modules.observability.logs import (
+    DELIVERING,
+    EngineLogHandler,
+    LogStore,
+    LogTriggers,
+    entries_from_otlp_json,
+)
+from iii.modules.observability.metrics import EngineMetrics, PrometheusCollector, SdkMetricStore
+from iii.modules.observability.prometheus import serve_prometheus
+from iii.modules.observability.sampler import build_sampler
+from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
+from iii.modules.observability.tracer import OtelTracer
+from iii.tracing import NOOP_TRACER
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["Config", "Module"]
+
+log = logging.getLogger(__name__)
+
+LOG_QUEUE_SIZE = 1000
+LOG_DELIVERY_CONCURRENCY = 64
+FLUSH_DEADLINE = 5.0
+
+
+class Module:
+    def __init__(self, engine: Engine, config: Config):
+        self.engine = engine
+        self.config = config
+        self.resource = Resource.create(
+            {
+                "service.name": config.service_name,
+                "service.version": config.service_version,
+                **({"service.namespace": config.service_namespace} if config.service_namespace else {}),
+            }
+        )
+        self.metrics = EngineMetrics()
+        self.sdk_metrics = SdkMetricStore(config.metrics_max_count, config.metrics_retention_seconds)
+        self.spans: SpanStore | None = None
+        self.span_sinks: list[SpanProcessor] = []
+        self.provider: TracerProvider | None = None
+        self.logs = LogStore(config.logs_max_count, config.logs_sampling_ratio)
+        self.log_triggers = LogTriggers()
+        self.logs_dropped = 0
+        self.prometheus_port: int | None = None
+        self._log_send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
+        self._trio_thread: int | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._closers: list[Any] = []
+
+    # -- setup ---------------------------------------------------------------------
+
+    def _setup_traces(self) -> OtelTracer:
+        config = self.config
+        if not config.enabled:
+            return OtelTracer(None, self.metrics)
+        if config.memory_traces:
+            self.spans = SpanStore(config.memory_max_spans)
+            self.span_sinks.append(MemorySpanProcessor(self.spans))
+        if config.otlp_traces:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            self.span_sinks.append(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_url("traces"), timeout=FLUSH_DEADLINE))
+            )
+        self.provider = TracerProvider(resource=self.resource, sampler=build_sampler(config))
+        for sink in self.span_sinks:
+            self.provider.add_span_processor(sink)
+        self._closers.append(self.provider.shutdown)
+        return OtelTracer(self.provider.get_tracer("iii.engine", __version__), self.metrics)
+
+    def _setup_log_export(self) -> None:
+        if self.config.logs_exporter not in ("otlp", "both"):
+            return
+        from opentelemetry._logs import LogRecord, SeverityNumber
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.sdk._logs import ReadWriteLogRecord
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        processor = BatchLogRecordProcessor(
+            OTLPLogExporter(endpoint=self.config.otlp_url("logs"), timeout=FLUSH_DEADLINE),
+            max_export_batch_size=min(max(1, self.config.logs_batch_size), 10_000),
+            schedule_delay_millis=self.config.logs_flush_interval_ms,
+        )
+        self._closers.append(processor.shutdown)
+
+        def export(entry: dict[str, Any]) -> None:
+            context = None
+            if entry.get("trace_id") and entry.get("span_id"):
+                span_context = SpanContext(
+                    int(entry["trace_id"], 16),
+                    int(entry["span_id"], 16),
+                    is_remote=True,
+                    trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                )
+                context = trace_api.set_span_in_context(NonRecordingSpan(span_context))
+            body = entry["body"]
+            record = LogRecord(
+                timestamp=entry["timestamp_unix_nano"],
+                observed_timestamp=entry["observed_timestamp_unix_nano"],
+                context=context,
+                severity_text=entry["severity_text"],
+                severity_number=SeverityNumber(entry["severity_number"]) if 1 <= entry["severity_number"] <= 24 else None,
+                body=body if isinstance(body, (str, int, float, bool)) or body is None else orjson.dumps(body, default=str).decode(),
+                attributes={k: v if isinstance(v, (str, int, float, bool)) else orjson.dumps(v, default=str).decode() for k, v in entry["attributes"].items()},
+            )
+            resource = Resource(entry["resource"]) if entry["resource"] else self.resource
+            processor.on_emit(ReadWriteLogRecord(log_record=record, resource=resource))
+
+        self.logs.listeners.append(export)
+
+    def _setup_metric_export(self) -> None:
+        if not (self.config.metrics_enabled and self.config.metrics_exporter == "otlp"):
+            return
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        reader = PeriodicExportingMetricReader(
+            OTLPMetricExporter(endpoint=self.config.otlp_url("metrics"), timeout=FLUSH_DEADLINE)
+        )
+        provider = MeterProvider(resource=self.resource, metric_readers=[reader])
+        self._closers.append(provider.shutdown)
+        meter = provider.get_meter("iii.engine", __version__)
+        calls = meter.create_counter("iii.invocations.total", description="Invocations")
+        errors = meter.create_counter("iii.invocation.errors.total", description="Failed invocations")
+        duration = meter.create_histogram("iii.invocation.duration", unit="s", description="Invocation latency")
+        meter.create_observable_gauge(
+            "iii.workers.active",
+            callbacks=[lambda options: [_observation(len(self.engine.connections))]],
+            description="Workers connected",
+        )
+
+        def record(function_id: str, seconds: float, error_code: str | None) -> None:
+            status = "ok" if error_code is None else "error"
+            calls.add(1, {"function_id": function_id, "status": status})
+            duration.record(seconds, {"function_id": function_id, "status": status})
+            if error_code is not None:
+                errors.add(1, {"function_id": function_id, "error_code": error_code})
+
+        self.metrics.observers.append(record)
+
+    # -- SDK telemetry ---------------------------------------------------------------
+
+    def ingest(self, kind: str, payload: bytes, worker_id: str | None) -> None:
+        """The telemetry consumer: an SDK's OTLP / LOGS / MTRC frame into the stores."""
+        data = orjson.loads(payload)
+        if kind == "OTLP":
+            if not self.span_sinks:
+                return
+            for span in spans_from_otlp_json(data, worker_id=worker_id):
+                for sink in self.span_sinks:
+                    sink.on_end(span)
+        elif kind == "LOGS":
+            for entry in entries_from_otlp_json(data):
+                self.logs.add(entry)
+        elif kind == "MTRC":
+            self.sdk_metrics.ingest(data, worker_id)
+
+    # -- log triggers ------------------------------------------------------------------
+
+    def _offer_log(self, entry: dict[str, Any]) -> None:
+        """Store listener: queue the log for each matching ``log`` trigger."""
+        if DELIVERING.get() or not self.log_triggers.levels or self._log_send is None:
+            return
+        if threading.get_ident() != self._trio_thread:
+            if self._trio_token is not None:
+                try:
+                    self._trio_token.run_sync_soon(self._offer_log, entry)
+                except trio.RunFinishedError:
+                    pass
+            return
+        for function_id in self.log_triggers.matching(entry):
+            try:
+                self._log_send.send_nowait((function_id, entry))
+            except trio.WouldBlock:
+                self.logs_dropped += 1
+            except trio.ClosedResourceError:
+                return
+
+    async def _deliver_logs(self, receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
+        DELIVERING.set(True)  # inherited by the delivery tasks
+        slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
+
+        async def deliver(function_id: str, entry: dict[str, Any]) -> None:
+            try:
+                await self.engine.invoke_logged(function_id, entry, what="log trigger")
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as delivery_nursery:
+            async for function_id, entry in receive:
+                await slots.acquire()
+                delivery_nursery.start_soon(deliver, function_id, entry)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "spans_stored": len(self.spans) if self.spans is not None else 0,
+            "logs_stored": len(self.logs),
+            "logs_dropped": self.logs_dropped,
+            "sdk_metric_points": len(self.sdk_metrics),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        engine, config = self.engine, self.config
+        self._trio_thread = threading.get_ident()
+        self._trio_token = trio.lowlevel.current_trio_token()
+        if config.alerts:
+            log.warning("observability: %d alert rules configured; alerts are not implemented and are ignored", len(config.alerts))
+        tracer = self._setup_traces()
+        self._setup_log_export()
+        self._setup_metric_export()
+        self.metrics.workers_active = len(engine.connections)
+        handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
+        engine_logger = logging.getLogger("iii")
+        log_send, log_receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](LOG_QUEUE_SIZE)
+        try:
+            async with trio.open_nursery() as module_nursery:
+                functions.register(engine, self)
+                engine.register_trigger_type("log", self.log_triggers, description="Log entries stored by the observability module")
+                if config.prometheus_enabled:
+                    from prometheus_client import CollectorRegistry, generate_latest
+
+                    registry = CollectorRegistry(auto_describe=False)
+                    registry.register(PrometheusCollector(engine, self.metrics))
+                    self.prometheus_port = await module_nursery.start(
+                        serve_prometheus, config.prometheus_host, config.prometheus_port, lambda: generate_latest(registry)
+                    )
+                self._log_send = log_send
+                module_nursery.start_soon(self._deliver_logs, log_receive)
+                self.logs.listeners.append(self._offer_log)
+                engine.tracer = tracer
+                engine.telemetry.consumer = self.ingest
+                engine.worker_listeners.append(self.metrics.on_worker_event)
+                engine_logger.addHandler(handler)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            engine_logger.removeHandler(handler)
+            if engine.tracer is tracer:
+                engine.tracer = NOOP_TRACER
+            if engine.telemetry.consumer == self.ingest:
+                engine.telemetry.consumer = None
+            if self.metrics.on_worker_event in engine.worker_listeners:
+                engine.worker_listeners.remove(self.metrics.on_worker_event)
+            self._log_send = None
+            log_send.close()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Shut the OpenTelemetry pipelines down (exports what is buffered), bounded."""
+        closers, self._closers = self._closers, []
+        if not closers:
+            return
+
+        def close_all() -> None:
+            for close in closers:
+                try:
+                    close()
+                except Exception:
+                    log.warning("observability: exporter shutdown failed", exc_info=True)
+
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_DEADLINE * 2):
+            await trio.to_thread.run_sync(close_all, abandon_on_cancel=True)
+
+
+def _observation(value: float) -> Any:
+    from opentelemetry.metrics import Observation
+
+    return Observation(value)
+

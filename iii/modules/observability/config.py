@@ -1,0 +1,146 @@
+"""The observability module's config (upstream ``OtelModule`` keys, spec modules.md §8).
+
+For the keys upstream reads from the environment, the YAML value wins; when a
+key is missing its environment variable is used; otherwise the default.  The
+environment is read when the config is loaded (a structure hook on the shared
+config converter), so ``check-config`` and ``config show`` see the result.
+
+Differences from upstream, on purpose:
+
+* unknown keys are an error (upstream ignores them) — typos should not pass;
+* the OTLP exporter speaks OTLP/HTTP (protobuf), so ``endpoint`` defaults to
+  ``http://localhost:4318`` (upstream: gRPC on 4317);
+* ``prometheus_*`` keys: a Prometheus text endpoint that upstream's README
+  promises and nothing serves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import attrs
+from cattrs.gen import make_dict_structure_fn
+
+from iii.config import CONFIG_CONVERTER
+
+__all__ = ["Config", "Sampling", "SamplingRule", "RateLimit"]
+
+Exporter = Literal["memory", "otlp", "both"]
+
+
+@attrs.frozen(kw_only=True)
+class SamplingRule:
+    operation: str = "*"  # glob on the span name
+    service: str = "*"  # glob on service_name
+    rate: float = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class RateLimit:
+    max_traces_per_second: float
+
+
+@attrs.frozen(kw_only=True)
+class Sampling:
+    default: float | None = None  # falls back to sampling_ratio
+    parent_based: bool = False
+    rules: tuple[SamplingRule, ...] = ()
+    rate_limit: RateLimit | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    enabled: bool = False
+    service_name: str = "iii"
+    service_version: str = "unknown"
+    service_namespace: str | None = None
+    exporter: Exporter = "otlp"
+    endpoint: str = "http://localhost:4318"
+    sampling_ratio: float = 1.0
+    sampling: Sampling | None = None
+    memory_max_spans: int = 1000
+    metrics_enabled: bool = False
+    metrics_exporter: Literal["memory", "otlp"] = "memory"
+    metrics_retention_seconds: int = 3600
+    metrics_max_count: int = 10_000
+    logs_enabled: bool | None = None  # parsed; upstream does not gate anything on it
+    logs_exporter: Exporter = "memory"
+    logs_max_count: int = 1000
+    logs_retention_seconds: int | None = None
+    logs_batch_size: int = 100
+    logs_flush_interval_ms: int = 5000
+    logs_sampling_ratio: float = 1.0
+    logs_console_output: bool = True
+    level: str = "info"
+    log_level: str | None = None  # alias of level
+    format: Literal["default", "json"] = "default"
+    # Parsed so upstream configs load; alert evaluation is not implemented.
+    alerts: tuple[Any, ...] = ()
+    prometheus_enabled: bool = True
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9464
+
+    @property
+    def memory_traces(self) -> bool:
+        return self.exporter in ("memory", "both")
+
+    @property
+    def otlp_traces(self) -> bool:
+        return self.exporter in ("otlp", "both")
+
+    @property
+    def store_level(self) -> str:
+        return (self.log_level or self.level).lower()
+
+    def otlp_url(self, signal: str) -> str:
+        """``<endpoint>/v1/<signal>`` unless the endpoint already names a path."""
+        base = self.endpoint.rstrip("/")
+        if base.endswith(f"/v1/{signal}"):
+            return base
+        return f"{base}/v1/{signal}"
+
+
+# key -> (environment variable, type)
+ENV_FALLBACKS: dict[str, tuple[str, type]] = {
+    "enabled": ("OTEL_ENABLED", bool),
+    "service_name": ("OTEL_SERVICE_NAME", str),
+    "service_version": ("SERVICE_VERSION", str),
+    "service_namespace": ("SERVICE_NAMESPACE", str),
+    "exporter": ("OTEL_EXPORTER_TYPE", str),
+    "endpoint": ("OTEL_EXPORTER_OTLP_ENDPOINT", str),
+    "sampling_ratio": ("OTEL_TRACES_SAMPLER_ARG", float),
+    "memory_max_spans": ("OTEL_MEMORY_MAX_SPANS", int),
+    "metrics_enabled": ("OTEL_METRICS_ENABLED", bool),
+    "metrics_exporter": ("OTEL_METRICS_EXPORTER", str),
+    "logs_exporter": ("OTEL_LOGS_EXPORTER", str),
+}
+
+
+def _from_env(value: str, kind: type) -> Any:
+    if kind is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        return int(value)
+    if kind is float:
+        return float(value)
+    return value
+
+
+_structure_config = make_dict_structure_fn(Config, CONFIG_CONVERTER, _cattrs_forbid_extra_keys=True)
+
+
+def _structure_with_env(raw: Any, _: type) -> Config:
+    if not isinstance(raw, dict):
+        raise TypeError("expected a mapping")
+    raw = dict(raw)
+    for key, (variable, kind) in ENV_FALLBACKS.items():
+        if key not in raw and os.environ.get(variable, "").strip():
+            try:
+                raw[key] = _from_env(os.environ[variable], kind)
+            except ValueError:
+                raise ValueError(f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}") from None
+    return _structure_config(raw, Config)  # type: ignore[no-any-return]
+
+
+CONFIG_CONVERTER.register_structure_hook(Config, _structure_with_env)

@@ -1,0 +1,309 @@
+"""Metrics: the engine's accumulators, SDK metric ingestion, and the Prometheus text.
+
+* :class:`EngineMetrics` counts invocations (total / success / error, per
+  function, per error code), keeps a latency histogram per function and the
+  last 10 000 durations for percentiles, and counts worker connects and
+  disconnects.  The observability tracer records every invocation here, sampled
+  or not.
+* :class:`SdkMetricStore` keeps the data points SDK workers send in ``MTRC``
+  frames (OTLP/JSON), bounded by count and age.
+* :class:`PrometheusCollector` renders all of it, plus live engine gauges
+  (workers, pending calls, open sockets, telemetry frames) and every module's
+  ``statistics()`` snapshot (numbers only: e.g. a queue's depth), through
+  ``prometheus_client``'s exposition format.
+
+Lifetime: owned by the observability module; synchronous.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from iii.modules.observability.spans import otlp_attributes
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["EngineMetrics", "SdkMetricStore", "PrometheusCollector", "BUCKETS"]
+
+# Seconds; Prometheus' default buckets plus 30 s (the default invocation timeout) and 60 s.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@attrs.define(eq=False)
+class _FunctionStats:
+    total: int = 0
+    errors: int = 0
+    duration_sum: float = 0.0
+    buckets: list[int] = attrs.field(factory=lambda: [0] * (len(BUCKETS) + 1))
+
+
+@attrs.define(eq=False)
+class EngineMetrics:
+    total: int = 0
+    success: int = 0
+    error: int = 0
+    by_function: dict[str, _FunctionStats] = attrs.field(factory=dict)
+    by_error_code: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    durations: deque[float] = attrs.field(factory=lambda: deque(maxlen=10_000))
+    worker_spawns: int = 0
+    worker_deaths: int = 0
+    workers_active: int = 0
+    # Also told about each invocation (the OTel instruments, when exported).
+    observers: list[Callable[[str, float, str | None], None]] = attrs.field(factory=list)
+
+    def record_invocation(self, function_id: str, seconds: float, error_code: str | None) -> None:
+        for observer in self.observers:
+            observer(function_id, seconds, error_code)
+        self.total += 1
+        stats = self.by_function.get(function_id)
+        if stats is None:
+            stats = self.by_function[function_id] = _FunctionStats()
+        stats.total += 1
+        stats.duration_sum += seconds
+        stats.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.durations.append(seconds)
+        if error_code is None:
+            self.success += 1
+        else:
+            self.error += 1
+            stats.errors += 1
+            key = (function_id, error_code)
+            self.by_error_code[key] = self.by_error_code.get(key, 0) + 1
+
+    def on_worker_event(self, event: str, worker_id: str) -> None:
+        if event == "worker_connected":
+            self.worker_spawns += 1
+            self.workers_active += 1
+        elif event == "worker_disconnected":
+            self.worker_deaths += 1
+            self.workers_active = max(0, self.workers_active - 1)
+
+    def performance(self) -> dict[str, float]:
+        values = sorted(self.durations)
+        if not values:
+            return {f"{k}_duration_ms": 0.0 for k in ("avg", "p50", "p95", "p99", "min", "max")}
+
+        def pct(p: float) -> float:
+            return values[min(len(values) - 1, max(0, math.ceil(p * len(values)) - 1))] * 1000
+
+        return {
+            "avg_duration_ms": sum(values) / len(values) * 1000,
+            "p50_duration_ms": pct(0.50),
+            "p95_duration_ms": pct(0.95),
+            "p99_duration_ms": pct(0.99),
+            "min_duration_ms": values[0] * 1000,
+            "max_duration_ms": values[-1] * 1000,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "invocations": {
+                "total": self.total,
+                "success": self.success,
+                "error": self.error,
+                "deferred": 0,
+                "by_function": {fid: stats.total for fid, stats in self.by_function.items()},
+            },
+            "workers": {
+                "spawns": self.worker_spawns,
+                "deaths": self.worker_deaths,
+                "active": self.workers_active,
+            },
+            "performance": self.performance(),
+        }
+
+
+class SdkMetricStore:
+    """Data points from SDK ``MTRC`` frames: newest ``max_count``, none older than ``retention``."""
+
+    def __init__(self, max_count: int, retention_seconds: float):
+        self.points: deque[dict[str, Any]] = deque(maxlen=max(1, max_count))
+        self.retention = retention_seconds
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def ingest(self, payload: Any, worker_id: str | None) -> int:
+        if not isinstance(payload, dict):
+            raise ValueError("an OTLP metrics payload must be a JSON object")
+        received = int(time.time() * 1000)
+        added = 0
+        for resource_metrics in payload.get("resourceMetrics") or ():
+            resource = otlp_attributes(((resource_metrics or {}).get("resource") or {}).get("attributes"))
+            service = str(resource.get("service.name", "unknown"))
+            for scope_metrics in resource_metrics.get("scopeMetrics") or ():
+                for metric in scope_metrics.get("metrics") or ():
+                    if not isinstance(metric, dict):
+                        continue
+                    for kind in ("sum", "gauge", "histogram", "exponentialHistogram", "summary"):
+                        data = metric.get(kind)
+                        if isinstance(data, dict):
+                            break
+                    else:
+                        continue
+                    for point in data.get("dataPoints") or ():
+                        self.points.append(_point_json(metric, kind, point, service, worker_id, received))
+                        added += 1
+        self._expire(received)
+        return added
+
+    def _expire(self, now_ms: int) -> None:
+        horizon = now_ms - self.retention * 1000
+        while self.points and self.points[0]["timestamp"] < horizon:
+            self.points.popleft()
+
+    def query(self, *, start_ms: int | None, end_ms: int | None, name: str | None) -> list[dict[str, Any]]:
+        self._expire(int(time.time() * 1000))
+        out = []
+        for point in self.points:
+            if name is not None and point["name"] != name:
+                continue
+            if start_ms is not None and point["timestamp"] < start_ms:
+                continue
+            if end_ms is not None and point["timestamp"] > end_ms:
+                continue
+            out.append(point)
+        return out
+
+
+def _point_json(
+    metric: dict[str, Any], kind: str, point: dict[str, Any], service: str, worker_id: str | None, received: int
+) -> dict[str, Any]:
+    value: Any
+    if "asDouble" in point:
+        value = _number(point["asDouble"])
+    elif "asInt" in point:
+        value = _number(point["asInt"])
+    else:
+        value = {
+            "count": _number(point.get("count", 0)),
+            "sum": _number(point.get("sum", 0)),
+            "min": _number(point.get("min")) if point.get("min") is not None else None,
+            "max": _number(point.get("max")) if point.get("max") is not None else None,
+        }
+    time_nanos = _number(point.get("timeUnixNano", 0))
+    return {
+        "name": str(metric.get("name") or ""),
+        "description": str(metric.get("description") or ""),
+        "unit": str(metric.get("unit") or ""),
+        "type": kind,
+        "value": value,
+        "attributes": otlp_attributes(point.get("attributes")),
+        "time_unix_nano": time_nanos,
+        "service_name": service,
+        "worker_id": worker_id,
+        "timestamp": int(time_nanos // 1_000_000) if time_nanos else received,
+    }
+
+
+def _number(value: Any) -> float | int:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return 0
+
+
+def aggregate(points: list[dict[str, Any]], interval_s: float) -> list[dict[str, Any]]:
+    """Numeric points grouped by (name, interval): count, sum, avg, min, max."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    step = max(1, int(interval_s * 1000))
+    for point in points:
+        if isinstance(point["value"], dict):
+            continue
+        key = (point["name"], point["timestamp"] // step * step)
+        groups.setdefault(key, []).append(float(point["value"]))
+    return [
+        {
+            "name": name,
+            "interval_start": start,
+            "interval_seconds": interval_s,
+            "count": len(values),
+            "sum": sum(values),
+            "avg": sum(values) / len(values),
+            "min": min(values),
+            "max": max(values),
+        }
+        for (name, start), values in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0]))
+    ]
+
+
+class PrometheusCollector(Collector):
+    """Everything above as Prometheus metric families (collected per scrape)."""
+
+    def __init__(self, engine: Engine, metrics: EngineMetrics, extra: Any = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.extra = extra  # callable returning [(name, help, value)]
+
+    def collect(self) -> Iterator[Any]:
+        metrics, engine = self.metrics, self.engine
+        calls = CounterMetricFamily(
+            "iii_invocations", "Invocations by function and outcome", labels=["function_id", "status"]
+        )
+        errors = CounterMetricFamily(
+            "iii_invocation_errors", "Failed invocations by error code", labels=["function_id", "error_code"]
+        )
+        latency = HistogramMetricFamily(
+            "iii_invocation_duration_seconds", "Invocation latency", labels=["function_id"]
+        )
+        for function_id, stats in sorted(metrics.by_function.items()):
+            calls.add_metric([function_id, "ok"], stats.total - stats.errors)
+            calls.add_metric([function_id, "error"], stats.errors)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, BUCKETS), "+Inf"), stats.buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([function_id], buckets, stats.duration_sum)
+        for (function_id, code), count in sorted(metrics.by_error_code.items()):
+            errors.add_metric([function_id, code], count)
+        yield calls
+        yield errors
+        yield latency
+        yield CounterMetricFamily("iii_worker_connections", "Worker connections accepted", value=metrics.worker_spawns)
+        yield CounterMetricFamily("iii_worker_disconnections", "Worker connections ended", value=metrics.worker_deaths)
+        yield GaugeMetricFamily("iii_workers_active", "Workers connected now", value=len(engine.connections))
+        yield GaugeMetricFamily("iii_functions_registered", "Functions registered", value=len(engine.registry.functions))
+        yield GaugeMetricFamily("iii_pending_invocations", "Calls routed to workers, not answered yet", value=len(engine.pending))
+        yield GaugeMetricFamily("iii_inflight_calls", "Calls from workers being handled", value=engine.inflight)
+        yield GaugeMetricFamily("iii_open_sockets", "Sockets open on the worker port", value=engine.open_sockets)
+        frames = CounterMetricFamily("iii_telemetry_frames", "SDK telemetry frames received", labels=["kind"])
+        for kind, count in sorted(engine.telemetry.counts.items()):
+            frames.add_metric([kind], count)
+        yield frames
+        if self.extra is not None:
+            for name, help_text, value in self.extra():
+                yield GaugeMetricFamily(name, help_text, value=value)
+        yield from _module_statistics(engine)
+
+
+def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
+    """``iii_module_<name>_<field>`` for each number in a module's ``statistics()``."""
+    for name, module in sorted(engine.modules.items()):
+        statistics = getattr(module, "statistics", None)
+        if not callable(statistics):
+            continue
+        try:
+            snapshot = statistics()
+        except Exception:
+            continue
+        values = attrs.asdict(snapshot) if attrs.has(type(snapshot)) else snapshot
+        if not isinstance(values, dict):
+            continue
+        for field, value in sorted(values.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield GaugeMetricFamily(f"iii_module_{name}_{field}", f"{name} module: {field}", value=value)
