@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import attrs
 import orjson
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
@@ -31,6 +32,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 
 __all__ = [
     "SpanStore",
+    "StoredSpan",
     "MemorySpanProcessor",
     "span_to_json",
     "spans_from_otlp_json",
@@ -102,33 +104,57 @@ def span_to_json(span: ReadableSpan) -> dict[str, Any]:
     return out
 
 
+@attrs.define(slots=True, eq=False)
+class StoredSpan:
+    """A finished span; its JSON is built on first query (not on the hot path)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    span: ReadableSpan
+    _json: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, span: ReadableSpan) -> StoredSpan:
+        context = span.context
+        assert context is not None
+        parent = span.parent.span_id if span.parent is not None else 0
+        return cls(
+            format(context.trace_id, "032x"), format(context.span_id, "016x"), format(parent, "016x") if parent else None, span
+        )
+
+    def json(self) -> dict[str, Any]:
+        if self._json is None:
+            self._json = span_to_json(self.span)
+        return self._json
+
+
 class SpanStore:
     """A ring buffer of finished spans (oldest dropped) with upstream's queries."""
 
     def __init__(self, max_spans: int):
-        self.spans: deque[dict[str, Any]] = deque(maxlen=max(1, max_spans))
+        self.spans: deque[StoredSpan] = deque(maxlen=max(1, max_spans))
 
     def __len__(self) -> int:
         return len(self.spans)
 
-    def add(self, span: dict[str, Any]) -> None:
-        self.spans.append(span)
+    def add(self, span: ReadableSpan) -> None:
+        self.spans.append(StoredSpan.of(span))
 
     def clear(self) -> None:
         self.spans.clear()
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         trace_id = trace_id.lower()
-        return [s for s in self.spans if s["trace_id"] == trace_id]
+        return [s.json() for s in self.spans if s.trace_id == trace_id]
 
     def roots(self) -> Iterator[dict[str, Any]]:
         """Spans without a parent, or whose parent is not stored (e.g. a caller
         that does not export its spans): the entry points of the stored traces."""
-        present = {(s["trace_id"], s["span_id"]) for s in self.spans}
-        for span in self.spans:
-            parent = span.get("parent_span_id")
-            if parent is None or (span["trace_id"], parent) not in present:
-                yield span
+        present = {(s.trace_id, s.span_id) for s in self.spans}
+        for span in list(self.spans):
+            if span.parent_span_id is None or (span.trace_id, span.parent_span_id) not in present:
+                yield span.json()
 
     def tree(self, trace_id: str) -> list[dict[str, Any]]:
         spans = sorted(self.trace(trace_id), key=lambda s: s["start_time_unix_nano"])
@@ -161,7 +187,7 @@ class MemorySpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         if span.context is not None and span.context.trace_flags.sampled:
-            self.store.add(span_to_json(span))
+            self.store.add(span)
 
 
 # -- OTLP/JSON ingestion ------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""What tracing costs on the hot path: ``Engine.invoke`` of an engine function.
+
+Three runs in the same process, reported as ratios to the first:
+
+* ``noop``: the default tracer (one attribute check per call);
+* ``hook``: a tracer that is enabled but makes no spans (the cost of the hook
+  itself: one extra call level and a context manager);
+* ``otel``: the observability module's tracer, memory exporter, every call sampled.
+
+Run: ``python bench/bench_tracing.py [calls]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import trio
+
+from iii.modules.observability.metrics import EngineMetrics
+from iii.modules.observability.spans import MemorySpanProcessor, SpanStore
+from iii.modules.observability.tracer import OtelTracer
+from iii.testing import make_config, open_test_engine
+from iii.tracing import NOOP_TRACER, EngineTracer
+
+
+class HookOnly(EngineTracer):
+    enabled = True
+
+
+async def run(calls: int) -> dict[str, float]:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    provider.add_span_processor(MemorySpanProcessor(SpanStore(1000)))
+    tracers: dict[str, EngineTracer] = {
+        "noop": NOOP_TRACER,
+        "hook": HookOnly(),
+        "otel": OtelTracer(provider.get_tracer("bench"), EngineMetrics()),
+    }
+    results: dict[str, float] = {}
+    async with open_test_engine(make_config()) as engine:
+
+        async def echo(data: Any, ctx: Any) -> Any:
+            return data
+
+        engine.register_function("bench::echo", echo)
+        for _ in range(2):  # the second round is the one reported (warm)
+            for name, tracer in tracers.items():
+                engine.tracer = tracer
+                started = time.perf_counter()
+                for _ in range(calls):
+                    await engine.invoke("bench::echo", 1)
+                results[name] = (time.perf_counter() - started) / calls
+        engine.tracer = NOOP_TRACER
+    return results
+
+
+def main() -> None:
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    results = trio.run(run, calls)
+    base = results["noop"]
+    for name, seconds in results.items():
+        print(f"{name:5s} {seconds * 1e6:8.2f} us/call  x{seconds / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
