@@ -30,7 +30,14 @@ import attrs
 from iii.config import AuthConfig, TlsConfig
 from iii.errors import ConfigError
 
-__all__ = ["Authenticator", "Grant", "ALLOW_ALL", "AuthRefusal", "server_ssl_context", "ALWAYS_INVOKABLE"]
+__all__ = [
+    "Authenticator",
+    "Grant",
+    "ALLOW_ALL",
+    "AuthRefusal",
+    "server_ssl_context",
+    "ALWAYS_INVOKABLE",
+]
 
 # Every SDK calls this at connect to report its metadata; refusing it would
 # only lose the worker's name in ``engine::workers::list``.

@@ -82,7 +82,9 @@ async def probe(port: int, function_id: str, data: Any = None) -> str:
     return "result" if "error" not in answer else answer["error"]["code"]
 
 
-async def recovered(engine: EngineProcess, workers: dict[str, Any], started: float) -> dict[str, float]:
+async def recovered(
+    engine: EngineProcess, workers: dict[str, Any], started: float
+) -> dict[str, float]:
     """Seconds from ``started`` until the port is open, every function answers, every trigger fires."""
     times: dict[str, float] = {}
     with trio.fail_after(60):
@@ -96,7 +98,10 @@ async def recovered(engine: EngineProcess, workers: dict[str, Any], started: flo
         for version, level in (("0.25.0", "warn"), ("0.4.1", "error")):
             # The trigger is back once the worker has re-registered it: retry until it fires.
             while True:
-                assert await probe(engine.port, f"engine::log::{level}", {"message": marker}) == "result"
+                assert (
+                    await probe(engine.port, f"engine::log::{level}", {"message": marker})
+                    == "result"
+                )
                 with trio.move_on_after(0.5):
                     await workers[version].wait_for(f"LOG {marker}")
                     break
@@ -104,10 +109,15 @@ async def recovered(engine: EngineProcess, workers: dict[str, Any], started: flo
     return times
 
 
-async def test_engine_killed_and_restarted_under_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_engine_killed_and_restarted_under_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = {
         "modules": [
-            {"class": "modules::observability::OtelModule", "config": {"exporter": "memory", "prometheus_enabled": False}}
+            {
+                "class": "modules::observability::OtelModule",
+                "config": {"exporter": "memory", "prometheus_enabled": False},
+            }
         ],
         "shutdown_grace_ms": 2000,
     }
@@ -117,9 +127,10 @@ async def test_engine_killed_and_restarted_under_load(tmp_path: Path, capsys: py
     phase = "before"
     try:
         await engine.started()
-        async with start_sdk_worker("0.25.0", WORKER_025, url=engine.url) as w025, start_sdk_worker(
-            "0.4.1", WORKER_041, url=engine.url
-        ) as w041:
+        async with (
+            start_sdk_worker("0.25.0", WORKER_025, url=engine.url) as w025,
+            start_sdk_worker("0.4.1", WORKER_041, url=engine.url) as w041,
+        ):
             workers = {"0.25.0": w025, "0.4.1": w041}
             await w025.wait_for("READY", timeout=40)
             await w041.wait_for("READY", timeout=40)
@@ -160,9 +171,13 @@ async def test_engine_killed_and_restarted_under_load(tmp_path: Path, capsys: py
     finally:
         engine.kill()
     with capsys.disabled():
-        print(f"\nfirst start (from workers ready): {json.dumps({k: round(v, 2) for k, v in baseline.items()})}")
+        print(
+            f"\nfirst start (from workers ready): {json.dumps({k: round(v, 2) for k, v in baseline.items()})}"
+        )
         for name, times in figures.items():
-            print(f"restart after {name}: " + json.dumps({k: round(v, 2) for k, v in times.items()}))
+            print(
+                f"restart after {name}: " + json.dumps({k: round(v, 2) for k, v in times.items()})
+            )
         print("calls by phase: " + json.dumps({k: dict(v) for k, v in outcomes.items()}))
     # Once recovered, every call is answered with a result.
     for steady in ("before", "after kill", "after stop"):

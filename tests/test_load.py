@@ -44,12 +44,19 @@ FLOOD = 96
 
 
 @asynccontextmanager
-async def loopback_worker(port: int, *, message_queue_size: int = 1) -> AsyncIterator[tuple[RawWorker, trio.SocketStream]]:
+async def loopback_worker(
+    port: int, *, message_queue_size: int = 1
+) -> AsyncIterator[tuple[RawWorker, trio.SocketStream]]:
     """A raw worker over a TCP socket this helper owns (and always closes)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(
-            nursery, stream, "127.0.0.1", "/", message_queue_size=message_queue_size, max_message_size=64 * 2**20
+            nursery,
+            stream,
+            "127.0.0.1",
+            "/",
+            message_queue_size=message_queue_size,
+            max_message_size=64 * 2**20,
         )
         worker = RawWorker(ws)
         registered = await worker.receive(timeout=10)
@@ -76,7 +83,9 @@ def trio_task_count() -> int:
     return count
 
 
-async def answer_calls(worker: RawWorker, *, drop_after: float | None = None, delay: float = 0.0) -> None:
+async def answer_calls(
+    worker: RawWorker, *, drop_after: float | None = None, delay: float = 0.0
+) -> None:
     """Answer invocations until cancelled (or, with ``drop_after``, stop reading)."""
     rng = random.Random()
     while True:
@@ -99,7 +108,9 @@ async def answer_calls(worker: RawWorker, *, drop_after: float | None = None, de
             return
 
 
-async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_soak_churning_workers_and_continuous_callers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     config = make_config(invocation_timeout_ms=int(INVOCATION_TIMEOUT * 1000))
     outcomes: collections.Counter[str] = collections.Counter()
     connects = collections.Counter[str]()
@@ -110,7 +121,9 @@ async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.Captu
         port = engine.listen_port
         assert port is not None
 
-        async def stable(index: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def stable(
+            index: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
             async with loopback_worker(port) as (worker, _):
                 await worker.send({"type": "registerfunction", "id": f"soak::f{index}"})
                 await worker.call("engine::functions::list", {})
@@ -122,7 +135,9 @@ async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.Captu
             while not stop.is_set():
                 async with loopback_worker(port) as (worker, stream):
                     connects["churn"] += 1
-                    await worker.send({"type": "registerfunction", "id": f"soak::f{index % FUNCTIONS}"})
+                    await worker.send(
+                        {"type": "registerfunction", "id": f"soak::f{index % FUNCTIONS}"}
+                    )
                     with trio.move_on_after(rng.uniform(0.05, 0.4)):
                         await answer_calls(worker, delay=0.02)
                     if rng.random() < 0.2:
@@ -138,7 +153,9 @@ async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.Captu
                 while not stop.is_set():
                     function_id = f"soak::f{rng.randrange(FUNCTIONS)}"
                     try:
-                        answer = await worker.call(function_id, {"i": index}, timeout=INVOCATION_TIMEOUT + 10)
+                        answer = await worker.call(
+                            function_id, {"i": index}, timeout=INVOCATION_TIMEOUT + 10
+                        )
                     except trio.TooSlowError:
                         outcomes["unanswered"] += 1
                         continue
@@ -172,13 +189,23 @@ async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.Captu
         with trio.fail_after(10):
             while engine.connections or len(engine.pending) or engine.inflight:
                 await trio.sleep(0.05)
-        leftovers = {fid: entry for fid, entry in engine.registry.functions.items() if fid.startswith("soak::")}
+        leftovers = {
+            fid: entry
+            for fid, entry in engine.registry.functions.items()
+            if fid.startswith("soak::")
+        }
 
     third = SOAK_SECONDS / 3
     first = [s for s in samples if s[0] <= third]
     last = [s for s in samples if s[0] >= 2 * third]
-    tasks_first, tasks_last = statistics.mean(s[1] for s in first), statistics.mean(s[1] for s in last)
-    rss_first, rss_last = statistics.median(s[2] for s in first), statistics.median(s[2] for s in last)
+    tasks_first, tasks_last = (
+        statistics.mean(s[1] for s in first),
+        statistics.mean(s[1] for s in last),
+    )
+    rss_first, rss_last = (
+        statistics.median(s[2] for s in first),
+        statistics.median(s[2] for s in last),
+    )
     with capsys.disabled():
         print(
             f"\nsoak {SOAK_SECONDS:g}s: {sum(outcomes.values())} calls {dict(outcomes)}; "
@@ -195,15 +222,20 @@ async def test_soak_churning_workers_and_continuous_callers(capsys: pytest.Captu
     assert rss_last - rss_first < 32 * 2**20
 
 
-async def test_slow_consumer_is_dropped_without_blocking_others(caplog: pytest.LogCaptureFixture) -> None:
+async def test_slow_consumer_is_dropped_without_blocking_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     config = make_config(send_queue_size=8, slow_consumer_timeout_ms=500)
     payload = {"blob": "x" * (256 * 1024)}
     async with open_test_engine(config) as engine:
         port = engine.listen_port
         assert port is not None
-        async with loopback_worker(port) as (slow, _), loopback_worker(port) as (fast, _), loopback_worker(
-            port
-        ) as (caller, _), loopback_worker(port) as (other_caller, _):
+        async with (
+            loopback_worker(port) as (slow, _),
+            loopback_worker(port) as (fast, _),
+            loopback_worker(port) as (caller, _),
+            loopback_worker(port) as (other_caller, _),
+        ):
             await slow.send({"type": "registerfunction", "id": "slow::f"})
             await fast.send({"type": "registerfunction", "id": "fast::f"})
             await caller.call("engine::functions::list", {})
@@ -248,5 +280,6 @@ async def test_slow_consumer_is_dropped_without_blocking_others(caplog: pytest.L
         assert fast_answers > 0
         assert any("slow consumer" in record.getMessage() for record in caplog.records)
         assert "slow::f" not in engine.registry.functions
-        print(f"\nslow consumer: {dict(slow_outcomes)} of {FLOOD} calls of 256 KiB; {fast_answers} fast calls answered meanwhile")
-
+        print(
+            f"\nslow consumer: {dict(slow_outcomes)} of {FLOOD} calls of 256 KiB; {fast_answers} fast calls answered meanwhile"
+        )

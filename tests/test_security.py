@@ -100,7 +100,9 @@ async def upgrade_status(port: int, path: str = "/", token: str | None = None) -
         headers.append(("Authorization", f"Bearer {token}"))
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(connection.send(h11.Request(method="GET", target=path, headers=headers)))
+        await stream.send_all(
+            connection.send(h11.Request(method="GET", target=path, headers=headers))
+        )
         status, body = 0, b""
         with trio.fail_after(5):
             while True:
@@ -120,7 +122,9 @@ async def upgrade_status(port: int, path: str = "/", token: str | None = None) -
                     return status, body
 
 
-async def wait_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 10) -> logging.LogRecord:
+async def wait_log(
+    caplog: pytest.LogCaptureFixture, text: str, timeout: float = 10
+) -> logging.LogRecord:
     with trio.fail_after(timeout):
         while True:
             for record in caplog.records:
@@ -133,18 +137,28 @@ async def wait_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float =
 
 
 def test_token_secret_comes_from_the_environment() -> None:
-    config = parse_config({"auth": AUTH}, env={"III_TEST_TOKEN_ADMIN": TOKEN_ADMIN, "III_TEST_TOKEN_LIMITED": TOKEN_LIMITED})
+    config = parse_config(
+        {"auth": AUTH},
+        env={"III_TEST_TOKEN_ADMIN": TOKEN_ADMIN, "III_TEST_TOKEN_LIMITED": TOKEN_LIMITED},
+    )
     assert [t.secret for t in config.auth.tokens] == [TOKEN_ADMIN, TOKEN_LIMITED]
     assert TOKEN_ADMIN not in repr(config)
     with pytest.raises(ConfigError, match="III_TEST_TOKEN_LIMITED .* not set") as info:
         parse_config({"auth": AUTH}, env={"III_TEST_TOKEN_ADMIN": TOKEN_ADMIN})
     assert info.value.key == "auth.tokens[1].env"
     with pytest.raises(ConfigError, match="at least 16"):
-        parse_config({"auth": AUTH}, env={"III_TEST_TOKEN_ADMIN": "short", "III_TEST_TOKEN_LIMITED": TOKEN_LIMITED})
+        parse_config(
+            {"auth": AUTH},
+            env={"III_TEST_TOKEN_ADMIN": "short", "III_TEST_TOKEN_LIMITED": TOKEN_LIMITED},
+        )
     with pytest.raises(ConfigError, match="unknown key: secret"):
-        parse_config({"auth": {"tokens": [{"env": "X", "secret": TOKEN_ADMIN}]}}, env={"X": TOKEN_ADMIN})
+        parse_config(
+            {"auth": {"tokens": [{"env": "X", "secret": TOKEN_ADMIN}]}}, env={"X": TOKEN_ADMIN}
+        )
     with pytest.raises(ConfigError, match="list of strings"):
-        parse_config({"auth": {"tokens": [{"env": "X", "invoke": "mine::*"}]}}, env={"X": TOKEN_ADMIN})
+        parse_config(
+            {"auth": {"tokens": [{"env": "X", "invoke": "mine::*"}]}}, env={"X": TOKEN_ADMIN}
+        )
 
 
 def test_tls_needs_both_files(tmp_path: Any) -> None:
@@ -165,7 +179,10 @@ async def test_upgrade_without_valid_token_is_refused_and_logged(
     async with open_test_engine(make_config(auth=AUTH)) as engine:
         port = engine.listen_port
         assert port is not None
-        for token, reason in ((None, "no Authorization header"), ("wrong-token-0123456789", "unknown bearer token")):
+        for token, reason in (
+            (None, "no Authorization header"),
+            ("wrong-token-0123456789", "unknown bearer token"),
+        ):
             for path in ("/", "/otel"):
                 status, body = await upgrade_status(port, path, token)
                 assert (status, body) == (401, b"Unauthorized")
@@ -183,7 +200,10 @@ async def test_upgrade_without_valid_token_is_refused_and_logged(
         channel = engine.channels.create(4)
         ref = channel.ref("write")
         async with open_websocket(
-            "127.0.0.1", port, f"/ws/channels/{ref['channel_id']}?key={ref['access_key']}&dir=write", use_ssl=False
+            "127.0.0.1",
+            port,
+            f"/ws/channels/{ref['channel_id']}?key={ref['access_key']}&dir=write",
+            use_ssl=False,
         ) as ws:
             await ws.send_message(b"data")
 
@@ -192,7 +212,10 @@ async def test_grant_limits_what_a_worker_may_do(tokens: None) -> None:
     async with open_test_engine(make_config(auth=AUTH)) as engine:
         port = engine.listen_port
         assert port is not None
-        async with raw_worker(port, TOKEN_ADMIN) as admin, raw_worker(port, TOKEN_LIMITED) as limited:
+        async with (
+            raw_worker(port, TOKEN_ADMIN) as admin,
+            raw_worker(port, TOKEN_LIMITED) as limited,
+        ):
             # The admin provides functions and a trigger type.
             for function_id in ("shared::echo", "secret::echo"):
                 await admin.send({"type": "registerfunction", "id": function_id})
@@ -234,7 +257,10 @@ async def test_grant_limits_what_a_worker_may_do(tokens: None) -> None:
             assert answer["result"] == {"got": 2}
 
             # Triggers: the type must be allowed and the function invokable.
-            cases = [("other", "mine::fn", "trigger type other"), ("hook", "secret::echo", "secret::echo")]
+            cases = [
+                ("other", "mine::fn", "trigger type other"),
+                ("hook", "secret::echo", "secret::echo"),
+            ]
             for trigger_type, function_id, reason in cases:
                 trigger_id = str(uuid.uuid4())
                 await limited.send(
@@ -248,10 +274,19 @@ async def test_grant_limits_what_a_worker_may_do(tokens: None) -> None:
                 )
                 refused = await limited.receive_type("triggerregistrationresult")
                 assert refused["id"] == trigger_id
-                assert refused["error"]["code"] == "forbidden" and reason in refused["error"]["message"]
+                assert (
+                    refused["error"]["code"] == "forbidden"
+                    and reason in refused["error"]["message"]
+                )
             trigger_id = str(uuid.uuid4())
             await limited.send(
-                {"type": "registertrigger", "id": trigger_id, "trigger_type": "hook", "function_id": "mine::fn", "config": {"a": 1}}
+                {
+                    "type": "registertrigger",
+                    "id": trigger_id,
+                    "trigger_type": "hook",
+                    "function_id": "mine::fn",
+                    "config": {"a": 1},
+                }
             )
             forwarded = await admin.receive_type("registertrigger")
             assert forwarded["id"] == trigger_id and forwarded["function_id"] == "mine::fn"
@@ -276,14 +311,20 @@ async def wait_function(engine: Any, function_id: str, timeout: float = 30) -> N
 
 
 @pytest.mark.sdk
-async def test_sdk_025_authenticates_with_iii_token(tokens: None, caplog: pytest.LogCaptureFixture) -> None:
+async def test_sdk_025_authenticates_with_iii_token(
+    tokens: None, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="iii.listener")
     async with open_test_engine(make_config(auth=AUTH)) as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.25.0", WORKER_025, url=url, env={"III_TOKEN": "not-the-right-token-123"}):
+        async with start_sdk_worker(
+            "0.25.0", WORKER_025, url=url, env={"III_TOKEN": "not-the-right-token-123"}
+        ):
             await wait_log(caplog, "refused / upgrade from 127.0.0.1", timeout=30)
             assert "secure::ping" not in engine.registry.functions
-        async with start_sdk_worker("0.25.0", WORKER_025, url=url, env={"III_TOKEN": TOKEN_ADMIN}) as worker:
+        async with start_sdk_worker(
+            "0.25.0", WORKER_025, url=url, env={"III_TOKEN": TOKEN_ADMIN}
+        ) as worker:
             await worker.wait_for("READY", timeout=40)
             await wait_function(engine, "secure::ping")
             assert await engine.invoke("secure::ping", {"n": 7}) == {"pong": 7}
@@ -337,7 +378,9 @@ async def test_sdk_025_over_wss(tls_files: tuple[trustme.CA, dict[str, str]]) ->
     config = make_config(tls={"cert": files["cert"], "key": files["key"]})
     async with open_test_engine(config) as engine:
         url = f"wss://localhost:{engine.listen_port}"
-        async with start_sdk_worker("0.25.0", WORKER_025, url=url, env={"SSL_CERT_FILE": files["ca"]}) as worker:
+        async with start_sdk_worker(
+            "0.25.0", WORKER_025, url=url, env={"SSL_CERT_FILE": files["ca"]}
+        ) as worker:
             await worker.wait_for("READY", timeout=40)
             await wait_function(engine, "secure::ping")
             assert await engine.invoke("secure::ping", {"n": 3}) == {"pong": 3}
@@ -394,13 +437,20 @@ async def test_pending_invocations_per_worker_are_capped() -> None:
             ids = [str(uuid.uuid4()) for _ in range(3)]
             for invocation_id in ids:
                 await caller.send(
-                    {"type": "invokefunction", "function_id": "test::slow", "data": {}, "invocation_id": invocation_id}
+                    {
+                        "type": "invokefunction",
+                        "function_id": "test::slow",
+                        "data": {},
+                        "invocation_id": invocation_id,
+                    }
                 )
             refused = await caller.receive_type("invocationresult")
             assert refused["invocation_id"] == ids[2]
             assert refused["error"]["code"] == "too_many_pending_invocations"
             release.set()
-            answers = {(await caller.receive_type("invocationresult"))["invocation_id"] for _ in range(2)}
+            answers = {
+                (await caller.receive_type("invocationresult"))["invocation_id"] for _ in range(2)
+            }
             assert answers == set(ids[:2])
             # Under the limit again: calls go through.
             assert (await caller.call("test::slow", {}))["result"] == "done"
@@ -414,4 +464,3 @@ async def test_handshake_timeout_closes_a_silent_socket() -> None:
             while await stream.receive_some(1024):
                 pass
         await stream.aclose()
-

@@ -53,13 +53,19 @@ def installed_unit(tmp_path: Path, text: str | None = None) -> Path:
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     analyze = systemd_analyze()
     unit = installed_unit(tmp_path)
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert str(unit) not in result.stdout + result.stderr, result.stderr
     # The same check on a broken copy complains (so the check above can fail).
     (tmp_path / "broken").mkdir()
-    broken = installed_unit(tmp_path / "broken", UNIT.read_text().replace("WatchdogSec=", "WatchdogSecs="))
-    result = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    broken = installed_unit(
+        tmp_path / "broken", UNIT.read_text().replace("WatchdogSec=", "WatchdogSecs=")
+    )
+    result = subprocess.run(
+        [analyze, "verify", str(broken)], capture_output=True, text=True, timeout=60
+    )
     assert "Unknown key 'WatchdogSecs'" in result.stderr
 
 
@@ -85,7 +91,9 @@ def test_unit_settings(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    match = re.search(r"Overall exposure level for iii\.service: ([\d.]+)", result.stdout + result.stderr)
+    match = re.search(
+        r"Overall exposure level for iii\.service: ([\d.]+)", result.stdout + result.stderr
+    )
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0  # "OK" on systemd's 0-10 scale
 
@@ -94,12 +102,16 @@ def test_notifier_reads_the_environment() -> None:
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": "@abstract", "WATCHDOG_USEC": "2000000"})
     assert notifier.address == "\0abstract" and notifier.watchdog_interval == 1.0
     # WATCHDOG_PID naming another process: the watchdog is not ours.
-    other = Notifier.from_environ({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
+    other = Notifier.from_environ(
+        {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}
+    )
     assert other.watchdog_interval is None
     assert not Notifier.from_environ({}).enabled
 
 
-async def test_ready_watchdog_stopping_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ready_watchdog_stopping_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sock_path = tmp_path / "notify.sock"
     receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await receiver.bind(str(sock_path))

@@ -101,7 +101,13 @@ async def test_invocation_span_is_child_of_caller_and_target_gets_its_context() 
             seen: list[dict[str, Any]] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_calls, target, seen)
-                await ok(caller, "obs::work", {"n": 1}, traceparent=TRACEPARENT, baggage="tenant=acme,x=1")
+                await ok(
+                    caller,
+                    "obs::work",
+                    {"n": 1},
+                    traceparent=TRACEPARENT,
+                    baggage="tenant=acme,x=1",
+                )
                 failed = await caller.call("obs::work", {"fail": True}, traceparent=TRACEPARENT)
                 assert failed["error"]["code"] == "boom"
                 nursery.cancel_scope.cancel()
@@ -121,7 +127,9 @@ async def test_invocation_span_is_child_of_caller_and_target_gets_its_context() 
             assert attrs_["function_id"] == "obs::work"
             assert attrs_["iii.worker.id"] == target.worker_id
             assert attrs_["iii.caller.worker_id"] == caller.worker_id
-            failed_span = next(s for s in tree["roots"] if s["span_id"] == seen[1]["traceparent"].split("-")[2])
+            failed_span = next(
+                s for s in tree["roots"] if s["span_id"] == seen[1]["traceparent"].split("-")[2]
+            )
             assert failed_span["status"] == "error"
             assert attributes(failed_span)["iii.error.code"] == "boom"
 
@@ -144,9 +152,13 @@ async def test_traces_list_filters_tree_and_clear() -> None:
             assert [span["name"] for span in listed["spans"]] == ["call obs::outer"]
             everything = await ok(worker, "engine::traces::list", {"include_internal": True})
             assert any(span["name"].startswith("call engine::") for span in everything["spans"])
-            assert (await ok(worker, "engine::traces::list", {"name": "nothing-like-it"}))["total"] == 0
+            assert (await ok(worker, "engine::traces::list", {"name": "nothing-like-it"}))[
+                "total"
+            ] == 0
             assert (await ok(worker, "engine::traces::list", {"status": "ERR"}))["total"] == 0
-            filtered = await ok(worker, "engine::traces::list", {"attributes": [["function_id", "obs::outer"]]})
+            filtered = await ok(
+                worker, "engine::traces::list", {"attributes": [["function_id", "obs::outer"]]}
+            )
             assert filtered["total"] == 1
             trace_id = listed["spans"][0]["trace_id"]
             tree = await ok(worker, "engine::traces::tree", {"trace_id": trace_id})
@@ -171,7 +183,9 @@ async def test_sampling_ratio_zero_stores_no_spans_but_counts_metrics() -> None:
                 nursery.cancel_scope.cancel()
             # "Not sampled" travels on (the sampled bit of the trace flags is off).
             assert int(seen[0]["traceparent"].split("-")[3], 16) & 1 == 0
-            assert (await ok(caller, "engine::traces::list", {"include_internal": True}))["total"] == 0
+            assert (await ok(caller, "engine::traces::list", {"include_internal": True}))[
+                "total"
+            ] == 0
             metrics = await ok(caller, "engine::metrics::list", {})
             assert metrics["engine_metrics"]["invocations"]["by_function"]["obs::work"] == 1
 
@@ -191,12 +205,24 @@ async def test_sampling_rules() -> None:
             names = [s["name"] for s in (await ok(worker, "engine::traces::list", {}))["spans"]]
             assert names == ["call obs::quiet"]
             rules = await ok(worker, "engine::sampling::rules")
-            assert rules["traces"]["rules"] == [{"operation": "call obs::noisy*", "service": "*", "rate": 0.0}]
+            assert rules["traces"]["rules"] == [
+                {"operation": "call obs::noisy*", "service": "*", "rate": 0.0}
+            ]
 
 
 async def test_memory_functions_need_the_memory_exporter() -> None:
     config = make_config(
-        modules=[{"class": OTEL, "config": {"enabled": True, "exporter": "otlp", "endpoint": "http://127.0.0.1:9", "prometheus_enabled": False}}]
+        modules=[
+            {
+                "class": OTEL,
+                "config": {
+                    "enabled": True,
+                    "exporter": "otlp",
+                    "endpoint": "http://127.0.0.1:9",
+                    "prometheus_enabled": False,
+                },
+            }
+        ]
     )
     async with open_test_engine(config) as engine, connect_test_worker(engine) as worker:
         answer = await worker.call("engine::traces::list", {})
@@ -216,12 +242,27 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
         async with connect_test_worker(engine) as worker, connect_test_worker(engine) as handler:
             await handler.send({"type": "registerfunction", "id": "obs::on_warn"})
             await handler.send({"type": "registerfunction", "id": "obs::on_any"})
-            for trigger_id, function_id, level in (("t1", "obs::on_warn", "warn"), ("t2", "obs::on_any", "all")):
+            for trigger_id, function_id, level in (
+                ("t1", "obs::on_warn", "warn"),
+                ("t2", "obs::on_any", "all"),
+            ):
                 await handler.send(
-                    {"type": "registertrigger", "id": trigger_id, "trigger_type": "log", "function_id": function_id, "config": {"level": level}}
+                    {
+                        "type": "registertrigger",
+                        "id": trigger_id,
+                        "trigger_type": "log",
+                        "function_id": function_id,
+                        "config": {"level": level},
+                    }
                 )
             await handler.send(
-                {"type": "registertrigger", "id": "t3", "trigger_type": "log", "function_id": "obs::on_any", "config": {"level": "loud"}}
+                {
+                    "type": "registertrigger",
+                    "id": "t3",
+                    "trigger_type": "log",
+                    "function_id": "obs::on_any",
+                    "config": {"level": "loud"},
+                }
             )
             refused = await handler.receive_type("triggerregistrationresult")
             assert refused["id"] == "t3" and "level" in refused["error"]["message"]
@@ -229,7 +270,11 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
             seen: list[dict[str, Any]] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_calls, handler, seen)
-                await ok(worker, "engine::log::warn", {"message": "disk low", "data": {"free": 3}, "service_name": "svc"})
+                await ok(
+                    worker,
+                    "engine::log::warn",
+                    {"message": "disk low", "data": {"free": 3}, "service_name": "svc"},
+                )
                 await ok(worker, "engine::log::debug", {"message": "details"})
                 ours = ("disk low", "details")
 
@@ -238,7 +283,9 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
                     by_function: dict[str, list[str]] = {}
                     for message in seen:
                         if message["data"]["body"] in ours:
-                            by_function.setdefault(message["function_id"], []).append(message["data"]["body"])
+                            by_function.setdefault(message["function_id"], []).append(
+                                message["data"]["body"]
+                            )
                     return by_function
 
                 with trio.fail_after(10):
@@ -246,23 +293,35 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
                         await trio.sleep(0.02)
                 nursery.cancel_scope.cancel()
             by_function = delivered()
-            assert any("refused" in m["data"]["body"] for m in seen if m["function_id"] == "obs::on_warn")
+            assert any(
+                "refused" in m["data"]["body"] for m in seen if m["function_id"] == "obs::on_warn"
+            )
             assert by_function["obs::on_warn"] == ["disk low"]
             assert sorted(by_function["obs::on_any"]) == ["details", "disk low"]
-            payload = next(m["data"] for m in seen if m["function_id"] == "obs::on_warn" and m["data"]["body"] == "disk low")
+            payload = next(
+                m["data"]
+                for m in seen
+                if m["function_id"] == "obs::on_warn" and m["data"]["body"] == "disk low"
+            )
             assert payload["severity_text"] == "WARN" and payload["severity_number"] == 13
             assert payload["attributes"] == {"free": 3} and payload["service_name"] == "svc"
             assert "_caller_worker_id" not in payload  # trigger payloads arrive as published
 
             logs = await ok(worker, "engine::logs::list", {"severity_min": 13})
-            assert [entry["body"] for entry in logs["logs"] if entry["service_name"] == "svc"] == ["disk low"]
+            assert [entry["body"] for entry in logs["logs"] if entry["service_name"] == "svc"] == [
+                "disk low"
+            ]
             # The log carries the trace of the engine::log call that made it.
             entry = next(e for e in logs["logs"] if e["body"] == "disk low")
             assert len(entry["trace_id"]) == 32 and len(entry["span_id"]) == 16
-            assert any("disk low" in r.getMessage() for r in caplog.records if r.name == "iii.worker_log")
+            assert any(
+                "disk low" in r.getMessage() for r in caplog.records if r.name == "iii.worker_log"
+            )
 
             # The engine's own log records land in the store too.
-            await worker.send({"type": "invokefunction", "function_id": "nope::missing", "data": {}})
+            await worker.send(
+                {"type": "invokefunction", "function_id": "nope::missing", "data": {}}
+            )
             with trio.fail_after(10):
                 while True:
                     logs = await ok(worker, "engine::logs::list", {})
@@ -272,7 +331,10 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
                     await trio.sleep(0.05)
             assert engine_logs[0]["attributes"]["logger"] == "iii.worker_conn"
             assert await ok(worker, "engine::logs::clear") == {"success": True}
-            assert all("disk low" != e["body"] for e in (await ok(worker, "engine::logs::list", {}))["logs"])
+            assert all(
+                "disk low" != e["body"]
+                for e in (await ok(worker, "engine::logs::list", {}))["logs"]
+            )
 
 
 # -- SDK telemetry ingestion -----------------------------------------------------------------
@@ -286,7 +348,10 @@ def otlp_span(trace: str, span: str, parent: str | None, name: str) -> dict[str,
         "kind": 2,
         "startTimeUnixNano": "1700000000000000000",
         "endTimeUnixNano": "1700000000500000000",
-        "attributes": [{"key": "function_id", "value": {"stringValue": "sdk::fn"}}, {"key": "n", "value": {"intValue": "3"}}],
+        "attributes": [
+            {"key": "function_id", "value": {"stringValue": "sdk::fn"}},
+            {"key": "n", "value": {"intValue": "3"}},
+        ],
         "status": {"code": 1},
     }
     if parent:
@@ -298,8 +363,12 @@ def otlp_frame(*spans: dict[str, Any], service: str = "sdk-worker") -> bytes:
     body = {
         "resourceSpans": [
             {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
-                "scopeSpans": [{"scope": {"name": "iii-py", "version": "0.25.0"}, "spans": list(spans)}],
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": service}}]
+                },
+                "scopeSpans": [
+                    {"scope": {"name": "iii-py", "version": "0.25.0"}, "spans": list(spans)}
+                ],
             }
         ]
     }
@@ -308,16 +377,25 @@ def otlp_frame(*spans: dict[str, Any], service: str = "sdk-worker") -> bytes:
 
 async def test_sdk_frames_land_in_the_same_stores() -> None:
     async with open_test_engine(otel_config()) as engine:
-        async with connect_test_worker(engine) as worker, connect_test_worker(engine, "/otel") as otel:
+        async with (
+            connect_test_worker(engine) as worker,
+            connect_test_worker(engine, "/otel") as otel,
+        ):
             await ok(worker, "engine::functions::list")
             await otel.send(otlp_frame(otlp_span(TRACE, "1111111111111111", None, "sdk root")))
             # The same kind of frame on the worker socket, with a child span.
-            await worker.send(otlp_frame(otlp_span(TRACE, "2222222222222222", "1111111111111111", "sdk child")))
+            await worker.send(
+                otlp_frame(otlp_span(TRACE, "2222222222222222", "1111111111111111", "sdk child"))
+            )
             await otel.send(b"OTLP{not json")  # logged and dropped
             logs = {
                 "resourceLogs": [
                     {
-                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "sdk-worker"}}]},
+                        "resource": {
+                            "attributes": [
+                                {"key": "service.name", "value": {"stringValue": "sdk-worker"}}
+                            ]
+                        },
                         "scopeLogs": [
                             {
                                 "scope": {"name": "iii"},
@@ -340,14 +418,25 @@ async def test_sdk_frames_land_in_the_same_stores() -> None:
             metrics = {
                 "resourceMetrics": [
                     {
-                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "sdk-worker"}}]},
+                        "resource": {
+                            "attributes": [
+                                {"key": "service.name", "value": {"stringValue": "sdk-worker"}}
+                            ]
+                        },
                         "scopeMetrics": [
                             {
                                 "metrics": [
                                     {
                                         "name": "worker.cpu",
                                         "unit": "%",
-                                        "gauge": {"dataPoints": [{"asDouble": 12.5, "timeUnixNano": str(time.time_ns())}]},
+                                        "gauge": {
+                                            "dataPoints": [
+                                                {
+                                                    "asDouble": 12.5,
+                                                    "timeUnixNano": str(time.time_ns()),
+                                                }
+                                            ]
+                                        },
                                     }
                                 ]
                             }
@@ -421,16 +510,39 @@ async def test_metrics_list_and_prometheus_endpoint() -> None:
             port = engine.modules["observability"].prometheus_port
             status, headers, body = await http_get(port, "/metrics")
             assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-            families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+            families = {
+                family.name: family for family in text_string_to_metric_families(body.decode())
+            }
             samples = {
                 (sample.name, tuple(sorted(sample.labels.items()))): sample.value
                 for family in families.values()
                 for sample in family.samples
             }
-            assert samples[("iii_invocations_total", (("function_id", "obs::flaky"), ("status", "ok")))] == 2
-            assert samples[("iii_invocations_total", (("function_id", "obs::flaky"), ("status", "error")))] == 1
-            assert samples[("iii_invocation_errors_total", (("error_code", "flaky_failed"), ("function_id", "obs::flaky")))] == 1
-            assert samples[("iii_invocation_duration_seconds_count", (("function_id", "obs::flaky"),))] == 3
+            assert (
+                samples[
+                    ("iii_invocations_total", (("function_id", "obs::flaky"), ("status", "ok")))
+                ]
+                == 2
+            )
+            assert (
+                samples[
+                    ("iii_invocations_total", (("function_id", "obs::flaky"), ("status", "error")))
+                ]
+                == 1
+            )
+            assert (
+                samples[
+                    (
+                        "iii_invocation_errors_total",
+                        (("error_code", "flaky_failed"), ("function_id", "obs::flaky")),
+                    )
+                ]
+                == 1
+            )
+            assert (
+                samples[("iii_invocation_duration_seconds_count", (("function_id", "obs::flaky"),))]
+                == 3
+            )
             assert samples[("iii_workers_active", ())] == 1
             assert ("iii_module_observability_logs_stored", ()) in samples
             assert (await http_get(port, "/other"))[0] == 404
@@ -451,7 +563,12 @@ class Received:
                 request.ParseFromString(body)
                 for resource_spans in request.resource_spans:
                     service = next(
-                        (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                        (
+                            a.value.string_value
+                            for a in resource_spans.resource.attributes
+                            if a.key == "service.name"
+                        ),
+                        "",
                     )
                     for scope_spans in resource_spans.scope_spans:
                         for span in scope_spans.spans:
@@ -499,9 +616,15 @@ async def otlp_receiver() -> AsyncIterator[tuple[int, Received]]:
                             return
                     received.requests.append((path, content_type, body))
                     response = h11.Response(
-                        status_code=200, headers=[("Content-Type", "application/x-protobuf"), ("Content-Length", "0")]
+                        status_code=200,
+                        headers=[
+                            ("Content-Type", "application/x-protobuf"),
+                            ("Content-Length", "0"),
+                        ],
                     )
-                    await stream.send_all(connection.send(response) + connection.send(h11.EndOfMessage()))
+                    await stream.send_all(
+                        connection.send(response) + connection.send(h11.EndOfMessage())
+                    )
                     if connection.our_state is h11.MUST_CLOSE:
                         return
                     connection.start_next_cycle()
@@ -515,7 +638,12 @@ async def otlp_receiver() -> AsyncIterator[tuple[int, Received]]:
 
 async def test_otlp_exporter_sends_engine_and_sdk_spans_and_logs_to_a_receiver() -> None:
     async with otlp_receiver() as (port, received):
-        config = otel_config(exporter="both", endpoint=f"http://127.0.0.1:{port}", logs_exporter="both", service_name="iii-test")
+        config = otel_config(
+            exporter="both",
+            endpoint=f"http://127.0.0.1:{port}",
+            logs_exporter="both",
+            service_name="iii-test",
+        )
         async with open_test_engine(config) as engine:
             async with connect_test_worker(engine) as caller, connect_test_worker(engine) as target:
                 await target.send({"type": "registerfunction", "id": "obs::work"})
@@ -527,7 +655,11 @@ async def test_otlp_exporter_sends_engine_and_sdk_spans_and_logs_to_a_receiver()
                     nursery.cancel_scope.cancel()
                 engine_span_id = seen[0]["traceparent"].split("-")[2]
                 # The worker reports its span, child of the engine's.
-                await target.send(otlp_frame(otlp_span(TRACE, "3333333333333333", engine_span_id, "execute obs::work")))
+                await target.send(
+                    otlp_frame(
+                        otlp_span(TRACE, "3333333333333333", engine_span_id, "execute obs::work")
+                    )
+                )
                 await ok(caller, "engine::log::error", {"message": "exported log"})
                 with trio.fail_after(10):
                     while engine.telemetry.counts["OTLP"] < 1:
@@ -597,14 +729,18 @@ async def test_sdk_025_worker_span_sits_under_the_engine_span() -> None:
                 assert answer == {"doubled": 42}
 
                 def has_worker_span(tree: Any) -> bool:
-                    return any(s["service_name"] == "obs025-worker" for _, s in flatten(tree["roots"]))
+                    return any(
+                        s["service_name"] == "obs025-worker" for _, s in flatten(tree["roots"])
+                    )
 
                 tree = await wait_tree(caller, TRACE, has_worker_span)
                 nodes = flatten(tree["roots"])
                 engine_span = next(s for _, s in nodes if s["name"] == "call obs025::work")
                 assert engine_span["parent_span_id"] == PARENT
                 worker_spans = [s for _, s in nodes if s["service_name"] == "obs025-worker"]
-                assert any(s.get("parent_span_id") == engine_span["span_id"] for s in worker_spans), nodes
+                assert any(
+                    s.get("parent_span_id") == engine_span["span_id"] for s in worker_spans
+                ), nodes
                 assert all(s["trace_id"] == TRACE for _, s in nodes)
 
                 # 2. The worker calls through the engine.  The 0.25 SDK sends no
@@ -616,14 +752,23 @@ async def test_sdk_025_worker_span_sits_under_the_engine_span() -> None:
                 (sdk_worker_id,) = engine.registry.functions["obs025::work"].replicas
 
                 def called_by_sdk(span: dict[str, Any]) -> bool:
-                    return span["name"] == "call obs025::work" and attributes(span).get("iii.caller.worker_id") == sdk_worker_id
+                    return (
+                        span["name"] == "call obs025::work"
+                        and attributes(span).get("iii.caller.worker_id") == sdk_worker_id
+                    )
 
                 with trio.fail_after(30):
                     while True:
-                        listed = await ok(caller, "engine::traces::list", {"name": "call obs025::work", "limit": 50})
+                        listed = await ok(
+                            caller,
+                            "engine::traces::list",
+                            {"name": "call obs025::work", "limit": 50},
+                        )
                         roots = [s for s in listed["spans"] if called_by_sdk(s)]
                         if roots:
-                            tree = await ok(caller, "engine::traces::tree", {"trace_id": roots[0]["trace_id"]})
+                            tree = await ok(
+                                caller, "engine::traces::tree", {"trace_id": roots[0]["trace_id"]}
+                            )
                             if has_worker_span(tree):
                                 break
                         await trio.sleep(0.1)

@@ -83,11 +83,17 @@ class Module:
             {
                 "service.name": config.service_name,
                 "service.version": config.service_version,
-                **({"service.namespace": config.service_namespace} if config.service_namespace else {}),
+                **(
+                    {"service.namespace": config.service_namespace}
+                    if config.service_namespace
+                    else {}
+                ),
             }
         )
         self.metrics = EngineMetrics()
-        self.sdk_metrics = SdkMetricStore(config.metrics_max_count, config.metrics_retention_seconds)
+        self.sdk_metrics = SdkMetricStore(
+            config.metrics_max_count, config.metrics_retention_seconds
+        )
         self.spans: SpanStore | None = None
         self.span_sinks: list[SpanProcessor] = []
         self.provider: TracerProvider | None = None
@@ -114,7 +120,9 @@ class Module:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             self.span_sinks.append(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_url("traces"), timeout=FLUSH_DEADLINE))
+                BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=config.otlp_url("traces"), timeout=FLUSH_DEADLINE)
+                )
             )
         self.provider = TracerProvider(resource=self.resource, sampler=build_sampler(config))
         for sink in self.span_sinks:
@@ -154,9 +162,18 @@ class Module:
                 observed_timestamp=entry["observed_timestamp_unix_nano"],
                 context=context,
                 severity_text=entry["severity_text"],
-                severity_number=SeverityNumber(entry["severity_number"]) if 1 <= entry["severity_number"] <= 24 else None,
-                body=body if isinstance(body, (str, int, float, bool)) or body is None else orjson.dumps(body, default=str).decode(),
-                attributes={k: v if isinstance(v, (str, int, float, bool)) else orjson.dumps(v, default=str).decode() for k, v in entry["attributes"].items()},
+                severity_number=SeverityNumber(entry["severity_number"])
+                if 1 <= entry["severity_number"] <= 24
+                else None,
+                body=body
+                if isinstance(body, (str, int, float, bool)) or body is None
+                else orjson.dumps(body, default=str).decode(),
+                attributes={
+                    k: v
+                    if isinstance(v, (str, int, float, bool))
+                    else orjson.dumps(v, default=str).decode()
+                    for k, v in entry["attributes"].items()
+                },
             )
             resource = Resource(entry["resource"]) if entry["resource"] else self.resource
             processor.on_emit(ReadWriteLogRecord(log_record=record, resource=resource))
@@ -177,8 +194,12 @@ class Module:
         self._closers.append(provider.shutdown)
         meter = provider.get_meter("iii.engine", __version__)
         calls = meter.create_counter("iii.invocations.total", description="Invocations")
-        errors = meter.create_counter("iii.invocation.errors.total", description="Failed invocations")
-        duration = meter.create_histogram("iii.invocation.duration", unit="s", description="Invocation latency")
+        errors = meter.create_counter(
+            "iii.invocation.errors.total", description="Failed invocations"
+        )
+        duration = meter.create_histogram(
+            "iii.invocation.duration", unit="s", description="Invocation latency"
+        )
         meter.create_observable_gauge(
             "iii.workers.active",
             callbacks=[lambda options: [_observation(len(self.engine.connections))]],
@@ -232,7 +253,9 @@ class Module:
             except trio.ClosedResourceError:
                 return
 
-    async def _deliver_logs(self, receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
+    async def _deliver_logs(
+        self, receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]
+    ) -> None:
         DELIVERING.set(True)  # inherited by the delivery tasks
         slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
 
@@ -262,7 +285,10 @@ class Module:
         self._trio_thread = threading.get_ident()
         self._trio_token = trio.lowlevel.current_trio_token()
         if config.alerts:
-            log.warning("observability: %d alert rules configured; alerts are not implemented and are ignored", len(config.alerts))
+            log.warning(
+                "observability: %d alert rules configured; alerts are not implemented and are ignored",
+                len(config.alerts),
+            )
         tracer = self._setup_traces()
         self._setup_log_export()
         self._setup_metric_export()
@@ -273,14 +299,21 @@ class Module:
         try:
             async with trio.open_nursery() as module_nursery:
                 functions.register(engine, self)
-                engine.register_trigger_type("log", self.log_triggers, description="Log entries stored by the observability module")
+                engine.register_trigger_type(
+                    "log",
+                    self.log_triggers,
+                    description="Log entries stored by the observability module",
+                )
                 if config.prometheus_enabled:
                     from prometheus_client import CollectorRegistry, generate_latest
 
                     registry = CollectorRegistry(auto_describe=False)
                     registry.register(PrometheusCollector(engine, self.metrics))
                     self.prometheus_port = await module_nursery.start(
-                        serve_prometheus, config.prometheus_host, config.prometheus_port, lambda: generate_latest(registry)
+                        serve_prometheus,
+                        config.prometheus_host,
+                        config.prometheus_port,
+                        lambda: generate_latest(registry),
                     )
                 self._log_send = log_send
                 module_nursery.start_soon(self._deliver_logs, log_receive)
@@ -324,4 +357,3 @@ def _observation(value: float) -> Any:
     from opentelemetry.metrics import Observation
 
     return Observation(value)
-

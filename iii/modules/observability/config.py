@@ -139,7 +139,9 @@ def _structure_with_env(raw: Any, _: type) -> Config:
             try:
                 raw[key] = _from_env(os.environ[variable], kind)
             except ValueError:
-                raise ValueError(f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}") from None
+                raise ValueError(
+                    f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}"
+                ) from None
     return _structure_config(raw, Config)  # type: ignore[no-any-return]
 
 

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 worker_log = logging.getLogger("iii.worker_log")
-_PY_LEVEL = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+_PY_LEVEL = {
+    "trace": 5,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _now_ms() -> int:
@@ -128,7 +134,10 @@ def _duration_ms(span: dict[str, Any]) -> float:
 def _matches(span: dict[str, Any], query: TracesListInput) -> bool:
     if query.trace_id is not None and span["trace_id"] != query.trace_id.lower():
         return False
-    if query.service_name is not None and query.service_name.lower() not in span["service_name"].lower():
+    if (
+        query.service_name is not None
+        and query.service_name.lower() not in span["service_name"].lower()
+    ):
         return False
     if query.name is not None and query.name.lower() not in span["name"].lower():
         return False
@@ -147,7 +156,11 @@ def _matches(span: dict[str, Any], query: TracesListInput) -> bool:
     if query.attributes:
         present = {key: value for key, value in span["attributes"]}
         for pair in query.attributes:
-            if not isinstance(pair, list) or len(pair) != 2 or str(present.get(pair[0])) != str(pair[1]):
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or str(present.get(pair[0])) != str(pair[1])
+            ):
                 return False
     return query.include_internal or not is_internal(span)
 
@@ -200,12 +213,22 @@ def register(engine: Engine, module: Module) -> None:
         engine.register_function(function_id, handler, description=f"Store a {level} log entry")
 
     async def traces_list(data: Any, ctx: CallContext) -> Any:
-        query = parse_input(data if data is not None else {}, TracesListInput, "engine::traces::list")
+        query = parse_input(
+            data if data is not None else {}, TracesListInput, "engine::traces::list"
+        )
         store = _memory(module.spans)
         spans = [span for span in store.roots() if _matches(span, query)]
-        spans.sort(key=_SORT_KEYS.get(query.sort_by, _SORT_KEYS["start_time"]), reverse=query.sort_order != "asc")
+        spans.sort(
+            key=_SORT_KEYS.get(query.sort_by, _SORT_KEYS["start_time"]),
+            reverse=query.sort_order != "asc",
+        )
         offset, limit = max(0, query.offset), max(0, query.limit)
-        return {"spans": spans[offset : offset + limit], "total": len(spans), "offset": offset, "limit": limit}
+        return {
+            "spans": spans[offset : offset + limit],
+            "total": len(spans),
+            "offset": offset,
+            "limit": limit,
+        }
 
     async def traces_tree(data: Any, ctx: CallContext) -> Any:
         query = parse_input(data, TraceIdInput, "engine::traces::tree")
@@ -239,8 +262,12 @@ def register(engine: Engine, module: Module) -> None:
         return {"success": True}
 
     async def metrics_list(data: Any, ctx: CallContext) -> Any:
-        query = parse_input(data if data is not None else {}, MetricsListInput, "engine::metrics::list")
-        points = module.sdk_metrics.query(start_ms=query.start_time, end_ms=query.end_time, name=query.metric_name)
+        query = parse_input(
+            data if data is not None else {}, MetricsListInput, "engine::metrics::list"
+        )
+        points = module.sdk_metrics.query(
+            start_ms=query.start_time, end_ms=query.end_time, name=query.metric_name
+        )
         response: dict[str, Any] = {
             "engine_metrics": module.metrics.to_json(),
             "sdk_metrics": points,
@@ -261,13 +288,19 @@ def register(engine: Engine, module: Module) -> None:
             "status": "healthy",
             "components": {
                 "otel": healthy(
-                    {"enabled": True, "service_name": config.service_name, "exporter": config.exporter}
+                    {
+                        "enabled": True,
+                        "service_name": config.service_name,
+                        "exporter": config.exporter,
+                    }
                 )
                 if config.enabled
                 else disabled,
                 "metrics": healthy({"stored_metrics": len(module.sdk_metrics)}),
                 "logs": healthy({"stored_logs": len(module.logs)}),
-                "spans": healthy({"stored_spans": len(module.spans)}) if module.spans is not None else disabled,
+                "spans": healthy({"stored_spans": len(module.spans)})
+                if module.spans is not None
+                else disabled,
             },
             "timestamp": _now_ms(),
             "version": __version__,
@@ -280,7 +313,9 @@ def register(engine: Engine, module: Module) -> None:
                 "default_ratio": sampling.default
                 if sampling is not None and sampling.default is not None
                 else config.sampling_ratio,
-                "rules": [attrs.asdict(rule) for rule in sampling.rules] if sampling is not None else [],
+                "rules": [attrs.asdict(rule) for rule in sampling.rules]
+                if sampling is not None
+                else [],
                 "parent_based": sampling.parent_based if sampling is not None else False,
             },
             "logs": {"sampling_ratio": config.logs_sampling_ratio},

@@ -49,11 +49,20 @@ __all__ = [
 
 # Upstream's severity numbers per level.
 SEVERITY = {"trace": 1, "debug": 5, "info": 9, "warn": 13, "error": 17}
-_PY_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+_PY_LEVELS = {
+    "trace": 5,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 TRIGGER_LEVELS = ("all", "trace", "debug", "info", "warn", "error")
 
 # Set in the trigger dispatcher: engine logs written there are not re-offered.
-DELIVERING: contextvars.ContextVar[bool] = contextvars.ContextVar("iii_log_delivering", default=False)
+DELIVERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "iii_log_delivering", default=False
+)
 # ``extra`` key of records the module wrote itself (already stored).
 STORED_MARK = "iii_log_stored"
 
@@ -120,7 +129,10 @@ class LogStore:
                 continue
             if severity_min is not None and entry["severity_number"] < severity_min:
                 continue
-            if severity_text is not None and entry["severity_text"].lower() != severity_text.lower():
+            if (
+                severity_text is not None
+                and entry["severity_text"].lower() != severity_text.lower()
+            ):
                 continue
             out.append(entry)
         return out
@@ -260,4 +272,6 @@ class LogTriggers:
         level = str(entry.get("severity_text", "")).lower()
         if level == "warning":
             level = "warn"
-        return [t.function_id for t, wanted in self.levels.items() if wanted == "all" or wanted == level]
+        return [
+            t.function_id for t, wanted in self.levels.items() if wanted == "all" or wanted == level
+        ]

@@ -139,7 +139,9 @@ class SdkMetricStore:
         received = int(time.time() * 1000)
         added = 0
         for resource_metrics in payload.get("resourceMetrics") or ():
-            resource = otlp_attributes(((resource_metrics or {}).get("resource") or {}).get("attributes"))
+            resource = otlp_attributes(
+                ((resource_metrics or {}).get("resource") or {}).get("attributes")
+            )
             service = str(resource.get("service.name", "unknown"))
             for scope_metrics in resource_metrics.get("scopeMetrics") or ():
                 for metric in scope_metrics.get("metrics") or ():
@@ -152,7 +154,9 @@ class SdkMetricStore:
                     else:
                         continue
                     for point in data.get("dataPoints") or ():
-                        self.points.append(_point_json(metric, kind, point, service, worker_id, received))
+                        self.points.append(
+                            _point_json(metric, kind, point, service, worker_id, received)
+                        )
                         added += 1
         self._expire(received)
         return added
@@ -162,7 +166,9 @@ class SdkMetricStore:
         while self.points and self.points[0]["timestamp"] < horizon:
             self.points.popleft()
 
-    def query(self, *, start_ms: int | None, end_ms: int | None, name: str | None) -> list[dict[str, Any]]:
+    def query(
+        self, *, start_ms: int | None, end_ms: int | None, name: str | None
+    ) -> list[dict[str, Any]]:
         self._expire(int(time.time() * 1000))
         out = []
         for point in self.points:
@@ -177,7 +183,12 @@ class SdkMetricStore:
 
 
 def _point_json(
-    metric: dict[str, Any], kind: str, point: dict[str, Any], service: str, worker_id: str | None, received: int
+    metric: dict[str, Any],
+    kind: str,
+    point: dict[str, Any],
+    service: str,
+    worker_id: str | None,
+    received: int,
 ) -> dict[str, Any]:
     value: Any
     if "asDouble" in point:
@@ -238,7 +249,9 @@ def aggregate(points: list[dict[str, Any]], interval_s: float) -> list[dict[str,
             "min": min(values),
             "max": max(values),
         }
-        for (name, start), values in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0]))
+        for (name, start), values in sorted(
+            groups.items(), key=lambda item: (item[0][1], item[0][0])
+        )
     ]
 
 
@@ -253,10 +266,14 @@ class PrometheusCollector(Collector):
     def collect(self) -> Iterator[Any]:
         metrics, engine = self.metrics, self.engine
         calls = CounterMetricFamily(
-            "iii_invocations", "Invocations by function and outcome", labels=["function_id", "status"]
+            "iii_invocations",
+            "Invocations by function and outcome",
+            labels=["function_id", "status"],
         )
         errors = CounterMetricFamily(
-            "iii_invocation_errors", "Failed invocations by error code", labels=["function_id", "error_code"]
+            "iii_invocation_errors",
+            "Failed invocations by error code",
+            labels=["function_id", "error_code"],
         )
         latency = HistogramMetricFamily(
             "iii_invocation_duration_seconds", "Invocation latency", labels=["function_id"]
@@ -274,14 +291,32 @@ class PrometheusCollector(Collector):
         yield calls
         yield errors
         yield latency
-        yield CounterMetricFamily("iii_worker_connections", "Worker connections accepted", value=metrics.worker_spawns)
-        yield CounterMetricFamily("iii_worker_disconnections", "Worker connections ended", value=metrics.worker_deaths)
-        yield GaugeMetricFamily("iii_workers_active", "Workers connected now", value=len(engine.connections))
-        yield GaugeMetricFamily("iii_functions_registered", "Functions registered", value=len(engine.registry.functions))
-        yield GaugeMetricFamily("iii_pending_invocations", "Calls routed to workers, not answered yet", value=len(engine.pending))
-        yield GaugeMetricFamily("iii_inflight_calls", "Calls from workers being handled", value=engine.inflight)
-        yield GaugeMetricFamily("iii_open_sockets", "Sockets open on the worker port", value=engine.open_sockets)
-        frames = CounterMetricFamily("iii_telemetry_frames", "SDK telemetry frames received", labels=["kind"])
+        yield CounterMetricFamily(
+            "iii_worker_connections", "Worker connections accepted", value=metrics.worker_spawns
+        )
+        yield CounterMetricFamily(
+            "iii_worker_disconnections", "Worker connections ended", value=metrics.worker_deaths
+        )
+        yield GaugeMetricFamily(
+            "iii_workers_active", "Workers connected now", value=len(engine.connections)
+        )
+        yield GaugeMetricFamily(
+            "iii_functions_registered", "Functions registered", value=len(engine.registry.functions)
+        )
+        yield GaugeMetricFamily(
+            "iii_pending_invocations",
+            "Calls routed to workers, not answered yet",
+            value=len(engine.pending),
+        )
+        yield GaugeMetricFamily(
+            "iii_inflight_calls", "Calls from workers being handled", value=engine.inflight
+        )
+        yield GaugeMetricFamily(
+            "iii_open_sockets", "Sockets open on the worker port", value=engine.open_sockets
+        )
+        frames = CounterMetricFamily(
+            "iii_telemetry_frames", "SDK telemetry frames received", labels=["kind"]
+        )
         for kind, count in sorted(engine.telemetry.counts.items()):
             frames.add_metric([kind], count)
         yield frames
@@ -306,4 +341,6 @@ def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
             continue
         for field, value in sorted(values.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                yield GaugeMetricFamily(f"iii_module_{name}_{field}", f"{name} module: {field}", value=value)
+                yield GaugeMetricFamily(
+                    f"iii_module_{name}_{field}", f"{name} module: {field}", value=value
+                )

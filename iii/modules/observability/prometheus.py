@@ -27,7 +27,13 @@ REQUEST_DEADLINE = 10.0
 MAX_REQUEST_BYTES = 16 * 1024
 
 
-async def _respond(stream: trio.SocketStream, connection: h11.Connection, status: int, body: bytes, head: bool = False) -> None:
+async def _respond(
+    stream: trio.SocketStream,
+    connection: h11.Connection,
+    status: int,
+    body: bytes,
+    head: bool = False,
+) -> None:
     headers = [
         ("Content-Type", CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),

@@ -77,7 +77,11 @@ class RuleSampler(Sampler):
         self.default = _ratio_sampler(default_ratio)
         # (span-name regex, does the service glob match us, sampler); first match wins.
         self.rules = [
-            (re.compile(fnmatch.translate(op)), fnmatch.fnmatchcase(service_name, service), _ratio_sampler(rate))
+            (
+                re.compile(fnmatch.translate(op)),
+                fnmatch.fnmatchcase(service_name, service),
+                _ratio_sampler(rate),
+            )
             for op, service, rate in rules
         ]
         self.bucket = _TokenBucket(max_traces_per_second) if max_traces_per_second else None
@@ -99,7 +103,9 @@ class RuleSampler(Sampler):
             if service_matches and operation.match(name):
                 sampler = rule_sampler
                 break
-        return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        return sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
 
     def get_description(self) -> str:
         return f"RuleSampler(rules={len(self.rules)}, rate_limited={self.bucket is not None})"

@@ -120,7 +120,10 @@ class StoredSpan:
         assert context is not None
         parent = span.parent.span_id if span.parent is not None else 0
         return cls(
-            format(context.trace_id, "032x"), format(context.span_id, "016x"), format(parent, "016x") if parent else None, span
+            format(context.trace_id, "032x"),
+            format(context.span_id, "016x"),
+            format(parent, "016x") if parent else None,
+            span,
         )
 
     def json(self) -> dict[str, Any]:
@@ -235,7 +238,10 @@ def otlp_value(value: Any) -> Any:
             return tuple(items)
         return orjson.dumps(items, default=str).decode()
     if "kvlistValue" in value:
-        pairs = {kv.get("key"): otlp_value(kv.get("value")) for kv in (value["kvlistValue"] or {}).get("values") or []}
+        pairs = {
+            kv.get("key"): otlp_value(kv.get("value"))
+            for kv in (value["kvlistValue"] or {}).get("values") or []
+        }
         return orjson.dumps(pairs, default=str).decode()
     if "bytesValue" in value:
         return str(value["bytesValue"])
@@ -260,7 +266,9 @@ def _nanos(value: Any) -> int:
 
 
 def _context(trace_id: int, span_id: int) -> SpanContext:
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+    )
 
 
 def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Iterable[ReadableSpan]:
@@ -268,13 +276,21 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
     if not isinstance(payload, dict):
         raise ValueError("an OTLP span payload must be a JSON object")
     for resource_spans in payload.get("resourceSpans") or ():
-        resource_attributes = otlp_attributes(((resource_spans or {}).get("resource") or {}).get("attributes"))
+        resource_attributes = otlp_attributes(
+            ((resource_spans or {}).get("resource") or {}).get("attributes")
+        )
         if worker_id is not None:
             resource_attributes.setdefault("iii.worker.id", worker_id)
         resource = Resource(resource_attributes)
-        for scope_spans in resource_spans.get("scopeSpans") or resource_spans.get("instrumentationLibrarySpans") or ():
+        for scope_spans in (
+            resource_spans.get("scopeSpans")
+            or resource_spans.get("instrumentationLibrarySpans")
+            or ()
+        ):
             scope_json = scope_spans.get("scope") or scope_spans.get("instrumentationLibrary") or {}
-            scope = InstrumentationScope(str(scope_json.get("name") or ""), scope_json.get("version") or None)
+            scope = InstrumentationScope(
+                str(scope_json.get("name") or ""), scope_json.get("version") or None
+            )
             for span in scope_spans.get("spans") or ():
                 trace_id = parse_otlp_id(span.get("traceId"), 16)
                 span_id = parse_otlp_id(span.get("spanId"), 8)
@@ -285,7 +301,10 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
                 status_code = _OTLP_STATUS.get(_nanos(status.get("code")), StatusCode.UNSET)
                 links = [
                     Link(
-                        _context(parse_otlp_id(link.get("traceId"), 16), parse_otlp_id(link.get("spanId"), 8)),
+                        _context(
+                            parse_otlp_id(link.get("traceId"), 16),
+                            parse_otlp_id(link.get("spanId"), 8),
+                        ),
                         otlp_attributes(link.get("attributes")),
                     )
                     for link in span.get("links") or ()
@@ -311,10 +330,11 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
                     status=Status(
                         status_code,
                         # OpenTelemetry keeps a description for errors only.
-                        (status.get("message") or None) if status_code is StatusCode.ERROR else None,
+                        (status.get("message") or None)
+                        if status_code is StatusCode.ERROR
+                        else None,
                     ),
                     start_time=_nanos(span.get("startTimeUnixNano")),
                     end_time=_nanos(span.get("endTimeUnixNano")),
                     instrumentation_scope=scope,
                 )
-

@@ -34,7 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from iii.errors import IIIError
 from iii.modules.observability.metrics import EngineMetrics
-from iii.tracing import EngineTracer, Span, NoopSpan
+from iii.tracing import EngineTracer, NoopSpan, Span
 
 __all__ = ["OtelTracer", "CURRENT_SPAN", "SpanHandle"]
 
@@ -47,7 +47,9 @@ _KINDS = {
 }
 _PROPAGATOR = TraceContextTextMapPropagator()
 
-CURRENT_SPAN: contextvars.ContextVar[SpanHandle | None] = contextvars.ContextVar("iii_current_span", default=None)
+CURRENT_SPAN: contextvars.ContextVar[SpanHandle | None] = contextvars.ContextVar(
+    "iii_current_span", default=None
+)
 
 
 class SpanHandle:
@@ -105,7 +107,9 @@ class OtelTracer(EngineTracer):
         if self.tracer is None:
             yield NoopSpan(traceparent, baggage)
             return
-        with self._open(name, _KINDS.get(kind, SpanKind.INTERNAL), traceparent, baggage, attributes) as handle:
+        with self._open(
+            name, _KINDS.get(kind, SpanKind.INTERNAL), traceparent, baggage, attributes
+        ) as handle:
             yield handle
 
     @contextmanager
@@ -128,13 +132,17 @@ class OtelTracer(EngineTracer):
                     "faas.invoked_name": function_id,
                     "faas.trigger": "other",
                     "function_id": function_id,
-                    "iii.function.kind": "internal" if function_id.startswith("engine::") else "user",
+                    "iii.function.kind": "internal"
+                    if function_id.startswith("engine::")
+                    else "user",
                 }
                 if invocation_id is not None:
                     attributes["iii.invocation.id"] = invocation_id
                 if caller_worker_id is not None:
                     attributes["iii.caller.worker_id"] = caller_worker_id
-                with self._open(f"call {function_id}", SpanKind.SERVER, traceparent, baggage, attributes) as handle:
+                with self._open(
+                    f"call {function_id}", SpanKind.SERVER, traceparent, baggage, attributes
+                ) as handle:
                     yield handle
             error_code = None
         except IIIError as exc:
