@@ -474,3 +474,17 @@ async def test_a_crashing_module_stops_the_engine(monkeypatch):
     with pytest.RaisesGroup(ModuleCrashed, flatten_subgroups=True):
         with trio.fail_after(5):
             await serve_engine(config, handle_signals=False)
+
+
+async def test_removing_a_channel_ends_its_sockets():
+    async with open_test_engine() as engine, connect_test_worker(engine) as worker:
+        refs = (await worker.call("engine::channels::create", {}))["result"]
+        reader = refs["reader"]
+        path = f"/ws/channels/{reader['channel_id']}?key={reader['access_key']}&dir=read"
+        async with connect_test_worker(engine, path, handshake=False) as socket_side:
+            await settle(engine, lambda: engine.channels.channels[reader["channel_id"]].socket_scopes)
+            engine.channels.remove(engine.channels.channels[reader["channel_id"]])
+            from trio_websocket import ConnectionClosed
+
+            with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                await socket_side.ws.get_message()
