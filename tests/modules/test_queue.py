@@ -23,6 +23,16 @@ from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.support import require_rabbitmq, require_redis
 
 BACKENDS = ["memory", "file", "redis", "rabbitmq"]
+REDIS_PREFIX = f"iiitest:{uuid.uuid4().hex[:8]}:"
+
+
+async def delete_redis_prefix(prefix: str) -> None:
+    import coredis
+
+    async with coredis.Redis.from_url("redis://127.0.0.1:6379", decode_responses=True) as client:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(keys)
 
 
 def adapter_block(backend: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -37,7 +47,7 @@ def adapter_block(backend: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
     if backend == "redis":
         return {
             "class": "modules::queue::RedisAdapter",
-            "config": {**base, "redis_url": require_redis(), "key_prefix": f"iiitest:{uuid.uuid4().hex[:8]}:"},
+            "config": {**base, "redis_url": require_redis(), "key_prefix": REDIS_PREFIX},
         }
     return {"class": "modules::queue::RabbitMQAdapter", "config": {**base, "amqp_url": require_rabbitmq()}}
 
@@ -99,10 +109,12 @@ def topic_name() -> str:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: Any) -> str:
+async def backend(request: Any) -> AsyncIterator[str]:
     if request.param in ("redis", "rabbitmq"):
         request.applymarker(pytest.mark.services)
-    return str(request.param)
+    yield str(request.param)
+    if request.param == "redis":
+        await delete_redis_prefix(REDIS_PREFIX)
 
 
 async def test_enqueue_reaches_trigger_with_data_as_published(backend: str, tmp_path: Path) -> None:
