@@ -168,7 +168,7 @@ async def test_retries_then_dlq_then_redrive(backend: str, tmp_path: Path) -> No
                     break
                 await trio.sleep(0.05)
         assert len(attempts) == 3  # max_attempts runs in total, then the DLQ
-        assert stats == {"topic": topic, "waiting": 0, "delayed": 0, "active": 0, "dlq": 1}
+        assert stats == {"topic": topic, "waiting": 0, "delayed": 0, "active": 0, "dlq": 1}, stats
         listed = await engine.invoke("engine::queue::dlq_messages", {"topic": topic})
         assert listed["total"] == 1
         message = listed["messages"][0]

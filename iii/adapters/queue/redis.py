@@ -82,6 +82,14 @@ return 0
 """
 
 # anyio's resource errors: a connection of the pool closed under us (module exit).
+STATS = """
+local length = redis.call('XLEN', KEYS[1])
+local pending = 0
+local summary = redis.pcall('XPENDING', KEYS[1], 'iii')
+if type(summary) == 'table' and summary.err == nil then pending = summary[1] end
+return {length, pending, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3])}
+"""
+
 _ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
 
@@ -109,6 +117,7 @@ class RedisQueueAdapter:
     prefix: str
     _promote: Any = None
     _redrive_one: Any = None
+    _stats: Any = None
 
     def key(self, queue: str, part: str) -> str:
         return f"{self.prefix}{queue}:{part}"
@@ -154,17 +163,16 @@ class RedisQueueAdapter:
         return sorted(names)
 
     async def stats(self, queue: str) -> QueueStats:
+        await self.promote(queue)
         async with _translated("stats"):
-            await self.promote(queue)
-            length = await self.client.xlen(self.key(queue, "stream"))
-            try:
-                summary = await self.client.xpending(self.key(queue, "stream"), GROUP)
-                active = int(summary.pending)
-            except coredis.exceptions.ResponseError:
-                active = 0  # no group yet
-            delayed = await self.client.zcard(self.key(queue, "delayed"))
-            dlq = await self.client.llen(self.key(queue, "dlq"))
-        return QueueStats(queue=queue, waiting=max(length - active, 0), delayed=delayed, active=active, dlq=dlq)
+            # One script: a consistent snapshot (a job is never counted twice or lost
+            # between two reads while it moves to the DLQ).
+            length, active, delayed, dlq = await self._stats(
+                keys=[self.key(queue, "stream"), self.key(queue, "delayed"), self.key(queue, "dlq")]
+            )
+        return QueueStats(
+            queue=queue, waiting=max(int(length) - int(active), 0), delayed=int(delayed), active=int(active), dlq=int(dlq)
+        )
 
     async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
         async with _translated("dlq read"):
@@ -311,4 +319,5 @@ async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisQueueAdapte
         adapter = RedisQueueAdapter(defaults=defaults, client=client, prefix=prefix)
         adapter._promote = client.register_script(PROMOTE)
         adapter._redrive_one = client.register_script(REDRIVE_ONE)
+        adapter._stats = client.register_script(STATS)
         yield adapter
