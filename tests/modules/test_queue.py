@@ -104,8 +104,27 @@ def subscribe(engine: Any, topic: str, function_id: str, trigger_id: str | None 
     assert error is None, error
 
 
-def topic_name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+USED_NAMES: list[str] = []
+
+
+def topic_name(prefix: str = "t") -> str:
+    name = f"{prefix}{uuid.uuid4().hex[:10]}"
+    USED_NAMES.append(name)
+    return name
+
+
+async def delete_rabbit_topology(queues: list[str]) -> None:
+    from pamqp.commands import Exchange, Queue
+
+    from iii.adapters.queue.amqp import open_amqp_connection
+
+    async with open_amqp_connection(require_rabbitmq()) as connection:
+        channel = await connection.channel()
+        for queue in queues:
+            doomed = [f"iii.{queue}.queue", f"iii.{queue}.dlq"] + [f"iii.{queue}.delay.{50 * 2**k}" for k in range(6)]
+            for name in doomed:
+                await channel.rpc(Queue.Delete(queue=name))
+            await channel.rpc(Exchange.Delete(exchange=f"iii.{queue}.exchange"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -115,6 +134,9 @@ async def backend(request: Any) -> AsyncIterator[str]:
     yield str(request.param)
     if request.param == "redis":
         await delete_redis_prefix(REDIS_PREFIX)
+    if request.param == "rabbitmq":
+        await delete_rabbit_topology([n for name in USED_NAMES for n in (name, "@" + name)])
+    USED_NAMES.clear()
 
 
 async def test_enqueue_reaches_trigger_with_data_as_published(backend: str, tmp_path: Path) -> None:
@@ -257,7 +279,7 @@ async def test_fifo_groups_run_in_order_one_at_a_time(backend: str, tmp_path: Pa
 async def test_enqueue_action_from_a_worker(backend: str, tmp_path: Path) -> None:
     async with queue_engine(adapter_block(backend, tmp_path)) as engine:
         rec = Recorder(engine, "t::target")
-        queue = f"q{uuid.uuid4().hex[:8]}"
+        queue = topic_name("q")
         async with connect_test_worker(engine) as worker:
             reply = await worker.call(
                 "t::target", {"v": 1}, action={"type": "enqueue", "queue": queue}, timeout=10

@@ -129,7 +129,8 @@ class DeadLetter:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DeadLetter:
-        return cls(job=Job.from_json(raw["job"]), error=str(raw.get("error", "")), failed_at=int(raw.get("failed_at", 0)))
+        failed_at = raw.get("failed_at", raw.get("exhausted_at", 0))  # upstream RabbitMQ writes exhausted_at
+        return cls(job=Job.from_json(raw["job"]), error=str(raw.get("error", "")), failed_at=int(failed_at or 0))
 
 
 @attrs.frozen(kw_only=True)
