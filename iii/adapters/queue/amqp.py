@@ -286,7 +286,7 @@ class AmqpConnection:
         self.closed.set()
         for channel in list(self.channels.values()):
             channel._fail(f"connection lost: {reason}")
-        log.warning("AMQP connection lost: %s", reason)
+        (log.debug if reason == "closed" else log.warning)("AMQP connection lost: %s", reason)
 
     async def _writer(self) -> None:
         receive = self._outbox[1]
