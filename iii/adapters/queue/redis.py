@@ -134,9 +134,8 @@ class RedisQueueAdapter:
         async with _translated("consumer group create"):
             try:
                 await self.client.xgroup_create(stream, GROUP, "0", mkstream=True)
-            except coredis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            except coredis.exceptions.StreamDuplicateConsumerGroupError:
+                pass  # another consumer or engine made it
             await self.client.sadd(f"{self.prefix}queues", [queue])
         consumer = _Consumer(self, queue, name)
         try:
