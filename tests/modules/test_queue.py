@@ -344,3 +344,19 @@ async def test_file_store_keeps_jobs_across_restart(tmp_path: Path) -> None:
     async with queue_engine(adapter) as engine:
         stats = await engine.invoke("engine::queue::topic_stats", {"topic": topic})
         assert stats == {"topic": topic, "waiting": 0, "delayed": 0, "active": 0, "dlq": 0}
+
+
+@pytest.mark.services
+async def test_redis_keys_vanishing_does_not_crash_the_engine(tmp_path: Path) -> None:
+    """A backend error inside a consumer is retried, not a module crash."""
+    async with queue_engine(adapter_block("redis", tmp_path)) as engine:
+        rec = Recorder(engine, "t::h")
+        topic = topic_name()
+        subscribe(engine, topic, "t::h")
+        await engine.invoke("enqueue", {"topic": topic, "data": 1})
+        await rec.wait_calls(1)
+        await delete_redis_prefix(REDIS_PREFIX)  # the stream and its group disappear under the consumer
+        await trio.sleep(1.0)
+        await engine.invoke("enqueue", {"topic": topic, "data": 2})
+        await rec.wait_calls(2, timeout=20)
+    await delete_redis_prefix(REDIS_PREFIX)

@@ -70,15 +70,17 @@ async def run_subscription(module: Module, sub: Subscription) -> None:
     delay = 0.5
     with sub.scope:
         while not module.engine.shutting_down.is_set():
+            failure: BaseException | None = None
             try:
                 async with module.adapter.open_consumer(sub.queue, sub.name, sub.concurrency) as consumer:
                     delay = 0.5
                     await _consume(module, sub, consumer)
                 return
-            except (AdapterUnavailableError, OSError) as exc:
-                log.warning("queue %s: consumer %s failed (%s); retrying in %.1fs", sub.queue, sub.name, exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            except* (AdapterUnavailableError, OSError) as group:  # raised through the job nursery
+                failure = group.exceptions[0]
+            log.warning("queue %s: consumer %s failed (%s); retrying in %.1fs", sub.queue, sub.name, failure, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 async def _consume(module: Module, sub: Subscription, consumer: QueueConsumer) -> None:
