@@ -66,7 +66,7 @@ _SPECS = [
     ModuleSpec("modules::cron::CronModule", "cron", None, default=True),
     ModuleSpec("modules::stream::StreamModule", "stream", None, default=True),
     ModuleSpec("modules::state::StateModule", "state", "iii.modules.state", default=True),
-    ModuleSpec("modules::pubsub::PubSubModule", "pubsub", None, default=True),
+    ModuleSpec("modules::pubsub::PubSubModule", "pubsub", "iii.modules.pubsub", default=True),
     ModuleSpec("modules::kv_server::KvServer", "kv_server", "iii.modules.kv_server", default=True),
     ModuleSpec("modules::observability::OtelModule", "observability", None),
     ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", None),
