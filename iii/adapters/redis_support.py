@@ -88,7 +88,7 @@ def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_outage(e) for e in exc.exceptions)
     return isinstance(
-        exc, (coredis.exceptions.ConnectionError, coredis.exceptions.TimeoutError, TimeoutError, OSError)
+        exc, (coredis.exceptions.ConnectionError, TimeoutError, OSError)
     )
 
 
