@@ -215,14 +215,14 @@ class EngineProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.config_path.parent,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
 
     async def started(self, timeout: float = 20.0) -> None:
         await wait_for_port(self.port, timeout)
