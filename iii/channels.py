@@ -58,6 +58,9 @@ class Channel:
     reader_claimed: bool = False
     writer_done: bool = False
     reader_done: bool = False
+    # Scopes of the sockets attached to this channel: cancelled when it is
+    # removed, so a socket never outlives its channel.
+    socket_scopes: list[trio.CancelScope] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.send_side, self.receive_side = trio.open_memory_channel[Frame](self.buffer_size)
@@ -83,6 +86,8 @@ class Channel:
         self.send_side.close()
         self.receive_side.close()
         self.writer_done = self.reader_done = True
+        for scope in self.socket_scopes:
+            scope.cancel()
 
     @property
     def finished(self) -> bool:
