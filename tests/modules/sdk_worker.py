@@ -53,15 +53,17 @@ asyncio.run(main())
 '''
 
 SCRIPT_025 = r'''
-import json, sys
+import json, sys, threading
 from iii import register_worker, InitOptions, InvocationError
 
 SPEC = json.loads(%(spec)r)
+PRINT = threading.Lock()  # sync handlers run in threads: one line at a time
 iii = register_worker(sys.argv[1], InitOptions(worker_name="sdk025", otel={"enabled": False}))
 for fid, result in SPEC["handlers"].items():
     def make(fid=fid, result=result):
         def handler(data):
-            print("EVENT " + fid + " " + json.dumps(data), flush=True)
+            with PRINT:
+                print("EVENT " + fid + " " + json.dumps(data), flush=True)
             return result
         return handler
     iii.register_function(fid, make())
@@ -72,11 +74,13 @@ for line in sys.stdin:
     cmd = json.loads(line)
     try:
         out = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data")})
-        print("OK " + json.dumps(out), flush=True)
+        line = "OK " + json.dumps(out)
     except InvocationError as exc:
-        print("ERR " + json.dumps({"code": exc.code, "message": exc.message}), flush=True)
+        line = "ERR " + json.dumps({"code": exc.code, "message": exc.message})
     except Exception as exc:
-        print("ERR " + json.dumps({"code": None, "message": str(exc)}), flush=True)
+        line = "ERR " + json.dumps({"code": None, "message": str(exc)})
+    with PRINT:
+        print(line, flush=True)
 iii.shutdown()
 '''
 
