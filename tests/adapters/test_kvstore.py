@@ -88,3 +88,20 @@ def test_config_reading():
     assert KvStoreConfig.from_raw({"store_method": "weird", "other": 1}).store_method == "in_memory"
     with pytest.raises(ConfigError):
         KvStoreConfig.from_raw({"save_interval_ms": "soon"})
+
+
+async def test_a_disk_error_makes_the_store_refuse_further_use(tmp_path):
+    import os
+
+    from iii.errors import AdapterUnavailableError
+
+    async with open_kv_store(file_config(tmp_path / "kv")) as store:
+        await store.set("i", "k", 1)
+        os.close(store._log._fd)  # the next write fails with EBADF, a real OS error
+        with pytest.raises(AdapterUnavailableError):
+            await store.set("i", "k", 2)
+        with pytest.raises(AdapterUnavailableError):
+            await store.get("i", "k")
+        store._log._fd = os.open(os.devnull, os.O_WRONLY)  # let the close on exit succeed
+    async with open_kv_store(file_config(tmp_path / "kv")) as store:
+        assert await store.get("i", "k") == 1  # the refused write is not there
