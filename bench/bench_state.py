@@ -7,7 +7,9 @@ loop: sequentially (one call in flight: the round-trip rate) and with 16
 calls in flight.  The baseline, measured in the same run on the same Redis:
 raw SET/GET with ``redis-benchmark`` (C, one connection sequential and 16
 connections) and with coredis from Python (sequential).  Ratios are printed
-against the sequential redis-benchmark figure.
+against the sequential redis-benchmark figure, and against the engine's own
+floor: the same SDK calling a trivial engine function
+(``engine::workers::register``) through the same engine.
 
 Part 2, stream fan-out.  One engine process (memory backend); N WebSocket
 clients (N = 1, 100, 1000, all in this process) join the same group; a raw
@@ -61,6 +63,8 @@ async def main():
     for name, fn, payload in (
         ("set", "state::set", lambda i: {"scope": "bench", "key": f"k{i % 1000}", "value": {"i": i}}),
         ("get", "state::get", lambda i: {"scope": "bench", "key": f"k{i % 200}"}),
+        # the engine's floor: a trivial engine function (it only records metadata)
+        ("floor", "engine::workers::register", lambda i: {"name": "bench"}),
     ):
         for inflight in (1, 16):
             done = 0
@@ -266,15 +270,17 @@ async def main(seconds: float, sizes: list[int], rounds: int) -> None:
     rows = {"redis-benchmark (raw Redis, C)": baseline, "coredis (raw Redis, Python)": py_redis}
     for kind in ("memory", "file", "redis"):
         rows[f"SDK 0.4.1 -> engine, state on {kind}"] = await sdk_round_trips(kind, seconds, python)
-    columns = ["set x1", "get x1", "set x16", "get x16"]
+    columns = ["set x1", "get x1", "set x16", "get x16", "floor x1", "floor x16"]
     reference = baseline.get("set x1"), baseline.get("get x1")
-    print(f"{'':42}" + "".join(f"{c:>12}" for c in columns) + "   set x1 / raw   get x1 / raw")
+    print(f"{'':40}" + "".join(f"{c:>10}" for c in columns) + "  set/raw  get/raw  set/floor  get/floor (x1)")
     for name, rates in rows.items():
-        cells = "".join(f"{rates[c]:>12.0f}" if c in rates else f"{'-':>12}" for c in columns)
+        cells = "".join(f"{rates[c]:>10.0f}" if c in rates else f"{'-':>10}" for c in columns)
         ratio = ""
         if reference[0] and "set x1" in rates:
-            ratio = f"   {rates['set x1'] / reference[0]:>12.3f}   {rates['get x1'] / reference[1]:>12.3f}"
-        print(f"{name:42}{cells}{ratio}")
+            ratio = f"  {rates['set x1'] / reference[0]:>7.3f}  {rates['get x1'] / reference[1]:>7.3f}"
+        if "floor x1" in rates:
+            ratio += f"  {rates['set x1'] / rates['floor x1']:>9.2f}  {rates['get x1'] / rates['floor x1']:>9.2f}"
+        print(f"{name:40}{cells}{ratio}")
     print()
     print(f"stream fan-out: one stream::set -> N clients, median of {rounds} rounds (ms)")
     print(f"{'N':>6}{'first':>10}{'median':>10}{'last':>10}")
