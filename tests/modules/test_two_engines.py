@@ -88,3 +88,42 @@ async def test_events_cross_engines():
                         assert (await caller_b.call("state::get", {"scope": "users", "key": "u1"}))["result"] == {"name": "x"}
                     assert len([1 for fid, _ in seen_b if fid == "b::state"]) == 1  # fired once, not once per engine
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.sdk
+async def test_two_engine_processes_with_an_sdk_worker(tmp_path):
+    """Two real engine processes: an SDK worker on B gets the state event and the
+    message that a client of A caused."""
+    from tests.modules.sdk_worker import sdk_worker
+    from tests.support import EngineProcess
+
+    async with redis_prefix() as prefix:
+        redis = {"redis_url": "redis://127.0.0.1:6379", "key_prefix": prefix}
+        modules = [
+            {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::RedisAdapter", "config": redis}}},
+            {"class": "modules::pubsub::PubSubModule", "config": {"adapter": {"class": "modules::pubsub::RedisAdapter", "config": redis}}},
+        ]
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        engine_a = EngineProcess.write(tmp_path / "a", {"modules": modules})
+        engine_b = EngineProcess.write(tmp_path / "b", {"modules": modules})
+        engine_a.start()
+        engine_b.start()
+        try:
+            await engine_a.started()
+            await engine_b.started()
+            async with sdk_worker(
+                "0.25.0",
+                engine_b.url,
+                handlers={"b::on_state": None, "b::on_news": None},
+                triggers=[["state", "b::on_state", {"scope": "orders"}], ["subscribe", "b::on_news", {"topic": "news"}]],
+            ) as on_b, sdk_worker("0.4.1", engine_a.url) as on_a:
+                await wait_redis_subscribers(prefix, "news", 1)
+                assert await on_a.call("state::set", {"scope": "orders", "key": "o1", "value": {"qty": 2}}) == {"old_value": None, "new_value": {"qty": 2}}
+                assert await on_a.call("publish", {"topic": "news", "data": {"hello": "b"}}) is None
+                [state_event] = await on_b.wait_events(1, "b::on_state")
+                assert state_event["event_type"] == "state:created" and state_event["new_value"] == {"qty": 2}
+                assert await on_b.wait_events(1, "b::on_news") == [{"hello": "b"}]
+        finally:
+            engine_a.kill()
+            engine_b.kill()
