@@ -131,12 +131,14 @@ def parse_ops(raw: Any, function_id: str = "update") -> list[UpdateOp]:
             raise DeserializationError(f"{where}: expected an object")
         kind = item.get("type")
         if kind not in OP_TYPES:
-            raise DeserializationError(f"{where}: unknown op type {kind!r} (expected one of {', '.join(OP_TYPES)})")
+            raise DeserializationError(
+                f"{where}: unknown op type {kind!r} (expected one of {', '.join(OP_TYPES)})"
+            )
         if "path" not in item and kind not in _OPTIONAL_PATH:
             raise DeserializationError(f"{where}: missing field path")
         path = _parse_path(item.get("path"), where)
         if kind in ("increment", "decrement"):
-            by = item.get("by")
+            by: Any = item.get("by")
             if not _number(by):
                 raise DeserializationError(f"{where}: by must be a number")
             ops.append(UpdateOp(kind, path, by=by))
@@ -158,7 +160,13 @@ def _type_name(value: Any) -> str:
         return "boolean"
     if _number(value):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
 
 
 def _label(path: tuple[str, ...]) -> str:

@@ -47,6 +47,7 @@ task (in its own nursery); leaving the block closes them.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import logging
 import os
@@ -106,7 +107,9 @@ class KvStoreConfig:
                 continue
             value = raw[name]
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}")
+                raise ConfigError(
+                    f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
+                )
             values[name] = value
         config = cls(**values)
         if config.store_method not in ("in_memory", "file_based"):
@@ -141,25 +144,27 @@ class KvStore:
 
     def _check(self) -> None:
         if self._failed is not None:
-            raise AdapterUnavailableError(f"the key-value store is unusable after a disk error: {self._failed}")
+            raise AdapterUnavailableError(
+                f"the key-value store is unusable after a disk error: {self._failed}"
+            )
 
     async def get(self, index: str, key: str) -> Any:
         self._check()
         return _loads(self._data.get(index, {}).get(key))
 
-    async def list(self, index: str) -> list[Any]:
+    async def list(self, index: str) -> builtins.list[Any]:
         self._check()
         return [orjson.loads(v) for v in self._data.get(index, {}).values()]
 
-    async def items(self, index: str) -> list[tuple[str, Any]]:
+    async def items(self, index: str) -> builtins.list[tuple[str, Any]]:
         self._check()
         return [(k, orjson.loads(v)) for k, v in self._data.get(index, {}).items()]
 
-    async def keys(self, index: str) -> list[str]:
+    async def keys(self, index: str) -> builtins.list[str]:
         self._check()
         return list(self._data.get(index, {}))
 
-    async def list_indexes(self) -> list[str]:
+    async def list_indexes(self) -> builtins.list[str]:
         self._check()
         return list(self._data)
 
@@ -201,7 +206,9 @@ class KvStore:
         except OSError as exc:
             self._failed = f"{exc.strerror or exc} ({self._log.path})"
             log.critical("key-value store write failed; refusing further use: %s", self._failed)
-            raise AdapterUnavailableError(f"the key-value store could not write to disk: {self._failed}") from None
+            raise AdapterUnavailableError(
+                f"the key-value store could not write to disk: {self._failed}"
+            ) from None
 
     async def set(self, index: str, key: str, value: Any) -> Any:
         """Store ``value``; returns the previous value or None."""
@@ -219,7 +226,7 @@ class KvStore:
             await self._persist(["del", index, key])
         return _loads(old)
 
-    async def update(self, index: str, key: str, ops: list[UpdateOp]) -> UpdateResult:
+    async def update(self, index: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
         """Apply update ops atomically (no other write can interleave)."""
         self._check()
         current = self._data.get(index, {}).get(key)
@@ -233,8 +240,8 @@ class KvStore:
     async def write_batch(self, mutations: Iterable[Mutation]) -> None:
         """Apply ``("set", index, key, value)`` / ``("delete", index, key)`` atomically."""
         self._check()
-        records: list[Any] = []
-        prepared: list[tuple[str, str, str, bytes | None]] = []
+        records: builtins.list[Any] = []
+        prepared: builtins.list[tuple[str, str, str, bytes | None]] = []
         for mutation in mutations:
             kind = mutation[0]
             if kind == "set":
@@ -243,7 +250,7 @@ class KvStore:
                 prepared.append(("delete", mutation[1], mutation[2], None))
             else:
                 raise ValueError(f"unknown mutation {kind!r}")
-        for kind, index, key, encoded in prepared:  # all encoded first: nothing half-applied
+        for _kind, index, key, encoded in prepared:  # all encoded first: nothing half-applied
             if encoded is not None:
                 self._put(index, key, encoded)
                 records.append(["set", index, key, orjson.Fragment(encoded)])
@@ -254,7 +261,7 @@ class KvStore:
 
     # -- recovery and compaction ---------------------------------------------------
 
-    def _replay(self, records: list[Any]) -> None:
+    def _replay(self, records: builtins.list[Any]) -> None:
         for record in records:
             self._replay_one(record)
 

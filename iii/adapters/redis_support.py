@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -74,22 +75,28 @@ class RedisSettings:
             if value is None:
                 continue
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}")
+                raise ConfigError(
+                    f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
+                )
             values[name] = value
         settings = cls(**values)
         if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("must be a redis://, rediss:// or unix:// URL", key=f"{where}.redis_url")
+            raise ConfigError(
+                "must be a redis://, rediss:// or unix:// URL", key=f"{where}.redis_url"
+            )
         if settings.timeout_ms <= 0:
             raise ConfigError("must be positive", key=f"{where}.timeout_ms")
         return settings
 
 
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_outage(e) for e in exc.exceptions)
-    return isinstance(
-        exc, (coredis.exceptions.ConnectionError, TimeoutError, OSError)
-    )
+    return isinstance(exc, (coredis.exceptions.ConnectionError, TimeoutError, OSError))
 
 
 @attrs.define(eq=False)
@@ -112,9 +119,13 @@ class RedisConnection:
             ) from None
         except Exception as exc:
             if _is_outage(exc):
-                raise AdapterUnavailableError(f"{self.name}: Redis is unavailable ({what}): {exc}") from None
+                raise AdapterUnavailableError(
+                    f"{self.name}: Redis is unavailable ({what}): {exc}"
+                ) from None
             if isinstance(exc, coredis.exceptions.RedisError):
-                raise IIIError(f"{self.name}: Redis refused {what}: {exc}", code="adapter_error") from None
+                raise IIIError(
+                    f"{self.name}: Redis refused {what}: {exc}", code="adapter_error"
+                ) from None
             raise
 
 
@@ -135,7 +146,9 @@ async def open_redis(settings: RedisSettings, *, name: str) -> AsyncIterator[Red
         try:
             await connection.call("PING", client.ping)
         except IIIError as exc:
-            log.warning("%s: %s; continuing, calls will fail until Redis is reachable", name, exc.message)
+            log.warning(
+                "%s: %s; continuing, calls will fail until Redis is reachable", name, exc.message
+            )
         yield connection
 
 
@@ -173,7 +186,11 @@ class RedisChannels:
         """Receive until cancelled.  Opening blocks while Redis is down."""
         retry = CompositeRetryPolicy(
             ExponentialBackoffRetryPolicy(
-                (coredis.exceptions.ConnectionError,), retries=None, base_delay=0.1, max_delay=1, jitter=True
+                (coredis.exceptions.ConnectionError,),
+                retries=None,
+                base_delay=0.1,
+                max_delay=1,
+                jitter=True,
             ),
             ConstantRetryPolicy((TimeoutError,), retries=None, delay=0.5),
         )
@@ -189,7 +206,9 @@ class RedisChannels:
                             if message is None or message["type"] != "message":
                                 continue
                             try:
-                                self.on_message(bytes(message["channel"]), bytes(message["data"]))
+                                self.on_message(
+                                    _as_bytes(message["channel"]), _as_bytes(message["data"])
+                                )
                             except Exception:
                                 log.exception("%s: pub/sub handler failed", self.connection.name)
             except* anyio.ClosedResourceError:
@@ -211,7 +230,9 @@ class RedisChannels:
             except Exception as exc:
                 if not (_is_outage(exc) or isinstance(exc, trio.TooSlowError)):
                     log.exception("%s: changing subscriptions failed", self.connection.name)
-                log.debug("%s: subscriptions not changed yet (%r); retrying", self.connection.name, exc)
+                log.debug(
+                    "%s: subscriptions not changed yet (%r); retrying", self.connection.name, exc
+                )
                 await trio.sleep(0.5)
                 continue
             if self._wanted == (current | add) - remove:
@@ -241,7 +262,9 @@ class PeerEvents:
             message = orjson.loads(payload)
             origin, event = message["origin"], message["event"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("%s: ignoring a malformed message on %s", self.connection.name, self.channel)
+            log.warning(
+                "%s: ignoring a malformed message on %s", self.connection.name, self.channel
+            )
             return
         if origin != self.origin:
             self.on_event(event)
@@ -313,7 +336,9 @@ class JsonHashes:
         self._cas = client.register_script(_CAS_SCRIPT)
 
     async def get(self, key: str, field: str) -> Any:
-        raw = await self.connection.call(f"HGET {key}", lambda: self.connection.client.hget(key, field))
+        raw = await self.connection.call(
+            f"HGET {key}", lambda: self.connection.client.hget(key, field)
+        )
         return None if raw is None else orjson.loads(raw)
 
     async def set(self, key: str, field: str, value: Any, chain: Chain) -> Any:
@@ -325,7 +350,9 @@ class JsonHashes:
     async def delete(self, key: str, field: str, chain: Chain) -> Any:
         keys = [key, *(k for k, _ in chain)]
         args = [field, *(m for _, m in chain)]
-        raw = await self.connection.call(f"delete {key}", lambda: self._delete(keys=keys, args=args))
+        raw = await self.connection.call(
+            f"delete {key}", lambda: self._delete(keys=keys, args=args)
+        )
         return None if raw is None else orjson.loads(raw)
 
     async def update(self, key: str, field: str, ops: Any, chain: Chain) -> Any:
@@ -338,23 +365,37 @@ class JsonHashes:
         """
         from iii.update_ops import MISSING, UpdateResult, apply_ops
 
-        raw = await self.connection.call(f"HGET {key}", lambda: self.connection.client.hget(key, field))
+        raw = await self.connection.call(
+            f"HGET {key}", lambda: self.connection.client.hget(key, field)
+        )
         keys = [key, *(k for k, _ in chain)]
         members = [m for _, m in chain]
         for _attempt in range(1000):
             old_value = MISSING if raw is None else orjson.loads(raw)
             new_value, errors = apply_ops(old_value, ops)
-            args = [field, orjson.dumps(new_value), "0" if raw is None else "1", raw or b"", *members]
-            reply = await self.connection.call(f"update {key}", lambda: self._cas(keys=keys, args=args))
+            args = [
+                field,
+                orjson.dumps(new_value),
+                "0" if raw is None else "1",
+                raw or b"",
+                *members,
+            ]
+            reply = await self.connection.call(
+                f"update {key}", partial(self._cas, keys=keys, args=args)
+            )
             if int(reply[0]) == 1:
                 return UpdateResult(None if old_value is MISSING else old_value, new_value, errors)
             raw = bytes(reply[2]) if int(reply[1]) == 1 else None
-        raise IIIError(f"{self.connection.name}: update of {key} kept conflicting", code="adapter_error")
+        raise IIIError(
+            f"{self.connection.name}: update of {key} kept conflicting", code="adapter_error"
+        )
 
     async def values(self, key: str) -> list[Any]:
         raw = await self.connection.call(f"HVALS {key}", lambda: self.connection.client.hvals(key))
         return [orjson.loads(v) for v in raw]
 
     async def members(self, key: str) -> list[str]:
-        raw = await self.connection.call(f"SMEMBERS {key}", lambda: self.connection.client.smembers(key))
+        raw = await self.connection.call(
+            f"SMEMBERS {key}", lambda: self.connection.client.smembers(key)
+        )
         return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)

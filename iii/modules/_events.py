@@ -89,7 +89,9 @@ class TriggerDispatch:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self.dropped += 1
-            log.warning("%s triggers: %d events queued; event dropped", self.trigger_type, QUEUE_SIZE)
+            log.warning(
+                "%s triggers: %d events queued; event dropped", self.trigger_type, QUEUE_SIZE
+            )
 
     async def run(self) -> None:
         limiter = trio.CapacityLimiter(CONCURRENT_EVENTS)
@@ -105,13 +107,19 @@ class TriggerDispatch:
                     calls_nursery.start_soon(self._fire, event, matching, limiter, event_token)
 
     async def _fire(
-        self, event: dict[str, Any], matching: list[tuple[str, str | None]], limiter: trio.CapacityLimiter, token: object
+        self,
+        event: dict[str, Any],
+        matching: list[tuple[str, str | None]],
+        limiter: trio.CapacityLimiter,
+        token: object,
     ) -> None:
         try:
             for function_id, condition in matching:
                 if condition is not None and not await self._condition_passes(condition, event):
                     continue
-                await self.engine.invoke_logged(function_id, event, what=f"{self.trigger_type} trigger")
+                await self.engine.invoke_logged(
+                    function_id, event, what=f"{self.trigger_type} trigger"
+                )
         finally:
             limiter.release_on_behalf_of(token)
 
@@ -119,6 +127,12 @@ class TriggerDispatch:
         try:
             result = await self.engine.invoke(condition, event)
         except IIIError as exc:
-            log.warning("%s trigger condition %s failed: %s: %s", self.trigger_type, condition, exc.code, exc.message)
+            log.warning(
+                "%s trigger condition %s failed: %s: %s",
+                self.trigger_type,
+                condition,
+                exc.code,
+                exc.message,
+            )
             return False
         return result is not False and result is not None

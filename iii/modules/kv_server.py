@@ -96,9 +96,15 @@ class Module:
                 ("delete", self.delete, "Delete a value by key"),
                 ("update", self.update, "Update a value with atomic operations"),
                 ("list", self.list, "List the values of an index"),
-                ("list_keys_with_prefix", self.list_keys_with_prefix, "List keys starting with a prefix"),
+                (
+                    "list_keys_with_prefix",
+                    self.list_keys_with_prefix,
+                    "List keys starting with a prefix",
+                ),
             ):
-                self.engine.register_function(f"kv_server::{name}", handler, description=description)
+                self.engine.register_function(
+                    f"kv_server::{name}", handler, description=description
+                )
             task_status.started()
             await trio.sleep_forever()
 

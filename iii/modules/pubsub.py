@@ -68,8 +68,12 @@ class Module:
             self.adapter = adapter
             async with trio.open_nursery() as module_nursery:
                 self._nursery = module_nursery
-                self.engine.register_function("publish", self.publish, description="Publish a message to a topic")
-                self.engine.register_trigger_type("subscribe", self, description="Topic subscription")
+                self.engine.register_function(
+                    "publish", self.publish, description="Publish a message to a topic"
+                )
+                self.engine.register_trigger_type(
+                    "subscribe", self, description="Topic subscription"
+                )
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -79,7 +83,9 @@ class Module:
         config = trigger.config if isinstance(trigger.config, dict) else {}
         topic = config.get("topic")
         if not isinstance(topic, str) or not topic:
-            raise TriggerRegistrationError("subscribe trigger config needs a non-empty string topic")
+            raise TriggerRegistrationError(
+                "subscribe trigger config needs a non-empty string topic"
+            )
         subscribers = self.subscribers.setdefault(topic, {})
         subscribers[trigger] = trigger.function_id
         if len(subscribers) == 1 and self.adapter is not None:

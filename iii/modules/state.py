@@ -103,7 +103,9 @@ class Empty:
     pass
 
 
-def state_event(event_type: str, scope: str, key: str, old_value: Any, new_value: Any) -> dict[str, Any]:
+def state_event(
+    event_type: str, scope: str, key: str, old_value: Any, new_value: Any
+) -> dict[str, Any]:
     return {
         "type": "state",
         "event_type": event_type,
@@ -128,11 +130,15 @@ class Module:
         self.engine = engine
         self.config = config
         self.dispatch = TriggerDispatch(engine, "state", parse=_parse_filter, matches=_matches)
-        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](10_000)
+        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
+            10_000
+        )
         self.adapter: StateAdapter | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_state_adapter(self.config.adapter, on_peer_event=self.dispatch.submit) as adapter:
+        async with open_state_adapter(
+            self.config.adapter, on_peer_event=self.dispatch.submit
+        ) as adapter:
             self.adapter = adapter
             functions: dict[str, tuple[Callable[[Any, CallContext], Awaitable[Any]], str]] = {
                 "state::set": (self.set, "Set a value in state"),
@@ -183,10 +189,21 @@ class Module:
         args = parse_input(data, SetInput, ctx.function_id)
         value = args.value if args.value is not _MISSING else args.data
         if value is _MISSING:
-            raise IIIError(f"Failed to deserialize input for {ctx.function_id}: missing field value", code="deserialization_error")
+            raise IIIError(
+                f"Failed to deserialize input for {ctx.function_id}: missing field value",
+                code="deserialization_error",
+            )
         assert self.adapter is not None
         old = await self._call("SET_ERROR", self.adapter.set(args.scope, args.key, value))
-        self._emit(state_event("state:created" if old is None else "state:updated", args.scope, args.key, old, value))
+        self._emit(
+            state_event(
+                "state:created" if old is None else "state:updated",
+                args.scope,
+                args.key,
+                old,
+                value,
+            )
+        )
         return {"old_value": old, "new_value": value}
 
     async def get(self, data: Any, ctx: CallContext) -> Any:
@@ -207,7 +224,9 @@ class Module:
         assert self.adapter is not None
         result = await self._call("UPDATE_ERROR", self.adapter.update(args.scope, args.key, ops))
         event_type = "state:created" if result.old_value is None else "state:updated"
-        self._emit(state_event(event_type, args.scope, args.key, result.old_value, result.new_value))
+        self._emit(
+            state_event(event_type, args.scope, args.key, result.old_value, result.new_value)
+        )
         return result.to_json()
 
     async def list(self, data: Any, ctx: CallContext) -> Any:

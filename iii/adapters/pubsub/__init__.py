@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from iii.config import AdapterRef
 from iii.errors import ConfigError
@@ -54,7 +54,12 @@ def open_pubsub_adapter(
     module_name = BACKENDS.get(class_name)
     if module_name is None:
         raise ConfigError(
-            f"unknown pubsub adapter {class_name!r} (available: {', '.join(BACKENDS)})", key=f"{where}.class"
+            f"unknown pubsub adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
         )
     backend = importlib.import_module(module_name)
-    return backend.open_adapter(ref.config if ref is not None else None, on_message=on_message, where=where)  # type: ignore[no-any-return]
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[PubSubAdapter]",
+        opener(ref.config if ref is not None else None, on_message=on_message, where=where),
+    )

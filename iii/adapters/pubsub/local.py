@@ -34,5 +34,7 @@ class LocalPubSubAdapter:
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_message: MessageHandler, where: str) -> AsyncIterator[LocalPubSubAdapter]:
+async def open_adapter(
+    raw: Any, *, on_message: MessageHandler, where: str
+) -> AsyncIterator[LocalPubSubAdapter]:
     yield LocalPubSubAdapter(on_message)

@@ -41,7 +41,9 @@ class RedisPubSubAdapter:
     async def publish(self, topic: str, data: Any) -> None:
         channel = self.connection.key(topic)
         payload = orjson.dumps(data)
-        await self.connection.call(f"PUBLISH {channel}", lambda: self.connection.client.publish(channel, payload))
+        await self.connection.call(
+            f"PUBLISH {channel}", lambda: self.connection.client.publish(channel, payload)
+        )
 
     def subscribe(self, topic: str) -> None:
         self.channels.want(self.connection.key(topic))
@@ -51,7 +53,9 @@ class RedisPubSubAdapter:
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_message: MessageHandler, where: str) -> AsyncIterator[RedisPubSubAdapter]:
+async def open_adapter(
+    raw: Any, *, on_message: MessageHandler, where: str
+) -> AsyncIterator[RedisPubSubAdapter]:
     settings = RedisSettings.from_raw(raw, where=f"{where}.config")
     prefix = settings.key_prefix
 

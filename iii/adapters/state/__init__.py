@@ -19,10 +19,11 @@ serves one engine and never calls it.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from iii.config import AdapterRef
 from iii.errors import ConfigError
@@ -46,11 +47,11 @@ class StateAdapter(Protocol):
     async def delete(self, scope: str, key: str) -> Any:
         """Remove the key atomically; returns the removed value or None."""
 
-    async def update(self, scope: str, key: str, ops: list[UpdateOp]) -> UpdateResult: ...
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult: ...
 
-    async def list(self, scope: str) -> list[Any]: ...
+    async def list(self, scope: str) -> builtins.list[Any]: ...
 
-    async def list_groups(self) -> list[str]:
+    async def list_groups(self) -> builtins.list[str]:
         """Scopes holding at least one key, sorted."""
 
     async def publish_event(self, event: dict[str, Any]) -> None:
@@ -67,7 +68,12 @@ def open_state_adapter(
     module_name = BACKENDS.get(class_name)
     if module_name is None:
         raise ConfigError(
-            f"unknown state adapter {class_name!r} (available: {', '.join(BACKENDS)})", key=f"{where}.class"
+            f"unknown state adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
         )
     backend = importlib.import_module(module_name)
-    return backend.open_adapter(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where)  # type: ignore[no-any-return]
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[StateAdapter]",
+        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+    )

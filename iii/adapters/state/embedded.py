@@ -7,6 +7,7 @@ engine only, so there are no peer events.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,13 +33,13 @@ class EmbeddedStateAdapter:
     async def delete(self, scope: str, key: str) -> Any:
         return await self.store.delete(scope, key)
 
-    async def update(self, scope: str, key: str, ops: list[UpdateOp]) -> UpdateResult:
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
         return await self.store.update(scope, key, ops)
 
-    async def list(self, scope: str) -> list[Any]:
+    async def list(self, scope: str) -> builtins.list[Any]:
         return await self.store.list(scope)
 
-    async def list_groups(self) -> list[str]:
+    async def list_groups(self) -> builtins.list[str]:
         return sorted(await self.store.list_indexes())
 
     async def publish_event(self, event: dict[str, Any]) -> None:
@@ -46,6 +47,8 @@ class EmbeddedStateAdapter:
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_peer_event: Any, where: str) -> AsyncIterator[EmbeddedStateAdapter]:
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[EmbeddedStateAdapter]:
     async with open_kv_store(KvStoreConfig.from_raw(raw, where=f"{where}.config")) as store:
         yield EmbeddedStateAdapter(store)

@@ -18,6 +18,7 @@ race (:class:`~iii.adapters.redis_support.JsonHashes`).  Config:
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +26,13 @@ from typing import Any
 import attrs
 import trio
 
-from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, RedisSettings, open_redis
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_redis,
+)
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["RedisStateAdapter", "open_adapter"]
@@ -40,7 +47,7 @@ class RedisStateAdapter:
     def _hash(self, scope: str) -> str:
         return self.connection.key("state:", scope)
 
-    def _chain(self, scope: str) -> list[tuple[str, str]]:
+    def _chain(self, scope: str) -> builtins.list[tuple[str, str]]:
         return [(self.connection.key("iii:state:scopes"), scope)]
 
     async def get(self, scope: str, key: str) -> Any:
@@ -52,14 +59,16 @@ class RedisStateAdapter:
     async def delete(self, scope: str, key: str) -> Any:
         return await self.hashes.delete(self._hash(scope), key, self._chain(scope))
 
-    async def update(self, scope: str, key: str, ops: list[UpdateOp]) -> UpdateResult:
-        result: UpdateResult = await self.hashes.update(self._hash(scope), key, ops, self._chain(scope))
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
+        result: UpdateResult = await self.hashes.update(
+            self._hash(scope), key, ops, self._chain(scope)
+        )
         return result
 
-    async def list(self, scope: str) -> list[Any]:
+    async def list(self, scope: str) -> builtins.list[Any]:
         return await self.hashes.values(self._hash(scope))
 
-    async def list_groups(self) -> list[str]:
+    async def list_groups(self) -> builtins.list[str]:
         return await self.hashes.members(self.connection.key("iii:state:scopes"))
 
     async def publish_event(self, event: dict[str, Any]) -> None:
@@ -67,7 +76,9 @@ class RedisStateAdapter:
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_peer_event: Any, where: str) -> AsyncIterator[RedisStateAdapter]:
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[RedisStateAdapter]:
     settings = RedisSettings.from_raw(raw, where=f"{where}.config")
     async with open_redis(settings, name="state redis adapter") as connection:
         peers = PeerEvents(connection, connection.key("state::events"), on_peer_event)

@@ -19,10 +19,11 @@ one engine and does neither.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from iii.config import AdapterRef
 from iii.errors import ConfigError
@@ -46,15 +47,17 @@ class StreamAdapter(Protocol):
     async def delete(self, stream: str, group: str, item: str) -> Any:
         """Remove the item atomically; returns the removed value or None."""
 
-    async def update(self, stream: str, group: str, item: str, ops: list[UpdateOp]) -> UpdateResult: ...
+    async def update(
+        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+    ) -> UpdateResult: ...
 
-    async def list(self, stream: str, group: str) -> list[Any]:
+    async def list(self, stream: str, group: str) -> builtins.list[Any]:
         """The group's values (no ids)."""
 
-    async def list_groups(self, stream: str) -> list[str]:
+    async def list_groups(self, stream: str) -> builtins.list[str]:
         """Groups of the stream holding at least one item, sorted."""
 
-    async def list_all(self) -> list[tuple[str, list[str]]]:
+    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
         """Every stream with its sorted groups, sorted by stream name."""
 
     async def publish_event(self, message: dict[str, Any]) -> None:
@@ -62,13 +65,21 @@ class StreamAdapter(Protocol):
 
 
 def open_stream_adapter(
-    ref: AdapterRef | None, *, on_peer_event: Callable[[dict[str, Any]], None], where: str = "stream.adapter"
+    ref: AdapterRef | None,
+    *,
+    on_peer_event: Callable[[dict[str, Any]], None],
+    where: str = "stream.adapter",
 ) -> AbstractAsyncContextManager[StreamAdapter]:
     class_name = ref.class_name if ref is not None else DEFAULT_CLASS
     module_name = BACKENDS.get(class_name)
     if module_name is None:
         raise ConfigError(
-            f"unknown stream adapter {class_name!r} (available: {', '.join(BACKENDS)})", key=f"{where}.class"
+            f"unknown stream adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
         )
     backend = importlib.import_module(module_name)
-    return backend.open_adapter(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where)  # type: ignore[no-any-return]
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[StreamAdapter]",
+        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+    )

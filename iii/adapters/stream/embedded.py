@@ -10,6 +10,7 @@ per-connection queues).  One engine only, so there are no peer events.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,24 +49,26 @@ class EmbeddedStreamAdapter:
     async def delete(self, stream: str, group: str, item: str) -> Any:
         return await self.store.delete(_index(stream, group), item)
 
-    async def update(self, stream: str, group: str, item: str, ops: list[UpdateOp]) -> UpdateResult:
+    async def update(
+        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+    ) -> UpdateResult:
         return await self.store.update(_index(stream, group), item, ops)
 
-    async def list(self, stream: str, group: str) -> list[Any]:
+    async def list(self, stream: str, group: str) -> builtins.list[Any]:
         return await self.store.list(_index(stream, group))
 
-    async def _groups(self) -> dict[str, list[str]]:
-        streams: dict[str, list[str]] = {}
+    async def _groups(self) -> dict[str, builtins.list[str]]:
+        streams: dict[str, builtins.list[str]] = {}
         for index in await self.store.list_indexes():
             parts = _split(index)
             if parts is not None:
                 streams.setdefault(parts[0], []).append(parts[1])
         return streams
 
-    async def list_groups(self, stream: str) -> list[str]:
+    async def list_groups(self, stream: str) -> builtins.list[str]:
         return sorted((await self._groups()).get(stream, []))
 
-    async def list_all(self) -> list[tuple[str, list[str]]]:
+    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
         return [(name, sorted(groups)) for name, groups in sorted((await self._groups()).items())]
 
     async def publish_event(self, message: dict[str, Any]) -> None:
@@ -73,6 +76,8 @@ class EmbeddedStreamAdapter:
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_peer_event: Any, where: str) -> AsyncIterator[EmbeddedStreamAdapter]:
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[EmbeddedStreamAdapter]:
     async with open_kv_store(KvStoreConfig.from_raw(raw, where=f"{where}.config")) as store:
         yield EmbeddedStreamAdapter(store)

@@ -22,6 +22,7 @@ script (:class:`~iii.adapters.redis_support.JsonHashes`).  Config:
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +30,13 @@ from typing import Any
 import attrs
 import trio
 
-from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, RedisSettings, open_redis
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_redis,
+)
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["RedisStreamAdapter", "open_adapter"]
@@ -44,7 +51,7 @@ class RedisStreamAdapter:
     def _hash(self, stream: str, group: str) -> str:
         return self.connection.key("stream:", stream, ":", group)
 
-    def _chain(self, stream: str, group: str) -> list[tuple[str, str]]:
+    def _chain(self, stream: str, group: str) -> builtins.list[tuple[str, str]]:
         return [
             (self.connection.key("iii:stream:groups:", stream), group),
             (self.connection.key("iii:streams"), stream),
@@ -54,30 +61,41 @@ class RedisStreamAdapter:
         return await self.hashes.get(self._hash(stream, group), item)
 
     async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
-        return await self.hashes.set(self._hash(stream, group), item, value, self._chain(stream, group))
+        return await self.hashes.set(
+            self._hash(stream, group), item, value, self._chain(stream, group)
+        )
 
     async def delete(self, stream: str, group: str, item: str) -> Any:
         return await self.hashes.delete(self._hash(stream, group), item, self._chain(stream, group))
 
-    async def update(self, stream: str, group: str, item: str, ops: list[UpdateOp]) -> UpdateResult:
-        result: UpdateResult = await self.hashes.update(self._hash(stream, group), item, ops, self._chain(stream, group))
+    async def update(
+        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+    ) -> UpdateResult:
+        result: UpdateResult = await self.hashes.update(
+            self._hash(stream, group), item, ops, self._chain(stream, group)
+        )
         return result
 
-    async def list(self, stream: str, group: str) -> list[Any]:
+    async def list(self, stream: str, group: str) -> builtins.list[Any]:
         return await self.hashes.values(self._hash(stream, group))
 
-    async def list_groups(self, stream: str) -> list[str]:
+    async def list_groups(self, stream: str) -> builtins.list[str]:
         return await self.hashes.members(self.connection.key("iii:stream:groups:", stream))
 
-    async def list_all(self) -> list[tuple[str, list[str]]]:
-        return [(name, await self.list_groups(name)) for name in await self.hashes.members(self.connection.key("iii:streams"))]
+    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
+        return [
+            (name, await self.list_groups(name))
+            for name in await self.hashes.members(self.connection.key("iii:streams"))
+        ]
 
     async def publish_event(self, message: dict[str, Any]) -> None:
         await self.peers.publish(message)
 
 
 @asynccontextmanager
-async def open_adapter(raw: Any, *, on_peer_event: Any, where: str) -> AsyncIterator[RedisStreamAdapter]:
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[RedisStreamAdapter]:
     settings = RedisSettings.from_raw(raw, where=f"{where}.config")
     async with open_redis(settings, name="stream redis adapter") as connection:
         peers = PeerEvents(connection, connection.key("stream::events"), on_peer_event)

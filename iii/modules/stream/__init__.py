@@ -188,7 +188,9 @@ class Module:
         self.dispatch = TriggerDispatch(engine, "stream", parse=_parse_filter, matches=_matches)
         self.join_triggers = _JoinTriggers()
         self.leave_triggers = _JoinTriggers()
-        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](10_000)
+        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
+            10_000
+        )
         self.adapter: StreamAdapter | None = None
         self.server = StreamServer(
             host=config.host,
@@ -200,7 +202,9 @@ class Module:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_stream_adapter(self.config.adapter, on_peer_event=self._peer_message) as adapter:
+        async with open_stream_adapter(
+            self.config.adapter, on_peer_event=self._peer_message
+        ) as adapter:
             self.adapter = adapter
             for name, handler, description in (
                 ("set", self.set, "Set a stream item"),
@@ -214,8 +218,12 @@ class Module:
             ):
                 self.engine.register_function(f"stream::{name}", handler, description=description)
             self.engine.register_trigger_type("stream", self.dispatch, description="Stream changes")
-            self.engine.register_trigger_type("stream:join", self.join_triggers, description="Stream client joins")
-            self.engine.register_trigger_type("stream:leave", self.leave_triggers, description="Stream client leaves")
+            self.engine.register_trigger_type(
+                "stream:join", self.join_triggers, description="Stream client joins"
+            )
+            self.engine.register_trigger_type(
+                "stream:leave", self.leave_triggers, description="Stream client leaves"
+            )
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self.dispatch.run)
                 module_nursery.start_soon(self._publish_to_peers)
@@ -236,7 +244,10 @@ class Module:
 
     def _peer_message(self, message: dict[str, Any]) -> None:
         """A message another engine made: our triggers and our clients."""
-        if not isinstance(message, dict) or not {"streamName", "groupId", "id", "event"} <= message.keys():
+        if (
+            not isinstance(message, dict)
+            or not {"streamName", "groupId", "id", "event"} <= message.keys()
+        ):
             log.warning("stream: ignoring a malformed message from another engine")
             return
         self.dispatch.submit(message)
@@ -257,7 +268,12 @@ class Module:
         try:
             result = await self.engine.invoke(self.config.auth_function, auth_input)
         except IIIError as exc:
-            log.info("stream auth function %s failed: %s: %s", self.config.auth_function, exc.code, exc.message)
+            log.info(
+                "stream auth function %s failed: %s: %s",
+                self.config.auth_function,
+                exc.code,
+                exc.message,
+            )
             return False, None
         if not isinstance(result, dict):
             return False, None
@@ -270,9 +286,15 @@ class Module:
             try:
                 result = await self.engine.invoke(function_id, dict(payload))
             except IIIError as exc:
-                log.warning("%s trigger %s failed: %s: %s", trigger_type, function_id, exc.code, exc.message)
+                log.warning(
+                    "%s trigger %s failed: %s: %s", trigger_type, function_id, exc.code, exc.message
+                )
                 continue
-            if trigger_type == "stream:join" and isinstance(result, dict) and result.get("unauthorized") is True:
+            if (
+                trigger_type == "stream:join"
+                and isinstance(result, dict)
+                and result.get("unauthorized") is True
+            ):
                 return True
         return False
 
@@ -304,13 +326,17 @@ class Module:
     async def _get(self, stream: str, group: str, item: str, data: Any = None) -> Any:
         hook = self._override("get", stream)
         if hook is not None:
-            return await self.engine.invoke(hook, data or {"stream_name": stream, "group_id": group, "item_id": item})
+            return await self.engine.invoke(
+                hook, data or {"stream_name": stream, "group_id": group, "item_id": item}
+            )
         return await self._call("STREAM_GET_ERROR", self._adapter().get(stream, group, item))
 
     async def _list(self, stream: str, group: str, data: Any = None) -> Any:
         hook = self._override("list", stream)
         if hook is not None:
-            return await self.engine.invoke(hook, data or {"stream_name": stream, "group_id": group})
+            return await self.engine.invoke(
+                hook, data or {"stream_name": stream, "group_id": group}
+            )
         return await self._call("STREAM_GET_GROUP_ERROR", self._adapter().list(stream, group))
 
     # -- functions --------------------------------------------------------------------------
@@ -320,19 +346,34 @@ class Module:
         if result is None and keys == ("old_value",):
             return {"old_value": None}
         if not isinstance(result, dict):
-            raise IIIError(f"override {hook} returned {type(result).__name__}, expected an object with {', '.join(keys)}", code="JSON_ERROR")
+            raise IIIError(
+                f"override {hook} returned {type(result).__name__}, expected an object with {', '.join(keys)}",
+                code="JSON_ERROR",
+            )
         return {key: result.get(key) for key in keys}
 
     async def set(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SetInput, ctx.function_id)
         hook = self._override("set", args.stream_name)
         if hook is not None:
-            body = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value", "new_value"))
+            body = self._hook_result(
+                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
+            )
         else:
-            old = await self._call("STREAM_SET_ERROR", self._adapter().set(args.stream_name, args.group_id, args.item_id, args.data))
+            old = await self._call(
+                "STREAM_SET_ERROR",
+                self._adapter().set(args.stream_name, args.group_id, args.item_id, args.data),
+            )
             body = {"old_value": old, "new_value": args.data}
         event_type = "create" if body["old_value"] is None else "update"
-        self._emit(stream_message(args.stream_name, args.group_id, args.item_id, {"type": event_type, "data": body["new_value"]}))
+        self._emit(
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.item_id,
+                {"type": event_type, "data": body["new_value"]},
+            )
+        )
         return body
 
     async def update(self, data: Any, ctx: CallContext) -> Any:
@@ -340,25 +381,44 @@ class Module:
         ops = parse_ops(args.ops, ctx.function_id)
         hook = self._override("update", args.stream_name)
         if hook is not None:
-            body = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value", "new_value"))
+            body = self._hook_result(
+                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
+            )
         else:
             result: UpdateResult = await self._call(
-                "STREAM_SET_ERROR", self._adapter().update(args.stream_name, args.group_id, args.item_id, ops)
+                "STREAM_SET_ERROR",
+                self._adapter().update(args.stream_name, args.group_id, args.item_id, ops),
             )
             body = result.to_json()
         event_type = "create" if body["old_value"] is None else "update"
-        self._emit(stream_message(args.stream_name, args.group_id, args.item_id, {"type": event_type, "data": body["new_value"]}))
+        self._emit(
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.item_id,
+                {"type": event_type, "data": body["new_value"]},
+            )
+        )
         return body
 
     async def delete(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, ItemInput, ctx.function_id)
         hook = self._override("delete", args.stream_name)
         if hook is not None:
-            old = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value",))["old_value"]
+            old = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value",))[
+                "old_value"
+            ]
         else:
-            old = await self._call("STREAM_DELETE_ERROR", self._adapter().delete(args.stream_name, args.group_id, args.item_id))
+            old = await self._call(
+                "STREAM_DELETE_ERROR",
+                self._adapter().delete(args.stream_name, args.group_id, args.item_id),
+            )
         if old is not None:
-            self._emit(stream_message(args.stream_name, args.group_id, args.item_id, {"type": "delete", "data": old}))
+            self._emit(
+                stream_message(
+                    args.stream_name, args.group_id, args.item_id, {"type": "delete", "data": old}
+                )
+            )
         return {"old_value": old}
 
     async def get(self, data: Any, ctx: CallContext) -> Any:
@@ -374,16 +434,26 @@ class Module:
         hook = self._override("list_groups", args.stream_name)
         if hook is not None:
             return await self.engine.invoke(hook, data)
-        return await self._call("STREAM_LIST_GROUPS_ERROR", self._adapter().list_groups(args.stream_name))
+        return await self._call(
+            "STREAM_LIST_GROUPS_ERROR", self._adapter().list_groups(args.stream_name)
+        )
 
     async def list_all(self, data: Any, ctx: CallContext) -> Any:
         parse_input(data, Empty, ctx.function_id)
         streams = await self._call("STREAM_LIST_ALL_ERROR", self._adapter().list_all())
-        return {"stream": [{"id": name, "groups": groups} for name, groups in streams], "count": len(streams)}
+        return {
+            "stream": [{"id": name, "groups": groups} for name, groups in streams],
+            "count": len(streams),
+        }
 
     async def send(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SendInput, ctx.function_id)
         self._emit(
-            stream_message(args.stream_name, args.group_id, args.id, {"type": "event", "event": {"type": args.type, "data": args.data}})
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.id,
+                {"type": "event", "event": {"type": args.type, "data": args.data}},
+            )
         )
         return None

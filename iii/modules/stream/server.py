@@ -62,7 +62,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def stream_message(stream: str, group: str, item: str | None, event: dict[str, Any]) -> dict[str, Any]:
+def stream_message(
+    stream: str, group: str, item: str | None, event: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "type": "stream",
         "timestamp": now_ms(),
@@ -103,7 +105,9 @@ class ClientConnection:
         try:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
-            log.warning("stream client %s is %d messages behind: disconnecting it", self.addr, QUEUE_SIZE)
+            log.warning(
+                "stream client %s is %d messages behind: disconnecting it", self.addr, QUEUE_SIZE
+            )
             self.closed = True
             self._send.close()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -227,7 +231,9 @@ class StreamServer:
         self.connections.add(connection)
         try:
             async with trio.open_nursery() as connection_nursery:
-                connection_nursery.start_soon(self._writer, connection, receive, connection_nursery.cancel_scope)
+                connection_nursery.start_soon(
+                    self._writer, connection, receive, connection_nursery.cancel_scope
+                )
                 await self._reader(connection, connection_nursery)
                 connection_nursery.cancel_scope.cancel()
         finally:
@@ -242,10 +248,15 @@ class StreamServer:
                 # 5 s in all so a slow leave trigger cannot hold up a shutdown.
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     for subscription in remaining:
-                        await self.run_join_triggers("stream:leave", _join_payload(subscription, connection))
+                        await self.run_join_triggers(
+                            "stream:leave", _join_payload(subscription, connection)
+                        )
 
     async def _writer(
-        self, connection: ClientConnection, receive: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
+        self,
+        connection: ClientConnection,
+        receive: trio.MemoryReceiveChannel[bytes],
+        scope: trio.CancelScope,
     ) -> None:
         async with receive:
             async for frame in receive:
@@ -273,7 +284,11 @@ class StreamServer:
                     item=_str(data["id"]) if data.get("id") is not None else None,
                 )
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                log.debug("stream client %s sent an unreadable message (%r); ignored", connection.addr, exc)
+                log.debug(
+                    "stream client %s sent an unreadable message (%r); ignored",
+                    connection.addr,
+                    exc,
+                )
                 continue
             if kind == "join":
                 # In order: a leave right after a join must find the subscription.
@@ -290,11 +305,18 @@ class StreamServer:
 
     async def _join(self, subscription: Subscription) -> None:
         connection = subscription.connection
-        refused = await self.run_join_triggers("stream:join", _join_payload(subscription, connection))
+        refused = await self.run_join_triggers(
+            "stream:join", _join_payload(subscription, connection)
+        )
         if refused:
             connection.push(
                 orjson.dumps(
-                    stream_message(subscription.stream, subscription.group, subscription.item, {"type": "unauthorized"})
+                    stream_message(
+                        subscription.stream,
+                        subscription.group,
+                        subscription.item,
+                        {"type": "unauthorized"},
+                    )
                 )
             )
             return
@@ -302,11 +324,18 @@ class StreamServer:
         try:
             data = await self.read_sync(subscription.stream, subscription.group, subscription.item)
         except Exception as exc:
-            log.warning("stream sync for %s/%s failed: %s", subscription.stream, subscription.group, exc)
+            log.warning(
+                "stream sync for %s/%s failed: %s", subscription.stream, subscription.group, exc
+            )
             data = None
         connection.push(
             orjson.dumps(
-                stream_message(subscription.stream, subscription.group, subscription.item, {"type": "sync", "data": data})
+                stream_message(
+                    subscription.stream,
+                    subscription.group,
+                    subscription.item,
+                    {"type": "sync", "data": data},
+                )
             )
         )
         held, subscription.held = subscription.held or [], None
@@ -332,8 +361,8 @@ def _join_payload(subscription: Subscription, connection: ClientConnection) -> d
 
 def _auth_input(request: WebSocketRequest, addr: str) -> dict[str, Any]:
     headers: dict[str, str] = {}
-    for name, value in request.headers:
-        headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+    for raw_name, raw_value in request.headers:
+        headers[raw_name.decode("latin-1").lower()] = raw_value.decode("latin-1")
     target = urlsplit(request.path)
     query: dict[str, list[str]] = {}
     for pair in target.query.split("&") if target.query else []:
