@@ -1,0 +1,65 @@
+"""PubSub adapters: how ``publish`` reaches the ``subscribe`` triggers.
+
+:class:`PubSubAdapter` is what the pubsub module needs; :func:`open_pubsub_adapter`
+maps upstream's class names (spec modules.md §6) to a backend here:
+
+==================================  =====================================================
+``modules::pubsub::LocalAdapter``   :mod:`.local` (default): in-process, this engine only
+``modules::pubsub::RedisAdapter``   :mod:`.redis` (``redis_url``): every engine on the
+                                    same Redis and prefix
+==================================  =====================================================
+
+The module tells the adapter which topics have subscribers here
+(:meth:`~PubSubAdapter.subscribe` / :meth:`~PubSubAdapter.unsubscribe`, once per
+topic) and receives every message of those topics through ``on_message(topic,
+data)``; it then runs every trigger of the topic.  Fan-out to the triggers is
+the module's job, so every subscriber gets every message on every backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, cast
+
+from iii.config import AdapterRef
+from iii.errors import ConfigError
+
+__all__ = ["PubSubAdapter", "open_pubsub_adapter", "BACKENDS", "DEFAULT_CLASS", "MessageHandler"]
+
+DEFAULT_CLASS = "modules::pubsub::LocalAdapter"
+BACKENDS = {
+    "modules::pubsub::LocalAdapter": "iii.adapters.pubsub.local",
+    "modules::pubsub::RedisAdapter": "iii.adapters.pubsub.redis",
+}
+
+MessageHandler = Callable[[str, Any], None]
+
+
+class PubSubAdapter(Protocol):
+    async def publish(self, topic: str, data: Any) -> None: ...
+
+    def subscribe(self, topic: str) -> None:
+        """Start delivering ``topic`` to ``on_message`` (idempotent)."""
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop delivering ``topic``."""
+
+
+def open_pubsub_adapter(
+    ref: AdapterRef | None, *, on_message: MessageHandler, where: str = "pubsub.adapter"
+) -> AbstractAsyncContextManager[PubSubAdapter]:
+    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
+    module_name = BACKENDS.get(class_name)
+    if module_name is None:
+        raise ConfigError(
+            f"unknown pubsub adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
+        )
+    backend = importlib.import_module(module_name)
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[PubSubAdapter]",
+        opener(ref.config if ref is not None else None, on_message=on_message, where=where),
+    )

@@ -1,0 +1,401 @@
+"""What every Redis backend shares: the client, error translation, peer events.
+
+* :class:`RedisSettings` reads the adapter config: ``redis_url`` (upstream's
+  key, default ``redis://localhost:6379``), and two of ours: ``key_prefix``
+  (prepended to every key and channel, default ``""``: several engines that
+  should share data must use the same prefix) and ``timeout_ms`` (the bound
+  on one Redis operation, default 5000).
+* :func:`open_redis` opens a coredis client in the caller's scope (coredis
+  runs on anyio, so it works under trio; its connection pool reconnects by
+  itself).  Redis being down at start is logged, not fatal: calls fail with
+  ``adapter_unavailable`` until it is back.
+* :meth:`RedisConnection.call` runs one operation under the timeout and turns
+  failures into :class:`~iii.errors.AdapterUnavailableError` (connection lost,
+  refused, timed out) or ``adapter_error`` (Redis answered with an error).
+* :class:`RedisChannels` keeps a set of channels subscribed on one pub/sub
+  connection and hands each message to a callback.  coredis reconnects and
+  resubscribes after an outage (with backoff capped at 1 s); a reconciler
+  task applies subscribe/unsubscribe changes and retries them until Redis
+  takes them.  Messages published while the connection is down are lost
+  (Redis pub/sub has no persistence).
+* :class:`PeerEvents` sends events to the other engines on the same Redis
+  and prefix: each message is ``{"origin": <engine instance id>, "event": …}``
+  and an engine ignores its own.
+
+Lifetime: everything lives inside :func:`open_redis`'s block; the subscriber
+tasks run in a nursery the backend opens inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import partial
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+import coredis
+import coredis.exceptions
+import orjson
+import trio
+from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
+
+from iii.errors import AdapterUnavailableError, ConfigError, IIIError
+
+__all__ = ["RedisSettings", "RedisConnection", "RedisChannels", "PeerEvents", "open_redis"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_URL = "redis://localhost:6379"
+
+
+@attrs.frozen(kw_only=True)
+class RedisSettings:
+    redis_url: str = DEFAULT_URL
+    key_prefix: str = ""
+    timeout_ms: int = 5000
+
+    @property
+    def timeout(self) -> float:
+        return self.timeout_ms / 1000
+
+    @classmethod
+    def from_raw(cls, raw: Any, *, where: str) -> RedisSettings:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping, got {type(raw).__name__}", key=where)
+        values: dict[str, Any] = {}
+        for name, kind in (("redis_url", str), ("key_prefix", str), ("timeout_ms", int)):
+            value = raw.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(
+                    f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
+                )
+            values[name] = value
+        settings = cls(**values)
+        if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "must be a redis://, rediss:// or unix:// URL", key=f"{where}.redis_url"
+            )
+        if settings.timeout_ms <= 0:
+            raise ConfigError("must be positive", key=f"{where}.timeout_ms")
+        return settings
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_outage(e) for e in exc.exceptions)
+    return isinstance(exc, (coredis.exceptions.ConnectionError, TimeoutError, OSError))
+
+
+@attrs.define(eq=False)
+class RedisConnection:
+    client: coredis.Redis[bytes]
+    settings: RedisSettings
+    name: str
+
+    def key(self, *parts: str) -> str:
+        return self.settings.key_prefix + "".join(parts)
+
+    async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation; failures become IIIErrors."""
+        try:
+            with trio.fail_after(self.settings.timeout):
+                return await operation()
+        except trio.TooSlowError:
+            raise AdapterUnavailableError(
+                f"{self.name}: Redis did not answer {what} within {self.settings.timeout:g}s"
+            ) from None
+        except Exception as exc:
+            if _is_outage(exc):
+                raise AdapterUnavailableError(
+                    f"{self.name}: Redis is unavailable ({what}): {exc}"
+                ) from None
+            if isinstance(exc, coredis.exceptions.RedisError):
+                raise IIIError(
+                    f"{self.name}: Redis refused {what}: {exc}", code="adapter_error"
+                ) from None
+            raise
+
+
+@asynccontextmanager
+async def open_redis(settings: RedisSettings, *, name: str) -> AsyncIterator[RedisConnection]:
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        settings.redis_url,
+        connect_timeout=min(settings.timeout, 2.0),
+        stream_timeout=settings.timeout,
+        # One quick retry for a connection dropped between calls; an outage is
+        # reported to the caller rather than retried for long.
+        retry_policy=ConstantRetryPolicy(
+            (coredis.exceptions.ConnectionError,), retries=1, delay=0.01
+        ),
+    )
+    async with client:
+        connection = RedisConnection(client=client, settings=settings, name=name)
+        try:
+            await connection.call("PING", client.ping)
+        except IIIError as exc:
+            log.warning(
+                "%s: %s; continuing, calls will fail until Redis is reachable", name, exc.message
+            )
+        yield connection
+
+
+Handler = Callable[[bytes, bytes], None]  # (channel, payload)
+
+
+@attrs.define(eq=False)
+class RedisChannels:
+    """A changing set of subscribed channels on one reconnecting pub/sub connection."""
+
+    connection: RedisConnection
+    on_message: Handler
+    _wanted: set[str] = attrs.field(factory=set)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+    _subscribed: trio.Event = attrs.field(factory=trio.Event)
+
+    def want(self, channel: str) -> None:
+        if channel not in self._wanted:
+            self._wanted.add(channel)
+            self._changed.set()
+
+    def drop(self, channel: str) -> None:
+        if channel in self._wanted:
+            self._wanted.discard(channel)
+            self._changed.set()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Run in ``nursery``; returns once subscribed, or after the timeout
+        if Redis is down (the subscription then happens when it is back)."""
+        nursery.start_soon(self.run)
+        with trio.move_on_after(self.connection.settings.timeout):
+            await self._subscribed.wait()
+
+    async def run(self) -> None:
+        """Receive until cancelled.  Opening blocks while Redis is down."""
+        retry = CompositeRetryPolicy(
+            ExponentialBackoffRetryPolicy(
+                (coredis.exceptions.ConnectionError,),
+                retries=None,
+                base_delay=0.1,
+                max_delay=1,
+                jitter=True,
+            ),
+            ConstantRetryPolicy((TimeoutError,), retries=None, delay=0.5),
+        )
+        while True:
+            try:
+                async with self.connection.client.pubsub(
+                    ignore_subscribe_messages=True, retry_policy=retry, max_idle_seconds=5
+                ) as pubsub:
+                    async with trio.open_nursery() as channels_nursery:
+                        channels_nursery.start_soon(self._reconcile, pubsub)
+                        while True:
+                            message = await pubsub.get_message()
+                            if message is None or message["type"] != "message":
+                                continue
+                            try:
+                                self.on_message(
+                                    _as_bytes(message["channel"]), _as_bytes(message["data"])
+                                )
+                            except Exception:
+                                log.exception("%s: pub/sub handler failed", self.connection.name)
+            except* anyio.ClosedResourceError:
+                # coredis (6.9) tries to UNSUBSCRIBE on its already closed
+                # connection when its pub/sub is cancelled; nothing is lost.
+                log.debug("%s: pub/sub closed while being cancelled", self.connection.name)
+            await trio.sleep(0.1)  # raises Cancelled if that is what happened; else start over
+
+    async def _reconcile(self, pubsub: Any) -> None:
+        while True:
+            current = {c.decode() if isinstance(c, bytes) else c for c in pubsub.channels}
+            add, remove = self._wanted - current, current - self._wanted
+            try:
+                with trio.fail_after(self.connection.settings.timeout):
+                    if add:
+                        await pubsub.subscribe(*sorted(add))
+                    if remove:
+                        await pubsub.unsubscribe(*sorted(remove))
+            except Exception as exc:
+                if not (_is_outage(exc) or isinstance(exc, trio.TooSlowError)):
+                    log.exception("%s: changing subscriptions failed", self.connection.name)
+                log.debug(
+                    "%s: subscriptions not changed yet (%r); retrying", self.connection.name, exc
+                )
+                await trio.sleep(0.5)
+                continue
+            if self._wanted == (current | add) - remove:
+                self._subscribed.set()
+                self._changed = trio.Event()
+                with trio.move_on_after(5):  # also re-check now and then
+                    await self._changed.wait()
+
+
+@attrs.define(eq=False)
+class PeerEvents:
+    """Events between the engines sharing one Redis: publish ours, receive theirs."""
+
+    connection: RedisConnection
+    channel: str
+    on_event: Callable[[Any], None]
+    origin: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+
+    async def publish(self, event: Any) -> None:
+        payload = orjson.dumps({"origin": self.origin, "event": event})
+        await self.connection.call(
+            f"PUBLISH {self.channel}", lambda: self.connection.client.publish(self.channel, payload)
+        )
+
+    def _received(self, channel: bytes, payload: bytes) -> None:
+        try:
+            message = orjson.loads(payload)
+            origin, event = message["origin"], message["event"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning(
+                "%s: ignoring a malformed message on %s", self.connection.name, self.channel
+            )
+            return
+        if origin != self.origin:
+            self.on_event(event)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        channels = RedisChannels(self.connection, self._received)
+        channels.want(self.channel)
+        await channels.start(nursery)
+
+
+# -- JSON values in hashes, with membership sets ----------------------------------
+#
+# A value lives in a hash field.  Each write also keeps a chain of membership
+# sets up to date, e.g. for a stream item: SADD <streams> <stream name> and
+# SADD <groups of the stream> <group id>; a delete that empties the hash
+# removes the member again, walking up the chain while sets become empty.
+# KEYS = [hash, set1, set2, ...], ARGV = [field, <value>, member1, member2, ...].
+
+_SET_SCRIPT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 2, #KEYS do redis.call('SADD', KEYS[i], ARGV[i + 1]) end
+return old
+"""
+
+_DELETE_SCRIPT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if redis.call('HLEN', KEYS[1]) == 0 then
+    for i = 2, #KEYS do
+      redis.call('SREM', KEYS[i], ARGV[i])
+      if redis.call('SCARD', KEYS[i]) > 0 then break end
+    end
+  end
+end
+return old
+"""
+
+# Compare-and-set: ARGV = [field, new value, expected present ("0"/"1"),
+# expected value, member1, ...].  Returns {1} when written, else {0, present, current}.
+_CAS_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (ARGV[3] == '0' and cur) or (ARGV[3] == '1' and cur ~= ARGV[4]) then
+  if cur then return {0, 1, cur} end
+  return {0, 0, ''}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 2, #KEYS do redis.call('SADD', KEYS[i], ARGV[i + 3]) end
+return {1}
+"""
+
+Chain = list[tuple[str, str]]  # (set key, member) from the innermost set outwards
+
+
+@attrs.define(eq=False)
+class JsonHashes:
+    """set/get/delete/update of JSON values in hash fields, atomically."""
+
+    connection: RedisConnection
+    _set: Any = None
+    _delete: Any = None
+    _cas: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        client = self.connection.client
+        self._set = client.register_script(_SET_SCRIPT)
+        self._delete = client.register_script(_DELETE_SCRIPT)
+        self._cas = client.register_script(_CAS_SCRIPT)
+
+    async def get(self, key: str, field: str) -> Any:
+        raw = await self.connection.call(
+            f"HGET {key}", lambda: self.connection.client.hget(key, field)
+        )
+        return None if raw is None else orjson.loads(raw)
+
+    async def set(self, key: str, field: str, value: Any, chain: Chain) -> Any:
+        keys = [key, *(k for k, _ in chain)]
+        args = [field, orjson.dumps(value), *(m for _, m in chain)]
+        raw = await self.connection.call(f"set {key}", lambda: self._set(keys=keys, args=args))
+        return None if raw is None else orjson.loads(raw)
+
+    async def delete(self, key: str, field: str, chain: Chain) -> Any:
+        keys = [key, *(k for k, _ in chain)]
+        args = [field, *(m for _, m in chain)]
+        raw = await self.connection.call(
+            f"delete {key}", lambda: self._delete(keys=keys, args=args)
+        )
+        return None if raw is None else orjson.loads(raw)
+
+    async def update(self, key: str, field: str, ops: Any, chain: Chain) -> Any:
+        """Apply update ops with optimistic concurrency: read, compute, compare-and-set.
+
+        The ops run in Python (:func:`iii.update_ops.apply_ops`), so the result
+        is exactly the embedded store's; the Lua script makes the write
+        conditional on the value being unchanged, and a lost race recomputes
+        from the value the script returned.
+        """
+        from iii.update_ops import MISSING, UpdateResult, apply_ops
+
+        raw = await self.connection.call(
+            f"HGET {key}", lambda: self.connection.client.hget(key, field)
+        )
+        keys = [key, *(k for k, _ in chain)]
+        members = [m for _, m in chain]
+        for _attempt in range(1000):
+            old_value = MISSING if raw is None else orjson.loads(raw)
+            new_value, errors = apply_ops(old_value, ops)
+            args = [
+                field,
+                orjson.dumps(new_value),
+                "0" if raw is None else "1",
+                raw or b"",
+                *members,
+            ]
+            reply = await self.connection.call(
+                f"update {key}", partial(self._cas, keys=keys, args=args)
+            )
+            if int(reply[0]) == 1:
+                return UpdateResult(None if old_value is MISSING else old_value, new_value, errors)
+            raw = bytes(reply[2]) if int(reply[1]) == 1 else None
+        raise IIIError(
+            f"{self.connection.name}: update of {key} kept conflicting", code="adapter_error"
+        )
+
+    async def values(self, key: str) -> list[Any]:
+        raw = await self.connection.call(f"HVALS {key}", lambda: self.connection.client.hvals(key))
+        return [orjson.loads(v) for v in raw]
+
+    async def members(self, key: str) -> list[str]:
+        raw = await self.connection.call(
+            f"SMEMBERS {key}", lambda: self.connection.client.smembers(key)
+        )
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)

@@ -1,0 +1,79 @@
+"""State adapters: where ``state::*`` keeps ``scope -> key -> value``.
+
+:class:`StateAdapter` is what the state module needs; :func:`open_state_adapter`
+maps upstream's adapter class names (spec modules.md §5) to a backend here:
+
+=========================================  ==========================================
+``modules::state::adapters::KvStore``      :mod:`.embedded` (default): the embedded
+                                           store, in memory or ``file_based``
+``modules::state::adapters::RedisAdapter`` :mod:`.redis` (``redis_url``)
+=========================================  ==========================================
+
+``modules::state::adapters::Bridge`` is not available in this engine.
+
+Events between engines: a backend shared by several engines (Redis) passes
+each write event to the others; ``on_peer_event`` receives the events other
+engines made, so their state triggers fire here too.  The embedded backend
+serves one engine and never calls it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, cast
+
+from iii.config import AdapterRef
+from iii.errors import ConfigError
+from iii.update_ops import UpdateOp, UpdateResult
+
+__all__ = ["StateAdapter", "open_state_adapter", "BACKENDS", "DEFAULT_CLASS"]
+
+DEFAULT_CLASS = "modules::state::adapters::KvStore"
+BACKENDS = {
+    "modules::state::adapters::KvStore": "iii.adapters.state.embedded",
+    "modules::state::adapters::RedisAdapter": "iii.adapters.state.redis",
+}
+
+
+class StateAdapter(Protocol):
+    async def get(self, scope: str, key: str) -> Any: ...
+
+    async def set(self, scope: str, key: str, value: Any) -> Any:
+        """Store the value; returns the previous one (None if there was none)."""
+
+    async def delete(self, scope: str, key: str) -> Any:
+        """Remove the key atomically; returns the removed value or None."""
+
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult: ...
+
+    async def list(self, scope: str) -> builtins.list[Any]: ...
+
+    async def list_groups(self) -> builtins.list[str]:
+        """Scopes holding at least one key, sorted."""
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        """Tell the other engines sharing this backend (no-op when there are none)."""
+
+
+PeerEventHandler = Callable[[dict[str, Any]], None]
+
+
+def open_state_adapter(
+    ref: AdapterRef | None, *, on_peer_event: PeerEventHandler, where: str = "state.adapter"
+) -> AbstractAsyncContextManager[StateAdapter]:
+    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
+    module_name = BACKENDS.get(class_name)
+    if module_name is None:
+        raise ConfigError(
+            f"unknown state adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
+        )
+    backend = importlib.import_module(module_name)
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[StateAdapter]",
+        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+    )

@@ -1,0 +1,54 @@
+"""State on the embedded key-value store (``modules::state::adapters::KvStore``).
+
+index = scope, key = key (spec modules.md §5).  Config: ``store_method``,
+``file_path``, ``save_interval_ms`` (:mod:`iii.adapters.kvstore`).  One
+engine only, so there are no peer events.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+
+from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
+from iii.update_ops import UpdateOp, UpdateResult
+
+__all__ = ["EmbeddedStateAdapter", "open_adapter"]
+
+
+@attrs.define(eq=False)
+class EmbeddedStateAdapter:
+    store: KvStore
+
+    async def get(self, scope: str, key: str) -> Any:
+        return await self.store.get(scope, key)
+
+    async def set(self, scope: str, key: str, value: Any) -> Any:
+        return await self.store.set(scope, key, value)
+
+    async def delete(self, scope: str, key: str) -> Any:
+        return await self.store.delete(scope, key)
+
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
+        return await self.store.update(scope, key, ops)
+
+    async def list(self, scope: str) -> builtins.list[Any]:
+        return await self.store.list(scope)
+
+    async def list_groups(self) -> builtins.list[str]:
+        return sorted(await self.store.list_indexes())
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        return None
+
+
+@asynccontextmanager
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[EmbeddedStateAdapter]:
+    async with open_kv_store(KvStoreConfig.from_raw(raw, where=f"{where}.config")) as store:
+        yield EmbeddedStateAdapter(store)

@@ -1,0 +1,90 @@
+"""State on Redis (``modules::state::adapters::RedisAdapter``).
+
+Keys (``P`` is the adapter's ``key_prefix``, empty by default):
+
+* ``P state:<scope>``: a hash, field = key, value = the JSON text (upstream's
+  layout, spec modules.md §5);
+* ``P iii:state:scopes``: a set of the scopes holding at least one key
+  (``state::list_groups`` reads it instead of SCANning the keyspace; a scope
+  leaves it when its last key is deleted);
+* channel ``P state::events``: every write's state event, for the state
+  triggers of the other engines on the same Redis and prefix.
+
+set and delete are single Lua scripts (atomic, returning the old value);
+update is read → ops in Python → compare-and-set script, retried on a lost
+race (:class:`~iii.adapters.redis_support.JsonHashes`).  Config:
+``redis_url``, ``key_prefix``, ``timeout_ms``.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_redis,
+)
+from iii.update_ops import UpdateOp, UpdateResult
+
+__all__ = ["RedisStateAdapter", "open_adapter"]
+
+
+@attrs.define(eq=False)
+class RedisStateAdapter:
+    connection: RedisConnection
+    hashes: JsonHashes
+    peers: PeerEvents
+
+    def _hash(self, scope: str) -> str:
+        return self.connection.key("state:", scope)
+
+    def _chain(self, scope: str) -> builtins.list[tuple[str, str]]:
+        return [(self.connection.key("iii:state:scopes"), scope)]
+
+    async def get(self, scope: str, key: str) -> Any:
+        return await self.hashes.get(self._hash(scope), key)
+
+    async def set(self, scope: str, key: str, value: Any) -> Any:
+        return await self.hashes.set(self._hash(scope), key, value, self._chain(scope))
+
+    async def delete(self, scope: str, key: str) -> Any:
+        return await self.hashes.delete(self._hash(scope), key, self._chain(scope))
+
+    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
+        result: UpdateResult = await self.hashes.update(
+            self._hash(scope), key, ops, self._chain(scope)
+        )
+        return result
+
+    async def list(self, scope: str) -> builtins.list[Any]:
+        return await self.hashes.values(self._hash(scope))
+
+    async def list_groups(self) -> builtins.list[str]:
+        return await self.hashes.members(self.connection.key("iii:state:scopes"))
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        await self.peers.publish(event)
+
+
+@asynccontextmanager
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[RedisStateAdapter]:
+    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
+    async with open_redis(settings, name="state redis adapter") as connection:
+        peers = PeerEvents(connection, connection.key("state::events"), on_peer_event)
+        async with trio.open_nursery() as adapter_nursery:
+            await peers.start(adapter_nursery)
+            try:
+                yield RedisStateAdapter(connection, JsonHashes(connection), peers)
+            finally:
+                adapter_nursery.cancel_scope.cancel()

@@ -1,0 +1,85 @@
+"""Stream adapters: where ``stream::*`` keeps ``stream -> group -> item -> value``.
+
+:class:`StreamAdapter` is what the stream module needs; :func:`open_stream_adapter`
+maps upstream's class names (spec modules.md §4.4) to a backend here:
+
+===========================================  =========================================
+``modules::stream::adapters::KvStore``       :mod:`.embedded` (default): the embedded
+                                             store, in memory or ``file_based``
+``modules::stream::adapters::RedisAdapter``  :mod:`.redis` (``redis_url``)
+===========================================  =========================================
+
+``modules::stream::adapters::Bridge`` is not available in this engine.
+
+Events between engines: :meth:`StreamAdapter.publish_event` sends a stream
+message (the wrapper the clients get) to the other engines sharing the
+backend, and ``on_peer_event`` receives theirs; the embedded backend serves
+one engine and does neither.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, cast
+
+from iii.config import AdapterRef
+from iii.errors import ConfigError
+from iii.update_ops import UpdateOp, UpdateResult
+
+__all__ = ["StreamAdapter", "open_stream_adapter", "BACKENDS", "DEFAULT_CLASS"]
+
+DEFAULT_CLASS = "modules::stream::adapters::KvStore"
+BACKENDS = {
+    "modules::stream::adapters::KvStore": "iii.adapters.stream.embedded",
+    "modules::stream::adapters::RedisAdapter": "iii.adapters.stream.redis",
+}
+
+
+class StreamAdapter(Protocol):
+    async def get(self, stream: str, group: str, item: str) -> Any: ...
+
+    async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
+        """Store the value; returns the previous one (None if there was none)."""
+
+    async def delete(self, stream: str, group: str, item: str) -> Any:
+        """Remove the item atomically; returns the removed value or None."""
+
+    async def update(
+        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+    ) -> UpdateResult: ...
+
+    async def list(self, stream: str, group: str) -> builtins.list[Any]:
+        """The group's values (no ids)."""
+
+    async def list_groups(self, stream: str) -> builtins.list[str]:
+        """Groups of the stream holding at least one item, sorted."""
+
+    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
+        """Every stream with its sorted groups, sorted by stream name."""
+
+    async def publish_event(self, message: dict[str, Any]) -> None:
+        """Tell the other engines sharing this backend (no-op when there are none)."""
+
+
+def open_stream_adapter(
+    ref: AdapterRef | None,
+    *,
+    on_peer_event: Callable[[dict[str, Any]], None],
+    where: str = "stream.adapter",
+) -> AbstractAsyncContextManager[StreamAdapter]:
+    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
+    module_name = BACKENDS.get(class_name)
+    if module_name is None:
+        raise ConfigError(
+            f"unknown stream adapter {class_name!r} (available: {', '.join(BACKENDS)})",
+            key=f"{where}.class",
+        )
+    backend = importlib.import_module(module_name)
+    opener: Any = backend.open_adapter
+    return cast(
+        "AbstractAsyncContextManager[StreamAdapter]",
+        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+    )

@@ -1,0 +1,107 @@
+"""Streams on Redis (``modules::stream::adapters::RedisAdapter``).
+
+Keys (``P`` is the adapter's ``key_prefix``, empty by default):
+
+* ``P stream:<stream>:<group>``: a hash, field = item id, value = the JSON
+  text (upstream's layout, spec modules.md §4.4; as upstream, a ``:`` inside
+  a stream name can make two groups share a hash);
+* ``P iii:stream:groups:<stream>``: a set of the stream's groups holding at
+  least one item;
+* ``P iii:streams``: a set of the streams holding at least one group
+  (``list_groups``/``list_all`` read the sets instead of KEYS/SCAN over the
+  keyspace);
+* channel ``P stream::events``: every stream message (create/update/delete/
+  event), as ``{"origin", "event"}``, for the clients and stream triggers of
+  the other engines on the same Redis and prefix.
+
+set and delete are single Lua scripts (atomic, returning the old value, and
+keeping the sets right); update is read → ops in Python → compare-and-set
+script (:class:`~iii.adapters.redis_support.JsonHashes`).  Config:
+``redis_url``, ``key_prefix``, ``timeout_ms``.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_redis,
+)
+from iii.update_ops import UpdateOp, UpdateResult
+
+__all__ = ["RedisStreamAdapter", "open_adapter"]
+
+
+@attrs.define(eq=False)
+class RedisStreamAdapter:
+    connection: RedisConnection
+    hashes: JsonHashes
+    peers: PeerEvents
+
+    def _hash(self, stream: str, group: str) -> str:
+        return self.connection.key("stream:", stream, ":", group)
+
+    def _chain(self, stream: str, group: str) -> builtins.list[tuple[str, str]]:
+        return [
+            (self.connection.key("iii:stream:groups:", stream), group),
+            (self.connection.key("iii:streams"), stream),
+        ]
+
+    async def get(self, stream: str, group: str, item: str) -> Any:
+        return await self.hashes.get(self._hash(stream, group), item)
+
+    async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
+        return await self.hashes.set(
+            self._hash(stream, group), item, value, self._chain(stream, group)
+        )
+
+    async def delete(self, stream: str, group: str, item: str) -> Any:
+        return await self.hashes.delete(self._hash(stream, group), item, self._chain(stream, group))
+
+    async def update(
+        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+    ) -> UpdateResult:
+        result: UpdateResult = await self.hashes.update(
+            self._hash(stream, group), item, ops, self._chain(stream, group)
+        )
+        return result
+
+    async def list(self, stream: str, group: str) -> builtins.list[Any]:
+        return await self.hashes.values(self._hash(stream, group))
+
+    async def list_groups(self, stream: str) -> builtins.list[str]:
+        return await self.hashes.members(self.connection.key("iii:stream:groups:", stream))
+
+    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
+        return [
+            (name, await self.list_groups(name))
+            for name in await self.hashes.members(self.connection.key("iii:streams"))
+        ]
+
+    async def publish_event(self, message: dict[str, Any]) -> None:
+        await self.peers.publish(message)
+
+
+@asynccontextmanager
+async def open_adapter(
+    raw: Any, *, on_peer_event: Any, where: str
+) -> AsyncIterator[RedisStreamAdapter]:
+    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
+    async with open_redis(settings, name="stream redis adapter") as connection:
+        peers = PeerEvents(connection, connection.key("stream::events"), on_peer_event)
+        async with trio.open_nursery() as adapter_nursery:
+            await peers.start(adapter_nursery)
+            try:
+                yield RedisStreamAdapter(connection, JsonHashes(connection), peers)
+            finally:
+                adapter_nursery.cancel_scope.cancel()

@@ -1,0 +1,138 @@
+"""Firing change triggers (``state``, ``stream``) after a write, without blocking it.
+
+A module hands each change event to :meth:`TriggerDispatch.submit` (sync,
+never waits).  The dispatcher task gives every event its own task, bounded by
+a capacity limiter; that task runs the matching triggers **one after another**
+(spec modules.md §4.3, §5): for each, the condition function first (when the
+trigger has ``condition_function_id``: a result of ``false`` or ``null``, or
+an error, skips it), then the handler.  Results and errors of handlers are
+logged, never returned to the writer.
+
+If events arrive faster than they can be dispatched and the queue is full,
+the newest is dropped with a warning: a write is never slowed down by its
+triggers.
+
+Lifetime: :meth:`TriggerDispatch.run` runs in the owning module's nursery;
+cancelling it cancels the trigger calls in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from iii.errors import IIIError, TriggerRegistrationError
+from iii.registry import LogicalTrigger
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["TriggerDispatch", "config_str"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 10_000
+CONCURRENT_EVENTS = 64
+
+
+def config_str(config: Any, name: str, trigger_type: str) -> str | None:
+    """An optional string key of a trigger config ("" means any, like missing)."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise TriggerRegistrationError(f"{trigger_type} trigger config must be an object")
+    value = config.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TriggerRegistrationError(f"{trigger_type} trigger config: {name} must be a string")
+    return value
+
+
+class TriggerDispatch:
+    """The trigger type handler and the event fan-out of one change-trigger type."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        trigger_type: str,
+        *,
+        parse: Callable[[Any], Any],
+        matches: Callable[[Any, dict[str, Any]], bool],
+    ):
+        self.engine = engine
+        self.trigger_type = trigger_type
+        self._parse = parse  # trigger config -> filter (raises TriggerRegistrationError)
+        self._matches = matches  # (filter, event) -> bool
+        self.triggers: dict[LogicalTrigger, tuple[Any, str | None]] = {}
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](QUEUE_SIZE)
+        self.dropped = 0
+
+    # -- TriggerTypeHandler --------------------------------------------------------
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None:
+        condition = config_str(trigger.config, "condition_function_id", self.trigger_type)
+        self.triggers[trigger] = (self._parse(trigger.config), condition)
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None:
+        self.triggers.pop(trigger, None)
+
+    # -- events ---------------------------------------------------------------------
+
+    def submit(self, event: dict[str, Any]) -> None:
+        if not self.triggers:
+            return
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped += 1
+            log.warning(
+                "%s triggers: %d events queued; event dropped", self.trigger_type, QUEUE_SIZE
+            )
+
+    async def run(self) -> None:
+        limiter = trio.CapacityLimiter(CONCURRENT_EVENTS)
+        async with trio.open_nursery() as calls_nursery:
+            async for event in self._receive:
+                matching = [
+                    (trigger.function_id, condition)
+                    for trigger, (filter_, condition) in list(self.triggers.items())
+                    if self._matches(filter_, event)
+                ]
+                if matching:
+                    await limiter.acquire_on_behalf_of(event_token := object())
+                    calls_nursery.start_soon(self._fire, event, matching, limiter, event_token)
+
+    async def _fire(
+        self,
+        event: dict[str, Any],
+        matching: list[tuple[str, str | None]],
+        limiter: trio.CapacityLimiter,
+        token: object,
+    ) -> None:
+        try:
+            for function_id, condition in matching:
+                if condition is not None and not await self._condition_passes(condition, event):
+                    continue
+                await self.engine.invoke_logged(
+                    function_id, event, what=f"{self.trigger_type} trigger"
+                )
+        finally:
+            limiter.release_on_behalf_of(token)
+
+    async def _condition_passes(self, condition: str, event: dict[str, Any]) -> bool:
+        try:
+            result = await self.engine.invoke(condition, event)
+        except IIIError as exc:
+            log.warning(
+                "%s trigger condition %s failed: %s: %s",
+                self.trigger_type,
+                condition,
+                exc.code,
+                exc.message,
+            )
+            return False
+        return result is not False and result is not None

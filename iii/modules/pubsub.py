@@ -1,0 +1,122 @@
+"""PubSub: ``modules::pubsub::PubSubModule`` (on by default; spec modules.md §6).
+
+Function ``publish``: input ``{topic, data}``, no result.  An empty or missing
+topic answers ``topic_not_set``.  Fire-and-forget: it returns once the
+adapter took the message, before any subscriber runs.
+
+Trigger type ``subscribe``: config ``{topic}``.  **Every** trigger on a topic
+gets every message (upstream's Redis adapter honoured only the first one per
+topic, and unsubscribing one removed all).  The handler receives the
+published ``data`` exactly as published, with no envelope, each delivery in
+its own task in the module's nursery; results and errors are logged and
+dropped.  A trigger with an empty topic is refused (v0.4 ignored it with a
+warning, so the worker never learnt).
+
+Config: ``adapter`` (default ``modules::pubsub::LocalAdapter``); see
+:mod:`iii.adapters.pubsub`.
+
+Lifetime: :meth:`Module.run` opens the adapter and runs deliveries in its
+nursery until cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
+from iii.config import AdapterRef
+from iii.errors import IIIError, TriggerRegistrationError
+from iii.native import CallContext, parse_input
+from iii.registry import LogicalTrigger
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["Config", "Module"]
+
+log = logging.getLogger(__name__)
+
+CONCURRENT_DELIVERIES = 256
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    adapter: AdapterRef | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PublishInput:
+    topic: str | None = None
+    data: Any = None
+
+
+class Module:
+    def __init__(self, engine: Engine, config: Config):
+        self.engine = engine
+        self.config = config
+        self.adapter: PubSubAdapter | None = None
+        self.subscribers: dict[str, dict[LogicalTrigger, str]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._limiter = trio.CapacityLimiter(CONCURRENT_DELIVERIES)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_pubsub_adapter(self.config.adapter, on_message=self._deliver) as adapter:
+            self.adapter = adapter
+            async with trio.open_nursery() as module_nursery:
+                self._nursery = module_nursery
+                self.engine.register_function(
+                    "publish", self.publish, description="Publish a message to a topic"
+                )
+                self.engine.register_trigger_type(
+                    "subscribe", self, description="Topic subscription"
+                )
+                task_status.started()
+                await trio.sleep_forever()
+
+    # -- trigger type --------------------------------------------------------------
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None:
+        config = trigger.config if isinstance(trigger.config, dict) else {}
+        topic = config.get("topic")
+        if not isinstance(topic, str) or not topic:
+            raise TriggerRegistrationError(
+                "subscribe trigger config needs a non-empty string topic"
+            )
+        subscribers = self.subscribers.setdefault(topic, {})
+        subscribers[trigger] = trigger.function_id
+        if len(subscribers) == 1 and self.adapter is not None:
+            self.adapter.subscribe(topic)
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None:
+        topic = trigger.config.get("topic") if isinstance(trigger.config, dict) else None
+        subscribers = self.subscribers.get(topic) if isinstance(topic, str) else None
+        if subscribers is None or subscribers.pop(trigger, None) is None:
+            return
+        if not subscribers:
+            del self.subscribers[topic]  # type: ignore[arg-type]
+            if self.adapter is not None:
+                self.adapter.unsubscribe(topic)  # type: ignore[arg-type]
+
+    # -- messages ------------------------------------------------------------------
+
+    def _deliver(self, topic: str, data: Any) -> None:
+        if self._nursery is None:
+            return
+        for function_id in list(self.subscribers.get(topic, {}).values()):
+            self._nursery.start_soon(self._call, function_id, data, topic)
+
+    async def _call(self, function_id: str, data: Any, topic: str) -> None:
+        async with self._limiter:
+            await self.engine.invoke_logged(function_id, data, what=f"subscribe {topic}")
+
+    async def publish(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, PublishInput, ctx.function_id)
+        if not args.topic:
+            raise IIIError("Topic is not set", code="topic_not_set")
+        assert self.adapter is not None
+        await self.adapter.publish(args.topic, args.data)
+        return None

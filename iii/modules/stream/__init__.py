@@ -1,0 +1,459 @@
+"""Stream: ``modules::stream::StreamModule`` (on by default; spec modules.md §4).
+
+Data model ``stream_name -> group_id -> item_id -> JSON``, kept by an adapter
+(:mod:`iii.adapters.stream`), with live updates pushed to WebSocket clients
+(:mod:`.server`, default port 3112).
+
+Functions (inputs are objects):
+
+======================= ============================================== ===============================
+``stream::set``         ``{stream_name, group_id, item_id, data}``      ``{old_value, new_value}``;
+                                                                        event ``create`` if there was
+                                                                        no old value, else ``update``
+``stream::get``         ``{stream_name, group_id, item_id}``            the value or null
+``stream::delete``      ``{stream_name, group_id, item_id}``            ``{old_value}``; event
+                                                                        ``delete`` (data = old value)
+                                                                        only if something was removed
+``stream::update``      ``{stream_name, group_id, item_id, ops}``       ``{old_value, new_value[, errors]}``
+``stream::list``        ``{stream_name, group_id}``                     the group's values
+``stream::list_groups`` ``{stream_name}``                               sorted group ids (bare array)
+``stream::list_all``    ``{}``                                          ``{"stream": [{"id", "groups"}],
+                                                                        "count"}``, sorted by id
+``stream::send``        ``{stream_name, group_id, id?, type, data}``    null; pushes a custom ``event``
+                                                                        without storing anything
+======================= ============================================== ===============================
+
+Per-stream overrides: when a worker registered ``stream::<op>(<stream_name>)``
+(``set``, ``get``, ``delete``, ``list``, ``list_groups``, ``update``; SDK
+``create_stream``), the builtin calls it with the same input instead of the
+adapter; events and triggers still follow set/update/delete.  A delete hook
+returning null counts as "nothing removed" (the 0.4.1 SDK's hooks return
+nothing).
+
+Trigger types:
+
+* ``stream``: config ``{stream_name (required), group_id?, item_id?,
+  condition_function_id?}``; ``""`` means any.  The handler gets the same
+  message the clients get (``type: "stream"``, ``event.type`` create/update/
+  delete/event).  The condition gets it too; ``false``, ``null`` or an error
+  skips.  Triggers of one event run one after another, after the write has
+  answered (:mod:`iii.modules._events`).
+* ``stream:join`` / ``stream:leave``: config ignored; payload
+  ``{subscription_id, stream_name, group_id, id, context}``.  A join trigger
+  answering ``{"unauthorized": true}`` refuses the join.
+
+With a shared backend (Redis) every message also goes to the other engines:
+their clients get it, and their ``stream`` triggers fire (v0.4 fired triggers
+only on the engine that made the write).
+
+Config: ``port`` (3112), ``host`` (``0.0.0.0``), ``auth_function``,
+``auth_required`` (ours, default false: refuse the upgrade when auth fails),
+``adapter`` (default ``modules::stream::adapters::KvStore``, in memory).
+Error codes: ``STREAM_SET_ERROR`` (also for update), ``STREAM_GET_ERROR``,
+``STREAM_DELETE_ERROR``, ``STREAM_GET_GROUP_ERROR``,
+``STREAM_LIST_GROUPS_ERROR``, ``STREAM_LIST_ALL_ERROR``, ``STREAM_SEND_ERROR``
+for backend failures; ``adapter_unavailable`` for a backend outage.
+
+Lifetime: :meth:`Module.run` opens the adapter, starts the client server,
+the trigger dispatcher and the peer publisher in its nursery, and runs until
+cancelled; the adapter closes last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from iii.adapters.stream import StreamAdapter, open_stream_adapter
+from iii.config import AdapterRef
+from iii.errors import IIIError, TriggerRegistrationError
+from iii.modules._events import TriggerDispatch, config_str
+from iii.modules.stream.server import StreamServer, stream_message
+from iii.native import CallContext, parse_input
+from iii.registry import LogicalTrigger
+from iii.update_ops import UpdateResult, parse_ops
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["Config", "Module"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    port: int = 3112
+    host: str = "0.0.0.0"
+    auth_function: str | None = None
+    auth_required: bool = False
+    adapter: AdapterRef | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ItemInput:
+    stream_name: str
+    group_id: str
+    item_id: str
+
+
+@attrs.frozen(kw_only=True)
+class SetInput:
+    stream_name: str
+    group_id: str
+    item_id: str
+    data: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class UpdateInput:
+    stream_name: str
+    group_id: str
+    item_id: str
+    ops: Any
+
+
+@attrs.frozen(kw_only=True)
+class GroupInput:
+    stream_name: str
+    group_id: str
+
+
+@attrs.frozen(kw_only=True)
+class StreamInput:
+    stream_name: str
+
+
+@attrs.frozen(kw_only=True)
+class Empty:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class SendInput:
+    stream_name: str
+    group_id: str
+    type: str
+    id: str | None = None
+    data: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TriggerFilter:
+    stream_name: str
+    group_id: str | None
+    item_id: str | None
+
+
+def _parse_filter(config: Any) -> TriggerFilter:
+    stream_name = config_str(config, "stream_name", "stream")
+    if stream_name is None:
+        raise TriggerRegistrationError("stream trigger config needs stream_name")
+    return TriggerFilter(
+        stream_name=stream_name,
+        group_id=config_str(config, "group_id", "stream"),
+        item_id=config_str(config, "item_id", "stream"),
+    )
+
+
+def _matches(filter_: TriggerFilter, message: dict[str, Any]) -> bool:
+    return (
+        filter_.stream_name == message["streamName"]
+        and (filter_.group_id is None or filter_.group_id == message["groupId"])
+        and (filter_.item_id is None or filter_.item_id == message["id"])
+    )
+
+
+class _JoinTriggers:
+    """``stream:join`` / ``stream:leave``: config ignored, every trigger runs."""
+
+    def __init__(self) -> None:
+        self.triggers: dict[LogicalTrigger, str] = {}
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None:
+        self.triggers[trigger] = trigger.function_id
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None:
+        self.triggers.pop(trigger, None)
+
+
+class Module:
+    def __init__(self, engine: Engine, config: Config):
+        self.engine = engine
+        self.config = config
+        self.dispatch = TriggerDispatch(engine, "stream", parse=_parse_filter, matches=_matches)
+        self.join_triggers = _JoinTriggers()
+        self.leave_triggers = _JoinTriggers()
+        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
+            10_000
+        )
+        self.adapter: StreamAdapter | None = None
+        self.server = StreamServer(
+            host=config.host,
+            port=config.port,
+            authenticate=self._authenticate if config.auth_function else None,
+            auth_required=config.auth_required,
+            run_join_triggers=self._run_join_triggers,
+            read_sync=self._read_sync,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_stream_adapter(
+            self.config.adapter, on_peer_event=self._peer_message
+        ) as adapter:
+            self.adapter = adapter
+            for name, handler, description in (
+                ("set", self.set, "Set a stream item"),
+                ("get", self.get, "Get a stream item"),
+                ("delete", self.delete, "Delete a stream item"),
+                ("update", self.update, "Update a stream item with atomic operations"),
+                ("list", self.list, "List the items of a group"),
+                ("list_groups", self.list_groups, "List the groups of a stream"),
+                ("list_all", self.list_all, "List every stream and its groups"),
+                ("send", self.send, "Send a custom event to a group's subscribers"),
+            ):
+                self.engine.register_function(f"stream::{name}", handler, description=description)
+            self.engine.register_trigger_type("stream", self.dispatch, description="Stream changes")
+            self.engine.register_trigger_type(
+                "stream:join", self.join_triggers, description="Stream client joins"
+            )
+            self.engine.register_trigger_type(
+                "stream:leave", self.leave_triggers, description="Stream client leaves"
+            )
+            async with trio.open_nursery() as module_nursery:
+                module_nursery.start_soon(self.dispatch.run)
+                module_nursery.start_soon(self._publish_to_peers)
+                await module_nursery.start(self.server.serve)
+                task_status.started()
+                await trio.sleep_forever()
+
+    # -- events ------------------------------------------------------------------------
+
+    def _emit(self, message: dict[str, Any]) -> None:
+        """A message made here: triggers, local clients, the other engines."""
+        self.dispatch.submit(message)
+        self.server.deliver(message)
+        try:
+            self._outgoing_send.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("stream: peer event queue full; a message did not reach the other engines")
+
+    def _peer_message(self, message: dict[str, Any]) -> None:
+        """A message another engine made: our triggers and our clients."""
+        if (
+            not isinstance(message, dict)
+            or not {"streamName", "groupId", "id", "event"} <= message.keys()
+        ):
+            log.warning("stream: ignoring a malformed message from another engine")
+            return
+        self.dispatch.submit(message)
+        self.server.deliver(message)
+
+    async def _publish_to_peers(self) -> None:
+        assert self.adapter is not None
+        async for message in self._outgoing_receive:
+            try:
+                await self.adapter.publish_event(message)
+            except IIIError as exc:
+                log.warning("stream: message not sent to the other engines: %s", exc.message)
+
+    # -- client server hooks --------------------------------------------------------------
+
+    async def _authenticate(self, auth_input: dict[str, Any]) -> tuple[bool, Any]:
+        assert self.config.auth_function is not None
+        try:
+            result = await self.engine.invoke(self.config.auth_function, auth_input)
+        except IIIError as exc:
+            log.info(
+                "stream auth function %s failed: %s: %s",
+                self.config.auth_function,
+                exc.code,
+                exc.message,
+            )
+            return False, None
+        if not isinstance(result, dict):
+            return False, None
+        return True, result.get("context")
+
+    async def _run_join_triggers(self, trigger_type: str, payload: dict[str, Any]) -> bool:
+        """Run the join (or leave) triggers in turn; True if a join was refused."""
+        triggers = self.join_triggers if trigger_type == "stream:join" else self.leave_triggers
+        for function_id in list(triggers.triggers.values()):
+            try:
+                result = await self.engine.invoke(function_id, dict(payload))
+            except IIIError as exc:
+                log.warning(
+                    "%s trigger %s failed: %s: %s", trigger_type, function_id, exc.code, exc.message
+                )
+                continue
+            if (
+                trigger_type == "stream:join"
+                and isinstance(result, dict)
+                and result.get("unauthorized") is True
+            ):
+                return True
+        return False
+
+    async def _read_sync(self, stream: str, group: str, item: str | None) -> Any:
+        if item is not None:
+            return await self._get(stream, group, item)
+        return await self._list(stream, group)
+
+    # -- overrides and adapter calls ----------------------------------------------------------
+
+    def _override(self, op: str, stream: str) -> str | None:
+        function_id = f"stream::{op}({stream})"
+        return function_id if function_id in self.engine.registry.functions else None
+
+    def _adapter(self) -> StreamAdapter:
+        if self.adapter is None:
+            raise IIIError("the stream adapter is not open", code="adapter_unavailable")
+        return self.adapter
+
+    async def _call(self, code: str, operation: Awaitable[Any]) -> Any:
+        try:
+            return await operation
+        except IIIError:
+            raise
+        except Exception as exc:
+            log.exception("stream adapter failed (%s)", code)
+            raise IIIError(str(exc) or type(exc).__name__, code=code) from None
+
+    async def _get(self, stream: str, group: str, item: str, data: Any = None) -> Any:
+        hook = self._override("get", stream)
+        if hook is not None:
+            return await self.engine.invoke(
+                hook, data or {"stream_name": stream, "group_id": group, "item_id": item}
+            )
+        return await self._call("STREAM_GET_ERROR", self._adapter().get(stream, group, item))
+
+    async def _list(self, stream: str, group: str, data: Any = None) -> Any:
+        hook = self._override("list", stream)
+        if hook is not None:
+            return await self.engine.invoke(
+                hook, data or {"stream_name": stream, "group_id": group}
+            )
+        return await self._call("STREAM_GET_GROUP_ERROR", self._adapter().list(stream, group))
+
+    # -- functions --------------------------------------------------------------------------
+
+    @staticmethod
+    def _hook_result(result: Any, hook: str, keys: tuple[str, ...]) -> dict[str, Any]:
+        if result is None and keys == ("old_value",):
+            return {"old_value": None}
+        if not isinstance(result, dict):
+            raise IIIError(
+                f"override {hook} returned {type(result).__name__}, expected an object with {', '.join(keys)}",
+                code="JSON_ERROR",
+            )
+        return {key: result.get(key) for key in keys}
+
+    async def set(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, SetInput, ctx.function_id)
+        hook = self._override("set", args.stream_name)
+        if hook is not None:
+            body = self._hook_result(
+                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
+            )
+        else:
+            old = await self._call(
+                "STREAM_SET_ERROR",
+                self._adapter().set(args.stream_name, args.group_id, args.item_id, args.data),
+            )
+            body = {"old_value": old, "new_value": args.data}
+        event_type = "create" if body["old_value"] is None else "update"
+        self._emit(
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.item_id,
+                {"type": event_type, "data": body["new_value"]},
+            )
+        )
+        return body
+
+    async def update(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, UpdateInput, ctx.function_id)
+        ops = parse_ops(args.ops, ctx.function_id)
+        hook = self._override("update", args.stream_name)
+        if hook is not None:
+            body = self._hook_result(
+                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
+            )
+        else:
+            result: UpdateResult = await self._call(
+                "STREAM_SET_ERROR",
+                self._adapter().update(args.stream_name, args.group_id, args.item_id, ops),
+            )
+            body = result.to_json()
+        event_type = "create" if body["old_value"] is None else "update"
+        self._emit(
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.item_id,
+                {"type": event_type, "data": body["new_value"]},
+            )
+        )
+        return body
+
+    async def delete(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, ItemInput, ctx.function_id)
+        hook = self._override("delete", args.stream_name)
+        if hook is not None:
+            old = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value",))[
+                "old_value"
+            ]
+        else:
+            old = await self._call(
+                "STREAM_DELETE_ERROR",
+                self._adapter().delete(args.stream_name, args.group_id, args.item_id),
+            )
+        if old is not None:
+            self._emit(
+                stream_message(
+                    args.stream_name, args.group_id, args.item_id, {"type": "delete", "data": old}
+                )
+            )
+        return {"old_value": old}
+
+    async def get(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, ItemInput, ctx.function_id)
+        return await self._get(args.stream_name, args.group_id, args.item_id, data)
+
+    async def list(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, GroupInput, ctx.function_id)
+        return await self._list(args.stream_name, args.group_id, data)
+
+    async def list_groups(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, StreamInput, ctx.function_id)
+        hook = self._override("list_groups", args.stream_name)
+        if hook is not None:
+            return await self.engine.invoke(hook, data)
+        return await self._call(
+            "STREAM_LIST_GROUPS_ERROR", self._adapter().list_groups(args.stream_name)
+        )
+
+    async def list_all(self, data: Any, ctx: CallContext) -> Any:
+        parse_input(data, Empty, ctx.function_id)
+        streams = await self._call("STREAM_LIST_ALL_ERROR", self._adapter().list_all())
+        return {
+            "stream": [{"id": name, "groups": groups} for name, groups in streams],
+            "count": len(streams),
+        }
+
+    async def send(self, data: Any, ctx: CallContext) -> Any:
+        args = parse_input(data, SendInput, ctx.function_id)
+        self._emit(
+            stream_message(
+                args.stream_name,
+                args.group_id,
+                args.id,
+                {"type": "event", "event": {"type": args.type, "data": args.data}},
+            )
+        )
+        return None

@@ -1,0 +1,90 @@
+"""The pubsub module through raw workers, on the local and Redis adapters."""
+
+from __future__ import annotations
+
+import coredis
+import pytest
+import trio
+
+from iii.testing import connect_test_worker, make_config, open_test_engine
+from tests.backends import adapter_block, delete_prefix
+
+
+@pytest.fixture(params=["local", "redis"])
+async def pubsub_engine(request, tmp_path):
+    block = adapter_block("pubsub", "memory" if request.param == "local" else "redis", tmp_path)
+    config = make_config([{"class": "modules::pubsub::PubSubModule", "config": {"adapter": block}}])
+    try:
+        async with open_test_engine(config) as engine:
+            yield engine, block["config"].get("key_prefix")
+    finally:
+        if request.param == "redis":
+            await delete_prefix(block["config"]["key_prefix"])
+
+
+async def wait_redis_subscribers(prefix, topic, count):
+    if prefix is None:
+        return
+    async with coredis.Redis.from_url("redis://127.0.0.1:6379") as client:
+        with trio.fail_after(10):
+            while (await client.pubsub_numsub(prefix + topic)).get((prefix + topic).encode(), 0) < count:
+                await trio.sleep(0.02)
+
+
+async def collect(worker, into):
+    while True:
+        message = await worker.receive_type("invokefunction", timeout=60)
+        into.append((message["function_id"], message["data"]))
+        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": None})
+
+
+async def test_every_subscriber_gets_every_message_and_unsubscribe_keeps_others(pubsub_engine):
+    engine, prefix = pubsub_engine
+    async with connect_test_worker(engine) as a, connect_test_worker(engine) as b, connect_test_worker(engine) as caller:
+        await a.send({"type": "registerfunction", "id": "a::handler"})
+        await b.send({"type": "registerfunction", "id": "b::handler"})
+        await a.send({"type": "registertrigger", "id": "ta", "trigger_type": "subscribe", "function_id": "a::handler", "config": {"topic": "news"}})
+        await b.send({"type": "registertrigger", "id": "tb", "trigger_type": "subscribe", "function_id": "b::handler", "config": {"topic": "news"}})
+        with trio.fail_after(10):
+            while len(engine.registry.triggers) < 2:
+                await trio.sleep(0.01)
+        await wait_redis_subscribers(prefix, "news", 1)
+        seen_a: list = []
+        seen_b: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect, a, seen_a)
+            nursery.start_soon(collect, b, seen_b)
+            reply = await caller.call("publish", {"topic": "news", "data": {"n": 1, "nested": [1, None]}})
+            assert "error" not in reply and "result" not in reply
+            with trio.fail_after(10):
+                while not (seen_a and seen_b):
+                    await trio.sleep(0.01)
+            assert seen_a == [("a::handler", {"n": 1, "nested": [1, None]})]
+            assert seen_b == [("b::handler", {"n": 1, "nested": [1, None]})]
+
+            await a.send({"type": "unregistertrigger", "id": "ta", "trigger_type": "subscribe"})
+            with trio.fail_after(10):
+                while len(engine.registry.triggers) > 1:
+                    await trio.sleep(0.01)
+            await caller.call("publish", {"topic": "news", "data": "second"})
+            with trio.fail_after(10):
+                while len(seen_b) < 2:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert seen_b[1] == ("b::handler", "second")
+        assert len(seen_a) == 1
+
+
+async def test_publish_errors_and_refused_trigger(pubsub_engine):
+    engine, _ = pubsub_engine
+    async with connect_test_worker(engine) as w:
+        reply = await w.call("publish", {"topic": "", "data": 1})
+        assert reply["error"]["code"] == "topic_not_set"
+        reply = await w.call("publish", {"data": 1})
+        assert reply["error"]["code"] == "topic_not_set"
+        assert "error" not in await w.call("publish", {"topic": "nobody-listens", "data": 1})
+        await w.send({"type": "registerfunction", "id": "w::h"})
+        await w.send({"type": "registertrigger", "id": "t1", "trigger_type": "subscribe", "function_id": "w::h", "config": {"topic": ""}})
+        result = await w.receive_type("triggerregistrationresult")
+        assert result["id"] == "t1" and result["error"]["code"] == "trigger_registration_failed"
