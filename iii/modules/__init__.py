@@ -61,7 +61,7 @@ class ModuleSpec:
 _SPECS = [
     ModuleSpec("modules::worker::WorkerModule", "worker", "iii.modules.worker", mandatory=True),
     ModuleSpec("modules::telemetry::TelemetryModule", "telemetry", "iii.modules.telemetry", mandatory=True),
-    ModuleSpec("modules::api::RestApiModule", "rest_api", None, default=True),
+    ModuleSpec("modules::api::RestApiModule", "rest_api", "iii.modules.rest_api", default=True),
     ModuleSpec("modules::queue::QueueModule", "queue", None, default=True),
     ModuleSpec("modules::cron::CronModule", "cron", None, default=True),
     ModuleSpec("modules::stream::StreamModule", "stream", None, default=True),
