@@ -236,6 +236,8 @@ class Responder:
 
     _conn: _Connection
     _method: str
+    # True while the server drains: the answer then says ``Connection: close``.
+    _closing: Callable[[], bool] = lambda: False
     extra_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     started: bool = False
     finished: bool = False
@@ -247,6 +249,8 @@ class Responder:
         if self.started:
             raise RuntimeError("the response has already started")
         all_headers = [(b"date", _DATE.get()), *headers, *self.extra_headers]
+        if self._closing():
+            all_headers.append((b"connection", b"close"))
         response = h11.Response(status_code=status, headers=all_headers)  # validates
         self.started = True
         self.status = status
@@ -273,6 +277,8 @@ class Responder:
             *self.extra_headers,
             (b"content-length", str(len(body)).encode()),
         ]
+        if self._closing():
+            all_headers.append((b"connection", b"close"))
         response = h11.Response(status_code=status, headers=all_headers)  # validates
         self.started = self.finished = True
         self.status = status
@@ -370,7 +376,7 @@ class HttpServer:
             if idle_scope.cancelled_caught or not isinstance(event, h11.Request):
                 return  # draining, or the client closed
             request = self._make_request(conn, event)
-            responder = Responder(conn, request.method)
+            responder = Responder(conn, request.method, lambda: self.draining)
             self.active_requests += 1
             try:
                 await self._run_app(request, responder)
@@ -430,7 +436,7 @@ class HttpServer:
         return True
 
     async def _protocol_error(self, conn: _Connection, exc: h11.RemoteProtocolError) -> None:
-        if conn.h11.our_state is not h11.SEND_RESPONSE:
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = exc.error_status_hint if 400 <= exc.error_status_hint < 600 else 400
         status, headers, body = json_error(status, "BAD_REQUEST", f"malformed request: {exc}")

@@ -94,3 +94,24 @@ async def open_worker(engine: Engine, handlers: dict[str, Handler]) -> AsyncIter
             yield worker
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_channel_side(engine: Engine, ref: dict[str, str], direction: str) -> AsyncIterator[RawWorker]:
+    """One side of a channel over the engine's ``/ws/channels`` route, as a raw socket."""
+    path = f"/ws/channels/{ref['channel_id']}?key={ref['access_key']}&dir={direction}"
+    async with connect_test_worker(engine, path, handshake=False) as side:
+        yield side
+
+
+async def read_channel(side: RawWorker) -> list[str | bytes]:
+    """Every frame until the engine closes the channel."""
+    from trio_websocket import ConnectionClosed
+
+    frames: list[str | bytes] = []
+    with trio.fail_after(10):
+        while True:
+            try:
+                frames.append(await side.ws.get_message())
+            except ConnectionClosed:
+                return frames
