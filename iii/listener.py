@@ -102,6 +102,9 @@ async def serve_listener(
             None,
             handler_nursery=engine.connection_nursery,
             max_message_size=config.max_message_size,
+            # Let the library's reader run ahead of ours by a few messages,
+            # instead of a task switch per message.
+            message_queue_size=64,
             receive_buffer_size=65536,
             connect_timeout=config.handshake_timeout,
             disconnect_timeout=2.0,

@@ -30,6 +30,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.errors import IIIError, MessageDecodeError
+from iii.wsio import send_frames
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -68,6 +69,7 @@ __all__ = ["WorkerConnection", "FrameTooLargeError", "LEGACY_FRAME_LIMIT"]
 log = logging.getLogger(__name__)
 
 LEGACY_FRAME_LIMIT = 1024 * 1024
+WRITE_BATCH = 256
 PONG = encode_message(Pong())
 
 
@@ -186,9 +188,20 @@ class WorkerConnection:
                     await self.ws.aclose(CloseCode.POLICY, (self.close_reason or "")[:120])
 
     async def _writer(self) -> None:
+        """Drain the send queue; frames queued together go out in one write."""
+        receive = self._outbox_receive
         try:
-            async for frame in self._outbox_receive:
-                await self.ws.send_message(frame)
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                while len(batch) < WRITE_BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await send_frames(self.ws, batch)
         except ConnectionClosed:
             self._scope.cancel()
 

@@ -1,4 +1,9 @@
-"""Official Python SDK workers (0.4.1 and 0.25.0) against the engine: the core protocol."""
+"""Official Python SDK workers (0.4.1 and 0.25.0) against the engine: the core protocol.
+
+Each SDK runs in its own cached virtual environment (they conflict); the
+engine runs in the test process, or as a real process where it must be killed
+and restarted.
+"""
 
 from __future__ import annotations
 
@@ -8,80 +13,12 @@ import pytest
 import trio
 
 from iii.testing import open_test_engine
-from tests.support import start_sdk_worker
+from tests.sdk_workers import SCRIPTS, command
+from tests.support import EngineProcess, start_sdk_worker
 
 pytestmark = pytest.mark.sdk
 
-WORKER_041 = """
-import asyncio, json, sys
-from iii import III, InitOptions
-
-async def main():
-    iii = III(sys.argv[1], InitOptions(worker_name="w041"))
-
-    async def echo(data):
-        return {"echo": data}
-
-    iii.register_function("w041::echo", echo, description="Echo")
-    await iii.connect()
-    print("READY", flush=True)
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        cmd = json.loads(line)
-        try:
-            if cmd["op"] == "call":
-                out = await iii.trigger(cmd["fn"], cmd.get("data"), timeout=cmd.get("timeout", 10))
-            elif cmd["op"] == "void":
-                iii.trigger_void(cmd["fn"], cmd.get("data"))
-                out = None
-            elif cmd["op"] == "functions":
-                out = sorted(f.function_id for f in await iii.list_functions())
-            elif cmd["op"] == "workers":
-                out = [{"name": w.name, "functions": w.functions} for w in await iii.list_workers()]
-            print("OK " + json.dumps(out), flush=True)
-        except Exception as exc:
-            print("ERR " + str(exc), flush=True)
-
-asyncio.run(main())
-"""
-
-WORKER_025 = """
-import json, sys
-from iii import register_worker, InitOptions, InvocationError, TriggerAction
-
-iii = register_worker(sys.argv[1], InitOptions(worker_name="w025", otel={"enabled": False}))
-
-def add(data):
-    return {"sum": data["a"] + data["b"]}
-
-iii.register_function("w025::add", add, description="Adds")
-print("READY", flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    try:
-        if cmd["op"] == "call":
-            out = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data")})
-        elif cmd["op"] == "void":
-            out = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "action": TriggerAction.Void()})
-        print("OK " + json.dumps(out), flush=True)
-    except InvocationError as exc:
-        print("ERR " + json.dumps({"code": exc.code, "message": exc.message}), flush=True)
-iii.shutdown()
-"""
-
-
-async def command(worker, **cmd):
-    await worker.send_line(json.dumps(cmd))
-    line = await worker.wait_for(("OK " if True else ""), timeout=20) if False else None
-    with trio.fail_after(20):
-        while True:
-            async for line in worker.lines:
-                if line.startswith("OK ") or line.startswith("ERR "):
-                    return line
-            raise AssertionError("worker exited")
+VERSIONS = ("0.4.1", "0.25.0")
 
 
 async def wait_function(engine, function_id, timeout=20):
@@ -90,33 +27,129 @@ async def wait_function(engine, function_id, timeout=20):
             await trio.sleep(0.05)
 
 
-async def test_both_sdks_call_each_other():
+async def test_both_sdks_register_call_and_list():
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.4.1", WORKER_041, url=url) as w041, start_sdk_worker(
-            "0.25.0", WORKER_025, url=url
-        ) as w025:
-            await w041.wait_for("READY")
-            await w025.wait_for("READY")
-            await wait_function(engine, "w041::echo")
-            await wait_function(engine, "w025::add")
+        async with start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=url, args=("w041",)) as old, start_sdk_worker(
+            "0.25.0", SCRIPTS["0.25.0"], url=url, args=("w025",)
+        ) as new:
+            await old.wait_for("READY")
+            await new.wait_for("READY")
+            assert await command(old, op="register", id="old::echo") == ("OK", None)
+            assert await command(new, op="register", id="new::echo") == ("OK", None)
+            await wait_function(engine, "old::echo")
+            await wait_function(engine, "new::echo")
 
-            line = await command(w041, op="call", fn="w025::add", data={"a": 2, "b": 3})
-            assert line == 'OK {"sum": 5}'
-            line = await command(w025, op="call", fn="w041::echo", data={"v": 1})
-            result = json.loads(line[3:])
-            assert result["echo"]["v"] == 1
-            assert result["echo"]["_caller_worker_id"] in engine.connections
+            status, value = await command(old, op="call", fn="new::echo", data={"a": 1})
+            assert status == "OK" and value["by"] == "0.25.0" and value["echo"]["a"] == 1
+            assert value["echo"]["_caller_worker_id"] in engine.connections
+            status, value = await command(new, op="call", fn="old::echo", data={"b": 2})
+            assert status == "OK" and value["by"] == "0.4.1" and value["echo"]["b"] == 2
 
-            line = await command(w025, op="call", fn="nope::missing", data={})
-            assert json.loads(line[4:])["code"] == "function_not_found"
-            line = await command(w041, op="call", fn="nope::missing", data={})
-            assert line.startswith("ERR ") and "function_not_found" in line
+            # A payload of None: both SDKs leave "data" out; the engine reads null.
+            status, value = await command(new, op="call", fn="old::echo", data=None)
+            assert (status, value["echo"]) == ("OK", None)
 
-            line = await command(w041, op="functions")
-            assert {"w041::echo", "w025::add"} <= set(json.loads(line[3:]))
-            line = await command(w041, op="workers")
-            workers = json.loads(line[3:])
+            # Fire-and-forget from both sides still runs the function.
+            assert await command(old, op="void", fn="new::echo", data={"v": "from-old"}) == ("OK", None)
+            await new.wait_for("CALLED new::echo", contains='"v": "from-old"')
+            assert await command(new, op="void", fn="old::echo", data={"v": "from-new"}) == ("OK", None)
+            await old.wait_for("CALLED old::echo", contains='"v": "from-new"')
+
+            for worker in (old, new):
+                status, error = await command(worker, op="call", fn="nope::missing", data={})
+                assert (status, error["code"]) == ("ERR", "function_not_found")
+
+            assert await command(old, op="register", id="old::fail", kind="fail") == ("OK", None)
+            await wait_function(engine, "old::fail")
+            status, error = await command(new, op="call", fn="old::fail", data={})
+            assert (status, error) == ("ERR", {"code": "invocation_failed", "message": "boom!"})
+
+            for worker in (old, new):
+                status, functions = await command(worker, op="functions")
+                assert status == "OK" and {"old::echo", "new::echo", "old::fail"} <= set(functions)
+            status, workers = await command(old, op="workers")
+            assert status == "OK"
             by_name = {w["name"]: w for w in workers}
-            assert by_name["w041"]["functions"] == ["w041::echo"]
-            assert by_name["w025"]["functions"] == ["w025::add"]
+            assert by_name["w041"]["functions"] == ["old::echo", "old::fail"]
+            assert by_name["w025"]["functions"] == ["new::echo"]
+
+
+@pytest.mark.parametrize("caller_version", VERSIONS)
+async def test_killed_worker_process_stops_its_calls(caller_version):
+    async with open_test_engine() as engine:
+        url = f"ws://127.0.0.1:{engine.listen_port}"
+        target_version = "0.25.0" if caller_version == "0.4.1" else "0.4.1"
+        async with start_sdk_worker(caller_version, SCRIPTS[caller_version], url=url) as caller:
+            async with start_sdk_worker(target_version, SCRIPTS[target_version], url=url) as target:
+                await target.wait_for("READY")
+                await command(target, op="register", id="slow::fn", kind="slow")
+                await wait_function(engine, "slow::fn")
+                await caller.wait_for("READY")
+                await caller.send_line('{"op": "call", "fn": "slow::fn", "data": {}, "timeout": 25}')
+                await target.wait_for("CALLED slow::fn")
+                target.kill()
+                with trio.fail_after(20):
+                    line = await caller.wait_for("ERR")
+                assert '"invocation_stopped"' in line, line
+
+
+@pytest.mark.parametrize("provider_version", VERSIONS)
+async def test_worker_provided_trigger_types(provider_version):
+    async with open_test_engine() as engine:
+        url = f"ws://127.0.0.1:{engine.listen_port}"
+        other = "0.25.0" if provider_version == "0.4.1" else "0.4.1"
+        async with start_sdk_worker(provider_version, SCRIPTS[provider_version], url=url) as provider:
+            await provider.wait_for("READY")
+            await command(provider, op="trigger_type", id="demo-type")
+            async with start_sdk_worker(other, SCRIPTS[other], url=url) as registrant:
+                await registrant.wait_for("READY")
+                await command(registrant, op="register", id="hook::target")
+                await command(registrant, op="trigger", type="demo-type", fn="hook::target", config={"a": 1})
+                added = json.loads((await provider.wait_for("TRIGGER+"))[9:])
+                assert added["function_id"] == "hook::target" and added["config"] == {"a": 1}
+            if provider_version == "0.25.0":  # 0.4.1 never acts on an engine unregistertrigger
+                removed = json.loads((await provider.wait_for("TRIGGER-"))[9:])
+                assert removed["id"] == added["id"]
+        with trio.fail_after(10):
+            while engine.registry.triggers:
+                await trio.sleep(0.05)
+
+
+async def test_engine_restart_both_sdks_come_back(tmp_path):
+    engine = EngineProcess.write(tmp_path, {"modules": []})
+    engine.start()
+    try:
+        await engine.started()
+        async with start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=engine.url) as old, start_sdk_worker(
+            "0.25.0", SCRIPTS["0.25.0"], url=engine.url
+        ) as new:
+            await old.wait_for("READY")
+            await new.wait_for("READY")
+            await command(old, op="register", id="old::echo")
+            await command(old, op="trigger_type", id="restart-type")
+            await command(new, op="register", id="new::echo")
+            await command(new, op="trigger", type="restart-type", fn="new::echo", config={"n": 1})
+            await old.wait_for("TRIGGER+")
+            assert (await command(new, op="call", fn="old::echo", data={"x": 0}))[0] == "OK"
+
+            for stop in ("kill", "terminate"):
+                if stop == "kill":
+                    engine.kill()
+                else:
+                    assert engine.terminate() == 0
+                engine.start()
+                await engine.started()
+                # Both SDKs reconnect by themselves and replay their registrations.
+                line = await old.wait_for("TRIGGER+", timeout=40)
+                assert '"function_id": "new::echo"' in line
+                for _ in range(200):
+                    status_a, a = await command(new, op="call", fn="old::echo", data={"after": stop}, timeout=40)
+                    status_b, b = await command(old, op="call", fn="new::echo", data={"after": stop}, timeout=40)
+                    if status_a == status_b == "OK":
+                        break
+                    await trio.sleep(0.2)
+                assert (status_a, a["echo"]["after"]) == ("OK", stop)
+                assert (status_b, b["echo"]["after"]) == ("OK", stop)
+    finally:
+        engine.kill()

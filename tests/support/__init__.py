@@ -132,15 +132,16 @@ class SdkWorker:
     lines: trio.MemoryReceiveChannel[str]
     seen: list[str] = attrs.field(factory=list)
 
-    async def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
-        """The first stdout line (seen before or arriving) starting with ``prefix``."""
+    async def wait_for(self, prefix: str, timeout: float = 20.0, *, contains: str = "") -> str:
+        """The first stdout line (seen before or arriving) starting with ``prefix``
+        and containing ``contains``; other lines are kept for later."""
         for line in self.seen:
-            if line.startswith(prefix):
+            if line.startswith(prefix) and contains in line:
                 self.seen.remove(line)
                 return line
         with trio.fail_after(timeout):
             async for line in self.lines:
-                if line.startswith(prefix):
+                if line.startswith(prefix) and contains in line:
                     return line
                 self.seen.append(line)
         raise AssertionError(f"worker exited before printing {prefix!r}; output: {self.seen}")
@@ -156,7 +157,12 @@ class SdkWorker:
 
 @asynccontextmanager
 async def start_sdk_worker(
-    version: str, script: str, *, url: str, env: dict[str, str] | None = None
+    version: str,
+    script: str,
+    *,
+    url: str,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> AsyncIterator[SdkWorker]:
     """Run ``script`` (Python source) under SDK ``version`` with ``III_URL=url``.
 
@@ -175,7 +181,7 @@ async def start_sdk_worker(
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             lambda task_status: trio.run_process(
-                [str(python), str(file), url],
+                [str(python), str(file), url, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
@@ -215,14 +221,14 @@ class EngineProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.config_path.parent,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
 
     async def started(self, timeout: float = 20.0) -> None:
         await wait_for_port(self.port, timeout)

@@ -1,0 +1,155 @@
+"""Command-driven worker scripts for the official Python SDKs, used by the SDK tests.
+
+Each script connects to ``sys.argv[1]``, prints ``READY``, then reads one JSON
+command per stdin line and prints one line per command: ``OK <json>`` or
+``ERR <json {code, message}>``.  Functions it hosts print
+``CALLED <function_id> <json data>`` when invoked; trigger-type handlers print
+``TRIGGER+ <json>`` / ``TRIGGER- <json>``.
+
+Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"}``,
+``{"op": "call", "fn", "data", "timeout"?}``, ``{"op": "void", "fn", "data"}``,
+``{"op": "trigger_type", "id"}``, ``{"op": "trigger", "type", "fn", "config"}``,
+``{"op": "functions"}``, ``{"op": "workers"}``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+__all__ = ["WORKER_041", "WORKER_025", "SCRIPTS", "command"]
+
+WORKER_041 = r'''
+import asyncio, json, sys
+from iii import III, InitOptions
+from iii.triggers import TriggerHandler
+
+def out(prefix, value):
+    print(prefix + " " + json.dumps(value), flush=True)
+
+class Provider(TriggerHandler):
+    async def register_trigger(self, config):
+        out("TRIGGER+", {"id": config.id, "function_id": config.function_id, "config": config.config})
+    async def unregister_trigger(self, config):
+        out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
+
+def make(kind, fid):
+    async def handler(data):
+        print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "slow":
+            await asyncio.sleep(60)
+        if kind == "fail":
+            raise RuntimeError("boom!")
+        return {"echo": data, "by": "0.4.1"}
+    return handler
+
+async def main():
+    iii = III(sys.argv[1], InitOptions(worker_name=sys.argv[2] if len(sys.argv) > 2 else "w041"))
+    await iii.connect()
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        cmd = json.loads(line)
+        try:
+            op = cmd["op"]
+            result = None
+            if op == "register":
+                iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"]))
+            elif op == "call":
+                result = await iii.trigger(cmd["fn"], cmd.get("data"), timeout=cmd.get("timeout", 15))
+            elif op == "void":
+                iii.trigger_void(cmd["fn"], cmd.get("data"))
+            elif op == "trigger_type":
+                iii.register_trigger_type(cmd["id"], "test type", Provider())
+            elif op == "trigger":
+                iii.register_trigger(cmd["type"], cmd["fn"], cmd.get("config"))
+            elif op == "functions":
+                result = sorted(f.function_id for f in await iii.list_functions())
+            elif op == "workers":
+                result = [{"name": w.name, "functions": w.functions} for w in await iii.list_workers()]
+            out("OK", result)
+        except Exception as exc:
+            text = str(exc)
+            code = "timeout" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else None
+            try:
+                body = eval(text, {}) if text.startswith("{") else None
+            except Exception:
+                body = None
+            if isinstance(body, dict):
+                code = body.get("code")
+                text = body.get("message", text)
+            out("ERR", {"code": code, "message": text})
+
+asyncio.run(main())
+'''
+
+WORKER_025 = r'''
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+from iii import register_worker, InitOptions, InvocationError, TriggerAction
+from iii.triggers import TriggerHandler
+
+def out(prefix, value):
+    print(prefix + " " + json.dumps(value), flush=True)
+
+class Provider(TriggerHandler):
+    async def register_trigger(self, config):
+        out("TRIGGER+", {"id": config.id, "function_id": config.function_id, "config": config.config})
+    async def unregister_trigger(self, config):
+        out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
+
+def make(kind, fid):
+    def handler(data):
+        print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "slow":
+            time.sleep(60)
+        if kind == "fail":
+            raise RuntimeError("boom!")
+        return {"echo": data, "by": "0.25.0"}
+    return handler
+
+iii = register_worker(sys.argv[1], InitOptions(worker_name=sys.argv[2] if len(sys.argv) > 2 else "w025", otel={"enabled": False}))
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        op = cmd["op"]
+        result = None
+        if op == "register":
+            iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"]))
+        elif op == "call":
+            result = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "timeout_ms": int(cmd.get("timeout", 15) * 1000)})
+        elif op == "void":
+            iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "action": TriggerAction.Void()})
+        elif op == "trigger_type":
+            iii.register_trigger_type({"id": cmd["id"], "description": "test type"}, Provider())
+        elif op == "trigger":
+            iii.register_trigger({"type": cmd["type"], "function_id": cmd["fn"], "config": cmd.get("config")})
+        elif op == "functions":
+            result = sorted(f["function_id"] for f in iii.trigger({"function_id": "engine::functions::list", "payload": {}})["functions"])
+        out("OK", result)
+    except InvocationError as exc:
+        out("ERR", {"code": exc.code, "message": exc.message})
+    except Exception as exc:
+        out("ERR", {"code": None, "message": repr(exc)})
+iii.shutdown()
+'''
+
+SCRIPTS = {"0.4.1": WORKER_041, "0.25.0": WORKER_025}
+
+
+async def command(worker, timeout: float = 30.0, **cmd):
+    """Send one command; return ``("OK", value)`` or ``("ERR", {code, message})``."""
+    await worker.send_line(json.dumps(cmd))
+    with trio.fail_after(timeout):
+        async for line in worker.lines:
+            if line.startswith("OK "):
+                return "OK", json.loads(line[3:])
+            if line.startswith("ERR "):
+                return "ERR", json.loads(line[4:])
+            worker.seen.append(line)
+    raise AssertionError(f"worker exited; output: {worker.seen}")
