@@ -39,11 +39,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import attrs
 import h11
 import orjson
 import trio
 
-from iii.channels import Channel
 from iii.errors import IIIError
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 JSON = (b"content-type", b"application/json")
 # Hop-by-hop and framing headers a function may not set: the server frames.
 _DROPPED_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
-Outcome = tuple[str, Any]
 
 
 def parse_headers(value: Any) -> list[tuple[bytes, bytes]]:
@@ -237,8 +236,28 @@ class RestDispatcher:
         try:
             payload["request_body"] = request_channel.ref("read")
             payload["response"] = response_channel.ref("write")
-            await self._run(request, responder, route.function_id, payload, is_json,
-                            request_channel, response_channel, scope)
+            async with trio.open_nursery() as request_nursery:
+                exchange = _Exchange(
+                    dispatcher=self,
+                    request=request,
+                    responder=responder,
+                    function_id=route.function_id,
+                    scope=scope,
+                    nursery=request_nursery,
+                    body_writer=request_channel.claim_writer(),
+                    frames=response_channel.claim_reader(),
+                )
+                if is_json or not request.has_body:
+                    exchange.body_writer.close()  # the body (if any) went into ``body``
+                else:
+                    request_channel.on_claim = exchange.on_request_claim
+                response_channel.on_claim = exchange.on_response_claim
+                try:
+                    await exchange.call(payload)
+                finally:
+                    request_channel.on_claim = response_channel.on_claim = None
+            if exchange.client_gone is not None:
+                raise exchange.client_gone
         finally:
             channels.remove(request_channel)
             channels.remove(response_channel)
@@ -257,131 +276,6 @@ class RestDispatcher:
         if verdict is None:
             log.warning("condition %s returned null: the request goes on", condition_id)
         return True
-
-    async def _run(
-        self,
-        request: HttpRequest,
-        responder: Responder,
-        function_id: str,
-        payload: dict[str, Any],
-        is_json: bool,
-        request_channel: Channel,
-        response_channel: Channel,
-        scope: trio.CancelScope,
-    ) -> None:
-        outcomes_send, outcomes_receive = trio.open_memory_channel[Outcome](8)
-        async with trio.open_nursery() as request_nursery:
-            body_writer = request_channel.claim_writer()
-            if is_json or not request.has_body:
-                body_writer.close()  # the body (if any) went into ``body``
-            else:
-                request_nursery.start_soon(self._feed_body, request, body_writer, outcomes_send.clone())
-            request_nursery.start_soon(self._invoke, function_id, payload, outcomes_send.clone())
-            request_nursery.start_soon(
-                self._forward_frames, response_channel.claim_reader(), outcomes_send.clone()
-            )
-            outcomes_send.close()
-            await self._answer(responder, function_id, outcomes_receive, scope)
-            request_nursery.cancel_scope.cancel()
-
-    async def _feed_body(
-        self,
-        request: HttpRequest,
-        writer: trio.MemorySendChannel[str | bytes],
-        outcomes: trio.MemorySendChannel[Outcome],
-    ) -> None:
-        async with outcomes:
-            total = 0
-            try:
-                while (chunk := await request.receive()) is not None:
-                    total += len(chunk)
-                    if total > self.max_body_size:
-                        await outcomes.send(("too_large", total))
-                        return
-                    await writer.send(chunk)
-                writer.close()
-            except ClientGoneError as exc:
-                await outcomes.send(("client_gone", exc))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the function's reader left; the server drains or closes
-
-    async def _invoke(
-        self, function_id: str, payload: Any, outcomes: trio.MemorySendChannel[Outcome]
-    ) -> None:
-        async with outcomes:
-            try:
-                result = await self.engine.invoke(function_id, payload, timeout=self.timeout)
-            except IIIError as exc:
-                await outcomes.send(("error", exc))
-                return
-            await outcomes.send(("result", result))
-
-    async def _forward_frames(
-        self, frames: trio.MemoryReceiveChannel[str | bytes], outcomes: trio.MemorySendChannel[Outcome]
-    ) -> None:
-        async with outcomes:
-            try:
-                async for frame in frames:
-                    await outcomes.send(("frame", frame))
-            except trio.ClosedResourceError:
-                return  # the channel was removed: the request is over
-            await outcomes.send(("closed", None))
-
-    async def _answer(
-        self,
-        responder: Responder,
-        function_id: str,
-        outcomes: trio.MemoryReceiveChannel[Outcome],
-        scope: trio.CancelScope,
-    ) -> None:
-        """Turn the call's result or its response-channel frames into the answer."""
-        status = 200
-        headers: list[tuple[bytes, bytes]] = []
-        streaming = False
-        async for kind, value in outcomes:
-            if kind == "result":
-                if value is None:
-                    continue  # the answer comes (or came) through the response channel
-                if streaming:
-                    log.debug("%s returned a value after streaming: ignored", function_id)
-                    continue
-                await self._simple_response(responder, function_id, value)
-                return
-            if kind == "error":
-                if responder.started:
-                    log.warning("%s failed while streaming: %s: %s", function_id, value.code, value.message)
-                    continue
-                await self._error_response(responder, value, function_id)
-                return
-            if kind == "too_large":
-                if not responder.started:
-                    await responder.respond_error(
-                        413, "PAYLOAD_TOO_LARGE", f"request body larger than {self.max_body_size} bytes"
-                    )
-                return  # a started response is cut off: the connection closes
-            if kind == "client_gone":
-                raise value
-            streaming = True
-            if kind == "frame" and isinstance(value, str):
-                status, headers = self._control(function_id, value, status, headers, responder.started)
-                continue
-            try:
-                if not responder.started:
-                    await responder.start(status, headers)
-                if kind == "closed":
-                    await responder.end()
-                    return
-                await responder.send(value)
-            except h11.LocalProtocolError as exc:
-                # Bad headers from the function, or a body that does not fit
-                # its own content-length.
-                log.warning("%s: streamed response refused: %s", function_id, exc)
-                if not responder.started:
-                    await self._internal_error(responder, function_id, f"invalid streamed response: {exc}")
-                return
-            scope.deadline = trio.current_time() + self.timeout
-        if not responder.started:
-            await self._internal_error(responder, function_id, "no response")
 
     def _control(
         self,
@@ -458,3 +352,134 @@ class RestDispatcher:
         error_id = new_error_id()
         log.warning("%s: 500 (error_id %s): %s", function_id, error_id, detail)
         await responder.respond_error(500, "INTERNAL_ERROR", "internal server error", error_id=error_id)
+
+
+@attrs.define(eq=False)
+class _Exchange:
+    """One routed request while its function runs.
+
+    The request's task awaits the call itself.  Work on the channels starts
+    only when the function's side claims them (``Channel.on_claim``): the
+    body feeder when it opens ``request_body``, the response reader when it
+    opens ``response``.  A function that just returns a value costs no extra
+    task.  Whoever answers first owns the response: the call's result (a
+    value), the streamed answer (its first body frame or its close), or a
+    failure (413, client gone); the others then stand down.
+    """
+
+    dispatcher: RestDispatcher
+    request: HttpRequest
+    responder: Responder
+    function_id: str
+    scope: trio.CancelScope  # the request's deadline
+    nursery: trio.Nursery
+    body_writer: trio.MemorySendChannel[str | bytes]
+    frames: trio.MemoryReceiveChannel[str | bytes]
+    status: int = 200
+    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
+    answered: bool = False  # the response belongs to whoever set this
+    stream_done: trio.Event = attrs.field(factory=trio.Event)
+    client_gone: ClientGoneError | None = None
+
+    def take_answer(self) -> bool:
+        """Claim the response; False if another party already owns it."""
+        if self.answered:
+            return False
+        self.answered = True
+        return True
+
+    def stop(self) -> None:
+        self.nursery.cancel_scope.cancel()
+
+    # -- the call (the request's own task) ----------------------------------------
+
+    async def call(self, payload: dict[str, Any]) -> None:
+        dispatcher = self.dispatcher
+        try:
+            result = await dispatcher.engine.invoke(self.function_id, payload, timeout=dispatcher.timeout)
+        except IIIError as exc:
+            if self.take_answer():
+                await dispatcher._error_response(self.responder, exc, self.function_id)
+                self.stop()
+                return
+            log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
+        else:
+            if result is not None:
+                if self.take_answer():
+                    await dispatcher._simple_response(self.responder, self.function_id, result)
+                    self.stop()
+                    return
+                log.debug("%s returned a value after streaming its answer: ignored", self.function_id)
+        # The answer comes (or came) through the response channel; the
+        # request's deadline gives the 504 if it never does.
+        await self.stream_done.wait()
+
+    # -- the response channel -----------------------------------------------------
+
+    def on_response_claim(self, side: str) -> None:
+        if side == "write":
+            self.nursery.start_soon(self._stream)
+
+    async def _stream(self) -> None:
+        dispatcher = self.dispatcher
+        responder = self.responder
+        try:
+            async for frame in self.frames:
+                if isinstance(frame, str):
+                    self.status, self.headers = dispatcher._control(
+                        self.function_id, frame, self.status, self.headers, responder.started
+                    )
+                    continue
+                if not responder.started and not self.take_answer():
+                    return
+                if not responder.started:
+                    await responder.start(self.status, self.headers)
+                await responder.send(frame)
+                self.scope.deadline = trio.current_time() + dispatcher.timeout
+            if not responder.started and not self.take_answer():
+                return
+            if not responder.started:
+                await responder.start(self.status, self.headers)
+            await responder.end()
+        except trio.ClosedResourceError:
+            pass  # the channel was removed: the request is over
+        except h11.LocalProtocolError as exc:
+            # Bad headers from the function, or a body that does not fit its
+            # own content-length: a started answer is cut off.
+            log.warning("%s: streamed answer refused: %s", self.function_id, exc)
+            if not responder.started:
+                await dispatcher._internal_error(responder, self.function_id, f"invalid streamed answer: {exc}")
+            self.stop()
+        except ClientGoneError as exc:
+            self.client_gone = exc
+            self.stop()
+        finally:
+            self.stream_done.set()
+
+    # -- the request body -----------------------------------------------------------
+
+    def on_request_claim(self, side: str) -> None:
+        if side == "read":
+            self.nursery.start_soon(self._feed_body)
+
+    async def _feed_body(self) -> None:
+        """Stream the request body into the channel while the function runs."""
+        limit = self.dispatcher.max_body_size
+        total = 0
+        try:
+            while (chunk := await self.request.receive()) is not None:
+                total += len(chunk)
+                if total > limit:
+                    if self.take_answer() and not self.responder.started:
+                        await self.responder.respond_error(
+                            413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes"
+                        )
+                    self.stop()  # a started answer is cut off: the connection closes
+                    return
+                await self.body_writer.send(chunk)
+            self.body_writer.close()
+        except ClientGoneError as exc:
+            self.client_gone = exc
+            self.stop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the function's reader left; the server drains or closes
