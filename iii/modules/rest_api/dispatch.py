@@ -114,7 +114,7 @@ def build_payload(request: HttpRequest, match: RouteMatch, body: Any) -> dict[st
         headers[name.decode("latin-1")] = text
     route = match.route
     return {
-        "query_params": dict(parse_qsl(request.query, keep_blank_values=True)),
+        "query_params": dict(parse_qsl(request.query, keep_blank_values=True)) if request.query else {},
         "path_params": match.path_params,
         "headers": headers,
         "path": route.pattern.raw,
@@ -198,8 +198,15 @@ class RestDispatcher:
         engine.inflight += 1
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
-                async with self.limiter:
+                try:
+                    # A free slot is taken without a trip through the scheduler.
+                    self.limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await self.limiter.acquire()  # beyond the limit: wait (bounded by the scope)
+                try:
                     await self._exchange(request, responder, match, scope)
+                finally:
+                    self.limiter.release()
         finally:
             engine.inflight -= 1
         if scope.cancelled_caught and not responder.started:
@@ -378,6 +385,7 @@ class _Exchange:
     status: int = 200
     headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     answered: bool = False  # the response belongs to whoever set this
+    tasks: int = 0  # started on claims; none for a function that just returns
     stream_done: trio.Event = attrs.field(factory=trio.Event)
     client_gone: ClientGoneError | None = None
 
@@ -389,7 +397,8 @@ class _Exchange:
         return True
 
     def stop(self) -> None:
-        self.nursery.cancel_scope.cancel()
+        if self.tasks:
+            self.nursery.cancel_scope.cancel()
 
     # -- the call (the request's own task) ----------------------------------------
 
@@ -418,6 +427,7 @@ class _Exchange:
 
     def on_response_claim(self, side: str) -> None:
         if side == "write":
+            self.tasks += 1
             self.nursery.start_soon(self._stream)
 
     async def _stream(self) -> None:
@@ -460,6 +470,7 @@ class _Exchange:
 
     def on_request_claim(self, side: str) -> None:
         if side == "read":
+            self.tasks += 1
             self.nursery.start_soon(self._feed_body)
 
     async def _feed_body(self) -> None:

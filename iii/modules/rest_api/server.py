@@ -118,19 +118,26 @@ class _Connection:
     h11: h11.Connection
     peer: str = ""
 
-    async def next_event(self, timeout: float) -> Any:
+    async def next_event(self, timeout: float | None) -> Any:
+        """The next h11 event; ``timeout`` None: the caller's scope bounds the wait."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ClientGoneError(f"connection lost: {exc}") from None
-            if scope.cancelled_caught:
-                raise ClientGoneError("timed out waiting for the client")
+            if timeout is None:
+                data = await self._receive()
+            else:
+                with trio.move_on_after(timeout) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise ClientGoneError("timed out waiting for the client")
             self.h11.receive_data(data)
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGoneError(f"connection lost: {exc}") from None
 
     async def send(self, *events: Any) -> None:
         """Send h11 events with one write."""
@@ -364,10 +371,11 @@ class HttpServer:
         while not self.draining:
             timeout = HEADER_TIMEOUT if first else KEEP_ALIVE_TIMEOUT
             first = False
-            with trio.CancelScope() as idle_scope:
+            # One scope for both ends of the wait: its deadline, and the drain.
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as idle_scope:
                 self._idle.add(idle_scope)
                 try:
-                    event = await conn.next_event(timeout)
+                    event = await conn.next_event(None)
                 except h11.RemoteProtocolError as exc:
                     await self._protocol_error(conn, exc)
                     return
