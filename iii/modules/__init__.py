@@ -69,7 +69,7 @@ _SPECS = [
     ModuleSpec("modules::pubsub::PubSubModule", "pubsub", None, default=True),
     ModuleSpec("modules::kv_server::KvServer", "kv_server", None, default=True),
     ModuleSpec("modules::observability::OtelModule", "observability", None),
-    ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", None),
+    ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", "iii.modules.http_functions"),
     ModuleSpec("modules::shell::ExecModule", "exec", None),
     ModuleSpec("modules::bridge_client::BridgeClientModule", "bridge_client", None),
 ]
