@@ -240,8 +240,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "load":
-        import trio
         from urllib.parse import urlsplit
+
+        import trio
 
         target = urlsplit(sys.argv[2])
         result = trio.run(

@@ -189,22 +189,36 @@ async def test_secrets_only_from_allowed_variables(monkeypatch):
         assert "ext::steal" not in engine.registry.functions
 
 
-async def test_url_rules_at_registration():
+async def test_url_rules_at_registration(caplog):
+    # The worker gets the code (registrationrejected has no message); the
+    # engine log names the rule.
     async with engine_with(security={"url_allowlist": ["*.example.com"]}) as (engine, owner, caller):
         cases = {
             "http://api.example.com/f": "HTTPS is required",
-            "https://evil.test/f": "not in the url_allowlist",
+            "https://evil.test/f": "host evil.test is not in the url_allowlist",
             "ftp://api.example.com/f": "invalid URL",
-            "https://user:pw@api.example.com/f": "credentials",
+            "https://user:pw@api.example.com/f": "must not carry credentials",
         }
         for index, (url, rule) in enumerate(cases.items()):
+            caplog.clear()
             rejected = await register(engine, owner, f"ext::r{index}", {"url": url}, expect_ok=False)
             assert rejected["code"] == "url_validation_failed", (url, rejected)
+            assert rule in caplog.text
         assert not any(f.startswith("ext::") for f in engine.registry.functions)
     async with engine_with(security={"require_https": False}) as (engine, owner, caller):
-        for index, host in enumerate(["169.254.169.254", "127.0.0.1", "[::ffff:127.0.0.1]", "10.1.2.3", "[::1]"]):
+        cases = {
+            "169.254.169.254": "cloud metadata address",
+            "127.0.0.1": "loopback address",
+            "[::ffff:127.0.0.1]": "IPv4-mapped IPv6 address",
+            "10.1.2.3": "private",
+            "[::1]": "loopback address",
+            "100.64.1.1": "CGNAT",
+        }
+        for index, (host, rule) in enumerate(cases.items()):
+            caplog.clear()
             rejected = await register(engine, owner, f"ext::ip{index}", {"url": f"http://{host}/f"}, expect_ok=False)
             assert rejected["code"] == "url_validation_failed"
+            assert rule in caplog.text and "block_private_ips" in caplog.text
 
 
 async def test_blocked_address_is_refused_on_call():

@@ -118,20 +118,13 @@ class _Connection:
     h11: h11.Connection
     peer: str = ""
 
-    async def next_event(self, timeout: float | None) -> Any:
-        """The next h11 event; ``timeout`` None: the caller's scope bounds the wait."""
+    async def next_event(self) -> Any:
+        """The next h11 event, reading as needed (the caller's scope bounds the wait)."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            if timeout is None:
-                data = await self._receive()
-            else:
-                with trio.move_on_after(timeout) as scope:
-                    data = await self._receive()
-                if scope.cancelled_caught:
-                    raise ClientGoneError("timed out waiting for the client")
-            self.h11.receive_data(data)
+            self.h11.receive_data(await self._receive())
 
     async def _receive(self) -> bytes:
         try:
@@ -207,10 +200,13 @@ class HttpRequest:
         if conn.h11.client_is_waiting_for_100_continue:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
-            try:
-                event = await conn.next_event(IO_TIMEOUT)
-            except h11.RemoteProtocolError as exc:
-                raise ClientGoneError(f"bad request body: {exc}") from None
+            with trio.move_on_after(IO_TIMEOUT) as scope:
+                try:
+                    event = await conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise ClientGoneError(f"bad request body: {exc}") from None
+            if scope.cancelled_caught:
+                raise ClientGoneError("timed out waiting for the request body")
             if isinstance(event, h11.Data):
                 data = bytes(event.data)
                 if not data:
@@ -375,7 +371,7 @@ class HttpServer:
             with trio.CancelScope(deadline=trio.current_time() + timeout) as idle_scope:
                 self._idle.add(idle_scope)
                 try:
-                    event = await conn.next_event(None)
+                    event = await conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     await self._protocol_error(conn, exc)
                     return

@@ -5,7 +5,6 @@ the same paths in ``test_rest_sdk.py``.)"""
 from __future__ import annotations
 
 import httpx
-import orjson
 import pytest
 import trio
 

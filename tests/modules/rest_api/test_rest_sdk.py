@@ -12,7 +12,6 @@ import json
 
 import httpx
 import pytest
-import trio
 
 from iii.testing import make_config, open_test_engine
 from tests.modules.rest_api.helpers import rest_module, wait_until
