@@ -350,6 +350,10 @@ class RestDispatcher:
             await responder.respond_error(
                 504, "TIMEOUT", f"{function_id} gave no response within {self.timeout:g}s"
             )
+        elif exc.code == "payload_too_large":
+            # The request does not fit in one message to that worker (0.4.1
+            # workers take at most 1 MiB): a large body must be streamed.
+            await responder.respond_error(413, "PAYLOAD_TOO_LARGE", exc.message)
         elif exc.code == "function_not_found":
             await responder.respond_error(404, "FUNCTION_NOT_FOUND", f"function {function_id} not found")
         else:

@@ -424,3 +424,18 @@ async def test_shutdown_lets_requests_in_flight_finish():
         assert results[0].status_code == 200
         assert results[0].json() == "finished"
         assert results[0].headers["connection"] == "close"
+
+
+async def test_json_body_too_large_for_the_worker_is_413():
+    async def handler(data):
+        return {"body": "never"}
+
+    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::big": handler}) as worker:
+        await add_route(engine, worker, "t::big", "/big", "POST")
+        async with httpx.AsyncClient(base_url=base) as client:
+            # A raw worker, like 0.4.1, takes messages of at most 1 MiB.
+            response = await client.post("/big", json={"blob": "x" * (1536 * 1024)})
+            assert response.status_code == 413
+            assert "exceeds this worker's limit" in error_of(response)["message"]
+            response = await client.post("/big", json={"blob": "small"})
+            assert response.json() == "never"

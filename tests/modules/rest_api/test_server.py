@@ -3,6 +3,8 @@ bodies read on demand, graceful drain.  One real loopback socket per test."""
 
 from __future__ import annotations
 
+import socket
+
 import h11
 import httpx
 import pytest
@@ -13,7 +15,8 @@ from iii.modules.rest_api.server import HttpRequest, HttpServer, Responder
 
 async def echo_app(request: HttpRequest, responder: Responder) -> None:
     body = await request.read_all(1 << 20)
-    text = f"{request.method} {request.path} {request.query} {len(body)} {request.peer}".encode()
+    nodelay = request._conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    text = f"{request.method} {request.path} {request.query} {len(body)} {request.peer} {nodelay}".encode()
     await responder.respond(200, [(b"content-type", b"text/plain")], text)
 
 
@@ -62,7 +65,7 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection():
         bodies = [body.decode().split() for _, body, _ in responses]
         assert [b[1] for b in bodies] == ["/first", "/second", "/third"]
         assert bodies[0][2] == "a=1"
-        assert len({b[-1] for b in bodies}) == 1  # the same peer: one connection
+        assert len({b[-2] for b in bodies}) == 1  # the same peer: one connection
         await stream.aclose()
         nursery.cancel_scope.cancel()
 
@@ -74,8 +77,9 @@ async def test_keep_alive_reuses_the_connection():
             peers = set()
             for i in range(5):
                 response = await client.post(f"http://127.0.0.1:{server.port}/p{i}", content=b"x" * i)
-                method, path, _query, size, peer = response.text.split(" ")
+                method, path, _query, size, peer, nodelay = response.text.split(" ")
                 assert (method, path, int(size)) == ("POST", f"/p{i}", i)
+                assert nodelay != "0"  # TCP_NODELAY on accepted sockets
                 peers.add(peer)
         assert len(peers) == 1
         nursery.cancel_scope.cancel()
