@@ -27,9 +27,10 @@ body frames is bounded by it as well.  Errors are JSON
 method, 413 body too large, 422 condition not met, 500 function error, 504
 timeout.  Details of a 500 are logged with its ``error_id``, not sent.
 
-Lifetime: everything a request starts (body feeder, the call, the response
-reader) runs in a nursery of that request and ends with it; its two channels
-are removed when the request ends.
+Lifetime: the call runs in the request's own task; the body feeder and the
+response reader start in a nursery of that request only when the function
+opens those channels (a function that just returns costs no task), and end
+with the request; its two channels are removed when the request ends.
 """
 
 from __future__ import annotations

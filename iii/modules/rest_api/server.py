@@ -200,13 +200,16 @@ class HttpRequest:
         if conn.h11.client_is_waiting_for_100_continue:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
-            with trio.move_on_after(IO_TIMEOUT) as scope:
-                try:
-                    event = await conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise ClientGoneError(f"bad request body: {exc}") from None
-            if scope.cancelled_caught:
-                raise ClientGoneError("timed out waiting for the request body")
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ClientGoneError(f"bad request body: {exc}") from None
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(IO_TIMEOUT) as scope:
+                    conn.h11.receive_data(await conn._receive())
+                if scope.cancelled_caught:
+                    raise ClientGoneError("timed out waiting for the request body")
+                continue
             if isinstance(event, h11.Data):
                 data = bytes(event.data)
                 if not data:
