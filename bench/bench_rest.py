@@ -12,7 +12,9 @@ HTTP server (the REST port) is measured two ways:
 
 Each at 1 and 32 concurrent keep-alive connections, for ``--seconds`` each;
 baseline and routed alternate so both see the same machine load.  Reported:
-requests/s, p50 and p99 latency, and routed/baseline.
+requests/s, p50 and p99 latency, routed/baseline, and the CPU time the engine
+and the worker process spent per request (from /proc: a figure that other
+load on a shared machine disturbs less than throughput).
 
 Load: ``wrk`` (``apt-get install wrk``) when installed, else a trio/h11 load
 generator of our own (``--load builtin``), in a separate process either way.
@@ -228,6 +230,24 @@ def start_worker(version: str, ws_port: int, workdir: Path) -> subprocess.Popen[
     return worker
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(load, url: str, connections: int, seconds: float, engine_pid: int, worker_pid: int):  # type: ignore[no-untyped-def]
+    engine_before, worker_before = cpu_seconds(engine_pid), cpu_seconds(worker_pid)
+    row = load(url, connections, seconds)
+    requests = row["rps"] * seconds
+    row["engine_cpu_us"] = 1e6 * (cpu_seconds(engine_pid) - engine_before) / requests
+    row["worker_cpu_us"] = 1e6 * (cpu_seconds(worker_pid) - worker_before) / requests
+    return row
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -269,18 +289,21 @@ def main() -> None:
                     load(base + "/bench/hello", 4, 1)  # warm up both paths
                     load(base + "/health", 4, 1)
                     for connections in (1, 32):
-                        results[f"baseline c{connections} ({version} run)"] = load(
-                            base + "/health", connections, args.seconds
+                        results[f"baseline c{connections} ({version} run)"] = measure(
+                            load, base + "/health", connections, args.seconds, engine.pid, worker.pid
                         )
-                        results[f"sdk {version} c{connections}"] = load(
-                            base + "/bench/hello", connections, args.seconds
+                        results[f"sdk {version} c{connections}"] = measure(
+                            load, base + "/bench/hello", connections, args.seconds, engine.pid, worker.pid
                         )
                 finally:
                     stop(worker)
         finally:
             stop(engine)
-    print(f"load generator: {args.load}, {args.seconds:g} s per measurement, host: {os.cpu_count()} cores")
-    print(f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
+    print(
+        f"load generator: {args.load}, {args.seconds:g} s per measurement, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; CPU columns: microseconds of CPU per request"
+    )
+    print(f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'engine us':>11}{'worker us':>11}")
     for version in args.sdk or list(WORKERS):
         for connections in (1, 32):
             baseline = results[f"baseline c{connections} ({version} run)"]
@@ -289,7 +312,10 @@ def main() -> None:
                 (f"baseline /health, {connections} conn", baseline, ""),
                 (f"SDK {version} route, {connections} conn", routed, f"{routed['rps'] / baseline['rps']:8.2f}"),
             ):
-                print(f"{label:34}{row['rps']:10.0f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{ratio:>8}")
+                print(
+                    f"{label:34}{row['rps']:10.0f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{ratio:>8}"
+                    f"{row['engine_cpu_us']:11.0f}{row['worker_cpu_us']:11.0f}"
+                )
             for row in (baseline, routed):
                 if row["non_2xx"] or row["socket_errors"]:
                     print(f"  !! errors: non-2xx {row['non_2xx']} {row['socket_errors']}")
