@@ -131,3 +131,64 @@ async def test_status_only_stream_and_head_request():
             assert response.status_code == 200
             assert response.content == b""
             assert response.headers["content-length"] == str(len(b'{"method":"HEAD"}'))
+
+
+async def test_function_error_after_status_frames_is_500():
+    opened = trio.Event()
+    release = trio.Event()
+
+    async def hold_response_open(ref):
+        async with open_channel_side(engine, ref, "write") as side:
+            await side.send(orjson.dumps({"type": "set_status", "status_code": 201}).decode())
+            opened.set()
+            await release.wait()
+
+    async def half(data):
+        holder.start_soon(hold_response_open, data["response"])
+        await opened.wait()
+        raise RuntimeError("failed before any body")
+
+    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::half": half}) as worker:
+        async with trio.open_nursery() as holder:
+            await add_route(engine, worker, "t::half", "/half")
+            async with httpx.AsyncClient(base_url=base) as client:
+                response = await client.get("/half")
+            release.set()
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "INTERNAL_ERROR"
+
+
+async def test_client_leaving_mid_stream_ends_the_request():
+    stop_streaming = trio.Event()
+
+    async def endless(data):
+        async with open_channel_side(engine, data["response"], "write") as side:
+            await side.send(orjson.dumps({"type": "set_headers", "headers": {"content-type": "text/event-stream"}}).decode())
+            with trio.move_on_after(10):
+                while not stop_streaming.is_set():
+                    await side.ws.send_message(b"data: tick\n\n")
+                    await trio.sleep(0.01)
+        return None
+
+    async def ping(data):
+        return {"body": "pong"}
+
+    async with open_rest_engine() as (engine, base), open_worker(
+        engine, {"t::endless": endless, "t::ping": ping}
+    ) as worker:
+        await add_route(engine, worker, "t::endless", "/endless")
+        await add_route(engine, worker, "t::ping", "/ping")
+        port = engine.modules["rest_api"].port
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while b"data: tick" not in received:
+                received += await stream.receive_some(65536)
+        assert received.startswith(b"HTTP/1.1 200 ")
+        await stream.aclose()  # leave in the middle of the stream
+        # The request ends on the engine side: its channels go, nothing is in flight.
+        await wait_until(lambda: len(engine.channels) == 0 and engine.inflight == 0)
+        stop_streaming.set()
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/ping")).json() == "pong"
