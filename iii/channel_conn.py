@@ -10,7 +10,8 @@
   then a Close when the writer has finished.
 
 Lifetime: the handler returns when its socket or the channel ends; the channel
-itself is removed by the sweep once both sides are finished.
+itself is removed by the sweep once both sides are finished, or with its owner,
+and removing it ends the sockets still attached to it.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ async def serve_channel_side(
         await ws.aclose(1008, "channel side already claimed")
         return
     ws = await request.accept()
-    if direction == "write":
-        await _pump_from_socket(ws, channel, send_side)
-    else:
-        await _pump_to_socket(ws, channel, receive_side)
+    with trio.CancelScope() as scope:
+        channel.socket_scopes.append(scope)
+        if direction == "write":
+            await _pump_from_socket(ws, channel, send_side)
+        else:
+            await _pump_to_socket(ws, channel, receive_side)
+    if scope.cancelled_caught:
+        with trio.move_on_after(1):
+            await ws.aclose(1000, "channel removed")
 
 
 async def _pump_from_socket(

@@ -59,6 +59,9 @@ class Channel:
     reader_claimed: bool = False
     writer_done: bool = False
     reader_done: bool = False
+    # Scopes of the sockets attached to this channel: cancelled when it is
+    # removed, so a socket never outlives its channel.
+    socket_scopes: list[trio.CancelScope] = attrs.field(factory=list)
     # Called with "write" or "read" when a side is claimed (by a socket or by
     # engine code), so the creator can start serving that side only once
     # somebody uses it (the REST module starts no task for unused channels).
@@ -92,6 +95,8 @@ class Channel:
         self.send_side.close()
         self.receive_side.close()
         self.writer_done = self.reader_done = True
+        for scope in self.socket_scopes:
+            scope.cancel()
 
     @property
     def finished(self) -> bool:

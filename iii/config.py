@@ -190,7 +190,8 @@ def _structure(data: Any, cls: type, *, file: str | None, path: str) -> Any:
     except cattrs.BaseValidationError as exc:
         first = cattrs.transform_error(exc, path="$", format_exception=_format_error)[0]
         reason, _, where = first.rpartition(" @ ")
-        key = path + where[1:] if where.startswith("$") else path
+        suffix = where[1:] if where.startswith("$") else ""
+        key = (path + suffix) if path else suffix.lstrip(".")
         raise ConfigError(reason, file=file, key=key or None) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc), file=file, key=path or None) from None
@@ -278,7 +279,7 @@ def _module_config(class_name: str, raw: Any, *, file: str | None, path: str) ->
         return raw  # kept as given; the engine logs that the module is not available
     config_cls = spec.load().Config
     if getattr(config_cls, "LENIENT", False):
-        return config_cls(raw=raw)
+        return config_cls(raw={} if raw is None else raw)
     return _structure({} if raw is None else raw, config_cls, file=file, path=path)
 
 

@@ -196,10 +196,18 @@ class WorkerConnection:
                     batch = [await receive.receive()]
                 except trio.EndOfChannel:
                     return
+                # Let the tasks that are producing frames right now queue them
+                # first, as long as the queue keeps growing: one write (one
+                # system call, one wakeup of the peer) for the whole wave.
                 while len(batch) < WRITE_BATCH:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    before = len(batch)
+                    while len(batch) < WRITE_BATCH:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if len(batch) == before:
                         break
                 await send_frames(self.ws, batch)
         except ConnectionClosed:

@@ -444,3 +444,47 @@ async def test_graceful_shutdown_closes_workers_with_a_reconnect_code():
                 while True:
                     await worker.ws.get_message()
         assert closed.value.reason.code == 1012
+
+
+async def test_shutdown_lets_in_flight_calls_finish_within_the_grace():
+    config = make_config(shutdown_grace_ms=5000)
+    async with open_test_engine(config) as engine:
+        async with connect_test_worker(engine) as owner, connect_test_worker(engine) as caller:
+            await register(owner, "demo::slow")
+            await settle(engine, lambda: "demo::slow" in engine.registry.functions)
+            invocation_id = str(uuid.uuid4())
+            await caller.send({"type": "invokefunction", "function_id": "demo::slow", "data": {}, "invocation_id": invocation_id})
+            request = await owner.receive_type("invokefunction")
+            engine.request_shutdown()
+            await trio.sleep(0.2)
+            # Intake is closed, but the call in flight may still finish.
+            await owner.send({"type": "invocationresult", "invocation_id": request["invocation_id"], "function_id": "demo::slow", "result": "done"})
+            reply = await caller.receive_type("invocationresult")
+            assert reply["result"] == "done"
+
+
+async def test_a_crashing_module_stops_the_engine(monkeypatch):
+    import iii.modules as modules_registry
+    from iii.engine import serve_engine
+    from tests.crashing_module import ModuleCrashed
+
+    spec = modules_registry.ModuleSpec("test::CrashingModule", "crashing", "tests.crashing_module")
+    monkeypatch.setitem(modules_registry.MODULE_SPECS, spec.class_name, spec)
+    config = make_config(modules=[{"class": spec.class_name}])
+    with pytest.RaisesGroup(ModuleCrashed, flatten_subgroups=True):
+        with trio.fail_after(5):
+            await serve_engine(config, handle_signals=False)
+
+
+async def test_removing_a_channel_ends_its_sockets():
+    async with open_test_engine() as engine, connect_test_worker(engine) as worker:
+        refs = (await worker.call("engine::channels::create", {}))["result"]
+        reader = refs["reader"]
+        path = f"/ws/channels/{reader['channel_id']}?key={reader['access_key']}&dir=read"
+        async with connect_test_worker(engine, path, handshake=False) as socket_side:
+            await settle(engine, lambda: engine.channels.channels[reader["channel_id"]].socket_scopes)
+            engine.channels.remove(engine.channels.channels[reader["channel_id"]])
+            from trio_websocket import ConnectionClosed
+
+            with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                await socket_side.ws.get_message()

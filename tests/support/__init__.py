@@ -42,6 +42,8 @@ __all__ = [
     "require_rabbitmq",
     "services_required",
     "wait_for_port",
+    "node_sdk_dir",
+    "start_node_worker",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,6 +188,71 @@ async def start_sdk_worker(
                 stdout=subprocess.PIPE,
                 stderr=None,
                 env=child_env,
+                check=False,
+                task_status=task_status,
+            )
+        )
+
+        async def pump() -> None:
+            buffer = b""
+            async with send:
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        await send.send(line.decode(errors="replace"))
+
+        nursery.start_soon(pump)
+        worker = SdkWorker(process, receive)
+        try:
+            yield worker
+        finally:
+            worker.kill()
+            nursery.cancel_scope.cancel()
+            file.unlink(missing_ok=True)
+
+
+def node_sdk_dir() -> Path:
+    """A directory with ``npm install iii-sdk`` done once; skips without Node."""
+    import shutil
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node.js and npm are not installed (the Node SDK tests need them)")
+    target = CACHE / "node-sdk"
+    marker = target / ".installed"
+    if marker.exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock-node", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            result = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "iii-sdk"],
+                cwd=target,
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"npm install iii-sdk failed:\n{result.stderr[-2000:]}")
+            marker.write_text("ok")
+    return target
+
+
+@asynccontextmanager
+async def start_node_worker(script: str, *, url: str, args: tuple[str, ...] = ()) -> AsyncIterator[SdkWorker]:
+    """Run an ES-module ``script`` with the Node SDK installed beside it."""
+    directory = await trio.to_thread.run_sync(node_sdk_dir)
+    file = directory / f"w{os.getpid()}_{id(script)}.mjs"
+    file.write_text(textwrap.dedent(script))
+    send, receive = trio.open_memory_channel[str](1000)
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                ["node", str(file), url, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
                 check=False,
                 task_status=task_status,
             )

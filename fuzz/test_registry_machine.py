@@ -1,0 +1,225 @@
+"""A state machine over the synchronous core: the registry and the pending table.
+
+Workers connect and disconnect; register and unregister functions, trigger
+types and triggers; calls are filed, answered, timed out, and stopped, in any
+order.  A small model next to it says what must be true after every step:
+
+* every request is answered exactly once (result, ``invocation_stopped``, or
+  abandoned with its caller);
+* nothing is owned by, pending on, or registered to a worker that is gone;
+* a function exists exactly while at least one replica is live;
+* a logical trigger exists exactly while one of its registrants is live, and
+  the registry's indexes agree with each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from iii.invocations import DuplicateInvocationError, Invocation, PendingTable
+from iii.registry import FunctionRegistration, Registry, RegistryError, TriggerRegistration, TriggerType, WorkerInfo
+
+FUNCTIONS = ["f::a", "f::b", "f::c"]
+TRIGGER_IDS = ["t1", "t2", "t3"]
+TRIGGER_TYPES = ["webhook", "tick"]
+CONFIGS = [None, {"a": 1}, {"a": 2}]
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = Registry()
+        self.pending = PendingTable()
+        self.live: list[str] = []
+        self.answers: dict[str, int] = {}  # invocation id -> answers delivered
+        self.open_calls: dict[str, Invocation] = {}  # filed and still waited on
+
+    # -- workers -----------------------------------------------------------
+
+    @rule()
+    def connect(self) -> None:
+        worker_id = str(uuid.uuid4())
+        self.registry.add_worker(WorkerInfo(id=worker_id))
+        self.live.append(worker_id)
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10))
+    def disconnect(self, index: int) -> None:
+        worker_id = self.live.pop(index % len(self.live))
+        # What Engine.forget_worker does, in the same order.
+        for invocation in self.pending.stop_target(worker_id):
+            self._deliver(invocation)
+        for invocation in [i for i in self.open_calls.values() if i.caller_worker_id == worker_id]:
+            # The caller's connection nursery is cancelled: its waiting task
+            # discards the record and answers nobody.
+            self.pending.discard(invocation)
+            self.open_calls.pop(invocation.invocation_id)
+        removal = self.registry.remove_worker(worker_id)
+        assert removal is not None
+
+    # -- functions -----------------------------------------------------------
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
+    def register_function(self, index: int, function_id: str) -> None:
+        owner = self.live[index % len(self.live)]
+        self.registry.add_function(FunctionRegistration(function_id=function_id, owner=owner))
+        assert owner in self.registry.functions[function_id].replicas
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
+    def unregister_function(self, index: int, function_id: str) -> None:
+        owner = self.live[index % len(self.live)]
+        entry = self.registry.functions.get(function_id)
+        replicas = set(entry.replicas) if entry is not None else set()
+        others = replicas - {owner}
+        gone = self.registry.remove_function(owner, function_id)
+        assert gone == (owner in replicas and not others)
+        if others:
+            assert set(self.registry.functions[function_id].replicas) == others
+
+    @rule(function_id=st.sampled_from(FUNCTIONS))
+    def engine_function_cannot_be_shadowed(self, function_id: str) -> None:
+        if function_id in self.registry.functions:
+            try:
+                self.registry.add_function(FunctionRegistration(function_id=function_id, owner=None))
+            except RegistryError:
+                return
+            raise AssertionError("an engine function replaced worker replicas")
+
+    # -- trigger types and triggers ------------------------------------------------------
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), type_id=st.sampled_from(TRIGGER_TYPES))
+    def provide_type(self, index: int, type_id: str) -> None:
+        provider = self.live[index % len(self.live)]
+        replay = self.registry.add_trigger_type(TriggerType(id=type_id, provider=provider))
+        assert {t.trigger_type for t in replay} <= {type_id}
+        assert len(replay) == len(self.registry.triggers_of_type(type_id))
+
+    @precondition(lambda self: self.live)
+    @rule(
+        index=st.integers(0, 10),
+        trigger_id=st.sampled_from(TRIGGER_IDS),
+        type_id=st.sampled_from(TRIGGER_TYPES),
+        function_id=st.sampled_from(FUNCTIONS),
+        config=st.sampled_from(CONFIGS),
+    )
+    def register_trigger(self, index, trigger_id, type_id, function_id, config) -> None:
+        worker_id = self.live[index % len(self.live)]
+        registration = TriggerRegistration(worker_id, trigger_id, type_id, function_id, config)
+        if self.registry.registration(worker_id, trigger_id) is not None:
+            self.registry.remove_trigger(worker_id, trigger_id)
+        trigger, _ = self.registry.add_trigger(registration)
+        assert (worker_id, trigger_id) in trigger.registrants
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), trigger_id=st.sampled_from(TRIGGER_IDS))
+    def unregister_trigger(self, index: int, trigger_id: str) -> None:
+        worker_id = self.live[index % len(self.live)]
+        had = self.registry.registration(worker_id, trigger_id) is not None
+        removed = self.registry.remove_trigger(worker_id, trigger_id)
+        assert (removed is not None) == had
+
+    # -- calls -----------------------------------------------------------------------------
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
+    def call(self, index: int, function_id: str) -> None:
+        caller = self.live[index % len(self.live)]
+        entry = self.registry.functions.get(function_id)
+        if entry is None:
+            return  # function_not_found, answered at once
+        replica = entry.pick(self.pending.executing_on)
+        invocation = Invocation(
+            invocation_id=str(uuid.uuid4()),
+            function_id=function_id,
+            target_worker_id=replica.owner,
+            caller_worker_id=caller,
+        )
+        self.pending.add(invocation)
+        self.open_calls[invocation.invocation_id] = invocation
+        self.answers[invocation.invocation_id] = 0
+
+    @precondition(lambda self: self.open_calls)
+    @rule(index=st.integers(0, 100), from_target=st.booleans())
+    def answer(self, index: int, from_target: bool) -> None:
+        invocation = list(self.open_calls.values())[index % len(self.open_calls)]
+        sender = invocation.target_worker_id if from_target else "someone-else"
+        resolved = self.pending.resolve_from(sender, invocation.invocation_id, result=1)
+        assert (resolved is not None) == from_target
+        if resolved is not None:
+            self._deliver(invocation)
+
+    @precondition(lambda self: self.open_calls)
+    @rule(index=st.integers(0, 100))
+    def time_out(self, index: int) -> None:
+        invocation = list(self.open_calls.values())[index % len(self.open_calls)]
+        invocation.resolve(error=None, result="timeout")
+        self._deliver(invocation)
+
+    @rule()
+    def reused_invocation_id_is_refused(self) -> None:
+        if not self.open_calls:
+            return
+        invocation = next(iter(self.open_calls.values()))
+        try:
+            self.pending.add(
+                Invocation(invocation_id=invocation.invocation_id, function_id="x", target_worker_id="y")
+            )
+        except DuplicateInvocationError:
+            return
+        raise AssertionError("duplicate invocation id accepted")
+
+    def _deliver(self, invocation: Invocation) -> None:
+        """The waiting task wakes, answers its caller once, and discards the record."""
+        if invocation.invocation_id not in self.open_calls:
+            return
+        assert invocation.done.is_set()
+        self.pending.discard(invocation)
+        self.open_calls.pop(invocation.invocation_id)
+        self.answers[invocation.invocation_id] += 1
+
+    # -- invariants ------------------------------------------------------------------------------
+
+    @invariant()
+    def answered_at_most_once(self) -> None:
+        assert all(count <= 1 for count in self.answers.values())
+
+    @invariant()
+    def nothing_belongs_to_the_gone(self) -> None:
+        live = set(self.live)
+        assert set(self.registry.workers) == live
+        for entry in self.registry.functions.values():
+            assert entry.replicas, "a function without replicas"
+            assert set(entry.replicas) <= live
+            assert entry.latest is not None and entry.latest.owner in entry.replicas
+        for (worker_id, _), registration in self.registry.registrations.items():
+            assert worker_id in live and registration.worker_id == worker_id
+        for trigger in self.registry.triggers.values():
+            assert trigger.registrants, "a trigger without registrants"
+            assert {w for w, _ in trigger.registrants} <= live
+            for slot in trigger.registrants:
+                assert slot in self.registry.registrations
+        for trigger_type in self.registry.trigger_types.values():
+            assert trigger_type.provider in live
+        for invocation in self.pending.by_id.values():
+            assert invocation.target_worker_id in live
+            assert invocation.caller_worker_id in live
+        assert set(self.pending.by_id) == set(self.open_calls)
+
+    @invariant()
+    def indexes_agree(self) -> None:
+        for worker_id, info in self.registry.workers.items():
+            assert info.function_ids == {f for f, e in self.registry.functions.items() if worker_id in e.replicas}
+            assert info.trigger_ids == {t for (w, t) in self.registry.registrations if w == worker_id}
+        registered = sum(len(t.registrants) for t in self.registry.triggers.values())
+        assert registered == len(self.registry.registrations)
+        for worker_id, ids in self.pending.by_target.items():
+            assert ids and all(self.pending.by_id[i].target_worker_id == worker_id for i in ids)
+
+
+TestCoreMachine = CoreMachine.TestCase

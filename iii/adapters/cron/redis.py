@@ -1,0 +1,73 @@
+"""Cron locks on Redis (``modules::cron::RedisCronAdapter``).
+
+``SET <key_prefix>cron_lock:<job>:<scheduled ms> <instance> NX PX <ttl>``:
+the first engine instance to set the key fires that scheduled time; the key
+expires by itself.  The coredis client (and its connection pool, which runs
+tasks of its own) is opened for the adapter's lifetime.
+
+Config: ``redis_url`` (``redis://localhost:6379``), and our additions
+``lock_ttl_ms`` (30000) and ``key_prefix`` (``""``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import coredis
+import trio
+from coredis.tokens import PureToken
+
+from iii.adapters.cron.memory import _ttl
+from iii.errors import AdapterUnavailableError, ConfigError
+
+__all__ = ["RedisCronLocks", "open_adapter"]
+
+log = logging.getLogger(__name__)
+
+KNOWN_KEYS = {"redis_url", "lock_ttl_ms", "key_prefix"}
+COMMAND_TIMEOUT = 5.0
+
+
+@attrs.define(eq=False)
+class RedisCronLocks:
+    client: Any
+    key_prefix: str
+    lock_ttl: float
+    owner: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+
+    async def try_lock(self, key: str) -> bool:
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                taken = await self.client.set(
+                    f"{self.key_prefix}cron_lock:{key}",
+                    self.owner,
+                    condition=PureToken.NX,
+                    px=int(self.lock_ttl * 1000),
+                )
+        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            raise AdapterUnavailableError(f"Redis cron lock failed: {exc}") from exc
+        return bool(taken)
+
+
+@asynccontextmanager
+async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisCronLocks]:
+    unknown = set(config) - KNOWN_KEYS
+    if unknown:
+        log.warning("RedisCronAdapter: ignoring unknown config keys %s", sorted(unknown))
+    url = config.get("redis_url", "redis://localhost:6379")
+    prefix = config.get("key_prefix", "")
+    if not isinstance(url, str) or not isinstance(prefix, str):
+        raise ConfigError("redis_url and key_prefix must be strings", key="adapter.config")
+    client = coredis.Redis.from_url(url, connect_timeout=5, stream_timeout=COMMAND_TIMEOUT)
+    async with client:
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                await client.ping()
+        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            raise AdapterUnavailableError(f"cannot reach Redis at {url}: {exc}") from exc
+        yield RedisCronLocks(client=client, key_prefix=prefix, lock_ttl=_ttl(config))

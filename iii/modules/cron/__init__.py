@@ -1,0 +1,228 @@
+"""The cron module (``modules::cron::CronModule``): the ``cron`` trigger type.
+
+Trigger config: ``{expression, timezone?, _condition_path? | condition_function_id?
+| condition?}``; the function receives
+``{trigger: "cron", job_id, scheduled_time, actual_time}`` (RFC 3339).  The
+expression forms and the time-zone rules are in :mod:`.schedule`; a bad
+expression or zone refuses the registration with a message naming the problem.
+
+Firing rules:
+
+* **Exactly once per scheduled time across engine instances**: before firing,
+  the module takes the adapter's lock on ``(job, scheduled time)``, where the
+  job is identified by its function and config (not the trigger id, which
+  differs between workers and engines).  The lock expires after
+  ``lock_ttl_ms``; it is never released early.
+* **No catch-up**: a scheduled time missed by more than ``misfire_grace_ms``
+  (the engine was down or busy, or the previous run was still going) is
+  skipped; one missed by less fires once, including a time that passed just
+  before the trigger was registered (an engine restart, a worker reconnect).
+* Runs of one job do not overlap on one engine: the handler is awaited.
+* Condition: ``false`` or an error skips the run, anything else runs it.
+
+Lifetime: :meth:`Module.run` opens the lock adapter and a nursery; each
+trigger has a task in it under its own cancel scope, cancelled when the
+trigger is unregistered.  When ``engine.shutting_down`` is set every job stops
+and new triggers are not started (intake stops).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from iii.adapters.cron import CronLockAdapter, open_cron_adapter
+from iii.config import AdapterRef
+from iii.errors import IIIError, TriggerRegistrationError
+from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
+from iii.registry import LogicalTrigger
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "rfc3339"]
+
+log = logging.getLogger(__name__)
+
+UTC = dt.UTC
+CONDITION_KEYS = ("condition_function_id", "_condition_path", "condition")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    adapter: AdapterRef | None = None
+    # A scheduled time missed by less than this still fires (once).
+    misfire_grace_ms: int = 1000
+
+    @property
+    def misfire_grace(self) -> float:
+        return self.misfire_grace_ms / 1000
+
+
+class WallClock(Protocol):
+    """Where the module reads the time of day and waits for it."""
+
+    def now(self) -> dt.datetime: ...
+
+    async def sleep_until(self, when: dt.datetime) -> None: ...
+
+
+class SystemClock:
+    """The system clock; waits in slices so a clock step is noticed within a minute."""
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(UTC)
+
+    async def sleep_until(self, when: dt.datetime) -> None:
+        while True:
+            remaining = (when - self.now()).total_seconds()
+            if remaining <= 0:
+                return
+            await trio.sleep(min(remaining, 60.0))
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(UTC).isoformat()
+
+
+@attrs.define(eq=False)
+class CronJob:
+    trigger: LogicalTrigger
+    schedule: CronSchedule
+    condition: str | None
+    lock_key: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+
+def _job_key(trigger: LogicalTrigger) -> str:
+    _, function_id, config = trigger.key
+    digest = hashlib.sha256(function_id.encode() + b"\0" + config).hexdigest()[:24]
+    return digest
+
+
+def parse_trigger(trigger: LogicalTrigger) -> CronJob:
+    config = trigger.config
+    if not isinstance(config, dict):
+        raise TriggerRegistrationError("cron trigger config must be an object with an 'expression'")
+    expression = config.get("expression")
+    if not isinstance(expression, str):
+        raise TriggerRegistrationError("Cron expression is required (config.expression, a string)")
+    timezone = config.get("timezone")
+    if timezone is not None and not isinstance(timezone, str):
+        raise TriggerRegistrationError("cron timezone must be a string such as 'Europe/Paris'")
+    try:
+        schedule = parse_schedule(expression, timezone)
+    except CronExpressionError as exc:
+        raise TriggerRegistrationError(f"Invalid cron expression '{expression}': {exc}") from None
+    condition = None
+    for key in CONDITION_KEYS:
+        value = config.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise TriggerRegistrationError(f"cron {key} must be a function id")
+            condition = value
+            break
+    return CronJob(trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger))
+
+
+class Module:
+    def __init__(self, engine: Engine, config: Config, *, clock: WallClock | None = None):
+        self.engine = engine
+        self.config = config
+        self.clock: WallClock = clock or SystemClock()
+        self.jobs: dict[LogicalTrigger, CronJob] = {}
+        self.locks: CronLockAdapter | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_cron_adapter(self.config.adapter) as locks:
+            if locks.lock_ttl <= self.config.misfire_grace:
+                log.warning(
+                    "cron lock_ttl (%.1fs) should exceed misfire_grace (%.1fs), or a late engine "
+                    "instance may fire a time twice",
+                    locks.lock_ttl,
+                    self.config.misfire_grace,
+                )
+            self.locks = locks
+            async with trio.open_nursery() as cron_nursery:
+                self._nursery = cron_nursery
+                self.engine.register_trigger_type("cron", self, description="Cron-scheduled trigger")
+                cron_nursery.start_soon(self._stop_on_shutdown)
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def _stop_on_shutdown(self) -> None:
+        await self.engine.shutting_down.wait()
+        for job in self.jobs.values():
+            job.scope.cancel()
+
+    # -- trigger type handler (synchronous) ----------------------------------------
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None:
+        job = parse_trigger(trigger)
+        self.jobs[trigger] = job
+        if self._nursery is None or self.engine.shutting_down.is_set():
+            return
+        self._nursery.start_soon(self._run_job, job)
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None:
+        job = self.jobs.pop(trigger, None)
+        if job is not None:
+            job.scope.cancel()
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    async def _run_job(self, job: CronJob) -> None:
+        grace = self.config.misfire_grace
+        schedule = job.schedule
+        with job.scope:
+            now = self.clock.now()
+            # A time that passed just before registration still fires (once).
+            due = schedule.latest_at_or_before(now, grace) if grace > 0 else None
+            if due is None:
+                due = schedule.next_after(now)
+            while due is not None:
+                await self.clock.sleep_until(due)
+                now = self.clock.now()
+                if (now - due).total_seconds() > grace:
+                    missed = due
+                    due = schedule.latest_at_or_before(now, grace) if grace > 0 else None
+                    log.info("cron %s: skipped %s (missed)", job.trigger.id, rfc3339(missed))
+                    if due is None:
+                        due = schedule.next_after(now)
+                        continue
+                await self._fire(job, due, now)
+                due = schedule.next_after(due)
+            log.info("cron %s: %r never fires again", job.trigger.id, schedule.expression)
+
+    async def _fire(self, job: CronJob, scheduled: dt.datetime, now: dt.datetime) -> None:
+        assert self.locks is not None
+        trigger = job.trigger
+        key = f"{job.lock_key}:{int(scheduled.timestamp() * 1000)}"
+        try:
+            if not await self.locks.try_lock(key):
+                log.debug("cron %s at %s: fired elsewhere", trigger.id, rfc3339(scheduled))
+                return
+        except IIIError as exc:
+            log.warning("cron %s at %s: skipped, lock unavailable: %s", trigger.id, rfc3339(scheduled), exc.message)
+            return
+        payload: dict[str, Any] = {
+            "trigger": "cron",
+            "job_id": trigger.id,
+            "scheduled_time": rfc3339(scheduled),
+            "actual_time": rfc3339(now),
+        }
+        if job.condition is not None:
+            try:
+                verdict = await self.engine.invoke(job.condition, payload)
+            except IIIError as exc:
+                log.warning("cron %s: condition %s failed (%s); skipped", trigger.id, job.condition, exc.message)
+                return
+            if verdict is False:
+                return
+        await self.engine.invoke_logged(trigger.function_id, payload, what=f"cron {trigger.id}")

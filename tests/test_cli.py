@@ -1,0 +1,99 @@
+"""The command line as users run it: ``python -m iii ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import tomllib
+import yaml
+
+from tests.support import ROOT, free_port
+
+
+def run(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "iii", *args],
+        capture_output=True,
+        text=True,
+        cwd=kwargs.pop("cwd", ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+        **kwargs,
+    )
+
+
+def test_check_config_ok_and_error(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("port: 4000\n")
+    result = run("check-config", str(good))
+    assert result.returncode == 0 and "ok" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: 4000\nmodules:\n  - class: modules::api::RestApiModul\n")
+    result = run("check-config", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "modules[0].class" in result.stderr and "RestApiModul" in result.stderr
+
+
+def test_config_show_fills_defaults(tmp_path):
+    result = run("config", "show", cwd=tmp_path)
+    assert result.returncode == 0
+    shown = yaml.safe_load(result.stdout)
+    assert shown["port"] == 49134 and shown["invocation_timeout_ms"] == 30000
+    assert {"class": "modules::worker::WorkerModule", "config": {"functions_debounce_ms": 200}} in shown["modules"]
+    result = run("config", "show", "--format", "toml", cwd=tmp_path)
+    assert tomllib.loads(result.stdout)["port"] == 49134
+
+
+def test_serve_then_sigterm_exits_zero(tmp_path):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"port: {port}\nmodules: []\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iii", "serve", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.time() + 20
+        import socket
+
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "listening" in output and "stopped" in output
+
+
+def test_serve_with_a_bad_config_exits_two(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("port: ${UNSET_FOR_CLI_TEST}\n")
+    result = run("serve", "-c", str(config))
+    assert result.returncode == 2
+    assert "UNSET_FOR_CLI_TEST" in result.stderr
+
+
+def test_port_in_use_is_a_one_line_crash(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(f"port: {port}\nmodules: []\n")
+        result = run("serve", "-c", str(config))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("iii: cannot start")

@@ -1,0 +1,108 @@
+"""Config loading: upstream shape, env expansion, readable errors, TOML, defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from iii.config import dump_config, expand_env, load_config, parse_config
+from iii.errors import ConfigError
+from iii.modules import DEFAULT_MODULES
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_the_default_module_set():
+    config = load_config(None)
+    classes = [m.class_name for m in config.modules]
+    assert classes[: len(DEFAULT_MODULES)] == DEFAULT_MODULES
+    assert "modules::worker::WorkerModule" in classes and "modules::telemetry::TelemetryModule" in classes
+    assert config.port == 49134 and config.host == "127.0.0.1"
+
+
+def test_upstream_shape_and_env_expansion(tmp_path):
+    path = write(
+        tmp_path,
+        """
+port: ${III_TEST_PORT:4000}
+# a comment with ${UNSET_IN_A_COMMENT} is never expanded
+invocation_timeout_ms: ${III_TEST_TIMEOUT}
+host: "${III_TEST_HOST:0.0.0.0}:x"
+modules:
+  - class: modules::worker::WorkerModule
+    config:
+      functions_debounce_ms: ${III_TEST_DEBOUNCE:50}
+""",
+    )
+    config = load_config(path, env={"III_TEST_TIMEOUT": "1500"})
+    assert config.port == 4000  # one reference: takes the type of the value
+    assert config.invocation_timeout_ms == 1500 and config.invocation_timeout == 1.5
+    assert config.host == "0.0.0.0:x"  # embedded reference stays a string
+    assert config.module_config("modules::worker::WorkerModule").functions_debounce_ms == 50
+
+
+def test_unset_variable_names_variable_key_and_file(tmp_path):
+    path = write(tmp_path, "modules:\n  - class: modules::worker::WorkerModule\n    config:\n      functions_debounce_ms: ${NOPE_NOT_SET}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert str(path) in message and "NOPE_NOT_SET" in message and "modules[0].config.functions_debounce_ms" in message
+
+
+def test_expansion_cannot_inject_yaml():
+    value = expand_env({"a": "${EVIL}"}, env={"EVIL": "x\nmodules: []"})
+    assert value == {"a": "x\nmodules: []"}
+
+
+@pytest.mark.parametrize(
+    "text, key, reason",
+    [
+        ("prot: 1\n", None, "unknown key: prot"),
+        ("port: abc\n", "port", "expected an integer"),
+        ("modules:\n  - class: modules::nope::Nope\n", "modules[0].class", "unknown module class"),
+        ("modules:\n  - class: modules::worker::WorkerModule\n    config: {debounce: 1}\n", "modules[0].config", "unknown key: debounce"),
+        ("modules:\n  - class: modules::worker::WorkerModule\n  - class: modules::worker::WorkerModule\n", "modules[1].class", "listed twice"),
+        ("modules:\n  - klass: x\n", "modules[0]", "unknown key: klass"),
+        ("modules: 3\n", "modules", "expected a list"),
+        ("- a\n- b\n", None, "top level must be a mapping"),
+        ("port: [\n", None, "invalid YAML"),
+    ],
+)
+def test_errors_name_file_key_and_reason(tmp_path, text, key, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert error.file == str(path)
+    assert error.key == key
+    assert reason in error.reason
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_toml_with_the_same_schema(tmp_path):
+    path = write(
+        tmp_path,
+        'port = 5000\n[[modules]]\nclass = "modules::worker::WorkerModule"\n[modules.config]\nfunctions_debounce_ms = 10\n',
+        "config.toml",
+    )
+    config = load_config(path)
+    assert config.port == 5000
+    assert config.module_config("modules::worker::WorkerModule").functions_debounce_ms == 10
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml"])
+def test_shown_config_loads_back_to_the_same(tmp_path, fmt):
+    original = parse_config({"port": 4100, "modules": [{"class": "modules::worker::WorkerModule"}]})
+    path = write(tmp_path, dump_config(original, fmt), f"shown.{fmt}")
+    assert load_config(path) == original
+
+
+def test_port_zero_means_default():
+    assert parse_config({"port": 0}).port == 49134
