@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -61,6 +62,10 @@ class Channel:
     # Scopes of the sockets attached to this channel: cancelled when it is
     # removed, so a socket never outlives its channel.
     socket_scopes: list[trio.CancelScope] = attrs.field(factory=list)
+    # Called with "write" or "read" when a side is claimed (by a socket or by
+    # engine code), so the creator can start serving that side only once
+    # somebody uses it (the REST module starts no task for unused channels).
+    on_claim: Callable[[str], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         self.send_side, self.receive_side = trio.open_memory_channel[Frame](self.buffer_size)
@@ -73,12 +78,16 @@ class Channel:
         if self.writer_claimed:
             raise ChannelClaimedError(self.channel_id)
         self.writer_claimed = True
+        if self.on_claim is not None:
+            self.on_claim("write")
         return self.send_side
 
     def claim_reader(self) -> trio.MemoryReceiveChannel[Frame]:
         if self.reader_claimed:
             raise ChannelClaimedError(self.channel_id)
         self.reader_claimed = True
+        if self.on_claim is not None:
+            self.on_claim("read")
         return self.receive_side
 
     def close(self) -> None:
