@@ -38,7 +38,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.errors import IIIError, MessageDecodeError
-from iii.wsio import send_frames
+from iii.wsio import receive_frames, send_frames
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -245,21 +245,25 @@ class WorkerConnection:
     async def _reader(self) -> None:
         while True:
             try:
-                frame = await self.ws.get_message()
+                frames = await receive_frames(self.ws)
             except ConnectionClosed:
                 return
-            if isinstance(frame, bytes):
-                if frame[:4] in TELEMETRY_PREFIXES:
-                    self.engine.telemetry.ingest(frame, self.worker_id)
-                    continue
-            elif not frame.strip():
-                continue
-            try:
-                message = decode_message(frame)
-            except MessageDecodeError as exc:
-                self._on_bad_frame(exc, frame)
-                continue
-            self._dispatch(message)
+            for frame in frames:
+                self._handle_frame(frame)
+
+    def _handle_frame(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            if frame[:4] in TELEMETRY_PREFIXES:
+                self.engine.telemetry.ingest(frame, self.worker_id)
+                return
+        elif not frame.strip():
+            return
+        try:
+            message = decode_message(frame)
+        except MessageDecodeError as exc:
+            self._on_bad_frame(exc, frame)
+            return
+        self._dispatch(message)
 
     # -- dispatch ------------------------------------------------------------------
 
