@@ -102,6 +102,9 @@ class WorkerConnection:
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    # True while a batch taken from the send queue, or a direct write, is on
+    # its way to the socket (see ``send``).
+    _writer_busy: bool = False
     _nursery: trio.Nursery | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -118,8 +121,30 @@ class WorkerConnection:
             )
 
     async def send(self, frame: str) -> None:
-        """Queue a frame for the writer; a worker that stays full is dropped."""
+        """Send a frame, or queue it for the writer; a worker that stays full is dropped.
+
+        When nothing is queued or being written, the calling task writes the
+        frame itself: no handoff to the writer task, which at low load halves
+        the scheduler passes per call.  The write is shielded (a cancelled
+        caller must not leave half a frame on this worker's socket) and
+        bounded by ``slow_consumer_timeout``.  Under load frames queue up and
+        the writer sends them in batches; the socket's lock keeps the order.
+        """
         self._check_size(frame)
+        if not self._writer_busy and self._outbox_send.statistics().current_buffer_used == 0:
+            self._writer_busy = True
+            timeout = self.engine.config.slow_consumer_timeout
+            try:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+                    await send_frames(self.ws, [frame])
+            except ConnectionClosed:
+                self._scope.cancel()
+                return
+            finally:
+                self._writer_busy = False
+            if scope.cancelled_caught:
+                self.abort(f"slow consumer: a write blocked for {timeout:g}s")
+            return
         try:
             self._outbox_send.send_nowait(frame)
             return
@@ -209,6 +234,7 @@ class WorkerConnection:
                     batch = [await receive.receive()]
                 except trio.EndOfChannel:
                     return
+                self._writer_busy = True
                 # Let the tasks that are producing frames right now queue them
                 # first, as long as the queue keeps growing: one write (one
                 # system call, one wakeup of the peer) for the whole wave.
@@ -222,7 +248,10 @@ class WorkerConnection:
                             break
                     if len(batch) == before:
                         break
-                await send_frames(self.ws, batch)
+                try:
+                    await send_frames(self.ws, batch)
+                finally:
+                    self._writer_busy = False
         except ConnectionClosed:
             self._scope.cancel()
 
