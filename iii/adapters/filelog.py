@@ -5,7 +5,11 @@ Each record is one JSON value framed as ``<u32 length><u32 crc32><payload>``
 written *and* fsync'd, so a write acknowledged to a caller survives ``kill -9``
 at any moment.  Concurrent appends share one ``fsync`` (group commit): whoever
 holds the flush lock writes every record queued so far, and the others find
-their record already durable when they get the lock.
+their record already durable when they get the lock.  An append is not
+interruptible: it waits (shielded) until its record is on disk, so a caller
+never sees ``Cancelled`` for a record that a later batch writes.  A failed
+write fails every append whose record it carried, and the log refuses later
+appends.
 
 Recovery (:func:`open_record_log`) reads frames until the first one that is
 incomplete or fails its checksum.  What follows is *reported*, never silently
@@ -113,6 +117,8 @@ class RecordLog:
     _queued_seq: int = 0  # sequence number of the last queued record
     _durable_seq: int = 0  # sequence number of the last record on disk
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
+    # The error of a failed write: what was queued with it was lost.
+    _failure: OSError | None = None
     size: int = 0
     records_since_rewrite: int = 0
 
@@ -124,22 +130,45 @@ class RecordLog:
         await self.append_many((record,))
 
     async def append_many(self, records: Iterable[Any]) -> None:
-        """Append records atomically with respect to recovery order; durable on return."""
+        """Append records atomically with respect to recovery order; durable on return.
+
+        Not interruptible: once queued, another holder of the flush lock may
+        write the records in its batch anyway, so the wait for the lock and
+        the write are shielded (bounded by the disk), and a caller that
+        changed its memory before appending stays in step with the log even
+        when it is being cancelled.  Raises :class:`OSError` if the write
+        carrying these records failed; the log then refuses every later
+        append (its tail on disk is unknown until the next open recovers it).
+        """
         frames = [_frame(r) for r in records]
         if not frames:
             return
+        self._check_usable()
         self._queued.append(b"".join(frames))
         self._queued_seq += 1
         my_seq = self._queued_seq
         self.records_since_rewrite += len(frames)
-        async with self._lock:
-            if self._durable_seq >= my_seq:
-                return  # an earlier holder wrote ours in its batch
-            batch, self._queued = b"".join(self._queued), []
-            batch_seq = self._queued_seq
-            await trio.to_thread.run_sync(self._write, batch)
-            self.size += len(batch)
-            self._durable_seq = batch_seq
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if self._durable_seq >= my_seq:
+                    return  # an earlier holder wrote ours in its batch
+                self._check_usable()  # the batch that carried ours failed
+                batch, self._queued = b"".join(self._queued), []
+                batch_seq = self._queued_seq
+                try:
+                    await trio.to_thread.run_sync(self._write, batch)
+                except OSError as exc:
+                    self._failure = exc
+                    raise
+                self.size += len(batch)
+                self._durable_seq = batch_seq
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise OSError(
+                self._failure.errno,
+                f"{self.path}: the log refuses writes after a failed one: {self._failure.strerror}",
+            )
 
     def _write(self, batch: bytes) -> None:
         view = memoryview(batch)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
-from iii.adapters.filelog import HEADER, open_record_log
+from iii.adapters.filelog import HEADER, RecordLog, open_record_log
 
 
 async def test_records_come_back_in_order(tmp_path):
@@ -63,3 +65,41 @@ async def test_rewrite_replaces_the_log(tmp_path):
     await record_log.aclose()
     _, records, _ = await open_record_log(path)
     assert records == [{"snapshot": 99}, {"set": 100}]
+
+
+async def test_a_record_is_logged_exactly_when_its_append_returned(tmp_path):
+    # Cancelled appends must not leave a record behind that the next append
+    # writes: the caller was told "not done" (it rolls its memory back).
+    path = tmp_path / "log.bin"
+    record_log, _, _ = await open_record_log(path)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await record_log.append({"n": 1})
+    first_returned = not scope.cancelled_caught
+    await record_log.append({"n": 2})
+    await record_log.aclose()
+    _, records, _ = await open_record_log(path)
+    assert ({"n": 1} in records) == first_returned
+    assert {"n": 2} in records
+
+
+async def test_a_failed_write_fails_every_record_it_carried(tmp_path):
+    # /dev/full refuses every write (ENOSPC): two appends that share one
+    # group-commit batch must both fail, neither may report success.
+    record_log = RecordLog(path=Path("/dev/full"), fsync=False)
+    record_log._open_fd()
+    outcomes: list[str] = []
+
+    async def append(n: int) -> None:
+        try:
+            await record_log.append({"n": n})
+        except OSError:
+            outcomes.append("failed")
+        else:
+            outcomes.append("durable")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(append, 1)
+        nursery.start_soon(append, 2)
+    await record_log.aclose()
+    assert outcomes == ["failed", "failed"]
