@@ -165,9 +165,9 @@ class AmqpChannel:
         """Send a synchronous method and return the broker's reply."""
         async with self._rpc_lock:
             self._check()
-            await self.connection._send(frame.marshal(method, self.id))
             try:
                 with trio.fail_after(timeout):
+                    await self.connection._send(frame.marshal(method, self.id))
                     return await self._replies[1].receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 raise AdapterUnavailableError(f"AMQP channel {self.id}: {self.closed}") from None
@@ -193,15 +193,18 @@ class AmqpChannel:
         waiter: list[Any] | None = None
         if self._confirming:
             self._publish_seq += 1
+            seq = self._publish_seq
             waiter = [trio.Event(), False]
-            self._unconfirmed[self._publish_seq] = waiter
-        await self.connection._send(b"".join(frames))
-        if waiter is None:
-            return
+            self._unconfirmed[seq] = waiter
         try:
             with trio.fail_after(timeout):
+                await self.connection._send(b"".join(frames))
+                if waiter is None:
+                    return
                 await waiter[0].wait()
         except trio.TooSlowError:
+            if waiter is not None:
+                self._unconfirmed.pop(seq, None)
             raise AdapterUnavailableError(f"AMQP publish to {exchange or routing_key} not confirmed in {timeout:g}s") from None
         if not waiter[1]:
             raise AdapterUnavailableError(f"AMQP publish to {exchange or routing_key} refused ({self.closed or 'nack'})")
@@ -256,9 +259,13 @@ class AmqpConnection:
     _last_received: float = 0.0
 
     async def _send(self, data: bytes) -> None:
+        """Queue frames for the writer; waits while the queue is full (callers bound it)."""
         if self.closed.is_set():
             raise AdapterUnavailableError(f"AMQP connection closed: {self.close_reason}")
-        await self._outbox[0].send(data)
+        try:
+            await self._outbox[0].send(data)
+        except trio.ClosedResourceError:  # lost while waiting for room
+            raise AdapterUnavailableError(f"AMQP connection closed: {self.close_reason}") from None
 
     def _send_nowait(self, data: bytes) -> None:
         if self.closed.is_set():
@@ -284,6 +291,9 @@ class AmqpConnection:
             return
         self.close_reason = reason
         self.closed.set()
+        # Senders waiting for room in the queue get ClosedResourceError: the
+        # writer is gone and will never make room.
+        self._outbox[0].close()
         for channel in list(self.channels.values()):
             channel._fail(f"connection lost: {reason}")
         (log.debug if reason == "closed" else log.warning)("AMQP connection lost: %s", reason)
