@@ -248,3 +248,47 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                             assert (await c.receive())["event"]["type"] == "sync"
                         assert joins[1]["context"] is None
                     nursery.cancel_scope.cancel()
+
+
+async def _raw_client_that_never_reads(port):
+    """A WebSocket client with a tiny receive buffer that joins and then reads nothing."""
+    import socket
+
+    import wsproto
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
+    while True:
+        ws.receive_data(await stream.receive_some(4096))
+        if any(isinstance(event, AcceptConnection) for event in ws.events()):
+            break
+    join = {"type": "join", "data": {"subscriptionId": "s", "streamName": "big", "groupId": "g"}}
+    await stream.send_all(ws.send(TextMessage(data=orjson.dumps(join).decode())))
+    return stream
+
+
+async def test_a_client_that_stops_reading_is_disconnected(tmp_path):
+    # Its socket fills, so the writer blocks in a send; its queue then
+    # overflows, and the server must still drop it (not hold it forever).
+    async with stream_engine_for("memory", tmp_path) as engine:
+        server = engine.modules["stream"].server
+        stream = await _raw_client_that_never_reads(port_of(engine))
+        async with stream:
+            with trio.fail_after(10):
+                while not server.by_group:
+                    await trio.sleep(0.01)
+            (connection,) = server.connections
+            blob = "x" * 16384
+            for i in range(20_000):
+                if connection.closed:
+                    break
+                await engine.invoke("stream::set", {"stream_name": "big", "group_id": "g", "item_id": str(i), "data": blob})
+            assert connection.closed, "the client's queue never overflowed"
+            with trio.fail_after(30):
+                while server.connections:
+                    await trio.sleep(0.05)

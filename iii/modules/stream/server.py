@@ -30,8 +30,10 @@ Client protocol (spec modules.md §4.2), on path ``/``:
   answered by trio-websocket.
 
 Each connection has a bounded outgoing queue drained by its own writer task;
-a client that falls ``queue_size`` messages behind is disconnected (close
-code 1008) instead of slowing down the writers or the other clients.
+a client that falls ``QUEUE_SIZE`` messages behind is disconnected (close
+code 1008) instead of slowing down the writers or the other clients; if it
+does not read at all (its socket is full), its connection is cancelled
+``SLOW_CLIENT_GRACE`` seconds later.
 
 Lifetime: :meth:`StreamServer.serve` runs the listener; each connection runs
 in the server's connection nursery with its reader and writer in a
@@ -56,6 +58,10 @@ __all__ = ["StreamServer", "ClientConnection", "Subscription", "stream_message"]
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024
+# A client whose queue overflowed gets this long to take what is queued and
+# the 1008 close; then its connection is cancelled, even if a send is stuck
+# on a socket it no longer reads.
+SLOW_CLIENT_GRACE = 10.0
 
 
 def now_ms() -> int:
@@ -96,6 +102,8 @@ class ClientConnection:
     context: Any = None
     subscriptions: dict[str, Subscription] = attrs.field(factory=dict)
     _send: trio.MemorySendChannel[bytes] | None = None
+    # The per-connection scope (reader, writer): bounded once the client overflows.
+    _scope: trio.CancelScope | None = None
     closed: bool = False
 
     def push(self, frame: bytes) -> None:
@@ -110,6 +118,10 @@ class ClientConnection:
             )
             self.closed = True
             self._send.close()
+            if self._scope is not None:
+                self._scope.deadline = min(
+                    self._scope.deadline, trio.current_time() + SLOW_CLIENT_GRACE
+                )
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.closed = True
 
@@ -231,6 +243,7 @@ class StreamServer:
         self.connections.add(connection)
         try:
             async with trio.open_nursery() as connection_nursery:
+                connection._scope = connection_nursery.cancel_scope
                 connection_nursery.start_soon(
                     self._writer, connection, receive, connection_nursery.cancel_scope
                 )
