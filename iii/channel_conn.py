@@ -9,6 +9,9 @@
 * The reader side (``dir=read``) gets the frames in order with their type kept,
   then a Close when the writer has finished.
 
+Every Close we start is bounded (``CLOSE_TIMEOUT``): a peer that never
+answers it loses its socket.
+
 Lifetime: the handler returns when its socket or the channel ends; the channel
 itself is removed by the sweep once both sides are finished, or with its owner,
 and removing it ends the sockets still attached to it.
@@ -31,6 +34,15 @@ __all__ = ["serve_channel_side"]
 
 log = logging.getLogger(__name__)
 
+# How long a Close handshake may take: a peer that never answers our Close
+# must not hold the socket (and its slot in ``max_connections``).
+CLOSE_TIMEOUT = 2.0
+
+
+async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await ws.aclose(code, reason)
+
 
 async def serve_channel_side(
     engine: Engine, request: WebSocketRequest, *, channel_id: str, access_key: str, direction: str
@@ -46,7 +58,7 @@ async def serve_channel_side(
             receive_side = channel.claim_reader()
     except ChannelClaimedError:
         ws = await request.accept()
-        await ws.aclose(1008, "channel side already claimed")
+        await _close(ws, 1008, "channel side already claimed")
         return
     ws = await request.accept()
     with trio.CancelScope() as scope:
@@ -56,8 +68,7 @@ async def serve_channel_side(
         else:
             await _pump_to_socket(ws, channel, receive_side)
     if scope.cancelled_caught:
-        with trio.move_on_after(1):
-            await ws.aclose(1000, "channel removed")
+        await _close(ws, 1000, "channel removed")
 
 
 async def _pump_from_socket(
@@ -73,7 +84,7 @@ async def _pump_from_socket(
                 await send_side.send(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # The reader went away: nothing more will be read.
-                await ws.aclose(1000, "channel reader closed")
+                await _close(ws, 1000, "channel reader closed")
                 return
     finally:
         send_side.close()
@@ -89,9 +100,9 @@ async def _pump_to_socket(
                 await ws.send_message(frame)
             except ConnectionClosed:
                 return
-        await ws.aclose(1000, "channel closed")
+        await _close(ws, 1000, "channel closed")
     except trio.ClosedResourceError:
-        await ws.aclose(1000, "channel removed")
+        await _close(ws, 1000, "channel removed")
     finally:
         receive_side.close()
         channel.reader_done = True
