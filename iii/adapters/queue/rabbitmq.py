@@ -136,20 +136,31 @@ class RabbitQueueAdapter:
                 await self._publisher.confirm_select()
             return self._publisher
 
-    async def declare(self, queue: str) -> None:
+    async def _admin_channel(self) -> AmqpChannel:
+        """The channel for declares and counts (the caller holds ``_declare_lock``).
+
+        The broker closes a channel on a refused method (PRECONDITION_FAILED
+        for a queue declared elsewhere with other arguments): the next call
+        opens a new one, so one refusal fails one call only.
+        """
         connection = await self.connection()
+        if self._admin is None or self._admin.closed is not None:
+            self._admin = await connection.channel()
+        return self._admin
+
+    async def declare(self, queue: str) -> None:
+        await self.connection()
         if queue in self._declared:
             return
         async with self._declare_lock:
             if queue in self._declared:
                 return
-            if self._admin is None or self._admin.closed is not None:
-                self._admin = await connection.channel()
+            admin = await self._admin_channel()
             exchange, main, dlq = names(queue)
-            await self._admin.rpc(Exchange.Declare(exchange=exchange, exchange_type="topic", durable=True))
-            await self._admin.rpc(Queue.Declare(queue=main, durable=True))
-            await self._admin.rpc(Queue.Bind(queue=main, exchange=exchange, routing_key=queue))
-            await self._admin.rpc(Queue.Declare(queue=dlq, durable=True))
+            await admin.rpc(Exchange.Declare(exchange=exchange, exchange_type="topic", durable=True))
+            await admin.rpc(Queue.Declare(queue=main, durable=True))
+            await admin.rpc(Queue.Bind(queue=main, exchange=exchange, routing_key=queue))
+            await admin.rpc(Queue.Declare(queue=dlq, durable=True))
             self._declared.add(queue)
             self._known.add(queue)
 
@@ -159,8 +170,8 @@ class RabbitQueueAdapter:
         if key in self._declared:
             return name
         async with self._declare_lock:
-            assert self._admin is not None
-            await self._admin.rpc(
+            admin = await self._admin_channel()
+            await admin.rpc(
                 Queue.Declare(
                     queue=name,
                     durable=True,
@@ -176,9 +187,9 @@ class RabbitQueueAdapter:
         return name
 
     async def _count(self, queue_name: str, arguments: dict[str, Any] | None = None) -> int:
-        assert self._admin is not None
         async with self._declare_lock:
-            ok = await self._admin.rpc(Queue.Declare(queue=queue_name, durable=True, arguments=arguments))
+            admin = await self._admin_channel()
+            ok = await admin.rpc(Queue.Declare(queue=queue_name, durable=True, arguments=arguments))
         return int(ok.message_count or 0)
 
     # -- producing ----------------------------------------------------------------------------
