@@ -17,7 +17,9 @@ for.  Keys (``key_prefix`` defaults to ``iii:queue:``)::
   holds more than its concurrency).  Each consumer also runs ``XAUTOCLAIM``
   with ``visibility_timeout`` as the minimum idle time: jobs leased by an
   engine that died (or got stuck) are delivered again.  Leases of running
-  jobs are renewed with ``XCLAIM … JUSTID`` (resets the idle time).
+  jobs are renewed with ``XCLAIM … JUSTID`` (resets the idle time).  An entry
+  that is not a readable job (written by something else) goes to the DLQ as
+  ``undecodable message`` instead of failing the consumer.
 * ``ack`` = ``XACK`` + ``XDEL``; ``retry`` = that + ``ZADD delayed``;
   ``dead_letter`` = that + ``RPUSH dlq``; each in one MULTI transaction.
   Due retries move back to the stream with a Lua script (``ZRANGEBYSCORE`` →
@@ -226,12 +228,23 @@ class _Consumer:
     def stream(self) -> str:
         return self.adapter.key(self.queue, "stream")
 
-    def _delivery(self, entry: Any) -> Delivery | None:
-        fields = entry.field_values
-        raw = fields.get("job")
-        if raw is None:
+    async def _take(self, entry: Any) -> Delivery | None:
+        """The delivery for a stream entry; an entry that is not a readable job
+        is settled here (dropped, or moved to the DLQ) so it cannot block the group."""
+        raw = entry.field_values.get("job")
+        if raw is None:  # not ours
+            await self._remove(entry.identifier)
             return None
-        return Delivery(job=Job.from_json(orjson.loads(raw)), handle=entry.identifier)
+        try:
+            job = Job.from_json(orjson.loads(raw))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.error("queue %s: undecodable job %s moved to the DLQ", self.queue, entry.identifier)
+            job = Job(id=f"undecodable-{entry.identifier}", queue=self.queue, data=raw)
+            letter = DeadLetter(job=job, error="undecodable message", failed_at=_now_ms())
+            dlq = self.adapter.key(self.queue, "dlq")
+            await self._remove(entry.identifier, lambda pipe: pipe.rpush(dlq, [_dumps(letter.to_json())]))
+            return None
+        return Delivery(job=job, handle=entry.identifier)
 
     async def receive(self, timeout: float) -> Delivery | None:
         adapter = self.adapter
@@ -247,7 +260,7 @@ class _Consumer:
                     self.stream, GROUP, self.name, int(defaults.visibility_timeout * 1000), "0-0", count=10
                 )
             for entry in claimed[1]:
-                delivery = self._delivery(entry)
+                delivery = await self._take(entry)
                 if delivery is not None:
                     log.info("queue %s: job %s reclaimed after its lease ran out", self.queue, delivery.job.id)
                     self.buffer.append(delivery)
@@ -260,11 +273,9 @@ class _Consumer:
             return None
         for entries in result.values():
             for entry in entries:
-                delivery = self._delivery(entry)
+                delivery = await self._take(entry)
                 if delivery is not None:
                     self.buffer.append(delivery)
-                else:  # not ours: drop it so it does not block the group
-                    await self._remove(entry.identifier)
         return self.buffer.popleft() if self.buffer else None
 
     async def _remove(self, entry_id: str, extra: Any = None) -> None:
