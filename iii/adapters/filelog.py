@@ -179,7 +179,12 @@ class RecordLog:
             os.fsync(self._fd)
 
     async def rewrite(self, records: Iterable[Any]) -> None:
-        """Replace the log with ``records`` (compaction), crash-safely."""
+        """Replace the log with ``records`` (compaction), crash-safely.
+
+        ``records`` is consumed under the lock, and every record queued until
+        then is dropped: pass a generator over the live state, not a list
+        built before the call (it would miss what changed while this waited).
+        """
         async with self._lock:
             # Anything queued but not yet written must survive the rewrite:
             # callers snapshot state *after* queuing, so it is in `records`.

@@ -35,7 +35,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -219,18 +219,23 @@ class BuiltinQueueAdapter:
                 sorted((job_id for job_id in q.jobs if job_id not in q_due), key=lambda i: q_order.get(i, -1))
             )
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
+    def snapshot(self) -> Iterator[dict[str, Any]]:
+        """The live state as log records.
+
+        A generator on purpose: :meth:`RecordLog.rewrite` consumes it under the
+        log's lock, after every record queued so far, which it then drops.  A
+        list built before waiting for the lock would miss the changes made
+        meanwhile, and lose them from the log.
+        """
         for q in self.queues.values():
             delayed = {job_id: due for due, job_id in q.delayed}
             for job_id, job in q.jobs.items():
                 if job_id in delayed:
-                    records.append({"r": q.name, "j": job.to_json(), "d": delayed[job_id]})
+                    yield {"r": q.name, "j": job.to_json(), "d": delayed[job_id]}
                 else:
-                    records.append({"e": q.name, "j": job.to_json()})
+                    yield {"e": q.name, "j": job.to_json()}
             for letter in q.dlq.values():
-                records.append({"x": q.name, "l": letter.to_json()})
-        return records
+                yield {"x": q.name, "l": letter.to_json()}
 
     def _maybe_compact(self) -> None:
         record_log = self.record_log
