@@ -19,11 +19,11 @@ connections for the module's lifetime.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
+from iii.adapters import import_backend
 from iii.config import AdapterRef
 from iii.errors import ConfigError
 
@@ -51,16 +51,9 @@ class CronLockAdapter(Protocol):
 
 @asynccontextmanager
 async def open_cron_adapter(ref: AdapterRef | None) -> AsyncIterator[CronLockAdapter]:
-    class_name = ref.class_name if ref is not None else DEFAULT_ADAPTER
-    config: Any = (ref.config if ref is not None else None) or {}
-    module_name = BACKENDS.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"Adapter factory '{class_name}' not found. Available: {sorted(BACKENDS)}",
-            key="adapter.class",
-        )
+    backend, raw = import_backend("cron", BACKENDS, ref, DEFAULT_ADAPTER, key="adapter.class")
+    config: Any = raw or {}
     if not isinstance(config, dict):
         raise ConfigError("adapter config must be a mapping", key="adapter.config")
-    backend = importlib.import_module(module_name)
     async with backend.open_adapter(config) as adapter:
         yield adapter

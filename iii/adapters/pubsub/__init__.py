@@ -18,13 +18,12 @@ the module's job, so every subscriber gets every message on every backend.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, cast
 
+from iii.adapters import import_backend
 from iii.config import AdapterRef
-from iii.errors import ConfigError
 
 __all__ = ["PubSubAdapter", "open_pubsub_adapter", "BACKENDS", "DEFAULT_CLASS", "MessageHandler"]
 
@@ -50,16 +49,8 @@ class PubSubAdapter(Protocol):
 def open_pubsub_adapter(
     ref: AdapterRef | None, *, on_message: MessageHandler, where: str = "pubsub.adapter"
 ) -> AbstractAsyncContextManager[PubSubAdapter]:
-    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
-    module_name = BACKENDS.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"unknown pubsub adapter {class_name!r} (available: {', '.join(BACKENDS)})",
-            key=f"{where}.class",
-        )
-    backend = importlib.import_module(module_name)
-    opener: Any = backend.open_adapter
+    backend, raw = import_backend("pubsub", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
     return cast(
         "AbstractAsyncContextManager[PubSubAdapter]",
-        opener(ref.config if ref is not None else None, on_message=on_message, where=where),
+        backend.open_adapter(raw, on_message=on_message, where=where),
     )

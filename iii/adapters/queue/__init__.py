@@ -28,13 +28,13 @@ Backends, looked up by upstream class name and imported lazily:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import attrs
 
+from iii.adapters import import_backend
 from iii.config import AdapterRef
 from iii.errors import ConfigError
 
@@ -241,16 +241,9 @@ class QueueAdapter(Protocol):
 
 @asynccontextmanager
 async def open_queue_adapter(ref: AdapterRef | None) -> AsyncIterator[QueueAdapter]:
-    class_name = ref.class_name if ref is not None else DEFAULT_ADAPTER
-    config: Any = (ref.config if ref is not None else None) or {}
-    module_name = BACKENDS.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"Adapter factory '{class_name}' not found. Available: {sorted(BACKENDS)}",
-            key="adapter.class",
-        )
+    backend, raw = import_backend("queue", BACKENDS, ref, DEFAULT_ADAPTER, key="adapter.class")
+    config: Any = raw or {}
     if not isinstance(config, dict):
         raise ConfigError("adapter config must be a mapping", key="adapter.config")
-    backend = importlib.import_module(module_name)
     async with backend.open_adapter(config) as adapter:
         yield adapter

@@ -20,13 +20,12 @@ serves one engine and never calls it.
 from __future__ import annotations
 
 import builtins
-import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, cast
 
+from iii.adapters import import_backend
 from iii.config import AdapterRef
-from iii.errors import ConfigError
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["StateAdapter", "open_state_adapter", "BACKENDS", "DEFAULT_CLASS"]
@@ -64,16 +63,8 @@ PeerEventHandler = Callable[[dict[str, Any]], None]
 def open_state_adapter(
     ref: AdapterRef | None, *, on_peer_event: PeerEventHandler, where: str = "state.adapter"
 ) -> AbstractAsyncContextManager[StateAdapter]:
-    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
-    module_name = BACKENDS.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"unknown state adapter {class_name!r} (available: {', '.join(BACKENDS)})",
-            key=f"{where}.class",
-        )
-    backend = importlib.import_module(module_name)
-    opener: Any = backend.open_adapter
+    backend, raw = import_backend("state", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
     return cast(
         "AbstractAsyncContextManager[StateAdapter]",
-        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+        backend.open_adapter(raw, on_peer_event=on_peer_event, where=where),
     )

@@ -20,13 +20,12 @@ one engine and does neither.
 from __future__ import annotations
 
 import builtins
-import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, cast
 
+from iii.adapters import import_backend
 from iii.config import AdapterRef
-from iii.errors import ConfigError
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["StreamAdapter", "open_stream_adapter", "BACKENDS", "DEFAULT_CLASS"]
@@ -70,16 +69,8 @@ def open_stream_adapter(
     on_peer_event: Callable[[dict[str, Any]], None],
     where: str = "stream.adapter",
 ) -> AbstractAsyncContextManager[StreamAdapter]:
-    class_name = ref.class_name if ref is not None else DEFAULT_CLASS
-    module_name = BACKENDS.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"unknown stream adapter {class_name!r} (available: {', '.join(BACKENDS)})",
-            key=f"{where}.class",
-        )
-    backend = importlib.import_module(module_name)
-    opener: Any = backend.open_adapter
+    backend, raw = import_backend("stream", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
     return cast(
         "AbstractAsyncContextManager[StreamAdapter]",
-        opener(ref.config if ref is not None else None, on_peer_event=on_peer_event, where=where),
+        backend.open_adapter(raw, on_peer_event=on_peer_event, where=where),
     )
