@@ -22,6 +22,10 @@
   and prefix: each message is ``{"origin": <engine instance id>, "event": …}``
   and an engine ignores its own.
 
+* :class:`JsonHashes` and :func:`open_json_store`: JSON values in hash
+  fields with membership sets, and the client plus peer events a Redis JSON
+  store (state, stream) is opened with.
+
 Lifetime: everything lives inside :func:`open_redis`'s block; the subscriber
 tasks run in a nursery the backend opens inside it.
 """
@@ -45,7 +49,15 @@ from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, Exponential
 
 from iii.errors import AdapterUnavailableError, ConfigError, IIIError
 
-__all__ = ["RedisSettings", "RedisConnection", "RedisChannels", "PeerEvents", "open_redis"]
+__all__ = [
+    "RedisSettings",
+    "RedisConnection",
+    "RedisChannels",
+    "PeerEvents",
+    "JsonHashes",
+    "open_redis",
+    "open_json_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +411,24 @@ class JsonHashes:
             f"SMEMBERS {key}", lambda: self.connection.client.smembers(key)
         )
         return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+
+
+@asynccontextmanager
+async def open_json_store(
+    raw: Any, *, where: str, name: str, events: str, on_peer_event: Callable[[Any], None]
+) -> AsyncIterator[tuple[RedisConnection, JsonHashes, PeerEvents]]:
+    """What a Redis-backed JSON store (state, stream) is made of, for its lifetime.
+
+    Reads the adapter config (``<where>.config``), opens the client, and runs
+    the peer-event subscriber on channel ``<key_prefix><events>`` in a nursery
+    of its own until the block is left.
+    """
+    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
+    async with open_redis(settings, name=name) as connection:
+        peers = PeerEvents(connection, connection.key(events), on_peer_event)
+        async with trio.open_nursery() as store_nursery:
+            await peers.start(store_nursery)
+            try:
+                yield connection, JsonHashes(connection), peers
+            finally:
+                store_nursery.cancel_scope.cancel()

@@ -24,15 +24,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import trio
 
-from iii.adapters.redis_support import (
-    JsonHashes,
-    PeerEvents,
-    RedisConnection,
-    RedisSettings,
-    open_redis,
-)
+from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["RedisStateAdapter", "open_adapter"]
@@ -79,12 +72,7 @@ class RedisStateAdapter:
 async def open_adapter(
     raw: Any, *, on_peer_event: Any, where: str
 ) -> AsyncIterator[RedisStateAdapter]:
-    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
-    async with open_redis(settings, name="state redis adapter") as connection:
-        peers = PeerEvents(connection, connection.key("state::events"), on_peer_event)
-        async with trio.open_nursery() as adapter_nursery:
-            await peers.start(adapter_nursery)
-            try:
-                yield RedisStateAdapter(connection, JsonHashes(connection), peers)
-            finally:
-                adapter_nursery.cancel_scope.cancel()
+    async with open_json_store(
+        raw, where=where, name="state redis adapter", events="state::events", on_peer_event=on_peer_event
+    ) as (connection, hashes, peers):
+        yield RedisStateAdapter(connection, hashes, peers)

@@ -28,15 +28,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import trio
 
-from iii.adapters.redis_support import (
-    JsonHashes,
-    PeerEvents,
-    RedisConnection,
-    RedisSettings,
-    open_redis,
-)
+from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["RedisStreamAdapter", "open_adapter"]
@@ -96,12 +89,7 @@ class RedisStreamAdapter:
 async def open_adapter(
     raw: Any, *, on_peer_event: Any, where: str
 ) -> AsyncIterator[RedisStreamAdapter]:
-    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
-    async with open_redis(settings, name="stream redis adapter") as connection:
-        peers = PeerEvents(connection, connection.key("stream::events"), on_peer_event)
-        async with trio.open_nursery() as adapter_nursery:
-            await peers.start(adapter_nursery)
-            try:
-                yield RedisStreamAdapter(connection, JsonHashes(connection), peers)
-            finally:
-                adapter_nursery.cancel_scope.cancel()
+    async with open_json_store(
+        raw, where=where, name="stream redis adapter", events="stream::events", on_peer_event=on_peer_event
+    ) as (connection, hashes, peers):
+        yield RedisStreamAdapter(connection, hashes, peers)
