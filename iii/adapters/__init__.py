@@ -39,7 +39,8 @@ def import_backend(
     module_name = backends.get(class_name)
     if module_name is None:
         raise ConfigError(
-            f"{kind} adapter factory '{class_name}' not found; available: {', '.join(sorted(backends))}",
+            f"{kind} adapter factory '{class_name}' not found; "
+            f"available: {', '.join(sorted(backends))}",
             key=key,
         )
     return importlib.import_module(module_name), (ref.config if ref is not None else None)

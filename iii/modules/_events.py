@@ -12,14 +12,20 @@ If events arrive faster than they can be dispatched and the queue is full,
 the newest is dropped with a warning: a write is never slowed down by its
 triggers.
 
-Lifetime: :meth:`TriggerDispatch.run` runs in the owning module's nursery;
-cancelling it cancels the trigger calls in flight.
+:class:`PeerPublisher` does the same for the other engines sharing a
+backend (Redis): :meth:`~PeerPublisher.submit` queues an event without
+waiting, :meth:`~PeerPublisher.run` hands them to the adapter in order, and a
+failure is logged (the write has already answered).
+
+Lifetime: :meth:`TriggerDispatch.run` and :meth:`PeerPublisher.run` run in
+the owning module's nursery; cancelling it cancels the trigger calls in
+flight and drops the events not yet published.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,7 +36,7 @@ from iii.registry import LogicalTrigger
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["TriggerDispatch", "config_str"]
+__all__ = ["TriggerDispatch", "PeerPublisher", "config_str"]
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +142,26 @@ class TriggerDispatch:
             )
             return False
         return result is not False and result is not None
+
+
+class PeerPublisher:
+    """Events made here, on their way to the other engines sharing the backend."""
+
+    def __init__(self, what: str):
+        self.what = what  # "state", "stream": for the log
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](QUEUE_SIZE)
+
+    def submit(self, event: dict[str, Any]) -> None:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            log.warning(
+                "%s: peer event queue full; an event did not reach the other engines", self.what
+            )
+
+    async def run(self, publish: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        async for event in self._receive:
+            try:
+                await publish(event)
+            except IIIError as exc:
+                log.warning("%s: event not sent to the other engines: %s", self.what, exc.message)

@@ -35,6 +35,7 @@ import trio
 
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
 from iii.errors import IIIError
+from iii.modules._functions import register_functions
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
 
@@ -90,21 +91,22 @@ class Module:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_kv_store(self.store_config) as store:
             self.store = store
-            for name, handler, description in (
-                ("get", self.get, "Get a value by key"),
-                ("set", self.set, "Set a value by key"),
-                ("delete", self.delete, "Delete a value by key"),
-                ("update", self.update, "Update a value with atomic operations"),
-                ("list", self.list, "List the values of an index"),
-                (
-                    "list_keys_with_prefix",
-                    self.list_keys_with_prefix,
-                    "List keys starting with a prefix",
-                ),
-            ):
-                self.engine.register_function(
-                    f"kv_server::{name}", handler, description=description
-                )
+            register_functions(
+                self.engine,
+                "kv_server::",
+                [
+                    ("get", self.get, "Get a value by key"),
+                    ("set", self.set, "Set a value by key"),
+                    ("delete", self.delete, "Delete a value by key"),
+                    ("update", self.update, "Update a value with atomic operations"),
+                    ("list", self.list, "List the values of an index"),
+                    (
+                        "list_keys_with_prefix",
+                        self.list_keys_with_prefix,
+                        "List keys starting with a prefix",
+                    ),
+                ],
+            )
             task_status.started()
             await trio.sleep_forever()
 

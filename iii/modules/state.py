@@ -44,7 +44,7 @@ its nursery until cancelled; the adapter closes last.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -53,7 +53,8 @@ import trio
 from iii.adapters.state import StateAdapter, open_state_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError
-from iii.modules._events import TriggerDispatch, config_str
+from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
+from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
 
@@ -98,11 +99,6 @@ class ScopeInput:
     scope: str
 
 
-@attrs.frozen(kw_only=True)
-class Empty:
-    pass
-
-
 def state_event(
     event_type: str, scope: str, key: str, old_value: Any, new_value: Any
 ) -> dict[str, Any]:
@@ -130,9 +126,7 @@ class Module:
         self.engine = engine
         self.config = config
         self.dispatch = TriggerDispatch(engine, "state", parse=_parse_filter, matches=_matches)
-        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
-            10_000
-        )
+        self.peers = PeerPublisher("state")
         self.adapter: StateAdapter | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -140,20 +134,22 @@ class Module:
             self.config.adapter, on_peer_event=self.dispatch.submit
         ) as adapter:
             self.adapter = adapter
-            functions: dict[str, tuple[Callable[[Any, CallContext], Awaitable[Any]], str]] = {
-                "state::set": (self.set, "Set a value in state"),
-                "state::get": (self.get, "Get a value from state"),
-                "state::delete": (self.delete, "Delete a value from state"),
-                "state::update": (self.update, "Update a value in state with atomic operations"),
-                "state::list": (self.list, "List the values of a scope"),
-                "state::list_groups": (self.list_groups, "List the scopes"),
-            }
-            for function_id, (handler, description) in functions.items():
-                self.engine.register_function(function_id, handler, description=description)
+            register_functions(
+                self.engine,
+                "state::",
+                [
+                    ("set", self.set, "Set a value in state"),
+                    ("get", self.get, "Get a value from state"),
+                    ("delete", self.delete, "Delete a value from state"),
+                    ("update", self.update, "Update a value in state with atomic operations"),
+                    ("list", self.list, "List the values of a scope"),
+                    ("list_groups", self.list_groups, "List the scopes"),
+                ],
+            )
             self.engine.register_trigger_type("state", self.dispatch, description="State changes")
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self.dispatch.run)
-                module_nursery.start_soon(self._publish_to_peers)
+                module_nursery.start_soon(self.peers.run, adapter.publish_event)
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -161,29 +157,12 @@ class Module:
 
     def _emit(self, event: dict[str, Any]) -> None:
         self.dispatch.submit(event)
-        try:
-            self._outgoing_send.send_nowait(event)
-        except trio.WouldBlock:
-            log.warning("state: peer event queue full; an event did not reach the other engines")
-
-    async def _publish_to_peers(self) -> None:
-        assert self.adapter is not None
-        async for event in self._outgoing_receive:
-            try:
-                await self.adapter.publish_event(event)
-            except IIIError as exc:
-                log.warning("state: event not sent to the other engines: %s", exc.message)
+        self.peers.submit(event)
 
     # -- functions --------------------------------------------------------------------
 
     async def _call(self, code: str, operation: Awaitable[Any]) -> Any:
-        try:
-            return await operation
-        except IIIError:
-            raise
-        except Exception as exc:
-            log.exception("state adapter failed (%s)", code)
-            raise IIIError(str(exc) or type(exc).__name__, code=code) from None
+        return await adapter_call(log, code, operation)
 
     async def set(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SetInput, ctx.function_id)

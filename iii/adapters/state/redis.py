@@ -73,6 +73,10 @@ async def open_adapter(
     raw: Any, *, on_peer_event: Any, where: str
 ) -> AsyncIterator[RedisStateAdapter]:
     async with open_json_store(
-        raw, where=where, name="state redis adapter", events="state::events", on_peer_event=on_peer_event
+        raw,
+        where=where,
+        name="state redis adapter",
+        events="state::events",
+        on_peer_event=on_peer_event,
     ) as (connection, hashes, peers):
         yield RedisStateAdapter(connection, hashes, peers)

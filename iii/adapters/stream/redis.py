@@ -90,6 +90,10 @@ async def open_adapter(
     raw: Any, *, on_peer_event: Any, where: str
 ) -> AsyncIterator[RedisStreamAdapter]:
     async with open_json_store(
-        raw, where=where, name="stream redis adapter", events="stream::events", on_peer_event=on_peer_event
+        raw,
+        where=where,
+        name="stream redis adapter",
+        events="stream::events",
+        on_peer_event=on_peer_event,
     ) as (connection, hashes, peers):
         yield RedisStreamAdapter(connection, hashes, peers)

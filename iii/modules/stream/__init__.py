@@ -71,7 +71,8 @@ import trio
 from iii.adapters.stream import StreamAdapter, open_stream_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
-from iii.modules._events import TriggerDispatch, config_str
+from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
+from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.stream.server import StreamServer, stream_message
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
@@ -129,11 +130,6 @@ class StreamInput:
 
 
 @attrs.frozen(kw_only=True)
-class Empty:
-    pass
-
-
-@attrs.frozen(kw_only=True)
 class SendInput:
     stream_name: str
     group_id: str
@@ -188,9 +184,7 @@ class Module:
         self.dispatch = TriggerDispatch(engine, "stream", parse=_parse_filter, matches=_matches)
         self.join_triggers = _JoinTriggers()
         self.leave_triggers = _JoinTriggers()
-        self._outgoing_send, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
-            10_000
-        )
+        self.peers = PeerPublisher("stream")
         self.adapter: StreamAdapter | None = None
         self.server = StreamServer(
             host=config.host,
@@ -206,17 +200,20 @@ class Module:
             self.config.adapter, on_peer_event=self._peer_message
         ) as adapter:
             self.adapter = adapter
-            for name, handler, description in (
-                ("set", self.set, "Set a stream item"),
-                ("get", self.get, "Get a stream item"),
-                ("delete", self.delete, "Delete a stream item"),
-                ("update", self.update, "Update a stream item with atomic operations"),
-                ("list", self.list, "List the items of a group"),
-                ("list_groups", self.list_groups, "List the groups of a stream"),
-                ("list_all", self.list_all, "List every stream and its groups"),
-                ("send", self.send, "Send a custom event to a group's subscribers"),
-            ):
-                self.engine.register_function(f"stream::{name}", handler, description=description)
+            register_functions(
+                self.engine,
+                "stream::",
+                [
+                    ("set", self.set, "Set a stream item"),
+                    ("get", self.get, "Get a stream item"),
+                    ("delete", self.delete, "Delete a stream item"),
+                    ("update", self.update, "Update a stream item with atomic operations"),
+                    ("list", self.list, "List the items of a group"),
+                    ("list_groups", self.list_groups, "List the groups of a stream"),
+                    ("list_all", self.list_all, "List every stream and its groups"),
+                    ("send", self.send, "Send a custom event to a group's subscribers"),
+                ],
+            )
             self.engine.register_trigger_type("stream", self.dispatch, description="Stream changes")
             self.engine.register_trigger_type(
                 "stream:join", self.join_triggers, description="Stream client joins"
@@ -226,7 +223,7 @@ class Module:
             )
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self.dispatch.run)
-                module_nursery.start_soon(self._publish_to_peers)
+                module_nursery.start_soon(self.peers.run, adapter.publish_event)
                 await module_nursery.start(self.server.serve)
                 task_status.started()
                 await trio.sleep_forever()
@@ -237,10 +234,7 @@ class Module:
         """A message made here: triggers, local clients, the other engines."""
         self.dispatch.submit(message)
         self.server.deliver(message)
-        try:
-            self._outgoing_send.send_nowait(message)
-        except trio.WouldBlock:
-            log.warning("stream: peer event queue full; a message did not reach the other engines")
+        self.peers.submit(message)
 
     def _peer_message(self, message: dict[str, Any]) -> None:
         """A message another engine made: our triggers and our clients."""
@@ -252,14 +246,6 @@ class Module:
             return
         self.dispatch.submit(message)
         self.server.deliver(message)
-
-    async def _publish_to_peers(self) -> None:
-        assert self.adapter is not None
-        async for message in self._outgoing_receive:
-            try:
-                await self.adapter.publish_event(message)
-            except IIIError as exc:
-                log.warning("stream: message not sent to the other engines: %s", exc.message)
 
     # -- client server hooks --------------------------------------------------------------
 
@@ -315,13 +301,7 @@ class Module:
         return self.adapter
 
     async def _call(self, code: str, operation: Awaitable[Any]) -> Any:
-        try:
-            return await operation
-        except IIIError:
-            raise
-        except Exception as exc:
-            log.exception("stream adapter failed (%s)", code)
-            raise IIIError(str(exc) or type(exc).__name__, code=code) from None
+        return await adapter_call(log, code, operation)
 
     async def _get(self, stream: str, group: str, item: str, data: Any = None) -> Any:
         hook = self._override("get", stream)
