@@ -22,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import venv
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,22 @@ class SdkWorker:
                     return line
                 self.seen.append(line)
         raise AssertionError(f"worker exited before printing {prefix!r}; output: {self.seen}")
+
+    async def request(
+        self, line: str, *, timeout: float = 30.0, on_line: Callable[[str], None] | None = None
+    ) -> tuple[str, str]:
+        """Send one command line and wait for its reply line, ``OK <rest>`` or
+        ``ERR <rest>``; returns ``(status, rest)``.  Other lines on the way go
+        to ``on_line`` (default: kept in ``seen`` for :meth:`wait_for`)."""
+        await self.send_line(line)
+        keep = on_line or self.seen.append
+        with trio.fail_after(timeout):
+            async for out in self.lines:
+                status, _, rest = out.partition(" ")
+                if status in ("OK", "ERR"):
+                    return status, rest
+                keep(out)
+        raise AssertionError(f"worker exited before answering {line!r}; output: {self.seen}")
 
     def kill(self) -> None:
         if self.process.returncode is None:
