@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 
-import trio
-
 __all__ = ["WORKER_041", "WORKER_025", "SCRIPTS", "command"]
 
 WORKER_041 = r'''
@@ -144,12 +142,5 @@ SCRIPTS = {"0.4.1": WORKER_041, "0.25.0": WORKER_025}
 
 async def command(worker, timeout: float = 30.0, **cmd):
     """Send one command; return ``("OK", value)`` or ``("ERR", {code, message})``."""
-    await worker.send_line(json.dumps(cmd))
-    with trio.fail_after(timeout):
-        async for line in worker.lines:
-            if line.startswith("OK "):
-                return "OK", json.loads(line[3:])
-            if line.startswith("ERR "):
-                return "ERR", json.loads(line[4:])
-            worker.seen.append(line)
-    raise AssertionError(f"worker exited; output: {worker.seen}")
+    status, rest = await worker.request(json.dumps(cmd), timeout=timeout)
+    return status, json.loads(rest)

@@ -100,20 +100,21 @@ class Driver:
         self.events: list[tuple[str, Any]] = []
 
     async def call(self, function_id: str, data: Any = None) -> Any:
-        await self.worker.send_line(json.dumps({"fn": function_id, "data": data}))
-        with trio.fail_after(30):
-            while True:
-                line = await self._next_line()
-                if line.startswith("OK "):
-                    return json.loads(line[3:])
-                if line.startswith("ERR "):
-                    raise SdkCallError(json.loads(line[4:]))
+        status, rest = await self.worker.request(
+            json.dumps({"fn": function_id, "data": data}), on_line=self._record
+        )
+        if status == "ERR":
+            raise SdkCallError(json.loads(rest))
+        return json.loads(rest)
 
-    async def _next_line(self) -> str:
-        line = await self.worker.lines.receive()
+    def _record(self, line: str) -> None:
         if line.startswith("EVENT "):
             _, fid, payload = line.split(" ", 2)
             self.events.append((fid, json.loads(payload)))
+
+    async def _next_line(self) -> str:
+        line = await self.worker.lines.receive()
+        self._record(line)
         return line
 
     async def wait_events(self, count: int, function_id: str | None = None, timeout: float = 20) -> list[Any]:

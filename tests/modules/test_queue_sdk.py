@@ -100,13 +100,9 @@ iii.shutdown()
 
 
 async def command(worker: Any, **cmd: Any) -> str:
-    await worker.send_line(json.dumps(cmd))
-    with trio.fail_after(30):
-        async for line in worker.lines:
-            if line.startswith(("OK ", "ERR ")):
-                return str(line)
-            worker.seen.append(line)
-    raise AssertionError("worker exited")
+    """Send one command; the reply line (``OK <json>`` or ``ERR <text>``)."""
+    status, rest = await worker.request(json.dumps(cmd))
+    return f"{status} {rest}"
 
 
 async def collect(worker: Any, prefix: str, count: int, timeout: float = 30) -> list[Any]:
