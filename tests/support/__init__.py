@@ -174,36 +174,23 @@ class SdkWorker:
 
 
 @asynccontextmanager
-async def start_sdk_worker(
-    version: str,
-    script: str,
-    *,
-    url: str,
-    env: dict[str, str] | None = None,
-    args: tuple[str, ...] = (),
+async def _run_worker_process(
+    argv: list[str], *, env: dict[str, str] | None, script: Path
 ) -> AsyncIterator[SdkWorker]:
-    """Run ``script`` (Python source) under SDK ``version`` with ``III_URL=url``.
+    """Run a worker script as a child process; its stdout arrives line by line.
 
-    The script reads the engine URL from ``sys.argv[1]``.  The process is
-    killed when the block exits.
+    The process and the stdout pump live in a nursery of this block; leaving it
+    kills the process and removes ``script``.
     """
-    python = await trio.to_thread.run_sync(sdk_python, version)
-    script_path = CACHE / "worker-scripts"
-    script_path.mkdir(parents=True, exist_ok=True)
-    file = script_path / f"w{os.getpid()}_{id(script)}_{trio.current_time():.0f}.py"
-    file.write_text(textwrap.dedent(script))
-    child_env = {**os.environ, "III_URL": url, "PYTHONUNBUFFERED": "1", "OTEL_ENABLED": "false"}
-    child_env.pop("PYTHONPATH", None)
-    child_env.update(env or {})
     send, receive = trio.open_memory_channel[str](1000)
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             lambda task_status: trio.run_process(
-                [str(python), str(file), url, *args],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
-                env=child_env,
+                env=env,
                 check=False,
                 task_status=task_status,
             )
@@ -226,7 +213,34 @@ async def start_sdk_worker(
         finally:
             worker.kill()
             nursery.cancel_scope.cancel()
-            file.unlink(missing_ok=True)
+            script.unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def start_sdk_worker(
+    version: str,
+    script: str,
+    *,
+    url: str,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> AsyncIterator[SdkWorker]:
+    """Run ``script`` (Python source) under SDK ``version`` with ``III_URL=url``.
+
+    The script reads the engine URL from ``sys.argv[1]``.  The process is
+    killed when the block exits.
+    """
+    python = await trio.to_thread.run_sync(sdk_python, version)
+    script_path = CACHE / "worker-scripts"
+    script_path.mkdir(parents=True, exist_ok=True)
+    file = script_path / f"w{os.getpid()}_{id(script)}_{trio.current_time():.0f}.py"
+    file.write_text(textwrap.dedent(script))
+    child_env = {**os.environ, "III_URL": url, "PYTHONUNBUFFERED": "1", "OTEL_ENABLED": "false"}
+    child_env.pop("PYTHONPATH", None)
+    child_env.update(env or {})
+    argv = [str(python), str(file), url, *args]
+    async with _run_worker_process(argv, env=child_env, script=file) as worker:
+        yield worker
 
 
 def node_sdk_dir() -> Path:
@@ -261,37 +275,9 @@ async def start_node_worker(script: str, *, url: str, args: tuple[str, ...] = ()
     directory = await trio.to_thread.run_sync(node_sdk_dir)
     file = directory / f"w{os.getpid()}_{id(script)}.mjs"
     file.write_text(textwrap.dedent(script))
-    send, receive = trio.open_memory_channel[str](1000)
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            lambda task_status: trio.run_process(
-                ["node", str(file), url, *args],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None,
-                check=False,
-                task_status=task_status,
-            )
-        )
-
-        async def pump() -> None:
-            buffer = b""
-            async with send:
-                assert process.stdout is not None
-                async for chunk in process.stdout:
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        await send.send(line.decode(errors="replace"))
-
-        nursery.start_soon(pump)
-        worker = SdkWorker(process, receive)
-        try:
-            yield worker
-        finally:
-            worker.kill()
-            nursery.cancel_scope.cancel()
-            file.unlink(missing_ok=True)
+    argv = ["node", str(file), url, *args]
+    async with _run_worker_process(argv, env=None, script=file) as worker:
+        yield worker
 
 
 @attrs.define(eq=False)
