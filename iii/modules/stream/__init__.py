@@ -332,6 +332,12 @@ class Module:
             )
         return {key: result.get(key) for key in keys}
 
+    def _emit_written(self, stream: str, group: str, item: str, body: dict[str, Any]) -> None:
+        """The event of a set or update: ``create`` if there was no old value, else ``update``."""
+        event_type = "create" if body["old_value"] is None else "update"
+        event = {"type": event_type, "data": body["new_value"]}
+        self._emit(stream_message(stream, group, item, event))
+
     async def set(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SetInput, ctx.function_id)
         hook = self._override("set", args.stream_name)
@@ -345,15 +351,7 @@ class Module:
                 self._adapter().set(args.stream_name, args.group_id, args.item_id, args.data),
             )
             body = {"old_value": old, "new_value": args.data}
-        event_type = "create" if body["old_value"] is None else "update"
-        self._emit(
-            stream_message(
-                args.stream_name,
-                args.group_id,
-                args.item_id,
-                {"type": event_type, "data": body["new_value"]},
-            )
-        )
+        self._emit_written(args.stream_name, args.group_id, args.item_id, body)
         return body
 
     async def update(self, data: Any, ctx: CallContext) -> Any:
@@ -370,15 +368,7 @@ class Module:
                 self._adapter().update(args.stream_name, args.group_id, args.item_id, ops),
             )
             body = result.to_json()
-        event_type = "create" if body["old_value"] is None else "update"
-        self._emit(
-            stream_message(
-                args.stream_name,
-                args.group_id,
-                args.item_id,
-                {"type": event_type, "data": body["new_value"]},
-            )
-        )
+        self._emit_written(args.stream_name, args.group_id, args.item_id, body)
         return body
 
     async def delete(self, data: Any, ctx: CallContext) -> Any:
