@@ -9,6 +9,9 @@ first-wins: the target's ``invocationresult``, the target disconnecting
 Pure bookkeeping, no I/O: the only trio object is the :class:`trio.Event` the
 waiting task sleeps on.  This is, with :mod:`iii.registry`, the core that the
 state-machine fuzzer drives.
+
+Lifetime: one :class:`PendingTable` per engine; an :class:`Invocation` lives
+from being filed until the task waiting on it discards it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ telemetry-only ``/otel`` socket.  The engine hands every such frame to
 ``engine.telemetry.ingest``.  Without the observability module the sink only
 counts what it receives; the observability module installs a consumer that
 stores the data.
+
+Lifetime: one sink per engine (``engine.telemetry``); the observability module
+sets its consumer for the module's run.
 """
 
 from __future__ import annotations

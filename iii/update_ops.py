@@ -45,6 +45,8 @@ result is written (HEAD's behaviour).  Errors come back as
 ``increment.not_number`` or ``set.target_not_object``.  An op that is not
 an op at all (unknown ``type``, missing ``path``) fails the whole call with
 :class:`~iii.errors.DeserializationError` before anything is written.
+
+Lifetime: none: pure functions and value types.
 """
 
 from __future__ import annotations

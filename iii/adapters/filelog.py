@@ -23,6 +23,10 @@ so a crash at any point leaves either the old log or the new one.
 
 File I/O runs in worker threads (``trio.to_thread``); the trio loop never
 blocks on the disk.
+
+Lifetime: a :class:`RecordLog` is opened by :func:`open_record_log` and belongs
+to the backend that opened it, which closes it (:meth:`RecordLog.aclose`) when
+its adapter closes; it runs no task of its own.
 """
 
 from __future__ import annotations

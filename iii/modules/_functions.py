@@ -8,7 +8,7 @@
   the backend fails with anything but an :class:`~iii.errors.IIIError`
   (which already carries its code, e.g. ``adapter_unavailable``).
 
-Plain functions and a value type; no state, no tasks.
+Lifetime: none (plain functions and a value type, no state, no tasks).
 """
 
 from __future__ import annotations

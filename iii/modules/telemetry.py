@@ -4,6 +4,8 @@ Upstream's ``modules::telemetry::TelemetryModule`` sends an anonymous usage
 heartbeat to a third party every 6 hours.  This engine sends nothing anywhere:
 the module exists so that upstream config files that list it still load.  Its
 config is accepted as given and ignored.
+
+Lifetime: :meth:`Module.run` reports ready and returns; it holds nothing.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ The module tells the adapter which topics have subscribers here
 topic) and receives every message of those topics through ``on_message(topic,
 data)``; it then runs every trigger of the topic.  Fan-out to the triggers is
 the module's job, so every subscriber gets every message on every backend.
+
+Lifetime: :func:`open_pubsub_adapter` returns the backend's context manager;
+the module keeps it open for its whole run.
 """
 
 from __future__ import annotations

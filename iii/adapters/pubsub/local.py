@@ -2,6 +2,8 @@
 
 A published message goes straight to ``on_message`` when the topic has
 subscribers here, and is dropped otherwise (as upstream).  No config.
+
+Lifetime: the module's run; no task, no I/O.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Redis pub/sub keeps nothing: a message published while an engine's
 subscription is down (outage, reconnect) does not reach that engine.
 ``publish`` during an outage fails with ``adapter_unavailable``.  Config:
 ``redis_url``, ``key_prefix``, ``timeout_ms``.
+
+Lifetime: :func:`open_adapter` owns the client and the subscriber tasks (in a
+nursery of its own) until the module leaves its block.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Backends, looked up by upstream class name and imported lazily:
 * ``modules::queue::RedisAdapter``: :mod:`.redis`, Redis Streams with a
   consumer group;
 * ``modules::queue::RabbitMQAdapter``: :mod:`.rabbitmq`, AMQP 0-9-1 over trio.
+
+Lifetime: :func:`open_queue_adapter` owns the backend for the module's run;
+each consumer lives in :meth:`QueueAdapter.open_consumer`'s block.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Events between engines: a backend shared by several engines (Redis) passes
 each write event to the others; ``on_peer_event`` receives the events other
 engines made, so their state triggers fire here too.  The embedded backend
 serves one engine and never calls it.
+
+Lifetime: :func:`open_state_adapter` returns the backend's context manager;
+the module keeps it open for its whole run.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 index = scope, key = key (spec modules.md §5).  Config: ``store_method``,
 ``file_path``, ``save_interval_ms`` (:mod:`iii.adapters.kvstore`).  One
 engine only, so there are no peer events.
+
+Lifetime: :func:`open_adapter` owns the store (its log and compaction task)
+for the module's run.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Events between engines: :meth:`StreamAdapter.publish_event` sends a stream
 message (the wrapper the clients get) to the other engines sharing the
 backend, and ``on_peer_event`` receives theirs; the embedded backend serves
 one engine and does neither.
+
+Lifetime: :func:`open_stream_adapter` returns the backend's context manager;
+the module keeps it open for its whole run.
 """
 
 from __future__ import annotations

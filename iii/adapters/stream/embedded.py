@@ -6,6 +6,9 @@ ambiguous); key = item id.  Config: ``store_method``, ``file_path``,
 ``save_interval_ms`` (:mod:`iii.adapters.kvstore`); upstream's
 ``channel_size`` is accepted and ignored (delivery to clients has its own
 per-connection queues).  One engine only, so there are no peer events.
+
+Lifetime: :func:`open_adapter` owns the store (its log and compaction task)
+for the module's run.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ set and delete are single Lua scripts (atomic, returning the old value, and
 keeping the sets right); update is read → ops in Python → compare-and-set
 script (:class:`~iii.adapters.redis_support.JsonHashes`).  Config:
 ``redis_url``, ``key_prefix``, ``timeout_ms``.
+
+Lifetime: :func:`open_adapter` owns the client and the peer-event subscriber
+(:func:`~iii.adapters.redis_support.open_json_store`) until the module leaves
+its block.
 """
 
 from __future__ import annotations

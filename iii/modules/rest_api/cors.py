@@ -8,7 +8,8 @@ Request headers are always allowed.
 A preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``)
 is answered here for every path, before routing.  An origin or method outside
 the lists gets a 403 that says which, instead of a silent answer without the
-allow headers.  Pure: no I/O.
+allow headers.  Pure: no I/O.  Lifetime: built once with the module from its
+config.
 """
 
 from __future__ import annotations

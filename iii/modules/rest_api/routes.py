@@ -20,6 +20,8 @@ Matching and conflicts follow the router upstream uses (matchit):
   are ambiguous.  For two different functions that is a conflict and the second
   is refused (:class:`RouteConflictError`; upstream v0.4 panicked).  For the
   same function it is accepted: the first registered answers.
+
+Lifetime: one table per REST module, for its run.
 """
 
 from __future__ import annotations
