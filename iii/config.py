@@ -25,6 +25,9 @@ file, the key and the reason:
 
 With no file, or a file without ``modules``, the default module set is used.
 The mandatory modules (worker, telemetry) are added when missing.
+
+Lifetime: loaded once, before the engine starts, into frozen values; nothing
+here opens anything or runs.
 """
 
 from __future__ import annotations

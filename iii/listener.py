@@ -15,6 +15,10 @@ logged with the peer and the reason, never the token); past
 ``max_connections`` open sockets a new one gets 503.  With ``tls.cert`` /
 ``tls.key`` the port speaks TLS (``wss://``).  Messages over
 ``max_message_size`` close the socket with 1009 (trio-websocket).
+
+Lifetime: :func:`serve_listener` runs until ``listener_scope`` is cancelled
+(shutdown step 1); the sockets it accepted live on in the connection nursery
+until the engine closes them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ the ``invocation_id`` when it could still be read.
 
 Encoding leaves out optional fields that are None, as the Rust engine does
 (``skip_serializing_if``), writes compact UTF-8 JSON and never ASCII-escapes.
+
+Lifetime: none: constants, value types and pure functions.
 """
 
 from __future__ import annotations
