@@ -121,19 +121,31 @@ class RabbitQueueAdapter:
             if self._connection is None or self._connection.closed.is_set():
                 assert self._nursery is not None
                 self._declared.clear()
-                self._connection = await self._nursery.start(self._keep_connection)
-                self._publisher = await self._connection.channel()
-                await self._publisher.confirm_select()
                 self._admin = None
+                self._connection = await self._nursery.start(self._keep_connection)
+                self._publisher = await self._open_publisher(self._connection)
             return self._connection
+
+    @staticmethod
+    async def _open_publisher(connection: AmqpConnection) -> AmqpChannel:
+        """A channel in confirm mode.  The caller stores it only once it is, so
+        an open that is cancelled or fails halfway never leaves a publisher
+        whose publishes would return without the broker's confirm."""
+        channel = await connection.channel()
+        try:
+            await channel.confirm_select()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+            raise
+        return channel
 
     async def _publisher_channel(self) -> AmqpChannel:
         await self.connection()
         async with self._connect_lock:
             if self._publisher is None or self._publisher.closed is not None:
                 assert self._connection is not None
-                self._publisher = await self._connection.channel()
-                await self._publisher.confirm_select()
+                self._publisher = await self._open_publisher(self._connection)
             return self._publisher
 
     async def _admin_channel(self) -> AmqpChannel:
