@@ -80,6 +80,7 @@ class AmqpChannel:
     id: int
     closed: str | None = None
     _rpc_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _abandoned: int = 0  # replies still to come for calls that gave up
     _replies: tuple[Any, Any] = attrs.field(factory=lambda: trio.open_memory_channel[Any](16))
     _assembly: _Assembly | None = None
     _consumers: dict[str, trio.MemorySendChannel[AmqpMessage]] = attrs.field(factory=dict)
@@ -162,17 +163,33 @@ class AmqpChannel:
             raise AdapterUnavailableError(f"AMQP channel {self.id}: {self.closed}")
 
     async def rpc(self, method: Any, *, timeout: float = RPC_TIMEOUT) -> Any:
-        """Send a synchronous method and return the broker's reply."""
+        """Send a synchronous method and return the broker's reply.
+
+        Replies come in request order.  A call that gives up (timeout,
+        cancellation) after its request went out leaves a reply still to
+        come: it is counted in ``_abandoned`` and the next call drops it
+        before waiting for its own.
+        """
         async with self._rpc_lock:
             self._check()
+            waiting = False
             try:
                 with trio.fail_after(timeout):
+                    while self._abandoned:
+                        await self._replies[1].receive()
+                        self._abandoned -= 1
                     await self.connection._send(frame.marshal(method, self.id))
-                    return await self._replies[1].receive()
+                    waiting = True
+                    reply = await self._replies[1].receive()
+                    waiting = False
+                    return reply
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 raise AdapterUnavailableError(f"AMQP channel {self.id}: {self.closed}") from None
             except trio.TooSlowError:
                 raise AdapterUnavailableError(f"AMQP {method.name} got no reply in {timeout:g}s") from None
+            finally:
+                if waiting:
+                    self._abandoned += 1
 
     async def confirm_select(self) -> None:
         await self.rpc(commands.Confirm.Select())
