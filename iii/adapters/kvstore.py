@@ -60,6 +60,7 @@ import attrs
 import orjson
 import trio
 
+from iii.adapters import typed_keys
 from iii.adapters.filelog import RecordLog, Recovery, open_record_log
 from iii.errors import AdapterUnavailableError, ConfigError
 from iii.update_ops import MISSING, UpdateOp, UpdateResult, apply_ops
@@ -97,21 +98,8 @@ class KvStoreConfig:
     @classmethod
     def from_raw(cls, raw: Any, *, where: str = "kv store config") -> KvStoreConfig:
         """Read upstream's raw config object; other keys are ignored (upstream is lenient)."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"expected a mapping, got {type(raw).__name__}", key=where)
-        values: dict[str, Any] = {}
-        for name, kind in (("store_method", str), ("file_path", str), ("save_interval_ms", int)):
-            if name not in raw or raw[name] is None:
-                continue
-            value = raw[name]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(
-                    f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
-                )
-            values[name] = value
-        config = cls(**values)
+        fields = (("store_method", str), ("file_path", str), ("save_interval_ms", int))
+        config = cls(**typed_keys(raw, where=where, fields=fields))
         if config.store_method not in ("in_memory", "file_based"):
             log.warning("%s: unknown store_method %r, using in_memory", where, config.store_method)
             config = attrs.evolve(config, store_method="in_memory")

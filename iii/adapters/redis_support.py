@@ -47,6 +47,7 @@ import orjson
 import trio
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
+from iii.adapters import typed_keys
 from iii.errors import AdapterUnavailableError, ConfigError, IIIError
 
 __all__ = [
@@ -77,21 +78,8 @@ class RedisSettings:
 
     @classmethod
     def from_raw(cls, raw: Any, *, where: str) -> RedisSettings:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"expected a mapping, got {type(raw).__name__}", key=where)
-        values: dict[str, Any] = {}
-        for name, kind in (("redis_url", str), ("key_prefix", str), ("timeout_ms", int)):
-            value = raw.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(
-                    f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
-                )
-            values[name] = value
-        settings = cls(**values)
+        fields = (("redis_url", str), ("key_prefix", str), ("timeout_ms", int))
+        settings = cls(**typed_keys(raw, where=where, fields=fields))
         if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 "must be a redis://, rediss:// or unix:// URL", key=f"{where}.redis_url"
