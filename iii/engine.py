@@ -315,6 +315,7 @@ class Engine:
         baggage: str | None = None,
         metadata: Any = None,
         timeout: float | None = None,
+        on_span: Callable[[Span], None] | None = None,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
@@ -323,7 +324,9 @@ class Engine:
         error, ``invocation_stopped`` (the worker left), ``timeout``.
 
         With a tracer installed the call runs under an invocation span (child
-        of ``traceparent``), and the function receives that span's context.
+        of ``traceparent``), and the function receives that span's context;
+        ``on_span`` is then given that span as soon as it opens (so a caller
+        can answer with its context).  Without a tracer it is never called.
         """
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
@@ -335,6 +338,7 @@ class Engine:
                 baggage=baggage,
                 metadata=metadata,
                 timeout=timeout,
+                on_span=on_span,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -415,6 +419,7 @@ class Engine:
         baggage: str | None,
         metadata: Any,
         timeout: float | None,
+        on_span: Callable[[Span], None] | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -423,6 +428,8 @@ class Engine:
             caller_worker_id=caller_worker_id,
             invocation_id=invocation_id,
         ) as span:
+            if on_span is not None:
+                on_span(span)
             return await self.invoke(
                 function_id,
                 data,

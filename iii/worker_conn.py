@@ -31,6 +31,7 @@ import logging
 import math
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -72,6 +73,7 @@ from iii.security import ALLOW_ALL, Grant
 
 if TYPE_CHECKING:
     from iii.engine import Engine
+    from iii.tracing import Span
 
 __all__ = ["WorkerConnection", "FrameTooLargeError", "LEGACY_FRAME_LIMIT"]
 
@@ -538,9 +540,11 @@ class WorkerConnection:
     async def _run_call(self, message: InvokeFunction, data: Any, reply: bool) -> None:
         engine = self.engine
         engine.inflight += 1
+        # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
+        spans: list[Span] = []
         try:
             try:
-                result = await self._call(message, data)
+                result = await self._call(message, data, spans.append if reply else None)
                 error = None
             except IIIError as exc:
                 result, error = None, ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
@@ -558,13 +562,14 @@ class WorkerConnection:
                     )
                 return
             assert message.invocation_id is not None
+            span = spans[0] if spans else None
             answer = InvocationResult(
                 invocation_id=message.invocation_id,
                 function_id=message.function_id,
                 result=result,
                 error=error,
-                traceparent=message.traceparent,
-                baggage=message.baggage,
+                traceparent=(span.traceparent if span is not None else None) or message.traceparent,
+                baggage=(span.baggage if span is not None else None) or message.baggage,
             )
             try:
                 await self.send(encode_message(answer))
@@ -582,7 +587,9 @@ class WorkerConnection:
             engine.inflight -= 1
             self.calls_outstanding -= 1
 
-    async def _call(self, message: InvokeFunction, data: Any) -> Any:
+    async def _call(
+        self, message: InvokeFunction, data: Any, on_span: Callable[[Span], None] | None
+    ) -> Any:
         action = message.action
         if isinstance(action, dict) and action.get("type") == "enqueue":
             receipt = str(uuid.uuid4())
@@ -597,6 +604,9 @@ class WorkerConnection:
                     "baggage": message.baggage,
                 },
                 caller_worker_id=self.worker_id,
+                traceparent=message.traceparent,
+                baggage=message.baggage,
+                on_span=on_span,
             )
             return {"messageReceiptId": receipt}
         return await self.engine.invoke(
@@ -607,6 +617,7 @@ class WorkerConnection:
             traceparent=message.traceparent,
             baggage=message.baggage,
             metadata=message.metadata,
+            on_span=on_span,
         )
 
     # -- metadata (engine::workers::register) ------------------------------------------
