@@ -29,7 +29,11 @@ def otel_entry(**keys: Any) -> dict[str, Any]:
 
 
 def queue_entry() -> dict[str, Any]:
-    return {"class": QUEUE, "config": {"adapter": {"class": "modules::queue::BuiltinQueueAdapter"}}}
+    adapter = {"backoff_ms": 20, "poll_interval_ms": 20}
+    return {
+        "class": QUEUE,
+        "config": {"adapter": {"class": "modules::queue::BuiltinQueueAdapter", "config": adapter}},
+    }
 
 
 async def ok(worker: RawWorker, function_id: str, data: Any = None, **extra: Any) -> Any:
@@ -111,3 +115,125 @@ async def test_result_echoes_the_callers_context_without_a_tracer() -> None:
             assert missing["traceparent"] == TRACEPARENT
             plain = await caller.call("obs::native", {})
             assert "traceparent" not in plain and "baggage" not in plain
+
+
+# -- queue job spans ---------------------------------------------------------------------
+
+
+async def wait_for_spans(
+    worker: RawWorker, trace_id: str, name: str, count: int
+) -> list[dict[str, Any]]:
+    """The spans of the trace named ``name`` once there are ``count`` of them (ended)."""
+    with trio.fail_after(10):
+        while True:
+            tree = await ok(worker, "engine::traces::tree", {"trace_id": trace_id})
+            found = [span for span in walk(tree["roots"]) if span["name"] == name]
+            if len(found) >= count:
+                return found
+            await trio.sleep(0.02)
+
+
+def walk(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for span in spans:
+        out.append(span)
+        out.extend(walk(span.get("children") or []))
+    return out
+
+
+async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
+    config = make_config(modules=[otel_entry(), queue_entry()])
+    async with open_test_engine(config) as engine:
+        async with connect_test_worker(engine) as caller, connect_test_worker(engine) as handler:
+            await handler.send({"type": "registerfunction", "id": "obs::job"})
+            await handler.send(
+                {
+                    "type": "registertrigger",
+                    "id": "jobs",
+                    "trigger_type": "queue",
+                    "function_id": "obs::job",
+                    "config": {
+                        "topic": "obs.jobs",
+                        "metadata": {"infrastructure": {"queue": {"maxRetries": 1}}},
+                    },
+                }
+            )
+            await ok(handler, "engine::functions::list")
+            seen: list[dict[str, Any]] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_calls, handler, seen)
+                await ok(
+                    caller,
+                    "enqueue",
+                    {"topic": "obs.jobs", "data": {"n": 1}},
+                    traceparent=TRACEPARENT,
+                    baggage="tenant=acme",
+                )
+                (job_span,) = await wait_for_spans(caller, TRACE, "queue obs.jobs", 1)
+                nursery.cancel_scope.cancel()
+
+            tree = await ok(caller, "engine::traces::tree", {"trace_id": TRACE})
+            # The caller's span is not exported: its child, the enqueue call, is the root.
+            (root,) = [span for span in tree["roots"] if span["name"] == "call enqueue"]
+            assert root["parent_span_id"] == PARENT
+            (child,) = root["children"]
+            assert child["span_id"] == job_span["span_id"]
+            assert child["status"] == "ok"
+            attributes = dict(child["attributes"])
+            assert attributes["iii.queue.topic"] == "obs.jobs"
+            assert attributes["messaging.destination.name"] == "obs.jobs"
+            assert attributes["function_id"] == "obs::job"
+            assert attributes["iii.queue.attempt"] == 1
+            assert attributes["iii.queue.outcome"] == "ack"
+            # The function ran under the job span, and got its context and the baggage.
+            (call,) = child["children"]
+            assert call["name"] == "call obs::job"
+            assert span_ids(seen[0]["traceparent"]) == (TRACE, call["span_id"])
+            assert seen[0]["baggage"] == "tenant=acme"
+
+            # A failing job: attempt 1 is retried, attempt 2 goes to the DLQ; both are spans.
+            failing = "1" * 31 + "2"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_calls, handler, seen)
+                await ok(
+                    caller,
+                    "enqueue",
+                    {"topic": "obs.jobs", "data": {"fail": True}},
+                    traceparent=f"00-{failing}-{PARENT}-01",
+                )
+                spans = await wait_for_spans(caller, failing, "queue obs.jobs", 2)
+                nursery.cancel_scope.cancel()
+            by_attempt = {dict(s["attributes"])["iii.queue.attempt"]: s for s in spans}
+            assert dict(by_attempt[1]["attributes"])["iii.queue.outcome"] == "retry"
+            assert dict(by_attempt[2]["attributes"])["iii.queue.outcome"] == "dead_letter"
+            for span in spans:
+                assert span["status"] == "error"
+                assert dict(span["attributes"])["iii.error.code"] == "boom"
+
+
+async def test_function_queue_job_span_from_an_enqueue_action() -> None:
+    config = make_config(modules=[otel_entry(), queue_entry()])
+    async with open_test_engine(config) as engine:
+        async with connect_test_worker(engine) as caller, connect_test_worker(engine) as handler:
+            await handler.send({"type": "registerfunction", "id": "obs::later"})
+            await ok(handler, "engine::functions::list")
+            seen: list[dict[str, Any]] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_calls, handler, seen)
+                answer = await caller.call(
+                    "obs::later",
+                    {"x": 1},
+                    traceparent=TRACEPARENT,
+                    action={"type": "enqueue", "queue": "slow"},
+                )
+                assert "messageReceiptId" in answer["result"], answer
+                (job_span,) = await wait_for_spans(caller, TRACE, "queue slow", 1)
+                nursery.cancel_scope.cancel()
+            attributes = dict(job_span["attributes"])
+            assert attributes["iii.queue.name"] == "slow"
+            assert attributes["function_id"] == "obs::later"
+            assert attributes["messaging.message.id"] == answer["result"]["messageReceiptId"]
+            assert attributes["iii.queue.outcome"] == "ack"
+            # The job carries the caller's context: the job span is the caller span's child.
+            assert job_span["parent_span_id"] == PARENT
+            assert [c["name"] for c in job_span["children"]] == ["call obs::later"]
