@@ -7,11 +7,16 @@ Prometheus text parser of ``prometheus_client`` for ``/metrics``.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import trio
 
+from iii.errors import IIIError
+from iii.modules import cron
+from iii.registry import TriggerRegistration
 from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
+from tests.modules.test_cron import VirtualClock
 from tests.modules.test_observability import serve_calls
 
 OTEL = "modules::observability::OtelModule"
@@ -237,3 +242,90 @@ async def test_function_queue_job_span_from_an_enqueue_action() -> None:
             # The job carries the caller's context: the job span is the caller span's child.
             assert job_span["parent_span_id"] == PARENT
             assert [c["name"] for c in job_span["children"]] == ["call obs::later"]
+
+
+# -- cron firing spans --------------------------------------------------------------------
+
+
+async def test_cron_firing_spans(autojump_clock: Any) -> None:
+    base = dt.datetime(2024, 1, 7, 0, 0, 5, tzinfo=dt.UTC)
+    async with open_test_engine(make_config(modules=[otel_entry()])) as engine:
+        contexts: list[str | None] = []
+
+        async def tick(data: Any, ctx: Any) -> Any:
+            contexts.append(ctx.traceparent)
+            return None
+
+        async def broken(data: Any, ctx: Any) -> Any:
+            raise IIIError("no luck", code="tick_failed")
+
+        async def never(data: Any, ctx: Any) -> Any:
+            return False
+
+        engine.register_function("obs::tick", tick)
+        engine.register_function("obs::broken", broken)
+        engine.register_function("obs::never", never)
+        module = cron.Module(engine, cron.Config(), clock=VirtualClock(base))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(module.run)
+            for trigger_id, function_id, config in [
+                ("every-10s", "obs::tick", {"expression": "*/10 * * * * *"}),
+                ("broken", "obs::broken", {"expression": "*/10 * * * * *"}),
+                (
+                    "guarded",
+                    "obs::tick",
+                    {"expression": "0 * * * * *", "condition_function_id": "obs::never"},
+                ),
+            ]:
+                refused = engine.register_trigger(
+                    TriggerRegistration(
+                        worker_id=None,
+                        id=trigger_id,
+                        trigger_type="cron",
+                        function_id=function_id,
+                        config=config,
+                    )
+                )
+                assert refused is None
+            await trio.sleep(21)  # :10 and :20 for the 10 s jobs; :00 of the next minute is later
+            await trio.sleep(40)  # ... and :00 for the guarded one
+            nursery.cancel_scope.cancel()
+
+        listed = await engine.invoke("engine::traces::list", {"limit": 100})
+        spans = [span for span in listed["spans"] if span["name"].startswith("cron ")]
+        ticks = [s for s in spans if s["name"] == "cron obs::tick" and s["status"] == "ok"]
+        by_time = {dict(s["attributes"])["iii.cron.scheduled_time"]: s for s in ticks}
+        assert sorted(by_time) == [
+            "2024-01-07T00:00:10+00:00",
+            "2024-01-07T00:00:20+00:00",
+            "2024-01-07T00:00:30+00:00",
+            "2024-01-07T00:00:40+00:00",
+            "2024-01-07T00:00:50+00:00",
+            "2024-01-07T00:01:00+00:00",
+        ]
+        first = by_time["2024-01-07T00:00:10+00:00"]
+        attributes = dict(first["attributes"])
+        assert attributes["iii.cron.job_id"] == "every-10s"
+        assert attributes["function_id"] == "obs::tick"
+        assert attributes["faas.cron"] == "*/10 * * * * *"
+        assert attributes["iii.cron.outcome"] == "ok"
+        assert "parent_span_id" not in first or not first["parent_span_id"]
+        # The function's call is the firing span's child, and the function saw its context.
+        tree = await engine.invoke("engine::traces::tree", {"trace_id": first["trace_id"]})
+        (root,) = tree["roots"]
+        assert [child["name"] for child in root["children"]] == ["call obs::tick"]
+        call = root["children"][0]
+        assert (first["trace_id"], call["span_id"]) in [span_ids(c) for c in contexts if c]
+
+        failed = [s for s in spans if s["name"] == "cron obs::broken"]
+        assert len(failed) == 6
+        assert all(s["status"] == "error" for s in failed)
+        assert {dict(s["attributes"])["iii.cron.outcome"] for s in failed} == {"failed"}
+        assert {dict(s["attributes"])["iii.error.code"] for s in failed} == {"tick_failed"}
+
+        (guarded,) = [s for s in spans if dict(s["attributes"])["iii.cron.job_id"] == "guarded"]
+        assert dict(guarded["attributes"])["iii.cron.outcome"] == "skipped"
+
+        stats = module.statistics()
+        assert (stats.fired_ok, stats.fired_failed, stats.skipped_by_condition) == (6, 6, 1)
+        assert stats.jobs == 3
