@@ -11,13 +11,14 @@ import datetime as dt
 from typing import Any
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from iii.errors import IIIError
 from iii.modules import cron
 from iii.registry import TriggerRegistration
 from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
 from tests.modules.test_cron import VirtualClock
-from tests.modules.test_observability import serve_calls
+from tests.modules.test_observability import http_get, serve_calls
 
 OTEL = "modules::observability::OtelModule"
 QUEUE = "modules::queue::QueueModule"
@@ -329,3 +330,80 @@ async def test_cron_firing_spans(autojump_clock: Any) -> None:
         stats = module.statistics()
         assert (stats.fired_ok, stats.fired_failed, stats.skipped_by_condition) == (6, 6, 1)
         assert stats.jobs == 3
+
+
+# -- queue numbers in /metrics and engine::metrics::list ------------------------------------
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, _, body = await http_get(port, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+async def test_queue_depth_in_prometheus_and_metrics_list() -> None:
+    config = make_config(modules=[otel_entry(), queue_entry()])
+    async with open_test_engine(config) as engine:
+
+        async def fails(data: Any, ctx: Any) -> Any:
+            raise IIIError("always", code="job_failed")
+
+        engine.register_function("obs::fails", fails)
+        refused = engine.register_trigger(
+            TriggerRegistration(
+                worker_id=None,
+                id="dead",
+                trigger_type="queue",
+                function_id="obs::fails",
+                config={
+                    "topic": "obs.dead",
+                    "metadata": {"infrastructure": {"queue": {"maxRetries": 0}}},
+                },
+            )
+        )
+        assert refused is None
+        port = engine.modules["observability"].prometheus_port
+        async with connect_test_worker(engine) as worker:
+            for n in range(3):  # no subscriber on this topic: the jobs wait
+                await ok(worker, "enqueue", {"topic": "obs.pending", "data": {"n": n}})
+            await ok(worker, "enqueue", {"topic": "obs.dead", "data": {}})
+            with trio.fail_after(10):
+                while True:
+                    stats = await ok(worker, "engine::queue::topic_stats", {"topic": "obs.dead"})
+                    if stats["dlq"] == 1:
+                        break
+                    await trio.sleep(0.02)
+
+            samples = await scrape(port)
+            pending = (("kind", "topic"), ("topic", "obs.pending"))
+            dead = (("kind", "topic"), ("topic", "obs.dead"))
+            assert samples[("iii_module_queue_depth_waiting", pending)] == 3
+            assert samples[("iii_module_queue_depth_dlq", pending)] == 0
+            assert samples[("iii_module_queue_depth_waiting", dead)] == 0
+            assert samples[("iii_module_queue_depth_dlq", dead)] == 1
+            assert samples[("iii_module_queue_jobs_enqueued", ())] == 4
+            assert samples[("iii_module_queue_jobs_dead_lettered", ())] == 1
+            assert samples[("iii_module_queue_subscriptions", ())] == 1
+
+            # A fourth job: the next scrape reads the depth again.
+            await ok(worker, "enqueue", {"topic": "obs.pending", "data": {"n": 3}})
+            assert (await scrape(port))[("iii_module_queue_depth_waiting", pending)] == 4
+
+            metrics = await ok(worker, "engine::metrics::list", {})
+            queue = metrics["module_statistics"]["queue"]
+            depth = {entry["topic"]: entry for entry in queue["depth"]}
+            assert depth["obs.pending"] == {
+                "topic": "obs.pending",
+                "kind": "topic",
+                "waiting": 4,
+                "delayed": 0,
+                "active": 0,
+                "dlq": 0,
+            }
+            assert depth["obs.dead"]["dlq"] == 1
+            assert queue["jobs_enqueued"] == 5 and queue["jobs_dead_lettered"] == 1
+            assert queue["depth_read_at"] is not None
