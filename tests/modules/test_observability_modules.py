@@ -8,6 +8,7 @@ Prometheus text parser of ``prometheus_client`` for ``/metrics``.
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -17,8 +18,13 @@ from iii.errors import IIIError
 from iii.modules import cron
 from iii.registry import TriggerRegistration
 from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
+from tests.modules import test_queue
 from tests.modules.test_cron import VirtualClock
 from tests.modules.test_observability import http_get, serve_calls
+from tests.modules.test_queue import adapter_block, topic_name
+
+# The queue tests' backend fixture: memory, file, Redis, RabbitMQ (with their cleanup).
+backend = test_queue.backend
 
 OTEL = "modules::observability::OtelModule"
 QUEUE = "modules::queue::QueueModule"
@@ -34,12 +40,11 @@ def otel_entry(**keys: Any) -> dict[str, Any]:
     }
 
 
-def queue_entry() -> dict[str, Any]:
-    adapter = {"backoff_ms": 20, "poll_interval_ms": 20}
-    return {
-        "class": QUEUE,
-        "config": {"adapter": {"class": "modules::queue::BuiltinQueueAdapter", "config": adapter}},
-    }
+def queue_entry(adapter: dict[str, Any] | None = None) -> dict[str, Any]:
+    if adapter is None:
+        config = {"backoff_ms": 50, "poll_interval_ms": 20}
+        adapter = {"class": "modules::queue::BuiltinQueueAdapter", "config": config}
+    return {"class": QUEUE, "config": {"adapter": adapter}}
 
 
 async def ok(worker: RawWorker, function_id: str, data: Any = None, **extra: Any) -> Any:
@@ -147,8 +152,10 @@ def walk(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
-    config = make_config(modules=[otel_entry(), queue_entry()])
+async def test_queue_job_span_sits_under_the_enqueuers_span(backend: str, tmp_path: Path) -> None:
+    # The job's context travels through the backend (stored with the job).
+    topic = topic_name("obs")
+    config = make_config(modules=[otel_entry(), queue_entry(adapter_block(backend, tmp_path))])
     async with open_test_engine(config) as engine:
         async with connect_test_worker(engine) as caller, connect_test_worker(engine) as handler:
             await handler.send({"type": "registerfunction", "id": "obs::job"})
@@ -159,7 +166,7 @@ async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
                     "trigger_type": "queue",
                     "function_id": "obs::job",
                     "config": {
-                        "topic": "obs.jobs",
+                        "topic": topic,
                         "metadata": {"infrastructure": {"queue": {"maxRetries": 1}}},
                     },
                 }
@@ -171,11 +178,11 @@ async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
                 await ok(
                     caller,
                     "enqueue",
-                    {"topic": "obs.jobs", "data": {"n": 1}},
+                    {"topic": topic, "data": {"n": 1}},
                     traceparent=TRACEPARENT,
                     baggage="tenant=acme",
                 )
-                (job_span,) = await wait_for_spans(caller, TRACE, "queue obs.jobs", 1)
+                (job_span,) = await wait_for_spans(caller, TRACE, f"queue {topic}", 1)
                 nursery.cancel_scope.cancel()
 
             tree = await ok(caller, "engine::traces::tree", {"trace_id": TRACE})
@@ -186,8 +193,8 @@ async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
             assert child["span_id"] == job_span["span_id"]
             assert child["status"] == "ok"
             attributes = dict(child["attributes"])
-            assert attributes["iii.queue.topic"] == "obs.jobs"
-            assert attributes["messaging.destination.name"] == "obs.jobs"
+            assert attributes["iii.queue.topic"] == topic
+            assert attributes["messaging.destination.name"] == topic
             assert attributes["function_id"] == "obs::job"
             assert attributes["iii.queue.attempt"] == 1
             assert attributes["iii.queue.outcome"] == "ack"
@@ -204,10 +211,10 @@ async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
                 await ok(
                     caller,
                     "enqueue",
-                    {"topic": "obs.jobs", "data": {"fail": True}},
+                    {"topic": topic, "data": {"fail": True}},
                     traceparent=f"00-{failing}-{PARENT}-01",
                 )
-                spans = await wait_for_spans(caller, failing, "queue obs.jobs", 2)
+                spans = await wait_for_spans(caller, failing, f"queue {topic}", 2)
                 nursery.cancel_scope.cancel()
             by_attempt = {dict(s["attributes"])["iii.queue.attempt"]: s for s in spans}
             assert dict(by_attempt[1]["attributes"])["iii.queue.outcome"] == "retry"
@@ -217,8 +224,9 @@ async def test_queue_job_span_sits_under_the_enqueuers_span() -> None:
                 assert dict(span["attributes"])["iii.error.code"] == "boom"
 
 
-async def test_function_queue_job_span_from_an_enqueue_action() -> None:
-    config = make_config(modules=[otel_entry(), queue_entry()])
+async def test_function_queue_job_span_from_an_enqueue_action(backend: str, tmp_path: Path) -> None:
+    queue = topic_name("obsq")
+    config = make_config(modules=[otel_entry(), queue_entry(adapter_block(backend, tmp_path))])
     async with open_test_engine(config) as engine:
         async with connect_test_worker(engine) as caller, connect_test_worker(engine) as handler:
             await handler.send({"type": "registerfunction", "id": "obs::later"})
@@ -230,13 +238,13 @@ async def test_function_queue_job_span_from_an_enqueue_action() -> None:
                     "obs::later",
                     {"x": 1},
                     traceparent=TRACEPARENT,
-                    action={"type": "enqueue", "queue": "slow"},
+                    action={"type": "enqueue", "queue": queue},
                 )
                 assert "messageReceiptId" in answer["result"], answer
-                (job_span,) = await wait_for_spans(caller, TRACE, "queue slow", 1)
+                (job_span,) = await wait_for_spans(caller, TRACE, f"queue {queue}", 1)
                 nursery.cancel_scope.cancel()
             attributes = dict(job_span["attributes"])
-            assert attributes["iii.queue.name"] == "slow"
+            assert attributes["iii.queue.name"] == queue
             assert attributes["function_id"] == "obs::later"
             assert attributes["messaging.message.id"] == answer["result"]["messageReceiptId"]
             assert attributes["iii.queue.outcome"] == "ack"
@@ -345,8 +353,9 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
-async def test_queue_depth_in_prometheus_and_metrics_list() -> None:
-    config = make_config(modules=[otel_entry(), queue_entry()])
+async def test_queue_depth_in_prometheus_and_metrics_list(backend: str, tmp_path: Path) -> None:
+    pending_topic, dead_topic = topic_name("obsp"), topic_name("obsd")
+    config = make_config(modules=[otel_entry(), queue_entry(adapter_block(backend, tmp_path))])
     async with open_test_engine(config) as engine:
 
         async def fails(data: Any, ctx: Any) -> Any:
@@ -360,7 +369,7 @@ async def test_queue_depth_in_prometheus_and_metrics_list() -> None:
                 trigger_type="queue",
                 function_id="obs::fails",
                 config={
-                    "topic": "obs.dead",
+                    "topic": dead_topic,
                     "metadata": {"infrastructure": {"queue": {"maxRetries": 0}}},
                 },
             )
@@ -369,18 +378,20 @@ async def test_queue_depth_in_prometheus_and_metrics_list() -> None:
         port = engine.modules["observability"].prometheus_port
         async with connect_test_worker(engine) as worker:
             for n in range(3):  # no subscriber on this topic: the jobs wait
-                await ok(worker, "enqueue", {"topic": "obs.pending", "data": {"n": n}})
-            await ok(worker, "enqueue", {"topic": "obs.dead", "data": {}})
+                await ok(worker, "enqueue", {"topic": pending_topic, "data": {"n": n}})
+            await ok(worker, "enqueue", {"topic": dead_topic, "data": {}})
             with trio.fail_after(10):
                 while True:
-                    stats = await ok(worker, "engine::queue::topic_stats", {"topic": "obs.dead"})
-                    if stats["dlq"] == 1:
+                    # Dead-lettered in the backend, and counted once the move returned.
+                    stats = await ok(worker, "engine::queue::topic_stats", {"topic": dead_topic})
+                    counted = engine.modules["queue"].statistics().jobs_dead_lettered
+                    if stats["dlq"] == 1 and counted == 1:
                         break
                     await trio.sleep(0.02)
 
             samples = await scrape(port)
-            pending = (("kind", "topic"), ("topic", "obs.pending"))
-            dead = (("kind", "topic"), ("topic", "obs.dead"))
+            pending = (("kind", "topic"), ("topic", pending_topic))
+            dead = (("kind", "topic"), ("topic", dead_topic))
             assert samples[("iii_module_queue_depth_waiting", pending)] == 3
             assert samples[("iii_module_queue_depth_dlq", pending)] == 0
             assert samples[("iii_module_queue_depth_waiting", dead)] == 0
@@ -390,20 +401,20 @@ async def test_queue_depth_in_prometheus_and_metrics_list() -> None:
             assert samples[("iii_module_queue_subscriptions", ())] == 1
 
             # A fourth job: the next scrape reads the depth again.
-            await ok(worker, "enqueue", {"topic": "obs.pending", "data": {"n": 3}})
+            await ok(worker, "enqueue", {"topic": pending_topic, "data": {"n": 3}})
             assert (await scrape(port))[("iii_module_queue_depth_waiting", pending)] == 4
 
             metrics = await ok(worker, "engine::metrics::list", {})
             queue = metrics["module_statistics"]["queue"]
             depth = {entry["topic"]: entry for entry in queue["depth"]}
-            assert depth["obs.pending"] == {
-                "topic": "obs.pending",
+            assert depth[pending_topic] == {
+                "topic": pending_topic,
                 "kind": "topic",
                 "waiting": 4,
                 "delayed": 0,
                 "active": 0,
                 "dlq": 0,
             }
-            assert depth["obs.dead"]["dlq"] == 1
+            assert depth[dead_topic]["dlq"] == 1
             assert queue["jobs_enqueued"] == 5 and queue["jobs_dead_lettered"] == 1
             assert queue["depth_read_at"] is not None
