@@ -4,23 +4,29 @@ The *minimal relay* is a trio-websocket server that forwards
 ``invokefunction`` / ``invocationresult`` between two connections by
 dictionary lookup with orjson and nothing else: the floor for any engine built
 on the same WebSocket stack.  Both servers run as their own process and are
-driven by the same clients:
+driven by the same clients, written on asyncio + ``websockets`` (the library
+the Python SDKs use) so that they leave as much of this 2-core machine as
+possible to the server under test:
 
 * a worker process that registers ``bench::echo`` and answers every call;
 * a caller process with one connection shared by N concurrent callers, each
-  calling in a closed loop (as an SDK worker shares its socket between
-  concurrent ``trigger`` calls), writes batched like the worker's.
+  calling in a closed loop, as an SDK worker shares its socket between
+  concurrent ``trigger`` calls.
 
-Measured per server: sequential round trip p50/p99 (one caller), and
-throughput with 1, 8 and 64 concurrent callers.  Printed side by side with the
-ratio engine/relay.
+Measured per server: sequential round trip p50/p99 (one caller), throughput
+with 1, 8 and 64 concurrent callers, and the server's own CPU time per call
+(user + system, from ``/proc``), which is much less sensitive to other load
+on a shared machine than throughput is.  Relay and engine runs alternate for
+``--rounds`` rounds; each figure is the median over the rounds.
 
-Run: ``python bench/bench_core.py [--seconds 5] [--calls 3000]``.
+Run: ``pip install -e '.[bench]'`` once, then
+``python bench/bench_core.py [--seconds 5] [--calls 3000] [--rounds 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -33,20 +39,19 @@ import uuid
 from pathlib import Path
 
 import orjson
-import trio
-from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from iii.wsio import send_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTION = "bench::echo"
+SCENARIOS = [("sequential", 1), ("c1", 1), ("c8", 8), ("c64", 64)]
 
 
-# -- the minimal relay ------------------------------------------------------------
+# -- the minimal relay (trio-websocket, as the engine) ----------------------------------
 
 
-async def run_relay(port: int) -> None:
+def run_relay(port: int) -> None:
+    import trio
+    from trio_websocket import ConnectionClosed, serve_websocket
+
     functions: dict[str, object] = {}
     pending: dict[str, object] = {}
 
@@ -71,127 +76,99 @@ async def run_relay(port: int) -> None:
             elif kind == "registerfunction":
                 functions[message["id"]] = ws
 
-    await serve_websocket(handler, "127.0.0.1", port, None, max_message_size=64 * 1024 * 1024)
+    trio.run(lambda: serve_websocket(handler, "127.0.0.1", port, None, max_message_size=64 * 1024 * 1024))
 
 
-# -- clients ------------------------------------------------------------------------
+# -- clients (asyncio + websockets) --------------------------------------------------------
 
 
 async def run_worker(url: str) -> None:
-    async with open_websocket_url(url, message_queue_size=256) as ws:
-        await ws.get_message()  # workerregistered
-        await ws.send_message(orjson.dumps({"type": "registerfunction", "id": FUNCTION}).decode())
+    import websockets
+
+    async with websockets.connect(url, max_size=None, compression=None) as ws:
+        await ws.recv()  # workerregistered
+        await ws.send(orjson.dumps({"type": "registerfunction", "id": FUNCTION}).decode())
         print("READY", flush=True)
-        while True:
-            frames = [await ws.get_message()]
-            # Answer everything already received in one write (bench client only:
-            # it reads trio-websocket's queue directly).
-            while True:
-                try:
-                    frames.append(ws._recv_channel.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            replies: list[str | bytes] = []
-            for frame in frames:
-                message = orjson.loads(frame)
-                if message.get("type") != "invokefunction":
-                    continue
-                replies.append(
+        async for frame in ws:
+            message = orjson.loads(frame)
+            if message.get("type") != "invokefunction":
+                continue
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "type": "invocationresult",
+                        "invocation_id": message["invocation_id"],
+                        "function_id": message["function_id"],
+                        "result": {"ok": True, "n": message["data"].get("n")},
+                    }
+                ).decode()
+            )
+
+
+async def run_callers(url: str, callers: int, seconds: float, calls: int) -> None:
+    import websockets
+
+    loop = asyncio.get_running_loop()
+    async with websockets.connect(url, max_size=None, compression=None) as ws:
+        await ws.recv()  # workerregistered
+        waiting: dict[str, asyncio.Future[None]] = {}
+
+        async def reader() -> None:
+            async for frame in ws:
+                future = waiting.pop(orjson.loads(frame).get("invocation_id"), None)
+                if future is not None:
+                    future.set_result(None)
+
+        async def caller(deadline: float, limit: int, latencies: list[float], counts: list[int]) -> None:
+            n = 0
+            while loop.time() < deadline and (not limit or n < limit):
+                invocation_id = str(uuid.uuid4())
+                done = waiting[invocation_id] = loop.create_future()
+                started = time.perf_counter()
+                await ws.send(
                     orjson.dumps(
-                        {
-                            "type": "invocationresult",
-                            "invocation_id": message["invocation_id"],
-                            "function_id": message["function_id"],
-                            "result": {"ok": True, "n": message["data"].get("n")},
-                        }
+                        {"type": "invokefunction", "function_id": FUNCTION, "data": {"n": n}, "invocation_id": invocation_id}
                     ).decode()
                 )
-            if replies:
-                await send_frames(ws, replies)
+                await done
+                latencies.append(time.perf_counter() - started)
+                n += 1
+            counts.append(n)
 
-
-class CallerConnection:
-    """One client connection shared by many concurrent callers, as an SDK
-    worker shares its socket between concurrent ``trigger`` calls."""
-
-    def __init__(self, ws) -> None:  # type: ignore[no-untyped-def]
-        self.ws = ws
-        self.waiting: dict[str, trio.Event] = {}
-        self.outbox_send, self.outbox_receive = trio.open_memory_channel[str](10_000)
-
-    async def reader(self) -> None:
-        while True:
-            reply = orjson.loads(await self.ws.get_message())
-            event = self.waiting.pop(reply.get("invocation_id"), None)
-            if event is not None:
-                event.set()
-
-    async def writer(self) -> None:
-        while True:
-            batch = [await self.outbox_receive.receive()]
-            while True:
-                try:
-                    batch.append(self.outbox_receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            await send_frames(self.ws, batch)
-
-    async def call(self, n: int) -> None:
-        invocation_id = str(uuid.uuid4())
-        done = self.waiting[invocation_id] = trio.Event()
-        await self.outbox_send.send(
-            orjson.dumps(
-                {"type": "invokefunction", "function_id": FUNCTION, "data": {"n": n}, "invocation_id": invocation_id}
-            ).decode()
-        )
-        await done.wait()
-
-
-async def _caller_loop(
-    connection: CallerConnection, deadline: float, latencies: list[float], counts: list[int], limit: int | None
-) -> None:
-    n = 0
-    while trio.current_time() < deadline and (limit is None or n < limit):
+        read_task = asyncio.create_task(reader())
+        await caller(loop.time() + 60, 50, [], [])  # warm up
+        latencies: list[float] = []
+        counts: list[int] = []
+        server_pid = int(os.environ["BENCH_SERVER_PID"])
+        cpu_before = _cpu_seconds(server_pid)
         started = time.perf_counter()
-        await connection.call(n)
-        latencies.append(time.perf_counter() - started)
-        n += 1
-    counts.append(n)
-
-
-async def run_callers(url: str, callers: int, seconds: float, calls: int | None) -> None:
-    latencies: list[float] = []
-    counts: list[int] = []
-    async with open_websocket_url(url, message_queue_size=256) as ws:
-        await ws.get_message()  # workerregistered
-        connection = CallerConnection(ws)
-        async with trio.open_nursery() as background:
-            background.start_soon(connection.reader)
-            background.start_soon(connection.writer)
-            await _caller_loop(connection, trio.current_time() + 60, [], [], 50)  # warm up
-            deadline = trio.current_time() + seconds
-            started = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for _ in range(callers):
-                    nursery.start_soon(_caller_loop, connection, deadline, latencies, counts, calls)
-            elapsed = time.perf_counter() - started
-            background.cancel_scope.cancel()
+        deadline = loop.time() + (seconds if not calls else 600)
+        await asyncio.gather(*(caller(deadline, calls, latencies, counts) for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+        cpu = _cpu_seconds(server_pid) - cpu_before
+        read_task.cancel()
     latencies.sort()
+    total = sum(counts)
     print(
         json.dumps(
             {
-                "calls": sum(counts),
-                "seconds": elapsed,
-                "throughput": sum(counts) / elapsed,
+                "calls": total,
+                "throughput": total / elapsed,
                 "p50_ms": 1000 * statistics.median(latencies),
-                "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
+                "p99_ms": 1000 * latencies[max(0, int(len(latencies) * 0.99) - 1)],
+                "cpu_us_per_call": 1e6 * cpu / total,
             }
         ),
         flush=True,
     )
 
 
-# -- orchestration ----------------------------------------------------------------------
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- orchestration --------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -228,17 +205,17 @@ def measure(kind: str, seconds: float, calls: int, workdir: Path) -> dict[str, d
     port = free_port()
     server = start_server(kind, port, workdir)
     url = f"ws://127.0.0.1:{port}/"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_SERVER_PID": str(server.pid)}
     worker = subprocess.Popen([sys.executable, __file__, "worker", url], stdout=subprocess.PIPE, env=env)
     try:
         assert worker.stdout is not None
         assert worker.stdout.readline().strip() == b"READY"
         time.sleep(0.2)
         results = {}
-        scenarios = [("sequential", 1, calls), ("c1", 1, None), ("c8", 8, None), ("c64", 64, None)]
-        for name, callers, limit in scenarios:
+        for name, callers in SCENARIOS:
+            limit = calls if name == "sequential" else 0
             out = subprocess.run(
-                [sys.executable, __file__, "callers", url, str(callers), str(seconds if limit is None else 120), str(limit or 0)],
+                [sys.executable, __file__, "callers", url, str(callers), str(seconds), str(limit)],
                 capture_output=True,
                 env=env,
                 check=True,
@@ -252,31 +229,43 @@ def measure(kind: str, seconds: float, calls: int, workdir: Path) -> dict[str, d
         server.wait()
 
 
+def median_of(rounds: list[dict[str, dict[str, float]]], scenario: str, key: str) -> float:
+    return statistics.median(r[scenario][key] for r in rounds)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "relay":
-        trio.run(run_relay, int(sys.argv[2]))
+        run_relay(int(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        trio.run(run_worker, sys.argv[2])
+        asyncio.run(run_worker(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "callers":
-        limit = int(sys.argv[5]) or None
-        trio.run(run_callers, sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), limit)
+        asyncio.run(run_callers(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    relay_rounds, engine_rounds = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        relay = measure("relay", args.seconds, args.calls, Path(tmp))
-        engine = measure("engine", args.seconds, args.calls, Path(tmp))
-    print(f"{'':28}{'relay':>12}{'engine':>12}{'engine/relay':>14}")
-    seq_r, seq_e = relay["sequential"], engine["sequential"]
-    for label, key in (("sequential p50 (ms)", "p50_ms"), ("sequential p99 (ms)", "p99_ms")):
-        print(f"{label:28}{seq_r[key]:12.3f}{seq_e[key]:12.3f}{seq_e[key] / seq_r[key]:14.2f}")
-    for name, label in (("c1", "1 caller"), ("c8", "8 callers"), ("c64", "64 callers")):
-        r, e = relay[name]["throughput"], engine[name]["throughput"]
-        print(f"{'throughput ' + label + ' (/s)':28}{r:12.0f}{e:12.0f}{e / r:14.2f}")
+        for _ in range(args.rounds):
+            relay_rounds.append(measure("relay", args.seconds, args.calls, Path(tmp)))
+            engine_rounds.append(measure("engine", args.seconds, args.calls, Path(tmp)))
+    print(f"medians of {args.rounds} alternating rounds; load average now {os.getloadavg()[0]:.2f}")
+    print(f"{'':34}{'relay':>10}{'engine':>10}{'engine/relay':>14}")
+
+    def row(label: str, scenario: str, key: str, fmt: str) -> None:
+        r, e = median_of(relay_rounds, scenario, key), median_of(engine_rounds, scenario, key)
+        print(f"{label:34}{r:10{fmt}}{e:10{fmt}}{e / r:14.2f}")
+
+    row("sequential p50 (ms)", "sequential", "p50_ms", ".3f")
+    row("sequential p99 (ms)", "sequential", "p99_ms", ".3f")
+    for scenario, label in (("c1", "1 caller"), ("c8", "8 callers"), ("c64", "64 callers")):
+        row(f"throughput, {label} (/s)", scenario, "throughput", ".0f")
+    for scenario, label in (("c1", "1 caller"), ("c64", "64 callers")):
+        row(f"server CPU per call, {label} (us)", scenario, "cpu_us_per_call", ".0f")
 
 
 if __name__ == "__main__":

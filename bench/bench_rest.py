@@ -1,0 +1,326 @@
+"""Benchmark: HTTP requests routed to an SDK worker vs the same server answering alone.
+
+One engine process runs with the REST module.  In the same run, the same
+HTTP server (the REST port) is measured two ways:
+
+* **baseline**: ``GET /health``, answered by the REST module itself with a
+  small constant-shaped JSON body (no worker behind it);
+* **routed**: ``GET /bench/hello``, an ``http`` trigger of an official SDK
+  worker (0.4.1 and/or 0.25.0) whose handler returns
+  ``{"status_code": 200, "body": {"ok": true}}``: HTTP -> engine -> worker
+  WebSocket -> engine -> HTTP.
+
+Each at 1 and 32 concurrent keep-alive connections, for ``--seconds`` each;
+baseline and routed alternate so both see the same machine load.  Reported:
+requests/s, p50 and p99 latency, routed/baseline, and the CPU time the engine
+and the worker process spent per request (from /proc: a figure that other
+load on a shared machine disturbs less than throughput).
+
+Load: ``wrk`` (``apt-get install wrk``) when installed, else a trio/h11 load
+generator of our own (``--load builtin``), in a separate process either way.
+
+Run: ``python bench/bench_rest.py [--seconds 5] [--sdk 0.4.1 --sdk 0.25.0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORKERS = {
+    "0.4.1": """
+        import asyncio, sys
+        from iii import III, InitOptions
+
+        async def hello(req):
+            return {"status_code": 200, "body": {"ok": True}}
+
+        async def main():
+            iii = III(sys.argv[1], InitOptions(worker_name="bench041"))
+            iii.register_function("bench::hello", hello)
+            iii.register_trigger("http", "bench::hello", {"api_path": "/bench/hello", "http_method": "GET"})
+            await iii.connect()
+            print("READY", flush=True)
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+    """,
+    "0.25.0": """
+        import sys, threading
+        from iii import register_worker, InitOptions
+
+        async def hello(req):
+            return {"status_code": 200, "body": {"ok": True}}
+
+        iii = register_worker(sys.argv[1], InitOptions(worker_name="bench025", otel={"enabled": False}))
+        iii.register_function("bench::hello", hello)
+        iii.register_trigger({"type": "http", "function_id": "bench::hello",
+                              "config": {"api_path": "/bench/hello", "http_method": "GET"}})
+        print("READY", flush=True)
+        threading.Event().wait()
+    """,
+}
+
+
+# -- load generation ---------------------------------------------------------------
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {
+        "rps": rate,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(0) if errors else "",
+    }
+
+
+async def _builtin_load(host: str, port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
+    import h11
+    import trio
+
+    latencies: list[float] = []
+    non_2xx = 0
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+    async def one_connection(deadline: float) -> None:
+        nonlocal non_2xx
+        stream = await trio.open_tcp_stream(host, port)
+        conn = h11.Connection(h11.CLIENT)
+        async with stream:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                conn.send(h11.Request(method="GET", target=path, headers=[("host", host)]))
+                conn.send(h11.EndOfMessage())
+                await stream.send_all(request)
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, h11.Response):
+                        non_2xx += not 200 <= event.status_code < 400
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                latencies.append(time.perf_counter() - started)
+                conn.start_next_cycle()
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(one_connection, started + seconds)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[max(0, int(len(latencies) * 0.99) - 1)],
+        "non_2xx": non_2xx,
+        "socket_errors": "",
+    }
+
+
+def run_builtin(url: str, connections: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "load", url, str(connections), str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# -- orchestration ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_ok(url: str, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} never answered 200")
+
+
+def start_engine(workdir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    ws_port, rest_port = free_port(), free_port()
+    config = workdir / "bench_rest.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            port: {ws_port}
+            modules:
+              - class: modules::api::RestApiModule
+                config: {{port: {rest_port}, host: 127.0.0.1}}
+            """
+        )
+    )
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "iii", "--log-level", "warning", "serve", "-c", str(config)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until_ok(f"http://127.0.0.1:{rest_port}/health")
+    return engine, ws_port, rest_port
+
+
+def start_worker(version: str, ws_port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    from tests.support import sdk_python
+
+    script = workdir / f"bench_worker_{version}.py"
+    script.write_text(textwrap.dedent(WORKERS[version]))
+    env = {**os.environ, "OTEL_ENABLED": "false"}
+    env.pop("PYTHONPATH", None)
+    worker = subprocess.Popen(
+        [str(sdk_python(version)), str(script), f"ws://127.0.0.1:{ws_port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert worker.stdout is not None
+    if worker.stdout.readline().strip() != b"READY":
+        raise RuntimeError(f"SDK {version} worker did not start")
+    return worker
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(load, url: str, connections: int, seconds: float, engine_pid: int, worker_pid: int):  # type: ignore[no-untyped-def]
+    engine_before, worker_before = cpu_seconds(engine_pid), cpu_seconds(worker_pid)
+    row = load(url, connections, seconds)
+    requests = row["rps"] * seconds
+    row["engine_cpu_us"] = 1e6 * (cpu_seconds(engine_pid) - engine_before) / requests
+    row["worker_cpu_us"] = 1e6 * (cpu_seconds(worker_pid) - worker_before) / requests
+    return row
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "load":
+        from urllib.parse import urlsplit
+
+        import trio
+
+        target = urlsplit(sys.argv[2])
+        result = trio.run(
+            _builtin_load, target.hostname, target.port, target.path, int(sys.argv[3]), float(sys.argv[4])
+        )
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--sdk", action="append", choices=list(WORKERS), help="default: both")
+    parser.add_argument("--load", choices=["wrk", "builtin"], default="wrk" if shutil.which("wrk") else "builtin")
+    args = parser.parse_args()
+    load = run_wrk if args.load == "wrk" else run_builtin
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        engine, ws_port, rest_port = start_engine(workdir)
+        base = f"http://127.0.0.1:{rest_port}"
+        try:
+            for version in args.sdk or list(WORKERS):
+                worker = start_worker(version, ws_port, workdir)
+                try:
+                    wait_until_ok(base + "/bench/hello")
+                    load(base + "/bench/hello", 4, 1)  # warm up both paths
+                    load(base + "/health", 4, 1)
+                    for connections in (1, 32):
+                        results[f"baseline c{connections} ({version} run)"] = measure(
+                            load, base + "/health", connections, args.seconds, engine.pid, worker.pid
+                        )
+                        results[f"sdk {version} c{connections}"] = measure(
+                            load, base + "/bench/hello", connections, args.seconds, engine.pid, worker.pid
+                        )
+                finally:
+                    stop(worker)
+        finally:
+            stop(engine)
+    print(
+        f"load generator: {args.load}, {args.seconds:g} s per measurement, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; CPU columns: microseconds of CPU per request"
+    )
+    print(f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'engine us':>11}{'worker us':>11}")
+    for version in args.sdk or list(WORKERS):
+        for connections in (1, 32):
+            baseline = results[f"baseline c{connections} ({version} run)"]
+            routed = results[f"sdk {version} c{connections}"]
+            for label, row, ratio in (
+                (f"baseline /health, {connections} conn", baseline, ""),
+                (f"SDK {version} route, {connections} conn", routed, f"{routed['rps'] / baseline['rps']:8.2f}"),
+            ):
+                print(
+                    f"{label:34}{row['rps']:10.0f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{ratio:>8}"
+                    f"{row['engine_cpu_us']:11.0f}{row['worker_cpu_us']:11.0f}"
+                )
+            for row in (baseline, routed):
+                if row["non_2xx"] or row["socket_errors"]:
+                    print(f"  !! errors: non-2xx {row['non_2xx']} {row['socket_errors']}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""One HTTP request on the REST port: route it, call the function, answer.
+
+The payload the function receives and the answers it can give are spec
+protocol.md §5.2 / modules.md §1:
+
+* payload ``{query_params, path_params, headers, path, method, body, trigger,
+  request_body, response}``: ``path`` is the registered ``api_path``; query
+  values and header values are single strings (the last one wins); header
+  names are lower case; ``body`` is parsed JSON when the content type says
+  ``application/json`` (invalid JSON is null), and null otherwise, in which case
+  the raw body is streamed into the ``request_body`` channel in chunks of at
+  most 64 KiB *while* the function runs;
+* simple answer: the function returns ``{status_code, body, headers}``
+  (status 200 and body ``{}`` by default, the body sent as JSON; ``headers``
+  as a map or a list of ``"Name: value"`` — honoured, unlike upstream v0.4);
+* streamed answer: the function writes to the ``response`` channel: text
+  frames ``{"type":"set_status"}`` / ``{"type":"set_headers"}``, binary body
+  frames, then close.  The head goes out with the first body frame (or at the
+  close), the body follows as it comes (chunked), so server-sent events and
+  large downloads stream.  A function that returns null and never writes gets
+  a 504 once ``default_timeout`` has passed.
+
+``default_timeout`` bounds everything up to the response head (waiting for a
+concurrency slot, the condition, the call); after the head, each gap between
+body frames is bounded by it as well.  Errors are JSON
+``{"error": {"code", "message", "error_id"}}``: 404 no route, 405 wrong
+method, 413 body too large, 422 condition not met, 500 function error, 504
+timeout.  Details of a 500 are logged with its ``error_id``, not sent.
+
+Lifetime: the call runs in the request's own task; the body feeder and the
+response reader start in a nursery of that request only when the function
+opens those channels (a function that just returns costs no task), and end
+with the request; its two channels are removed when the request ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import attrs
+import h11
+import orjson
+import trio
+
+from iii.errors import IIIError
+from iii.modules.rest_api.cors import CorsPolicy
+from iii.modules.rest_api.routes import RouteMatch, RouteTable
+from iii.modules.rest_api.server import (
+    BodyTooLargeError,
+    ClientGoneError,
+    HttpRequest,
+    Responder,
+    new_error_id,
+)
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["RestDispatcher", "build_payload", "parse_headers"]
+
+log = logging.getLogger(__name__)
+
+JSON = (b"content-type", b"application/json")
+# Hop-by-hop and framing headers a function may not set: the server frames.
+_DROPPED_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+
+
+def parse_headers(value: Any) -> list[tuple[bytes, bytes]]:
+    """Response headers given as ``{"Name": "value"}`` or ``["Name: value", ...]``."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(item, list):
+                pairs.extend((str(name), _header_text(v)) for v in item)
+            elif item is not None:
+                pairs.append((str(name), _header_text(item)))
+    elif isinstance(value, list):
+        for line in value:
+            if isinstance(line, str) and ":" in line:
+                name, _, text = line.partition(":")
+                pairs.append((name.strip(), text.strip()))
+            else:
+                raise ValueError(f"header {line!r} is not a 'Name: value' string")
+    elif value is not None:
+        raise ValueError(f"headers must be a map or a list, not {type(value).__name__}")
+    return [(name.lower().encode("latin-1"), text.encode("utf-8")) for name, text in pairs]
+
+
+def _header_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _merge_headers(
+    current: list[tuple[bytes, bytes]], new: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """``set_headers``: the names given replace earlier values of those names."""
+    replaced = {name for name, _ in new}
+    return [(n, v) for n, v in current if n not in replaced] + new
+
+
+def build_payload(request: HttpRequest, match: RouteMatch, body: Any) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    for name, value in request.headers:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        headers[name.decode("latin-1")] = text
+    route = match.route
+    return {
+        "query_params": dict(parse_qsl(request.query, keep_blank_values=True)) if request.query else {},
+        "path_params": match.path_params,
+        "headers": headers,
+        "path": route.pattern.raw,
+        "method": request.method,
+        "body": body,
+        "trigger": {"type": "http", "path": route.pattern.raw, "method": route.method},
+    }
+
+
+class RestDispatcher:
+    """The application the REST port's :class:`HttpServer` runs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        routes: RouteTable,
+        *,
+        timeout: float,
+        concurrency_limit: int,
+        max_body_size: int,
+        cors: CorsPolicy,
+        health: Callable[[], tuple[int, dict[str, Any]]],
+    ):
+        self.engine = engine
+        self.routes = routes
+        self.timeout = timeout
+        self.limiter = trio.Semaphore(max(1, concurrency_limit))
+        self.max_body_size = max_body_size
+        self.cors = cors
+        self.health = health
+
+    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
+        origin = request.header(b"origin")
+        if origin is not None:
+            wanted = request.header(b"access-control-request-method")
+            if request.method == "OPTIONS" and wanted is not None:
+                await self._preflight(request, responder, origin, wanted)
+                return
+            responder.extra_headers.extend(self.cors.response_headers(origin))
+        matches = self.routes.match(request.path)
+        match = matches.get(request.method)
+        if match is None and request.method == "HEAD":
+            match = matches.get("GET")
+        if match is not None:
+            await self._call_route(request, responder, match)
+        elif request.method in ("GET", "HEAD") and request.path == "/health":
+            status, body = self.health()
+            await responder.respond(status, [JSON], orjson.dumps(body))
+        elif matches:
+            allow = ", ".join(sorted(matches)).encode()
+            responder.extra_headers.append((b"allow", allow))
+            await responder.respond_error(
+                405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on {request.path}"
+            )
+        else:
+            await responder.respond_error(
+                404, "NOT_FOUND", f"no route for {request.method} {request.path}"
+            )
+
+    async def _preflight(
+        self, request: HttpRequest, responder: Responder, origin: bytes, wanted: bytes
+    ) -> None:
+        verdict = self.cors.preflight(
+            origin, wanted, request.header(b"access-control-request-headers")
+        )
+        if not verdict.allowed:
+            await responder.respond_error(403, "CORS_FORBIDDEN", verdict.reason)
+            return
+        await responder.respond(200, [*verdict.headers, (b"content-type", b"text/plain")])
+
+    # -- a routed request ----------------------------------------------------
+
+    async def _call_route(self, request: HttpRequest, responder: Responder, match: RouteMatch) -> None:
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            await responder.respond_error(
+                413, "PAYLOAD_TOO_LARGE", f"request body larger than {self.max_body_size} bytes"
+            )
+            return
+        engine = self.engine
+        engine.inflight += 1
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
+                try:
+                    # A free slot is taken without a trip through the scheduler.
+                    self.limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await self.limiter.acquire()  # beyond the limit: wait (bounded by the scope)
+                try:
+                    await self._exchange(request, responder, match, scope)
+                finally:
+                    self.limiter.release()
+        finally:
+            engine.inflight -= 1
+        if scope.cancelled_caught and not responder.started:
+            await responder.respond_error(
+                504,
+                "TIMEOUT",
+                f"{match.route.function_id} gave no response within {self.timeout:g}s",
+            )
+
+    async def _exchange(
+        self, request: HttpRequest, responder: Responder, match: RouteMatch, scope: trio.CancelScope
+    ) -> None:
+        route = match.route
+        content_type = (request.header(b"content-type") or b"").lower()
+        is_json = b"application/json" in content_type
+        body = None
+        if is_json:
+            try:
+                raw = await request.read_all(self.max_body_size)
+            except BodyTooLargeError as exc:
+                await responder.respond_error(413, "PAYLOAD_TOO_LARGE", str(exc))
+                return
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                body = None
+        payload = build_payload(request, match, body)
+        if route.condition_function_id is not None:
+            if not await self._condition_met(responder, route.condition_function_id, payload):
+                return
+        channels = self.engine.channels
+        request_channel = channels.create()
+        response_channel = channels.create()
+        try:
+            payload["request_body"] = request_channel.ref("read")
+            payload["response"] = response_channel.ref("write")
+            async with trio.open_nursery() as request_nursery:
+                exchange = _Exchange(
+                    dispatcher=self,
+                    request=request,
+                    responder=responder,
+                    function_id=route.function_id,
+                    scope=scope,
+                    nursery=request_nursery,
+                    body_writer=request_channel.claim_writer(),
+                    frames=response_channel.claim_reader(),
+                )
+                if is_json or not request.has_body:
+                    exchange.body_writer.close()  # the body (if any) went into ``body``
+                else:
+                    request_channel.on_claim = exchange.on_request_claim
+                response_channel.on_claim = exchange.on_response_claim
+                try:
+                    await exchange.call(payload)
+                finally:
+                    request_channel.on_claim = response_channel.on_claim = None
+            if exchange.client_gone is not None:
+                raise exchange.client_gone
+        finally:
+            channels.remove(request_channel)
+            channels.remove(response_channel)
+
+    async def _condition_met(self, responder: Responder, condition_id: str, payload: Any) -> bool:
+        try:
+            verdict = await self.engine.invoke(condition_id, dict(payload), timeout=self.timeout)
+        except IIIError as exc:
+            await self._error_response(responder, exc, condition_id)
+            return False
+        if verdict is False:
+            await responder.respond_error(
+                422, "CONDITION_NOT_MET", "Request condition not met", skipped=True
+            )
+            return False
+        if verdict is None:
+            log.warning("condition %s returned null: the request goes on", condition_id)
+        return True
+
+    def _control(
+        self,
+        function_id: str,
+        text: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        started: bool,
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            log.warning("%s: response channel text frame is not JSON: ignored", function_id)
+            return status, headers
+        kind = message.get("type") if isinstance(message, dict) else None
+        if started:
+            log.warning("%s: %s after the response head was sent: ignored", function_id, kind)
+            return status, headers
+        if kind == "set_status":
+            code = message.get("status_code")
+            if isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599:
+                return code, headers
+            log.warning("%s: set_status %r ignored (200-599 only)", function_id, code)
+        elif kind == "set_headers":
+            try:
+                new = parse_headers(message.get("headers"))
+            except ValueError as exc:
+                log.warning("%s: set_headers ignored: %s", function_id, exc)
+                return status, headers
+            return status, _merge_headers(headers, [h for h in new if h[0] not in _DROPPED_HEADERS])
+        else:
+            log.warning("%s: unknown response control message %r ignored", function_id, kind)
+        return status, headers
+
+    async def _simple_response(self, responder: Responder, function_id: str, result: Any) -> None:
+        if not isinstance(result, dict):
+            await self._internal_error(
+                responder, function_id, f"returned {type(result).__name__}, not an object"
+            )
+            return
+        status = result.get("status_code", result.get("statusCode", 200))
+        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+            await self._internal_error(responder, function_id, f"invalid status_code {status!r}")
+            return
+        body = result.get("body")
+        try:
+            encoded = orjson.dumps({} if body is None else body)
+            headers = [
+                h
+                for h in parse_headers(result.get("headers"))
+                if h[0] not in _DROPPED_HEADERS and h[0] != b"content-length"
+            ]
+        except (TypeError, ValueError) as exc:
+            await self._internal_error(responder, function_id, f"invalid response: {exc}")
+            return
+        if not any(name == b"content-type" for name, _ in headers):
+            headers.insert(0, JSON)
+        try:
+            await responder.respond(status, headers, encoded)
+        except h11.LocalProtocolError as exc:
+            await self._internal_error(responder, function_id, f"invalid response headers: {exc}")
+
+    async def _error_response(self, responder: Responder, exc: IIIError, function_id: str) -> None:
+        if exc.code == "timeout":
+            await responder.respond_error(
+                504, "TIMEOUT", f"{function_id} gave no response within {self.timeout:g}s"
+            )
+        elif exc.code == "payload_too_large":
+            # The request does not fit in one message to that worker (0.4.1
+            # workers take at most 1 MiB): a large body must be streamed.
+            await responder.respond_error(413, "PAYLOAD_TOO_LARGE", exc.message)
+        elif exc.code == "function_not_found":
+            await responder.respond_error(404, "FUNCTION_NOT_FOUND", f"function {function_id} not found")
+        else:
+            await self._internal_error(responder, function_id, f"{exc.code}: {exc.message}")
+
+    async def _internal_error(self, responder: Responder, function_id: str, detail: str) -> None:
+        error_id = new_error_id()
+        log.warning("%s: 500 (error_id %s): %s", function_id, error_id, detail)
+        await responder.respond_error(500, "INTERNAL_ERROR", "internal server error", error_id=error_id)
+
+
+@attrs.define(eq=False)
+class _Exchange:
+    """One routed request while its function runs.
+
+    The request's task awaits the call itself.  Work on the channels starts
+    only when the function's side claims them (``Channel.on_claim``): the
+    body feeder when it opens ``request_body``, the response reader when it
+    opens ``response``.  A function that just returns a value costs no extra
+    task.  Whoever answers first owns the response: the call's result (a
+    value), the streamed answer (its first body frame or its close), or a
+    failure (413, client gone); the others then stand down.
+    """
+
+    dispatcher: RestDispatcher
+    request: HttpRequest
+    responder: Responder
+    function_id: str
+    scope: trio.CancelScope  # the request's deadline
+    nursery: trio.Nursery
+    body_writer: trio.MemorySendChannel[str | bytes]
+    frames: trio.MemoryReceiveChannel[str | bytes]
+    status: int = 200
+    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
+    answered: bool = False  # the response belongs to whoever set this
+    tasks: int = 0  # started on claims; none for a function that just returns
+    stream_done: trio.Event = attrs.field(factory=trio.Event)
+    client_gone: ClientGoneError | None = None
+
+    def take_answer(self) -> bool:
+        """Claim the response; False if another party already owns it."""
+        if self.answered:
+            return False
+        self.answered = True
+        return True
+
+    def stop(self) -> None:
+        if self.tasks:
+            self.nursery.cancel_scope.cancel()
+
+    # -- the call (the request's own task) ----------------------------------------
+
+    async def call(self, payload: dict[str, Any]) -> None:
+        dispatcher = self.dispatcher
+        try:
+            result = await dispatcher.engine.invoke(self.function_id, payload, timeout=dispatcher.timeout)
+        except IIIError as exc:
+            if self.take_answer():
+                await dispatcher._error_response(self.responder, exc, self.function_id)
+                self.stop()
+                return
+            log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
+        else:
+            if result is not None:
+                if self.take_answer():
+                    await dispatcher._simple_response(self.responder, self.function_id, result)
+                    self.stop()
+                    return
+                log.debug("%s returned a value after streaming its answer: ignored", self.function_id)
+        # The answer comes (or came) through the response channel; the
+        # request's deadline gives the 504 if it never does.
+        await self.stream_done.wait()
+
+    # -- the response channel -----------------------------------------------------
+
+    def on_response_claim(self, side: str) -> None:
+        if side == "write":
+            self.tasks += 1
+            self.nursery.start_soon(self._stream)
+
+    async def _stream(self) -> None:
+        dispatcher = self.dispatcher
+        responder = self.responder
+        try:
+            async for frame in self.frames:
+                if isinstance(frame, str):
+                    self.status, self.headers = dispatcher._control(
+                        self.function_id, frame, self.status, self.headers, responder.started
+                    )
+                    continue
+                if not responder.started and not self.take_answer():
+                    return
+                if not responder.started:
+                    await responder.start(self.status, self.headers)
+                await responder.send(frame)
+                self.scope.deadline = trio.current_time() + dispatcher.timeout
+            if not responder.started and not self.take_answer():
+                return
+            if not responder.started:
+                await responder.start(self.status, self.headers)
+            await responder.end()
+        except trio.ClosedResourceError:
+            pass  # the channel was removed: the request is over
+        except h11.LocalProtocolError as exc:
+            # Bad headers from the function, or a body that does not fit its
+            # own content-length: a started answer is cut off.
+            log.warning("%s: streamed answer refused: %s", self.function_id, exc)
+            if not responder.started:
+                await dispatcher._internal_error(responder, self.function_id, f"invalid streamed answer: {exc}")
+            self.stop()
+        except ClientGoneError as exc:
+            self.client_gone = exc
+            self.stop()
+        finally:
+            self.stream_done.set()
+
+    # -- the request body -----------------------------------------------------------
+
+    def on_request_claim(self, side: str) -> None:
+        if side == "read":
+            self.tasks += 1
+            self.nursery.start_soon(self._feed_body)
+
+    async def _feed_body(self) -> None:
+        """Stream the request body into the channel while the function runs."""
+        limit = self.dispatcher.max_body_size
+        total = 0
+        try:
+            while (chunk := await self.request.receive()) is not None:
+                total += len(chunk)
+                if total > limit:
+                    if self.take_answer() and not self.responder.started:
+                        await self.responder.respond_error(
+                            413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes"
+                        )
+                    self.stop()  # a started answer is cut off: the connection closes
+                    return
+                await self.body_writer.send(chunk)
+            self.body_writer.close()
+        except ClientGoneError as exc:
+            self.client_gone = exc
+            self.stop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the function's reader left; the server drains or closes
