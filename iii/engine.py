@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -96,10 +95,6 @@ __all__ = ["Engine", "serve_engine", "WorkerEvent"]
 log = logging.getLogger(__name__)
 
 WorkerEvent = Callable[[str, str], None]  # (event, worker_id)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @attrs.define(eq=False)
@@ -398,14 +393,9 @@ class Engine:
                 )
         finally:
             self.pending.discard(invocation)
-        if invocation.error is not None:
-            raise InvocationFailedError.from_body(
-                {
-                    "code": invocation.error.code,
-                    "message": invocation.error.message,
-                    "stacktrace": invocation.error.stacktrace,
-                }
-            )
+        error = invocation.error
+        if error is not None:
+            raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
         return invocation.result
 
     async def _invoke_traced(
