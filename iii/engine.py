@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -96,10 +95,6 @@ __all__ = ["Engine", "serve_engine", "WorkerEvent"]
 log = logging.getLogger(__name__)
 
 WorkerEvent = Callable[[str, str], None]  # (event, worker_id)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @attrs.define(eq=False)
@@ -315,6 +310,7 @@ class Engine:
         baggage: str | None = None,
         metadata: Any = None,
         timeout: float | None = None,
+        on_span: Callable[[Span], None] | None = None,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
@@ -323,7 +319,9 @@ class Engine:
         error, ``invocation_stopped`` (the worker left), ``timeout``.
 
         With a tracer installed the call runs under an invocation span (child
-        of ``traceparent``), and the function receives that span's context.
+        of ``traceparent``), and the function receives that span's context;
+        ``on_span`` is then given that span as soon as it opens (so a caller
+        can answer with its context).  Without a tracer it is never called.
         """
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
@@ -335,6 +333,7 @@ class Engine:
                 baggage=baggage,
                 metadata=metadata,
                 timeout=timeout,
+                on_span=on_span,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -394,14 +393,9 @@ class Engine:
                 )
         finally:
             self.pending.discard(invocation)
-        if invocation.error is not None:
-            raise InvocationFailedError.from_body(
-                {
-                    "code": invocation.error.code,
-                    "message": invocation.error.message,
-                    "stacktrace": invocation.error.stacktrace,
-                }
-            )
+        error = invocation.error
+        if error is not None:
+            raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
         return invocation.result
 
     async def _invoke_traced(
@@ -415,6 +409,7 @@ class Engine:
         baggage: str | None,
         metadata: Any,
         timeout: float | None,
+        on_span: Callable[[Span], None] | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -423,6 +418,8 @@ class Engine:
             caller_worker_id=caller_worker_id,
             invocation_id=invocation_id,
         ) as span:
+            if on_span is not None:
+                on_span(span)
             return await self.invoke(
                 function_id,
                 data,

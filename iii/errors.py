@@ -16,6 +16,7 @@ __all__ = [
     "InvocationStoppedError",
     "InvocationTimeoutError",
     "DeserializationError",
+    "FrameTooLargeError",
     "AdapterUnavailableError",
     "TriggerRegistrationError",
     "ConfigError",
@@ -51,17 +52,9 @@ class FunctionNotFoundError(IIIError):
 
 
 class InvocationFailedError(IIIError):
-    """The function ran and reported an error (the body is the worker's own)."""
+    """The function ran and reported an error (code and message are the worker's own)."""
 
     code = "invocation_failed"
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> InvocationFailedError:
-        return cls(
-            str(body.get("message", "")),
-            code=str(body.get("code", cls.code)),
-            stacktrace=body.get("stacktrace"),
-        )
 
 
 class InvocationStoppedError(IIIError):
@@ -73,6 +66,12 @@ class InvocationStoppedError(IIIError):
 
 class InvocationTimeoutError(IIIError):
     code = "timeout"
+
+
+class FrameTooLargeError(IIIError):
+    """A message too large for the worker it must go to (0.4.1 workers take 1 MiB)."""
+
+    code = "payload_too_large"
 
 
 class DeserializationError(IIIError):

@@ -9,8 +9,9 @@ is cancelled with it, because those calls run in its per-connection nursery.
 
 The engine speaks first (``workerregistered``), then the reader dispatches
 each frame in order.  Registrations are applied inline (they are synchronous
-table updates), and each ``invokefunction`` becomes its own task, so a slow
-call never holds up pings, results or other calls.
+table updates), and each ``invokefunction`` becomes its own task
+(:mod:`iii.worker_calls`), so a slow call never holds up pings, results or
+other calls.
 
 With ``auth.tokens`` configured, the connection carries its token's
 :class:`~iii.security.Grant`: a registration outside it is refused
@@ -30,15 +31,16 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from iii.errors import IIIError, MessageDecodeError
-from iii.wsio import receive_frames, send_frames
+from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -69,21 +71,19 @@ from iii.registry import (
     WorkerInfo,
 )
 from iii.security import ALLOW_ALL, Grant
+from iii.worker_calls import start_call
+from iii.wsio import receive_frames, send_frames
 
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["WorkerConnection", "FrameTooLargeError", "LEGACY_FRAME_LIMIT"]
+__all__ = ["WorkerConnection", "LEGACY_FRAME_LIMIT"]
 
 log = logging.getLogger(__name__)
 
 LEGACY_FRAME_LIMIT = 1024 * 1024
 WRITE_BATCH = 256
 PONG = encode_message(Pong())
-
-
-class FrameTooLargeError(IIIError):
-    code = "payload_too_large"
 
 
 @attrs.define(eq=False)
@@ -98,7 +98,8 @@ class WorkerConnection:
     close_reason: str | None = None
     # Calls this worker made that are not answered yet (max_pending_invocations).
     calls_outstanding: int = 0
-    _over_limit_logged: bool = False
+    # Set once a refusal for max_pending_invocations was logged (iii.worker_calls).
+    over_limit_logged: bool = False
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -171,6 +172,11 @@ class WorkerConnection:
             pass
         except FrameTooLargeError as exc:
             log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
+
+    def start_task(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in this connection's nursery: it ends with the connection."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
 
     def abort(self, reason: str) -> None:
         """End the connection at once; :meth:`run` cleans up."""
@@ -324,7 +330,7 @@ class WorkerConnection:
         engine = self.engine
         kind = type(message)
         if kind is InvokeFunction:
-            self._start_call(message)
+            start_call(self, message)
         elif kind is InvocationResult:
             engine.pending.resolve_from(
                 self.worker_id, message.invocation_id, result=message.result, error=message.error
@@ -510,138 +516,6 @@ class WorkerConnection:
             return
         previous.abort(f"replaced by its reconnection {self.worker_id}")
 
-    # -- calls made by this worker ---------------------------------------------------------
-
-    def _start_call(self, message: InvokeFunction) -> None:
-        action = message.action
-        action_type = action.get("type") if isinstance(action, dict) else None
-        detached = message.invocation_id is None or action_type == "void"
-        refusal = self._refuse_call(message)
-        if refusal is not None:
-            if detached:
-                log.info("fire-and-forget call %s from %s dropped: %s", message.function_id, self.worker_id, refusal.message)
-            else:
-                assert message.invocation_id is not None
-                self.send_nowait(
-                    encode_message(
-                        InvocationResult(
-                            invocation_id=message.invocation_id, function_id=message.function_id, error=refusal
-                        )
-                    )
-                )
-            return
-        data = message.data
-        if action_type != "enqueue" and isinstance(data, dict):
-            data["_caller_worker_id"] = self.worker_id
-        self.calls_outstanding += 1
-        if detached:
-            # Fire-and-forget: owned by the engine, not by this connection.
-            self.engine.spawn_detached(self._run_call, message, data, False)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._run_call, message, data, True)
-
-    def _refuse_call(self, message: InvokeFunction) -> ErrorBody | None:
-        if not self.grant.may_invoke(message.function_id):
-            log.warning(
-                "worker %s (token %s) may not invoke %s: refused",
-                self.worker_id,
-                self.grant.name,
-                message.function_id,
-            )
-            return ErrorBody(
-                code="forbidden", message=f"token {self.grant.name!r} may not invoke {message.function_id}"
-            )
-        limit = self.engine.config.max_pending_invocations
-        if self.calls_outstanding >= limit:
-            if not self._over_limit_logged:
-                self._over_limit_logged = True
-                log.warning(
-                    "worker %s has %d calls outstanding (max_pending_invocations): refusing more",
-                    self.worker_id,
-                    limit,
-                )
-            return ErrorBody(
-                code="too_many_pending_invocations",
-                message=f"this worker already has {limit} calls outstanding (max_pending_invocations)",
-            )
-        self._over_limit_logged = False
-        return None
-
-    async def _run_call(self, message: InvokeFunction, data: Any, reply: bool) -> None:
-        engine = self.engine
-        engine.inflight += 1
-        try:
-            try:
-                result = await self._call(message, data)
-                error = None
-            except IIIError as exc:
-                result, error = None, ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
-            except Exception:
-                log.exception("invocation of %s failed inside the engine", message.function_id)
-                result, error = None, ErrorBody(code="invocation_error", message="internal engine error")
-            if not reply:
-                if error is not None:
-                    log.info(
-                        "fire-and-forget call %s from %s failed: %s: %s",
-                        message.function_id,
-                        self.worker_id,
-                        error.code,
-                        error.message,
-                    )
-                return
-            assert message.invocation_id is not None
-            answer = InvocationResult(
-                invocation_id=message.invocation_id,
-                function_id=message.function_id,
-                result=result,
-                error=error,
-                traceparent=message.traceparent,
-                baggage=message.baggage,
-            )
-            try:
-                await self.send(encode_message(answer))
-            except FrameTooLargeError as exc:
-                await self.send(
-                    encode_message(
-                        InvocationResult(
-                            invocation_id=message.invocation_id,
-                            function_id=message.function_id,
-                            error=ErrorBody(code=exc.code, message=f"result too large: {exc.message}"),
-                        )
-                    )
-                )
-        finally:
-            engine.inflight -= 1
-            self.calls_outstanding -= 1
-
-    async def _call(self, message: InvokeFunction, data: Any) -> Any:
-        action = message.action
-        if isinstance(action, dict) and action.get("type") == "enqueue":
-            receipt = str(uuid.uuid4())
-            await self.engine.invoke(
-                "engine::queue::enqueue",
-                {
-                    "queue": action.get("queue"),
-                    "function_id": message.function_id,
-                    "data": data,
-                    "messageReceiptId": receipt,
-                    "traceparent": message.traceparent,
-                    "baggage": message.baggage,
-                },
-                caller_worker_id=self.worker_id,
-            )
-            return {"messageReceiptId": receipt}
-        return await self.engine.invoke(
-            message.function_id,
-            data,
-            caller_worker_id=self.worker_id,
-            invocation_id=message.invocation_id,
-            traceparent=message.traceparent,
-            baggage=message.baggage,
-            metadata=message.metadata,
-        )
-
     # -- metadata (engine::workers::register) ------------------------------------------
 
     def apply_metadata(self, metadata: dict[str, Any]) -> None:
@@ -665,8 +539,6 @@ class WorkerConnection:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

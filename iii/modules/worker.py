@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -220,8 +221,11 @@ class Module:
                 payload = {"event": event, "worker_id": worker_id}
                 for trigger in list(self.worker_triggers.triggers):
                     calls.start_soon(
-                        lambda fid=trigger.function_id, p=payload: self.engine.invoke_logged(
-                            fid, dict(p), what="engine::workers-available"
+                        partial(
+                            self.engine.invoke_logged,
+                            trigger.function_id,
+                            dict(payload),
+                            what="engine::workers-available",
                         )
                     )
 
@@ -241,8 +245,11 @@ class Module:
                 payload = {"event": "functions_changed", "functions": self._function_infos(True)}
                 for trigger in list(self.function_triggers.triggers):
                     calls.start_soon(
-                        lambda fid=trigger.function_id: self.engine.invoke_logged(
-                            fid, dict(payload), what="engine::functions-available"
+                        partial(
+                            self.engine.invoke_logged,
+                            trigger.function_id,
+                            dict(payload),
+                            what="engine::functions-available",
                         )
                     )
 

@@ -329,7 +329,7 @@ async def test_log_functions_store_and_fire_log_triggers(caplog: pytest.LogCaptu
                     if engine_logs:
                         break
                     await trio.sleep(0.05)
-            assert engine_logs[0]["attributes"]["logger"] == "iii.worker_conn"
+            assert engine_logs[0]["attributes"]["logger"] == "iii.worker_calls"
             assert await ok(worker, "engine::logs::clear") == {"success": True}
             assert all(
                 "disk low" != e["body"]

@@ -20,6 +20,13 @@ Firing rules:
 * Runs of one job do not overlap on one engine: the handler is awaited.
 * Condition: ``false`` or an error skips the run, anything else runs it.
 
+Observability: with a tracer installed, each firing this engine takes the
+lock for runs under a ``cron <function_id>`` span (a new trace) with the job
+id, expression, scheduled and actual times, function id and outcome
+(``ok``, ``failed``, ``skipped`` by the condition, ``condition_failed``);
+the condition and function calls are its children.  :meth:`Module.statistics`
+counts firings by outcome, missed times and times fired elsewhere.
+
 Lifetime: :meth:`Module.run` opens the lock adapter and a nursery; each
 trigger has a task in it under its own cancel scope, cancelled when the
 trigger is unregistered.  When ``engine.shutting_down`` is set every job stops
@@ -41,11 +48,12 @@ from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
 from iii.registry import LogicalTrigger
+from iii.tracing import NoopSpan, Span
 
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "rfc3339"]
+__all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "CronStatistics", "rfc3339"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,18 @@ class Config:
     @property
     def misfire_grace(self) -> float:
         return self.misfire_grace_ms / 1000
+
+
+# Firing outcomes (span attribute ``iii.cron.outcome``) and the other counted events.
+_COUNTED = (
+    "ok",
+    "failed",
+    "skipped",
+    "condition_failed",
+    "missed",
+    "elsewhere",
+    "lock_unavailable",
+)
 
 
 class WallClock(Protocol):
@@ -130,6 +150,17 @@ def parse_trigger(trigger: LogicalTrigger) -> CronJob:
     return CronJob(trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger))
 
 
+@attrs.frozen(kw_only=True)
+class CronStatistics:
+    jobs: int  # cron triggers registered
+    fired_ok: int
+    fired_failed: int  # the function raised (or timed out, or was not found)
+    skipped_by_condition: int  # the condition said false or failed
+    missed: int  # scheduled times skipped: later than misfire_grace
+    fired_elsewhere: int  # another engine instance held the lock
+    lock_unavailable: int  # the lock adapter failed: the time was skipped
+
+
 class Module:
     def __init__(self, engine: Engine, config: Config, *, clock: WallClock | None = None):
         self.engine = engine
@@ -137,7 +168,20 @@ class Module:
         self.clock: WallClock = clock or SystemClock()
         self.jobs: dict[LogicalTrigger, CronJob] = {}
         self.locks: CronLockAdapter | None = None
+        self.counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
         self._nursery: trio.Nursery | None = None
+
+    def statistics(self) -> CronStatistics:
+        counts = self.counts
+        return CronStatistics(
+            jobs=len(self.jobs),
+            fired_ok=counts["ok"],
+            fired_failed=counts["failed"],
+            skipped_by_condition=counts["skipped"] + counts["condition_failed"],
+            missed=counts["missed"],
+            fired_elsewhere=counts["elsewhere"],
+            lock_unavailable=counts["lock_unavailable"],
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_cron_adapter(self.config.adapter) as locks:
@@ -193,6 +237,7 @@ class Module:
                     missed = due
                     due = schedule.latest_at_or_before(now, grace) if grace > 0 else None
                     log.info("cron %s: skipped %s (missed)", job.trigger.id, rfc3339(missed))
+                    self.counts["missed"] += 1
                     if due is None:
                         due = schedule.next_after(now)
                         continue
@@ -207,9 +252,11 @@ class Module:
         try:
             if not await self.locks.try_lock(key):
                 log.debug("cron %s at %s: fired elsewhere", trigger.id, rfc3339(scheduled))
+                self.counts["elsewhere"] += 1
                 return
         except IIIError as exc:
             log.warning("cron %s at %s: skipped, lock unavailable: %s", trigger.id, rfc3339(scheduled), exc.message)
+            self.counts["lock_unavailable"] += 1
             return
         payload: dict[str, Any] = {
             "trigger": "cron",
@@ -217,12 +264,46 @@ class Module:
             "scheduled_time": rfc3339(scheduled),
             "actual_time": rfc3339(now),
         }
+        tracer = self.engine.tracer
+        if not tracer.enabled:
+            self.counts[await self._run(job, payload, NoopSpan(None, None))] += 1
+            return
+        attributes = {
+            "faas.trigger": "timer",
+            "faas.cron": job.schedule.expression,
+            "faas.time": payload["actual_time"],
+            "iii.trigger.type": "cron",
+            "iii.cron.job_id": trigger.id,
+            "iii.cron.scheduled_time": payload["scheduled_time"],
+            "function_id": trigger.function_id,
+        }
+        with tracer.span(f"cron {trigger.function_id}", attributes=attributes) as span:
+            outcome = await self._run(job, payload, span)
+            span.set_attribute("iii.cron.outcome", outcome)
+        self.counts[outcome] += 1
+
+    async def _run(self, job: CronJob, payload: dict[str, Any], span: Span) -> str:
+        """The condition (if any), then the function; returns the outcome."""
+        trigger = job.trigger
         if job.condition is not None:
             try:
-                verdict = await self.engine.invoke(job.condition, payload)
+                verdict = await self.engine.invoke(
+                    job.condition, payload, traceparent=span.traceparent, baggage=span.baggage
+                )
             except IIIError as exc:
                 log.warning("cron %s: condition %s failed (%s); skipped", trigger.id, job.condition, exc.message)
-                return
+                span.set_error(exc.code, exc.message)
+                return "condition_failed"
             if verdict is False:
-                return
-        await self.engine.invoke_logged(trigger.function_id, payload, what=f"cron {trigger.id}")
+                return "skipped"
+        try:
+            await self.engine.invoke(
+                trigger.function_id, payload, traceparent=span.traceparent, baggage=span.baggage
+            )
+        except IIIError as exc:
+            log.warning(
+                "cron %s -> %s failed: %s: %s", trigger.id, trigger.function_id, exc.code, exc.message
+            )
+            span.set_error(exc.code, exc.message)
+            return "failed"
+        return "ok"

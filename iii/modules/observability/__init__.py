@@ -21,7 +21,8 @@ Traces, logs and metrics through the official OpenTelemetry SDK:
   instruments exported over OTLP with ``metrics_enabled`` and
   ``metrics_exporter: otlp``, and a Prometheus text endpoint
   (``prometheus_host``:``prometheus_port``/metrics) that also shows every
-  module's numeric ``statistics()``.
+  module's ``statistics()`` (refreshed before each scrape, e.g. queue depth);
+  ``engine::metrics::list`` returns them under ``module_statistics``.
 * ``engine::health::check``, ``engine::sampling::rules``,
   ``engine::baggage::{get,set,get_all}``.
 
@@ -56,7 +57,12 @@ from iii.modules.observability.logs import (
     LogTriggers,
     entries_from_otlp_json,
 )
-from iii.modules.observability.metrics import EngineMetrics, PrometheusCollector, SdkMetricStore
+from iii.modules.observability.metrics import (
+    EngineMetrics,
+    PrometheusCollector,
+    SdkMetricStore,
+    refresh_module_statistics,
+)
 from iii.modules.observability.prometheus import serve_prometheus
 from iii.modules.observability.sampler import build_sampler
 from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
@@ -309,11 +315,16 @@ class Module:
 
                     registry = CollectorRegistry(auto_describe=False)
                     registry.register(PrometheusCollector(engine, self.metrics))
+
+                    async def render() -> bytes:
+                        await refresh_module_statistics(engine)
+                        return generate_latest(registry)
+
                     self.prometheus_port = await module_nursery.start(
                         serve_prometheus,
                         config.prometheus_host,
                         config.prometheus_port,
-                        lambda: generate_latest(registry),
+                        render,
                     )
                 self._log_send = log_send
                 module_nursery.start_soon(self._deliver_logs, log_receive)

@@ -20,7 +20,11 @@ import attrs
 from iii import __version__
 from iii.errors import IIIError
 from iii.modules.observability.logs import SEVERITY, STORED_MARK, make_entry
-from iii.modules.observability.metrics import aggregate
+from iii.modules.observability.metrics import (
+    aggregate,
+    module_statistics_json,
+    refresh_module_statistics,
+)
 from iii.modules.observability.spans import SpanStore, is_internal
 from iii.native import CallContext, parse_input
 
@@ -268,9 +272,11 @@ def register(engine: Engine, module: Module) -> None:
         points = module.sdk_metrics.query(
             start_ms=query.start_time, end_ms=query.end_time, name=query.metric_name
         )
+        await refresh_module_statistics(engine)
         response: dict[str, Any] = {
             "engine_metrics": module.metrics.to_json(),
             "sdk_metrics": points,
+            "module_statistics": module_statistics_json(engine),
             "timestamp": _now_ms(),
         }
         if query.aggregate_interval is not None and query.aggregate_interval > 0:

@@ -9,14 +9,23 @@
   frames (OTLP/JSON), bounded by count and age.
 * :class:`PrometheusCollector` renders all of it, plus live engine gauges
   (workers, pending calls, open sockets, telemetry frames) and every module's
-  ``statistics()`` snapshot (numbers only: e.g. a queue's depth), through
-  ``prometheus_client``'s exposition format.
+  ``statistics()`` snapshot, through ``prometheus_client``'s exposition format.
+  A snapshot's numeric fields become ``iii_module_<module>_<field>``; a field
+  holding a sequence of records (e.g. the queue's per-topic depth) becomes
+  ``iii_module_<module>_<field>_<number>`` with the records' string fields as
+  labels.  :func:`module_statistics_json` gives the same for
+  ``engine::metrics::list``.
+* Numbers that live behind I/O (a queue's depth in Redis) are read by a
+  module's ``async refresh_statistics()``; :func:`refresh_module_statistics`
+  awaits them all (bounded) before a scrape or a ``metrics::list``.
 
-Lifetime: owned by the observability module; synchronous.
+Lifetime: owned by the observability module; synchronous except
+:func:`refresh_module_statistics`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from bisect import bisect_left
@@ -25,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,7 +43,19 @@ from iii.modules.observability.spans import otlp_attributes
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["EngineMetrics", "SdkMetricStore", "PrometheusCollector", "BUCKETS"]
+__all__ = [
+    "EngineMetrics",
+    "SdkMetricStore",
+    "PrometheusCollector",
+    "BUCKETS",
+    "refresh_module_statistics",
+    "module_statistics_json",
+]
+
+log = logging.getLogger(__name__)
+
+# How long a scrape or metrics::list waits for modules' refresh_statistics().
+REFRESH_TIMEOUT = 5.0
 
 # Seconds; Prometheus' default buckets plus 30 s (the default invocation timeout) and 60 s.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -326,8 +348,8 @@ class PrometheusCollector(Collector):
         yield from _module_statistics(engine)
 
 
-def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
-    """``iii_module_<name>_<field>`` for each number in a module's ``statistics()``."""
+def _snapshots(engine: Engine) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(module name, its ``statistics()`` as a dict) for each module that has one."""
     for name, module in sorted(engine.modules.items()):
         statistics = getattr(module, "statistics", None)
         if not callable(statistics):
@@ -335,12 +357,64 @@ def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
         try:
             snapshot = statistics()
         except Exception:
+            log.warning("module %s: statistics() failed", name, exc_info=True)
             continue
         values = attrs.asdict(snapshot) if attrs.has(type(snapshot)) else snapshot
-        if not isinstance(values, dict):
-            continue
+        if isinstance(values, dict):
+            yield name, values
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
+    """``iii_module_<name>_<field>`` for each number in a module's ``statistics()``;
+    ``iii_module_<name>_<field>_<number>{<string fields>}`` for a list of records."""
+    for name, values in _snapshots(engine):
         for field, value in sorted(values.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if _is_number(value):
                 yield GaugeMetricFamily(
                     f"iii_module_{name}_{field}", f"{name} module: {field}", value=value
                 )
+            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+                yield from _record_gauges(f"iii_module_{name}_{field}", f"{name} module", value)
+
+
+def _record_gauges(
+    prefix: str, help_prefix: str, records: list[Any] | tuple[Any, ...]
+) -> Iterator[GaugeMetricFamily]:
+    labels = sorted(k for k, v in records[0].items() if isinstance(v, str))
+    numbers = sorted(k for k, v in records[0].items() if _is_number(v))
+    for number in numbers:
+        family = GaugeMetricFamily(
+            f"{prefix}_{number}", f"{help_prefix}: {number} by {', '.join(labels)}", labels=labels
+        )
+        for record in records:
+            value = record.get(number)
+            if _is_number(value):
+                family.add_metric([str(record.get(label, "")) for label in labels], value)
+        yield family
+
+
+def module_statistics_json(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Every module's ``statistics()`` snapshot as JSON (for ``engine::metrics::list``)."""
+    return dict(_snapshots(engine))
+
+
+async def refresh_module_statistics(engine: Engine) -> None:
+    """Await each module's ``refresh_statistics()``, all within ``REFRESH_TIMEOUT``.
+
+    A module that fails or runs out of time keeps its previous numbers.
+    """
+    with trio.move_on_after(REFRESH_TIMEOUT) as scope:
+        for name, module in sorted(engine.modules.items()):
+            refresh = getattr(module, "refresh_statistics", None)
+            if refresh is None:
+                continue
+            try:
+                await refresh()
+            except Exception:
+                log.warning("module %s: refresh_statistics() failed", name, exc_info=True)
+    if scope.cancelled_caught:
+        log.warning("module statistics: refresh took longer than %gs", REFRESH_TIMEOUT)

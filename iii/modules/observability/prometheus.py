@@ -4,7 +4,9 @@ A small HTTP/1.1 server on trio + h11 (``prometheus_client``'s own server runs
 in a thread, outside trio's supervision).  Each connection is served in the
 server's nursery with a deadline; one request per connection (``Connection:
 close``).  Anything but ``GET``/``HEAD /metrics`` gets 404 or 405.  The body
-comes from ``prometheus_client.generate_latest`` over the module's registry.
+comes from the awaitable ``render`` (the observability module refreshes the
+modules' I/O-backed numbers, then runs ``prometheus_client.generate_latest``
+over its registry).
 
 Lifetime: :func:`serve_prometheus` runs in the observability module's nursery
 until cancelled; ``task_status.started`` gives the bound port.
@@ -13,7 +15,7 @@ until cancelled; ``task_status.started`` gives the bound port.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h11
 import trio
@@ -47,7 +49,7 @@ async def _respond(
     await stream.send_all(data)
 
 
-async def _serve_one(stream: trio.SocketStream, render: Callable[[], bytes]) -> None:
+async def _serve_one(stream: trio.SocketStream, render: Callable[[], Awaitable[bytes]]) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     async with stream:
         with trio.move_on_after(REQUEST_DEADLINE):
@@ -67,7 +69,8 @@ async def _serve_one(stream: trio.SocketStream, render: Callable[[], bytes]) -> 
                 elif event.method not in (b"GET", b"HEAD"):
                     await _respond(stream, connection, 405, b"Method Not Allowed\n")
                 else:
-                    await _respond(stream, connection, 200, render(), head=event.method == b"HEAD")
+                    body = await render()
+                    await _respond(stream, connection, 200, body, head=event.method == b"HEAD")
             except h11.RemoteProtocolError as exc:
                 if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _respond(stream, connection, exc.error_status_hint, b"Bad Request\n")
@@ -78,7 +81,7 @@ async def _serve_one(stream: trio.SocketStream, render: Callable[[], bytes]) -> 
 async def serve_prometheus(
     host: str,
     port: int,
-    render: Callable[[], bytes],
+    render: Callable[[], Awaitable[bytes]],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -30,6 +30,13 @@ Inspection and DLQ functions (:mod:`.functions`):
 ``engine::queue::{list_topics, topic_stats, dlq_topics, dlq_messages}`` and
 ``iii::queue::{redrive, redrive_message, discard_message}``.
 
+Observability: with a tracer installed, every attempt at a job runs under a
+``queue <topic>`` span (kind consumer), child of the context stored with the
+job (the enqueuer's), with the topic or queue, function id, attempt and
+outcome as attributes; the function's call is its child.  :meth:`Module.statistics`
+gives job counts and per-queue depth (:mod:`.stats`), shown by ``/metrics``
+and ``engine::metrics::list``.
+
 Lifetime: :meth:`Module.run` opens the adapter (closed last) and a nursery
 holding one consumer task per trigger and per function queue; each runs under
 its own cancel scope.  When ``engine.shutting_down`` is set consumers stop
@@ -51,12 +58,13 @@ from iii.config import AdapterRef
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
+from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
 from iii.registry import LogicalTrigger
 
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "QueueSettings", "FUNCTION_QUEUE_PREFIX"]
+__all__ = ["Config", "Module", "QueueSettings", "QueueStatistics", "FUNCTION_QUEUE_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,9 @@ class Module:
         self.adapter: QueueAdapter | None = None
         self.subscriptions: dict[LogicalTrigger, Subscription] = {}
         self.dispatchers: dict[str, Subscription] = {}
+        self.counters = QueueCounters()
+        self._depth: tuple[QueueDepth, ...] = ()
+        self._depth_read_at: float | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -118,6 +129,29 @@ class Module:
                         self.ensure_dispatcher(name[len(FUNCTION_QUEUE_PREFIX) :])
                 task_status.started()
                 await trio.sleep_forever()
+
+    # -- numbers -----------------------------------------------------------------------
+
+    def statistics(self) -> QueueStatistics:
+        """Job counts now, and queue depth as of the last :meth:`refresh_statistics`."""
+        return snapshot(self, self._depth, self._depth_read_at)
+
+    async def refresh_statistics(self) -> None:
+        """Read every queue's depth from the backend (bounded; kept as is on failure)."""
+        depth = await read_depth(self)
+        if depth is not None:
+            self._depth = depth
+            self._depth_read_at = time.time()
+
+    def in_flight(self) -> int:
+        subscriptions = (*self.subscriptions.values(), *self.dispatchers.values())
+        return sum(len(sub.held) for sub in subscriptions)
+
+    def display_name(self, queue: str) -> tuple[str, str]:
+        """(the name users see, ``"topic"`` or ``"queue"``) of an adapter queue name."""
+        if queue.startswith(FUNCTION_QUEUE_PREFIX):
+            return queue[len(FUNCTION_QUEUE_PREFIX) :], "queue"
+        return queue, "topic"
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -162,6 +196,7 @@ class Module:
             message = exc.message if isinstance(exc, IIIError) else str(exc)
             log.error("enqueue to %s failed: %s", job.queue, message)
             raise IIIError(f"Failed to enqueue to {job.queue}: {message}", code="enqueue_error") from exc
+        self.counters.enqueued += 1
 
     def ensure_dispatcher(self, queue: str) -> None:
         """Start the consumer of function queue ``queue`` if it is not running."""

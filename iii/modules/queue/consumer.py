@@ -31,6 +31,7 @@ import trio
 
 from iii.adapters.queue import Delivery, QueueConsumer
 from iii.errors import AdapterUnavailableError, IIIError
+from iii.tracing import NoopSpan, Span
 
 if TYPE_CHECKING:
     from iii.modules.queue import Module
@@ -56,6 +57,7 @@ class Subscription:
     poll_interval: float
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     processed: int = 0
+    held: set[Delivery] = attrs.field(factory=set)  # leased to this consumer now
 
     def group_of(self, data: Any) -> str | None:
         if self.group_field is None:
@@ -87,7 +89,8 @@ async def _consume(module: Module, sub: Subscription, consumer: QueueConsumer) -
     engine = module.engine
     assert module.adapter is not None
     slots = trio.Semaphore(sub.concurrency)
-    held: set[Delivery] = set()
+    held = sub.held
+    held.clear()
     groups: dict[str, deque[Delivery]] = {}
     async with trio.open_nursery() as job_nursery:
         job_nursery.start_soon(_keep_leases, consumer, held, module.adapter.defaults.visibility_timeout)
@@ -164,40 +167,82 @@ async def _settle(operation: Any, sub: Subscription, what: str) -> None:
 
 
 async def _process(module: Module, sub: Subscription, consumer: QueueConsumer, delivery: Delivery) -> None:
+    """One attempt at a job, under a ``consumer`` span (child of the enqueuer's context)."""
+    job = delivery.job
+    tracer = module.engine.tracer
+    if not tracer.enabled:
+        await _attempt(module, sub, consumer, delivery, NoopSpan(job.traceparent, job.baggage))
+        return
+    shown, kind = module.display_name(sub.queue)
+    attributes: dict[str, Any] = {
+        "messaging.system": "iii",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": shown,
+        "messaging.message.id": job.id,
+        "iii.queue.kind": kind,
+        "iii.queue.attempt": job.attempts_made + 1,
+        "iii.queue.max_attempts": sub.max_attempts or job.max_attempts,
+    }
+    target = job.function_id or sub.function_id
+    if target is not None:
+        attributes["function_id"] = target
+    if kind == "topic":
+        attributes["iii.queue.topic"] = shown
+    else:
+        attributes["iii.queue.name"] = shown
+    with tracer.span(
+        f"queue {shown}",
+        kind="consumer",
+        traceparent=job.traceparent,
+        baggage=job.baggage,
+        attributes=attributes,
+    ) as span:
+        outcome = await _attempt(module, sub, consumer, delivery, span)
+        span.set_attribute("iii.queue.outcome", outcome)
+
+
+async def _attempt(
+    module: Module, sub: Subscription, consumer: QueueConsumer, delivery: Delivery, span: Span
+) -> str:
+    """Run the job once and settle it; returns the outcome (one of :data:`.stats.OUTCOMES`)."""
     engine = module.engine
+    counters = module.counters
     job = delivery.job
     target = job.function_id or sub.function_id
-    finished = False
+    outcome = "released"
     try:
         if target is None:
+            span.set_error("no_function", "the job has no function_id")
             await _settle(consumer.dead_letter(delivery, job, "no function: the job has no function_id"), sub, "dead-letter")
-            finished = True
-            return
+            outcome = "dead_letter"
+            return outcome
         try:
             if sub.condition is not None:
                 verdict = await engine.invoke(
-                    sub.condition, job.data, traceparent=job.traceparent, baggage=job.baggage
+                    sub.condition, job.data, traceparent=span.traceparent, baggage=span.baggage
                 )
                 if verdict is False:
                     await _settle(consumer.ack(delivery), sub, "ack")
-                    finished = True
-                    return
-            await engine.invoke(target, job.data, traceparent=job.traceparent, baggage=job.baggage)
+                    outcome = "skipped"
+                    return outcome
+            await engine.invoke(target, job.data, traceparent=span.traceparent, baggage=span.baggage)
         except IIIError as exc:
             if sub.scope.cancel_called:
-                return  # the trigger went away mid-call (its worker left): released below
-            await _failed(sub, consumer, delivery, f"{exc.code}: {exc.message}")
-            finished = True
-            return
+                return outcome  # the trigger went away mid-call (its worker left): released below
+            span.set_error(exc.code, exc.message)
+            outcome = await _failed(sub, consumer, delivery, f"{exc.code}: {exc.message}")
+            return outcome
         await _settle(consumer.ack(delivery), sub, "ack")
         sub.processed += 1
-        finished = True
+        outcome = "ack"
+        return outcome
     finally:
-        if not finished:
+        if outcome == "released":
             await _settle(consumer.release(delivery), sub, "release")
+        counters.count(outcome)
 
 
-async def _failed(sub: Subscription, consumer: QueueConsumer, delivery: Delivery, error: str) -> None:
+async def _failed(sub: Subscription, consumer: QueueConsumer, delivery: Delivery, error: str) -> str:
     job = delivery.job
     attempts = job.attempts_made + 1
     max_attempts = sub.max_attempts or job.max_attempts
@@ -205,11 +250,12 @@ async def _failed(sub: Subscription, consumer: QueueConsumer, delivery: Delivery
     if attempts >= max_attempts:
         log.warning("queue %s: job %s failed %d times (%s); moved to the DLQ", sub.queue, job.id, attempts, error)
         await _settle(consumer.dead_letter(delivery, failed, error), sub, "dead-letter")
-        return
+        return "dead_letter"
     backoff = (sub.backoff_ms or job.backoff_ms) / 1000
     delay = min(backoff * 2 ** (attempts - 1), MAX_BACKOFF)
     log.info("queue %s: job %s attempt %d failed (%s); retry in %.1fs", sub.queue, job.id, attempts, error, delay)
     await _settle(consumer.retry(delivery, failed, delay), sub, "retry")
+    return "retry"
 
 
 async def _keep_leases(consumer: QueueConsumer, held: set[Delivery], visibility_timeout: float) -> None:

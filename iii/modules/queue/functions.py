@@ -83,9 +83,8 @@ def register_functions(module: Module) -> None:
         raise IIIError(f"{function_id}: 'queue' or 'topic' is required", code="deserialization_error")
 
     def describe(name: str) -> dict[str, Any]:
-        if name.startswith(FUNCTION_QUEUE_PREFIX):
-            return {"topic": name[len(FUNCTION_QUEUE_PREFIX) :], "kind": "queue"}
-        return {"topic": name, "kind": "topic"}
+        shown, kind = module.display_name(name)
+        return {"topic": shown, "kind": kind}
 
     async def enqueue(data: Any, ctx: CallContext) -> Any:
         request = parse_input(data, EnqueueInput, "enqueue")

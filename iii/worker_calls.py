@@ -1,0 +1,171 @@
+"""The calls a worker makes: one ``invokefunction`` from the worker's socket to its answer.
+
+A request/response call (an ``invocation_id`` and no ``void`` action) runs as
+its own task in the caller's per-connection nursery, so it is cancelled if the
+caller leaves; a fire-and-forget call runs in the engine's nursery instead, so
+a worker that sends ``trigger_void`` and exits at once loses nothing.  Each
+call passes the token's allow-list and the worker's ``max_pending_invocations``
+first; object payloads get ``_caller_worker_id``; the answer carries the
+engine span's trace context (spec protocol.md §3.9), else the caller's.  An
+``enqueue`` action becomes a call of ``engine::queue::enqueue`` and answers
+``{messageReceiptId}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from iii.errors import FrameTooLargeError, IIIError
+from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
+
+if TYPE_CHECKING:
+    from iii.tracing import Span
+    from iii.worker_conn import WorkerConnection
+
+__all__ = ["start_call"]
+
+log = logging.getLogger(__name__)
+
+
+def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
+    """Start one ``invokefunction`` the worker sent (see the module docstring)."""
+    action = message.action
+    action_type = action.get("type") if isinstance(action, dict) else None
+    detached = message.invocation_id is None or action_type == "void"
+    refusal = _refuse_call(conn, message)
+    if refusal is not None:
+        if detached:
+            log.info("fire-and-forget call %s from %s dropped: %s", message.function_id, conn.worker_id, refusal.message)
+        else:
+            assert message.invocation_id is not None
+            conn.send_nowait(
+                encode_message(
+                    InvocationResult(
+                        invocation_id=message.invocation_id, function_id=message.function_id, error=refusal
+                    )
+                )
+            )
+        return
+    data = message.data
+    if action_type != "enqueue" and isinstance(data, dict):
+        data["_caller_worker_id"] = conn.worker_id
+    conn.calls_outstanding += 1
+    if detached:
+        # Fire-and-forget: owned by the engine, not by this connection.
+        conn.engine.spawn_detached(_run_call, conn, message, data, False)
+    else:
+        conn.start_task(_run_call, conn, message, data, True)
+
+def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody | None:
+    if not conn.grant.may_invoke(message.function_id):
+        log.warning(
+            "worker %s (token %s) may not invoke %s: refused",
+            conn.worker_id,
+            conn.grant.name,
+            message.function_id,
+        )
+        return ErrorBody(
+            code="forbidden", message=f"token {conn.grant.name!r} may not invoke {message.function_id}"
+        )
+    limit = conn.engine.config.max_pending_invocations
+    if conn.calls_outstanding >= limit:
+        if not conn.over_limit_logged:
+            conn.over_limit_logged = True
+            log.warning(
+                "worker %s has %d calls outstanding (max_pending_invocations): refusing more",
+                conn.worker_id,
+                limit,
+            )
+        return ErrorBody(
+            code="too_many_pending_invocations",
+            message=f"this worker already has {limit} calls outstanding (max_pending_invocations)",
+        )
+    conn.over_limit_logged = False
+    return None
+
+async def _run_call(conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool) -> None:
+    engine = conn.engine
+    engine.inflight += 1
+    # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
+    spans: list[Span] = []
+    try:
+        try:
+            result = await _call(conn, message, data, spans.append if reply else None)
+            error = None
+        except IIIError as exc:
+            result, error = None, ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
+        except Exception:
+            log.exception("invocation of %s failed inside the engine", message.function_id)
+            result, error = None, ErrorBody(code="invocation_error", message="internal engine error")
+        if not reply:
+            if error is not None:
+                log.info(
+                    "fire-and-forget call %s from %s failed: %s: %s",
+                    message.function_id,
+                    conn.worker_id,
+                    error.code,
+                    error.message,
+                )
+            return
+        assert message.invocation_id is not None
+        span = spans[0] if spans else None
+        answer = InvocationResult(
+            invocation_id=message.invocation_id,
+            function_id=message.function_id,
+            result=result,
+            error=error,
+            traceparent=(span.traceparent if span is not None else None) or message.traceparent,
+            baggage=(span.baggage if span is not None else None) or message.baggage,
+        )
+        try:
+            await conn.send(encode_message(answer))
+        except FrameTooLargeError as exc:
+            await conn.send(
+                encode_message(
+                    InvocationResult(
+                        invocation_id=message.invocation_id,
+                        function_id=message.function_id,
+                        error=ErrorBody(code=exc.code, message=f"result too large: {exc.message}"),
+                    )
+                )
+            )
+    finally:
+        engine.inflight -= 1
+        conn.calls_outstanding -= 1
+
+async def _call(
+    conn: WorkerConnection, message: InvokeFunction, data: Any, on_span: Callable[[Span], None] | None
+) -> Any:
+    action = message.action
+    if isinstance(action, dict) and action.get("type") == "enqueue":
+        receipt = str(uuid.uuid4())
+        await conn.engine.invoke(
+            "engine::queue::enqueue",
+            {
+                "queue": action.get("queue"),
+                "function_id": message.function_id,
+                "data": data,
+                "messageReceiptId": receipt,
+                "traceparent": message.traceparent,
+                "baggage": message.baggage,
+            },
+            caller_worker_id=conn.worker_id,
+            traceparent=message.traceparent,
+            baggage=message.baggage,
+            on_span=on_span,
+        )
+        return {"messageReceiptId": receipt}
+    return await conn.engine.invoke(
+        message.function_id,
+        data,
+        caller_worker_id=conn.worker_id,
+        invocation_id=message.invocation_id,
+        traceparent=message.traceparent,
+        baggage=message.baggage,
+        metadata=message.metadata,
+        on_span=on_span,
+    )
+
