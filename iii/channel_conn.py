@@ -63,10 +63,13 @@ async def serve_channel_side(
     ws = await request.accept()
     with trio.CancelScope() as scope:
         channel.socket_scopes.append(scope)
-        if direction == "write":
-            await _pump_from_socket(ws, channel, send_side)
-        else:
-            await _pump_to_socket(ws, channel, receive_side)
+        try:
+            if direction == "write":
+                await _pump_from_socket(ws, channel, send_side)
+            else:
+                await _pump_to_socket(ws, channel, receive_side)
+        finally:
+            channel.socket_scopes.remove(scope)
     if scope.cancelled_caught:
         await _close(ws, 1000, "channel removed")
 

@@ -197,13 +197,14 @@ class WorkerConnection:
     async def run(self) -> None:
         engine = self.engine
         info = WorkerInfo(id=self.worker_id, ip_address=self.ip_address, connected_at_ms=_now_ms())
-        try:
-            await self.ws.send_message(
-                encode_message(
-                    WorkerRegistered(worker_id=self.worker_id, reattach_token=self.reattach_token)
-                )
-            )
-        except ConnectionClosed:
+        hello = encode_message(WorkerRegistered(worker_id=self.worker_id, reattach_token=self.reattach_token))
+        with trio.move_on_after(engine.config.handshake_timeout) as hello_scope:
+            try:
+                await self.ws.send_message(hello)
+            except ConnectionClosed:
+                return
+        if hello_scope.cancelled_caught:
+            log.info("worker socket from %s never took workerregistered: dropped", self.ip_address)
             return
         engine.registry.add_worker(info)
         engine.connections[self.worker_id] = self
