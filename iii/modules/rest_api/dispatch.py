@@ -105,6 +105,11 @@ def _merge_headers(
     return [(n, v) for n, v in current if n not in replaced] + new
 
 
+def _request_header(request: HttpRequest, name: bytes) -> str | None:
+    value = request.header(name)
+    return value.decode("latin-1") if value is not None else None
+
+
 def build_payload(request: HttpRequest, match: RouteMatch, body: Any) -> dict[str, Any]:
     headers: dict[str, str] = {}
     for name, value in request.headers:
@@ -160,7 +165,10 @@ class RestDispatcher:
         if match is None and request.method == "HEAD":
             match = matches.get("GET")
         if match is not None:
-            await self._call_route(request, responder, match)
+            if self.engine.tracer.enabled:
+                await self._call_route_traced(request, responder, match)
+            else:
+                await self._call_route(request, responder, match)
         elif request.method in ("GET", "HEAD") and request.path == "/health":
             status, body = self.health()
             await responder.respond(status, [JSON], orjson.dumps(body))
@@ -188,7 +196,35 @@ class RestDispatcher:
 
     # -- a routed request ----------------------------------------------------
 
-    async def _call_route(self, request: HttpRequest, responder: Responder, match: RouteMatch) -> None:
+    async def _call_route_traced(self, request: HttpRequest, responder: Responder, match: RouteMatch) -> None:
+        """A routed request under a ``server`` span (tracing on): child of the
+        client's ``traceparent`` header, parent of the function's call."""
+        route = match.route
+        with self.engine.tracer.span(
+            f"{request.method} {route.pattern.raw}",
+            kind="server",
+            traceparent=_request_header(request, b"traceparent"),
+            baggage=_request_header(request, b"baggage"),
+            attributes={
+                "http.request.method": request.method,
+                "http.route": route.pattern.raw,
+                "url.path": request.path,
+                "iii.function.id": route.function_id,
+            },
+        ) as span:
+            await self._call_route(request, responder, match, span.traceparent, span.baggage)
+            span.set_attribute("http.response.status_code", responder.status)
+            if responder.status >= 500:
+                span.set_error(f"HTTP_{responder.status}")
+
+    async def _call_route(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        traceparent: str | None = None,
+        baggage: str | None = None,
+    ) -> None:
         length = request.content_length
         if length is not None and length > self.max_body_size:
             await responder.respond_error(
@@ -205,7 +241,7 @@ class RestDispatcher:
                 except trio.WouldBlock:
                     await self.limiter.acquire()  # beyond the limit: wait (bounded by the scope)
                 try:
-                    await self._exchange(request, responder, match, scope)
+                    await self._exchange(request, responder, match, scope, traceparent, baggage)
                 finally:
                     self.limiter.release()
         finally:
@@ -218,7 +254,13 @@ class RestDispatcher:
             )
 
     async def _exchange(
-        self, request: HttpRequest, responder: Responder, match: RouteMatch, scope: trio.CancelScope
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        scope: trio.CancelScope,
+        traceparent: str | None = None,
+        baggage: str | None = None,
     ) -> None:
         route = match.route
         content_type = (request.header(b"content-type") or b"").lower()
@@ -236,7 +278,9 @@ class RestDispatcher:
                 body = None
         payload = build_payload(request, match, body)
         if route.condition_function_id is not None:
-            if not await self._condition_met(responder, route.condition_function_id, payload):
+            if not await self._condition_met(
+                responder, route.condition_function_id, payload, traceparent, baggage
+            ):
                 return
         channels = self.engine.channels
         request_channel = channels.create()
@@ -261,7 +305,7 @@ class RestDispatcher:
                     request_channel.on_claim = exchange.on_request_claim
                 response_channel.on_claim = exchange.on_response_claim
                 try:
-                    await exchange.call(payload)
+                    await exchange.call(payload, traceparent, baggage)
                 finally:
                     request_channel.on_claim = response_channel.on_claim = None
             if exchange.client_gone is not None:
@@ -270,9 +314,18 @@ class RestDispatcher:
             channels.remove(request_channel)
             channels.remove(response_channel)
 
-    async def _condition_met(self, responder: Responder, condition_id: str, payload: Any) -> bool:
+    async def _condition_met(
+        self,
+        responder: Responder,
+        condition_id: str,
+        payload: Any,
+        traceparent: str | None = None,
+        baggage: str | None = None,
+    ) -> bool:
         try:
-            verdict = await self.engine.invoke(condition_id, dict(payload), timeout=self.timeout)
+            verdict = await self.engine.invoke(
+                condition_id, dict(payload), timeout=self.timeout, traceparent=traceparent, baggage=baggage
+            )
         except IIIError as exc:
             await self._error_response(responder, exc, condition_id)
             return False
@@ -407,10 +460,14 @@ class _Exchange:
 
     # -- the call (the request's own task) ----------------------------------------
 
-    async def call(self, payload: dict[str, Any]) -> None:
+    async def call(
+        self, payload: dict[str, Any], traceparent: str | None = None, baggage: str | None = None
+    ) -> None:
         dispatcher = self.dispatcher
         try:
-            result = await dispatcher.engine.invoke(self.function_id, payload, timeout=dispatcher.timeout)
+            result = await dispatcher.engine.invoke(
+                self.function_id, payload, timeout=dispatcher.timeout, traceparent=traceparent, baggage=baggage
+            )
         except IIIError as exc:
             if self.take_answer():
                 await dispatcher._error_response(self.responder, exc, self.function_id)
