@@ -126,6 +126,22 @@ def sdk_python(version: str) -> Path:
     return python
 
 
+# Prepended to every Python worker script.  ``print`` writes its text and its
+# line end in two calls, so a line printed by one thread (the script's command
+# loop) can be split by another thread's output (the 0.25 SDK runs handlers
+# and logs from its own threads): "OK" + "LOG ..." + "\n".  One write per
+# line keeps the lines whole, as the tests read them line by line.
+_LINE_ATOMIC_PRINT = """\
+import builtins as _builtins, sys as _sys
+def _print_line(*args, sep=" ", end="\\n", file=None, flush=False):
+    stream = _sys.stdout if file is None else file
+    stream.write(sep.join(map(str, args)) + end)
+    if flush:
+        stream.flush()
+_builtins.print = _print_line
+"""
+
+
 @attrs.define(eq=False)
 class SdkWorker:
     """An SDK worker process; its stdout is read line by line."""
@@ -234,7 +250,9 @@ async def start_sdk_worker(
     script_path = CACHE / "worker-scripts"
     script_path.mkdir(parents=True, exist_ok=True)
     file = script_path / f"w{os.getpid()}_{id(script)}_{trio.current_time():.0f}.py"
-    file.write_text(textwrap.dedent(script))
+    source = textwrap.dedent(script)
+    assert "from __future__" not in source, "worker scripts get a preamble: no __future__ imports"
+    file.write_text(_LINE_ATOMIC_PRINT + source)
     child_env = {**os.environ, "III_URL": url, "PYTHONUNBUFFERED": "1", "OTEL_ENABLED": "false"}
     child_env.pop("PYTHONPATH", None)
     child_env.update(env or {})
