@@ -464,3 +464,27 @@ async def test_handshake_timeout_closes_a_silent_socket() -> None:
             while await stream.receive_some(1024):
                 pass
         await stream.aclose()
+
+
+async def test_rest_port_speaks_https_with_the_same_certificate(
+    tls_files: tuple[trustme.CA, dict[str, str]],
+) -> None:
+    import httpx
+
+    ca, files = tls_files
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    config = make_config(
+        modules=[{"class": "modules::api::RestApiModule", "config": {"port": 0, "host": "127.0.0.1"}}],
+        tls={"cert": files["cert"], "key": files["key"]},
+    )
+    async with open_test_engine(config) as engine:
+        rest_port = engine.modules["rest_api"].port
+        async with httpx.AsyncClient(verify=trusting, timeout=10) as client:
+            response = await client.get(f"https://localhost:{rest_port}/health")
+            assert response.status_code == 200 and response.json()["status"] == "ok"
+        async with httpx.AsyncClient(timeout=10) as untrusting:
+            with pytest.raises(httpx.ConnectError):
+                await untrusting.get(f"https://localhost:{rest_port}/health")
+        async with httpx.AsyncClient(verify=trusting, timeout=10) as client:  # still serving
+            assert (await client.get(f"https://localhost:{rest_port}/health")).status_code == 200

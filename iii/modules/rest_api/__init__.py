@@ -24,6 +24,7 @@ engine's shutdown grace waits for); the engine cancels the rest after the grace.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,6 +43,7 @@ from iii.modules.rest_api.routes import (
 )
 from iii.modules.rest_api.server import HttpServer
 from iii.registry import LogicalTrigger
+from iii.security import server_ssl_context
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -170,13 +172,25 @@ class Module:
         )
         async with trio.open_nursery() as module_nursery:
             try:
-                await module_nursery.start(self.server.serve, self.config.host, self.config.port)
+                await module_nursery.start(
+                    partial(
+                        self.server.serve,
+                        self.config.host,
+                        self.config.port,
+                        ssl_context=server_ssl_context(self.engine.config.tls),
+                    )
+                )
             except OSError as exc:
                 raise OSError(
                     exc.errno, f"REST API cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}"
                 ) from exc
             module_nursery.start_soon(self._drain_on_shutdown)
-            log.info("REST API listening on http://%s:%d", self.config.host, self.port)
+            log.info(
+                "REST API listening on %s://%s:%d",
+                "https" if self.engine.config.tls.enabled else "http",
+                self.config.host,
+                self.port,
+            )
             task_status.started()
 
     async def _drain_on_shutdown(self) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -326,10 +327,15 @@ class HttpServer:
         host: str | None,
         port: int,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
-        self.port = int(listeners[0].socket.getsockname()[1])
+        """Serve until cancelled; with ``ssl_context`` the port speaks ``https://``."""
+        tcp_listeners = await trio.open_tcp_listeners(port, host=host or None)
+        self.port = int(tcp_listeners[0].socket.getsockname()[1])
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in tcp_listeners]
         async with trio.open_nursery() as connection_nursery:
             with self._accept_scope:
                 task_status.started(self.port)
@@ -349,7 +355,8 @@ class HttpServer:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         peer_text = ""
-        sock = getattr(stream, "socket", None)  # a SocketStream; tests may pass memory streams
+        transport = getattr(stream, "transport_stream", stream)  # under TLS, the socket below
+        sock = getattr(transport, "socket", None)  # a SocketStream; tests may pass memory streams
         if sock is not None:
             try:
                 peer = sock.getpeername()
