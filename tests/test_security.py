@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
+import orjson
 import pytest
 import trio
 import trustme
@@ -488,3 +489,25 @@ async def test_rest_port_speaks_https_with_the_same_certificate(
                 await untrusting.get(f"https://localhost:{rest_port}/health")
         async with httpx.AsyncClient(verify=trusting, timeout=10) as client:  # still serving
             assert (await client.get(f"https://localhost:{rest_port}/health")).status_code == 200
+
+
+async def test_stream_port_speaks_wss_with_the_same_certificate(
+    tls_files: tuple[trustme.CA, dict[str, str]],
+) -> None:
+    from trio_websocket import open_websocket
+
+    ca, files = tls_files
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    config = make_config(
+        modules=[{"class": "modules::stream::StreamModule", "config": {"port": 0, "host": "127.0.0.1"}}],
+        tls={"cert": files["cert"], "key": files["key"]},
+    )
+    async with open_test_engine(config) as engine:
+        port = engine.modules["stream"].server.listen_port
+        async with open_websocket("localhost", port, "/", use_ssl=trusting) as ws:
+            join = {"subscriptionId": "s1", "streamName": "tls", "groupId": "g"}
+            await ws.send_message(orjson.dumps({"type": "join", "data": join}).decode())
+            with trio.fail_after(10):
+                sync = orjson.loads(await ws.get_message())
+            assert sync["event"]["type"] == "sync" and sync["streamName"] == "tls"

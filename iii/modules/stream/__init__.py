@@ -76,6 +76,7 @@ from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.stream.server import StreamServer, stream_message
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
+from iii.security import server_ssl_context
 from iii.update_ops import UpdateResult, parse_ops
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ class Module:
             auth_required=config.auth_required,
             run_join_triggers=self._run_join_triggers,
             read_sync=self._read_sync,
+            ssl_context=server_ssl_context(engine.config.tls),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -43,6 +43,7 @@ per-connection nursery, so a closed socket ends exactly its own tasks.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -144,9 +145,11 @@ class StreamServer:
         auth_required: bool,
         run_join_triggers: JoinHook,
         read_sync: SyncReader,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # set: the port speaks wss://
         self.authenticate = authenticate
         self.auth_required = auth_required
         self.run_join_triggers = run_join_triggers
@@ -200,7 +203,7 @@ class StreamServer:
                     self._handle,
                     self.host,
                     self.port,
-                    None,
+                    self.ssl_context,
                     handler_nursery=connection_nursery,
                     connect_timeout=10,
                     disconnect_timeout=2,
@@ -208,7 +211,8 @@ class StreamServer:
                 )
             )
             self.listen_port = server.port
-            log.info("stream server listening on ws://%s:%d", self.host, server.port)
+            scheme = "wss" if self.ssl_context is not None else "ws"
+            log.info("stream server listening on %s://%s:%d", scheme, self.host, server.port)
             task_status.started(server.port)
 
     async def _handle(self, request: WebSocketRequest) -> None:
