@@ -38,13 +38,20 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     refusal = _refuse_call(conn, message)
     if refusal is not None:
         if detached:
-            log.info("fire-and-forget call %s from %s dropped: %s", message.function_id, conn.worker_id, refusal.message)
+            log.info(
+                "fire-and-forget call %s from %s dropped: %s",
+                message.function_id,
+                conn.worker_id,
+                refusal.message,
+            )
         else:
             assert message.invocation_id is not None
             conn.send_nowait(
                 encode_message(
                     InvocationResult(
-                        invocation_id=message.invocation_id, function_id=message.function_id, error=refusal
+                        invocation_id=message.invocation_id,
+                        function_id=message.function_id,
+                        error=refusal,
                     )
                 )
             )
@@ -59,6 +66,7 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     else:
         conn.start_task(_run_call, conn, message, data, True)
 
+
 def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody | None:
     if not conn.grant.may_invoke(message.function_id):
         log.warning(
@@ -68,7 +76,8 @@ def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody |
             message.function_id,
         )
         return ErrorBody(
-            code="forbidden", message=f"token {conn.grant.name!r} may not invoke {message.function_id}"
+            code="forbidden",
+            message=f"token {conn.grant.name!r} may not invoke {message.function_id}",
         )
     limit = conn.engine.config.max_pending_invocations
     if conn.calls_outstanding >= limit:
@@ -86,7 +95,10 @@ def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody |
     conn.over_limit_logged = False
     return None
 
-async def _run_call(conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool) -> None:
+
+async def _run_call(
+    conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool
+) -> None:
     engine = conn.engine
     engine.inflight += 1
     # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
@@ -96,10 +108,16 @@ async def _run_call(conn: WorkerConnection, message: InvokeFunction, data: Any, 
             result = await _call(conn, message, data, spans.append if reply else None)
             error = None
         except IIIError as exc:
-            result, error = None, ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
+            result, error = (
+                None,
+                ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace),
+            )
         except Exception:
             log.exception("invocation of %s failed inside the engine", message.function_id)
-            result, error = None, ErrorBody(code="invocation_error", message="internal engine error")
+            result, error = (
+                None,
+                ErrorBody(code="invocation_error", message="internal engine error"),
+            )
         if not reply:
             if error is not None:
                 log.info(
@@ -136,8 +154,12 @@ async def _run_call(conn: WorkerConnection, message: InvokeFunction, data: Any, 
         engine.inflight -= 1
         conn.calls_outstanding -= 1
 
+
 async def _call(
-    conn: WorkerConnection, message: InvokeFunction, data: Any, on_span: Callable[[Span], None] | None
+    conn: WorkerConnection,
+    message: InvokeFunction,
+    data: Any,
+    on_span: Callable[[Span], None] | None,
 ) -> Any:
     action = message.action
     if isinstance(action, dict) and action.get("type") == "enqueue":
@@ -168,4 +190,3 @@ async def _call(
         metadata=message.metadata,
         on_span=on_span,
     )
-
