@@ -467,18 +467,27 @@ async def test_handshake_timeout_closes_a_silent_socket() -> None:
         await stream.aclose()
 
 
+def _module_behind_tls(
+    tls_files: tuple[trustme.CA, dict[str, str]], module_class: str
+) -> tuple[ssl.SSLContext, Any]:
+    """A client context trusting the test CA, and a config running ``module_class``
+    on an ephemeral loopback port with the engine's ``tls`` set."""
+    ca, files = tls_files
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    config = make_config(
+        modules=[{"class": module_class, "config": {"port": 0, "host": "127.0.0.1"}}],
+        tls={"cert": files["cert"], "key": files["key"]},
+    )
+    return trusting, config
+
+
 async def test_rest_port_speaks_https_with_the_same_certificate(
     tls_files: tuple[trustme.CA, dict[str, str]],
 ) -> None:
     import httpx
 
-    ca, files = tls_files
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
-    config = make_config(
-        modules=[{"class": "modules::api::RestApiModule", "config": {"port": 0, "host": "127.0.0.1"}}],
-        tls={"cert": files["cert"], "key": files["key"]},
-    )
+    trusting, config = _module_behind_tls(tls_files, "modules::api::RestApiModule")
     async with open_test_engine(config) as engine:
         rest_port = engine.modules["rest_api"].port
         async with httpx.AsyncClient(verify=trusting, timeout=10) as client:
@@ -496,13 +505,7 @@ async def test_stream_port_speaks_wss_with_the_same_certificate(
 ) -> None:
     from trio_websocket import open_websocket
 
-    ca, files = tls_files
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
-    config = make_config(
-        modules=[{"class": "modules::stream::StreamModule", "config": {"port": 0, "host": "127.0.0.1"}}],
-        tls={"cert": files["cert"], "key": files["key"]},
-    )
+    trusting, config = _module_behind_tls(tls_files, "modules::stream::StreamModule")
     async with open_test_engine(config) as engine:
         port = engine.modules["stream"].server.listen_port
         async with open_websocket("localhost", port, "/", use_ssl=trusting) as ws:
