@@ -73,8 +73,9 @@ class Channel:
     buffer_size: int
     created_at: float
     owner: str | None = None
-    send_side: trio.MemorySendChannel[Frame] = attrs.field(init=False)
-    receive_side: trio.MemoryReceiveChannel[Frame] = attrs.field(init=False)
+    # The frame buffer, made on first use: a channel nobody opens (the REST
+    # module's channels of a request whose function just returns) costs none.
+    _pair: tuple[trio.MemorySendChannel[Frame], trio.MemoryReceiveChannel[Frame]] | None = None
     writer_claimed: bool = False
     reader_claimed: bool = False
     writer_done: bool = False
@@ -87,8 +88,30 @@ class Channel:
     # somebody uses it (the REST module starts no task for unused channels).
     on_claim: Callable[[str], None] | None = None
 
-    def __attrs_post_init__(self) -> None:
-        self.send_side, self.receive_side = trio.open_memory_channel[Frame](self.buffer_size)
+    def _frames(self) -> tuple[trio.MemorySendChannel[Frame], trio.MemoryReceiveChannel[Frame]]:
+        if self._pair is None:
+            self._pair = trio.open_memory_channel[Frame](self.buffer_size)
+        return self._pair
+
+    @property
+    def send_side(self) -> trio.MemorySendChannel[Frame]:
+        return self._frames()[0]
+
+    @property
+    def receive_side(self) -> trio.MemoryReceiveChannel[Frame]:
+        return self._frames()[1]
+
+    def reserve(self, direction: str) -> None:
+        """Mark one side as the creator's without opening it yet.
+
+        No socket can claim it afterwards; the creator takes its end later
+        through :attr:`send_side` / :attr:`receive_side`, when the other side
+        is claimed (``on_claim``).  Reserving does not call ``on_claim``.
+        """
+        if direction == "write":
+            self.writer_claimed = True
+        else:
+            self.reader_claimed = True
 
     def ref(self, direction: str) -> dict[str, str]:
         """The ``StreamChannelRef`` a worker uses to connect to one side."""
@@ -112,8 +135,9 @@ class Channel:
 
     def close(self) -> None:
         """End both sides at once (the channel is being removed)."""
-        self.send_side.close()
-        self.receive_side.close()
+        if self._pair is not None:
+            self._pair[0].close()
+            self._pair[1].close()
         self.writer_done = self.reader_done = True
         for scope in self.socket_scopes:
             scope.cancel()

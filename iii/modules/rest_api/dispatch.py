@@ -45,6 +45,7 @@ import h11
 import orjson
 import trio
 
+from iii.channels import Channel
 from iii.errors import IIIError
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
@@ -285,6 +286,10 @@ class RestDispatcher:
         channels = self.engine.channels
         request_channel = channels.create()
         response_channel = channels.create()
+        # The engine's ends are reserved, not opened: they are opened (and a
+        # task started) only if the function opens the other end.
+        request_channel.reserve("write")
+        response_channel.reserve("read")
         try:
             payload["request_body"] = request_channel.ref("read")
             payload["response"] = response_channel.ref("write")
@@ -296,13 +301,11 @@ class RestDispatcher:
                     function_id=route.function_id,
                     scope=scope,
                     nursery=request_nursery,
-                    body_writer=request_channel.claim_writer(),
-                    frames=response_channel.claim_reader(),
+                    request_channel=request_channel,
+                    response_channel=response_channel,
+                    body_streamed=not is_json and request.has_body,
                 )
-                if is_json or not request.has_body:
-                    exchange.body_writer.close()  # the body (if any) went into ``body``
-                else:
-                    request_channel.on_claim = exchange.on_request_claim
+                request_channel.on_claim = exchange.on_request_claim
                 response_channel.on_claim = exchange.on_response_claim
                 try:
                     await exchange.call(payload, traceparent, baggage)
@@ -438,8 +441,9 @@ class _Exchange:
     function_id: str
     scope: trio.CancelScope  # the request's deadline
     nursery: trio.Nursery
-    body_writer: trio.MemorySendChannel[str | bytes]
-    frames: trio.MemoryReceiveChannel[str | bytes]
+    request_channel: Channel  # the engine writes the body (if streamed)
+    response_channel: Channel  # the engine reads a streamed answer
+    body_streamed: bool  # False: the body went into the payload, or there is none
     status: int = 200
     headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     answered: bool = False  # the response belongs to whoever set this
@@ -490,13 +494,13 @@ class _Exchange:
     def on_response_claim(self, side: str) -> None:
         if side == "write":
             self.tasks += 1
-            self.nursery.start_soon(self._stream)
+            self.nursery.start_soon(self._stream, self.response_channel.receive_side)
 
-    async def _stream(self) -> None:
+    async def _stream(self, frames: trio.MemoryReceiveChannel[str | bytes]) -> None:
         dispatcher = self.dispatcher
         responder = self.responder
         try:
-            async for frame in self.frames:
+            async for frame in frames:
                 if isinstance(frame, str):
                     self.status, self.headers = dispatcher._control(
                         self.function_id, frame, self.status, self.headers, responder.started
@@ -531,11 +535,16 @@ class _Exchange:
     # -- the request body -----------------------------------------------------------
 
     def on_request_claim(self, side: str) -> None:
-        if side == "read":
+        if side != "read":
+            return
+        body_writer = self.request_channel.send_side
+        if self.body_streamed:
             self.tasks += 1
-            self.nursery.start_soon(self._feed_body)
+            self.nursery.start_soon(self._feed_body, body_writer)
+        else:
+            body_writer.close()  # the reader gets the end of stream at once
 
-    async def _feed_body(self) -> None:
+    async def _feed_body(self, body_writer: trio.MemorySendChannel[str | bytes]) -> None:
         """Stream the request body into the channel while the function runs."""
         limit = self.dispatcher.max_body_size
         total = 0
@@ -549,8 +558,8 @@ class _Exchange:
                         )
                     self.stop()  # a started answer is cut off: the connection closes
                     return
-                await self.body_writer.send(chunk)
-            self.body_writer.close()
+                await body_writer.send(chunk)
+            body_writer.close()
         except ClientGoneError as exc:
             self.client_gone = exc
             self.stop()
