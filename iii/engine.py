@@ -5,6 +5,8 @@ Supervision tree (copied into README.rst)::
     trio.run
     └── serve_engine                      engine nursery
         ├── signal watcher                SIGTERM/SIGINT -> graceful shutdown
+        ├── invocation expiry             answers ``timeout`` for routed calls past
+        │                                 their deadline (one heap, not a scope per call)
         └── module nursery                one task per module (``await start(module.run)``,
             │                             in config order); each module owns its adapter
             │                             and its own nursery; modules exit last
@@ -16,7 +18,7 @@ Supervision tree (copied into README.rst)::
                 │   ├── writer            drains a bounded send queue (backpressure)
                 │   ├── heartbeat         WS ping; no pong in time -> connection dropped
                 │   └── invocation tasks  one per request/response call the worker made,
-                │                         each under its own deadline (cancel scope)
+                │                         each under its own deadline
                 ├── channel / otel sockets
                 └── detached calls        fire-and-forget calls: owned by the engine, not
                                           by the caller, so a caller that leaves right after
@@ -64,7 +66,7 @@ from iii.errors import (
     InvocationTimeoutError,
     TriggerRegistrationError,
 )
-from iii.invocations import DuplicateInvocationError, Invocation, PendingTable
+from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
     ErrorBody,
@@ -95,6 +97,8 @@ __all__ = ["Engine", "serve_engine", "WorkerEvent"]
 log = logging.getLogger(__name__)
 
 WorkerEvent = Callable[[str, str], None]  # (event, worker_id)
+# How late a routed call may time out at most (see Engine.expire_invocations).
+EXPIRY_RESOLUTION = 0.05
 
 
 @attrs.define(eq=False)
@@ -128,6 +132,8 @@ class Engine:
         default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
     )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+    # The expiry task's sleep (see expire_invocations); None while it works.
+    _expiry_scope: trio.CancelScope | None = None
 
     # -- engine functions and trigger types (module API) -------------------
 
@@ -361,11 +367,13 @@ class Engine:
         target = self.connections.get(replica.owner)
         if target is None:  # registry and connections disagree only during teardown
             raise FunctionNotFoundError(function_id)
+        deadline = trio.current_time() + timeout
         invocation = Invocation(
             invocation_id=invocation_id,
             function_id=function_id,
             target_worker_id=replica.owner,
             caller_worker_id=caller_worker_id,
+            deadline=deadline,
         )
         try:
             self.pending.add(invocation)
@@ -373,6 +381,9 @@ class Engine:
             raise IIIError(
                 f"invocation id {invocation_id} is already in use", code="invocation_error"
             ) from None
+        expiry = self._expiry_scope
+        if expiry is not None and deadline < expiry.deadline:
+            expiry.deadline = deadline  # the expiry task wakes for this one
         try:
             frame = encode_message(
                 InvokeFunction(
@@ -384,16 +395,15 @@ class Engine:
                     metadata=metadata,
                 )
             )
-            with trio.move_on_after(timeout) as scope:
-                await target.send(frame)
-                await invocation.done.wait()
-            if scope.cancelled_caught:
-                raise InvocationTimeoutError(
-                    f"Invocation of {function_id} timed out after {timeout:g}s"
-                )
+            # Both waits are bounded: the send by the worker's slow-consumer
+            # timeout, the answer by the deadline (expire_invocations).
+            await target.send(frame)
+            await invocation.done.wait()
         finally:
             self.pending.discard(invocation)
         error = invocation.error
+        if error is TIMED_OUT:
+            raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
         if error is not None:
             raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
         return invocation.result
@@ -431,6 +441,26 @@ class Engine:
                 timeout=timeout,
                 _span=span,
             )
+
+    async def expire_invocations(self) -> None:
+        """Resolve routed calls whose deadline has passed with ``timeout``.
+
+        Runs in the engine nursery while serving.  It sleeps until the
+        earliest deadline in the pending table (``invoke`` moves the wake-up
+        earlier when it files an earlier one) and, so that a stream of calls
+        does not wake it once per call, at most once per
+        ``EXPIRY_RESOLUTION`` seconds: a call times out up to that much late.
+        """
+        while True:
+            with trio.CancelScope(deadline=self.pending.next_deadline) as scope:
+                self._expiry_scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._expiry_scope = None
+            for invocation in self.pending.expire(trio.current_time()):
+                log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
+            await trio.sleep(EXPIRY_RESOLUTION)
 
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
@@ -490,6 +520,7 @@ async def serve_engine(
     if engine is None:
         engine = Engine(config)
     async with trio.open_nursery() as engine_nursery:
+        engine_nursery.start_soon(engine.expire_invocations)
         if handle_signals:
             engine_nursery.start_soon(engine._watch_signals)
         async with trio.open_nursery() as module_nursery:

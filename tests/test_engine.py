@@ -488,3 +488,29 @@ async def test_removing_a_channel_ends_its_sockets():
 
             with trio.fail_after(5), pytest.raises(ConnectionClosed):
                 await socket_side.ws.get_message()
+
+
+async def test_a_short_deadline_filed_after_a_long_one_still_times_out_on_time():
+    """The expiry task sleeps until the earliest deadline; a later, shorter
+    call must move that wake-up earlier."""
+    async with open_test_engine() as engine:
+        async with connect_test_worker(engine) as owner:
+            await register(owner, "demo::never")
+            await settle(engine, lambda: "demo::never" in engine.registry.functions)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_expect_timeout, engine, 60.0)  # long: still pending at the end
+                await trio.sleep(0.05)
+                started = trio.current_time()
+                await _expect_timeout(engine, 0.2)
+                waited = trio.current_time() - started
+                assert 0.2 <= waited < 2.0, waited
+                assert len(engine.pending) == 1
+                nursery.cancel_scope.cancel()
+            assert len(engine.pending) == 0
+
+
+async def _expect_timeout(engine, timeout):
+    from iii.errors import InvocationTimeoutError
+
+    with pytest.raises(InvocationTimeoutError):
+        await engine.invoke("demo::never", {}, timeout=timeout)
