@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import trio
 
-__all__ = ["Channel", "ChannelTable", "ChannelClaimedError", "Frame"]
+__all__ = ["Channel", "ChannelTable", "ChannelClaimedError", "Frame", "random_uuid"]
 
 Frame = str | bytes
 
@@ -43,11 +43,11 @@ class ChannelClaimedError(Exception):
 _entropy = bytearray()
 
 
-def _random_uuid() -> str:
+def random_uuid() -> str:
     """A random (version 4) UUID from the OS's CSPRNG, drawn in bulk.
 
-    The REST module creates two channels per HTTP request; one ``os.urandom``
-    system call per 256 ids instead of two per channel.  The bytes are as
+    The REST module creates two channels and an invocation id per HTTP
+    request; one ``os.urandom`` system call per 256 ids instead of one each.  The bytes are as
     unpredictable as ``secrets.token_bytes`` (same source), which access keys need.
     """
     if len(_entropy) < 16:
@@ -156,8 +156,8 @@ class ChannelTable:
 
     def create(self, buffer_size: Any = None, *, owner: str | None = None) -> Channel:
         channel = Channel(
-            channel_id=_random_uuid(),
-            access_key=_random_uuid(),
+            channel_id=random_uuid(),
+            access_key=random_uuid(),
             buffer_size=_clamp_buffer(buffer_size),
             created_at=trio.current_time(),
             owner=owner,

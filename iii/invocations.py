@@ -139,6 +139,12 @@ class PendingTable:
         invocation.resolve(result=result, error=error)
         return invocation
 
+    def abandon(self, invocation_id: str) -> None:
+        """The caller stops waiting (its request is over): the call ends ``invocation_stopped``."""
+        invocation = self.by_id.get(invocation_id)
+        if invocation is not None:
+            invocation.resolve(error=STOPPED)
+
     def stop_target(self, worker_id: str) -> list[Invocation]:
         """The target worker is gone: every call routed to it ends ``invocation_stopped``."""
         stopped = []

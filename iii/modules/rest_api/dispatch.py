@@ -28,9 +28,10 @@ method, 413 body too large, 422 condition not met, 500 function error, 504
 timeout.  Details of a 500 are logged with its ``error_id``, not sent.
 
 Lifetime: the call runs in the request's own task; the body feeder and the
-response reader start in a nursery of that request only when the function
-opens those channels (a function that just returns costs no task), and end
-with the request; its two channels are removed when the request ends.
+response reader are side tasks of that request (:mod:`.side_tasks`), started
+only when the function opens those channels (a function that just returns
+costs no task and no nursery), and joined before the request ends; its two
+channels are removed when the request ends.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ import h11
 import orjson
 import trio
 
-from iii.channels import Channel
+from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
+from iii.modules.rest_api.side_tasks import SideTasks
 from iii.modules.rest_api.server import (
     BodyTooLargeError,
     ClientGoneError,
@@ -293,24 +295,25 @@ class RestDispatcher:
         try:
             payload["request_body"] = request_channel.ref("read")
             payload["response"] = response_channel.ref("write")
-            async with trio.open_nursery() as request_nursery:
-                exchange = _Exchange(
-                    dispatcher=self,
-                    request=request,
-                    responder=responder,
-                    function_id=route.function_id,
-                    scope=scope,
-                    nursery=request_nursery,
-                    request_channel=request_channel,
-                    response_channel=response_channel,
-                    body_streamed=not is_json and request.has_body,
-                )
-                request_channel.on_claim = exchange.on_request_claim
-                response_channel.on_claim = exchange.on_response_claim
-                try:
-                    await exchange.call(payload, traceparent, baggage)
-                finally:
-                    request_channel.on_claim = response_channel.on_claim = None
+            exchange = _Exchange(
+                dispatcher=self,
+                request=request,
+                responder=responder,
+                function_id=route.function_id,
+                invocation_id=random_uuid(),
+                scope=scope,
+                side=SideTasks(request.task_nursery, scope.deadline),
+                request_channel=request_channel,
+                response_channel=response_channel,
+                body_streamed=not is_json and request.has_body,
+            )
+            request_channel.on_claim = exchange.on_request_claim
+            response_channel.on_claim = exchange.on_response_claim
+            try:
+                await exchange.call(payload, traceparent, baggage)
+            finally:
+                request_channel.on_claim = response_channel.on_claim = None
+                await exchange.side.join()
             if exchange.client_gone is not None:
                 raise exchange.client_gone
         finally:
@@ -429,25 +432,27 @@ class _Exchange:
     The request's task awaits the call itself.  Work on the channels starts
     only when the function's side claims them (``Channel.on_claim``): the
     body feeder when it opens ``request_body``, the response reader when it
-    opens ``response``.  A function that just returns a value costs no extra
-    task.  Whoever answers first owns the response: the call's result (a
-    value), the streamed answer (its first body frame or its close), or a
-    failure (413, client gone); the others then stand down.
+    opens ``response``, each a side task (:mod:`.side_tasks`).  A function
+    that just returns a value costs no extra task and no nursery.  Whoever
+    answers first owns the response: the call's result (a value), the
+    streamed answer (its first body frame or its close), or a failure (413,
+    client gone); the others then stand down (:meth:`stop`).
     """
 
     dispatcher: RestDispatcher
     request: HttpRequest
     responder: Responder
     function_id: str
+    invocation_id: str
     scope: trio.CancelScope  # the request's deadline
-    nursery: trio.Nursery
+    side: SideTasks
     request_channel: Channel  # the engine writes the body (if streamed)
     response_channel: Channel  # the engine reads a streamed answer
     body_streamed: bool  # False: the body went into the payload, or there is none
     status: int = 200
     headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     answered: bool = False  # the response belongs to whoever set this
-    tasks: int = 0  # started on claims; none for a function that just returns
+    stopped: bool = False
     stream_done: trio.Event = attrs.field(factory=trio.Event)
     client_gone: ClientGoneError | None = None
 
@@ -459,8 +464,16 @@ class _Exchange:
         return True
 
     def stop(self) -> None:
-        if self.tasks:
-            self.nursery.cancel_scope.cancel()
+        """The request is over (answered, failed, or its client left).
+
+        The side tasks are cancelled, and a call still waiting for the
+        function stops waiting (the function itself runs on: the engine
+        cannot take back an invocation it sent).
+        """
+        self.stopped = True
+        self.side.cancel()
+        self.stream_done.set()
+        self.dispatcher.engine.pending.abandon(self.invocation_id)
 
     # -- the call (the request's own task) ----------------------------------------
 
@@ -470,14 +483,20 @@ class _Exchange:
         dispatcher = self.dispatcher
         try:
             result = await dispatcher.engine.invoke(
-                self.function_id, payload, timeout=dispatcher.timeout, traceparent=traceparent, baggage=baggage
+                self.function_id,
+                payload,
+                invocation_id=self.invocation_id,
+                timeout=dispatcher.timeout,
+                traceparent=traceparent,
+                baggage=baggage,
             )
         except IIIError as exc:
             if self.take_answer():
                 await dispatcher._error_response(self.responder, exc, self.function_id)
                 self.stop()
                 return
-            log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
+            if not self.stopped:
+                log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
         else:
             if result is not None:
                 if self.take_answer():
@@ -492,9 +511,8 @@ class _Exchange:
     # -- the response channel -----------------------------------------------------
 
     def on_response_claim(self, side: str) -> None:
-        if side == "write":
-            self.tasks += 1
-            self.nursery.start_soon(self._stream, self.response_channel.receive_side)
+        if side == "write" and not self.stopped:
+            self.side.start_soon(self._stream, self.response_channel.receive_side)
 
     async def _stream(self, frames: trio.MemoryReceiveChannel[str | bytes]) -> None:
         dispatcher = self.dispatcher
@@ -512,6 +530,7 @@ class _Exchange:
                     await responder.start(self.status, self.headers)
                 await responder.send(frame)
                 self.scope.deadline = trio.current_time() + dispatcher.timeout
+                self.side.extend(self.scope.deadline)
             if not responder.started and not self.take_answer():
                 return
             if not responder.started:
@@ -538,9 +557,8 @@ class _Exchange:
         if side != "read":
             return
         body_writer = self.request_channel.send_side
-        if self.body_streamed:
-            self.tasks += 1
-            self.nursery.start_soon(self._feed_body, body_writer)
+        if self.body_streamed and not self.stopped:
+            self.side.start_soon(self._feed_body, body_writer)
         else:
             body_writer.close()  # the reader gets the end of stream at once
 

@@ -158,6 +158,9 @@ class HttpRequest:
     headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
     http_version: str
     _conn: _Connection
+    # Where the application may start tasks beside the request (the
+    # connection nursery); it must join them before it returns.
+    task_nursery: trio.Nursery
     body_complete: bool = False
     _pending: bytes = b""
 
@@ -321,6 +324,7 @@ class HttpServer:
     active_requests: int = 0
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _idle: set[trio.CancelScope] = attrs.field(factory=set)
+    _task_nursery: trio.Nursery | None = None  # set while serving
 
     async def serve(
         self,
@@ -337,6 +341,7 @@ class HttpServer:
         if ssl_context is not None:
             listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in tcp_listeners]
         async with trio.open_nursery() as connection_nursery:
+            self._task_nursery = connection_nursery
             with self._accept_scope:
                 task_status.started(self.port)
                 await trio.serve_listeners(
@@ -410,6 +415,7 @@ class HttpServer:
             conn.h11.start_next_cycle()
 
     def _make_request(self, conn: _Connection, event: h11.Request) -> HttpRequest:
+        assert self._task_nursery is not None  # connections are served inside serve()
         target = event.target.decode("utf-8", "replace")
         path, query = _split_target(target)
         return HttpRequest(
@@ -420,6 +426,7 @@ class HttpServer:
             headers=list(event.headers),
             http_version=event.http_version.decode("ascii", "replace"),
             conn=conn,
+            task_nursery=self._task_nursery,
         )
 
     async def _run_app(self, request: HttpRequest, responder: Responder) -> None:

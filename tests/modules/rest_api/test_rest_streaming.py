@@ -192,3 +192,25 @@ async def test_client_leaving_mid_stream_ends_the_request():
         stop_streaming.set()
         async with httpx.AsyncClient(base_url=base) as client:
             assert (await client.get("/ping")).json() == "pong"
+
+
+async def test_a_stream_that_never_starts_is_504_and_its_side_task_ends():
+    """The function opens the response channel and then goes quiet: the
+    request's deadline answers 504 and ends the response reader with it."""
+    release = trio.Event()
+
+    async def silent(data):
+        async with open_channel_side(engine, data["response"], "write"):
+            await release.wait()
+        return None
+
+    async with open_rest_engine(default_timeout=500) as (engine, base), open_worker(
+        engine, {"t::silent": silent}
+    ) as worker:
+        await add_route(engine, worker, "t::silent", "/silent")
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.get("/silent")
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "TIMEOUT"
+        await wait_until(lambda: len(engine.channels) == 0 and engine.inflight == 0)
+        release.set()

@@ -1,0 +1,95 @@
+"""The side tasks of one HTTP request, in a nursery opened only when needed.
+
+A routed request may need tasks beside its own: the body feeder and the
+response reader (:mod:`iii.modules.rest_api.dispatch`), started only when
+the function opens a channel, which most functions never do.  Opening a
+nursery in every request just in case costs a cancel scope and, when it
+closes empty, a scheduler pass: about 25 us of the engine's 360 us per
+routed request (``bench/bench_rest.py`` at 32 connections).
+
+So a request's side tasks run in a nursery that a host task opens on first
+use, in the HTTP server's connection nursery, under the request's deadline.
+The request joins it (:meth:`SideTasks.join`) before it returns: no side task
+outlives its request, a request that is cancelled takes its side tasks down
+first, and an exception in one is re-raised in the request's task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+__all__ = ["SideTasks"]
+
+
+@attrs.define(eq=False)
+class SideTasks:
+    parent: trio.Nursery  # where the host task runs (the server's connection nursery)
+    deadline: float
+    _nursery: trio.Nursery | None = None
+    _queued: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = attrs.field(factory=list)
+    _hosted: bool = False
+    _cancelled: bool = False
+    _closing: trio.Event = attrs.field(factory=trio.Event)
+    _done: trio.Event = attrs.field(factory=trio.Event)
+    _failure: BaseException | None = None
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("the request's side tasks are closed")
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+            return
+        self._queued.append((fn, args))
+        if not self._hosted:
+            self._hosted = True
+            self.parent.start_soon(self._host)
+
+    def extend(self, deadline: float) -> None:
+        """Move the deadline (the response streams: each gap gets the full timeout)."""
+        self.deadline = deadline
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = deadline
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def join(self) -> None:
+        """No more tasks: wait for the running ones; re-raise a failure of one.
+
+        If the request is cancelled while it waits, its side tasks are
+        cancelled and waited for (shielded) before the cancellation goes on.
+        """
+        self._closing.set()
+        if self._hosted and not self._done.is_set():
+            try:
+                await self._done.wait()
+            finally:
+                if not self._done.is_set():
+                    self.cancel()
+                    with trio.CancelScope(shield=True):
+                        await self._done.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _host(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = self.deadline
+                if self._cancelled:
+                    nursery.cancel_scope.cancel()
+                self._nursery = nursery
+                for fn, args in self._queued:
+                    nursery.start_soon(fn, *args)
+                self._queued.clear()
+                await self._closing.wait()  # more may come until the request ends
+        except Exception as exc:
+            self._failure = exc  # re-raised in the request (join)
+        finally:
+            self._nursery = None
+            self._done.set()
