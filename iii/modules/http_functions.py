@@ -320,6 +320,10 @@ class Module:
         self.engine = engine
         self.config = config
         self.clients: OrderedDict[tuple[str, str], httpx.AsyncClient] = OrderedDict()
+        # Calls using each client right now: a client dropped from
+        # ``clients`` (least recently used) is closed only once it is idle.
+        self._in_use: dict[httpx.AsyncClient, int] = {}
+        self._dropped: set[httpx.AsyncClient] = set()  # out of the pool, still in use
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -334,9 +338,10 @@ class Module:
             engine.external_function_factory = None
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                for client in self.clients.values():
+                for client in {*self.clients.values(), *self._in_use}:
                     await client.aclose()
             self.clients.clear()
+            self._in_use.clear()
 
     # -- registration (synchronous: called while a registerfunction is handled) --
 
@@ -382,22 +387,41 @@ class Module:
                     raise _refused(f"{url.host} resolves to {address}, a {reason} (block_private_ips)")
         return [str(address) for address in addresses]
 
-    def _client(self, url: CheckedUrl) -> httpx.AsyncClient:
+    def _acquire_client(self, url: CheckedUrl) -> httpx.AsyncClient:
+        """The client for the URL's (scheme, host), held until :meth:`_release_client`."""
         key = (url.scheme, url.host)
         client = self.clients.get(key)
         if client is not None:
             self.clients.move_to_end(key)
-            return client
-        client = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,  # no proxy from the environment: the checked address is the one called
-            limits=httpx.Limits(max_keepalive_connections=MAX_KEEPALIVE),
-        )
-        self.clients[key] = client
-        if len(self.clients) > MAX_CLIENTS and self._nursery is not None:
-            _, oldest = self.clients.popitem(last=False)
-            self._nursery.start_soon(oldest.aclose)
+        else:
+            client = httpx.AsyncClient(
+                follow_redirects=False,
+                trust_env=False,  # no proxy from the environment: the checked address is the one called
+                limits=httpx.Limits(max_keepalive_connections=MAX_KEEPALIVE),
+            )
+            self.clients[key] = client
+            if len(self.clients) > MAX_CLIENTS:
+                _, oldest = self.clients.popitem(last=False)
+                if oldest in self._in_use:
+                    self._dropped.add(oldest)  # closed by the last call using it
+                else:
+                    self._close_client(oldest)
+        self._in_use[client] = self._in_use.get(client, 0) + 1
         return client
+
+    def _release_client(self, client: httpx.AsyncClient) -> None:
+        left = self._in_use[client] - 1
+        if left:
+            self._in_use[client] = left
+            return
+        del self._in_use[client]
+        if client in self._dropped:
+            self._dropped.discard(client)
+            self._close_client(client)
+
+    def _close_client(self, client: httpx.AsyncClient) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(client.aclose)
 
     async def call(self, function_id: str, invocation: HttpInvocation, data: Any, ctx: CallContext) -> Any:
         try:
@@ -423,28 +447,32 @@ class Module:
             headers.append(("x-iii-Signature", sign_body(body, invocation.hmac_secret, timestamp)))
         # TLS verifies the certificate for the host name, not the address.
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-        with trio.move_on_after(invocation.timeout + 1) as scope:
-            # The checked addresses in order; the next one only when the
-            # connection to one could not be made (nothing was sent yet).
-            for index, address in enumerate(addresses):
-                pinned = f"[{address}]" if ":" in address else address
-                request = self._client(url).build_request(
-                    invocation.method,
-                    f"{url.scheme}://{pinned}:{url.port}{url.target}",
-                    content=body,
-                    headers=headers,
-                    timeout=invocation.timeout,
-                    extensions=extensions,
-                )
-                try:
-                    status, content = await self._send(url, request)
-                    break
-                except httpx.ConnectError as exc:
-                    if index == len(addresses) - 1:
-                        raise IIIError(
-                            f"{invocation.method} {url.url} failed: cannot connect: {exc}",
-                            code="http_request_failed",
-                        ) from None
+        client = self._acquire_client(url)
+        try:
+            with trio.move_on_after(invocation.timeout + 1) as scope:
+                # The checked addresses in order; the next one only when the
+                # connection to one could not be made (nothing was sent yet).
+                for index, address in enumerate(addresses):
+                    pinned = f"[{address}]" if ":" in address else address
+                    request = client.build_request(
+                        invocation.method,
+                        f"{url.scheme}://{pinned}:{url.port}{url.target}",
+                        content=body,
+                        headers=headers,
+                        timeout=invocation.timeout,
+                        extensions=extensions,
+                    )
+                    try:
+                        status, content = await self._send(url, client, request)
+                        break
+                    except httpx.ConnectError as exc:
+                        if index == len(addresses) - 1:
+                            raise IIIError(
+                                f"{invocation.method} {url.url} failed: cannot connect: {exc}",
+                                code="http_request_failed",
+                            ) from None
+        finally:
+            self._release_client(client)
         if scope.cancelled_caught:
             raise IIIError(
                 f"{invocation.method} {url.url} timed out after {invocation.timeout:g}s",
@@ -452,11 +480,13 @@ class Module:
             )
         return self._result(url, status, content)
 
-    async def _send(self, url: CheckedUrl, request: httpx.Request) -> tuple[int, bytes]:
+    async def _send(
+        self, url: CheckedUrl, client: httpx.AsyncClient, request: httpx.Request
+    ) -> tuple[int, bytes]:
         """One request; httpx.ConnectError passes through, other failures are IIIErrors."""
         limit = self.config.max_response_size
         try:
-            response = await self._client(url).send(request, stream=True)
+            response = await client.send(request, stream=True)
             try:
                 parts = []
                 size = 0

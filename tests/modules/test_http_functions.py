@@ -27,6 +27,7 @@ class RemoteFunction:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.gate = trio.Event()
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         body = await request.read_all(1 << 20)
@@ -46,6 +47,9 @@ class RemoteFunction:
         elif request.path == "/slow":
             await trio.sleep(10)
             await responder.respond(200, json, b"{}")
+        elif request.path == "/gate":
+            await self.gate.wait()
+            await responder.respond(200, json, b'{"through": true}')
         else:
             await responder.respond(404, [], b"nope")
 
@@ -60,8 +64,10 @@ async def remote_server():
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, "127.0.0.1", 0)
         app.port = server.port
-        yield app
-        nursery.cancel_scope.cancel()
+        try:
+            yield app
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def http_functions(**config):
@@ -353,3 +359,30 @@ async def test_sdk_registers_and_calls_an_http_function(version, monkeypatch):
         assert seen["headers"]["x-from"] == "sdk"
         assert seen["headers"]["authorization"] == f"Bearer sdk-token-{version}"
         assert seen["headers"]["x-iii-function-path"] == "sdk::remote"
+
+
+async def test_a_client_dropped_from_the_pool_finishes_its_calls_first(monkeypatch):
+    """With more hosts than pooled clients, the least recently used client
+    leaves the pool; a call still running on it must not lose its connection."""
+    monkeypatch.setattr("iii.modules.http_functions.MAX_CLIENTS", 1)
+    async with remote_server() as remote, engine_with() as (engine, owner, caller):
+        await register(engine, owner, "ext::gate", {"url": f"http://localhost:{remote.port}/gate"})
+        await register(engine, owner, "ext::other", {"url": f"http://127.0.0.1:{remote.port}/ok"})
+        module = engine.modules["http_functions"]
+        async with connect_test_worker(engine) as gate_caller, trio.open_nursery() as nursery:
+            answers = {}
+
+            async def call_gate():
+                answers["gate"] = await gate_caller.call("ext::gate", {}, timeout=10)
+
+            nursery.start_soon(call_gate)
+            with trio.fail_after(5):
+                while not any(r["path"] == "/gate" for r in remote.requests):
+                    await trio.sleep(0.01)
+            # A call to another host takes the only pool slot from the gated call's client.
+            assert (await caller.call("ext::other", {"n": 1}))["result"]["echo"] == {"n": 1, "_caller_worker_id": caller.worker_id}
+            assert len(module.clients) == 1
+            remote.gate.set()
+        assert answers["gate"].get("result") == {"through": True}, answers["gate"]
+        assert not module._in_use and not module._dropped
+
