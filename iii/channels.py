@@ -60,6 +60,15 @@ def random_uuid() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def random_key() -> str:
+    """32 random hex digits (128 bits) from the same pool as :func:`random_uuid`."""
+    if len(_entropy) < 16:
+        _entropy.extend(os.urandom(4096))
+    key = _entropy[:16].hex()
+    del _entropy[:16]
+    return key
+
+
 def _clamp_buffer(buffer_size: Any) -> int:
     if not isinstance(buffer_size, int) or isinstance(buffer_size, bool):
         return DEFAULT_BUFFER
@@ -157,7 +166,7 @@ class ChannelTable:
     def create(self, buffer_size: Any = None, *, owner: str | None = None) -> Channel:
         channel = Channel(
             channel_id=random_uuid(),
-            access_key=random_uuid(),
+            access_key=random_key(),
             buffer_size=_clamp_buffer(buffer_size),
             created_at=trio.current_time(),
             owner=owner,

@@ -119,6 +119,9 @@ class Route:
     key: Any = None  # what the module files it under (its LogicalTrigger)
 
 
+MATCH_CACHE_SIZE = 4096
+
+
 @attrs.frozen
 class RouteMatch:
     route: Route
@@ -151,6 +154,9 @@ class RouteTable:
     by_length: dict[int, list[Route]] = attrs.field(factory=dict)
     # every route of a key (a trigger)
     by_key: dict[Any, Route] = attrs.field(factory=dict)
+    # request path -> its matches, until the routes change (at most
+    # MATCH_CACHE_SIZE paths: a path with parameters is one entry per value)
+    _matches: dict[str, dict[str, RouteMatch]] = attrs.field(factory=dict)
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -166,11 +172,13 @@ class RouteTable:
         self.by_shape.setdefault(shape_key, []).append(route)
         self.by_length.setdefault(len(route.pattern.shape), []).append(route)
         self.by_key[route.key] = route
+        self._matches.clear()
 
     def remove(self, key: Any) -> Route | None:
         route = self.by_key.pop(key, None)
         if route is None:
             return None
+        self._matches.clear()
         shape_key = (route.method, route.pattern.shape)
         same_shape = self.by_shape[shape_key]
         same_shape.remove(route)
@@ -183,7 +191,20 @@ class RouteTable:
         return route
 
     def match(self, path: str) -> dict[str, RouteMatch]:
-        """The best match per method for a request path (raw, percent-encoded)."""
+        """The best match per method for a request path (raw, percent-encoded).
+
+        The answer is shared by every request for that path until the routes
+        change: callers must not modify it (or its ``path_params``).
+        """
+        found = self._matches.get(path)
+        if found is None:
+            found = self._match_all(path)
+            if len(self._matches) >= MATCH_CACHE_SIZE:
+                self._matches.clear()
+            self._matches[path] = found
+        return found
+
+    def _match_all(self, path: str) -> dict[str, RouteMatch]:
         segments = split_path(path)
         best: dict[str, tuple[tuple[int, ...], RouteMatch]] = {}
         for route in self.by_length.get(len(segments), ()):

@@ -31,22 +31,24 @@ class SideTasks:
     deadline: float
     _nursery: trio.Nursery | None = None
     _queued: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = attrs.field(factory=list)
-    _hosted: bool = False
     _cancelled: bool = False
-    _closing: trio.Event = attrs.field(factory=trio.Event)
-    _done: trio.Event = attrs.field(factory=trio.Event)
+    _closed: bool = False
+    # Made with the host task: a request whose function opens no channel
+    # costs only this object.
+    _closing: trio.Event | None = None
+    _done: trio.Event | None = None
     _failure: BaseException | None = None
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        if self._closing.is_set():
+        if self._closed:
             raise RuntimeError("the request's side tasks are closed")
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)
             return
         self._queued.append((fn, args))
-        if not self._hosted:
-            self._hosted = True
-            self.parent.start_soon(self._host)
+        if self._done is None:
+            self._closing, self._done = trio.Event(), trio.Event()
+            self.parent.start_soon(self._host, self._closing, self._done)
 
     def extend(self, deadline: float) -> None:
         """Move the deadline (the response streams: each gap gets the full timeout)."""
@@ -65,19 +67,24 @@ class SideTasks:
         If the request is cancelled while it waits, its side tasks are
         cancelled and waited for (shielded) before the cancellation goes on.
         """
+        self._closed = True
+        done = self._done
+        if done is None:
+            return  # no side task was ever started
+        assert self._closing is not None
         self._closing.set()
-        if self._hosted and not self._done.is_set():
+        if not done.is_set():
             try:
-                await self._done.wait()
+                await done.wait()
             finally:
-                if not self._done.is_set():
+                if not done.is_set():
                     self.cancel()
                     with trio.CancelScope(shield=True):
-                        await self._done.wait()
+                        await done.wait()
         if self._failure is not None:
             raise self._failure
 
-    async def _host(self) -> None:
+    async def _host(self, closing: trio.Event, done: trio.Event) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = self.deadline
@@ -87,9 +94,9 @@ class SideTasks:
                 for fn, args in self._queued:
                     nursery.start_soon(fn, *args)
                 self._queued.clear()
-                await self._closing.wait()  # more may come until the request ends
+                await closing.wait()  # more may come until the request ends
         except Exception as exc:
             self._failure = exc  # re-raised in the request (join)
         finally:
             self._nursery = None
-            self._done.set()
+            done.set()
