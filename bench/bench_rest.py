@@ -11,15 +11,17 @@ HTTP server (the REST port) is measured two ways:
   WebSocket -> engine -> HTTP.
 
 Each at 1 and 32 concurrent keep-alive connections, for ``--seconds`` each;
-baseline and routed alternate so both see the same machine load.  Reported:
-requests/s, p50 and p99 latency, routed/baseline, and the CPU time the engine
-and the worker process spent per request (from /proc: a figure that other
-load on a shared machine disturbs less than throughput).
+baseline and routed alternate so both see the same machine load, for
+``--rounds`` rounds.  Reported, as the median over the rounds: requests/s,
+p50 and p99 latency, routed/baseline (the median of each round's ratio), and
+the CPU time the engine and the worker process spent per request (from
+/proc: a figure that other load on a shared machine disturbs less than
+throughput).  One round alone varies by about +-0.03 in the ratio here.
 
 Load: ``wrk`` (``apt-get install wrk``) when installed, else a trio/h11 load
 generator of our own (``--load builtin``), in a separate process either way.
 
-Run: ``python bench/bench_rest.py [--seconds 5] [--sdk 0.4.1 --sdk 0.25.0]``.
+Run: ``python bench/bench_rest.py [--seconds 5] [--rounds 3] [--sdk 0.4.1 --sdk 0.25.0]``.
 """
 
 from __future__ import annotations
@@ -248,6 +250,15 @@ def measure(load, url: str, connections: int, seconds: float, engine_pid: int, w
     return row
 
 
+def _median_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for key in ("rps", "p50_ms", "p99_ms", "engine_cpu_us", "worker_cpu_us"):
+        row[key] = statistics.median(r[key] for r in rows)
+    row["non_2xx"] = sum(r["non_2xx"] for r in rows)
+    row["socket_errors"] = "; ".join(str(r["socket_errors"]) for r in rows if r["socket_errors"])  # type: ignore[assignment]
+    return row
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -272,11 +283,12 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sdk", action="append", choices=list(WORKERS), help="default: both")
     parser.add_argument("--load", choices=["wrk", "builtin"], default="wrk" if shutil.which("wrk") else "builtin")
     args = parser.parse_args()
     load = run_wrk if args.load == "wrk" else run_builtin
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    rounds: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         engine, ws_port, rest_port = start_engine(workdir)
@@ -288,19 +300,34 @@ def main() -> None:
                     wait_until_ok(base + "/bench/hello")
                     load(base + "/bench/hello", 4, 1)  # warm up both paths
                     load(base + "/health", 4, 1)
-                    for connections in (1, 32):
-                        results[f"baseline c{connections} ({version} run)"] = measure(
-                            load, base + "/health", connections, args.seconds, engine.pid, worker.pid
-                        )
-                        results[f"sdk {version} c{connections}"] = measure(
-                            load, base + "/bench/hello", connections, args.seconds, engine.pid, worker.pid
-                        )
+                    for _ in range(args.rounds):
+                        for connections in (1, 32):
+                            rounds.setdefault(f"baseline c{connections} ({version} run)", []).append(
+                                measure(load, base + "/health", connections, args.seconds, engine.pid, worker.pid)
+                            )
+                            rounds.setdefault(f"sdk {version} c{connections}", []).append(
+                                measure(load, base + "/bench/hello", connections, args.seconds, engine.pid, worker.pid)
+                            )
                 finally:
                     stop(worker)
         finally:
             stop(engine)
+    results = {name: _median_row(rows) for name, rows in rounds.items()}
+    for version in args.sdk or list(WORKERS):
+        for connections in (1, 32):
+            pairs = zip(rounds[f"sdk {version} c{connections}"], rounds[f"baseline c{connections} ({version} run)"])
+            results[f"sdk {version} c{connections}"]["ratio"] = statistics.median(
+                routed["rps"] / baseline["rps"] for routed, baseline in pairs
+            )
+            results[f"sdk {version} c{connections}"]["ratios"] = [  # type: ignore[assignment]
+                round(routed["rps"] / baseline["rps"], 3)
+                for routed, baseline in zip(
+                    rounds[f"sdk {version} c{connections}"], rounds[f"baseline c{connections} ({version} run)"]
+                )
+            ]
     print(
-        f"load generator: {args.load}, {args.seconds:g} s per measurement, {os.cpu_count()} cores, "
+        f"load generator: {args.load}, {args.seconds:g} s per measurement, medians of {args.rounds} alternating "
+        f"rounds, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}; CPU columns: microseconds of CPU per request"
     )
     print(f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'engine us':>11}{'worker us':>11}")
@@ -310,7 +337,7 @@ def main() -> None:
             routed = results[f"sdk {version} c{connections}"]
             for label, row, ratio in (
                 (f"baseline /health, {connections} conn", baseline, ""),
-                (f"SDK {version} route, {connections} conn", routed, f"{routed['rps'] / baseline['rps']:8.2f}"),
+                (f"SDK {version} route, {connections} conn", routed, f"{routed['ratio']:8.2f}"),
             ):
                 print(
                     f"{label:34}{row['rps']:10.0f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{ratio:>8}"
