@@ -16,8 +16,9 @@ file, the key and the reason:
 
 * ``${VAR}`` / ``${VAR:default}`` is expanded in string values *after* YAML
   parsing, so comments are never expanded and a value cannot inject YAML.  A
-  value that is exactly one reference takes the type of what it expands to
-  (``port: ${PORT:49134}`` is an integer).  An unset variable without a
+  value that is exactly one reference takes the type of what it expands to,
+  by YAML 1.2 core rules (``port: ${PORT:49134}`` is an integer; ``yes`` or
+  ``12:30`` stay strings, unlike PyYAML's YAML 1.1).  An unset variable without a
   default is an error naming the variable and the key.
 * An unknown module class, an unknown key (top level or in a module's config)
   and a wrongly typed value are errors.
@@ -309,13 +310,42 @@ def expand_env(value: Any, *, file: str | None = None, path: str = "", env: Any 
     expanded = _ENV_REF.sub(substitute, value)
     if _ENV_REF.fullmatch(value):
         # A value that is one reference takes the type of what it expands to.
-        try:
-            typed = yaml.safe_load(expanded) if expanded.strip() else expanded
-        except yaml.YAMLError:
-            return expanded
-        if isinstance(typed, (int, float, bool)) or typed is None:
-            return typed
+        return scalar_from_env(expanded)
     return expanded
+
+
+# YAML 1.2 core schema scalars.  Not PyYAML's YAML 1.1 rules, under which an
+# environment value of yes/no/on/off would become a boolean, 12:30 the integer
+# 750 and 010 an octal 8.
+_NULL = re.compile(r"null|Null|NULL|~")
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"[-+]?[0-9]+")
+_OCT = re.compile(r"0o[0-7]+")
+_HEX = re.compile(r"0x[0-9a-fA-F]+")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_INF = re.compile(r"[-+]?\.(inf|Inf|INF)")
+_NAN = re.compile(r"\.(nan|NaN|NAN)")
+
+
+def scalar_from_env(text: str) -> Any:
+    """An expanded ``${VAR}`` as a YAML 1.2 core scalar: null, bool, int, float, or the text."""
+    if _NULL.fullmatch(text):
+        return None
+    if text in _BOOL:
+        return _BOOL[text]
+    if _INT.fullmatch(text):
+        return int(text, 10)
+    if _OCT.fullmatch(text):
+        return int(text[2:], 8)
+    if _HEX.fullmatch(text):
+        return int(text[2:], 16)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if _INF.fullmatch(text):
+        return float("-inf") if text.startswith("-") else float("inf")
+    if _NAN.fullmatch(text):
+        return float("nan")
+    return text
 
 
 # -- loading -----------------------------------------------------------------------

@@ -52,6 +52,24 @@ def test_unset_variable_names_variable_key_and_file(tmp_path):
     assert str(path) in message and "NOPE_NOT_SET" in message and "modules[0].config.functions_debounce_ms" in message
 
 
+@pytest.mark.parametrize(
+    "raw, typed",
+    [
+        # YAML 1.2 core scalars, not PyYAML's 1.1 ones:
+        ("yes", "yes"), ("on", "on"), ("no", "no"), ("off", "off"), ("y", "y"),
+        ("12:30", "12:30"), ("1_000", "1_000"),
+        ("010", 10), ("0o17", 15), ("0x1F", 31), ("-3", -3), ("49134", 49134),
+        ("true", True), ("False", False), ("null", None), ("~", None),
+        ("1.5", 1.5), ("1e3", 1000.0), (".inf", float("inf")),
+        ("", ""), ("secret", "secret"), ("1.2.3", "1.2.3"),
+    ],
+)
+def test_a_lone_reference_takes_the_yaml_1_2_type_of_its_value(raw, typed):
+    value = expand_env({"a": "${V}", "b": "x${V}"}, env={"V": raw})
+    assert value["a"] == typed and type(value["a"]) is type(typed)
+    assert value["b"] == f"x{raw}"  # inside a longer string: always text
+
+
 def test_expansion_cannot_inject_yaml():
     value = expand_env({"a": "${EVIL}"}, env={"EVIL": "x\nmodules: []"})
     assert value == {"a": "x\nmodules: []"}
