@@ -93,10 +93,22 @@ def _as_bytes(value: Any) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
-def _is_outage(exc: BaseException) -> bool:
+# How a lost or refused Redis connection surfaces through coredis and anyio.
+_OUTAGE_ERRORS = (
+    coredis.exceptions.ConnectionError,
+    TimeoutError,
+    OSError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True if ``exc`` (or every exception in a group) means Redis cannot be reached."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_is_outage(e) for e in exc.exceptions)
-    return isinstance(exc, (coredis.exceptions.ConnectionError, TimeoutError, OSError))
+        return all(is_outage(e) for e in exc.exceptions)
+    return isinstance(exc, _OUTAGE_ERRORS)
 
 
 @attrs.define(eq=False)
@@ -118,7 +130,7 @@ class RedisConnection:
                 f"{self.name}: Redis did not answer {what} within {self.settings.timeout:g}s"
             ) from None
         except Exception as exc:
-            if _is_outage(exc):
+            if is_outage(exc):
                 raise AdapterUnavailableError(
                     f"{self.name}: Redis is unavailable ({what}): {exc}"
                 ) from None
@@ -228,7 +240,7 @@ class RedisChannels:
                     if remove:
                         await pubsub.unsubscribe(*sorted(remove))
             except Exception as exc:
-                if not (_is_outage(exc) or isinstance(exc, trio.TooSlowError)):
+                if not (is_outage(exc) or isinstance(exc, trio.TooSlowError)):
                     log.exception("%s: changing subscriptions failed", self.connection.name)
                 log.debug(
                     "%s: subscriptions not changed yet (%r); retrying", self.connection.name, exc

@@ -89,3 +89,39 @@ async def test_outage_is_reported_and_recovered():
     finally:
         stop(redis)
         gc.collect()
+
+
+async def test_cron_lock_reports_an_outage_as_adapter_unavailable():
+    """Whatever the connection's failure looks like from coredis/anyio (a
+    refused connect, a reset stream, an exception group), the cron adapter
+    answers adapter_unavailable, which the cron module logs and skips."""
+    if shutil.which("redis-server") is None:
+        if services_required():
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    from iii.adapters.cron.redis import open_adapter
+    from iii.errors import AdapterUnavailableError
+
+    port = free_port()
+    redis = start_redis(port)
+    try:
+        await wait_for_port(port)
+        async with open_adapter({"redis_url": f"redis://127.0.0.1:{port}"}) as locks:
+            assert await locks.try_lock("job:1") is True
+            assert await locks.try_lock("job:1") is False
+            stop(redis)
+            for attempt in range(3):  # the dropped connection, then reconnects that are refused
+                with pytest.raises(AdapterUnavailableError):
+                    await locks.try_lock(f"job:{attempt + 2}")
+            redis = start_redis(port)
+            await wait_for_port(port)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        assert await locks.try_lock("job:after") is True
+                        break
+                    except AdapterUnavailableError:
+                        await trio.sleep(0.1)
+        gc.collect()
+    finally:
+        stop(redis)

@@ -23,6 +23,7 @@ import trio
 from coredis.tokens import PureToken
 
 from iii.adapters.cron.memory import _ttl
+from iii.adapters.redis_support import is_outage
 from iii.errors import AdapterUnavailableError, ConfigError
 
 __all__ = ["RedisCronLocks", "open_adapter"]
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 KNOWN_KEYS = {"redis_url", "lock_ttl_ms", "key_prefix"}
 COMMAND_TIMEOUT = 5.0
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """A lost connection (in any of its shapes, see is_outage), a timeout, or an error from Redis."""
+    return is_outage(exc) or isinstance(exc, (coredis.exceptions.RedisError, trio.TooSlowError))
 
 
 @attrs.define(eq=False)
@@ -49,8 +55,10 @@ class RedisCronLocks:
                     condition=PureToken.NX,
                     px=int(self.lock_ttl * 1000),
                 )
-        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
-            raise AdapterUnavailableError(f"Redis cron lock failed: {exc}") from exc
+        except Exception as exc:
+            if _unavailable(exc):
+                raise AdapterUnavailableError(f"Redis cron lock failed: {exc!r}") from exc
+            raise
         return bool(taken)
 
 
@@ -68,6 +76,8 @@ async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisCronLocks]:
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
                 await client.ping()
-        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
-            raise AdapterUnavailableError(f"cannot reach Redis at {url}: {exc}") from exc
+        except Exception as exc:
+            if _unavailable(exc):
+                raise AdapterUnavailableError(f"cannot reach Redis at {url}: {exc!r}") from exc
+            raise
         yield RedisCronLocks(client=client, key_prefix=prefix, lock_ttl=_ttl(config))
