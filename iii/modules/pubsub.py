@@ -7,21 +7,28 @@ adapter took the message, before any subscriber runs.
 Trigger type ``subscribe``: config ``{topic}``.  **Every** trigger on a topic
 gets every message (upstream's Redis adapter honoured only the first one per
 topic, and unsubscribing one removed all).  The handler receives the
-published ``data`` exactly as published, with no envelope, each delivery in
-its own task in the module's nursery; results and errors are logged and
-dropped.  A trigger with an empty topic is refused (v0.4 ignored it with a
-warning, so the worker never learnt).
+published ``data`` exactly as published, with no envelope; results and
+errors are logged and dropped.  A trigger with an empty topic is refused
+(v0.4 ignored it with a warning, so the worker never learnt).
+
+Deliveries wait in a bounded queue (``QUEUED_DELIVERIES``) for one of
+``CONCURRENT_DELIVERIES`` delivery tasks.  Subscribers slower than the
+publishers fill it, and further deliveries are then dropped with a warning
+(at most one every 10 s, with a count), like upstream's broadcast channel
+drops messages for a lagging receiver: pubsub is at most once, and memory
+stays bounded whatever the publish rate.
 
 Config: ``adapter`` (default ``modules::pubsub::LocalAdapter``); see
 :mod:`iii.adapters.pubsub`.
 
-Lifetime: :meth:`Module.run` opens the adapter and runs deliveries in its
-nursery until cancelled.
+Lifetime: :meth:`Module.run` opens the adapter and runs the delivery tasks
+in its nursery until cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -41,6 +48,8 @@ __all__ = ["Config", "Module"]
 log = logging.getLogger(__name__)
 
 CONCURRENT_DELIVERIES = 256
+QUEUED_DELIVERIES = 10_000
+DROP_REPORT_INTERVAL = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -60,22 +69,31 @@ class Module:
         self.config = config
         self.adapter: PubSubAdapter | None = None
         self.subscribers: dict[str, dict[LogicalTrigger, str]] = {}
-        self._nursery: trio.Nursery | None = None
-        self._limiter = trio.CapacityLimiter(CONCURRENT_DELIVERIES)
+        # (function_id, data, topic) waiting for a delivery task
+        self._queue_in, self._queue_out = trio.open_memory_channel[tuple[str, Any, str]](QUEUED_DELIVERIES)
+        self._running = False
+        self.dropped = 0  # deliveries dropped because the queue was full
+        self._dropped_unreported = 0
+        self._last_drop_report = -math.inf
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_pubsub_adapter(self.config.adapter, on_message=self._deliver) as adapter:
             self.adapter = adapter
             async with trio.open_nursery() as module_nursery:
-                self._nursery = module_nursery
-                self.engine.register_function(
-                    "publish", self.publish, description="Publish a message to a topic"
-                )
-                self.engine.register_trigger_type(
-                    "subscribe", self, description="Topic subscription"
-                )
-                task_status.started()
-                await trio.sleep_forever()
+                for _ in range(CONCURRENT_DELIVERIES):
+                    module_nursery.start_soon(self._delivery_task)
+                self._running = True
+                try:
+                    self.engine.register_function(
+                        "publish", self.publish, description="Publish a message to a topic"
+                    )
+                    self.engine.register_trigger_type(
+                        "subscribe", self, description="Topic subscription"
+                    )
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._running = False
 
     # -- trigger type --------------------------------------------------------------
 
@@ -104,13 +122,31 @@ class Module:
     # -- messages ------------------------------------------------------------------
 
     def _deliver(self, topic: str, data: Any) -> None:
-        if self._nursery is None:
+        if not self._running:
             return
         for function_id in list(self.subscribers.get(topic, {}).values()):
-            self._nursery.start_soon(self._call, function_id, data, topic)
+            try:
+                self._queue_in.send_nowait((function_id, data, topic))
+            except trio.WouldBlock:
+                self._drop(function_id, topic)
 
-    async def _call(self, function_id: str, data: Any, topic: str) -> None:
-        async with self._limiter:
+    def _drop(self, function_id: str, topic: str) -> None:
+        self.dropped += 1
+        self._dropped_unreported += 1
+        now = trio.current_time()
+        if now - self._last_drop_report >= DROP_REPORT_INTERVAL:
+            log.warning(
+                "subscribe %s -> %s: %d deliveries dropped: %d are queued, subscribers are too slow",
+                topic,
+                function_id,
+                self._dropped_unreported,
+                QUEUED_DELIVERIES,
+            )
+            self._dropped_unreported = 0
+            self._last_drop_report = now
+
+    async def _delivery_task(self) -> None:
+        async for function_id, data, topic in self._queue_out:
             await self.engine.invoke_logged(function_id, data, what=f"subscribe {topic}")
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:

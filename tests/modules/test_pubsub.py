@@ -88,3 +88,32 @@ async def test_publish_errors_and_refused_trigger(pubsub_engine):
         await w.send({"type": "registertrigger", "id": "t1", "trigger_type": "subscribe", "function_id": "w::h", "config": {"topic": ""}})
         result = await w.receive_type("triggerregistrationresult")
         assert result["id"] == "t1" and result["error"]["code"] == "trigger_registration_failed"
+
+
+async def test_slow_subscribers_fill_a_bounded_queue_then_deliveries_are_dropped(monkeypatch, caplog):
+    """Publishers faster than subscribers: deliveries wait in a bounded queue
+    (not one task each), the rest are dropped and reported, the engine serves on."""
+    monkeypatch.setattr("iii.modules.pubsub.CONCURRENT_DELIVERIES", 2)
+    monkeypatch.setattr("iii.modules.pubsub.QUEUED_DELIVERIES", 5)
+    config = make_config([{"class": "modules::pubsub::PubSubModule", "config": {}}])
+    async with open_test_engine(config) as engine:
+        async with connect_test_worker(engine) as slow, connect_test_worker(engine) as caller:
+            await slow.send({"type": "registerfunction", "id": "slow::handler"})
+            await slow.send({"type": "registertrigger", "id": "t", "trigger_type": "subscribe", "function_id": "slow::handler", "config": {"topic": "flood"}})
+            with trio.fail_after(10):
+                while not engine.registry.triggers:
+                    await trio.sleep(0.01)
+            for n in range(20):
+                reply = await caller.call("publish", {"topic": "flood", "data": n})
+                assert "error" not in reply
+            module = engine.modules["pubsub"]
+            # 2 deliveries wait on the (silent) subscriber, 5 are queued, 13 dropped.
+            with trio.fail_after(10):
+                while module.dropped < 13:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            assert module.dropped == 13
+            assert any("deliveries dropped" in r.getMessage() for r in caplog.records)
+            first = [(await slow.receive_type("invokefunction"))["data"] for _ in range(2)]
+            assert sorted(first) == [0, 1]
+            assert "result" in await caller.call("engine::functions::list", {})  # still serving
