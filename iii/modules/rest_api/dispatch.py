@@ -329,6 +329,9 @@ class RestDispatcher:
             response_channel.on_claim = exchange.on_response_claim
             try:
                 await exchange.call(payload, traceparent, baggage)
+            except BaseException:
+                exchange.stop()  # cancelled or failed: the side tasks go with it
+                raise
             finally:
                 request_channel.on_claim = response_channel.on_claim = None
                 await exchange.side.join()
