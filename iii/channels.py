@@ -47,8 +47,9 @@ def random_uuid() -> str:
     """A random (version 4) UUID from the OS's CSPRNG, drawn in bulk.
 
     The REST module creates two channels and an invocation id per HTTP
-    request; one ``os.urandom`` system call per 256 ids instead of one each.  The bytes are as
-    unpredictable as ``secrets.token_bytes`` (same source), which access keys need.
+    request; one ``os.urandom`` system call per 256 ids instead of one each.
+    The bytes are as unpredictable as ``secrets.token_bytes`` (same source),
+    which access keys need.
     """
     if len(_entropy) < 16:
         _entropy.extend(os.urandom(4096))
