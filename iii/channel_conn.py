@@ -7,7 +7,10 @@
   channel's bounded buffer; when it is full the engine stops reading the socket
   (backpressure).  The client's Close ends the stream.
 * The reader side (``dir=read``) gets the frames in order with their type kept,
-  then a Close when the writer has finished.
+  then a Close when the writer has finished.  A reader that takes no frame
+  for ``STALL_TIMEOUT`` seconds while one is waiting for it is closed (1008);
+  the writer is then closed too ("channel reader closed"), instead of both
+  sockets being held forever by a peer that stopped reading.
 
 Every Close we start is bounded (``CLOSE_TIMEOUT``): a peer that never
 answers it loses its socket.
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 # How long a Close handshake may take: a peer that never answers our Close
 # must not hold the socket (and its slot in ``max_connections``).
 CLOSE_TIMEOUT = 2.0
+# How long one frame may wait for a reading peer to take it (see above).
+STALL_TIMEOUT = 60.0
 
 
 async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
@@ -99,9 +104,16 @@ async def _pump_to_socket(
 ) -> None:
     try:
         async for frame in receive_side:
-            try:
-                await ws.send_message(frame)
-            except ConnectionClosed:
+            with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                try:
+                    await ws.send_message(frame)
+                except ConnectionClosed:
+                    return
+            if stalled.cancelled_caught:
+                log.warning(
+                    "channel %s: the reader took no frame for %gs: closed", channel.channel_id, STALL_TIMEOUT
+                )
+                await _close(ws, 1008, "channel reader stalled")
                 return
         await _close(ws, 1000, "channel closed")
     except trio.ClosedResourceError:

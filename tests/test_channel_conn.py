@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import trio
 import wsproto
-from wsproto.events import AcceptConnection, CloseConnection, Request
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
+from wsproto.utilities import LocalProtocolError
 
 from iii.testing import make_config, open_test_engine
 
@@ -38,4 +39,43 @@ async def test_a_client_that_never_answers_the_close_does_not_hold_the_socket():
             # ... and the client never answers the Close, nor closes its socket.
             with trio.fail_after(20):
                 while engine.open_sockets:
+                    await trio.sleep(0.05)
+
+
+async def test_a_reader_that_stops_reading_is_closed_and_so_is_the_writer(monkeypatch):
+    """Both sockets of a channel would otherwise wait forever on a peer that
+    takes no more frames: the reader is closed after the stall timeout, then
+    the writer learns the reader is gone."""
+    monkeypatch.setattr("iii.channel_conn.STALL_TIMEOUT", 0.5)
+    async with open_test_engine(make_config()) as engine:
+        channel = engine.channels.create()
+        target = f"/ws/channels/{channel.channel_id}?key={channel.access_key}&dir="
+        reader, _ = await _upgrade(engine.listen_port, target + "read")
+        writer, ws = await _upgrade(engine.listen_port, target + "write")
+        async with reader, writer:  # the reader never reads after the upgrade
+            chunk = b"x" * (256 * 1024)
+
+            async def keep_writing():
+                try:
+                    while True:
+                        await writer.send_all(ws.send(BytesMessage(data=chunk)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+                    return  # the engine closed the writer
+
+            reason = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_writing)
+                with trio.fail_after(30):
+                    while reason is None:
+                        data = await writer.receive_some(65536)
+                        if not data:
+                            break
+                        ws.receive_data(data)
+                        for event in ws.events():
+                            if isinstance(event, CloseConnection):
+                                reason = event.reason
+                nursery.cancel_scope.cancel()
+            assert reason == "channel reader closed"
+            with trio.fail_after(10):
+                while not channel.finished:
                     await trio.sleep(0.05)
