@@ -410,7 +410,7 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
         entries = raw_modules
     if raw.get("port") == 0:
         raw["port"] = DEFAULT_PORT  # upstream: 0 or missing means the default port
-    engine = _structure(raw, EngineConfig, file=file, path="")
+    engine: EngineConfig = _structure(raw, EngineConfig, file=file, path="")
     engine = attrs.evolve(
         engine,
         auth=_resolve_tokens(engine.auth, os.environ if env is None else env, file),
@@ -530,4 +530,5 @@ def dump_config(config: EngineConfig, fmt: str = "yaml") -> str:
     data = config_to_dict(config)
     if fmt == "toml":
         return tomli_w.dumps(_drop_none(data))  # TOML has no null
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    text: str = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return text

@@ -60,6 +60,7 @@ async def handle_request(engine: Engine, request: WebSocketRequest, peer: str = 
             )
             return
     if path == "/":
+        assert not isinstance(grant, AuthRefusal)  # refused above
         ws = await request.accept()
         await WorkerConnection(engine, ws, ip_address=peer, grant=grant).run()
     elif is_otel:

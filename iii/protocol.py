@@ -297,12 +297,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_unstructure_hook_func(lambda t: t is Any, lambda v: v)
 
     uuid_override = override(struct_hook=lambda v, _: None if v is None else canonical_uuid(v))
-    for cls, field in (
-        (InvokeFunction, "invocation_id"),
-        (InvocationResult, "invocation_id"),
-    ):
+    for cls in (InvokeFunction, InvocationResult):
         converter.register_structure_hook(
-            cls, make_dict_structure_fn(cls, converter, **{field: uuid_override})
+            cls, make_dict_structure_fn(cls, converter, invocation_id=uuid_override)
         )
     # `data` always travels on an engine->worker invokefunction, null included:
     # SDK handlers read it unconditionally.

@@ -16,6 +16,8 @@ It uses three private attributes of trio-websocket's connection
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage, TextMessage
@@ -27,7 +29,7 @@ def _batching_supported(ws: WebSocketConnection) -> bool:
     return all(hasattr(ws, name) for name in ("_wsproto", "_stream", "_stream_lock", "_close_reason"))
 
 
-async def send_frames(ws: WebSocketConnection, frames: list[str | bytes]) -> None:
+async def send_frames(ws: WebSocketConnection, frames: Sequence[str | bytes]) -> None:
     """Send ``frames`` in order, as few writes as possible; raises ConnectionClosed."""
     if len(frames) == 1 or not _batching_supported(ws):
         for frame in frames:

@@ -115,7 +115,7 @@ class AmqpChannel:
             self.connection._send_nowait(frame.marshal(commands.Channel.CloseOk(), self.id))
             return
         if isinstance(value, Basic.Cancel):
-            send = self._consumers.pop(value.consumer_tag, None)
+            send = self._consumers.pop(value.consumer_tag or "", None)
             if send is not None:
                 send.close()
             return
@@ -126,7 +126,7 @@ class AmqpChannel:
         assert assembly is not None
         message = AmqpMessage(assembly.method, assembly.properties, b"".join(assembly.parts), self)
         if isinstance(assembly.method, Basic.Deliver):
-            send = self._consumers.get(assembly.method.consumer_tag)
+            send = self._consumers.get(assembly.method.consumer_tag or "")
             if send is not None:
                 try:
                     send.send_nowait(message)

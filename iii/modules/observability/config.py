@@ -142,7 +142,7 @@ def _structure_with_env(raw: Any, _: type) -> Config:
                 raise ValueError(
                     f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}"
                 ) from None
-    return _structure_config(raw, Config)  # type: ignore[no-any-return]
+    return _structure_config(raw, Config)
 
 
 CONFIG_CONVERTER.register_structure_hook(Config, _structure_with_env)

@@ -69,7 +69,7 @@ IO_TIMEOUT = 30.0
 # connection can be kept; a larger rest closes the connection instead.
 DRAIN_LIMIT = 256 * 1024
 
-Headers = Iterable[tuple[str | bytes, str | bytes]]
+Headers = Iterable[tuple[bytes, bytes]]
 
 
 class ClientGoneError(Exception):
@@ -129,9 +129,10 @@ class _Connection:
 
     async def _receive(self) -> bytes:
         try:
-            return await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGoneError(f"connection lost: {exc}") from None
+        return data if isinstance(data, bytes) else bytes(data)  # memory streams give bytearray
 
     async def send(self, *events: Any) -> None:
         """Send h11 events with one write."""
