@@ -121,10 +121,18 @@ async def connect_test_worker(
     assert engine.connection_nursery is not None
 
     async def serve_side() -> None:
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, server_stream, max_message_size=engine.config.max_message_size)
-            await handle_request(engine, request, "memory")
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(
+                    nursery, server_stream, max_message_size=engine.config.max_message_size
+                )
+                await handle_request(engine, request, "memory")
+                nursery.cancel_scope.cancel()
+        finally:
+            # As the real listener does once its handler returns: without it, a
+            # client closing after the engine aborted the connection would wait
+            # for a Close reply forever.
+            await trio.aclose_forcefully(server_stream)
 
     engine.connection_nursery.start_soon(serve_side)
     async with trio.open_nursery() as nursery:
