@@ -315,16 +315,15 @@ def main() -> None:
     results = {name: _median_row(rows) for name, rows in rounds.items()}
     for version in args.sdk or list(WORKERS):
         for connections in (1, 32):
-            pairs = zip(rounds[f"sdk {version} c{connections}"], rounds[f"baseline c{connections} ({version} run)"])
-            results[f"sdk {version} c{connections}"]["ratio"] = statistics.median(
-                routed["rps"] / baseline["rps"] for routed, baseline in pairs
-            )
-            results[f"sdk {version} c{connections}"]["ratios"] = [  # type: ignore[assignment]
-                round(routed["rps"] / baseline["rps"], 3)
+            ratios = [
+                routed["rps"] / baseline["rps"]
                 for routed, baseline in zip(
                     rounds[f"sdk {version} c{connections}"], rounds[f"baseline c{connections} ({version} run)"]
                 )
             ]
+            row = results[f"sdk {version} c{connections}"]
+            row["ratio"] = statistics.median(ratios)
+            row["ratios"] = [round(r, 3) for r in ratios]  # type: ignore[assignment]
     print(
         f"load generator: {args.load}, {args.seconds:g} s per measurement, medians of {args.rounds} alternating "
         f"rounds, {os.cpu_count()} cores, "

@@ -116,14 +116,14 @@ async def _scenario(sequence: list[tuple[int, object]]) -> None:
         assert all(t.provider is None for t in registry.trigger_types.values())
 
 
+# An example takes well under a second; a hang becomes a failing example
+# that hypothesis can shrink, instead of a stuck test run.
+SCENARIO_LIMIT = 60
+
+
 async def _bounded_scenario(sequence: list[tuple[int, object]]) -> None:
-    # An example takes well under a second; a hang becomes a failing example
-    # that hypothesis can shrink, instead of a stuck test run.
     with trio.fail_after(SCENARIO_LIMIT):
         await _scenario(sequence)
-
-
-SCENARIO_LIMIT = 60
 
 
 @given(sequence=ops)

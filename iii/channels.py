@@ -51,10 +51,7 @@ def random_uuid() -> str:
     The bytes are as unpredictable as ``secrets.token_bytes`` (same source),
     which access keys need.
     """
-    if len(_entropy) < 16:
-        _entropy.extend(os.urandom(4096))
-    raw = _entropy[:16]
-    del _entropy[:16]
+    raw = _random_bytes16()
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = raw.hex()
@@ -63,11 +60,15 @@ def random_uuid() -> str:
 
 def random_key() -> str:
     """32 random hex digits (128 bits) from the same pool as :func:`random_uuid`."""
+    return _random_bytes16().hex()
+
+
+def _random_bytes16() -> bytearray:
     if len(_entropy) < 16:
         _entropy.extend(os.urandom(4096))
-    key = _entropy[:16].hex()
+    raw = _entropy[:16]
     del _entropy[:16]
-    return key
+    return raw
 
 
 def _clamp_buffer(buffer_size: Any) -> int:
