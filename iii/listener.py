@@ -24,7 +24,6 @@ until the engine closes them.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from iii.channel_conn import serve_channel_side
+from iii.log import RateLimitedLog
 from iii.protocol import TELEMETRY_PREFIXES
 from iii.security import AuthRefusal, server_ssl_context
 from iii.worker_conn import WorkerConnection
@@ -80,32 +80,15 @@ async def handle_request(engine: Engine, request: WebSocketRequest, peer: str = 
 
 
 async def _serve_telemetry(engine: Engine, ws: object) -> None:
+    bad_frame_log = RateLimitedLog(log)  # this socket's own
     while True:
         try:
             frame = await ws.get_message()  # type: ignore[attr-defined]
         except ConnectionClosed:
+            bad_frame_log.report_held("a telemetry socket closed")
             return
         if isinstance(frame, bytes) and frame[:4] in TELEMETRY_PREFIXES:
-            engine.telemetry.ingest(frame, None)
-
-
-class _RateLimitedLog:
-    """A warning at most every ``interval`` seconds (with a count of the ones held back)."""
-
-    def __init__(self, interval: float = 10.0):
-        self.interval = interval
-        self.last = -interval
-        self.held = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.held += 1
-            return
-        if self.held:
-            message += f" ({self.held} more since the last report)"
-        self.last, self.held = now, 0
-        log.warning(message, *args)
+            engine.telemetry.ingest(frame, None, bad_frame_log)
 
 
 def _peer_of(request: WebSocketRequest) -> str:
@@ -126,7 +109,8 @@ async def serve_listener(
     """
     config = engine.config
     ssl_context = server_ssl_context(config.tls)
-    refusals = _RateLimitedLog()
+    # Listener-wide: the refused peers have no connection to keep a limiter in.
+    refusals = RateLimitedLog(log, burst=1, interval=10.0)
 
     async def handler(request: WebSocketRequest) -> None:
         peer = _peer_of(request)

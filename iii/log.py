@@ -346,3 +346,12 @@ class RateLimitedLog:
         self._last = now
         target.log(level, message, *args, extra=extra)
         return True
+
+    def report_held(self, source: str, *args: object, logger: logging.Logger | None = None) -> None:
+        """When the source ends (a connection closes): one line for the reports never logged."""
+        if not self.held:
+            return
+        held, self.held = self.held, 0
+        (logger or self.logger).warning(
+            source + f": {held} more warnings like the last one were not logged", *args
+        )

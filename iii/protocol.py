@@ -10,7 +10,9 @@ ignored, a missing ``data`` / ``config`` reads as null, ``registerservice``
 needs no ``name``, and the HEAD additions (``reattach``,
 ``unregistertriggertype``, ``action``, ``metadata``, ``stacktrace`` ...) are
 accepted.  What cannot be decoded raises :class:`MessageDecodeError`, carrying
-the ``invocation_id`` when it could still be read.
+the ``invocation_id`` when it could still be read.  Its reason quotes at most
+a snippet of what the peer sent (:func:`iii.log.bounded_repr`): the reason is
+logged and sent back, and a 60 MiB frame must not become a 60 MiB log line.
 
 Encoding leaves out optional fields that are None, as the Rust engine does
 (``skip_serializing_if``), writes compact UTF-8 JSON and never ASCII-escapes.
@@ -31,6 +33,7 @@ from cattrs.v import format_exception
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from iii.errors import MessageDecodeError
+from iii.log import bounded_repr, truncate
 
 __all__ = [
     "ErrorBody",
@@ -78,19 +81,24 @@ class CloseCode:
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MAX_UUID_TEXT = 64
 
 
 def canonical_uuid(value: Any) -> str:
     """Parse a UUID string and return its canonical lower-case hyphenated form."""
     if not isinstance(value, str):
         raise ValueError(f"expected a UUID string, got {type(value).__name__}")
+    # Every spelling uuid.UUID accepts ("urn:uuid:{...}") is far shorter: a
+    # longer value is refused before it is copied (lower(), uuid.UUID).
+    if len(value) > _MAX_UUID_TEXT:
+        raise ValueError(f"not a UUID: {bounded_repr(value, 40)}")
     lowered = value.lower()
     if _CANONICAL_UUID.fullmatch(lowered):  # the common case, ten times cheaper than uuid.UUID
         return lowered
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise ValueError(f"not a UUID: {value!r}") from None
+        raise ValueError(f"not a UUID: {bounded_repr(value, 40)}") from None
 
 
 @attrs.frozen(kw_only=True)
@@ -348,7 +356,7 @@ def decode_message(raw: str | bytes) -> Message:
     cls = MESSAGE_TYPES.get(type_tag) if isinstance(type_tag, str) else None
     if cls is None:
         raise MessageDecodeError(
-            f"unknown message type {type_tag!r}",
+            f"unknown message type {bounded_repr(type_tag)}",
             invocation_id=_peek(obj, "invocation_id"),
             function_id=_peek(obj, "function_id"),
         )
@@ -361,7 +369,7 @@ def decode_message(raw: str | bytes) -> Message:
             else str(exc)
         )
         raise MessageDecodeError(
-            f"invalid {type_tag}: {detail}",
+            f"invalid {type_tag}: {truncate(detail)}",
             message_type=type_tag,
             invocation_id=_peek(obj, "invocation_id"),
             function_id=_peek(obj, "function_id"),

@@ -41,6 +41,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
+from iii.log import RateLimitedLog
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -107,6 +108,9 @@ class WorkerConnection:
     # its way to the socket (see ``send``).
     _writer_busy: bool = False
     _nursery: trio.Nursery | None = None
+    # Warnings about what this worker sent (malformed frames, bad telemetry):
+    # the first few, then one per interval, so a hostile worker cannot flood the log.
+    bad_input_log: RateLimitedLog = attrs.field(init=False, factory=lambda: RateLimitedLog(log))
 
     def __attrs_post_init__(self) -> None:
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](
@@ -220,6 +224,7 @@ class WorkerConnection:
         finally:
             self._outbox_send.close()
             engine.forget_worker(self.worker_id)
+            self.bad_input_log.report_held("worker %s", self.worker_id)
             log.info(
                 "worker %s (%s) disconnected: %s",
                 self.worker_id,
@@ -290,7 +295,7 @@ class WorkerConnection:
     def _handle_frame(self, frame: str | bytes) -> None:
         if isinstance(frame, bytes):
             if frame[:4] in TELEMETRY_PREFIXES:
-                self.engine.telemetry.ingest(frame, self.worker_id)
+                self.engine.telemetry.ingest(frame, self.worker_id, self.bad_input_log)
                 return
         elif not frame.strip():
             return
@@ -304,9 +309,11 @@ class WorkerConnection:
     # -- dispatch ------------------------------------------------------------------
 
     def _on_bad_frame(self, exc: MessageDecodeError, frame: str | bytes) -> None:
-        log.warning(
-            "worker %s sent a malformed message (dropped): %s",
+        # exc.reason quotes at most a snippet of the frame (iii.protocol).
+        self.bad_input_log.warning(
+            "worker %s sent a malformed message of length %d (dropped): %s",
             self.worker_id,
+            len(frame),
             exc.reason,
             extra={"worker_id": self.worker_id, "invocation_id": exc.invocation_id},
         )

@@ -144,6 +144,70 @@ async def test_peer_strings_cannot_forge_log_records(tmp_path: Path) -> None:
     assert_no_forged_record(text)
 
 
+# -- row 9: log amplification --------------------------------------------------------------
+
+
+async def test_huge_malformed_frames_add_a_bounded_amount_of_log(tmp_path: Path) -> None:
+    size = 4 * MiB
+    frames = [
+        # An unknown message type, 4 MiB long.
+        orjson.dumps({"type": "x" * size}),
+        # A call whose invocation id is 4 MiB of garbage.
+        orjson.dumps({"type": "invokefunction", "function_id": "f", "invocation_id": "y" * size}),
+        # A result whose invocation id is 4 MiB of garbage.
+        orjson.dumps({"type": "invocationresult", "function_id": "f", "invocation_id": "z" * size}),
+        # An unknown type that is a 4 MiB list.
+        orjson.dumps({"type": ["w"] * (size // 4)}),
+    ]
+    async with running_engine(tmp_path, {"modules": [OBSERVABILITY]}) as engine:
+        await still_serves(engine)
+        before = len(engine.log_text())
+        async with raw_worker(engine.port) as worker:
+            for frame in frames:
+                await worker.send(frame.decode())
+            # A worker's own 4 MiB log line, echoed to the console.
+            reply = await worker.call("engine::log::info", {"message": "v" * size}, timeout=30)
+            assert "error" not in reply, reply
+            await worker.send({"type": "ping"})
+            assert (await worker.receive_type("pong", timeout=30)) == {"type": "pong"}
+        text = await wait_for_log(engine, lambda t: "disconnected" in t[before:])
+        await still_serves(engine)
+    grown = len(text) - before
+    assert grown < 64 * 1024, f"{grown} bytes of log for {len(frames) + 1} frames of {size} bytes"
+
+
+async def test_bad_telemetry_frames_log_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    bad_frames = [
+        b"OTLP{not json",
+        b"LOGS[1, 2]",
+        b'MTRC{"resourceMetrics": 5}',
+        b'LOGS{"resourceLogs": [[1]]}',
+        b'OTLP{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 7}]}]}]}',
+    ]
+    count = 40
+    async with running_engine(tmp_path, {"modules": [OBSERVABILITY]}) as engine:
+        await still_serves(engine)
+        before = len(engine.log_text())
+        for path in ("/", "/otel"):
+            async with raw_worker(engine.port, path) as worker:
+                for i in range(count):
+                    await worker.send(bad_frames[i % len(bad_frames)])
+                if path == "/":
+                    await worker.send({"type": "ping"})
+                    assert (await worker.receive_type("pong", timeout=10)) == {"type": "pong"}
+        await still_serves(engine)
+        text = engine.log_text()[before:]
+    lines = text.splitlines()
+    assert "Traceback" not in text, text[:4000]
+    telemetry = [line for line in lines if "frame" in line]
+    # Per connection: the first few, then one per interval (the test is far
+    # shorter), and when it closes one line for those held back.
+    assert len(telemetry) <= 2 * 6, "\n".join(telemetry)
+    assert sum("were not logged" in line for line in lines) == 2, "\n".join(lines)
+    assert len(lines) <= 40, "\n".join(lines)
+    assert all(RECORD.match(line) for line in lines), "\n".join(lines)
+
+
 def test_forged_record_pattern_matches_the_engine_format() -> None:
     """The test's idea of a record must match what the engine writes."""
     assert RECORD.match(FORGED_RECORD + "-x")

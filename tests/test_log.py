@@ -267,3 +267,21 @@ def test_the_old_formatter_fails_the_property() -> None:
     old = logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
     with pytest.raises(AssertionError):
         check_one_record(old.format(make_record("worker %s", (f"x\n{FORGED}",))))
+
+
+def test_rate_limited_log_reports_what_it_held_when_the_source_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="iii.test.held")
+    limited = RateLimitedLog(logging.getLogger("iii.test.held"), burst=1, clock=FakeClock())
+    limited.report_held("worker %s", "w1")
+    assert not caplog.records
+    for _ in range(4):
+        limited.warning("bad frame")
+    limited.report_held("worker %s", "w1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad frame",
+        "worker w1: 3 more warnings like the last one were not logged",
+    ]
+    limited.report_held("worker %s", "w1")
+    assert len(caplog.records) == 2
