@@ -57,6 +57,7 @@ from typing import Any
 import attrs
 
 from iii.errors import DeserializationError
+from iii.log import bounded_repr
 
 __all__ = ["UpdateOp", "UpdateResult", "OpError", "parse_ops", "apply_ops", "MISSING"]
 
@@ -134,7 +135,8 @@ def parse_ops(raw: Any, function_id: str = "update") -> list[UpdateOp]:
         kind = item.get("type")
         if kind not in OP_TYPES:
             raise DeserializationError(
-                f"{where}: unknown op type {kind!r} (expected one of {', '.join(OP_TYPES)})"
+                f"{where}: unknown op type {bounded_repr(kind)} "
+                f"(expected one of {', '.join(OP_TYPES)})"
             )
         if "path" not in item and kind not in _OPTIONAL_PATH:
             raise DeserializationError(f"{where}: missing field path")

@@ -25,7 +25,7 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess
+from tests.support import EngineProcess, free_port
 
 # The engine's record format: "<asctime> <LEVEL> <logger>: <message>".
 RECORD = re.compile(
@@ -212,3 +212,49 @@ def test_forged_record_pattern_matches_the_engine_format() -> None:
     """The test's idea of a record must match what the engine writes."""
     assert RECORD.match(FORGED_RECORD + "-x")
     assert not RECORD.match("  | " + FORGED_RECORD)
+
+
+async def test_errors_about_a_huge_value_quote_only_a_snippet(tmp_path: Path) -> None:
+    """The refusal a peer gets (and the log line about it) quotes a bounded piece of its value."""
+    huge = "q" * (256 * 1024)  # under the 1 MiB frame cap of a worker that sends no features
+    config = {
+        "modules": [
+            OBSERVABILITY,
+            {"class": "modules::queue::QueueModule"},
+            {"class": "modules::state::StateModule"},
+            {
+                "class": "modules::api::RestApiModule",
+                "config": {"port": free_port(), "host": "127.0.0.1"},
+            },
+        ]
+    }
+    triggers = [
+        ("queue", {"topic": "t", "concurrency": huge}),
+        ("queue", {"topic": "t", "metadata": {"infrastructure": {"queue": {"type": [huge] * 4}}}}),
+        ("log", {"level": huge}),
+        ("http", {"api_path": "/x", "http_method": huge}),
+    ]
+    async with running_engine(tmp_path, config) as engine:
+        before = len(engine.log_text())
+        async with raw_worker(engine.port) as worker:
+            for index, (trigger_type, trigger_config) in enumerate(triggers):
+                await worker.send(
+                    {
+                        "type": "registertrigger",
+                        "id": f"t{index}",
+                        "trigger_type": trigger_type,
+                        "function_id": "any::f",
+                        "config": trigger_config,
+                    }
+                )
+                refused = await worker.receive_type("triggerregistrationresult", timeout=20)
+                message = refused["error"]["message"]
+                assert "qqqq" in message and len(message) < 1024, (trigger_type, len(message))
+            reply = await worker.call(
+                "state::update", {"scope": "s", "key": "k", "ops": [{"type": huge}]}, timeout=20
+            )
+            message = reply["error"]["message"]
+            assert "qqqq" in message and len(message) < 1024, len(message)
+        await still_serves(engine)
+        grown = len(engine.log_text()) - before
+    assert grown < 64 * 1024, grown

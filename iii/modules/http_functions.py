@@ -66,6 +66,7 @@ import orjson
 import trio
 
 from iii.errors import IIIError
+from iii.log import bounded_repr
 from iii.native import CallContext, NativeHandler
 
 if TYPE_CHECKING:
@@ -297,7 +298,9 @@ def parse_invocation(raw: Any, config: Config) -> HttpInvocation:
         elif kind == "hmac":
             hmac_secret = secrets.read(auth.get("secret_key"), "secret_key", "secret_not_found")
         else:
-            raise _invalid(f"auth.type {kind!r} is not one of bearer, basic, api_key, hmac")
+            raise _invalid(
+                f"auth.type {bounded_repr(kind)} is not one of bearer, basic, api_key, hmac"
+            )
     return HttpInvocation(
         url=checked,
         method=method.upper(),

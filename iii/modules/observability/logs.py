@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 
 from iii.errors import TriggerRegistrationError
-from iii.log import MAX_MESSAGE_CHARS, record_message, truncate
+from iii.log import MAX_MESSAGE_CHARS, bounded_repr, record_message, truncate
 from iii.modules.observability.spans import otlp_attributes, otlp_value, parse_otlp_id
 from iii.modules.observability.tracer import CURRENT_SPAN
 from iii.registry import LogicalTrigger
@@ -266,7 +266,8 @@ class LogTriggers:
         level = config.get("level", "all")
         if not isinstance(level, str) or level.lower() not in TRIGGER_LEVELS:
             raise TriggerRegistrationError(
-                f"log trigger level must be one of {', '.join(TRIGGER_LEVELS)}, got {level!r}"
+                f"log trigger level must be one of {', '.join(TRIGGER_LEVELS)}, "
+                f"got {bounded_repr(level)}"
             )
         self.levels[trigger] = level.lower()
 

@@ -56,6 +56,7 @@ import trio
 from iii.adapters.queue import Job, QueueAdapter, open_queue_adapter
 from iii.config import AdapterRef
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
+from iii.log import bounded_repr
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
 from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
@@ -94,7 +95,7 @@ def _positive(value: Any, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TriggerRegistrationError(f"queue trigger {what} must be a positive integer, got {value!r}")
+        raise TriggerRegistrationError(f"queue trigger {what} must be a positive integer, got {bounded_repr(value)}")
     return value
 
 
@@ -257,7 +258,7 @@ class Module:
                     infra.update(candidate)
         queue_type = infra.get("type", "standard")
         if queue_type not in ("standard", "fifo"):
-            raise TriggerRegistrationError(f"queue trigger type must be 'standard' or 'fifo', got {queue_type!r}")
+            raise TriggerRegistrationError(f"queue trigger type must be 'standard' or 'fifo', got {bounded_repr(queue_type)}")
         group_field = config.get("message_group_field")
         if group_field is not None and (not isinstance(group_field, str) or not group_field):
             raise TriggerRegistrationError("queue trigger message_group_field must be a field name")

@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from iii.errors import TriggerRegistrationError
+from iii.log import bounded_repr
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
 from iii.modules.rest_api.routes import (
@@ -90,7 +91,7 @@ def route_for_trigger(trigger: LogicalTrigger) -> Route:
         method = "GET"
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise TriggerRegistrationError(
-            f"http_method {method!r} is not supported (one of {', '.join(METHODS)})"
+            f"http_method {bounded_repr(method)} is not supported (one of {', '.join(METHODS)})"
         )
     condition = config.get("_condition_path", config.get("condition_function_id"))
     if condition is not None and not isinstance(condition, str):

@@ -48,6 +48,7 @@ import trio
 
 from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
+from iii.log import bounded_repr
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.side_tasks import SideTasks
@@ -411,7 +412,9 @@ class RestDispatcher:
             return
         status = result.get("status_code", result.get("statusCode", 200))
         if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
-            await self._internal_error(responder, function_id, f"invalid status_code {status!r}")
+            await self._internal_error(
+                responder, function_id, f"invalid status_code {bounded_repr(status)}"
+            )
             return
         body = result.get("body")
         try:
