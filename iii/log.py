@@ -101,6 +101,8 @@ def escape(text: str) -> str:
     Backslashes themselves are kept: the point is one line per record, and
     ``C:\\new`` should still read as a path.
     """
+    if _UNSAFE.search(text) is None:  # the common case: no copy
+        return text
     return _UNSAFE.sub(lambda match: _escaped(match.group()), text)
 
 
