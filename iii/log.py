@@ -251,7 +251,7 @@ def _escape_exception_texts(exc: traceback.TracebackException) -> None:
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
-def exception_lines(exc_info: ExcInfo | tuple[None, None, None]) -> list[str]:
+def _exception_lines(exc_info: ExcInfo | tuple[None, None, None]) -> list[str]:
     """A traceback as escaped lines, each bounded, at most :data:`MAX_TRACEBACK_LINES`."""
     _, value, tb = exc_info
     if value is None:
@@ -273,10 +273,11 @@ def _bounded_lines(text: str) -> list[str]:
 class LineFormatter(logging.Formatter):
     """One record, one line; a traceback follows on lines that start with :data:`CONTINUATION`.
 
-    The record's message is bounded and escaped (:func:`clean`), and so is
-    the whole first line, whatever fields the format names.  ``record.exc_text``
-    is neither read from nor written to the record's cache when ``exc_info`` is
-    there: other handlers format the same record their own way.
+    The record's message is bounded and escaped (:func:`clean`), and the
+    whole first line is escaped too, whatever fields the format names.
+    ``record.exc_text`` is neither read from nor written to the record's cache
+    when ``exc_info`` is there: other handlers format the same record their
+    own way.
     """
 
     def __init__(self, fmt: str = LOG_FORMAT, datefmt: str | None = None):
@@ -289,7 +290,7 @@ class LineFormatter(logging.Formatter):
             record.asctime = self.formatTime(record, self.datefmt)
         lines = [escape(self.formatMessage(record))]
         if record.exc_info:
-            lines.extend(exception_lines(record.exc_info))
+            lines.extend(_exception_lines(record.exc_info))
         elif record.exc_text:
             lines.extend(_bounded_lines(record.exc_text))
         if record.stack_info:
