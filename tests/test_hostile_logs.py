@@ -97,6 +97,18 @@ async def still_serves(engine: EngineProcess) -> None:
         assert (await worker.receive_type("pong", timeout=10)) == {"type": "pong"}
 
 
+async def http_get(port: int, target: str) -> str:
+    """The body of a plain HTTP/1.0 GET (the Prometheus endpoint)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        response = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                response += chunk
+    return response.partition(b"\r\n\r\n")[2].decode()
+
+
 def assert_no_forged_record(text: str) -> None:
     """No line of the log, however a reader splits it, starts with the forgery,
     and each forged text sits inside one real record."""
@@ -177,6 +189,15 @@ async def test_huge_malformed_frames_add_a_bounded_amount_of_log(tmp_path: Path)
 
 
 async def test_bad_telemetry_frames_log_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    prometheus_port = free_port()
+    observability = {
+        "class": OBSERVABILITY["class"],
+        "config": {
+            **OBSERVABILITY["config"],
+            "prometheus_enabled": True,
+            "prometheus_port": prometheus_port,
+        },
+    }
     bad_frames = [
         b"OTLP{not json",
         b"LOGS[1, 2]",
@@ -185,7 +206,7 @@ async def test_bad_telemetry_frames_log_a_bounded_number_of_lines(tmp_path: Path
         b'OTLP{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 7}]}]}]}',
     ]
     count = 40
-    async with running_engine(tmp_path, {"modules": [OBSERVABILITY]}) as engine:
+    async with running_engine(tmp_path, {"modules": [observability]}) as engine:
         await still_serves(engine)
         before = len(engine.log_text())
         for path in ("/", "/otel"):
@@ -197,6 +218,9 @@ async def test_bad_telemetry_frames_log_a_bounded_number_of_lines(tmp_path: Path
                     assert (await worker.receive_type("pong", timeout=10)) == {"type": "pong"}
         await still_serves(engine)
         text = engine.log_text()[before:]
+        metrics = await http_get(prometheus_port, "/metrics")
+    # Every dropped frame is counted, logged or not (one frame of five is readable).
+    assert "iii_telemetry_frames_dropped_total 64.0" in metrics, metrics
     lines = text.splitlines()
     assert "Traceback" not in text, text[:4000]
     telemetry = [line for line in lines if "frame" in line]

@@ -342,6 +342,12 @@ class PrometheusCollector(Collector):
         for kind, count in sorted(engine.telemetry.counts.items()):
             frames.add_metric([kind], count)
         yield frames
+        # Their warnings are rate-limited (iii.log.RateLimitedLog): this counts them all.
+        yield CounterMetricFamily(
+            "iii_telemetry_frames_dropped",
+            "SDK telemetry frames that could not be read (dropped)",
+            value=engine.telemetry.frames_dropped,
+        )
         if self.extra is not None:
             for name, help_text, value in self.extra():
                 yield GaugeMetricFamily(name, help_text, value=value)
