@@ -38,11 +38,13 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     refusal = _refuse_call(conn, message)
     if refusal is not None:
         if detached:
-            log.info(
-                "fire-and-forget call %s from %s dropped: %s",
+            conn.bad_input_log.log(
+                logging.INFO,
+                "fire-and-forget call %r from %s dropped: %s",
                 message.function_id,
                 conn.worker_id,
                 refusal.message,
+                logger=log,
             )
         else:
             assert message.invocation_id is not None
@@ -69,11 +71,12 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
 
 def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody | None:
     if not conn.grant.may_invoke(message.function_id):
-        log.warning(
-            "worker %s (token %s) may not invoke %s: refused",
+        conn.bad_input_log.warning(
+            "worker %s (token %s) may not invoke %r: refused",
             conn.worker_id,
             conn.grant.name,
             message.function_id,
+            logger=log,
         )
         return ErrorBody(
             code="forbidden",
@@ -83,10 +86,11 @@ def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody |
     if conn.calls_outstanding >= limit:
         if not conn.over_limit_logged:
             conn.over_limit_logged = True
-            log.warning(
+            conn.bad_input_log.warning(
                 "worker %s has %d calls outstanding (max_pending_invocations): refusing more",
                 conn.worker_id,
                 limit,
+                logger=log,
             )
         return ErrorBody(
             code="too_many_pending_invocations",
@@ -120,12 +124,14 @@ async def _run_call(
             )
         if not reply:
             if error is not None:
-                log.info(
-                    "fire-and-forget call %s from %s failed: %s: %s",
+                conn.bad_input_log.log(
+                    logging.INFO,
+                    "fire-and-forget call %r from %s failed: %s: %s",
                     message.function_id,
                     conn.worker_id,
                     error.code,
                     error.message,
+                    logger=log,
                 )
             return
         assert message.invocation_id is not None

@@ -108,8 +108,9 @@ class WorkerConnection:
     # its way to the socket (see ``send``).
     _writer_busy: bool = False
     _nursery: trio.Nursery | None = None
-    # Warnings about what this worker sent (malformed frames, bad telemetry):
-    # the first few, then one per interval, so a hostile worker cannot flood the log.
+    # Warnings about what this worker sent (malformed frames, bad telemetry,
+    # refused registrations and calls): the first few, then one per interval,
+    # so a hostile worker cannot flood the log.
     bad_input_log: RateLimitedLog = attrs.field(init=False, factory=lambda: RateLimitedLog(log))
 
     def __attrs_post_init__(self) -> None:
@@ -175,7 +176,7 @@ class WorkerConnection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         except FrameTooLargeError as exc:
-            log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
+            self.bad_input_log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
 
     def start_task(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in this connection's nursery: it ends with the connection."""
@@ -355,8 +356,8 @@ class WorkerConnection:
             engine.unregister_trigger(self.worker_id, message.id)
         elif kind is RegisterTriggerType:
             if not self.grant.may_use_trigger_type(message.id):
-                log.warning(
-                    "worker %s (token %s) may not provide trigger type %s: ignored",
+                self.bad_input_log.warning(
+                    "worker %s (token %s) may not provide trigger type %r: ignored",
                     self.worker_id,
                     self.grant.name,
                     message.id,
@@ -385,8 +386,8 @@ class WorkerConnection:
     def _register_function(self, message: RegisterFunction) -> None:
         engine = self.engine
         if not self.grant.may_register(message.id):
-            log.warning(
-                "worker %s (token %s) may not register function %s: refused",
+            self.bad_input_log.warning(
+                "worker %s (token %s) may not register function %r: refused",
                 self.worker_id,
                 self.grant.name,
                 message.id,
@@ -396,8 +397,9 @@ class WorkerConnection:
         if message.invocation is not None:
             factory = engine.external_function_factory
             if factory is None:
-                log.error(
-                    "worker %s registered HTTP-invoked function %s, but the http_functions "
+                self.bad_input_log.log(
+                    logging.ERROR,
+                    "worker %s registered HTTP-invoked function %r, but the http_functions "
                     "module is not enabled: ignored",
                     self.worker_id,
                     message.id,
@@ -407,7 +409,13 @@ class WorkerConnection:
             try:
                 handler = factory(message.id, message.invocation)
             except IIIError as exc:
-                log.error("worker %s: HTTP function %s refused: %s", self.worker_id, message.id, exc)
+                self.bad_input_log.log(
+                    logging.ERROR,
+                    "worker %s: HTTP function %r refused: %s",
+                    self.worker_id,
+                    message.id,
+                    exc,
+                )
                 self._reject_function(message.id, exc.code)
                 return
         else:
@@ -425,7 +433,9 @@ class WorkerConnection:
                 )
             )
         except RegistryError as exc:
-            log.warning("worker %s: function %s refused: %s", self.worker_id, message.id, exc)
+            self.bad_input_log.warning(
+                "worker %s: function %r refused: %s", self.worker_id, message.id, exc
+            )
             self._reject_function(message.id, "FUNCTION_NAMESPACE_CONFLICT")
             return
         if created:
@@ -453,8 +463,8 @@ class WorkerConnection:
         else:
             error = self._file_trigger(message)
         if error is not None:
-            log.warning(
-                "worker %s: trigger %s (%s -> %s) refused: %s",
+            self.bad_input_log.warning(
+                "worker %s: trigger %r (%r -> %r) refused: %s",
                 self.worker_id,
                 message.id,
                 message.trigger_type,
@@ -490,8 +500,8 @@ class WorkerConnection:
         trigger_type = self.engine.registry.trigger_types.get(message.trigger_type)
         if trigger_type is None or trigger_type.provider != self.worker_id:
             return  # only the provider of the type may answer for it
-        log.warning(
-            "provider %s refused trigger %s: %s",
+        self.bad_input_log.warning(
+            "provider %s refused trigger %r: %s",
             self.worker_id,
             message.id,
             message.error.message,
@@ -520,7 +530,12 @@ class WorkerConnection:
         if message.reattach_token is None or not secrets.compare_digest(
             message.reattach_token, previous.reattach_token
         ):
-            log.info("worker %s: reattach to %s without a valid token ignored", self.worker_id, previous.worker_id)
+            self.bad_input_log.log(
+                logging.INFO,
+                "worker %s: reattach to %s without a valid token ignored",
+                self.worker_id,
+                previous.worker_id,
+            )
             return
         previous.abort(f"replaced by its reconnection {self.worker_id}")
 
