@@ -88,6 +88,15 @@ async def raw_worker(
             nursery.cancel_scope.cancel()
 
 
+async def wait_for_log(engine: EngineProcess, predicate: Any, timeout: float = 20) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            text = engine.log_text()
+            if predicate(text):
+                return text
+            await trio.sleep(0.1)
+
+
 async def still_serves(engine: EngineProcess, token: str | None = None) -> None:
     async with raw_worker(engine.port, token=token) as worker:
         await worker.send({"type": "ping"})
@@ -97,55 +106,62 @@ async def still_serves(engine: EngineProcess, token: str | None = None) -> None:
 # -- refusals under auth.tokens ---------------------------------------------------------------------
 
 
+def forbidden(i: int) -> list[dict[str, Any]]:
+    """One of each request the limited token may not make."""
+    return [
+        {"type": "registerfunction", "id": f"admin::f{i}"},
+        {"type": "registertriggertype", "id": f"sneaky{i}", "description": "x"},
+        {
+            "type": "registertrigger",
+            "id": f"t{i}",
+            "trigger_type": "log",
+            "function_id": "mine::f",
+            "config": {},
+        },
+        {
+            "type": "invokefunction",
+            "function_id": f"admin::secret{i}",
+            "data": {},
+            "invocation_id": f"00000000-0000-4000-8000-{i:012d}",
+        },
+        {
+            "type": "invokefunction",
+            "function_id": f"admin::secret{i}",
+            "data": {},
+            "action": {"type": "void"},
+        },
+    ]
+
+
 async def test_forbidden_requests_add_a_bounded_number_of_log_lines(tmp_path: Path) -> None:
     count = 1000
     config = {"modules": [OBSERVABILITY], "auth": AUTH}
     async with running_engine(tmp_path, config) as engine:
-        await trio.sleep(0.5)  # let the startup lines land
-        before = len(engine.log_text())
-        async with raw_worker(engine.port, token=TOKEN_LIMITED) as worker:
-            for i in range(count):
-                await worker.send({"type": "registerfunction", "id": f"admin::f{i}"})
-                await worker.send(
-                    {"type": "registertriggertype", "id": f"sneaky{i}", "description": "x"}
-                )
-                await worker.send(
-                    {
-                        "type": "registertrigger",
-                        "id": f"t{i}",
-                        "trigger_type": "log",
-                        "function_id": "mine::f",
-                        "config": {},
-                    }
-                )
-                await worker.send(
-                    {
-                        "type": "invokefunction",
-                        "function_id": f"admin::secret{i}",
-                        "data": {},
-                        "invocation_id": f"00000000-0000-4000-8000-{i:012d}",
-                    }
-                )
-                await worker.send(
-                    {
-                        "type": "invokefunction",
-                        "function_id": f"admin::secret{i}",
-                        "data": {},
-                        "action": {"type": "void"},
-                    }
-                )
-            # Every refusal is still answered.
-            rejected = answered = refused = 0
-            with trio.fail_after(60):
-                while rejected < count or answered < count or refused < count:
-                    message = await worker.receive(timeout=30)
-                    kind = message["type"]
-                    rejected += kind == "registrationrejected"
-                    answered += kind == "invocationresult"
-                    refused += kind == "triggerregistrationresult"
         await still_serves(engine, TOKEN_LIMITED)
-        await trio.sleep(0.5)
-        lines = engine.log_text()[before:].splitlines()
+        text = await wait_for_log(engine, lambda t: "disconnected" in t)
+        before = len(text)
+        async with raw_worker(engine.port, token=TOKEN_LIMITED) as worker:
+
+            async def attack() -> None:
+                for i in range(count):
+                    for message in forbidden(i):
+                        await worker.send(message)
+
+            # Every refusal is still answered (read while sending: a worker
+            # that does not read its answers is dropped as a slow consumer).
+            answers = dict.fromkeys(
+                ("registrationrejected", "invocationresult", "triggerregistrationresult"), 0
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                with trio.fail_after(60):
+                    while min(answers.values()) < count:
+                        kind = (await worker.receive(timeout=30))["type"]
+                        answers[kind] = answers.get(kind, 0) + 1
+        await still_serves(engine, TOKEN_LIMITED)
+        # Both workers' disconnections are logged after the line for what was held back.
+        text = await wait_for_log(engine, lambda t: t[before:].count("disconnected") >= 2)
+        lines = text[before:].splitlines()
 
     refusal_lines = [line for line in lines if "refused" in line or "may not" in line]
     # The first few refusals, then at most one per interval (the test is shorter),
