@@ -21,7 +21,7 @@ def test_engine_records_are_stored_bounded_but_not_escaped() -> None:
     )
     record.function_id = "f" * (10 * MAX_MESSAGE_CHARS)
     handler.emit(record)
-    (entry,) = store.logs
+    (entry,) = store.entries()
     body = entry["body"]
     assert body.startswith("worker w1\n(name 'nnn")  # a newline is data in a JSON store
     assert len(body) <= MAX_MESSAGE_CHARS + 40 and body.endswith("more chars)")

@@ -2,6 +2,11 @@
 
 Traces, logs and metrics through the official OpenTelemetry SDK:
 
+* **Memory.** Every store is bounded in entries and in bytes, and each entry
+  in bytes (:mod:`.bounds`; ``logs_max_bytes``, ``logs_max_entry_bytes``,
+  ``memory_max_bytes``, ``span_max_bytes``, ``metrics_max_bytes``); log
+  trigger deliveries waiting in the queue hold at most ``logs_max_bytes``
+  more (a full queue drops and counts, ``logs_dropped``).
 * **Traces.** While the module runs, ``engine.tracer`` is an
   :class:`~.tracer.OtelTracer`: every :meth:`Engine.invoke` gets a ``call
   <function_id>`` span, child of the caller's ``traceparent``, whose context
@@ -55,6 +60,7 @@ from iii.modules.observability.logs import (
     EngineLogHandler,
     LogStore,
     LogTriggers,
+    StoredLog,
     entries_from_otlp_json,
 )
 from iii.modules.observability.metrics import (
@@ -65,6 +71,7 @@ from iii.modules.observability.metrics import (
 )
 from iii.modules.observability.prometheus import serve_prometheus
 from iii.modules.observability.sampler import build_sampler
+from iii.modules.observability.span_bounds import BoundedSpanProcessor
 from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
 from iii.modules.observability.tracer import OtelTracer
 from iii.tracing import NOOP_TRACER
@@ -98,16 +105,25 @@ class Module:
         )
         self.metrics = EngineMetrics()
         self.sdk_metrics = SdkMetricStore(
-            config.metrics_max_count, config.metrics_retention_seconds
+            config.metrics_max_count, config.metrics_retention_seconds, config.metrics_max_bytes
         )
         self.spans: SpanStore | None = None
         self.span_sinks: list[SpanProcessor] = []
+        # Cuts each span to span_max_bytes once, then hands it to span_sinks.
+        self.span_processor = BoundedSpanProcessor(self.span_sinks, config.span_max_bytes)
         self.provider: TracerProvider | None = None
-        self.logs = LogStore(config.logs_max_count, config.logs_sampling_ratio)
+        self.logs = LogStore(
+            config.logs_max_count,
+            config.logs_sampling_ratio,
+            max_bytes=config.logs_max_bytes,
+            max_entry_bytes=config.logs_max_entry_bytes,
+        )
         self.log_triggers = LogTriggers()
         self.logs_dropped = 0
+        # Bytes of the logs waiting for (or in) delivery to log triggers.
+        self.logs_queued_bytes = 0
         self.prometheus_port: int | None = None
-        self._log_send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
+        self._log_send: trio.MemorySendChannel[tuple[str, StoredLog]] | None = None
         self._trio_thread: int | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closers: list[Any] = []
@@ -119,7 +135,9 @@ class Module:
         if not config.enabled:
             return OtelTracer(None, self.metrics)
         if config.memory_traces:
-            self.spans = SpanStore(config.memory_max_spans)
+            self.spans = SpanStore(
+                config.memory_max_spans, config.memory_max_bytes, config.span_max_bytes
+            )
             self.span_sinks.append(MemorySpanProcessor(self.spans))
         if config.otlp_traces:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -131,8 +149,7 @@ class Module:
                 )
             )
         self.provider = TracerProvider(resource=self.resource, sampler=build_sampler(config))
-        for sink in self.span_sinks:
-            self.provider.add_span_processor(sink)
+        self.provider.add_span_processor(self.span_processor)
         self._closers.append(self.provider.shutdown)
         return OtelTracer(self.provider.get_tracer("iii.engine", __version__), self.metrics)
 
@@ -152,7 +169,7 @@ class Module:
         )
         self._closers.append(processor.shutdown)
 
-        def export(entry: dict[str, Any]) -> None:
+        def export(entry: dict[str, Any], stored: StoredLog) -> None:
             context = None
             if entry.get("trace_id") and entry.get("span_id"):
                 span_context = SpanContext(
@@ -230,8 +247,7 @@ class Module:
             if not self.span_sinks:
                 return
             for span in spans_from_otlp_json(data, worker_id=worker_id):
-                for sink in self.span_sinks:
-                    sink.on_end(span)
+                self.span_processor.on_end(span)
         elif kind == "LOGS":
             for entry in entries_from_otlp_json(data):
                 self.logs.add(entry)
@@ -240,50 +256,64 @@ class Module:
 
     # -- log triggers ------------------------------------------------------------------
 
-    def _offer_log(self, entry: dict[str, Any]) -> None:
-        """Store listener: queue the log for each matching ``log`` trigger."""
+    def _offer_log(self, entry: dict[str, Any], stored: StoredLog) -> None:
+        """Store listener: queue the log (as stored) for each matching ``log`` trigger.
+
+        The queue holds at most LOG_QUEUE_SIZE logs and ``logs_max_bytes``
+        bytes of them; a log that does not fit is dropped and counted.
+        """
         if DELIVERING.get() or not self.log_triggers.levels or self._log_send is None:
             return
         if threading.get_ident() != self._trio_thread:
             if self._trio_token is not None:
                 try:
-                    self._trio_token.run_sync_soon(self._offer_log, entry)
+                    self._trio_token.run_sync_soon(self._offer_log, entry, stored)
                 except trio.RunFinishedError:
                     pass
             return
         for function_id in self.log_triggers.matching(entry):
+            if self.logs_queued_bytes + stored.size > self.config.logs_max_bytes:
+                self.logs_dropped += 1
+                continue
             try:
-                self._log_send.send_nowait((function_id, entry))
+                self._log_send.send_nowait((function_id, stored))
             except trio.WouldBlock:
                 self.logs_dropped += 1
             except trio.ClosedResourceError:
                 return
+            else:
+                self.logs_queued_bytes += stored.size
 
     async def _deliver_logs(
-        self, receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]
+        self, receive: trio.MemoryReceiveChannel[tuple[str, StoredLog]]
     ) -> None:
         DELIVERING.set(True)  # inherited by the delivery tasks
         slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
 
-        async def deliver(function_id: str, entry: dict[str, Any]) -> None:
+        async def deliver(function_id: str, stored: StoredLog) -> None:
             try:
-                await self.engine.invoke_logged(function_id, entry, what="log trigger")
+                await self.engine.invoke_logged(function_id, stored.entry(), what="log trigger")
             finally:
+                self.logs_queued_bytes -= stored.size
                 slots.release()
 
         async with trio.open_nursery() as delivery_nursery:
-            async for function_id, entry in receive:
+            async for function_id, stored in receive:
                 await slots.acquire()
-                delivery_nursery.start_soon(deliver, function_id, entry)
+                delivery_nursery.start_soon(deliver, function_id, stored)
 
     # -- lifetime -------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, int]:
         return {
             "spans_stored": len(self.spans) if self.spans is not None else 0,
+            "spans_bytes": self.spans.bytes if self.spans is not None else 0,
             "logs_stored": len(self.logs),
+            "logs_bytes": self.logs.bytes,
             "logs_dropped": self.logs_dropped,
+            "logs_queued_bytes": self.logs_queued_bytes,
             "sdk_metric_points": len(self.sdk_metrics),
+            "sdk_metric_bytes": self.sdk_metrics.bytes,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -301,7 +331,7 @@ class Module:
         self.metrics.workers_active = len(engine.connections)
         handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
         engine_logger = logging.getLogger("iii")
-        log_send, log_receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](LOG_QUEUE_SIZE)
+        log_send, log_receive = trio.open_memory_channel[tuple[str, StoredLog]](LOG_QUEUE_SIZE)
         try:
             async with trio.open_nursery() as module_nursery:
                 functions.register(engine, self)

@@ -11,7 +11,14 @@ Differences from upstream, on purpose:
 * the OTLP exporter speaks OTLP/HTTP (protobuf), so ``endpoint`` defaults to
   ``http://localhost:4318`` (upstream: gRPC on 4317);
 * ``prometheus_*`` keys: a Prometheus text endpoint that upstream's README
-  promises and nothing serves.
+  promises and nothing serves;
+* byte bounds on what the module keeps in memory (upstream bounds its stores
+  in entries only, which lets peers fill them with 64 MiB entries):
+  ``logs_max_bytes`` and ``logs_max_entry_bytes`` (the log store and one log),
+  ``memory_max_bytes`` (the memory span store) and ``span_max_bytes`` (one
+  span, stored or exported), ``metrics_max_bytes`` (SDK metric points).  Each
+  is an integer of at least :data:`MIN_ENTRY_BYTES`, and one entry's bound may
+  not exceed its store's.
 """
 
 from __future__ import annotations
@@ -20,11 +27,18 @@ import os
 from typing import Any, Literal
 
 import attrs
+from cattrs.errors import AttributeValidationNote, ClassValidationError
 from cattrs.gen import make_dict_structure_fn
 
 from iii.config import CONFIG_CONVERTER
 
-__all__ = ["Config", "Sampling", "SamplingRule", "RateLimit"]
+__all__ = ["Config", "Sampling", "SamplingRule", "RateLimit", "MIN_ENTRY_BYTES"]
+
+KiB = 1024
+MiB = 1024 * KiB
+# The least a byte bound may be: room for one entry's ids, names and the note
+# saying it was cut (iii.modules.observability.bounds).
+MIN_ENTRY_BYTES = 4 * KiB
 
 Exporter = Literal["memory", "otlp", "both"]
 
@@ -60,13 +74,18 @@ class Config:
     sampling_ratio: float = 1.0
     sampling: Sampling | None = None
     memory_max_spans: int = 1000
+    memory_max_bytes: int = 16 * MiB
+    span_max_bytes: int = 64 * KiB
     metrics_enabled: bool = False
     metrics_exporter: Literal["memory", "otlp"] = "memory"
     metrics_retention_seconds: int = 3600
     metrics_max_count: int = 10_000
+    metrics_max_bytes: int = 16 * MiB
     logs_enabled: bool | None = None  # parsed; upstream does not gate anything on it
     logs_exporter: Exporter = "memory"
     logs_max_count: int = 1000
+    logs_max_bytes: int = 16 * MiB
+    logs_max_entry_bytes: int = 64 * KiB
     logs_retention_seconds: int | None = None
     logs_batch_size: int = 100
     logs_flush_interval_ms: int = 5000
@@ -129,6 +148,33 @@ def _from_env(value: str, kind: type) -> Any:
 
 _structure_config = make_dict_structure_fn(Config, CONFIG_CONVERTER, _cattrs_forbid_extra_keys=True)
 
+# (key, the store's key it may not exceed)
+_BYTE_BOUNDS = (
+    ("logs_max_bytes", None),
+    ("logs_max_entry_bytes", "logs_max_bytes"),
+    ("memory_max_bytes", None),
+    ("span_max_bytes", "memory_max_bytes"),
+    ("metrics_max_bytes", None),
+)
+
+
+def _check_byte_bounds(config: Config) -> None:
+    """Each byte bound is at least MIN_ENTRY_BYTES, and an entry's at most its store's;
+    the error names the key (cattrs' notes carry it to the ``FILE: key: reason`` text)."""
+    for key, store_key in _BYTE_BOUNDS:
+        value = getattr(config, key)
+        reason = None
+        if value < MIN_ENTRY_BYTES:
+            reason = f"must be at least {MIN_ENTRY_BYTES} (bytes), got {value}"
+        elif store_key is not None and value > getattr(config, store_key):
+            reason = f"must not exceed {store_key} ({getattr(config, store_key)}), got {value}"
+        if reason is not None:
+            error = ValueError(reason)
+            error.__notes__ = [
+                AttributeValidationNote(f"Structuring class Config @ attribute {key}", key, int)
+            ]
+            raise ClassValidationError("While structuring Config", [error], Config)
+
 
 def _structure_with_env(raw: Any, _: type) -> Config:
     if not isinstance(raw, dict):
@@ -142,7 +188,9 @@ def _structure_with_env(raw: Any, _: type) -> Config:
                 raise ValueError(
                     f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}"
                 ) from None
-    return _structure_config(raw, Config)
+    config = _structure_config(raw, Config)
+    _check_byte_bounds(config)
+    return config
 
 
 CONFIG_CONVERTER.register_structure_hook(Config, _structure_with_env)

@@ -6,6 +6,11 @@
 are parsed with :func:`iii.native.parse_input` (upstream's
 ``deserialization_error``); the trace functions need the memory exporter
 (``memory_exporter_not_enabled`` otherwise).  Registered by :meth:`Module.run`.
+
+``engine::log::*`` answers null, as upstream, when the log was stored whole
+(or sampled out); when it was over ``logs_max_entry_bytes`` and was cut, it
+answers ``{"truncated": true, "entry_bytes": <its JSON size>,
+"max_entry_bytes": <the bound>}``.
 """
 
 from __future__ import annotations
@@ -182,7 +187,7 @@ def register(engine: Engine, module: Module) -> None:
     def log_function(level: str) -> Any:
         function_id = f"engine::log::{level}"
 
-        async def handler(data: Any, ctx: CallContext) -> None:
+        async def handler(data: Any, ctx: CallContext) -> dict[str, Any] | None:
             given = parse_input(data, LogInput, function_id)
             trace_id, span_id = given.trace_id, given.span_id
             if trace_id is None:
@@ -193,7 +198,7 @@ def register(engine: Engine, module: Module) -> None:
             if given.data is not None and not isinstance(given.data, dict):
                 attributes["data"] = given.data
             service = given.service_name or "unknown"
-            module.logs.add(
+            stored = module.logs.add(
                 make_entry(
                     body=given.message,
                     severity_number=SEVERITY[level],
@@ -208,6 +213,12 @@ def register(engine: Engine, module: Module) -> None:
                 worker_log.log(
                     _PY_LEVEL[level], "[%s] %s", service, given.message, extra={STORED_MARK: True}
                 )
+            if stored is not None and stored.truncated:
+                return {
+                    "truncated": True,
+                    "entry_bytes": stored.original_bytes,
+                    "max_entry_bytes": module.logs.max_entry_bytes,
+                }
             return None
 
         return function_id, handler
@@ -252,10 +263,10 @@ def register(engine: Engine, module: Module) -> None:
             severity_min=query.severity_min,
             severity_text=query.severity_text,
         )
-        logs.sort(key=lambda entry: entry["timestamp_unix_nano"], reverse=True)
+        logs.sort(key=lambda stored: stored.timestamp_ns, reverse=True)
         offset, limit = max(0, query.offset), max(0, query.limit)
         return {
-            "logs": logs[offset : offset + limit],
+            "logs": [stored.entry() for stored in logs[offset : offset + limit]],
             "total": len(logs),
             "query": attrs.asdict(query),
             "timestamp": _now_ms(),

@@ -1,5 +1,13 @@
 """Logs: the memory store, its three sources, and the ``log`` trigger type.
 
+The store keeps each log as its JSON (so what it holds is what it counts),
+within ``logs_max_count`` entries and ``logs_max_bytes`` bytes, the oldest
+evicted first; one entry is at most ``logs_max_entry_bytes``: a longer one is
+cut (:func:`~.bounds.fit_record`: the body keeps its head, with a note saying
+how much was left out, and the attribute ``iii.truncated`` says why).  A log
+is cut rather than refused because it is diagnostic: its beginning is what a
+reader needs, and an SDK's ``LOGS`` frame has nobody to tell about a refusal.
+
 Sources, all stored as upstream's log JSON (spec modules.md §8):
 
 * ``engine::log::{info,warn,error,debug,trace}`` calls (their trace and span
@@ -29,20 +37,27 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+import orjson
 
 from iii.errors import TriggerRegistrationError
 from iii.log import MAX_MESSAGE_CHARS, bounded_repr, record_message, truncate
-from iii.modules.observability.spans import otlp_attributes, otlp_value, parse_otlp_id
+from iii.modules.observability.bounds import BoundedRing, fit_record
+from iii.modules.observability.spans import (
+    otlp_attributes,
+    otlp_int,
+    otlp_value,
+    parse_otlp_id,
+)
 from iii.modules.observability.tracer import CURRENT_SPAN
 from iii.registry import LogicalTrigger
 
 __all__ = [
     "LogStore",
+    "StoredLog",
     "EngineLogHandler",
     "LogTriggers",
     "SEVERITY",
@@ -82,30 +97,110 @@ def severity_of(levelno: int) -> tuple[int, str]:
     return SEVERITY["trace"], "TRACE"
 
 
-class LogStore:
-    """A ring buffer of logs (oldest dropped); ``on_store`` sees each new one."""
+# Bytes counted for a stored log on top of its JSON and its index strings (the
+# record object, the bytes object's header, the ring's slot).
+ENTRY_OVERHEAD = 256
 
-    def __init__(self, max_count: int, sampling_ratio: float = 1.0):
-        self.logs: deque[dict[str, Any]] = deque(maxlen=max(1, max_count))
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _id(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@attrs.frozen(slots=True)
+class StoredLog:
+    """One stored log: its JSON, and the fields queries filter on."""
+
+    timestamp_ns: int
+    severity_number: int
+    severity_text: str  # lowercased
+    trace_id: str | None
+    span_id: str | None
+    encoded: bytes
+    # The entry's JSON size as it came, and whether it was cut to fit.
+    original_bytes: int
+    truncated: bool
+
+    @property
+    def size(self) -> int:
+        """The bytes this log is counted for in the store's byte bound."""
+        return (
+            len(self.encoded)
+            + len(self.severity_text)
+            + len(self.trace_id or "")
+            + len(self.span_id or "")
+            + ENTRY_OVERHEAD
+        )
+
+    def entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = orjson.loads(self.encoded)
+        return entry
+
+
+LogListener = Callable[[dict[str, Any], StoredLog], None]
+
+
+class LogStore:
+    """The stored logs, oldest evicted first (see the module docstring);
+    each listener sees each new log, as a dict and as stored."""
+
+    def __init__(
+        self,
+        max_count: int,
+        sampling_ratio: float = 1.0,
+        *,
+        max_bytes: int = 16 * 1024 * 1024,
+        max_entry_bytes: int = 64 * 1024,
+    ):
         self.sampling_ratio = sampling_ratio
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.max_entry_bytes = max_entry_bytes
+        self.listeners: list[LogListener] = []
+        self._ring = BoundedRing[StoredLog](max_count, max_bytes)
+        # Engine records may be written from other threads (trio.to_thread).
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.logs)
+        return len(self._ring)
 
-    def add(self, entry: dict[str, Any]) -> bool:
+    @property
+    def bytes(self) -> int:
+        """The bytes the stored logs are counted for (at most ``max_bytes``)."""
+        return self._ring.bytes
+
+    def add(self, entry: dict[str, Any]) -> StoredLog | None:
+        """Store a log (cut to ``max_entry_bytes`` if needed); None if it was sampled out."""
         if self.sampling_ratio < 1 and random.random() >= self.sampling_ratio:
-            return False
+            return None
+        fitted = fit_record(entry, self.max_entry_bytes, main="body", secondary=("resource",))
+        record = fitted.record
+        stored = StoredLog(
+            timestamp_ns=_int(record.get("timestamp_unix_nano")),
+            severity_number=_int(record.get("severity_number")),
+            severity_text=str(record.get("severity_text", "")).lower(),
+            trace_id=_id(record.get("trace_id")),
+            span_id=_id(record.get("span_id")),
+            encoded=fitted.encoded,
+            original_bytes=fitted.original_bytes,
+            truncated=fitted.truncated,
+        )
         with self._lock:
-            self.logs.append(entry)
+            self._ring.add(stored, stored.size)
         for listener in self.listeners:
-            listener(entry)
-        return True
+            listener(record, stored)
+        return stored
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every stored log, oldest first."""
+        with self._lock:
+            stored = list(self._ring)
+        return [log.entry() for log in stored]
 
     def clear(self) -> None:
         with self._lock:
-            self.logs.clear()
+            self._ring.clear()
 
     def query(
         self,
@@ -116,28 +211,26 @@ class LogStore:
         span_id: str | None = None,
         severity_min: int | None = None,
         severity_text: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[StoredLog]:
+        """The stored logs that match, oldest first (``StoredLog.entry()`` decodes one)."""
         with self._lock:
-            logs = list(self.logs)
+            logs = list(self._ring)
         out = []
-        for entry in logs:
-            stamp_ms = entry["timestamp_unix_nano"] // 1_000_000
+        for log in logs:
+            stamp_ms = log.timestamp_ns // 1_000_000
             if start_ms is not None and stamp_ms < start_ms:
                 continue
             if end_ms is not None and stamp_ms > end_ms:
                 continue
-            if trace_id is not None and entry.get("trace_id") != trace_id.lower():
+            if trace_id is not None and log.trace_id != trace_id.lower():
                 continue
-            if span_id is not None and entry.get("span_id") != span_id.lower():
+            if span_id is not None and log.span_id != span_id.lower():
                 continue
-            if severity_min is not None and entry["severity_number"] < severity_min:
+            if severity_min is not None and log.severity_number < severity_min:
                 continue
-            if (
-                severity_text is not None
-                and entry["severity_text"].lower() != severity_text.lower()
-            ):
+            if severity_text is not None and log.severity_text != severity_text.lower():
                 continue
-            out.append(entry)
+            out.append(log)
         return out
 
 
@@ -229,7 +322,7 @@ def entries_from_otlp_json(payload: Any) -> list[dict[str, Any]]:
                     continue
                 trace_id = parse_otlp_id(record.get("traceId"), 16)
                 span_id = parse_otlp_id(record.get("spanId"), 8)
-                number = int(record.get("severityNumber") or 0)
+                number = otlp_int(record.get("severityNumber"))
                 out.append(
                     make_entry(
                         body=otlp_value(record.get("body")),
@@ -239,8 +332,8 @@ def entries_from_otlp_json(payload: Any) -> list[dict[str, Any]]:
                         attributes=otlp_attributes(record.get("attributes")),
                         trace_id=format(trace_id, "032x") if trace_id else None,
                         span_id=format(span_id, "016x") if span_id else None,
-                        timestamp_ns=int(record.get("timeUnixNano") or 0) or None,
-                        observed_ns=int(record.get("observedTimeUnixNano") or 0) or None,
+                        timestamp_ns=otlp_int(record.get("timeUnixNano")) or None,
+                        observed_ns=otlp_int(record.get("observedTimeUnixNano")) or None,
                         scope_name=scope.get("name") or None,
                         scope_version=scope.get("version") or None,
                     )

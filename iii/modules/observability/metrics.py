@@ -4,9 +4,13 @@
   function, per error code), keeps a latency histogram per function and the
   last 10 000 durations for percentiles, and counts worker connects and
   disconnects.  The observability tracer records every invocation here, sampled
-  or not.
+  or not.  Function ids and error codes come from peers (a call to an unknown
+  id is counted too), so, as OpenTelemetry's metrics SDK does, at most
+  :data:`MAX_SERIES` of each are told apart; later ones are counted under
+  :data:`OTHER`, and an id is cut after :data:`MAX_LABEL_CHARS`.
 * :class:`SdkMetricStore` keeps the data points SDK workers send in ``MTRC``
-  frames (OTLP/JSON), bounded by count and age.
+  frames (OTLP/JSON), bounded by count, bytes (``metrics_max_bytes``) and age;
+  each point is kept as its JSON, cut to :data:`MAX_POINT_BYTES`.
 * :class:`PrometheusCollector` renders all of it, plus live engine gauges
   (workers, pending calls, open sockets, telemetry frames) and every module's
   ``statistics()`` snapshot, through ``prometheus_client``'s exposition format.
@@ -34,10 +38,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from iii.log import truncate
+from iii.modules.observability.bounds import BoundedRing, fit_record
 from iii.modules.observability.spans import otlp_attributes
 
 if TYPE_CHECKING:
@@ -56,6 +63,16 @@ log = logging.getLogger(__name__)
 
 # How long a scrape or metrics::list waits for modules' refresh_statistics().
 REFRESH_TIMEOUT = 5.0
+
+# Distinct function ids (and error codes) counted apart; the rest are counted
+# under OTHER (OpenTelemetry's metrics SDK has the same default cardinality limit).
+MAX_SERIES = 2000
+OTHER = "(other)"
+MAX_LABEL_CHARS = 256
+# One SDK data point's JSON: a point is a few numbers and attributes.
+MAX_POINT_BYTES = 4096
+# Bytes counted for a stored point on top of its JSON and its name.
+POINT_OVERHEAD = 160
 
 # Seconds; Prometheus' default buckets plus 30 s (the default invocation timeout) and 60 s.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -83,7 +100,18 @@ class EngineMetrics:
     # Also told about each invocation (the OTel instruments, when exported).
     observers: list[Callable[[str, float, str | None], None]] = attrs.field(factory=list)
 
+    def _function_series(self, function_id: str) -> str:
+        if function_id in self.by_function:
+            return function_id
+        label = truncate(function_id, MAX_LABEL_CHARS)
+        if label in self.by_function or len(self.by_function) < MAX_SERIES:
+            return label
+        return OTHER
+
     def record_invocation(self, function_id: str, seconds: float, error_code: str | None) -> None:
+        function_id = self._function_series(function_id)
+        if error_code is not None:
+            error_code = truncate(error_code, MAX_LABEL_CHARS)
         for observer in self.observers:
             observer(function_id, seconds, error_code)
         self.total += 1
@@ -100,6 +128,8 @@ class EngineMetrics:
             self.error += 1
             stats.errors += 1
             key = (function_id, error_code)
+            if key not in self.by_error_code and len(self.by_error_code) >= MAX_SERIES:
+                key = (OTHER, OTHER)
             self.by_error_code[key] = self.by_error_code.get(key, 0) + 1
 
     def on_worker_event(self, event: str, worker_id: str) -> None:
@@ -145,15 +175,43 @@ class EngineMetrics:
         }
 
 
-class SdkMetricStore:
-    """Data points from SDK ``MTRC`` frames: newest ``max_count``, none older than ``retention``."""
+@attrs.frozen(slots=True)
+class _StoredPoint:
+    name: str
+    timestamp: int  # ms
+    encoded: bytes
 
-    def __init__(self, max_count: int, retention_seconds: float):
-        self.points: deque[dict[str, Any]] = deque(maxlen=max(1, max_count))
+    @property
+    def size(self) -> int:
+        return len(self.encoded) + len(self.name) + POINT_OVERHEAD
+
+
+class SdkMetricStore:
+    """Data points from SDK ``MTRC`` frames: the newest ``max_count``, at most
+    ``max_bytes`` of them, none older than ``retention``."""
+
+    def __init__(self, max_count: int, retention_seconds: float, max_bytes: int = 16 * 1024 * 1024):
+        self._ring = BoundedRing[_StoredPoint](max_count, max_bytes)
         self.retention = retention_seconds
 
     def __len__(self) -> int:
-        return len(self.points)
+        return len(self._ring)
+
+    @property
+    def bytes(self) -> int:
+        """The bytes the stored points are counted for (at most ``max_bytes``)."""
+        return self._ring.bytes
+
+    def _add(self, point: dict[str, Any]) -> None:
+        fitted = fit_record(point, MAX_POINT_BYTES)
+        record = fitted.record
+        timestamp = record.get("timestamp")
+        stored = _StoredPoint(
+            name=str(record.get("name", "")),
+            timestamp=timestamp if isinstance(timestamp, int) else 0,
+            encoded=fitted.encoded,
+        )
+        self._ring.add(stored, stored.size)
 
     def ingest(self, payload: Any, worker_id: str | None) -> int:
         if not isinstance(payload, dict):
@@ -176,31 +234,29 @@ class SdkMetricStore:
                     else:
                         continue
                     for point in data.get("dataPoints") or ():
-                        self.points.append(
-                            _point_json(metric, kind, point, service, worker_id, received)
-                        )
+                        self._add(_point_json(metric, kind, point, service, worker_id, received))
                         added += 1
         self._expire(received)
         return added
 
     def _expire(self, now_ms: int) -> None:
         horizon = now_ms - self.retention * 1000
-        while self.points and self.points[0]["timestamp"] < horizon:
-            self.points.popleft()
+        while (oldest := self._ring.oldest()) is not None and oldest.timestamp < horizon:
+            self._ring.pop_oldest()
 
     def query(
         self, *, start_ms: int | None, end_ms: int | None, name: str | None
     ) -> list[dict[str, Any]]:
         self._expire(int(time.time() * 1000))
         out = []
-        for point in self.points:
-            if name is not None and point["name"] != name:
+        for point in self._ring:
+            if name is not None and point.name != name:
                 continue
-            if start_ms is not None and point["timestamp"] < start_ms:
+            if start_ms is not None and point.timestamp < start_ms:
                 continue
-            if end_ms is not None and point["timestamp"] > end_ms:
+            if end_ms is not None and point.timestamp > end_ms:
                 continue
-            out.append(point)
+            out.append(orjson.loads(point.encoded))
         return out
 
 
@@ -240,15 +296,26 @@ def _point_json(
 
 
 def _number(value: Any) -> float | int:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """A JSON number of a data point: an int within 64 bits, else a float, else 0."""
+    if isinstance(value, float):
         return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    number: int
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            return 0
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):
+            try:
+                return float(value)
+            except (TypeError, ValueError, OverflowError):
+                return 0
+    if -(2**63) <= number < 2**64:
+        return number
+    try:
+        return float(number)
+    except OverflowError:
+        return 0
 
 
 def aggregate(points: list[dict[str, Any]], interval_s: float) -> list[dict[str, Any]]:

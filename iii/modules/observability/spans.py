@@ -1,10 +1,12 @@
-"""Spans: the memory store and its queries, and SDK span ingestion.
+"""Spans: the memory store and its queries, span size bounds, and SDK span ingestion.
 
-* :class:`SpanStore` keeps the last ``memory_max_spans`` finished spans as
-  upstream's span JSON (spec modules.md §8) and answers
-  ``engine::traces::list`` / ``tree``.
+* :class:`SpanStore` keeps the last ``memory_max_spans`` finished spans, and
+  at most ``memory_max_bytes`` of them (the oldest evicted first), and answers
+  ``engine::traces::list`` / ``tree`` with upstream's span JSON (spec
+  modules.md §8), built per query.
+  Each span is counted and cut to ``span_max_bytes`` by :mod:`.span_bounds`.
 * :class:`MemorySpanProcessor` is the OpenTelemetry ``SpanProcessor`` that
-  feeds the store from the engine's own spans.
+  feeds the store.
 * :func:`spans_from_otlp_json` turns an SDK's ``OTLP`` frame (OTLP/JSON
   ``resourceSpans``, ids in hex, or base64 as protobuf's JSON mapping writes
   them) into OpenTelemetry ``ReadableSpan`` objects.  The module hands those
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,10 +31,14 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from iii.modules.observability.bounds import BoundedRing
+from iii.modules.observability.span_bounds import fit_span
+
 __all__ = [
     "SpanStore",
     "StoredSpan",
     "MemorySpanProcessor",
+    "otlp_int",
     "span_to_json",
     "spans_from_otlp_json",
     "otlp_value",
@@ -106,13 +111,13 @@ def span_to_json(span: ReadableSpan) -> dict[str, Any]:
 
 @attrs.define(slots=True, eq=False)
 class StoredSpan:
-    """A finished span; its JSON is built on first query (not on the hot path)."""
+    """A finished span; its JSON is built when a query asks (not on the hot path,
+    and not kept: the store's byte bound counts the span only)."""
 
     trace_id: str
     span_id: str
     parent_span_id: str | None
     span: ReadableSpan
-    _json: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, span: ReadableSpan) -> StoredSpan:
@@ -127,35 +132,51 @@ class StoredSpan:
         )
 
     def json(self) -> dict[str, Any]:
-        if self._json is None:
-            self._json = span_to_json(self.span)
-        return self._json
+        return span_to_json(self.span)
 
 
 class SpanStore:
-    """A ring buffer of finished spans (oldest dropped) with upstream's queries."""
+    """Finished spans, oldest evicted first, with upstream's queries (see the module docstring)."""
 
-    def __init__(self, max_spans: int):
-        self.spans: deque[StoredSpan] = deque(maxlen=max(1, max_spans))
+    def __init__(
+        self,
+        max_spans: int,
+        max_bytes: int = 16 * 1024 * 1024,
+        max_span_bytes: int = 64 * 1024,
+    ):
+        self.max_span_bytes = max_span_bytes
+        self._ring = BoundedRing[StoredSpan](max_spans, max_bytes)
 
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self._ring)
+
+    @property
+    def bytes(self) -> int:
+        """The bytes the stored spans are counted for (at most ``max_bytes``)."""
+        return self._ring.bytes
+
+    @property
+    def spans(self) -> list[StoredSpan]:
+        """The stored spans, oldest first."""
+        return list(self._ring)
 
     def add(self, span: ReadableSpan) -> None:
-        self.spans.append(StoredSpan.of(span))
+        span, size = fit_span(span, self.max_span_bytes)
+        self._ring.add(StoredSpan.of(span), size)
 
     def clear(self) -> None:
-        self.spans.clear()
+        self._ring.clear()
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         trace_id = trace_id.lower()
-        return [s.json() for s in self.spans if s.trace_id == trace_id]
+        return [s.json() for s in self._ring if s.trace_id == trace_id]
 
     def roots(self) -> Iterator[dict[str, Any]]:
         """Spans without a parent, or whose parent is not stored (e.g. a caller
         that does not export its spans): the entry points of the stored traces."""
-        present = {(s.trace_id, s.span_id) for s in self.spans}
-        for span in list(self.spans):
+        spans = self.spans
+        present = {(s.trace_id, s.span_id) for s in spans}
+        for span in spans:
             if span.parent_span_id is None or (span.trace_id, span.parent_span_id) not in present:
                 yield span.json()
 
@@ -222,9 +243,11 @@ def otlp_value(value: Any) -> Any:
         return bool(value["boolValue"])
     if "intValue" in value:
         try:
-            return int(value["intValue"])
-        except (TypeError, ValueError):
+            number = int(value["intValue"])
+        except (TypeError, ValueError, OverflowError):
             return str(value["intValue"])
+        # Beyond 64 bits neither OTLP nor the engine's JSON can carry it.
+        return number if -(2**63) <= number < 2**63 else str(value["intValue"])
     if "doubleValue" in value:
         try:
             return float(value["doubleValue"])
@@ -258,11 +281,13 @@ def otlp_attributes(items: Any) -> dict[str, Any]:
     return out
 
 
-def _nanos(value: Any) -> int:
+def otlp_int(value: Any) -> int:
+    """An OTLP integer (JSON number or decimal string); 0 if unreadable or beyond 64 bits."""
     try:
-        return int(value or 0)
-    except (TypeError, ValueError):
+        number = int(value or 0)
+    except (TypeError, ValueError, OverflowError):
         return 0
+    return number if -(2**63) <= number < 2**64 else 0
 
 
 def _context(trace_id: int, span_id: int) -> SpanContext:
@@ -298,7 +323,7 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
                     continue
                 parent_id = parse_otlp_id(span.get("parentSpanId"), 8)
                 status = span.get("status") or {}
-                status_code = _OTLP_STATUS.get(_nanos(status.get("code")), StatusCode.UNSET)
+                status_code = _OTLP_STATUS.get(otlp_int(status.get("code")), StatusCode.UNSET)
                 links = [
                     Link(
                         _context(
@@ -320,13 +345,13 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
                         Event(
                             str(event.get("name") or ""),
                             otlp_attributes(event.get("attributes")),
-                            _nanos(event.get("timeUnixNano")),
+                            otlp_int(event.get("timeUnixNano")),
                         )
                         for event in span.get("events") or ()
                         if isinstance(event, dict)
                     ],
                     links=links,
-                    kind=_OTLP_KINDS.get(_nanos(span.get("kind")), SpanKind.INTERNAL),
+                    kind=_OTLP_KINDS.get(otlp_int(span.get("kind")), SpanKind.INTERNAL),
                     status=Status(
                         status_code,
                         # OpenTelemetry keeps a description for errors only.
@@ -334,7 +359,7 @@ def spans_from_otlp_json(payload: Any, *, worker_id: str | None = None) -> Itera
                         if status_code is StatusCode.ERROR
                         else None,
                     ),
-                    start_time=_nanos(span.get("startTimeUnixNano")),
-                    end_time=_nanos(span.get("endTimeUnixNano")),
+                    start_time=otlp_int(span.get("startTimeUnixNano")),
+                    end_time=otlp_int(span.get("endTimeUnixNano")),
                     instrumentation_scope=scope,
                 )
