@@ -126,7 +126,7 @@ async def _run_call(
             if error is not None:
                 conn.bad_input_log.log(
                     logging.INFO,
-                    "fire-and-forget call %r from %s failed: %s: %s",
+                    "fire-and-forget call %r from %s failed: %r: %r",
                     message.function_id,
                     conn.worker_id,
                     error.code,

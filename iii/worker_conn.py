@@ -501,7 +501,7 @@ class WorkerConnection:
         if trigger_type is None or trigger_type.provider != self.worker_id:
             return  # only the provider of the type may answer for it
         self.bad_input_log.warning(
-            "provider %s refused trigger %r: %s",
+            "provider %s refused trigger %r: %r",
             self.worker_id,
             message.id,
             message.error.message,
