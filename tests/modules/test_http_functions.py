@@ -222,7 +222,12 @@ async def test_url_rules_at_registration(caplog):
         }
         for index, (host, rule) in enumerate(cases.items()):
             caplog.clear()
-            rejected = await register(engine, owner, f"ext::ip{index}", {"url": f"http://{host}/f"}, expect_ok=False)
+            # One worker per case: a connection's refusals are rate-limited in
+            # the log (the first five, then one per 10 s).
+            async with connect_test_worker(engine) as registrant:
+                rejected = await register(
+                    engine, registrant, f"ext::ip{index}", {"url": f"http://{host}/f"}, expect_ok=False
+                )
             assert rejected["code"] == "url_validation_failed"
             assert rule in caplog.text and "block_private_ips" in caplog.text
 
