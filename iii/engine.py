@@ -56,6 +56,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
 import trio
 
 from iii.channels import ChannelTable
@@ -385,16 +386,22 @@ class Engine:
         if expiry is not None and deadline < expiry.deadline:
             expiry.deadline = deadline  # the expiry task wakes for this one
         try:
-            frame = encode_message(
-                InvokeFunction(
-                    function_id=function_id,
-                    data=data,
-                    invocation_id=invocation_id,
-                    traceparent=traceparent,
-                    baggage=baggage,
-                    metadata=metadata,
+            try:
+                frame = encode_message(
+                    InvokeFunction(
+                        function_id=function_id,
+                        data=data,
+                        invocation_id=invocation_id,
+                        traceparent=traceparent,
+                        baggage=baggage,
+                        metadata=metadata,
+                    )
                 )
-            )
+            except orjson.JSONEncodeError as exc:  # a value no peer could have sent
+                raise IIIError(
+                    f"the data for {function_id} cannot be sent as JSON: {exc}",
+                    code="serialization_error",
+                ) from None
             # Both waits are bounded: the send by the worker's slow-consumer
             # timeout, the answer by the deadline (expire_invocations).
             await target.send(frame)

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
 
@@ -139,20 +141,41 @@ async def _run_call(
             baggage=(span.baggage if span is not None else None) or message.baggage,
         )
         try:
-            await conn.send(encode_message(answer))
-        except FrameTooLargeError as exc:
-            await conn.send(
-                encode_message(
-                    InvocationResult(
-                        invocation_id=message.invocation_id,
-                        function_id=message.function_id,
-                        error=ErrorBody(code=exc.code, message=f"result too large: {exc.message}"),
-                    )
-                )
+            frame = encode_message(answer)
+        except orjson.JSONEncodeError as exc:
+            # A result the engine could not write (no peer can send one, so
+            # an engine-side bug): the caller still gets its answer.
+            log.error("the result of %s cannot be sent as JSON: %s", message.function_id, exc)
+            frame = _error_answer(
+                message, "serialization_error", f"the result cannot be sent as JSON: {exc}"
             )
+        try:
+            await conn.send(frame)
+        except FrameTooLargeError as exc:
+            try:
+                too_large = f"result too large: {exc.message}"
+                await conn.send(_error_answer(message, exc.code, too_large))
+            except FrameTooLargeError:  # the caller's own ids are too long to answer
+                log.warning(
+                    "worker %s: the answer to its call of a %d-character function id "
+                    "is too large even as an error; dropped",
+                    conn.worker_id,
+                    len(message.function_id),
+                )
     finally:
         engine.inflight -= 1
         conn.calls_outstanding -= 1
+
+
+def _error_answer(message: InvokeFunction, code: str, text: str) -> str:
+    assert message.invocation_id is not None
+    return encode_message(
+        InvocationResult(
+            invocation_id=message.invocation_id,
+            function_id=message.function_id,
+            error=ErrorBody(code=code, message=text),
+        )
+    )
 
 
 async def _call(
