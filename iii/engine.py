@@ -318,6 +318,7 @@ class Engine:
         metadata: Any = None,
         timeout: float | None = None,
         on_span: Callable[[Span], None] | None = None,
+        reply_limit: int | None = None,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
@@ -329,6 +330,8 @@ class Engine:
         of ``traceparent``), and the function receives that span's context;
         ``on_span`` is then given that span as soon as it opens (so a caller
         can answer with its context).  Without a tracer it is never called.
+        ``reply_limit`` is the caller's frame limit when the result goes back
+        to a worker (see :class:`~iii.native.CallContext`).
         """
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
@@ -341,6 +344,7 @@ class Engine:
                 metadata=metadata,
                 timeout=timeout,
                 on_span=on_span,
+                reply_limit=reply_limit,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -360,6 +364,7 @@ class Engine:
                 traceparent=traceparent,
                 baggage=baggage,
                 metadata=metadata,
+                reply_limit=reply_limit,
             )
             with trio.move_on_after(timeout) as scope:
                 return await replica.handler(data, ctx)
@@ -427,6 +432,7 @@ class Engine:
         metadata: Any,
         timeout: float | None,
         on_span: Callable[[Span], None] | None,
+        reply_limit: int | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -446,6 +452,7 @@ class Engine:
                 baggage=span.baggage,
                 metadata=metadata,
                 timeout=timeout,
+                reply_limit=reply_limit,
                 _span=span,
             )
 

@@ -9,6 +9,11 @@ first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
 ``enqueue`` action becomes a call of ``engine::queue::enqueue`` and answers
 ``{messageReceiptId}``.
+
+The answer always goes back: the function is told the caller's frame limit
+(``CallContext.reply_limit``) so a store refuses a write whose answer would
+not fit, rather than apply it; a result that cannot be encoded or sent is
+answered as an error (``serialization_error``, ``payload_too_large``).
 """
 
 from __future__ import annotations
@@ -107,7 +112,11 @@ async def _run_call(
     spans: list[Span] = []
     try:
         try:
-            result = await _call(conn, message, data, spans.append if reply else None)
+            # An answer that goes back must fit this worker's frames.
+            reply_limit = conn.frame_limit if reply else None
+            result = await _call(
+                conn, message, data, spans.append if reply else None, reply_limit
+            )
             error = None
         except IIIError as exc:
             result, error = (
@@ -183,6 +192,7 @@ async def _call(
     message: InvokeFunction,
     data: Any,
     on_span: Callable[[Span], None] | None,
+    reply_limit: int | None,
 ) -> Any:
     action = message.action
     if isinstance(action, dict) and action.get("type") == "enqueue":
@@ -212,4 +222,5 @@ async def _call(
         baggage=message.baggage,
         metadata=message.metadata,
         on_span=on_span,
+        reply_limit=reply_limit,
     )

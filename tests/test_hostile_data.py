@@ -55,8 +55,12 @@ async def running_engine(tmp_path: Path, config: dict[str, Any]) -> AsyncIterato
 
 
 @asynccontextmanager
-async def raw_worker(engine: EngineProcess) -> AsyncIterator[RawWorker]:
-    async with open_websocket("127.0.0.1", engine.port, "/", use_ssl=False) as ws:
+async def raw_worker(
+    engine: EngineProcess, max_message_size: int = 1024 * 1024
+) -> AsyncIterator[RawWorker]:
+    async with open_websocket(
+        "127.0.0.1", engine.port, "/", use_ssl=False, max_message_size=max_message_size
+    ) as ws:
         worker = RawWorker(ws)
         registered = await worker.receive_type("workerregistered", timeout=10)
         worker.worker_id = registered["worker_id"]
@@ -310,3 +314,95 @@ async def test_an_http_function_answering_too_deep_fails_the_call(tmp_path):
             assert f"nested deeper than {MAX_DEPTH} levels" in reply["error"]["message"]
             assert engine.process is not None and engine.process.poll() is None
         nursery.cancel_scope.cancel()
+
+
+# -- row 4: a write that answers an error changes nothing, and the store stays readable ------
+
+KiB = 1024
+
+
+def _state_config(store: Path, **state_config: Any) -> dict[str, Any]:
+    adapter = {
+        "class": "modules::state::adapters::KvStore",
+        "config": {"store_method": "file_based", "file_path": str(store)},
+    }
+    return {
+        "modules": [
+            {"class": "modules::state::StateModule", "config": {"adapter": adapter, **state_config}}
+        ]
+    }
+
+
+async def test_a_value_grown_past_the_limit_is_refused_and_every_later_write_survives(tmp_path):
+    store = tmp_path / "state-store"
+    engine = EngineProcess.write(tmp_path, _state_config(store, max_value_bytes=64 * KiB))
+    engine.start()
+    try:
+        await engine.started()
+        async with raw_worker(engine) as worker:
+            chunk = "x" * (20 * KiB)
+            codes = []
+            for _ in range(5):  # the attack, scaled down: root appends past the limit
+                reply = await call(
+                    worker,
+                    "state::update",
+                    {"scope": "s", "key": "big", "ops": [{"type": "append", "value": chunk}]},
+                )
+                codes.append(reply.get("error", {}).get("code"))
+            assert codes == [None, None, None, "VALUE_TOO_LARGE", "VALUE_TOO_LARGE"], codes
+            reply = await call(worker, "state::get", {"scope": "s", "key": "big"})
+            assert reply["result"] == 3 * chunk
+            too_large = {"scope": "s", "key": "one", "value": "y" * 65 * KiB}
+            reply = await call(worker, "state::set", too_large)
+            assert reply["error"]["code"] == "VALUE_TOO_LARGE", reply
+            for n in range(100):
+                reply = await call(worker, "state::set", {"scope": "s", "key": f"k{n}", "value": n})
+                assert "error" not in reply, reply
+        assert engine.terminate() == 0  # a clean restart
+        engine.start()
+        await engine.started()
+        async with raw_worker(engine) as worker:
+            for n in range(100):
+                reply = await call(worker, "state::get", {"scope": "s", "key": f"k{n}"})
+                assert reply.get("result") == n, (n, reply)
+            reply = await call(worker, "state::get", {"scope": "s", "key": "big"})
+            assert reply["result"] == 3 * chunk
+            reply = await call(worker, "state::get", {"scope": "s", "key": "one"})
+            assert reply.get("result") is None
+        assert not list(store.glob("*corrupt*")), list(store.iterdir())
+        assert "could not be read" not in engine.log_text()
+    finally:
+        engine.kill()
+
+
+async def test_a_write_whose_answer_would_not_reach_the_caller_is_refused(tmp_path):
+    # A raw worker that announced nothing is taken for a 0.4.1 SDK: its frames
+    # are capped at 1 MiB, so {old_value, new_value} must fit in that.
+    config = _state_config(tmp_path / "state-store", max_value_bytes=4096 * KiB)
+    async with running_engine(tmp_path, config) as engine:
+        async with raw_worker(engine) as legacy, raw_worker(engine, 64 * 1024 * KiB) as modern:
+            await modern.call(
+                "engine::workers::register", {"features": ["large-messages.v1"]}, timeout=10
+            )
+            value = "v" * (700 * KiB)
+            reply = await call(legacy, "state::set", {"scope": "s", "key": "k", "value": value})
+            assert "error" not in reply, reply["error"]
+            append = {"type": "append", "value": "w" * (100 * KiB)}
+            more = {"scope": "s", "key": "k", "ops": [append]}
+            reply = await call(legacy, "state::update", more)
+            assert reply["error"]["code"] == "payload_too_large", reply["error"]
+            assert "nothing was changed" in reply["error"]["message"]
+            reply = await call(legacy, "state::set", {"scope": "s", "key": "k", "value": value})
+            assert reply["error"]["code"] == "payload_too_large"  # old + new > 1 MiB
+            reply = await call(legacy, "state::get", {"scope": "s", "key": "k"})
+            assert reply["result"] == value  # unchanged
+            reply = await call(modern, "state::update", more)  # the same write, for a worker
+            assert "error" not in reply  # that can take the answer
+            assert len(reply["result"]["new_value"]) == 800 * KiB
+            for size in (900, 1000, 1100):
+                reply = await call(modern, "state::update", more)
+                assert len(reply["result"]["new_value"]) == size * KiB
+            reply = await call(legacy, "state::delete", {"scope": "s", "key": "k"})
+            assert reply["error"]["code"] == "payload_too_large"  # the old value is the answer
+            reply = await call(modern, "state::delete", {"scope": "s", "key": "k"})
+            assert len(reply["result"]) == 1100 * KiB
