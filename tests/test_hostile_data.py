@@ -406,3 +406,37 @@ async def test_a_write_whose_answer_would_not_reach_the_caller_is_refused(tmp_pa
             assert reply["error"]["code"] == "payload_too_large"  # the old value is the answer
             reply = await call(modern, "state::delete", {"scope": "s", "key": "k"})
             assert len(reply["result"]) == 1100 * KiB
+
+
+# -- row 12: arithmetic that overflows is an op error, and stores nothing ----------------------
+
+
+async def test_an_overflowing_increment_is_an_error_and_the_value_stays(tmp_path):
+    store = tmp_path / "state-store"
+    engine = EngineProcess.write(tmp_path, _state_config(store))
+    engine.start()
+    try:
+        await engine.started()
+        async with raw_worker(engine) as worker:
+            ops = [
+                {"type": "increment", "path": "f", "by": 1.7e308},
+                {"type": "increment", "path": "i", "by": 2**63},
+            ]
+            replies = [
+                await call(worker, "state::update", {"scope": "s", "key": "n", "ops": ops})
+                for _ in range(2)
+            ]
+            assert "errors" not in replies[0]["result"], replies[0]
+            assert [e["code"] for e in replies[1]["result"]["errors"]] == [
+                "increment.overflow",
+                "increment.overflow",
+            ]
+            assert replies[1]["result"]["new_value"] == {"f": 1.7e308, "i": 2**63}
+        assert engine.terminate() == 0
+        engine.start()
+        await engine.started()
+        async with raw_worker(engine) as worker:
+            reply = await call(worker, "state::get", {"scope": "s", "key": "n"})
+            assert reply["result"] == {"f": 1.7e308, "i": 2**63}  # not null, not lost
+    finally:
+        engine.kill()
