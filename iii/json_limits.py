@@ -13,8 +13,10 @@ and it cannot write integers outside 64 bits; so:
   levels of its own when it sends it on, far below orjson's limit.
   :func:`loads` enforces it on everything read from a peer (worker frames,
   REST bodies, stream clients, HTTP function responses, telemetry, shared
-  backends); :func:`check_depth` on values the engine builds itself
-  (update ops).
+  backends).  A value the engine builds itself (update ops) is held to
+  :data:`MAX_VALUE_DEPTH` (126), the deepest value a worker can send as a
+  call's input field (``{"type": …, "data": {"value": …}}``), so whatever is
+  stored can be read and written back by a worker.
 * **Numbers.**  Decoding cannot produce an unencodable number: orjson reads
   an integer beyond 64 bits as a float (as serde_json does) and refuses a
   literal that overflows a double (``1e400``).  Only arithmetic can (update
@@ -42,6 +44,7 @@ import orjson
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_VALUE_DEPTH",
     "JsonTooDeepError",
     "loads",
     "check_depth",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 MAX_DEPTH: Final = 128
+# A value inside a frame's ``data`` object: the frame and ``data`` take two levels.
+MAX_VALUE_DEPTH: Final = MAX_DEPTH - 2
 # The integers orjson (and serde_json's Number) can write: i64 and u64.
 INT_MIN: Final = -(2**63)
 INT_MAX: Final = 2**64 - 1

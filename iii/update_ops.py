@@ -42,8 +42,8 @@ Semantics (v0.4 quirks fixed, HEAD's additions kept):
   ``increment``/``decrement`` whose result is not a finite float or a 64-bit
   integer fails with ``<op>.overflow`` (v0.4 stored ``null`` for an
   overflowing float), and a ``set``/``merge``/``append`` that would nest the
-  value deeper than 128 levels fails with ``<op>.too_deep``.  Either way the
-  field is left as it was.
+  value deeper than 126 levels (what a worker can send back in a ``set``)
+  fails with ``<op>.too_deep``.  Either way the field is left as it was.
 
 An op that fails is skipped and reported; the others still apply, and the
 result is written (HEAD's behaviour).  Errors come back as
@@ -63,7 +63,7 @@ from typing import Any
 import attrs
 
 from iii.errors import DeserializationError
-from iii.json_limits import MAX_DEPTH, check_number, depth_exceeds
+from iii.json_limits import MAX_VALUE_DEPTH, check_number, depth_exceeds
 
 __all__ = ["UpdateOp", "UpdateResult", "OpError", "parse_ops", "apply_ops", "MISSING"]
 
@@ -232,18 +232,18 @@ def _add(current: Any, op: UpdateOp) -> Any:
 
 
 def _check_nesting(op: UpdateOp) -> None:
-    """Refuse an op whose value, put at its path, would nest deeper than MAX_DEPTH.
+    """Refuse an op whose value, put at its path, would nest deeper than MAX_VALUE_DEPTH.
 
     What is stored already is within the bound (each write was checked), so
     only the new part can go beyond it: the path's objects, plus the array
     ``append`` puts the value in, plus the value's own depth.
     """
     around = len(op.path) + (1 if op.type == "append" else 0)
-    if depth_exceeds(op.value, MAX_DEPTH - around):
+    if depth_exceeds(op.value, MAX_VALUE_DEPTH - around):
         raise _OpFailed(
             f"{op.type}.too_deep",
             f"Cannot {op.type} at path '{_label(op.path)}': "
-            f"the value would be nested deeper than {MAX_DEPTH} levels.",
+            f"the value would be nested deeper than {MAX_VALUE_DEPTH} levels.",
         )
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from iii import json_limits
 from iii.errors import DeserializationError
-from iii.json_limits import MAX_DEPTH
+from iii.json_limits import MAX_VALUE_DEPTH
 from iii.update_ops import MISSING, apply_ops, parse_ops
 
 
@@ -159,28 +159,29 @@ def deep(levels: int) -> object:
 
 def test_an_op_that_would_nest_too_deep_is_an_error_that_leaves_the_value():
     path = [f"p{i}" for i in range(32)]
+    top = MAX_VALUE_DEPTH  # what a worker can send back in a set
     for op, nesting in [
-        ({"type": "set", "path": path, "value": deep(MAX_DEPTH - 32)}, MAX_DEPTH),
-        ({"type": "set", "path": path, "value": deep(MAX_DEPTH - 31)}, None),
-        ({"type": "append", "path": path, "value": deep(MAX_DEPTH - 33)}, MAX_DEPTH),
-        ({"type": "append", "path": path, "value": deep(MAX_DEPTH - 32)}, None),
-        ({"type": "merge", "path": path, "value": {"x": deep(MAX_DEPTH - 33)}}, MAX_DEPTH),
-        ({"type": "merge", "path": path, "value": {"x": deep(MAX_DEPTH - 32)}}, None),
-        ({"type": "set", "path": "", "value": deep(MAX_DEPTH)}, MAX_DEPTH),
-        ({"type": "append", "path": "l", "value": deep(MAX_DEPTH - 2)}, MAX_DEPTH),
-        ({"type": "append", "path": "l", "value": deep(MAX_DEPTH - 1)}, None),
+        ({"type": "set", "path": path, "value": deep(top - 32)}, top),
+        ({"type": "set", "path": path, "value": deep(top - 31)}, None),
+        ({"type": "append", "path": path, "value": deep(top - 33)}, top),
+        ({"type": "append", "path": path, "value": deep(top - 32)}, None),
+        ({"type": "merge", "path": path, "value": {"x": deep(top - 33)}}, top),
+        ({"type": "merge", "path": path, "value": {"x": deep(top - 32)}}, None),
+        ({"type": "set", "path": "", "value": deep(top)}, top),
+        ({"type": "append", "path": "l", "value": deep(top - 2)}, top),
+        ({"type": "append", "path": "l", "value": deep(top - 1)}, None),
     ]:
         value, errors = run({"keep": 1}, op)
         if nesting is None:
             assert value == {"keep": 1} and errors == [f"{op['type']}.too_deep"], op["type"]
         else:
-            assert errors == [] and not json_limits.depth_exceeds(value), op["type"]
+            assert errors == [] and not json_limits.depth_exceeds(value, top), op["type"]
             assert json_limits.depth_exceeds(value, nesting - 1), op["type"]
 
 
 def test_appending_again_and_again_stays_within_the_bound():
-    append = {"type": "append", "path": "", "value": deep(MAX_DEPTH - 1)}
+    append = {"type": "append", "path": "", "value": deep(MAX_VALUE_DEPTH - 1)}
     value, errors = run(MISSING, append, append, append)
     assert errors == [] and len(value) == 3
-    value, errors = run(value, {"type": "append", "path": "", "value": deep(MAX_DEPTH)})
+    value, errors = run(value, {"type": "append", "path": "", "value": deep(MAX_VALUE_DEPTH)})
     assert len(value) == 3 and errors == ["append.too_deep"]

@@ -19,6 +19,7 @@ import pytest
 from iii.config import parse_config
 from iii.engine import Engine
 from iii.errors import ConfigError
+from iii.json_limits import MAX_VALUE_DEPTH
 from iii.modules import kv_server
 from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.backends import KINDS, adapter_block, delete_prefix
@@ -135,3 +136,29 @@ def test_kv_server_max_value_bytes_must_be_a_positive_integer(raw):
     with pytest.raises(ConfigError) as caught:
         kv_server.Module(Engine(make_config()), kv_server.Config(raw={"max_value_bytes": raw}))
     assert caught.value.key == "kv_server.config.max_value_bytes"
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_deepest_value_update_ops_build_can_be_read_and_set_again(kind, tmp_path):
+    # issue 10 row 2: a value the engine built must go out, and come back, as well.
+    async with store_engine("state", kind, tmp_path, 4096 * KiB) as engine:
+        async with connect_test_worker(engine) as w:
+            item = {"scope": "s", "key": "k"}
+            # An op's value sits 4 levels down its frame (data, ops, op): 124 at most.
+            part = nested(MAX_VALUE_DEPTH - 2)
+            deepest = {"type": "set", "path": ["a", "b"], "value": part}
+            reply = await w.call("state::update", {**item, "ops": [deepest]})
+            assert "errors" not in reply["result"], reply
+            too_deep = {"type": "set", "path": ["x", "y", "z"], "value": part}
+            reply = await w.call("state::update", {**item, "ops": [too_deep]})
+            assert [e["code"] for e in reply["result"]["errors"]] == ["set.too_deep"]
+            value = (await w.call("state::get", item))["result"]
+            assert value == {"a": {"b": part}}
+            assert "error" not in await w.call("state::set", {**item, "value": value})
