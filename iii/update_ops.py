@@ -62,8 +62,8 @@ from typing import Any
 
 import attrs
 
+from iii import json_limits
 from iii.errors import DeserializationError
-from iii.json_limits import MAX_VALUE_DEPTH, check_number, depth_exceeds
 
 __all__ = ["UpdateOp", "UpdateResult", "OpError", "parse_ops", "apply_ops", "MISSING"]
 
@@ -221,7 +221,7 @@ def _add(current: Any, op: UpdateOp) -> Any:
         )
     else:
         result = current + delta
-    if not check_number(result):
+    if not json_limits.check_number(result):
         kind = "a 64-bit integer" if isinstance(result, int) else "a finite number"
         raise _OpFailed(
             f"{op.type}.overflow",
@@ -239,11 +239,11 @@ def _check_nesting(op: UpdateOp) -> None:
     ``append`` puts the value in, plus the value's own depth.
     """
     around = len(op.path) + (1 if op.type == "append" else 0)
-    if depth_exceeds(op.value, MAX_VALUE_DEPTH - around):
+    if json_limits.depth_exceeds(op.value, json_limits.MAX_VALUE_DEPTH - around):
         raise _OpFailed(
             f"{op.type}.too_deep",
             f"Cannot {op.type} at path '{_label(op.path)}': "
-            f"the value would be nested deeper than {MAX_VALUE_DEPTH} levels.",
+            f"the value would be nested deeper than {json_limits.MAX_VALUE_DEPTH} levels.",
         )
 
 
