@@ -56,6 +56,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
 import trio
 
 from iii.channels import ChannelTable
@@ -317,6 +318,7 @@ class Engine:
         metadata: Any = None,
         timeout: float | None = None,
         on_span: Callable[[Span], None] | None = None,
+        reply_limit: int | None = None,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
@@ -328,6 +330,8 @@ class Engine:
         of ``traceparent``), and the function receives that span's context;
         ``on_span`` is then given that span as soon as it opens (so a caller
         can answer with its context).  Without a tracer it is never called.
+        ``reply_limit`` is the caller's frame limit when the result goes back
+        to a worker (see :class:`~iii.native.CallContext`).
         """
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
@@ -340,6 +344,7 @@ class Engine:
                 metadata=metadata,
                 timeout=timeout,
                 on_span=on_span,
+                reply_limit=reply_limit,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -359,6 +364,7 @@ class Engine:
                 traceparent=traceparent,
                 baggage=baggage,
                 metadata=metadata,
+                reply_limit=reply_limit,
             )
             with trio.move_on_after(timeout) as scope:
                 return await replica.handler(data, ctx)
@@ -385,16 +391,22 @@ class Engine:
         if expiry is not None and deadline < expiry.deadline:
             expiry.deadline = deadline  # the expiry task wakes for this one
         try:
-            frame = encode_message(
-                InvokeFunction(
-                    function_id=function_id,
-                    data=data,
-                    invocation_id=invocation_id,
-                    traceparent=traceparent,
-                    baggage=baggage,
-                    metadata=metadata,
+            try:
+                frame = encode_message(
+                    InvokeFunction(
+                        function_id=function_id,
+                        data=data,
+                        invocation_id=invocation_id,
+                        traceparent=traceparent,
+                        baggage=baggage,
+                        metadata=metadata,
+                    )
                 )
-            )
+            except orjson.JSONEncodeError as exc:  # a value no peer could have sent
+                raise IIIError(
+                    f"the data for {function_id} cannot be sent as JSON: {exc}",
+                    code="serialization_error",
+                ) from None
             # Both waits are bounded: the send by the worker's slow-consumer
             # timeout, the answer by the deadline (expire_invocations).
             await target.send(frame)
@@ -420,6 +432,7 @@ class Engine:
         metadata: Any,
         timeout: float | None,
         on_span: Callable[[Span], None] | None,
+        reply_limit: int | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -439,6 +452,7 @@ class Engine:
                 baggage=span.baggage,
                 metadata=metadata,
                 timeout=timeout,
+                reply_limit=reply_limit,
                 _span=span,
             )
 

@@ -37,6 +37,10 @@ class CallContext:
     traceparent: str | None = None
     baggage: str | None = None
     metadata: Any = None
+    # The largest frame the answer may take, in bytes, when it goes back to a
+    # worker (a 0.4.1 SDK takes 1 MiB); None when the result goes elsewhere.
+    # A write whose answer could not be sent is refused before it is applied.
+    reply_limit: int | None = None
 
 
 NativeHandler = Callable[[Any, CallContext], Awaitable[Any]]

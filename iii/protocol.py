@@ -32,6 +32,7 @@ import orjson
 from cattrs.v import format_exception
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from iii import json_limits
 from iii.errors import MessageDecodeError
 from iii.log import bounded_repr, truncate
 
@@ -347,7 +348,17 @@ def decode_message(raw: str | bytes) -> Message:
     Raises :class:`MessageDecodeError` for anything that is not a valid message.
     """
     try:
-        obj = orjson.loads(raw)
+        obj = json_limits.loads(raw)
+    except json_limits.JsonTooDeepError as exc:
+        # It was decoded, so the ids can still be read and the caller answered.
+        obj = exc.document if isinstance(exc.document, dict) else {}
+        type_tag = obj.get("type")
+        raise MessageDecodeError(
+            exc.reason,
+            message_type=type_tag if isinstance(type_tag, str) else None,
+            invocation_id=_peek(obj, "invocation_id"),
+            function_id=_peek(obj, "function_id"),
+        ) from None
     except orjson.JSONDecodeError as exc:
         raise MessageDecodeError(f"json decode error: {exc}") from None
     if not isinstance(obj, dict):

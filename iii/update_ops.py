@@ -38,6 +38,12 @@ Semantics (v0.4 quirks fixed, HEAD's additions kept):
 * ``append``: to an array, the value is pushed; to a string, a string value
   is concatenated; to a missing or null field, a string stays a string and
   anything else becomes ``[value]``.  Other combinations are errors.
+* Every result can be stored and sent again (:mod:`iii.json_limits`): an
+  ``increment``/``decrement`` whose result is not a finite float or a 64-bit
+  integer fails with ``<op>.overflow`` (v0.4 stored ``null`` for an
+  overflowing float), and a ``set``/``merge``/``append`` that would nest the
+  value deeper than 126 levels (what a worker can send back in a ``set``)
+  fails with ``<op>.too_deep``.  Either way the field is left as it was.
 
 An op that fails is skipped and reported; the others still apply, and the
 result is written (HEAD's behaviour).  Errors come back as
@@ -56,6 +62,7 @@ from typing import Any
 
 import attrs
 
+from iii import json_limits
 from iii.errors import DeserializationError
 from iii.log import bounded_repr
 
@@ -208,13 +215,38 @@ def _parent(root: Any, op: UpdateOp) -> dict[str, Any]:
 def _add(current: Any, op: UpdateOp) -> Any:
     delta = op.by if op.type == "increment" else -op.by
     if current is MISSING:
-        return delta
-    if not _number(current):
+        result = delta
+    elif not _number(current):
         raise _OpFailed(
             f"{op.type}.not_number",
             f"Expected number at path '{_label(op.path)}', got {_type_name(current)}.",
         )
-    return current + delta
+    else:
+        result = current + delta
+    if not json_limits.check_number(result):
+        kind = "a 64-bit integer" if isinstance(result, int) else "a finite number"
+        raise _OpFailed(
+            f"{op.type}.overflow",
+            f"Cannot {op.type} at path '{_label(op.path)}' by {op.by!r}: "
+            f"the result is not {kind}.",
+        )
+    return result
+
+
+def _check_nesting(op: UpdateOp) -> None:
+    """Refuse an op whose value, put at its path, would nest deeper than MAX_VALUE_DEPTH.
+
+    What is stored already is within the bound (each write was checked), so
+    only the new part can go beyond it: the path's objects, plus the array
+    ``append`` puts the value in, plus the value's own depth.
+    """
+    around = len(op.path) + (1 if op.type == "append" else 0)
+    if json_limits.depth_exceeds(op.value, json_limits.MAX_VALUE_DEPTH - around):
+        raise _OpFailed(
+            f"{op.type}.too_deep",
+            f"Cannot {op.type} at path '{_label(op.path)}': "
+            f"the value would be nested deeper than {json_limits.MAX_VALUE_DEPTH} levels.",
+        )
 
 
 def _appended(current: Any, op: UpdateOp) -> Any:
@@ -253,6 +285,7 @@ def _apply_one(root: Any, op: UpdateOp) -> Any:
     if op.type == "merge" and not isinstance(op.value, dict):
         raise _OpFailed("merge.value.not_an_object", "Merge value must be a JSON object.")
     if op.type in ("set", "merge", "append"):
+        _check_nesting(op)
         # The op's value must not be aliased into the result: a later op
         # would change it in place, and ops are re-applied on a retry.
         op = attrs.evolve(op, value=copy.deepcopy(op.value))

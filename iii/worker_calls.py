@@ -9,6 +9,11 @@ first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
 ``enqueue`` action becomes a call of ``engine::queue::enqueue`` and answers
 ``{messageReceiptId}``.
+
+The answer always goes back: the function is told the caller's frame limit
+(``CallContext.reply_limit``) so a store refuses a write whose answer would
+not fit, rather than apply it; a result that cannot be encoded or sent is
+answered as an error (``serialization_error``, ``payload_too_large``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import logging
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
@@ -109,7 +116,11 @@ async def _run_call(
     spans: list[Span] = []
     try:
         try:
-            result = await _call(conn, message, data, spans.append if reply else None)
+            # An answer that goes back must fit this worker's frames.
+            reply_limit = conn.frame_limit if reply else None
+            result = await _call(
+                conn, message, data, spans.append if reply else None, reply_limit
+            )
             error = None
         except IIIError as exc:
             result, error = (
@@ -145,20 +156,41 @@ async def _run_call(
             baggage=(span.baggage if span is not None else None) or message.baggage,
         )
         try:
-            await conn.send(encode_message(answer))
-        except FrameTooLargeError as exc:
-            await conn.send(
-                encode_message(
-                    InvocationResult(
-                        invocation_id=message.invocation_id,
-                        function_id=message.function_id,
-                        error=ErrorBody(code=exc.code, message=f"result too large: {exc.message}"),
-                    )
-                )
+            frame = encode_message(answer)
+        except orjson.JSONEncodeError as exc:
+            # A result the engine could not write (no peer can send one, so
+            # an engine-side bug): the caller still gets its answer.
+            log.error("the result of %s cannot be sent as JSON: %s", message.function_id, exc)
+            frame = _error_answer(
+                message, "serialization_error", f"the result cannot be sent as JSON: {exc}"
             )
+        try:
+            await conn.send(frame)
+        except FrameTooLargeError as exc:
+            try:
+                too_large = f"result too large: {exc.message}"
+                await conn.send(_error_answer(message, exc.code, too_large))
+            except FrameTooLargeError:  # the caller's own ids are too long to answer
+                log.warning(
+                    "worker %s: the answer to its call of a %d-character function id "
+                    "is too large even as an error; dropped",
+                    conn.worker_id,
+                    len(message.function_id),
+                )
     finally:
         engine.inflight -= 1
         conn.calls_outstanding -= 1
+
+
+def _error_answer(message: InvokeFunction, code: str, text: str) -> str:
+    assert message.invocation_id is not None
+    return encode_message(
+        InvocationResult(
+            invocation_id=message.invocation_id,
+            function_id=message.function_id,
+            error=ErrorBody(code=code, message=text),
+        )
+    )
 
 
 async def _call(
@@ -166,6 +198,7 @@ async def _call(
     message: InvokeFunction,
     data: Any,
     on_span: Callable[[Span], None] | None,
+    reply_limit: int | None,
 ) -> Any:
     action = message.action
     if isinstance(action, dict) and action.get("type") == "enqueue":
@@ -195,4 +228,5 @@ async def _call(
         baggage=message.baggage,
         metadata=message.metadata,
         on_span=on_span,
+        reply_limit=reply_limit,
     )

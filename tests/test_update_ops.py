@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
+from iii import json_limits
 from iii.errors import DeserializationError
+from iii.json_limits import MAX_VALUE_DEPTH
 from iii.update_ops import MISSING, apply_ops, parse_ops
 
 
@@ -105,3 +108,80 @@ def test_old_value_and_op_values_are_not_aliased():
 def test_malformed_ops_are_refused_whole(bad):
     with pytest.raises(DeserializationError):
         parse_ops(bad, "state::update")
+
+
+# -- issue 10 rows 2 and 12: a result the engine could not store or send is an op error ---------
+
+
+def test_float_overflow_is_an_error_that_leaves_the_value():
+    value, errors = run({"n": 1.7e308}, {"type": "increment", "path": "n", "by": 1.7e308})
+    assert value == {"n": 1.7e308} and errors == ["increment.overflow"]
+    value, errors = run(-1.7e308, {"type": "decrement", "path": "", "by": 1.7e308})
+    assert value == -1.7e308 and errors == ["decrement.overflow"]
+    # the other ops still apply, as for any failed op
+    value, errors = run(
+        {"n": 1.7e308},
+        {"type": "increment", "path": "n", "by": 1e308},
+        {"type": "increment", "path": "m", "by": 1},
+    )
+    assert value == {"n": 1.7e308, "m": 1} and errors == ["increment.overflow"]
+
+
+def test_integers_stay_within_64_bits():
+    top = json_limits.INT_MAX
+    value, errors = run({"n": 2**62}, *[{"type": "increment", "path": "n", "by": 2**62}] * 4)
+    assert value == {"n": 2**64 - 2**62} and errors == ["increment.overflow"] * 2
+    assert run({"n": top - 1}, {"type": "increment", "path": "n", "by": 1}) == ({"n": top}, [])
+    assert run({}, {"type": "decrement", "path": "n", "by": top}) == ({}, ["decrement.overflow"])
+    bottom = json_limits.INT_MIN
+    assert run({"n": bottom}, {"type": "decrement", "path": "n", "by": 1}) == (
+        {"n": bottom},
+        ["decrement.overflow"],
+    )
+
+
+def test_every_result_can_be_encoded():
+    value, _ = run(
+        {"n": 1.7e308, "i": json_limits.INT_MAX},
+        {"type": "increment", "path": "n", "by": 1.7e308},
+        {"type": "increment", "path": "i", "by": 1},
+        {"type": "decrement", "path": "j", "by": json_limits.INT_MAX},
+    )
+    assert orjson.loads(orjson.dumps(value)) == value
+
+
+def deep(levels: int) -> object:
+    value: object = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_an_op_that_would_nest_too_deep_is_an_error_that_leaves_the_value():
+    path = [f"p{i}" for i in range(32)]
+    top = MAX_VALUE_DEPTH  # what a worker can send back in a set
+    for op, nesting in [
+        ({"type": "set", "path": path, "value": deep(top - 32)}, top),
+        ({"type": "set", "path": path, "value": deep(top - 31)}, None),
+        ({"type": "append", "path": path, "value": deep(top - 33)}, top),
+        ({"type": "append", "path": path, "value": deep(top - 32)}, None),
+        ({"type": "merge", "path": path, "value": {"x": deep(top - 33)}}, top),
+        ({"type": "merge", "path": path, "value": {"x": deep(top - 32)}}, None),
+        ({"type": "set", "path": "", "value": deep(top)}, top),
+        ({"type": "append", "path": "l", "value": deep(top - 2)}, top),
+        ({"type": "append", "path": "l", "value": deep(top - 1)}, None),
+    ]:
+        value, errors = run({"keep": 1}, op)
+        if nesting is None:
+            assert value == {"keep": 1} and errors == [f"{op['type']}.too_deep"], op["type"]
+        else:
+            assert errors == [] and not json_limits.depth_exceeds(value, top), op["type"]
+            assert json_limits.depth_exceeds(value, nesting - 1), op["type"]
+
+
+def test_appending_again_and_again_stays_within_the_bound():
+    append = {"type": "append", "path": "", "value": deep(MAX_VALUE_DEPTH - 1)}
+    value, errors = run(MISSING, append, append, append)
+    assert errors == [] and len(value) == 3
+    value, errors = run(value, {"type": "append", "path": "", "value": deep(MAX_VALUE_DEPTH)})
+    assert len(value) == 3 and errors == ["append.too_deep"]

@@ -17,6 +17,13 @@ dropped: the damaged file is copied aside to ``<name>.corrupt-<unix time>``,
 an error is logged with the offset and byte count, the log is truncated to the
 last good frame, and the :class:`Recovery` returned says so.
 
+The log never holds a record it could not read back: a record over
+``max_record`` bytes (at most :data:`MAX_RECORD`, 256 MiB, the most recovery
+reads) is refused with :class:`RecordTooLargeError` before anything is
+queued.  :meth:`RecordLog.encode` lets a caller frame (and so check) its
+record *before* it changes its memory, then append the frame with
+:meth:`RecordLog.append_encoded`.
+
 Compaction (:meth:`RecordLog.rewrite`) writes a snapshot of the live state to
 a temporary file, fsyncs it, renames it over the log and fsyncs the directory,
 so a crash at any point leaves either the old log or the new one.
@@ -45,7 +52,16 @@ import attrs
 import orjson
 import trio
 
-__all__ = ["RecordLog", "Recovery", "open_record_log", "HEADER"]
+from iii.adapters.limits import ValueTooLargeError
+
+__all__ = [
+    "RecordLog",
+    "Recovery",
+    "RecordTooLargeError",
+    "open_record_log",
+    "HEADER",
+    "MAX_RECORD",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +84,16 @@ class Recovery:
         return self.damaged_bytes > 0
 
 
-def _frame(record: Any) -> bytes:
+class RecordTooLargeError(ValueTooLargeError):
+    """A record larger than the log takes: refused, nothing written."""
+
+
+def _frame(record: Any, max_record: int) -> bytes:
     payload = orjson.dumps(record)
+    if len(payload) > max_record:
+        raise RecordTooLargeError(
+            f"a record of {len(payload)} bytes is more than the store's log takes ({max_record})"
+        )
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -116,6 +140,9 @@ def _fsync_dir(directory: Path) -> None:
 class RecordLog:
     path: Path
     fsync: bool = True
+    # The largest record written (recovery reads up to MAX_RECORD whatever
+    # this is, so a smaller value, as tests use, never makes a log unreadable).
+    max_record: int = attrs.field(default=MAX_RECORD)
     _fd: int = -1
     _queued: list[bytes] = attrs.field(factory=list)
     _queued_seq: int = 0  # sequence number of the last queued record
@@ -129,12 +156,27 @@ class RecordLog:
     def _open_fd(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
+    @max_record.validator
+    def _check_max_record(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not 0 < value <= MAX_RECORD:
+            raise ValueError(f"max_record must be between 1 and {MAX_RECORD}, got {value}")
+
+    def encode(self, record: Any) -> bytes:
+        """The frame of ``record``, for :meth:`append_encoded`; raises
+        :class:`RecordTooLargeError` (and changes nothing) if it is too large."""
+        return _frame(record, self.max_record)
+
     async def append(self, record: Any) -> None:
         """Append one record; returns once it is durable."""
-        await self.append_many((record,))
+        await self.append_encoded((self.encode(record),))
 
     async def append_many(self, records: Iterable[Any]) -> None:
-        """Append records atomically with respect to recovery order; durable on return.
+        """Append records; each is framed (and checked) before any is queued."""
+        await self.append_encoded([self.encode(r) for r in records])
+
+    async def append_encoded(self, frames: Iterable[bytes]) -> None:
+        """Append frames from :meth:`encode` atomically with respect to recovery
+        order; durable on return.
 
         Not interruptible: once queued, another holder of the flush lock may
         write the records in its batch anyway, so the wait for the lock and
@@ -144,7 +186,7 @@ class RecordLog:
         carrying these records failed; the log then refuses every later
         append (its tail on disk is unknown until the next open recovers it).
         """
-        frames = [_frame(r) for r in records]
+        frames = list(frames)
         if not frames:
             return
         self._check_usable()
@@ -167,6 +209,11 @@ class RecordLog:
                 self.size += len(batch)
                 self._durable_seq = batch_seq
 
+    @property
+    def failure(self) -> OSError | None:
+        """The failed write after which this log refuses appends, if any."""
+        return self._failure
+
     def _check_usable(self) -> None:
         if self._failure is not None:
             raise OSError(
@@ -186,16 +233,20 @@ class RecordLog:
         """Replace the log with ``records`` (compaction), crash-safely.
 
         ``records`` is consumed under the lock, and every record queued until
-        then is dropped: pass a generator over the live state, not a list
-        built before the call (it would miss what changed while this waited).
+        then is dropped once the new log is in place: pass a generator over
+        the live state, not a list built before the call (it would miss what
+        changed while this waited).  If the rewrite fails (a record too large,
+        a disk error), the old log stays and so does everything queued.
         """
         async with self._lock:
             # Anything queued but not yet written must survive the rewrite:
-            # callers snapshot state *after* queuing, so it is in `records`.
-            self._queued = []
-            self._durable_seq = self._queued_seq
-            payload = b"".join(_frame(r) for r in records)
+            # callers snapshot state *after* queuing, so it is in `records`
+            # (consumed right here, with no await: nothing is queued meanwhile).
+            in_snapshot, snapshot_seq = len(self._queued), self._queued_seq
+            payload = b"".join(self.encode(r) for r in records)
             await trio.to_thread.run_sync(self._replace, payload)
+            del self._queued[:in_snapshot]  # what was queued since is still to write
+            self._durable_seq = snapshot_seq
             self.size = len(payload)
             self.records_since_rewrite = 0
 
@@ -209,10 +260,18 @@ class RecordLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-        os.close(self._fd)
-        self._open_fd()
+        # Until here a failure leaves the old log and its descriptor as they
+        # were.  From here the file may have changed under the descriptor, so
+        # a failure makes the log refuse later appends (they could land in
+        # the replaced file); the next open recovers whichever file is there.
+        try:
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+            os.close(self._fd)
+            self._open_fd()
+        except OSError as exc:
+            self._failure = exc
+            raise
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -245,12 +304,14 @@ def _recover(path: Path) -> tuple[list[Any], Recovery]:
     return records, recovery
 
 
-async def open_record_log(path: str | os.PathLike[str], *, fsync: bool = True) -> tuple[RecordLog, list[Any], Recovery]:
+async def open_record_log(
+    path: str | os.PathLike[str], *, fsync: bool = True, max_record: int = MAX_RECORD
+) -> tuple[RecordLog, list[Any], Recovery]:
     """Open (or create) a log; returns it, the records read back, and the recovery report."""
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     records, recovery = await trio.to_thread.run_sync(_recover, file)
-    record_log = RecordLog(path=file, fsync=fsync, size=recovery.good_bytes)
+    record_log = RecordLog(path=file, fsync=fsync, max_record=max_record, size=recovery.good_bytes)
     record_log.records_since_rewrite = len(records)
     await trio.to_thread.run_sync(record_log._open_fd)
     return record_log, records, recovery

@@ -12,6 +12,7 @@ caller may keep or change)::
 
     async with open_kv_store(KvStoreConfig.from_raw(raw)) as store:
         old = await store.set("users", "u1", {"name": "a"})     # -> previous value or None
+        old = await store.set("users", "u1", value, limits)     # refused unless it fits
         value = await store.get("users", "u1")                  # -> value or None
         old = await store.delete("users", "u1")                 # -> removed value or None
         result = await store.update("users", "u1", ops)         # -> UpdateResult (old, new, errors)
@@ -24,6 +25,15 @@ A write is applied in memory, then appended to the record log
 (:mod:`iii.adapters.filelog`) and fsync'd before the call returns, so every
 write a caller saw acknowledged survives ``kill -9``.  A batch is one record,
 so recovery sees all of it or none.  Reads never wait for the disk.
+
+A write is checked completely before it changes anything (issue 10 row 4):
+the value is encoded, the caller's :class:`~iii.adapters.limits.WriteLimits`
+(``max_value_bytes``, and what its answer may carry) are checked against the
+encoded sizes, and the log record is framed, which refuses a record the log
+could not read back (``max_record``, a parameter of :func:`open_kv_store`).
+Only then is memory changed and the frame appended, so a refused write
+(``VALUE_TOO_LARGE``, ``payload_too_large``) leaves memory and disk as they
+were, and the log never holds a record that would stop its recovery.
 
 Config keys (``store_method``, ``file_path``, ``save_interval_ms``) are
 upstream's.  With ``store_method: file_based`` the store lives in the
@@ -61,7 +71,14 @@ import orjson
 import trio
 
 from iii.adapters import typed_keys
-from iii.adapters.filelog import RecordLog, Recovery, open_record_log
+from iii.adapters.filelog import (
+    MAX_RECORD,
+    RecordLog,
+    RecordTooLargeError,
+    Recovery,
+    open_record_log,
+)
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.errors import AdapterUnavailableError, ConfigError
 from iii.update_ops import MISSING, UpdateOp, UpdateResult, apply_ops
 
@@ -131,6 +148,9 @@ class KvStore:
     # -- reads -------------------------------------------------------------------
 
     def _check(self) -> None:
+        if self._failed is None and self._log is not None and self._log.failure is not None:
+            # A compaction that failed midway: refuse before any change.
+            self._failed = f"{self._log.failure.strerror or self._log.failure} ({self._log.path})"
         if self._failed is not None:
             raise AdapterUnavailableError(
                 f"the key-value store is unusable after a disk error: {self._failed}"
@@ -181,16 +201,21 @@ class KvStore:
             del self._data[index]
         return old
 
-    async def _persist(self, record: Any) -> None:
+    def _frame(self, record: Any) -> bytes | None:
+        """The log frame of a change, made before the change is applied (it
+        raises RecordTooLargeError for a record the log refuses); None in memory."""
+        return None if self._log is None else self._log.encode(record)
+
+    async def _persist(self, frame: bytes | None) -> None:
         """Make an applied change durable.  Must be called with no await
         between the in-memory change and this call, so log order = memory order."""
-        if self._log is None:
+        if self._log is None or frame is None:
             return
         try:
             # Shielded: once applied in memory the record must reach the disk
             # even if the caller is cancelled (the fsync is bounded).
             with trio.CancelScope(shield=True):
-                await self._log.append(record)
+                await self._log.append_encoded((frame,))
         except OSError as exc:
             self._failed = f"{exc.strerror or exc} ({self._log.path})"
             log.critical("key-value store write failed; refusing further use: %s", self._failed)
@@ -198,54 +223,74 @@ class KvStore:
                 f"the key-value store could not write to disk: {self._failed}"
             ) from None
 
-    async def set(self, index: str, key: str, value: Any) -> Any:
+    def _current(self, index: str, key: str) -> bytes | None:
+        return self._data.get(index, {}).get(key)
+
+    async def set(self, index: str, key: str, value: Any, limits: WriteLimits = NO_LIMITS) -> Any:
         """Store ``value``; returns the previous value or None."""
         self._check()
         encoded = orjson.dumps(value)
+        current = self._current(index, key)
+        limits.check_write(old_bytes=len(current or b""), new_bytes=len(encoded))
+        frame = self._frame(["set", index, key, orjson.Fragment(encoded)])
         old = self._put(index, key, encoded)
-        await self._persist(["set", index, key, orjson.Fragment(encoded)])
+        await self._persist(frame)
         return _loads(old)
 
-    async def delete(self, index: str, key: str) -> Any:
+    async def delete(self, index: str, key: str, limits: WriteLimits = NO_LIMITS) -> Any:
         """Remove ``key``; returns the removed value or None (nothing is logged then)."""
         self._check()
+        current = self._current(index, key)
+        if current is None:
+            return None
+        limits.check_delete(old_bytes=len(current))
+        frame = self._frame(["del", index, key])
         old = self._pop(index, key)
-        if old is not None:
-            await self._persist(["del", index, key])
+        await self._persist(frame)
         return _loads(old)
 
-    async def update(self, index: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
+    async def update(
+        self, index: str, key: str, ops: builtins.list[UpdateOp], limits: WriteLimits = NO_LIMITS
+    ) -> UpdateResult:
         """Apply update ops atomically (no other write can interleave)."""
         self._check()
-        current = self._data.get(index, {}).get(key)
+        current = self._current(index, key)
         old_value = MISSING if current is None else orjson.loads(current)
         new_value, errors = apply_ops(old_value, ops)
         encoded = orjson.dumps(new_value)
+        limits.check_write(old_bytes=len(current or b""), new_bytes=len(encoded), errors=errors)
+        frame = self._frame(["set", index, key, orjson.Fragment(encoded)])
         self._put(index, key, encoded)
-        await self._persist(["set", index, key, orjson.Fragment(encoded)])
+        await self._persist(frame)
         return UpdateResult(None if old_value is MISSING else old_value, new_value, errors)
 
     async def write_batch(self, mutations: Iterable[Mutation]) -> None:
         """Apply ``("set", index, key, value)`` / ``("delete", index, key)`` atomically."""
         self._check()
         records: builtins.list[Any] = []
-        prepared: builtins.list[tuple[str, str, str, bytes | None]] = []
+        prepared: builtins.list[tuple[str, str, bytes | None]] = []
         for mutation in mutations:
             kind = mutation[0]
             if kind == "set":
-                prepared.append(("set", mutation[1], mutation[2], orjson.dumps(mutation[3])))
+                encoded = orjson.dumps(mutation[3])
+                prepared.append((mutation[1], mutation[2], encoded))
+                records.append(["set", mutation[1], mutation[2], orjson.Fragment(encoded)])
             elif kind == "delete":
-                prepared.append(("delete", mutation[1], mutation[2], None))
+                # Logged even when absent (replaying it is a no-op): the record
+                # is framed, and checked, before anything is applied.
+                prepared.append((mutation[1], mutation[2], None))
+                records.append(["del", mutation[1], mutation[2]])
             else:
                 raise ValueError(f"unknown mutation {kind!r}")
-        for _kind, index, key, encoded in prepared:  # all encoded first: nothing half-applied
-            if encoded is not None:
-                self._put(index, key, encoded)
-                records.append(["set", index, key, orjson.Fragment(encoded)])
-            elif self._pop(index, key) is not None:
-                records.append(["del", index, key])
-        if records:
-            await self._persist(records[0] if len(records) == 1 else ["batch", records])
+        if not records:
+            return
+        frame = self._frame(records[0] if len(records) == 1 else ["batch", records])
+        for index, key, value in prepared:  # all checked first: nothing half-applied
+            if value is not None:
+                self._put(index, key, value)
+            else:
+                self._pop(index, key)
+        await self._persist(frame)
 
     # -- recovery and compaction ---------------------------------------------------
 
@@ -284,7 +329,7 @@ class KvStore:
         # record queued so far, so it holds all of them (see RecordLog.rewrite).
         try:
             await self._log.rewrite(self._snapshot())
-        except OSError as exc:
+        except (OSError, RecordTooLargeError) as exc:
             log.error("key-value store compaction failed (the old log is kept): %s", exc)
 
     async def _compact_periodically(self) -> None:
@@ -309,8 +354,14 @@ def _lock_directory(directory: Path) -> int:
 
 
 @asynccontextmanager
-async def open_kv_store(config: KvStoreConfig) -> AsyncIterator[KvStore]:
-    """Open the store: in memory, or loaded from (and logged to) ``file_path``."""
+async def open_kv_store(
+    config: KvStoreConfig, *, max_record: int = MAX_RECORD
+) -> AsyncIterator[KvStore]:
+    """Open the store: in memory, or loaded from (and logged to) ``file_path``.
+
+    ``max_record`` bounds one log record (one write, or one batch); tests
+    make it small.
+    """
     store = KvStore(config)
     if not config.file_based:
         yield store
@@ -319,7 +370,9 @@ async def open_kv_store(config: KvStoreConfig) -> AsyncIterator[KvStore]:
     await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
     lock_fd = await trio.to_thread.run_sync(_lock_directory, directory)
     try:
-        record_log, records, recovery = await open_record_log(directory / LOG_NAME)
+        record_log, records, recovery = await open_record_log(
+            directory / LOG_NAME, max_record=max_record
+        )
         store._log = record_log
         store.recovery = recovery
         try:

@@ -47,7 +47,9 @@ import orjson
 import trio
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
+from iii import json_limits
 from iii.adapters import typed_keys
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.errors import AdapterUnavailableError, ConfigError, IIIError
 
 __all__ = [
@@ -271,7 +273,7 @@ class PeerEvents:
 
     def _received(self, channel: bytes, payload: bytes) -> None:
         try:
-            message = orjson.loads(payload)
+            message = json_limits.loads(payload)
             origin, event = message["origin"], message["event"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning(
@@ -293,27 +295,37 @@ class PeerEvents:
 # sets up to date, e.g. for a stream item: SADD <streams> <stream name> and
 # SADD <groups of the stream> <group id>; a delete that empties the hash
 # removes the member again, walking up the chain while sets become empty.
-# KEYS = [hash, set1, set2, ...], ARGV = [field, <value>, member1, member2, ...].
+# KEYS = [hash, set1, set2, ...], ARGV = [field, <value>, <max old>, member1, ...].
+#
+# <max old> is the most bytes the old value may have, because the caller's
+# answer carries it (iii.adapters.limits; "-1": no limit).  A longer one
+# refuses the write in the same atomic step, before anything changes: the
+# script returns {0, <its length>}; else {1, old value (absent if none)}.
 
 _SET_SCRIPT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local max_old = tonumber(ARGV[3])
+if old and max_old >= 0 and #old > max_old then return {0, #old} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-for i = 2, #KEYS do redis.call('SADD', KEYS[i], ARGV[i + 1]) end
-return old
+for i = 2, #KEYS do redis.call('SADD', KEYS[i], ARGV[i + 2]) end
+return {1, old}
 """
 
+# ARGV = [field, <max old>, member1, ...]; returns as the set script.
 _DELETE_SCRIPT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local max_old = tonumber(ARGV[2])
+if old and max_old >= 0 and #old > max_old then return {0, #old} end
 if old then
   redis.call('HDEL', KEYS[1], ARGV[1])
   if redis.call('HLEN', KEYS[1]) == 0 then
     for i = 2, #KEYS do
-      redis.call('SREM', KEYS[i], ARGV[i])
+      redis.call('SREM', KEYS[i], ARGV[i + 1])
       if redis.call('SCARD', KEYS[i]) > 0 then break end
     end
   end
 end
-return old
+return {1, old}
 """
 
 # Compare-and-set: ARGV = [field, new value, expected present ("0"/"1"),
@@ -351,29 +363,52 @@ class JsonHashes:
         raw = await self.connection.call(
             f"HGET {key}", lambda: self.connection.client.hget(key, field)
         )
-        return None if raw is None else orjson.loads(raw)
+        return None if raw is None else json_limits.loads(raw)
 
-    async def set(self, key: str, field: str, value: Any, chain: Chain) -> Any:
-        keys = [key, *(k for k, _ in chain)]
-        args = [field, orjson.dumps(value), *(m for _, m in chain)]
-        raw = await self.connection.call(f"set {key}", lambda: self._set(keys=keys, args=args))
-        return None if raw is None else orjson.loads(raw)
+    @staticmethod
+    def _old(reply: Any, limits: WriteLimits, new_bytes: int | None) -> Any:
+        """The old value a set/delete script returned, or the refusal it reported."""
+        if int(reply[0]) == 0:  # the old value is too large for the answer
+            raise limits.answer_refused(int(reply[1]) + (new_bytes or 0))
+        return None if len(reply) < 2 or reply[1] is None else json_limits.loads(reply[1])
 
-    async def delete(self, key: str, field: str, chain: Chain) -> Any:
+    @staticmethod
+    def _max_old(limits: WriteLimits, new_bytes: int) -> int:
+        if limits.max_answer_bytes is None:
+            return -1
+        return max(0, limits.max_answer_bytes - new_bytes)
+
+    async def set(
+        self, key: str, field: str, value: Any, chain: Chain, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
         keys = [key, *(k for k, _ in chain)]
-        args = [field, *(m for _, m in chain)]
-        raw = await self.connection.call(
+        encoded = orjson.dumps(value)
+        limits.check_write(old_bytes=0, new_bytes=len(encoded))
+        max_old = self._max_old(limits, len(encoded))
+        args = [field, encoded, max_old, *(m for _, m in chain)]
+        reply = await self.connection.call(f"set {key}", lambda: self._set(keys=keys, args=args))
+        return self._old(reply, limits, len(encoded))
+
+    async def delete(
+        self, key: str, field: str, chain: Chain, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
+        keys = [key, *(k for k, _ in chain)]
+        args = [field, self._max_old(limits, 0), *(m for _, m in chain)]
+        reply = await self.connection.call(
             f"delete {key}", lambda: self._delete(keys=keys, args=args)
         )
-        return None if raw is None else orjson.loads(raw)
+        return self._old(reply, limits, None)
 
-    async def update(self, key: str, field: str, ops: Any, chain: Chain) -> Any:
+    async def update(
+        self, key: str, field: str, ops: Any, chain: Chain, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
         """Apply update ops with optimistic concurrency: read, compute, compare-and-set.
 
         The ops run in Python (:func:`iii.update_ops.apply_ops`), so the result
         is exactly the embedded store's; the Lua script makes the write
         conditional on the value being unchanged, and a lost race recomputes
-        from the value the script returned.
+        from the value the script returned.  The limits are checked on each
+        computed value, before its compare-and-set.
         """
         from iii.update_ops import MISSING, UpdateResult, apply_ops
 
@@ -383,11 +418,13 @@ class JsonHashes:
         keys = [key, *(k for k, _ in chain)]
         members = [m for _, m in chain]
         for _attempt in range(1000):
-            old_value = MISSING if raw is None else orjson.loads(raw)
+            old_value = MISSING if raw is None else json_limits.loads(raw)
             new_value, errors = apply_ops(old_value, ops)
+            encoded = orjson.dumps(new_value)
+            limits.check_write(old_bytes=len(raw or b""), new_bytes=len(encoded), errors=errors)
             args = [
                 field,
-                orjson.dumps(new_value),
+                encoded,
                 "0" if raw is None else "1",
                 raw or b"",
                 *members,
@@ -404,7 +441,7 @@ class JsonHashes:
 
     async def values(self, key: str) -> list[Any]:
         raw = await self.connection.call(f"HVALS {key}", lambda: self.connection.client.hvals(key))
-        return [orjson.loads(v) for v in raw]
+        return [json_limits.loads(v) for v in raw]
 
     async def members(self, key: str) -> list[str]:
         raw = await self.connection.call(

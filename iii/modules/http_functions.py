@@ -65,6 +65,7 @@ import httpx
 import orjson
 import trio
 
+from iii import json_limits
 from iii.errors import IIIError
 from iii.log import bounded_repr
 from iii.native import CallContext, NativeHandler
@@ -515,11 +516,15 @@ class Module:
             if not content.strip():
                 return None
             try:
-                return orjson.loads(content)
+                return json_limits.loads(content)
+            except json_limits.JsonTooDeepError as exc:
+                raise IIIError(
+                    f"response of {url.url} is {exc.reason}", code="invalid_response"
+                ) from None
             except orjson.JSONDecodeError:
                 raise IIIError(f"response of {url.url} is not JSON", code="invalid_response") from None
         try:
-            body = orjson.loads(content) if content else None
+            body = json_limits.loads(content) if content else None
         except orjson.JSONDecodeError:
             body = None
         error = body.get("error") if isinstance(body, dict) else None

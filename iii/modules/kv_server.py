@@ -20,7 +20,10 @@ every index (each once).  There are no trigger types.
 Config (lenient, as upstream: other keys are ignored): ``store_method``
 (``in_memory`` | ``file_based``), ``file_path`` (a directory),
 ``save_interval_ms``.  File-based writes are durable before they are
-acknowledged.
+acknowledged.  ``max_value_bytes`` (ours, default 16 MiB): a value that would
+encode larger is refused with ``VALUE_TOO_LARGE``, and a write whose answer
+would not fit the caller's frames with ``payload_too_large``, both before
+anything changes (:mod:`iii.adapters.limits`).
 
 Lifetime: :meth:`Module.run` opens the store and keeps it open until the
 module is cancelled.
@@ -33,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.adapters import typed_keys
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
-from iii.errors import IIIError
+from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits
+from iii.errors import ConfigError, IIIError
 from iii.modules._functions import register_functions
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
@@ -86,6 +91,15 @@ class Module:
     def __init__(self, engine: Engine, config: Config):
         self.engine = engine
         self.store_config = KvStoreConfig.from_raw(config.raw, where="kv_server.config")
+        limit = typed_keys(
+            config.raw, where="kv_server.config", fields=(("max_value_bytes", int),)
+        ).get("max_value_bytes", DEFAULT_MAX_VALUE_BYTES)
+        if limit < 1:
+            raise ConfigError(
+                f"must be a positive number of bytes, got {limit}",
+                key="kv_server.config.max_value_bytes",
+            )
+        self.max_value_bytes: int = limit
         self.store: KvStore | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -119,19 +133,22 @@ class Module:
         args = parse_input(data, IndexKey, ctx.function_id)
         return await self._store().get(args.index, args.key)
 
+    def _limits(self, ctx: CallContext) -> WriteLimits:
+        return WriteLimits.for_call(self.max_value_bytes, ctx)
+
     async def set(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SetInput, ctx.function_id)
-        old = await self._store().set(args.index, args.key, args.value)
+        old = await self._store().set(args.index, args.key, args.value, self._limits(ctx))
         return {"old_value": old, "new_value": args.value}
 
     async def delete(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, IndexKey, ctx.function_id)
-        return {"old_value": await self._store().delete(args.index, args.key)}
+        return {"old_value": await self._store().delete(args.index, args.key, self._limits(ctx))}
 
     async def update(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, UpdateInput, ctx.function_id)
         ops = parse_ops(args.ops, ctx.function_id)
-        result = await self._store().update(args.index, args.key, ops)
+        result = await self._store().update(args.index, args.key, ops, self._limits(ctx))
         return result.to_json()
 
     async def list(self, data: Any, ctx: CallContext) -> Any:

@@ -34,7 +34,12 @@ Other backend failures answer upstream's codes (``SET_ERROR``, ``GET_ERROR``
 …).
 
 Config: ``adapter`` (default ``modules::state::adapters::KvStore``, in
-memory); see :mod:`iii.adapters.state`.
+memory); see :mod:`iii.adapters.state`.  ``max_value_bytes`` (default 16 MiB,
+upstream HEAD's key): a write whose value would encode larger is refused
+with ``VALUE_TOO_LARGE`` before anything changes, for ``state::update`` too
+(HEAD checks only ``state::set``).  A write whose answer would not fit the
+caller's frames (1 MiB for a 0.4.1 worker) is refused with
+``payload_too_large``, unapplied (:mod:`iii.adapters.limits`).
 
 Lifetime: :meth:`Module.run` opens the adapter, registers the functions and
 the trigger type, and runs the trigger dispatcher and the peer publisher in
@@ -50,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
 from iii.adapters.state import StateAdapter, open_state_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError
@@ -71,6 +77,7 @@ _MISSING: Any = object()
 @attrs.frozen(kw_only=True)
 class Config:
     adapter: AdapterRef | None = None
+    max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +171,9 @@ class Module:
     async def _call(self, code: str, operation: Awaitable[Any]) -> Any:
         return await adapter_call(log, code, operation)
 
+    def _limits(self, ctx: CallContext) -> WriteLimits:
+        return WriteLimits.for_call(self.config.max_value_bytes, ctx)
+
     async def set(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, SetInput, ctx.function_id)
         value = args.value if args.value is not _MISSING else args.data
@@ -173,7 +183,9 @@ class Module:
                 code="deserialization_error",
             )
         assert self.adapter is not None
-        old = await self._call("SET_ERROR", self.adapter.set(args.scope, args.key, value))
+        old = await self._call(
+            "SET_ERROR", self.adapter.set(args.scope, args.key, value, self._limits(ctx))
+        )
         self._emit(
             state_event(
                 "state:created" if old is None else "state:updated",
@@ -193,7 +205,9 @@ class Module:
     async def delete(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, ScopeKey, ctx.function_id)
         assert self.adapter is not None
-        old = await self._call("DELETE_ERROR", self.adapter.delete(args.scope, args.key))
+        old = await self._call(
+            "DELETE_ERROR", self.adapter.delete(args.scope, args.key, self._limits(ctx))
+        )
         self._emit(state_event("state:deleted", args.scope, args.key, old, None))
         return old
 
@@ -201,7 +215,9 @@ class Module:
         args = parse_input(data, UpdateInput, ctx.function_id)
         ops = parse_ops(args.ops, ctx.function_id)
         assert self.adapter is not None
-        result = await self._call("UPDATE_ERROR", self.adapter.update(args.scope, args.key, ops))
+        result = await self._call(
+            "UPDATE_ERROR", self.adapter.update(args.scope, args.key, ops, self._limits(ctx))
+        )
         event_type = "state:created" if result.old_value is None else "state:updated"
         self._emit(
             state_event(event_type, args.scope, args.key, result.old_value, result.new_value)

@@ -150,3 +150,24 @@ async def _run_everywhere(sequence, prefix):
 def test_same_ops_same_results_on_every_backend(sequence):
     require_redis()
     trio.run(_run_everywhere, sequence, new_prefix())
+
+
+async def test_overflow_is_an_op_error_and_changes_nothing(state):
+    # issue 10 row 12: the ops run in Python on every backend (Redis: between
+    # its read and its compare-and-set), so each refuses the same way.
+    await state.set("s", "n", {"f": 1.7e308, "i": 2**63})
+    result = await state.update(
+        "s",
+        "n",
+        ops(
+            {"type": "increment", "path": "f", "by": 1.7e308},
+            {"type": "increment", "path": "i", "by": 2**63},
+            {"type": "increment", "path": "j", "by": 1},
+        ),
+    )
+    assert [(e.op_index, e.code) for e in result.errors] == [
+        (0, "increment.overflow"),
+        (1, "increment.overflow"),
+    ]
+    assert result.new_value == {"f": 1.7e308, "i": 2**63, "j": 1}
+    assert await state.get("s", "n") == {"f": 1.7e308, "i": 2**63, "j": 1}

@@ -28,6 +28,7 @@ import attrs
 import orjson
 import trio
 
+from iii import json_limits
 from iii.adapters.pubsub import MessageHandler
 from iii.adapters.redis_support import RedisChannels, RedisConnection, RedisSettings, open_redis
 
@@ -65,8 +66,8 @@ async def open_adapter(
     def received(channel: bytes, payload: bytes) -> None:
         topic = channel.decode()[len(prefix) :]
         try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            data = json_limits.loads(payload)
+        except orjson.JSONDecodeError:  # (also JsonTooDeepError)
             log.warning("pubsub: a message on %s is not JSON; dropped", topic)
             return
         on_message(topic, data)

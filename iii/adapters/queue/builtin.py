@@ -22,7 +22,13 @@ live jobs.  Records::
 
 A change is applied in memory *before* its record is queued for the log, so
 a compaction snapshot always includes it (filelog's rewrite contract); a new
-job only becomes visible to consumers once its record is durable.
+job only becomes visible to consumers once its record is durable.  Each
+record is framed (and so checked against the log's record limit) *before*
+memory changes: a job whose record would leave less than
+:data:`RECORD_HEADROOM` below the limit is refused at ``enqueue``
+(``VALUE_TOO_LARGE``), so its later retry and dead-letter records always
+fit; a dead letter keeps at most :data:`DLQ_ERROR_LIMIT` characters of the
+error.
 
 Lifetime: :func:`open_adapter` owns the log and a nursery for compaction; a
 lease that expires (a consumer cancelled without releasing) is put back by
@@ -43,7 +49,7 @@ from typing import Any
 import attrs
 import trio
 
-from iii.adapters.filelog import RecordLog, open_record_log
+from iii.adapters.filelog import RecordLog, RecordTooLargeError, open_record_log
 from iii.adapters.queue import (
     DeadLetter,
     Delivery,
@@ -59,6 +65,12 @@ __all__ = ["BuiltinQueueAdapter", "open_adapter"]
 log = logging.getLogger(__name__)
 
 LOG_NAME = "_queue.log"
+# A dead letter keeps this much of the error (a worker's message can be as
+# large as a frame); the rest is cut.
+DLQ_ERROR_LIMIT = 4096
+# What a job's enqueue record must leave free below the log's record limit:
+# its retry record adds a due time, its dead letter the (cut) error, escaped.
+RECORD_HEADROOM = 6 * DLQ_ERROR_LIMIT + 1024
 KNOWN_KEYS = {
     "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode", "visibility_timeout_ms",
     "store_method", "file_path", "save_interval_ms", "channel_size",
@@ -105,19 +117,36 @@ class BuiltinQueueAdapter:
             queue = self.queues[name] = _Queue(name)
         return queue
 
-    async def _log(self, record: dict[str, Any]) -> None:
+    def _frame(self, record: dict[str, Any], headroom: int = 0) -> bytes | None:
+        """The log frame of a change, made before the change is applied: a
+        record the log would refuse raises here, with nothing changed."""
         if self.record_log is None:
+            return None
+        frame = self.record_log.encode(record)
+        if len(frame) > self.record_log.max_record - headroom:
+            raise RecordTooLargeError(
+                f"a job of {len(frame)} bytes is more than this queue's log takes "
+                f"({self.record_log.max_record - headroom})"
+            )
+        return frame
+
+    async def _append(self, frame: bytes | None) -> None:
+        if self.record_log is None or frame is None:
             return
-        await self.record_log.append(record)
+        await self.record_log.append_encoded((frame,))
         self._maybe_compact()
+
+    async def _log(self, record: dict[str, Any]) -> None:
+        await self._append(self._frame(record))
 
     # -- producing ---------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> None:
+        frame = self._frame({"e": job.queue, "j": job.to_json()}, RECORD_HEADROOM)
         queue = self._queue(job.queue)
         queue.jobs[job.id] = job
         try:
-            await self._log({"e": job.queue, "j": job.to_json()})
+            await self._append(frame)
         except BaseException:
             queue.jobs.pop(job.id, None)
             raise
@@ -167,10 +196,11 @@ class BuiltinQueueAdapter:
         q = self.queues.get(queue)
         if q is None or message_id not in q.dlq:
             return False
-        letter = q.dlq.pop(message_id)
-        job = attrs.evolve(letter.job, attempts_made=0)
+        job = attrs.evolve(q.dlq[message_id].job, attempts_made=0)
+        frame = self._frame({"e": queue, "j": job.to_json()})
+        del q.dlq[message_id]
         q.jobs[job.id] = job
-        await self._log({"e": queue, "j": job.to_json()})
+        await self._append(frame)
         q.ready.append(job.id)
         q.wake()
         return True
@@ -309,19 +339,23 @@ class _Consumer:
     async def retry(self, delivery: Delivery, job: Job, delay: float) -> None:
         q = self.queue
         due = _now_ms() + int(delay * 1000)
+        frame = self.adapter._frame({"r": q.name, "j": job.to_json(), "d": due})
         q.leased.pop(job.id, None)
         q.jobs[job.id] = job
         heapq.heappush(q.delayed, (due, job.id))
         q.wake()
-        await self.adapter._log({"r": q.name, "j": job.to_json(), "d": due})
+        await self.adapter._append(frame)
 
     async def dead_letter(self, delivery: Delivery, job: Job, error: str) -> None:
         q = self.queue
+        if len(error) > DLQ_ERROR_LIMIT:
+            error = error[:DLQ_ERROR_LIMIT] + f"… ({len(error) - DLQ_ERROR_LIMIT} more characters)"
+        letter = DeadLetter(job=job, error=error, failed_at=_now_ms())
+        frame = self.adapter._frame({"x": q.name, "l": letter.to_json()})
         q.leased.pop(job.id, None)
         q.jobs.pop(job.id, None)
-        letter = DeadLetter(job=job, error=error, failed_at=_now_ms())
         q.dlq[job.id] = letter
-        await self.adapter._log({"x": q.name, "l": letter.to_json()})
+        await self.adapter._append(frame)
 
     async def release(self, delivery: Delivery) -> None:
         q = self.queue

@@ -28,6 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, cast
 
 from iii.adapters import import_backend
+from iii.adapters.limits import WriteLimits
 from iii.config import AdapterRef
 from iii.update_ops import UpdateOp, UpdateResult
 
@@ -41,15 +42,20 @@ BACKENDS = {
 
 
 class StateAdapter(Protocol):
+    """Each write takes the call's :class:`~iii.adapters.limits.WriteLimits` and
+    checks them in its atomic step before it changes anything."""
+
     async def get(self, scope: str, key: str) -> Any: ...
 
-    async def set(self, scope: str, key: str, value: Any) -> Any:
+    async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = ...) -> Any:
         """Store the value; returns the previous one (None if there was none)."""
 
-    async def delete(self, scope: str, key: str) -> Any:
+    async def delete(self, scope: str, key: str, limits: WriteLimits = ...) -> Any:
         """Remove the key atomically; returns the removed value or None."""
 
-    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult: ...
+    async def update(
+        self, scope: str, key: str, ops: builtins.list[UpdateOp], limits: WriteLimits = ...
+    ) -> UpdateResult: ...
 
     async def list(self, scope: str) -> builtins.list[Any]: ...
 

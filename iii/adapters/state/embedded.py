@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["EmbeddedStateAdapter", "open_adapter"]
@@ -30,14 +31,16 @@ class EmbeddedStateAdapter:
     async def get(self, scope: str, key: str) -> Any:
         return await self.store.get(scope, key)
 
-    async def set(self, scope: str, key: str, value: Any) -> Any:
-        return await self.store.set(scope, key, value)
+    async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = NO_LIMITS) -> Any:
+        return await self.store.set(scope, key, value, limits)
 
-    async def delete(self, scope: str, key: str) -> Any:
-        return await self.store.delete(scope, key)
+    async def delete(self, scope: str, key: str, limits: WriteLimits = NO_LIMITS) -> Any:
+        return await self.store.delete(scope, key, limits)
 
-    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
-        return await self.store.update(scope, key, ops)
+    async def update(
+        self, scope: str, key: str, ops: builtins.list[UpdateOp], limits: WriteLimits = NO_LIMITS
+    ) -> UpdateResult:
+        return await self.store.update(scope, key, ops, limits)
 
     async def list(self, scope: str) -> builtins.list[Any]:
         return await self.store.list(scope)

@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
 from iii.update_ops import UpdateOp, UpdateResult
 
@@ -50,15 +51,17 @@ class RedisStateAdapter:
     async def get(self, scope: str, key: str) -> Any:
         return await self.hashes.get(self._hash(scope), key)
 
-    async def set(self, scope: str, key: str, value: Any) -> Any:
-        return await self.hashes.set(self._hash(scope), key, value, self._chain(scope))
+    async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = NO_LIMITS) -> Any:
+        return await self.hashes.set(self._hash(scope), key, value, self._chain(scope), limits)
 
-    async def delete(self, scope: str, key: str) -> Any:
-        return await self.hashes.delete(self._hash(scope), key, self._chain(scope))
+    async def delete(self, scope: str, key: str, limits: WriteLimits = NO_LIMITS) -> Any:
+        return await self.hashes.delete(self._hash(scope), key, self._chain(scope), limits)
 
-    async def update(self, scope: str, key: str, ops: builtins.list[UpdateOp]) -> UpdateResult:
+    async def update(
+        self, scope: str, key: str, ops: builtins.list[UpdateOp], limits: WriteLimits = NO_LIMITS
+    ) -> UpdateResult:
         result: UpdateResult = await self.hashes.update(
-            self._hash(scope), key, ops, self._chain(scope)
+            self._hash(scope), key, ops, self._chain(scope), limits
         )
         return result
 

@@ -28,6 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, cast
 
 from iii.adapters import import_backend
+from iii.adapters.limits import WriteLimits
 from iii.config import AdapterRef
 from iii.update_ops import UpdateOp, UpdateResult
 
@@ -41,16 +42,26 @@ BACKENDS = {
 
 
 class StreamAdapter(Protocol):
+    """Each write takes the call's :class:`~iii.adapters.limits.WriteLimits` and
+    checks them in its atomic step before it changes anything."""
+
     async def get(self, stream: str, group: str, item: str) -> Any: ...
 
-    async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
+    async def set(
+        self, stream: str, group: str, item: str, value: Any, limits: WriteLimits = ...
+    ) -> Any:
         """Store the value; returns the previous one (None if there was none)."""
 
-    async def delete(self, stream: str, group: str, item: str) -> Any:
+    async def delete(self, stream: str, group: str, item: str, limits: WriteLimits = ...) -> Any:
         """Remove the item atomically; returns the removed value or None."""
 
     async def update(
-        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+        self,
+        stream: str,
+        group: str,
+        item: str,
+        ops: builtins.list[UpdateOp],
+        limits: WriteLimits = ...,
     ) -> UpdateResult: ...
 
     async def list(self, stream: str, group: str) -> builtins.list[Any]:

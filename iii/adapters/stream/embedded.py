@@ -22,6 +22,7 @@ import attrs
 import orjson
 
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.update_ops import UpdateOp, UpdateResult
 
 __all__ = ["EmbeddedStreamAdapter", "open_adapter"]
@@ -46,16 +47,25 @@ class EmbeddedStreamAdapter:
     async def get(self, stream: str, group: str, item: str) -> Any:
         return await self.store.get(_index(stream, group), item)
 
-    async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
-        return await self.store.set(_index(stream, group), item, value)
+    async def set(
+        self, stream: str, group: str, item: str, value: Any, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
+        return await self.store.set(_index(stream, group), item, value, limits)
 
-    async def delete(self, stream: str, group: str, item: str) -> Any:
-        return await self.store.delete(_index(stream, group), item)
+    async def delete(
+        self, stream: str, group: str, item: str, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
+        return await self.store.delete(_index(stream, group), item, limits)
 
     async def update(
-        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+        self,
+        stream: str,
+        group: str,
+        item: str,
+        ops: builtins.list[UpdateOp],
+        limits: WriteLimits = NO_LIMITS,
     ) -> UpdateResult:
-        return await self.store.update(_index(stream, group), item, ops)
+        return await self.store.update(_index(stream, group), item, ops, limits)
 
     async def list(self, stream: str, group: str) -> builtins.list[Any]:
         return await self.store.list(_index(stream, group))

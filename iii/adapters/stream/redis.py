@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 
+from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
 from iii.update_ops import UpdateOp, UpdateResult
 
@@ -57,19 +58,30 @@ class RedisStreamAdapter:
     async def get(self, stream: str, group: str, item: str) -> Any:
         return await self.hashes.get(self._hash(stream, group), item)
 
-    async def set(self, stream: str, group: str, item: str, value: Any) -> Any:
+    async def set(
+        self, stream: str, group: str, item: str, value: Any, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
         return await self.hashes.set(
-            self._hash(stream, group), item, value, self._chain(stream, group)
+            self._hash(stream, group), item, value, self._chain(stream, group), limits
         )
 
-    async def delete(self, stream: str, group: str, item: str) -> Any:
-        return await self.hashes.delete(self._hash(stream, group), item, self._chain(stream, group))
+    async def delete(
+        self, stream: str, group: str, item: str, limits: WriteLimits = NO_LIMITS
+    ) -> Any:
+        return await self.hashes.delete(
+            self._hash(stream, group), item, self._chain(stream, group), limits
+        )
 
     async def update(
-        self, stream: str, group: str, item: str, ops: builtins.list[UpdateOp]
+        self,
+        stream: str,
+        group: str,
+        item: str,
+        ops: builtins.list[UpdateOp],
+        limits: WriteLimits = NO_LIMITS,
     ) -> UpdateResult:
         result: UpdateResult = await self.hashes.update(
-            self._hash(stream, group), item, ops, self._chain(stream, group)
+            self._hash(stream, group), item, ops, self._chain(stream, group), limits
         )
         return result
 

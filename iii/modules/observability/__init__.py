@@ -52,7 +52,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-from iii import __version__
+from iii import __version__, json_limits
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
 from iii.modules.observability.logs import (
@@ -242,7 +242,7 @@ class Module:
 
     def ingest(self, kind: str, payload: bytes, worker_id: str | None) -> None:
         """The telemetry consumer: an SDK's OTLP / LOGS / MTRC frame into the stores."""
-        data = orjson.loads(payload)
+        data = json_limits.loads(payload)
         if kind == "OTLP":
             if not self.span_sinks:
                 return

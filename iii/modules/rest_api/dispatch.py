@@ -46,6 +46,7 @@ import h11
 import orjson
 import trio
 
+from iii import json_limits
 from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
 from iii.log import bounded_repr
@@ -295,7 +296,10 @@ class RestDispatcher:
                 await self._timeout_response(responder, route.function_id)
                 return
             try:
-                body = orjson.loads(raw) if raw else None
+                body = json_limits.loads(raw) if raw else None
+            except json_limits.JsonTooDeepError as exc:
+                await responder.respond_error(400, "BAD_REQUEST", f"request body {exc.reason}")
+                return
             except orjson.JSONDecodeError:
                 body = None
         payload = build_payload(request, match, body)

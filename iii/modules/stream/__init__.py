@@ -48,7 +48,11 @@ only on the engine that made the write).
 
 Config: ``port`` (3112), ``host`` (``0.0.0.0``), ``auth_function``,
 ``auth_required`` (ours, default false: refuse the upgrade when auth fails),
-``adapter`` (default ``modules::stream::adapters::KvStore``, in memory).
+``adapter`` (default ``modules::stream::adapters::KvStore``, in memory),
+``max_value_bytes`` (default 16 MiB): a stored item that would encode larger
+is refused with ``VALUE_TOO_LARGE``, and a write whose answer would not fit
+the caller's frames with ``payload_too_large``, both before anything changes
+(:mod:`iii.adapters.limits`).
 Error codes: ``STREAM_SET_ERROR`` (also for update), ``STREAM_GET_ERROR``,
 ``STREAM_DELETE_ERROR``, ``STREAM_GET_GROUP_ERROR``,
 ``STREAM_LIST_GROUPS_ERROR``, ``STREAM_LIST_ALL_ERROR``, ``STREAM_SEND_ERROR``
@@ -68,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
 from iii.adapters.stream import StreamAdapter, open_stream_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
@@ -94,6 +99,7 @@ class Config:
     auth_function: str | None = None
     auth_required: bool = False
     adapter: AdapterRef | None = None
+    max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
 
 
 @attrs.frozen(kw_only=True)
@@ -305,6 +311,9 @@ class Module:
     async def _call(self, code: str, operation: Awaitable[Any]) -> Any:
         return await adapter_call(log, code, operation)
 
+    def _limits(self, ctx: CallContext) -> WriteLimits:
+        return WriteLimits.for_call(self.config.max_value_bytes, ctx)
+
     async def _get(self, stream: str, group: str, item: str, data: Any = None) -> Any:
         hook = self._override("get", stream)
         if hook is not None:
@@ -350,7 +359,9 @@ class Module:
         else:
             old = await self._call(
                 "STREAM_SET_ERROR",
-                self._adapter().set(args.stream_name, args.group_id, args.item_id, args.data),
+                self._adapter().set(
+                    args.stream_name, args.group_id, args.item_id, args.data, self._limits(ctx)
+                ),
             )
             body = {"old_value": old, "new_value": args.data}
         self._emit_written(args.stream_name, args.group_id, args.item_id, body)
@@ -367,7 +378,9 @@ class Module:
         else:
             result: UpdateResult = await self._call(
                 "STREAM_SET_ERROR",
-                self._adapter().update(args.stream_name, args.group_id, args.item_id, ops),
+                self._adapter().update(
+                    args.stream_name, args.group_id, args.item_id, ops, self._limits(ctx)
+                ),
             )
             body = result.to_json()
         self._emit_written(args.stream_name, args.group_id, args.item_id, body)
@@ -383,7 +396,9 @@ class Module:
         else:
             old = await self._call(
                 "STREAM_DELETE_ERROR",
-                self._adapter().delete(args.stream_name, args.group_id, args.item_id),
+                self._adapter().delete(
+                    args.stream_name, args.group_id, args.item_id, self._limits(ctx)
+                ),
             )
         if old is not None:
             self._emit(

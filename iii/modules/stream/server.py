@@ -54,6 +54,8 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from iii import json_limits
+
 __all__ = ["StreamServer", "ClientConnection", "Subscription", "stream_message"]
 
 log = logging.getLogger(__name__)
@@ -290,7 +292,7 @@ class StreamServer:
             except ConnectionClosed:
                 return
             try:
-                message = orjson.loads(frame)
+                message = json_limits.loads(frame)
                 kind = message["type"]
                 data = message["data"]
                 sub = Subscription(
