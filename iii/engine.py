@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.causation import TraceDepths
 from iii.channels import ChannelTable
 from iii.errors import (
     FunctionNotFoundError,
@@ -66,6 +67,7 @@ from iii.errors import (
     InvocationTimeoutError,
     TriggerRegistrationError,
 )
+from iii.grants import Grant, TriggerAccess
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
@@ -120,6 +122,12 @@ class Engine:
     # Installed by the http_functions module: builds the engine-side handler
     # for a ``registerfunction`` that carries an ``invocation`` block.
     external_function_factory: Callable[[str, Any], NativeHandler] | None = None
+    # Installed by modules: function ids that receive other parties' data (the
+    # stream auth function, per-stream overrides).  With tokens, a worker may
+    # register one only if its grant names it (iii.grants.Grant.names).
+    sensitive_functions: list[Callable[[str], bool]] = attrs.field(factory=list)
+    # Causation depth of the trace ids of trigger firings (iii.causation).
+    trace_depths: TraceDepths = attrs.field(factory=TraceDepths)
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)
     # Set while serving: where detached (fire-and-forget) calls run.
@@ -163,15 +171,24 @@ class Engine:
         if created:
             self.notify_functions_changed()
 
+    def is_sensitive(self, function_id: str) -> bool:
+        return any(predicate(function_id) for predicate in self.sensitive_functions)
+
     def unregister_function(self, function_id: str, *, owner: str | None = None) -> None:
         if self.registry.remove_function(owner, function_id):
             self.notify_functions_changed()
 
     def register_trigger_type(
-        self, type_id: str, handler: TriggerTypeHandler, *, description: str = ""
+        self,
+        type_id: str,
+        handler: TriggerTypeHandler,
+        *,
+        description: str = "",
+        access: TriggerAccess | None = None,
     ) -> None:
+        """Provide a trigger type; ``access`` declares what its configs name (iii.grants)."""
         waiting = self.registry.add_trigger_type(
-            TriggerType(id=type_id, description=description, handler=handler)
+            TriggerType(id=type_id, description=description, handler=handler, access=access)
         )
         for trigger in waiting:
             error = self._activate(trigger)
@@ -317,18 +334,32 @@ class Engine:
         metadata: Any = None,
         timeout: float | None = None,
         on_span: Callable[[Span], None] | None = None,
+        grant: Grant | None = None,
+        grant_checked: bool = False,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
 
-        Raises an :class:`IIIError`: ``function_not_found``, the function's own
-        error, ``invocation_stopped`` (the worker left), ``timeout``.
+        Raises an :class:`IIIError`: ``forbidden``, ``function_not_found``, the
+        function's own error, ``invocation_stopped`` (the worker left),
+        ``timeout``.
+
+        ``grant`` is the token of whoever the call is made for (the calling
+        worker, a trigger's registrants, a job's enqueuer); None when the
+        engine calls for itself.  It is checked here, and an engine function
+        receives it as ``ctx.grant`` and passes it on to the calls it makes
+        for its caller: one check for direct and nested calls alike.
+        ``grant_checked``: the caller checked what it named itself and the
+        engine names ``function_id`` (the ``enqueue`` action calls
+        ``engine::queue::enqueue`` for a worker that named the job's function).
 
         With a tracer installed the call runs under an invocation span (child
         of ``traceparent``), and the function receives that span's context;
         ``on_span`` is then given that span as soon as it opens (so a caller
         can answer with its context).  Without a tracer it is never called.
         """
+        if grant is not None and _span is None and not grant_checked:
+            grant.require_invoke(function_id)
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
                 function_id,
@@ -340,6 +371,7 @@ class Engine:
                 metadata=metadata,
                 timeout=timeout,
                 on_span=on_span,
+                grant=grant,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -359,6 +391,7 @@ class Engine:
                 traceparent=traceparent,
                 baggage=baggage,
                 metadata=metadata,
+                grant=grant,
             )
             with trio.move_on_after(timeout) as scope:
                 return await replica.handler(data, ctx)
@@ -420,6 +453,7 @@ class Engine:
         metadata: Any,
         timeout: float | None,
         on_span: Callable[[Span], None] | None,
+        grant: Grant | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -439,6 +473,7 @@ class Engine:
                 baggage=span.baggage,
                 metadata=metadata,
                 timeout=timeout,
+                grant=grant,
                 _span=span,
             )
 

@@ -21,6 +21,7 @@ import attrs
 import cattrs
 
 from iii.errors import DeserializationError
+from iii.grants import Grant
 
 __all__ = ["CallContext", "NativeHandler", "parse_input", "INPUT_CONVERTER"]
 
@@ -37,6 +38,11 @@ class CallContext:
     traceparent: str | None = None
     baggage: str | None = None
     metadata: Any = None
+    # The token the call is made for (None: the engine's own call).  An
+    # engine function that calls another function for its caller passes it
+    # on (``engine.invoke(..., grant=ctx.grant)``), and checks any function
+    # id it takes from its input with ``ctx.grant.require_invoke``.
+    grant: Grant | None = None
 
 
 NativeHandler = Callable[[Any, CallContext], Awaitable[Any]]

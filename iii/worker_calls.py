@@ -178,6 +178,9 @@ async def _call(
             traceparent=message.traceparent,
             baggage=message.baggage,
             on_span=on_span,
+            # _refuse_call checked the job's function; the queue records the grant.
+            grant=conn.grant,
+            grant_checked=True,
         )
         return {"messageReceiptId": receipt}
     return await conn.engine.invoke(
@@ -189,4 +192,5 @@ async def _call(
         baggage=message.baggage,
         metadata=message.metadata,
         on_span=on_span,
+        grant=conn.grant,
     )

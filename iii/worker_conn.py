@@ -16,8 +16,11 @@ other calls.
 With ``auth.tokens`` configured, the connection carries its token's
 :class:`~iii.security.Grant`: a registration outside it is refused
 (``registrationrejected`` code ``FORBIDDEN`` for a function, a
-``triggerregistrationresult`` error ``forbidden`` for a trigger) and a call
-outside it is answered ``forbidden``.  A worker may have at most
+``triggerregistrationresult`` error ``forbidden`` for a trigger: its type,
+function, the functions its config names, or data the token may not read;
+see :mod:`iii.grants`) and a call outside it is answered ``forbidden``.  A
+function that receives other parties' data (``Engine.is_sensitive``) must be
+named by the token's ``register`` list.  A worker may have at most
 ``max_pending_invocations`` calls outstanding; more are answered
 ``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
 
@@ -386,6 +389,16 @@ class WorkerConnection:
             )
             self._reject_function(message.id, "FORBIDDEN")
             return
+        if engine.is_sensitive(message.id) and not self.grant.names(message.id):
+            log.warning(
+                "worker %s (token %s) may not register %r: it receives other parties' data, "
+                "and the token's register list does not name it (the bare '*' does not count)",
+                self.worker_id,
+                self.grant.name,
+                message.id,
+            )
+            self._reject_function(message.id, "FORBIDDEN")
+            return
         if message.invocation is not None:
             factory = engine.external_function_factory
             if factory is None:
@@ -433,16 +446,15 @@ class WorkerConnection:
 
     def _register_trigger(self, message: RegisterTrigger) -> None:
         error: ErrorBody | None
-        if not self.grant.may_use_trigger_type(message.trigger_type):
-            error = ErrorBody(
-                code="forbidden",
-                message=f"token {self.grant.name!r} may not use trigger type {message.trigger_type}",
-            )
-        elif not self.grant.may_invoke(message.function_id):
-            error = ErrorBody(
-                code="forbidden",
-                message=f"token {self.grant.name!r} may not bind triggers to {message.function_id}",
-            )
+        trigger_type = self.engine.registry.trigger_types.get(message.trigger_type)
+        refusal = self.grant.binding_refusal(
+            message.trigger_type,
+            message.function_id,
+            message.config,
+            trigger_type.access if trigger_type is not None else None,
+        )
+        if refusal is not None:
+            error = ErrorBody(code="forbidden", message=refusal)
         else:
             error = self._file_trigger(message)
         if error is not None:
@@ -474,6 +486,7 @@ class WorkerConnection:
                 function_id=message.function_id,
                 config=message.config,
                 metadata=message.metadata,
+                grant=self.grant,
             )
         )
 
