@@ -8,7 +8,8 @@ call passes the token's allow-list and the worker's ``max_pending_invocations``
 first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
 ``enqueue`` action becomes a call of ``engine::queue::enqueue`` and answers
-``{messageReceiptId}``.
+``{messageReceiptId}``.  The call runs under the worker's grant, and at the
+causation depth of the trigger firing whose trace it carries (if any).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from iii.causation import firing
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
 
@@ -105,7 +107,10 @@ async def _run_call(
     spans: list[Span] = []
     try:
         try:
-            result = await _call(conn, message, data, spans.append if reply else None)
+            # A call made while handling a trigger's invocation (same trace id)
+            # is as deep as that firing: see iii.causation.
+            with firing(engine.trace_depths.depth_of(message.traceparent)):
+                result = await _call(conn, message, data, spans.append if reply else None)
             error = None
         except IIIError as exc:
             result, error = (
