@@ -109,6 +109,10 @@ class WorkerConnection:
     # True while a batch taken from the send queue, or a direct write, is on
     # its way to the socket (see ``send``).
     _writer_busy: bool = False
+    # Frames put in the send queue and not written yet.  The queue's own count
+    # is not enough: a frame handed straight to the waiting writer leaves it at
+    # 0 before the writer runs, and a direct write would overtake that frame.
+    _queued: int = 0
     _nursery: trio.Nursery | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -135,7 +139,7 @@ class WorkerConnection:
         the writer sends them in batches; the socket's lock keeps the order.
         """
         self._check_size(frame)
-        if not self._writer_busy and self._outbox_send.statistics().current_buffer_used == 0:
+        if not self._writer_busy and self._queued == 0:
             self._writer_busy = True
             timeout = self.engine.config.slow_consumer_timeout
             try:
@@ -151,6 +155,7 @@ class WorkerConnection:
             return
         try:
             self._outbox_send.send_nowait(frame)
+            self._queued += 1
             return
         except trio.WouldBlock:
             pass
@@ -159,6 +164,7 @@ class WorkerConnection:
         with trio.move_on_after(self.engine.config.slow_consumer_timeout):
             try:
                 await self._outbox_send.send(frame)
+                self._queued += 1
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             return
@@ -169,6 +175,7 @@ class WorkerConnection:
         try:
             self._check_size(frame)
             self._outbox_send.send_nowait(frame)
+            self._queued += 1
         except trio.WouldBlock:
             self.abort("slow consumer: send queue full")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -262,6 +269,7 @@ class WorkerConnection:
                     await send_frames(self.ws, batch)
                 finally:
                     self._writer_busy = False
+                    self._queued -= len(batch)
         except ConnectionClosed:
             self._scope.cancel()
 
