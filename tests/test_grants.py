@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import trio
 
@@ -560,3 +561,37 @@ async def test_only_a_token_that_names_it_may_register_the_auth_function(tokens:
                 assert await register(provider, function_id) is None
             assert await register(admin, "admin::other") is None
             assert engine.registry.functions["auth::stream"].replicas.keys() == {provider.worker_id}
+
+
+async def test_join_triggers_may_be_scoped_to_a_stream() -> None:
+    """``stream:join {stream_name}`` (ours) runs only for that stream's clients, so a
+    ``stream:join(pattern)`` grant can be given without the other streams' contexts."""
+    from trio_websocket import open_websocket
+
+    config = make_config([stream()])
+    async with open_test_engine(config) as engine:
+        port = engine.listen_port
+        assert port is not None
+        joins: list[str] = []
+
+        async def on_join(data: Any, message: dict[str, Any]) -> Any:
+            joins.append(data["stream_name"])
+            return {"unauthorized": False}
+
+        async with (
+            raw_worker(port) as host,
+            raw_worker(port) as admin,
+            trio.open_nursery() as nursery,
+        ):
+            assert await register(host, "w::join") is None
+            nursery.start_soon(serve, host, {"w::join": on_join})
+            assert await bind(admin, "stream:join", "w::join", {"stream_name": "chat"}) is None
+            stream_port = engine.modules["stream"].server.listen_port
+            async with open_websocket("127.0.0.1", stream_port, "/", use_ssl=False) as ws:
+                for name in ("other", "chat"):
+                    join = {"subscriptionId": name, "streamName": name, "groupId": "g"}
+                    await ws.send_message(orjson.dumps({"type": "join", "data": join}).decode())
+                    with trio.fail_after(10):
+                        assert orjson.loads(await ws.get_message())["event"]["type"] == "sync"
+            assert joins == ["chat"]
+            nursery.cancel_scope.cancel()

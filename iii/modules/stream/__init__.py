@@ -38,7 +38,8 @@ Trigger types:
   delete/event).  The condition gets it too; ``false``, ``null`` or an error
   skips.  Triggers of one event run one after another, after the write has
   answered (:mod:`iii.modules._events`).
-* ``stream:join`` / ``stream:leave``: config ignored; payload
+* ``stream:join`` / ``stream:leave``: config ``{stream_name?}`` (ours: only
+  that stream's clients; upstream ignores the config); payload
   ``{subscription_id, stream_name, group_id, id, context}``.  A join trigger
   answering ``{"unauthorized": true}`` refuses the join.
 
@@ -204,7 +205,9 @@ class _JoinTriggers:
         self.triggers: dict[LogicalTrigger, str | None] = {}
 
     def register_trigger(self, trigger: LogicalTrigger) -> None:
-        self.triggers[trigger] = config_str(trigger.config, "stream_name", self.trigger_type)
+        # Upstream ignores this config: anything but an object still means every stream.
+        config = trigger.config if isinstance(trigger.config, dict) else None
+        self.triggers[trigger] = config_str(config, "stream_name", self.trigger_type)
 
     def unregister_trigger(self, trigger: LogicalTrigger) -> None:
         self.triggers.pop(trigger, None)
