@@ -595,3 +595,19 @@ async def test_join_triggers_may_be_scoped_to_a_stream() -> None:
                         assert orjson.loads(await ws.get_message())["event"]["type"] == "sync"
             assert joins == ["chat"]
             nursery.cancel_scope.cancel()
+
+
+def test_a_job_keeps_the_name_of_its_token_and_a_lost_token_allows_nothing() -> None:
+    from iii.adapters.queue import Job
+    from iii.security import Authenticator
+
+    job = Job(id="1", queue="@q", data={"a": 1}, function_id="billing::job", grant="billing")
+    assert Job.from_json(orjson.loads(orjson.dumps(job.to_json()))) == job
+    config = parse_config({"auth": AUTH}, env=TOKENS)
+    authenticator = Authenticator(config.auth)
+    billing = authenticator.grant_named("billing")
+    assert billing is not None and billing.may_invoke("billing::job")
+    gone = authenticator.grant_named("removed-token")
+    assert gone is not None and not gone.may_invoke("billing::job")
+    assert authenticator.grant_named(None) is None
+    assert Authenticator(parse_config({}).auth).grant_named("billing") is None
