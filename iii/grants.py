@@ -205,7 +205,8 @@ class Grant:
         """True if a ``register`` pattern other than the bare ``"*"`` matches."""
         if not self.authenticated:
             return True
-        return self._register_named is not None and self._register_named.match(function_id) is not None
+        named = self._register_named
+        return named is not None and named.match(function_id) is not None
 
     def may_invoke(self, function_id: str) -> bool:
         return function_id in ALWAYS_INVOKABLE or _matches(self._invoke, function_id)

@@ -183,7 +183,8 @@ def test_trigger_type_entries_are_validated() -> None:
         ("st*(x)", "must be a name, not a pattern"),
         ("", "an empty pattern"),
     ]:
-        with pytest.raises(ConfigError, match=reason.replace("(", r"\(").replace(")", r"\)")) as info:
+        pattern = reason.replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ConfigError, match=pattern) as info:
             parse(["http", entry])
         assert info.value.key == "auth.tokens[0].trigger_types[1]"
     with pytest.raises(ConfigError, match="expected a list of strings"):
@@ -230,7 +231,8 @@ async def test_conditions_outside_the_grant_are_refused_at_registration(tokens: 
                 response = await client.get(f"http://127.0.0.1:{rest_port}/spy")
             assert response.status_code == 404
             # The admin (every list "*") still may.
-            assert await bind(admin, "http", "admin::secret", {"api_path": "/a", "_condition_path": "state::get"}) is None
+            config_ok = {"api_path": "/a", "_condition_path": "state::get"}
+            assert await bind(admin, "http", "admin::secret", config_ok) is None
 
 
 async def test_enqueue_names_a_function_the_grant_must_allow(tokens: None) -> None:
@@ -257,10 +259,11 @@ async def test_enqueue_names_a_function_the_grant_must_allow(tokens: None) -> No
                 {"queue": "q", "function_id": "admin::secret", "data": {}},
             )
             assert answer["error"]["code"] == "forbidden", answer
-            answer = await billing.call("admin::secret", {}, action={"type": "enqueue", "queue": "q"})
+            action = {"type": "enqueue", "queue": "q"}
+            answer = await billing.call("admin::secret", {}, action=action)
             assert answer["error"]["code"] == "forbidden", answer
             # Its own function is fine, through both doors.
-            answer = await billing.call("billing::job", {}, action={"type": "enqueue", "queue": "q"})
+            answer = await billing.call("billing::job", {}, action=action)
             assert "result" in answer, answer
             answer = await billing.call(
                 "engine::queue::enqueue", {"queue": "q", "function_id": "billing::job", "data": {}}
@@ -356,12 +359,16 @@ async def test_a_state_trigger_that_refires_itself_is_bounded(
                 assert await register(host, function_id) is None
             nursery.start_soon(serve, host, {"admin::watch": handler, "admin::deletes": handler})
             refusal = await bind(
-                admin, "state", "admin::watch", {"scope": "loop", "condition_function_id": "state::delete"}
+                admin,
+                "state",
+                "admin::watch",
+                {"scope": "loop", "condition_function_id": "state::delete"},
             )
             assert refusal is None
             # A second trigger on another scope counts nothing: the loop stays in "loop".
             assert await bind(admin, "state", "admin::deletes", {"scope": "other"}) is None
-            assert "result" in await admin.call("state::set", {"scope": "loop", "key": "k", "value": 1})
+            written = await admin.call("state::set", {"scope": "loop", "key": "k", "value": 1})
+            assert "result" in written
             await loop_cut(caplog)
             await trio.sleep(0.3)
             # The first delete returned the value (the handler ran once); the
@@ -370,7 +377,8 @@ async def test_a_state_trigger_that_refires_itself_is_bounded(
             dispatch = engine.modules["state"].dispatch
             assert dispatch.loops.skipped == 1  # one chain, cut once
             # Idle again, and still serving.
-            assert "result" in await admin.call("state::set", {"scope": "other", "key": "x", "value": 2})
+            written = await admin.call("state::set", {"scope": "other", "key": "x", "value": 2})
+            assert "result" in written
             with trio.fail_after(10):
                 while not deletes:
                     await trio.sleep(0.02)

@@ -131,7 +131,10 @@ class Module:
                 self._nursery = queue_nursery
                 register_functions(self)
                 self.engine.register_trigger_type(
-                    "queue", self, description="Durable queue subscription", access=QUEUE_TRIGGER_ACCESS
+                    "queue",
+                    self,
+                    description="Durable queue subscription",
+                    access=QUEUE_TRIGGER_ACCESS,
                 )
                 known = set(await adapter.list_queues())
                 for name in self.config.queue_configs:

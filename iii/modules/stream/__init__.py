@@ -269,7 +269,7 @@ class Module:
                 access=JOIN_TRIGGER_ACCESS,
             )
             if self.config.auth_required and not self.config.auth_function:
-                log.warning("stream: auth_required is set without an auth_function: it has no effect")
+                log.warning("stream: auth_required without an auth_function has no effect")
             self.engine.sensitive_functions.append(self._receives_others_data)
             try:
                 async with trio.open_nursery() as module_nursery:
