@@ -115,7 +115,11 @@ class TraceDepths:
 
 
 def trace_for_firing(depths: TraceDepths, tracing: bool, depth: int) -> dict[str, Any]:
-    """``Engine.invoke`` keywords that let a worker's calls be traced back to a firing."""
+    """``Engine.invoke`` keywords that let a worker's calls be traced back to a firing.
+
+    ``tracing``: the engine's tracer records spans (``EngineTracer.records_spans``);
+    the invocation span's own trace id is then remembered.
+    """
     if tracing:
         return {"on_span": lambda span: depths.remember(span.traceparent, depth)}
     return {"traceparent": depths.new_traceparent(depth)}

@@ -91,7 +91,7 @@ QUEUE = module("modules::queue::QueueModule")
 PUBSUB = module("modules::pubsub::PubSubModule")
 CRON = module("modules::cron::CronModule")
 REST = module("modules::api::RestApiModule", port=0, host="127.0.0.1")
-OTEL = module("modules::observability::OtelModule", enabled=False)
+OTEL = module("modules::observability::OtelModule", enabled=False, prometheus_enabled=False)
 
 
 def stream(**config: Any) -> dict[str, Any]:
@@ -386,13 +386,22 @@ async def test_a_state_trigger_that_refires_itself_is_bounded(
             nursery.cancel_scope.cancel()
 
 
+TRACING = module(
+    "modules::observability::OtelModule", enabled=True, exporter="memory", prometheus_enabled=False
+)
+
+
+@pytest.mark.parametrize(
+    "modules", [[STATE], [STATE, OTEL], [STATE, TRACING]], ids=["no-tracer", "traces-off", "tracing"]
+)
 async def test_a_chain_through_a_worker_is_bounded_by_its_trace(
-    tokens: None, caplog: pytest.LogCaptureFixture
+    tokens: None, caplog: pytest.LogCaptureFixture, modules: list[dict[str, Any]]
 ) -> None:
     """The handler writes the state it watches, over its own connection, with
-    the trace context of the invocation (as an SDK propagates it)."""
+    the trace context of the invocation (as an SDK propagates it); without a
+    tracer, with one that records no spans, and with one that does."""
     caplog.set_level(logging.WARNING, logger="iii")
-    config = make_config([STATE], auth=AUTH)
+    config = make_config(modules, auth=AUTH)
     async with open_test_engine(config) as engine:
         port = engine.listen_port
         assert port is not None

@@ -73,7 +73,10 @@ async def hostile_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
             {"class": "modules::state::StateModule"},
             {"class": "modules::queue::QueueModule"},
             {"class": "modules::pubsub::PubSubModule"},
-            {"class": "modules::observability::OtelModule", "config": {"enabled": False}},
+            {
+                "class": "modules::observability::OtelModule",
+                "config": {"enabled": False, "prometheus_enabled": False},
+            },
             {"class": "modules::api::RestApiModule", "config": {"port": rest_port, "host": "127.0.0.1"}},
             {
                 "class": "modules::stream::StreamModule",
@@ -315,4 +318,57 @@ async def test_stream_auth_fails_closed_and_cannot_be_replicated(
         for reason in ("function_not_found", "'failed'", "null", "str", "no answer within 5s"):
             assert reason in log, reason
         assert "client-secret-value" not in log
+        await still_serving(engine)
+
+
+WORKER_ECHO_025 = """
+import sys
+from iii import register_worker, InitOptions
+
+iii = register_worker(sys.argv[1], InitOptions(worker_name="echo025", otel={"enabled": False}))
+runs = 0
+
+def echo(data):
+    global runs
+    runs += 1
+    print("RUN %d" % runs, flush=True)
+    if runs < 40:  # a guard for the test, should the engine not cut the chain
+        iii.trigger({"function_id": "state::set",
+                     "payload": {"scope": "echo", "key": "k", "value": runs}})
+    return None
+
+iii.register_function("echo::write_back", echo)
+iii.register_trigger({"type": "state", "function_id": "echo::write_back", "config": {"scope": "echo"}})
+print("READY", flush=True)
+sys.stdin.readline()
+iii.shutdown()
+"""
+
+
+@pytest.mark.sdk
+async def test_sdk_025_handler_writing_what_it_watches_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain through a worker: the 0.25 SDK passes the invocation's trace
+    context on to the calls its handler makes, which is how the engine follows it."""
+    async with hostile_engine(tmp_path, monkeypatch) as engine:
+        url = f"ws://127.0.0.1:{engine.port}"
+        async with start_sdk_worker("0.25.0", WORKER_ECHO_025, url=url, env={"III_TOKEN": ADMIN}) as w:
+            await w.wait_for("READY", timeout=60)
+            async with raw_worker(engine.port, ADMIN) as admin:
+                with trio.fail_after(30):  # the SDK registers its trigger after READY
+                    while "echo::write_back" not in repr(
+                        await admin.call("engine::triggers::list", {})
+                    ):
+                        await trio.sleep(0.1)
+                answer = await admin.call("state::set", {"scope": "echo", "key": "k", "value": 0})
+                assert "error" not in answer
+                with trio.fail_after(60):
+                    while "nested trigger firings" not in engine.log():
+                        await trio.sleep(0.1)
+                last = 0
+                with trio.move_on_after(1):
+                    while True:
+                        last = int((await w.wait_for("RUN", timeout=1)).split()[1])
+                assert last == MAX_TRIGGER_DEPTH, last
         await still_serving(engine)

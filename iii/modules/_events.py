@@ -141,7 +141,7 @@ class TriggerDispatch:
                     # Each call under the registrants' grant, traceable to this depth.
                     calls: dict[str, Any] = {
                         "grant": trigger.grant,
-                        **trace_for_firing(engine.trace_depths, engine.tracer.enabled, depth),
+                        **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
                     }
                     if condition is not None and not await self._condition_passes(
                         condition, event, calls

@@ -175,7 +175,7 @@ class Module:
                     data,
                     what=f"subscribe {topic}",
                     grant=trigger.grant,
-                    **trace_for_firing(engine.trace_depths, engine.tracer.enabled, depth),
+                    **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
                 )
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:
