@@ -46,6 +46,7 @@ import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from iii.errors import ConfigError
+from iii.grants import parse_trigger_type_entry
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
 
 __all__ = [
@@ -96,6 +97,10 @@ class AuthToken:
     variable that holds it, read when the config is loaded (unset, empty or
     shorter than 16 characters is a config error).  The lists are
     ``fnmatch``-style patterns (``billing::*``); each defaults to everything.
+    A ``trigger_types`` entry may also be ``type(resource-pattern)``
+    (``state(billing*)``): see :mod:`iii.grants` for what each list allows.
+    Names (or, unnamed, ``env``) are unique: queued jobs record the name of
+    the token that enqueued them.
     """
 
     name: str = ""
@@ -446,6 +451,7 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
     """Read each token's secret from its environment variable."""
     tokens = []
     seen: dict[str, int] = {}
+    labels: dict[str, int] = {}
     for index, token in enumerate(auth.tokens):
         key = f"auth.tokens[{index}].env"
         secret = str(environ.get(token.env, "")).strip()
@@ -462,8 +468,32 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
                 f"the token in {token.env} is the same as auth.tokens[{seen[secret]}]'s", file=file, key=key
             )
         seen[secret] = index
+        _check_patterns(token, index, file)
+        if token.label in labels:
+            raise ConfigError(
+                f"two tokens are named {token.label!r} (also auth.tokens[{labels[token.label]}]); "
+                "names must be unique",
+                file=file,
+                key=f"auth.tokens[{index}].name",
+            )
+        labels[token.label] = index
         tokens.append(attrs.evolve(token, secret=secret))
     return attrs.evolve(auth, tokens=tuple(tokens))
+
+
+def _check_patterns(token: AuthToken, index: int, file: str | None) -> None:
+    """Each pattern is a non-empty string; ``trigger_types`` entries are ``type`` or
+    ``type(resource-pattern)`` (see :mod:`iii.grants`)."""
+    for field in ("register", "invoke", "trigger_types"):
+        for position, entry in enumerate(getattr(token, field)):
+            key = f"auth.tokens[{index}].{field}[{position}]"
+            if not entry.strip():
+                raise ConfigError("an empty pattern", file=file, key=key)
+            if field == "trigger_types":
+                try:
+                    parse_trigger_type_entry(entry)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), file=file, key=key) from None
 
 
 def _check_tls(tls: TlsConfig, file: str | None) -> TlsConfig:

@@ -59,6 +59,7 @@ import attrs
 import orjson
 import trio
 
+from iii.causation import TraceDepths
 from iii.channels import ChannelTable
 from iii.errors import (
     FunctionNotFoundError,
@@ -67,6 +68,7 @@ from iii.errors import (
     InvocationTimeoutError,
     TriggerRegistrationError,
 )
+from iii.grants import Grant, TriggerAccess
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
@@ -121,6 +123,12 @@ class Engine:
     # Installed by the http_functions module: builds the engine-side handler
     # for a ``registerfunction`` that carries an ``invocation`` block.
     external_function_factory: Callable[[str, Any], NativeHandler] | None = None
+    # Installed by modules: function ids that receive other parties' data (the
+    # stream auth function, per-stream overrides).  With tokens, a worker may
+    # register one only if its grant names it (iii.grants.Grant.names).
+    sensitive_functions: list[Callable[[str], bool]] = attrs.field(factory=list)
+    # Causation depth of the trace ids of trigger firings (iii.causation).
+    trace_depths: TraceDepths = attrs.field(factory=TraceDepths)
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)
     # Set while serving: where detached (fire-and-forget) calls run.
@@ -164,15 +172,24 @@ class Engine:
         if created:
             self.notify_functions_changed()
 
+    def is_sensitive(self, function_id: str) -> bool:
+        return any(predicate(function_id) for predicate in self.sensitive_functions)
+
     def unregister_function(self, function_id: str, *, owner: str | None = None) -> None:
         if self.registry.remove_function(owner, function_id):
             self.notify_functions_changed()
 
     def register_trigger_type(
-        self, type_id: str, handler: TriggerTypeHandler, *, description: str = ""
+        self,
+        type_id: str,
+        handler: TriggerTypeHandler,
+        *,
+        description: str = "",
+        access: TriggerAccess | None = None,
     ) -> None:
+        """Provide a trigger type; ``access`` declares what its configs name (iii.grants)."""
         waiting = self.registry.add_trigger_type(
-            TriggerType(id=type_id, description=description, handler=handler)
+            TriggerType(id=type_id, description=description, handler=handler, access=access)
         )
         for trigger in waiting:
             error = self._activate(trigger)
@@ -319,12 +336,24 @@ class Engine:
         timeout: float | None = None,
         on_span: Callable[[Span], None] | None = None,
         reply_limit: int | None = None,
+        grant: Grant | None = None,
+        grant_checked: bool = False,
         _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
 
-        Raises an :class:`IIIError`: ``function_not_found``, the function's own
-        error, ``invocation_stopped`` (the worker left), ``timeout``.
+        Raises an :class:`IIIError`: ``forbidden``, ``function_not_found``, the
+        function's own error, ``invocation_stopped`` (the worker left),
+        ``timeout``.
+
+        ``grant`` is the token of whoever the call is made for (the calling
+        worker, a trigger's registrants, a job's enqueuer); None when the
+        engine calls for itself.  It is checked here, and an engine function
+        receives it as ``ctx.grant`` and passes it on to the calls it makes
+        for its caller: one check for direct and nested calls alike.
+        ``grant_checked``: the caller checked what it named itself and the
+        engine names ``function_id`` (the ``enqueue`` action calls
+        ``engine::queue::enqueue`` for a worker that named the job's function).
 
         With a tracer installed the call runs under an invocation span (child
         of ``traceparent``), and the function receives that span's context;
@@ -333,6 +362,8 @@ class Engine:
         ``reply_limit`` is the caller's frame limit when the result goes back
         to a worker (see :class:`~iii.native.CallContext`).
         """
+        if grant is not None and _span is None and not grant_checked:
+            grant.require_invoke(function_id)
         if _span is None and self.tracer.enabled:
             return await self._invoke_traced(
                 function_id,
@@ -345,6 +376,7 @@ class Engine:
                 timeout=timeout,
                 on_span=on_span,
                 reply_limit=reply_limit,
+                grant=grant,
             )
         entry = self.registry.functions.get(function_id)
         if entry is None:
@@ -365,6 +397,7 @@ class Engine:
                 baggage=baggage,
                 metadata=metadata,
                 reply_limit=reply_limit,
+                grant=grant,
             )
             with trio.move_on_after(timeout) as scope:
                 return await replica.handler(data, ctx)
@@ -433,6 +466,7 @@ class Engine:
         timeout: float | None,
         on_span: Callable[[Span], None] | None,
         reply_limit: int | None,
+        grant: Grant | None,
     ) -> Any:
         with self.tracer.invocation(
             function_id,
@@ -453,6 +487,7 @@ class Engine:
                 metadata=metadata,
                 timeout=timeout,
                 reply_limit=reply_limit,
+                grant=grant,
                 _span=span,
             )
 

@@ -21,6 +21,7 @@ import attrs
 import cattrs
 
 from iii.errors import DeserializationError
+from iii.grants import Grant
 
 __all__ = ["CallContext", "NativeHandler", "parse_input", "INPUT_CONVERTER"]
 
@@ -41,6 +42,11 @@ class CallContext:
     # worker (a 0.4.1 SDK takes 1 MiB); None when the result goes elsewhere.
     # A write whose answer could not be sent is refused before it is applied.
     reply_limit: int | None = None
+    # The token the call is made for (None: the engine's own call).  An
+    # engine function that calls another function for its caller passes it
+    # on (``engine.invoke(..., grant=ctx.grant)``), and checks any function
+    # id it takes from its input with ``ctx.grant.require_invoke``.
+    grant: Grant | None = None
 
 
 NativeHandler = Callable[[Any, CallContext], Awaitable[Any]]

@@ -14,7 +14,9 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
 * **Logical triggers.**  Registrations identical in ``(trigger_type,
   function_id, config)`` from any number of workers are one
   :class:`LogicalTrigger`: the trigger type's handler sees it once, it fires
-  once per event, and it lives while any registrant is connected.
+  once per event, and it lives while any registrant is connected.  With
+  tokens, only registrations under the same restricted grant (or under
+  unrestricted ones) are merged: a trigger fires under its registrants' grant.
 * A worker removes only what it registered.  Registrations are keyed by
   ``(worker_id, id)``, so a reconnecting worker replaying the same trigger ids
   never disturbs another connection's entries.
@@ -30,6 +32,8 @@ from typing import Any, Protocol
 
 import attrs
 import orjson
+
+from iii.grants import Grant, TriggerAccess
 
 __all__ = [
     "Registry",
@@ -125,6 +129,9 @@ class TriggerType:
     handler: TriggerTypeHandler | None = None
     trigger_request_format: Any = None
     call_request_format: Any = None
+    # Declared by the engine module providing the type: the config keys that
+    # name functions, and the data a binding receives (iii.grants).
+    access: TriggerAccess | None = None
 
 
 @attrs.frozen
@@ -137,6 +144,14 @@ class TriggerRegistration:
     function_id: str
     config: Any = None
     metadata: Any = None
+    # The registrant's token; the engine fires the trigger under it.
+    grant: Grant | None = None
+
+    @property
+    def grant_label(self) -> str | None:
+        """Registrations share a logical trigger only under the same restricted grant."""
+        grant = self.grant
+        return None if grant is None or grant.unrestricted else grant.name
 
 
 def trigger_key(trigger_type: str, function_id: str, config: Any) -> tuple[str, str, bytes]:
@@ -158,6 +173,9 @@ class LogicalTrigger:
     metadata: Any = None
     registrants: set[tuple[str | None, str]] = attrs.field(factory=set)
     active: bool = False  # handed to the type's handler or provider
+    # The registrants' grant (they share one: see TriggerRegistration.grant_label);
+    # the functions the engine calls for this trigger are checked against it.
+    grant: Grant | None = None
 
     @property
     def key(self) -> tuple[str, str, bytes]:
@@ -180,7 +198,10 @@ class Registry:
     functions: dict[str, FunctionEntry] = attrs.field(factory=dict)
     trigger_types: dict[str, TriggerType] = attrs.field(factory=dict)
     registrations: dict[tuple[str | None, str], TriggerRegistration] = attrs.field(factory=dict)
-    triggers: dict[tuple[str, str, bytes], LogicalTrigger] = attrs.field(factory=dict)
+    # (trigger key, grant label) -> the logical trigger
+    triggers: dict[tuple[tuple[str, str, bytes], str | None], LogicalTrigger] = attrs.field(
+        factory=dict
+    )
     # Bumped whenever the set of function ids changes (functions-available).
     function_set_version: int = 0
 
@@ -298,7 +319,10 @@ class Registry:
         slot = (registration.worker_id, registration.id)
         if slot in self.registrations:
             raise RegistryError(f"trigger {registration.id} is already registered by this worker")
-        key = trigger_key(registration.trigger_type, registration.function_id, registration.config)
+        key = (
+            trigger_key(registration.trigger_type, registration.function_id, registration.config),
+            registration.grant_label,
+        )
         trigger = self.triggers.get(key)
         created = trigger is None
         if trigger is None:
@@ -308,6 +332,7 @@ class Registry:
                 function_id=registration.function_id,
                 config=registration.config,
                 metadata=registration.metadata,
+                grant=registration.grant,
             )
         trigger.registrants.add(slot)
         self.registrations[slot] = registration
@@ -332,7 +357,10 @@ class Registry:
             self.workers[worker_id].trigger_ids.discard(trigger_id)
         if registration is None:
             return None
-        key = trigger_key(registration.trigger_type, registration.function_id, registration.config)
+        key = (
+            trigger_key(registration.trigger_type, registration.function_id, registration.config),
+            registration.grant_label,
+        )
         trigger = self.triggers[key]
         trigger.registrants.discard((worker_id, trigger_id))
         if trigger.registrants:

@@ -6,10 +6,10 @@
   the reason for a refusal.  With no tokens configured every client is let in
   with :data:`ALLOW_ALL`.  Channel sockets are not checked here: they carry
   their own per-channel access key.
-* A :class:`Grant` is the allow-list of one token: function-id patterns a
-  worker may register and invoke (binding a trigger counts as invoking its
-  function), and trigger types it may bind or provide.  Patterns are
-  ``fnmatch``-style (``*``, ``?``, ``[...]``), compiled once.
+* A :class:`~iii.grants.Grant` is the allow-list of one token (defined in
+  :mod:`iii.grants`, re-exported here): function-id patterns a worker may
+  register and invoke (binding a trigger counts as invoking its function),
+  and trigger types it may bind or provide.
 * :func:`server_ssl_context` builds the server-side TLS context from
   ``tls.cert`` / ``tls.key`` (shared by every listener that serves TLS).
 
@@ -19,16 +19,15 @@ built once per engine from its config.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import secrets
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import attrs
 
 from iii.config import AuthConfig, TlsConfig
 from iii.errors import ConfigError
+from iii.grants import ALLOW_ALL, ALWAYS_INVOKABLE, Grant
 
 __all__ = [
     "Authenticator",
@@ -38,63 +37,6 @@ __all__ = [
     "server_ssl_context",
     "ALWAYS_INVOKABLE",
 ]
-
-# Every SDK calls this at connect to report its metadata; refusing it would
-# only lose the worker's name in ``engine::workers::list``.
-ALWAYS_INVOKABLE = frozenset({"engine::workers::register"})
-
-
-def _compile(patterns: Sequence[str]) -> re.Pattern[str] | None:
-    """One regex for a pattern list; None means "everything"."""
-    if "*" in patterns:
-        return None
-    if not patterns:
-        return re.compile(r"(?!)")  # matches nothing
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-@attrs.frozen(kw_only=True)
-class Grant:
-    """What one authenticated connection may do."""
-
-    name: str
-    _register: re.Pattern[str] | None = None
-    _invoke: re.Pattern[str] | None = None
-    _trigger_types: re.Pattern[str] | None = None
-
-    @classmethod
-    def from_patterns(
-        cls,
-        name: str,
-        *,
-        register: Sequence[str] = ("*",),
-        invoke: Sequence[str] = ("*",),
-        trigger_types: Sequence[str] = ("*",),
-    ) -> Grant:
-        return cls(
-            name=name,
-            register=_compile(register),
-            invoke=_compile(invoke),
-            trigger_types=_compile(trigger_types),
-        )
-
-    @property
-    def unrestricted(self) -> bool:
-        return self._register is None and self._invoke is None and self._trigger_types is None
-
-    def may_register(self, function_id: str) -> bool:
-        return self._register is None or self._register.match(function_id) is not None
-
-    def may_invoke(self, function_id: str) -> bool:
-        if self._invoke is None or function_id in ALWAYS_INVOKABLE:
-            return True
-        return self._invoke.match(function_id) is not None
-
-    def may_use_trigger_type(self, trigger_type: str) -> bool:
-        return self._trigger_types is None or self._trigger_types.match(trigger_type) is not None
-
-
-ALLOW_ALL = Grant.from_patterns("anonymous")
 
 
 @attrs.frozen
@@ -130,6 +72,20 @@ class Authenticator:
     @property
     def enabled(self) -> bool:
         return bool(self._entries)
+
+    def grant_named(self, label: str | None) -> Grant | None:
+        """The grant a stored job recorded (by its token's name), for running it later.
+
+        None (nothing enforced) for a job without a name or with no tokens
+        configured; a name no token has any more gets a grant that allows
+        nothing, so the job fails ``forbidden`` instead of running unchecked.
+        """
+        if label is None or not self._entries:
+            return None
+        for entry in self._entries:
+            if entry.grant.name == label:
+                return entry.grant
+        return Grant.from_patterns(label, register=(), invoke=(), trigger_types=())
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Grant | AuthRefusal:
         if not self._entries:

@@ -70,6 +70,11 @@ class EngineTracer:
 
     enabled: bool = False
 
+    @property
+    def records_spans(self) -> bool:
+        """True if spans have their own trace context (not just the caller's)."""
+        return False
+
     @contextmanager
     def span(
         self,

@@ -8,7 +8,8 @@ call passes the token's allow-list and the worker's ``max_pending_invocations``
 first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
 ``enqueue`` action becomes a call of ``engine::queue::enqueue`` and answers
-``{messageReceiptId}``.
+``{messageReceiptId}``.  The call runs under the worker's grant, and at the
+causation depth of the trigger firing whose trace it carries (if any).
 
 The answer always goes back: the function is told the caller's frame limit
 (``CallContext.reply_limit``) so a store refuses a write whose answer would
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from iii.causation import firing
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
 
@@ -118,9 +120,12 @@ async def _run_call(
         try:
             # An answer that goes back must fit this worker's frames.
             reply_limit = conn.frame_limit if reply else None
-            result = await _call(
-                conn, message, data, spans.append if reply else None, reply_limit
-            )
+            # A call made while handling a trigger's invocation (same trace id)
+            # is as deep as that firing: see iii.causation.
+            with firing(engine.trace_depths.depth_of(message.traceparent)):
+                result = await _call(
+                    conn, message, data, spans.append if reply else None, reply_limit
+                )
             error = None
         except IIIError as exc:
             result, error = (
@@ -217,6 +222,9 @@ async def _call(
             traceparent=message.traceparent,
             baggage=message.baggage,
             on_span=on_span,
+            # _refuse_call checked the job's function; the queue records the grant.
+            grant=conn.grant,
+            grant_checked=True,
         )
         return {"messageReceiptId": receipt}
     return await conn.engine.invoke(
@@ -229,4 +237,5 @@ async def _call(
         metadata=message.metadata,
         on_span=on_span,
         reply_limit=reply_limit,
+        grant=conn.grant,
     )

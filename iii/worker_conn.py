@@ -16,8 +16,11 @@ other calls.
 With ``auth.tokens`` configured, the connection carries its token's
 :class:`~iii.security.Grant`: a registration outside it is refused
 (``registrationrejected`` code ``FORBIDDEN`` for a function, a
-``triggerregistrationresult`` error ``forbidden`` for a trigger) and a call
-outside it is answered ``forbidden``.  A worker may have at most
+``triggerregistrationresult`` error ``forbidden`` for a trigger: its type,
+function, the functions its config names, or data the token may not read;
+see :mod:`iii.grants`) and a call outside it is answered ``forbidden``.  A
+function that receives other parties' data (``Engine.is_sensitive``) must be
+named by the token's ``register`` list.  A worker may have at most
 ``max_pending_invocations`` calls outstanding; more are answered
 ``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
 
@@ -107,6 +110,10 @@ class WorkerConnection:
     # True while a batch taken from the send queue, or a direct write, is on
     # its way to the socket (see ``send``).
     _writer_busy: bool = False
+    # Frames put in the send queue and not written yet.  The queue's own count
+    # is not enough: a frame handed straight to the waiting writer leaves it at
+    # 0 before the writer runs, and a direct write would overtake that frame.
+    _queued: int = 0
     _nursery: trio.Nursery | None = None
     # Warnings about what this worker sent (malformed frames, bad telemetry,
     # refused registrations and calls): the first few, then one per interval,
@@ -137,7 +144,7 @@ class WorkerConnection:
         the writer sends them in batches; the socket's lock keeps the order.
         """
         self._check_size(frame)
-        if not self._writer_busy and self._outbox_send.statistics().current_buffer_used == 0:
+        if not self._writer_busy and self._queued == 0:
             self._writer_busy = True
             timeout = self.engine.config.slow_consumer_timeout
             try:
@@ -153,6 +160,7 @@ class WorkerConnection:
             return
         try:
             self._outbox_send.send_nowait(frame)
+            self._queued += 1
             return
         except trio.WouldBlock:
             pass
@@ -161,6 +169,7 @@ class WorkerConnection:
         with trio.move_on_after(self.engine.config.slow_consumer_timeout):
             try:
                 await self._outbox_send.send(frame)
+                self._queued += 1
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             return
@@ -171,6 +180,7 @@ class WorkerConnection:
         try:
             self._check_size(frame)
             self._outbox_send.send_nowait(frame)
+            self._queued += 1
         except trio.WouldBlock:
             self.abort("slow consumer: send queue full")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -265,6 +275,7 @@ class WorkerConnection:
                     await send_frames(self.ws, batch)
                 finally:
                     self._writer_busy = False
+                    self._queued -= len(batch)
         except ConnectionClosed:
             self._scope.cancel()
 
@@ -394,6 +405,16 @@ class WorkerConnection:
             )
             self._reject_function(message.id, "FORBIDDEN")
             return
+        if engine.is_sensitive(message.id) and not self.grant.names(message.id):
+            log.warning(
+                "worker %s (token %s) may not register %r: it receives other parties' data, "
+                "and the token's register list does not name it (the bare '*' does not count)",
+                self.worker_id,
+                self.grant.name,
+                message.id,
+            )
+            self._reject_function(message.id, "FORBIDDEN")
+            return
         if message.invocation is not None:
             factory = engine.external_function_factory
             if factory is None:
@@ -450,16 +471,15 @@ class WorkerConnection:
 
     def _register_trigger(self, message: RegisterTrigger) -> None:
         error: ErrorBody | None
-        if not self.grant.may_use_trigger_type(message.trigger_type):
-            error = ErrorBody(
-                code="forbidden",
-                message=f"token {self.grant.name!r} may not use trigger type {message.trigger_type}",
-            )
-        elif not self.grant.may_invoke(message.function_id):
-            error = ErrorBody(
-                code="forbidden",
-                message=f"token {self.grant.name!r} may not bind triggers to {message.function_id}",
-            )
+        trigger_type = self.engine.registry.trigger_types.get(message.trigger_type)
+        refusal = self.grant.binding_refusal(
+            message.trigger_type,
+            message.function_id,
+            message.config,
+            trigger_type.access if trigger_type is not None else None,
+        )
+        if refusal is not None:
+            error = ErrorBody(code="forbidden", message=refusal)
         else:
             error = self._file_trigger(message)
         if error is not None:
@@ -491,6 +511,7 @@ class WorkerConnection:
                 function_id=message.function_id,
                 config=message.config,
                 metadata=message.metadata,
+                grant=self.grant,
             )
         )
 

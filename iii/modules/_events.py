@@ -5,8 +5,12 @@ never waits).  The dispatcher task gives every event its own task, bounded by
 a capacity limiter; that task runs the matching triggers **one after another**
 (spec modules.md §4.3, §5): for each, the condition function first (when the
 trigger has ``condition_function_id``: a result of ``false`` or ``null``, or
-an error, skips it), then the handler.  Results and errors of handlers are
-logged, never returned to the writer.
+an error, skips it), then the handler, both under the trigger's grant.
+Results and errors of handlers are logged, never returned to the writer.
+
+Each event carries the causation depth of the task that produced it, and its
+triggers run one level deeper; past the limit they are not run
+(:mod:`iii.causation`): a trigger that re-fires itself is bounded.
 
 If events arrive faster than they can be dispatched and the queue is full,
 the newest is dropped with a warning: a write is never slowed down by its
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.registry import LogicalTrigger
 
@@ -74,8 +79,12 @@ class TriggerDispatch:
         self._parse = parse  # trigger config -> filter (raises TriggerRegistrationError)
         self._matches = matches  # (filter, event) -> bool
         self.triggers: dict[LogicalTrigger, tuple[Any, str | None]] = {}
-        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](QUEUE_SIZE)
+        # (event, causation depth of the task that produced it)
+        self._send, self._receive = trio.open_memory_channel[tuple[dict[str, Any], int]](
+            QUEUE_SIZE
+        )
         self.dropped = 0
+        self.loops = LoopWarning(trigger_type)
 
     # -- TriggerTypeHandler --------------------------------------------------------
 
@@ -92,7 +101,7 @@ class TriggerDispatch:
         if not self.triggers:
             return
         try:
-            self._send.send_nowait(event)
+            self._send.send_nowait((event, current_depth()))
         except trio.WouldBlock:
             self.dropped += 1
             log.warning(
@@ -102,36 +111,53 @@ class TriggerDispatch:
     async def run(self) -> None:
         limiter = trio.CapacityLimiter(CONCURRENT_EVENTS)
         async with trio.open_nursery() as calls_nursery:
-            async for event in self._receive:
+            async for event, depth in self._receive:
                 matching = [
-                    (trigger.function_id, condition)
+                    (trigger, condition)
                     for trigger, (filter_, condition) in list(self.triggers.items())
                     if self._matches(filter_, event)
                 ]
-                if matching:
-                    await limiter.acquire_on_behalf_of(event_token := object())
-                    calls_nursery.start_soon(self._fire, event, matching, limiter, event_token)
+                if not matching or self.loops.too_deep(
+                    depth + 1, [trigger.function_id for trigger, _ in matching]
+                ):
+                    continue
+                await limiter.acquire_on_behalf_of(event_token := object())
+                calls_nursery.start_soon(
+                    self._fire, event, depth + 1, matching, limiter, event_token
+                )
 
     async def _fire(
         self,
         event: dict[str, Any],
-        matching: list[tuple[str, str | None]],
+        depth: int,
+        matching: list[tuple[LogicalTrigger, str | None]],
         limiter: trio.CapacityLimiter,
         token: object,
     ) -> None:
+        engine = self.engine
         try:
-            for function_id, condition in matching:
-                if condition is not None and not await self._condition_passes(condition, event):
-                    continue
-                await self.engine.invoke_logged(
-                    function_id, event, what=f"{self.trigger_type} trigger"
-                )
+            with firing(depth):
+                for trigger, condition in matching:
+                    # Each call under the registrants' grant, traceable to this depth.
+                    calls: dict[str, Any] = {
+                        "grant": trigger.grant,
+                        **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+                    }
+                    if condition is not None and not await self._condition_passes(
+                        condition, event, calls
+                    ):
+                        continue
+                    await engine.invoke_logged(
+                        trigger.function_id, event, what=f"{self.trigger_type} trigger", **calls
+                    )
         finally:
             limiter.release_on_behalf_of(token)
 
-    async def _condition_passes(self, condition: str, event: dict[str, Any]) -> bool:
+    async def _condition_passes(
+        self, condition: str, event: dict[str, Any], calls: dict[str, Any]
+    ) -> bool:
         try:
-            result = await self.engine.invoke(condition, event)
+            result = await self.engine.invoke(condition, event, **calls)
         except IIIError as exc:
             log.warning(
                 "%s trigger condition %s failed: %s: %s",

@@ -11,6 +11,10 @@ published ``data`` exactly as published, with no envelope; results and
 errors are logged and dropped.  A trigger with an empty topic is refused
 (v0.4 ignored it with a warning, so the worker never learnt).
 
+A delivery runs under the subscription's grant, one causation level deeper
+than the publisher (:mod:`iii.causation`: a subscriber that re-publishes to
+its own topic is bounded, with the local adapter).
+
 Deliveries wait in a bounded queue (``QUEUED_DELIVERIES``) for one of
 ``CONCURRENT_DELIVERIES`` delivery tasks.  Subscribers slower than the
 publishers fill it, and further deliveries are then dropped with a warning
@@ -36,7 +40,9 @@ import trio
 
 from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
 from iii.config import AdapterRef
+from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.grants import TriggerAccess
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
 
@@ -50,6 +56,9 @@ log = logging.getLogger(__name__)
 CONCURRENT_DELIVERIES = 256
 QUEUED_DELIVERIES = 10_000
 DROP_REPORT_INTERVAL = 10.0
+# A subscription hands out what others publish on its topic, which no function
+# reads back: a token needs invoke ["*"] or a subscribe(topic-pattern) entry.
+SUBSCRIBE_TRIGGER_ACCESS = TriggerAccess(data=True, resource_key="topic")
 
 
 @attrs.frozen(kw_only=True)
@@ -69,8 +78,11 @@ class Module:
         self.config = config
         self.adapter: PubSubAdapter | None = None
         self.subscribers: dict[str, dict[LogicalTrigger, str]] = {}
-        # (function_id, data, topic) waiting for a delivery task
-        self._queue_in, self._queue_out = trio.open_memory_channel[tuple[str, Any, str]](QUEUED_DELIVERIES)
+        # (trigger, data, topic, causation depth) waiting for a delivery task
+        self._queue_in, self._queue_out = trio.open_memory_channel[
+            tuple[LogicalTrigger, Any, str, int]
+        ](QUEUED_DELIVERIES)
+        self.loops = LoopWarning("subscribe")
         self._running = False
         self.dropped = 0  # deliveries dropped because the queue was full
         self._dropped_unreported = 0
@@ -88,7 +100,10 @@ class Module:
                         "publish", self.publish, description="Publish a message to a topic"
                     )
                     self.engine.register_trigger_type(
-                        "subscribe", self, description="Topic subscription"
+                        "subscribe",
+                        self,
+                        description="Topic subscription",
+                        access=SUBSCRIBE_TRIGGER_ACCESS,
                     )
                     task_status.started()
                     await trio.sleep_forever()
@@ -124,11 +139,17 @@ class Module:
     def _deliver(self, topic: str, data: Any) -> None:
         if not self._running:
             return
-        for function_id in list(self.subscribers.get(topic, {}).values()):
+        subscribers = list(self.subscribers.get(topic, {}))
+        # A message published while a trigger runs (the local adapter delivers
+        # in the publisher's task) is one level deeper: see iii.causation.
+        depth = current_depth() + 1
+        if not subscribers or self.loops.too_deep(depth, [t.function_id for t in subscribers]):
+            return
+        for trigger in subscribers:
             try:
-                self._queue_in.send_nowait((function_id, data, topic))
+                self._queue_in.send_nowait((trigger, data, topic, depth))
             except trio.WouldBlock:
-                self._drop(function_id, topic)
+                self._drop(trigger.function_id, topic)
 
     def _drop(self, function_id: str, topic: str) -> None:
         self.dropped += 1
@@ -146,8 +167,16 @@ class Module:
             self._last_drop_report = now
 
     async def _delivery_task(self) -> None:
-        async for function_id, data, topic in self._queue_out:
-            await self.engine.invoke_logged(function_id, data, what=f"subscribe {topic}")
+        engine = self.engine
+        async for trigger, data, topic, depth in self._queue_out:
+            with firing(depth):
+                await engine.invoke_logged(
+                    trigger.function_id,
+                    data,
+                    what=f"subscribe {topic}",
+                    grant=trigger.grant,
+                    **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+                )
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, PublishInput, ctx.function_id)

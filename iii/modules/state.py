@@ -59,6 +59,7 @@ from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_b
 from iii.adapters.state import StateAdapter, open_state_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError
+from iii.grants import TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.native import CallContext, parse_input
@@ -119,6 +120,16 @@ def state_event(
     }
 
 
+# A state trigger names its condition, and hands out the values of its scope
+# (every scope without one): a token needs state::get or a state(scope) entry.
+STATE_TRIGGER_ACCESS = TriggerAccess(
+    function_keys=("condition_function_id",),
+    data=True,
+    resource_key="scope",
+    read_function="state::get",
+)
+
+
 def _parse_filter(config: Any) -> tuple[str | None, str | None]:
     return config_str(config, "scope", "state"), config_str(config, "key", "state")
 
@@ -153,7 +164,9 @@ class Module:
                     ("list_groups", self.list_groups, "List the scopes"),
                 ],
             )
-            self.engine.register_trigger_type("state", self.dispatch, description="State changes")
+            self.engine.register_trigger_type(
+                "state", self.dispatch, description="State changes", access=STATE_TRIGGER_ACCESS
+            )
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self.dispatch.run)
                 module_nursery.start_soon(self.peers.run, adapter.publish_event)

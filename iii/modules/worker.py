@@ -26,6 +26,7 @@ import attrs
 import trio
 
 from iii.errors import IIIError
+from iii.grants import TriggerAccess
 from iii.native import CallContext
 from iii.registry import LogicalTrigger
 
@@ -37,6 +38,9 @@ __all__ = ["Config", "Module", "format_tree_or_none"]
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 60.0
+# Both types hand out what the list functions show: a token needs that function.
+WORKERS_TRIGGER_ACCESS = TriggerAccess(data=True, read_function="engine::workers::list")
+FUNCTIONS_TRIGGER_ACCESS = TriggerAccess(data=True, read_function="engine::functions::list")
 
 
 @attrs.frozen(kw_only=True)
@@ -103,10 +107,16 @@ class Module:
         for function_id, (handler, description) in functions.items():
             engine.register_function(function_id, handler, description=description)
         engine.register_trigger_type(
-            "engine::workers-available", self.worker_triggers, description="Worker connect/disconnect"
+            "engine::workers-available",
+            self.worker_triggers,
+            description="Worker connect/disconnect",
+            access=WORKERS_TRIGGER_ACCESS,
         )
         engine.register_trigger_type(
-            "engine::functions-available", self.function_triggers, description="Function set changes"
+            "engine::functions-available",
+            self.function_triggers,
+            description="Function set changes",
+            access=FUNCTIONS_TRIGGER_ACCESS,
         )
         engine.worker_listeners.append(self._on_worker_event)
         engine.function_listeners.append(self._on_functions_changed)
@@ -230,6 +240,7 @@ class Module:
                             trigger.function_id,
                             dict(payload),
                             what="engine::workers-available",
+                            grant=trigger.grant,
                         )
                     )
 
@@ -254,6 +265,7 @@ class Module:
                             trigger.function_id,
                             dict(payload),
                             what="engine::functions-available",
+                            grant=trigger.grant,
                         )
                     )
 

@@ -80,6 +80,9 @@ class Job:
     function_id: str | None = None
     traceparent: str | None = None
     baggage: str | None = None
+    # The name of the restricted token that enqueued a function job: the job's
+    # call is made under that token's grant (iii.grants).
+    grant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -91,7 +94,7 @@ class Job:
             "backoff_ms": self.backoff_ms,
             "created_at": self.created_at,
         }
-        for key in ("function_id", "traceparent", "baggage"):
+        for key in ("function_id", "traceparent", "baggage", "grant"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -110,6 +113,7 @@ class Job:
             function_id=raw.get("function_id"),
             traceparent=raw.get("traceparent"),
             baggage=raw.get("baggage"),
+            grant=raw.get("grant") if isinstance(raw.get("grant"), str) else None,
         )
 
 

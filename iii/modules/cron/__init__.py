@@ -46,6 +46,7 @@ import trio
 from iii.adapters.cron import CronLockAdapter, open_cron_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.grants import TriggerAccess
 from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
 from iii.registry import LogicalTrigger
 from iii.tracing import NoopSpan, Span
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 UTC = dt.UTC
 CONDITION_KEYS = ("condition_function_id", "_condition_path", "condition")
+CRON_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS)
 
 
 @attrs.frozen(kw_only=True)
@@ -195,7 +197,9 @@ class Module:
             self.locks = locks
             async with trio.open_nursery() as cron_nursery:
                 self._nursery = cron_nursery
-                self.engine.register_trigger_type("cron", self, description="Cron-scheduled trigger")
+                self.engine.register_trigger_type(
+                    "cron", self, description="Cron-scheduled trigger", access=CRON_TRIGGER_ACCESS
+                )
                 cron_nursery.start_soon(self._stop_on_shutdown)
                 task_status.started()
                 await trio.sleep_forever()
@@ -288,7 +292,11 @@ class Module:
         if job.condition is not None:
             try:
                 verdict = await self.engine.invoke(
-                    job.condition, payload, traceparent=span.traceparent, baggage=span.baggage
+                    job.condition,
+                    payload,
+                    traceparent=span.traceparent,
+                    baggage=span.baggage,
+                    grant=trigger.grant,
                 )
             except IIIError as exc:
                 log.warning("cron %s: condition %s failed (%s); skipped", trigger.id, job.condition, exc.message)
@@ -298,7 +306,11 @@ class Module:
                 return "skipped"
         try:
             await self.engine.invoke(
-                trigger.function_id, payload, traceparent=span.traceparent, baggage=span.baggage
+                trigger.function_id,
+                payload,
+                traceparent=span.traceparent,
+                baggage=span.baggage,
+                grant=trigger.grant,
             )
         except IIIError as exc:
             log.warning(

@@ -53,6 +53,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__, json_limits
+from iii.grants import TriggerAccess
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
 from iii.modules.observability.logs import (
@@ -74,6 +75,7 @@ from iii.modules.observability.sampler import build_sampler
 from iii.modules.observability.span_bounds import BoundedSpanProcessor
 from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
 from iii.modules.observability.tracer import OtelTracer
+from iii.registry import LogicalTrigger
 from iii.tracing import NOOP_TRACER
 
 if TYPE_CHECKING:
@@ -84,6 +86,11 @@ __all__ = ["Config", "Module"]
 log = logging.getLogger(__name__)
 
 LOG_QUEUE_SIZE = 1000
+# A log trigger hands out every party's log entries of its level: a token
+# needs engine::logs::list or a log(level-pattern) entry (log(*) for "all").
+LOG_TRIGGER_ACCESS = TriggerAccess(
+    data=True, resource_key="level", read_function="engine::logs::list"
+)
 LOG_DELIVERY_CONCURRENCY = 64
 FLUSH_DEADLINE = 5.0
 
@@ -123,7 +130,7 @@ class Module:
         # Bytes of the logs waiting for (or in) delivery to log triggers.
         self.logs_queued_bytes = 0
         self.prometheus_port: int | None = None
-        self._log_send: trio.MemorySendChannel[tuple[str, StoredLog]] | None = None
+        self._log_send: trio.MemorySendChannel[tuple[LogicalTrigger, StoredLog]] | None = None
         self._trio_thread: int | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closers: list[Any] = []
@@ -271,12 +278,12 @@ class Module:
                 except trio.RunFinishedError:
                     pass
             return
-        for function_id in self.log_triggers.matching(entry):
+        for trigger in self.log_triggers.matching(entry):
             if self.logs_queued_bytes + stored.size > self.config.logs_max_bytes:
                 self.logs_dropped += 1
                 continue
             try:
-                self._log_send.send_nowait((function_id, stored))
+                self._log_send.send_nowait((trigger, stored))
             except trio.WouldBlock:
                 self.logs_dropped += 1
             except trio.ClosedResourceError:
@@ -285,22 +292,24 @@ class Module:
                 self.logs_queued_bytes += stored.size
 
     async def _deliver_logs(
-        self, receive: trio.MemoryReceiveChannel[tuple[str, StoredLog]]
+        self, receive: trio.MemoryReceiveChannel[tuple[LogicalTrigger, StoredLog]]
     ) -> None:
         DELIVERING.set(True)  # inherited by the delivery tasks
         slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
 
-        async def deliver(function_id: str, stored: StoredLog) -> None:
+        async def deliver(trigger: LogicalTrigger, stored: StoredLog) -> None:
             try:
-                await self.engine.invoke_logged(function_id, stored.entry(), what="log trigger")
+                await self.engine.invoke_logged(
+                    trigger.function_id, stored.entry(), what="log trigger", grant=trigger.grant
+                )
             finally:
                 self.logs_queued_bytes -= stored.size
                 slots.release()
 
         async with trio.open_nursery() as delivery_nursery:
-            async for function_id, stored in receive:
+            async for trigger, stored in receive:
                 await slots.acquire()
-                delivery_nursery.start_soon(deliver, function_id, stored)
+                delivery_nursery.start_soon(deliver, trigger, stored)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -331,7 +340,9 @@ class Module:
         self.metrics.workers_active = len(engine.connections)
         handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
         engine_logger = logging.getLogger("iii")
-        log_send, log_receive = trio.open_memory_channel[tuple[str, StoredLog]](LOG_QUEUE_SIZE)
+        log_send, log_receive = trio.open_memory_channel[tuple[LogicalTrigger, StoredLog]](
+            LOG_QUEUE_SIZE
+        )
         try:
             async with trio.open_nursery() as module_nursery:
                 functions.register(engine, self)
@@ -339,6 +350,7 @@ class Module:
                     "log",
                     self.log_triggers,
                     description="Log entries stored by the observability module",
+                    access=LOG_TRIGGER_ACCESS,
                 )
                 if config.prometheus_enabled:
                     from prometheus_client import CollectorRegistry, generate_latest

@@ -367,10 +367,8 @@ class LogTriggers:
     def unregister_trigger(self, trigger: LogicalTrigger) -> None:
         self.levels.pop(trigger, None)
 
-    def matching(self, entry: dict[str, Any]) -> list[str]:
+    def matching(self, entry: dict[str, Any]) -> list[LogicalTrigger]:
         level = str(entry.get("severity_text", "")).lower()
         if level == "warning":
             level = "warn"
-        return [
-            t.function_id for t, wanted in self.levels.items() if wanted == "all" or wanted == level
-        ]
+        return [t for t, wanted in self.levels.items() if wanted == "all" or wanted == level]

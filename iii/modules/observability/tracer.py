@@ -94,6 +94,10 @@ class OtelTracer(EngineTracer):
         self.tracer = tracer  # None: traces off (``enabled: false``), metrics still counted
         self.metrics = metrics
 
+    @property
+    def records_spans(self) -> bool:
+        return self.tracer is not None
+
     @contextmanager
     def span(
         self,

@@ -17,6 +17,12 @@ concurrency?, message_group_field?, metadata?: {infrastructure: {queue: {type,
 maxRetries, concurrency, backoffDelayMs}}}}``.  The function receives the job's
 ``data`` as it was enqueued.
 
+Grants (:mod:`iii.grants`): ``engine::queue::enqueue`` checks its
+``function_id`` against the caller's token and records the token's name in
+the job (a restricted token only); the job's call is made under that token's
+grant when it runs, and a trigger's jobs under the trigger's grant.  So a
+redrive re-runs each job under the grant of whoever named its function.
+
 Processing (:mod:`.consumer`): at least once on every adapter; a failed
 attempt (the function's error, ``timeout``, ``function_not_found``, a failing
 condition) is retried after ``backoff_ms · 2^(attempt-1)`` until
@@ -57,6 +63,7 @@ from iii.adapters.queue import Job, QueueAdapter, open_queue_adapter
 from iii.config import AdapterRef
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
 from iii.log import bounded_repr
+from iii.grants import Grant, TriggerAccess
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
 from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
@@ -71,6 +78,9 @@ log = logging.getLogger(__name__)
 
 FUNCTION_QUEUE_PREFIX = "@"
 CONDITION_KEYS = ("condition_function_id", "_condition_path")
+# A queue trigger names its condition and consumes the jobs of its topic (taking
+# them from the other consumers): a token needs invoke ["*"] or queue(topic-pattern).
+QUEUE_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS, data=True, resource_key="topic")
 
 
 @attrs.frozen(kw_only=True)
@@ -121,7 +131,12 @@ class Module:
             async with trio.open_nursery() as queue_nursery:
                 self._nursery = queue_nursery
                 register_functions(self)
-                self.engine.register_trigger_type("queue", self, description="Durable queue subscription")
+                self.engine.register_trigger_type(
+                    "queue",
+                    self,
+                    description="Durable queue subscription",
+                    access=QUEUE_TRIGGER_ACCESS,
+                )
                 known = set(await adapter.list_queues())
                 for name in self.config.queue_configs:
                     known.add(FUNCTION_QUEUE_PREFIX + name)
@@ -166,6 +181,7 @@ class Module:
         function_id: str | None = None,
         traceparent: str | None = None,
         baggage: str | None = None,
+        grant: Grant | None = None,
     ) -> Job:
         assert self.adapter is not None
         defaults = self.adapter.defaults
@@ -187,7 +203,14 @@ class Module:
             function_id=function_id,
             traceparent=traceparent,
             baggage=baggage,
+            grant=grant.name if grant is not None and not grant.unrestricted else None,
         )
+
+    def job_grant(self, job: Job, sub: Subscription) -> Grant | None:
+        """The grant a job's call is made under: its enqueuer's, or its trigger's."""
+        if job.function_id is None:
+            return sub.grant
+        return self.engine.authenticator.grant_named(job.grant)
 
     async def store(self, job: Job) -> None:
         assert self.adapter is not None
@@ -275,6 +298,7 @@ class Module:
         return Subscription(
             name=f"{self.instance_id}:{trigger.id}",
             queue=topic,
+            grant=trigger.grant,
             function_id=trigger.function_id,
             condition=condition,
             concurrency=concurrency,

@@ -31,6 +31,7 @@ import trio
 
 from iii.adapters.queue import Delivery, QueueConsumer
 from iii.errors import AdapterUnavailableError, IIIError
+from iii.grants import Grant
 from iii.tracing import NoopSpan, Span
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Subscription:
     max_attempts: int | None  # overrides the job's when set
     backoff_ms: int | None
     poll_interval: float
+    grant: Grant | None = None  # a trigger's registrants' token (None: a function queue)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     processed: int = 0
     held: set[Delivery] = attrs.field(factory=set)  # leased to this consumer now
@@ -216,16 +218,23 @@ async def _attempt(
             await _settle(consumer.dead_letter(delivery, job, "no function: the job has no function_id"), sub, "dead-letter")
             outcome = "dead_letter"
             return outcome
+        grant = module.job_grant(job, sub)
         try:
             if sub.condition is not None:
                 verdict = await engine.invoke(
-                    sub.condition, job.data, traceparent=span.traceparent, baggage=span.baggage
+                    sub.condition,
+                    job.data,
+                    traceparent=span.traceparent,
+                    baggage=span.baggage,
+                    grant=grant,
                 )
                 if verdict is False:
                     await _settle(consumer.ack(delivery), sub, "ack")
                     outcome = "skipped"
                     return outcome
-            await engine.invoke(target, job.data, traceparent=span.traceparent, baggage=span.baggage)
+            await engine.invoke(
+                target, job.data, traceparent=span.traceparent, baggage=span.baggage, grant=grant
+            )
         except IIIError as exc:
             if sub.scope.cancel_called:
                 return outcome  # the trigger went away mid-call (its worker left): released below

@@ -4,6 +4,7 @@
   an empty topic, ``enqueue_error`` when the adapter could not store it.
 * ``engine::queue::enqueue {queue, function_id, data, messageReceiptId,
   traceparent?, baggage?}`` → ``{messageReceiptId}``; the receipt is the job id.
+  ``forbidden`` if the caller's token may not invoke ``function_id``.
 * ``engine::queue::list_topics {}`` → ``{topics: [{topic, kind}]}`` with kind
   ``topic`` or ``queue`` (a function queue fed by ``enqueue`` actions).
 * ``engine::queue::topic_stats {topic | queue}`` → ``{topic, waiting, delayed,
@@ -104,6 +105,8 @@ def register_functions(module: Module) -> None:
         request = parse_input(data, EnqueueActionInput, "engine::queue::enqueue")
         if not request.queue:
             raise IIIError("enqueue action needs a queue name", code="enqueue_error")
+        if ctx.grant is not None:  # the job will call function_id for the caller
+            ctx.grant.require_invoke(request.function_id, what="enqueue a call of")
         job = module.new_job(
             FUNCTION_QUEUE_PREFIX + request.queue,
             request.data,
@@ -112,6 +115,7 @@ def register_functions(module: Module) -> None:
             function_id=request.function_id,
             traceparent=request.traceparent or ctx.traceparent,
             baggage=request.baggage or ctx.baggage,
+            grant=ctx.grant,
         )
         await module.store(job)
         module.ensure_dispatcher(request.queue)

@@ -32,6 +32,7 @@ import trio
 
 from iii.errors import TriggerRegistrationError
 from iii.log import bounded_repr
+from iii.grants import TriggerAccess
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
 from iii.modules.rest_api.routes import (
@@ -54,6 +55,8 @@ __all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "route_for_trigger"
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+CONDITION_KEYS = ("_condition_path", "condition_function_id")
+HTTP_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS)
 
 
 @attrs.frozen(kw_only=True)
@@ -169,7 +172,10 @@ class Module:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.engine.register_trigger_type(
-            "http", self.triggers, description="HTTP routes on the REST API port"
+            "http",
+            self.triggers,
+            description="HTTP routes on the REST API port",
+            access=HTTP_TRIGGER_ACCESS,
         )
         async with trio.open_nursery() as module_nursery:
             try:

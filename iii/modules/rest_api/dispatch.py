@@ -50,6 +50,7 @@ from iii import json_limits
 from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
 from iii.log import bounded_repr
+from iii.grants import Grant
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.side_tasks import SideTasks
@@ -303,9 +304,17 @@ class RestDispatcher:
             except orjson.JSONDecodeError:
                 body = None
         payload = build_payload(request, match, body)
+        # The calls are made for the route's registrants, under their grant.
+        grant = getattr(route.key, "grant", None)
         if route.condition_function_id is not None:
             if not await self._condition_met(
-                responder, route.condition_function_id, payload, deadline, traceparent, baggage
+                responder,
+                route.condition_function_id,
+                payload,
+                deadline,
+                traceparent,
+                baggage,
+                grant=grant,
             ):
                 return
         channels = self.engine.channels
@@ -323,6 +332,7 @@ class RestDispatcher:
                 request=request,
                 responder=responder,
                 function_id=route.function_id,
+                grant=grant,
                 invocation_id=random_uuid(),
                 deadline=deadline,
                 side=SideTasks(request.task_nursery, deadline),
@@ -354,6 +364,8 @@ class RestDispatcher:
         deadline: float,
         traceparent: str | None = None,
         baggage: str | None = None,
+        *,
+        grant: Grant | None = None,
     ) -> bool:
         try:
             verdict = await self.engine.invoke(
@@ -362,6 +374,7 @@ class RestDispatcher:
                 timeout=max(0.0, deadline - trio.current_time()),
                 traceparent=traceparent,
                 baggage=baggage,
+                grant=grant,
             )
         except IIIError as exc:
             await self._error_response(responder, exc, condition_id)
@@ -476,6 +489,7 @@ class _Exchange:
     request: HttpRequest
     responder: Responder
     function_id: str
+    grant: Grant | None  # the route's registrants' token
     invocation_id: str
     deadline: float  # for the response head, then for each gap in a streamed body
     side: SideTasks
@@ -523,6 +537,7 @@ class _Exchange:
                 timeout=max(0.0, self.deadline - trio.current_time()),
                 traceparent=traceparent,
                 baggage=baggage,
+                grant=self.grant,
             )
         except IIIError as exc:
             if self.take_answer():

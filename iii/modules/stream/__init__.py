@@ -38,7 +38,8 @@ Trigger types:
   delete/event).  The condition gets it too; ``false``, ``null`` or an error
   skips.  Triggers of one event run one after another, after the write has
   answered (:mod:`iii.modules._events`).
-* ``stream:join`` / ``stream:leave``: config ignored; payload
+* ``stream:join`` / ``stream:leave``: config ``{stream_name?}`` (ours: only
+  that stream's clients; upstream ignores the config); payload
   ``{subscription_id, stream_name, group_id, id, context}``.  A join trigger
   answering ``{"unauthorized": true}`` refuses the join.
 
@@ -46,8 +47,10 @@ With a shared backend (Redis) every message also goes to the other engines:
 their clients get it, and their ``stream`` triggers fire (v0.4 fired triggers
 only on the engine that made the write).
 
-Config: ``port`` (3112), ``host`` (``0.0.0.0``), ``auth_function``,
-``auth_required`` (ours, default false: refuse the upgrade when auth fails),
+Config: ``port`` (3112), ``host`` (``0.0.0.0``), ``auth_function`` (a failed
+auth refuses the upgrade with 401, see :mod:`.server`), ``auth_timeout_ms``
+(ours, 5000: how long the auth function may take), ``auth_required`` (ours,
+kept for old configs: with an ``auth_function`` a failed auth always refuses),
 ``adapter`` (default ``modules::stream::adapters::KvStore``, in memory),
 ``max_value_bytes`` (default 16 MiB): a stored item that would encode larger
 is refused with ``VALUE_TOO_LARGE``, and a write whose answer would not fit
@@ -66,6 +69,7 @@ cancelled; the adapter closes last.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +80,7 @@ from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_b
 from iii.adapters.stream import StreamAdapter, open_stream_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.stream.server import StreamServer, stream_message
@@ -91,15 +96,41 @@ __all__ = ["Config", "Module"]
 
 log = logging.getLogger(__name__)
 
+OVERRIDE_OPS = ("set", "get", "delete", "list", "list_groups", "update")
+_OVERRIDE = re.compile(r"^stream::(?:" + "|".join(OVERRIDE_OPS) + r")\(.*\)$", re.DOTALL)
+# A stream trigger names its condition and hands out the items of its stream:
+# a token needs stream::get or a stream(stream-pattern) entry.
+STREAM_TRIGGER_ACCESS = TriggerAccess(
+    function_keys=("condition_function_id",),
+    data=True,
+    resource_key="stream_name",
+    read_function="stream::get",
+)
+# Join/leave triggers see every client's auth context and may refuse joins:
+# a token needs invoke ["*"] or a stream:join(stream-pattern) entry.
+JOIN_TRIGGER_ACCESS = TriggerAccess(data=True, resource_key="stream_name")
+
+
+def _positive(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive number of milliseconds")
+
 
 @attrs.frozen(kw_only=True)
 class Config:
     port: int = 3112
     host: str = "0.0.0.0"
     auth_function: str | None = None
+    # Milliseconds the auth function may take; past it the upgrade is refused.
+    auth_timeout_ms: int = attrs.field(default=5000, validator=_positive)
+    # No effect since a failed auth always refuses; accepted for old configs.
     auth_required: bool = False
     adapter: AdapterRef | None = None
     max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
+
+    @property
+    def auth_timeout(self) -> float:
+        return self.auth_timeout_ms / 1000
 
 
 @attrs.frozen(kw_only=True)
@@ -172,16 +203,23 @@ def _matches(filter_: TriggerFilter, message: dict[str, Any]) -> bool:
 
 
 class _JoinTriggers:
-    """``stream:join`` / ``stream:leave``: config ignored, every trigger runs."""
+    """``stream:join`` / ``stream:leave``: config ``{stream_name?}`` (ours; missing
+    or ``""`` = every stream, upstream ignores the config)."""
 
-    def __init__(self) -> None:
-        self.triggers: dict[LogicalTrigger, str] = {}
+    def __init__(self, trigger_type: str) -> None:
+        self.trigger_type = trigger_type
+        self.triggers: dict[LogicalTrigger, str | None] = {}
 
     def register_trigger(self, trigger: LogicalTrigger) -> None:
-        self.triggers[trigger] = trigger.function_id
+        # Upstream ignores this config: anything but an object still means every stream.
+        config = trigger.config if isinstance(trigger.config, dict) else None
+        self.triggers[trigger] = config_str(config, "stream_name", self.trigger_type)
 
     def unregister_trigger(self, trigger: LogicalTrigger) -> None:
         self.triggers.pop(trigger, None)
+
+    def matching(self, stream_name: Any) -> list[LogicalTrigger]:
+        return [t for t, wanted in self.triggers.items() if wanted in (None, stream_name)]
 
 
 class Module:
@@ -189,15 +227,14 @@ class Module:
         self.engine = engine
         self.config = config
         self.dispatch = TriggerDispatch(engine, "stream", parse=_parse_filter, matches=_matches)
-        self.join_triggers = _JoinTriggers()
-        self.leave_triggers = _JoinTriggers()
+        self.join_triggers = _JoinTriggers("stream:join")
+        self.leave_triggers = _JoinTriggers("stream:leave")
         self.peers = PeerPublisher("stream")
         self.adapter: StreamAdapter | None = None
         self.server = StreamServer(
             host=config.host,
             port=config.port,
             authenticate=self._authenticate if config.auth_function else None,
-            auth_required=config.auth_required,
             run_join_triggers=self._run_join_triggers,
             read_sync=self._read_sync,
             ssl_context=server_ssl_context(engine.config.tls),
@@ -222,19 +259,33 @@ class Module:
                     ("send", self.send, "Send a custom event to a group's subscribers"),
                 ],
             )
-            self.engine.register_trigger_type("stream", self.dispatch, description="Stream changes")
             self.engine.register_trigger_type(
-                "stream:join", self.join_triggers, description="Stream client joins"
+                "stream", self.dispatch, description="Stream changes", access=STREAM_TRIGGER_ACCESS
             )
             self.engine.register_trigger_type(
-                "stream:leave", self.leave_triggers, description="Stream client leaves"
+                "stream:join",
+                self.join_triggers,
+                description="Stream client joins",
+                access=JOIN_TRIGGER_ACCESS,
             )
-            async with trio.open_nursery() as module_nursery:
-                module_nursery.start_soon(self.dispatch.run)
-                module_nursery.start_soon(self.peers.run, adapter.publish_event)
-                await module_nursery.start(self.server.serve)
-                task_status.started()
-                await trio.sleep_forever()
+            self.engine.register_trigger_type(
+                "stream:leave",
+                self.leave_triggers,
+                description="Stream client leaves",
+                access=JOIN_TRIGGER_ACCESS,
+            )
+            if self.config.auth_required and not self.config.auth_function:
+                log.warning("stream: auth_required without an auth_function has no effect")
+            self.engine.sensitive_functions.append(self._receives_others_data)
+            try:
+                async with trio.open_nursery() as module_nursery:
+                    module_nursery.start_soon(self.dispatch.run)
+                    module_nursery.start_soon(self.peers.run, adapter.publish_event)
+                    await module_nursery.start(self.server.serve)
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                self.engine.sensitive_functions.remove(self._receives_others_data)
 
     # -- events ------------------------------------------------------------------------
 
@@ -257,28 +308,37 @@ class Module:
 
     # -- client server hooks --------------------------------------------------------------
 
-    async def _authenticate(self, auth_input: dict[str, Any]) -> tuple[bool, Any]:
-        assert self.config.auth_function is not None
-        try:
-            result = await self.engine.invoke(self.config.auth_function, auth_input)
-        except IIIError as exc:
-            log.info(
-                "stream auth function %s failed: %s: %s",
-                self.config.auth_function,
-                exc.code,
-                exc.message,
-            )
-            return False, None
-        if not isinstance(result, dict):
-            return False, None
-        return True, result.get("context")
+    async def _authenticate(self, auth_input: dict[str, Any]) -> tuple[Any, str | None]:
+        """(context, None) or (None, why the upgrade is refused); never waits past the timeout.
+
+        The reason names the function and the error code only: the error's
+        message is the function's own and may repeat what the client sent.
+        """
+        function_id = self.config.auth_function
+        assert function_id is not None
+        timeout = self.config.auth_timeout
+        with trio.move_on_after(timeout):
+            try:
+                result = await self.engine.invoke(function_id, auth_input, timeout=timeout)
+            except IIIError as exc:
+                return None, f"auth function {function_id!r} failed: {exc.code[:64]!r}"
+            if not isinstance(result, dict):
+                kind = "null" if result is None else type(result).__name__
+                return None, f"auth function {function_id!r} answered {kind}, not an object"
+            return result.get("context"), None
+        return None, f"auth function {function_id!r} gave no answer within {timeout:g}s"
+
+    def _receives_others_data(self, function_id: str) -> bool:
+        """The auth function and the per-stream overrides (see Engine.sensitive_functions)."""
+        return function_id == self.config.auth_function or _OVERRIDE.match(function_id) is not None
 
     async def _run_join_triggers(self, trigger_type: str, payload: dict[str, Any]) -> bool:
         """Run the join (or leave) triggers in turn; True if a join was refused."""
         triggers = self.join_triggers if trigger_type == "stream:join" else self.leave_triggers
-        for function_id in list(triggers.triggers.values()):
+        for trigger in triggers.matching(payload.get("stream_name")):
+            function_id = trigger.function_id
             try:
-                result = await self.engine.invoke(function_id, dict(payload))
+                result = await self.engine.invoke(function_id, dict(payload), grant=trigger.grant)
             except IIIError as exc:
                 log.warning(
                     "%s trigger %s failed: %s: %s", trigger_type, function_id, exc.code, exc.message
@@ -314,19 +374,25 @@ class Module:
     def _limits(self, ctx: CallContext) -> WriteLimits:
         return WriteLimits.for_call(self.config.max_value_bytes, ctx)
 
-    async def _get(self, stream: str, group: str, item: str, data: Any = None) -> Any:
+    async def _get(
+        self, stream: str, group: str, item: str, data: Any = None, grant: Grant | None = None
+    ) -> Any:
         hook = self._override("get", stream)
         if hook is not None:
             return await self.engine.invoke(
-                hook, data or {"stream_name": stream, "group_id": group, "item_id": item}
+                hook,
+                data or {"stream_name": stream, "group_id": group, "item_id": item},
+                grant=grant,
             )
         return await self._call("STREAM_GET_ERROR", self._adapter().get(stream, group, item))
 
-    async def _list(self, stream: str, group: str, data: Any = None) -> Any:
+    async def _list(
+        self, stream: str, group: str, data: Any = None, grant: Grant | None = None
+    ) -> Any:
         hook = self._override("list", stream)
         if hook is not None:
             return await self.engine.invoke(
-                hook, data or {"stream_name": stream, "group_id": group}
+                hook, data or {"stream_name": stream, "group_id": group}, grant=grant
             )
         return await self._call("STREAM_GET_GROUP_ERROR", self._adapter().list(stream, group))
 
@@ -353,9 +419,8 @@ class Module:
         args = parse_input(data, SetInput, ctx.function_id)
         hook = self._override("set", args.stream_name)
         if hook is not None:
-            body = self._hook_result(
-                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
-            )
+            answer = await self.engine.invoke(hook, data, grant=ctx.grant)
+            body = self._hook_result(answer, hook, ("old_value", "new_value"))
         else:
             old = await self._call(
                 "STREAM_SET_ERROR",
@@ -372,9 +437,8 @@ class Module:
         ops = parse_ops(args.ops, ctx.function_id)
         hook = self._override("update", args.stream_name)
         if hook is not None:
-            body = self._hook_result(
-                await self.engine.invoke(hook, data), hook, ("old_value", "new_value")
-            )
+            answer = await self.engine.invoke(hook, data, grant=ctx.grant)
+            body = self._hook_result(answer, hook, ("old_value", "new_value"))
         else:
             result: UpdateResult = await self._call(
                 "STREAM_SET_ERROR",
@@ -390,9 +454,8 @@ class Module:
         args = parse_input(data, ItemInput, ctx.function_id)
         hook = self._override("delete", args.stream_name)
         if hook is not None:
-            old = self._hook_result(await self.engine.invoke(hook, data), hook, ("old_value",))[
-                "old_value"
-            ]
+            answer = await self.engine.invoke(hook, data, grant=ctx.grant)
+            old = self._hook_result(answer, hook, ("old_value",))["old_value"]
         else:
             old = await self._call(
                 "STREAM_DELETE_ERROR",
@@ -410,17 +473,17 @@ class Module:
 
     async def get(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, ItemInput, ctx.function_id)
-        return await self._get(args.stream_name, args.group_id, args.item_id, data)
+        return await self._get(args.stream_name, args.group_id, args.item_id, data, ctx.grant)
 
     async def list(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, GroupInput, ctx.function_id)
-        return await self._list(args.stream_name, args.group_id, data)
+        return await self._list(args.stream_name, args.group_id, data, ctx.grant)
 
     async def list_groups(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, StreamInput, ctx.function_id)
         hook = self._override("list_groups", args.stream_name)
         if hook is not None:
-            return await self.engine.invoke(hook, data)
+            return await self.engine.invoke(hook, data, grant=ctx.grant)
         return await self._call(
             "STREAM_LIST_GROUPS_ERROR", self._adapter().list_groups(args.stream_name)
         )

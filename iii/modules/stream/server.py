@@ -5,10 +5,11 @@ Client protocol (spec modules.md §4.2), on path ``/``:
 * upgrade: with ``auth_function`` set, it is called first with
   ``{"headers": {lowercase name: value}, "path", "query_params": {name:
   [values]}, "addr": "ip:port"}``; the ``context`` of its result is kept for
-  the connection and handed to the join/leave triggers.  An error, a null or
-  a non-object result counts as a failed auth: by default the connection is
-  still accepted without a context (v0.4, which has no other choice); with
-  ``auth_required: true`` the upgrade is refused with HTTP 401.
+  the connection and handed to the join/leave triggers.  A failed auth (the
+  function is absent, fails, answers null or a non-object, or does not answer
+  within ``auth_timeout_ms``) refuses the upgrade with HTTP 401, logged at
+  WARNING with the peer and the reason (v0.4 accepted the connection without
+  a context: an auth function that fails open is no gate).
 * client → server, text or binary JSON:
   ``{"type": "join"|"leave", "data": {"subscriptionId", "streamName", "groupId", "id"?}}``.
   Anything else is ignored (logged at debug level), as upstream.
@@ -132,7 +133,8 @@ class ClientConnection:
 # (payload for the join/leave triggers) -> refused?
 JoinHook = Callable[[str, dict[str, Any]], Awaitable[bool]]
 SyncReader = Callable[[str, str, str | None], Awaitable[Any]]
-AuthHook = Callable[[dict[str, Any]], Awaitable[tuple[bool, Any]]]
+# (auth input) -> (context, None) when accepted, (None, reason) when refused
+AuthHook = Callable[[dict[str, Any]], Awaitable[tuple[Any, str | None]]]
 
 
 class StreamServer:
@@ -144,7 +146,6 @@ class StreamServer:
         host: str,
         port: int,
         authenticate: AuthHook | None,
-        auth_required: bool,
         run_join_triggers: JoinHook,
         read_sync: SyncReader,
         ssl_context: ssl.SSLContext | None = None,
@@ -153,7 +154,6 @@ class StreamServer:
         self.port = port
         self.ssl_context = ssl_context  # set: the port speaks wss://
         self.authenticate = authenticate
-        self.auth_required = auth_required
         self.run_join_triggers = run_join_triggers
         self.read_sync = read_sync
         self.listen_port: int | None = None
@@ -234,9 +234,9 @@ class StreamServer:
             return
         context = None
         if self.authenticate is not None:
-            ok, context = await self.authenticate(_auth_input(request, addr))
-            if not ok and self.auth_required:
-                log.info("stream client %s refused: authentication failed", addr)
+            context, refusal = await self.authenticate(_auth_input(request, addr))
+            if refusal is not None:
+                log.warning("stream client %s refused (401): %s", addr, refusal)
                 await request.reject(401, body=b"Unauthorized")
                 return
         ws = await request.accept()
