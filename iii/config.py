@@ -23,6 +23,8 @@ file, the key and the reason:
 * An unknown module class, an unknown key (top level or in a module's config)
   and a wrongly typed value are errors.
 * A module listed twice is an error.
+* A hostile file (too large, a "billion laughs" of aliases, nesting past 64
+  levels, a duplicate key) is refused by :mod:`iii.config_files`.
 
 With no file, or a file without ``modules``, the default module set is used.
 The mandatory modules (worker, telemetry) are added when missing.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import tomli_w
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from iii.config_files import read_config_file
 from iii.errors import ConfigError
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
 
@@ -259,7 +261,7 @@ def _type_name(value: Any) -> str:
 
 def _format_error(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(exc.extra_fields))
+        keys = ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in exc.extra_fields))
         return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
     if isinstance(exc, KeyError):
         return "required key is missing"
@@ -352,16 +354,8 @@ def scalar_from_env(text: str) -> Any:
 
 
 def _read_file(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML: {exc}", file=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=str(path)) from None
+    # Size, aliases, depth and duplicate keys are bounded there (issue 10).
+    return read_config_file(path)
 
 
 def _module_entry(raw: Any, index: int, file: str | None) -> ModuleEntry:
