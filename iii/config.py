@@ -138,6 +138,11 @@ class TlsConfig:
         return self.cert is not None
 
 
+def _at_least_one(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, int) and value < 1:  # the converter checks the type first
+        raise ValueError(f"{attribute.name}: must be at least 1, got {value}")
+
+
 @attrs.frozen(kw_only=True)
 class EngineConfig:
     port: int = DEFAULT_PORT
@@ -158,6 +163,12 @@ class EngineConfig:
     # Calls one worker may have outstanding (request/response and
     # fire-and-forget); more are answered ``too_many_pending_invocations``.
     max_pending_invocations: int = 4096
+    # Streaming channels (iii.channels): bytes one channel may buffer, bytes
+    # all channels together may buffer (a writer past either waits), and
+    # channels workers may have open (engine::channels::create).
+    channel_buffer_bytes: int = attrs.field(default=4 * MiB, validator=_at_least_one)
+    channels_max_bytes: int = attrs.field(default=256 * MiB, validator=_at_least_one)
+    max_channels: int = attrs.field(default=10_000, validator=_at_least_one)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
     modules: tuple[ModuleEntry, ...] = ()

@@ -235,3 +235,14 @@ def test_files_that_used_to_crash_the_loader_are_config_errors(tmp_path, name, c
         load_config(path)
     assert info.value.file == str(path) and reason in str(info.value)
     assert "\n" not in str(info.value)  # one line: FILE: key: reason
+
+
+@pytest.mark.parametrize("key", ["channel_buffer_bytes", "channels_max_bytes", "max_channels"])
+def test_channel_limits_are_positive_integers(tmp_path, key):
+    assert getattr(load_config(write(tmp_path, f"{key}: 7\n")), key) == 7
+    cases = [("0", "must be at least 1, got 0"), ("true", "expected an integer, got a boolean")]
+    for bad, reason in cases:
+        path = write(tmp_path, f"{key}: {bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: {key}: {reason}"

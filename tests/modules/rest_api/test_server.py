@@ -167,11 +167,13 @@ PIPELINED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
 SMUGGLING = {
     "content-length and transfer-encoding": (
-        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
         400,
     ),
     "transfer-encoding then content-length": (
-        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        b"0\r\n\r\n",
         400,
     ),
     "bare LF line endings": (b"GET /a HTTP/1.1\nHost: x\n\n", 400),
@@ -200,7 +202,10 @@ SMUGGLING = {
         b"POST /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
     ),
-    "whitespace before the colon": (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\nab", 400),
+    "whitespace before the colon": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\nab",
+        400,
+    ),
 }
 
 
@@ -242,7 +247,8 @@ async def test_strict_framing_still_serves_ordinary_requests():
             await stream.send_all(
                 b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"3\r\nabc\r\n0\r\n\r\n"
-                b"POST /twice HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab"
+                b"POST /twice HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n"
+                b"ab"
                 b"GET /ows HTTP/1.1\r\nHost:   x  \r\nTransfer-Encoding:  chunked \r\n\r\n0\r\n\r\n"
                 b"GET /old HTTP/1.0\r\n\r\n"
             )
