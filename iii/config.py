@@ -138,9 +138,25 @@ class TlsConfig:
         return self.cert is not None
 
 
-def _at_least_one(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, int) and value < 1:  # the converter checks the type first
-        raise ValueError(f"{attribute.name}: must be at least 1, got {value}")
+# Integer engine keys and their allowed range (low, high or None).
+_ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
+    # In a file, 0 means the default port (upstream: replaced before this); in
+    # code (iii.testing), an ephemeral one.
+    "port": (0, 65535),
+    "invocation_timeout_ms": (1, None),
+    "heartbeat_interval_ms": (1, None),
+    "heartbeat_timeout_ms": (1, None),
+    "handshake_timeout_ms": (1, None),
+    "shutdown_grace_ms": (0, None),
+    "slow_consumer_timeout_ms": (1, None),
+    "max_message_size": (1, None),
+    "send_queue_size": (1, None),
+    "max_connections": (1, None),
+    "max_pending_invocations": (1, None),
+    "channel_buffer_bytes": (1, None),
+    "channels_max_bytes": (1, None),
+    "max_channels": (1, None),
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -166,12 +182,22 @@ class EngineConfig:
     # Streaming channels (iii.channels): bytes one channel may buffer, bytes
     # all channels together may buffer (a writer past either waits), and
     # channels workers may have open (engine::channels::create).
-    channel_buffer_bytes: int = attrs.field(default=4 * MiB, validator=_at_least_one)
-    channels_max_bytes: int = attrs.field(default=256 * MiB, validator=_at_least_one)
-    max_channels: int = attrs.field(default=10_000, validator=_at_least_one)
+    channel_buffer_bytes: int = 4 * MiB
+    channels_max_bytes: int = 256 * MiB
+    max_channels: int = 10_000
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
     modules: tuple[ModuleEntry, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        # A value out of range is a config error (exit 2), not a surprise at
+        # run time: port 70000 would wrap to 4464, a negative timeout makes
+        # trio raise in the middle of a connection.
+        for name, (low, high) in _ENGINE_RANGES.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                limit = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ValueError(f"{name}: must be {limit}, got {value}")
 
     @property
     def invocation_timeout(self) -> float:

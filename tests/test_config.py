@@ -246,3 +246,24 @@ def test_channel_limits_are_positive_integers(tmp_path, key):
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert str(info.value) == f"{path}: {key}: {reason}"
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("port: 70000\n", "port: must be between 0 and 65535, got 70000"),  # used to wrap to 4464
+        ("port: -5\n", "port: must be between 0 and 65535, got -5"),
+        ("invocation_timeout_ms: -1\n", "invocation_timeout_ms: must be at least 1, got -1"),
+        ("heartbeat_interval_ms: 0\n", "heartbeat_interval_ms: must be at least 1, got 0"),
+        ("shutdown_grace_ms: -1\n", "shutdown_grace_ms: must be at least 0, got -1"),
+        ("max_message_size: 0\n", "max_message_size: must be at least 1, got 0"),
+        ("send_queue_size: -1\n", "send_queue_size: must be at least 1, got -1"),
+        ("max_connections: 0\n", "max_connections: must be at least 1, got 0"),
+    ],
+)
+def test_engine_numbers_out_of_range_are_config_errors(tmp_path, text, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {reason}"
+    assert load_config(write(tmp_path, "shutdown_grace_ms: 0\nport: 65535\n")).port == 65535
