@@ -46,7 +46,6 @@ import h11
 import orjson
 import trio
 
-from iii.channel_buffer import FrameReader, FrameWriter
 from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
 from iii.modules.rest_api.cors import CorsPolicy
@@ -61,6 +60,7 @@ from iii.modules.rest_api.server import (
 )
 
 if TYPE_CHECKING:
+    from iii.channel_buffer import FrameReader, FrameWriter
     from iii.engine import Engine
 
 __all__ = ["RestDispatcher", "build_payload", "parse_headers"]
