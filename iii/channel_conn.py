@@ -15,9 +15,17 @@
 Every Close we start is bounded (``CLOSE_TIMEOUT``): a peer that never
 answers it loses its socket.
 
-Lifetime: the handler returns when its socket or the channel ends; the channel
-itself is removed by the sweep once both sides are finished, or with its owner,
-and removing it ends the sockets still attached to it.
+Memory: frames wait in the channel's buffer, bounded in bytes
+(:mod:`iii.channel_buffer`).  trio-websocket would also read up to
+``message_queue_size`` (64) whole messages ahead of a writer socket's pump,
+outside that bound; for a writer socket that read-ahead is turned off
+(:func:`_no_read_ahead`), so a writer that no reader drains holds the
+channel's bound plus the one message in hand.
+
+Lifetime: the handler returns when its socket or the channel ends; when the
+last side finishes, the channel is removed at once (its memory and its
+``max_channels`` slot given back), otherwise by the sweep or with its owner;
+removing it ends the sockets still attached to it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from iii.channel_buffer import FrameReader, FrameWriter
 from iii.channels import Channel, ChannelClaimedError
 
 if TYPE_CHECKING:
@@ -70,17 +79,36 @@ async def serve_channel_side(
         channel.socket_scopes.append(scope)
         try:
             if direction == "write":
+                _no_read_ahead(ws)
                 await _pump_from_socket(ws, channel, send_side)
             else:
                 await _pump_to_socket(ws, channel, receive_side)
         finally:
             channel.socket_scopes.remove(scope)
+            engine.channels.release_if_finished(channel)
     if scope.cancelled_caught:
         await _close(ws, 1000, "channel removed")
 
 
+def _no_read_ahead(ws: WebSocketConnection) -> None:
+    """Make trio-websocket hand each message over only when our pump takes it.
+
+    Its reader queues up to the server's ``message_queue_size`` whole
+    messages (64, set for workers' throughput: :mod:`iii.listener`), each up
+    to ``max_message_size``; for a channel writer those would sit outside the
+    channel's byte bound (64 x 64 MiB).  trio-websocket has no per-connection
+    setting, so this sets the capacity of that connection's queue (a trio
+    memory channel: ``_recv_channel``, whose state's ``max_buffer_size`` is a
+    plain attribute) to 0.  No message is queued yet: the socket was accepted
+    just now.  If a future version lacks either attribute, the read-ahead stays.
+    """
+    state = getattr(getattr(ws, "_recv_channel", None), "_state", None)
+    if state is not None and hasattr(state, "max_buffer_size"):
+        state.max_buffer_size = 0
+
+
 async def _pump_from_socket(
-    ws: WebSocketConnection, channel: Channel, send_side: trio.MemorySendChannel[str | bytes]
+    ws: WebSocketConnection, channel: Channel, send_side: FrameWriter
 ) -> None:
     try:
         while True:
@@ -100,7 +128,7 @@ async def _pump_from_socket(
 
 
 async def _pump_to_socket(
-    ws: WebSocketConnection, channel: Channel, receive_side: trio.MemoryReceiveChannel[str | bytes]
+    ws: WebSocketConnection, channel: Channel, receive_side: FrameReader
 ) -> None:
     try:
         async for frame in receive_side:

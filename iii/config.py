@@ -23,6 +23,8 @@ file, the key and the reason:
 * An unknown module class, an unknown key (top level or in a module's config)
   and a wrongly typed value are errors.
 * A module listed twice is an error.
+* A hostile file (too large, a "billion laughs" of aliases, nesting past 64
+  levels, a duplicate key) is refused by :mod:`iii.config_files`.
 
 With no file, or a file without ``modules``, the default module set is used.
 The mandatory modules (worker, telemetry) are added when missing.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import tomli_w
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from iii.config_files import read_config_file
 from iii.errors import ConfigError
 from iii.grants import parse_trigger_type_entry
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
@@ -141,6 +143,27 @@ class TlsConfig:
         return self.cert is not None
 
 
+# Integer engine keys and their allowed range (low, high or None).
+_ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
+    # In a file, 0 means the default port (upstream: replaced before this); in
+    # code (iii.testing), an ephemeral one.
+    "port": (0, 65535),
+    "invocation_timeout_ms": (1, None),
+    "heartbeat_interval_ms": (1, None),
+    "heartbeat_timeout_ms": (1, None),
+    "handshake_timeout_ms": (1, None),
+    "shutdown_grace_ms": (0, None),
+    "slow_consumer_timeout_ms": (1, None),
+    "max_message_size": (1, None),
+    "send_queue_size": (1, None),
+    "max_connections": (1, None),
+    "max_pending_invocations": (1, None),
+    "channel_buffer_bytes": (1, None),
+    "channels_max_bytes": (1, None),
+    "max_channels": (1, None),
+}
+
+
 @attrs.frozen(kw_only=True)
 class EngineConfig:
     port: int = DEFAULT_PORT
@@ -161,9 +184,25 @@ class EngineConfig:
     # Calls one worker may have outstanding (request/response and
     # fire-and-forget); more are answered ``too_many_pending_invocations``.
     max_pending_invocations: int = 4096
+    # Streaming channels (iii.channels): bytes one channel may buffer, bytes
+    # all channels together may buffer (a writer past either waits), and
+    # channels workers may have open (engine::channels::create).
+    channel_buffer_bytes: int = 4 * MiB
+    channels_max_bytes: int = 256 * MiB
+    max_channels: int = 10_000
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
     modules: tuple[ModuleEntry, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        # A value out of range is a config error (exit 2), not a surprise at
+        # run time: port 70000 would wrap to 4464, a negative timeout makes
+        # trio raise in the middle of a connection.
+        for name, (low, high) in _ENGINE_RANGES.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                limit = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ValueError(f"{name}: must be {limit}, got {value}")
 
     @property
     def invocation_timeout(self) -> float:
@@ -264,7 +303,7 @@ def _type_name(value: Any) -> str:
 
 def _format_error(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(exc.extra_fields))
+        keys = ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in exc.extra_fields))
         return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
     if isinstance(exc, KeyError):
         return "required key is missing"
@@ -357,16 +396,8 @@ def scalar_from_env(text: str) -> Any:
 
 
 def _read_file(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML: {exc}", file=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=str(path)) from None
+    # Size, aliases, depth and duplicate keys are bounded there (issue 10).
+    return read_config_file(path)
 
 
 def _module_entry(raw: Any, index: int, file: str | None) -> ModuleEntry:

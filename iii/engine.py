@@ -109,7 +109,9 @@ class Engine:
     config: EngineConfig
     registry: Registry = attrs.field(factory=Registry)
     pending: PendingTable = attrs.field(factory=PendingTable)
-    channels: ChannelTable = attrs.field(factory=ChannelTable)
+    channels: ChannelTable = attrs.field(
+        default=attrs.Factory(lambda self: ChannelTable.from_config(self.config), takes_self=True)
+    )
     telemetry: TelemetrySink = attrs.field(factory=TelemetrySink)
     # Spans for invocations and module work (iii.tracing); the observability
     # module replaces the no-op default.

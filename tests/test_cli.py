@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-
 import tomllib
+
+import pytest
 import yaml
 
 from tests.support import ROOT, free_port
@@ -97,3 +98,56 @@ def test_port_in_use_is_a_one_line_crash(tmp_path):
         result = run("serve", "-c", str(config))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("iii: cannot start")
+
+
+# -- hostile config files through the real CLI (issue 10 row 13) -------------------------
+
+
+def _cap_memory() -> None:
+    """Runs in the child: 1 GiB of address space, so a bomb fails small either way."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+async def _run_capped(*args: str) -> subprocess.CompletedProcess[bytes]:
+    import trio
+
+    with trio.fail_after(60):  # generous: the fixed loader answers in well under a second
+        return await trio.run_process(
+            [sys.executable, "-m", "iii", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            preexec_fn=_cap_memory,
+        )
+
+
+def _bombs(tmp_path):
+    from tests.test_config import billion_laughs
+
+    files = {
+        "laughs.yaml": (billion_laughs(), "alias"),
+        "deep.yaml": ("x: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested"),
+        "deep.toml": ("x = " + "[" * 20_000 + "]" * 20_000 + "\n", "nested"),
+        "dup.yaml": ("port: 4000\nport: 5000\n", "duplicate key"),
+    }
+    for name, (text, reason) in files.items():
+        (tmp_path / name).write_text(text)
+        yield tmp_path / name, reason
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve", "config show"])
+async def test_config_bombs_exit_two_with_one_line(tmp_path, command):
+    for path, reason in _bombs(tmp_path):
+        if command == "check-config":
+            args = ["check-config", str(path)]
+        else:
+            args = [*command.split(), "-c", str(path)]
+        result = await _run_capped(*args)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == 2, (path.name, stderr[-2000:])
+        assert stderr.startswith(f"iii: config error: {path}: "), (path.name, stderr[-2000:])
+        assert reason in stderr and "Traceback" not in stderr and stderr.count("\n") == 1

@@ -124,3 +124,146 @@ def test_shown_config_loads_back_to_the_same(tmp_path, fmt):
 
 def test_port_zero_means_default():
     assert parse_config({"port": 0}).port == 49134
+
+
+# -- hostile files (issue 10 row 13): each is a ConfigError naming the file, fast and small --
+
+
+def billion_laughs(levels: int = 10, fan_out: int = 10) -> str:
+    lines = ['a0: &a0 "lol"']
+    for level in range(1, levels):
+        refs = ", ".join([f"*a{level - 1}"] * fan_out)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_billion_laughs_is_refused_before_it_is_expanded(tmp_path):
+    path = write(tmp_path, billion_laughs())  # 10**9 strings once expanded
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path)
+    assert "alias" in info.value.reason and "expand" in info.value.reason
+
+
+def test_a_few_aliases_are_still_fine(tmp_path):
+    path = write(
+        tmp_path,
+        "invocation_timeout_ms: &t 1500\n"
+        "handshake_timeout_ms: *t\n"
+        "modules:\n  - &w {class: modules::worker::WorkerModule}\n",
+    )
+    config = load_config(path)
+    assert config.invocation_timeout_ms == config.handshake_timeout_ms == 1500
+
+
+def test_a_recursive_alias_is_an_error(tmp_path):
+    path = write(tmp_path, "modules: &a [*a]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path) and "refers to itself" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("deep.yaml", "x: " + "[" * 20_000 + "]" * 20_000 + "\n"),
+        ("deep_map.yaml", "x: " + "{a: " * 20_000 + "1" + "}" * 20_000 + "\n"),
+        ("deep.toml", "x = " + "[" * 20_000 + "]" * 20_000 + "\n"),
+        ("deep_table.toml", "x = " + "{a = " * 20_000 + "1" + "}" * 20_000 + "\n"),
+        # Each anchor is shallow; expanded, d is 71 levels deep.
+        (
+            "shallow_aliases.yaml",
+            "a: &a " + "[" * 40 + "1" + "]" * 40 + "\nb: &b [*a]\nc: &c [*b, *b]\n"
+            "d: " + "[" * 27 + "*c" + "]" * 27 + "\n",
+        ),
+    ],
+)
+def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path, name, text):
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path)
+    assert "nested" in info.value.reason and "deep" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "text, key, line",
+    [
+        ("port: 4000\nhost: x\nport: 5000\n", "port", 3),
+        ("modules:\n  - class: modules::worker::WorkerModule\n    config:\n"
+         "      functions_debounce_ms: 1\n      functions_debounce_ms: 2\n",
+         "modules[0].config.functions_debounce_ms", 5),
+        ("auth: {tokens: [], tokens: []}\n", "auth.tokens", 1),
+    ],
+)
+def test_a_duplicate_key_is_an_error_naming_the_key_and_line(tmp_path, text, key, line):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path) and info.value.key == key
+    assert "duplicate key" in info.value.reason and f"line {line}" in info.value.reason
+
+
+def test_a_merge_key_is_not_a_duplicate(tmp_path):
+    path = write(
+        tmp_path,
+        "modules:\n  - class: modules::worker::WorkerModule\n"
+        "    config: {<<: {functions_debounce_ms: 5}, functions_debounce_ms: 7}\n",
+    )
+    config = load_config(path).module_config("modules::worker::WorkerModule")
+    assert config.functions_debounce_ms == 7
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("huge_int.yaml", b"port: " + b"9" * 5000 + b"\n", "invalid YAML"),
+        ("huge_int.toml", b"port = " + b"9" * 5000 + b"\n", "invalid TOML"),
+        ("bad_date.yaml", b"port: 2020-13-45\n", "invalid YAML"),
+        ("latin1.yaml", b"host: \xff\xfe\n", "UTF-8"),
+        ("big.yaml", b"# padding\n" * 200_000, "larger than"),
+        ("empty_int.yaml", b"port: !!int \n", "invalid YAML"),
+        ("bad_bool.yaml", b"port: !!bool x\n", "invalid YAML"),
+        ("nul.yaml", b"port: 1\x00\n", "invalid YAML"),
+        ("null_key.yaml", b"? \n: 1\n", "unknown key: None"),
+    ],
+)
+def test_files_that_used_to_crash_the_loader_are_config_errors(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path) and reason in str(info.value)
+    assert "\n" not in str(info.value)  # one line: FILE: key: reason
+
+
+@pytest.mark.parametrize("key", ["channel_buffer_bytes", "channels_max_bytes", "max_channels"])
+def test_channel_limits_are_positive_integers(tmp_path, key):
+    assert getattr(load_config(write(tmp_path, f"{key}: 7\n")), key) == 7
+    cases = [("0", "must be at least 1, got 0"), ("true", "expected an integer, got a boolean")]
+    for bad, reason in cases:
+        path = write(tmp_path, f"{key}: {bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: {key}: {reason}"
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("port: 70000\n", "port: must be between 0 and 65535, got 70000"),  # used to wrap to 4464
+        ("port: -5\n", "port: must be between 0 and 65535, got -5"),
+        ("invocation_timeout_ms: -1\n", "invocation_timeout_ms: must be at least 1, got -1"),
+        ("heartbeat_interval_ms: 0\n", "heartbeat_interval_ms: must be at least 1, got 0"),
+        ("shutdown_grace_ms: -1\n", "shutdown_grace_ms: must be at least 0, got -1"),
+        ("max_message_size: 0\n", "max_message_size: must be at least 1, got 0"),
+        ("send_queue_size: -1\n", "send_queue_size: must be at least 1, got -1"),
+        ("max_connections: 0\n", "max_connections: must be at least 1, got 0"),
+    ],
+)
+def test_engine_numbers_out_of_range_are_config_errors(tmp_path, text, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {reason}"
+    assert load_config(write(tmp_path, "shutdown_grace_ms: 0\nport: 65535\n")).port == 65535

@@ -213,7 +213,7 @@ class Module:
 
     async def channels_create(self, data: Any, ctx: CallContext) -> Any:
         buffer_size = data.get("buffer_size") if isinstance(data, dict) else None
-        channel = self.engine.channels.create(buffer_size)
+        channel = self.engine.channels.create_for_worker(buffer_size)  # max_channels
         return {"writer": channel.ref("write"), "reader": channel.ref("read")}
 
     # -- trigger fan-out ---------------------------------------------------------

@@ -63,6 +63,7 @@ from iii.modules.rest_api.server import (
 )
 
 if TYPE_CHECKING:
+    from iii.channel_buffer import FrameReader, FrameWriter
     from iii.engine import Engine
 
 __all__ = ["RestDispatcher", "build_payload", "parse_headers"]
@@ -577,7 +578,7 @@ class _Exchange:
         if side == "write" and not self.stopped:
             self.side.start_soon(self._stream, self.response_channel.receive_side)
 
-    async def _stream(self, frames: trio.MemoryReceiveChannel[str | bytes]) -> None:
+    async def _stream(self, frames: FrameReader) -> None:
         dispatcher = self.dispatcher
         responder = self.responder
         try:
@@ -624,7 +625,7 @@ class _Exchange:
         else:
             body_writer.close()  # the reader gets the end of stream at once
 
-    async def _feed_body(self, body_writer: trio.MemorySendChannel[str | bytes]) -> None:
+    async def _feed_body(self, body_writer: FrameWriter) -> None:
         """Stream the request body into the channel while the function runs."""
         limit = self.dispatcher.max_body_size
         total = 0

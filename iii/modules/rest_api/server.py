@@ -22,7 +22,9 @@ What the loop gives an application (``app(request, responder)``):
 Timeouts: a connection gets ``HEADER_TIMEOUT`` to send a request head,
 ``KEEP_ALIVE_TIMEOUT`` of idleness between requests, and ``IO_TIMEOUT`` for
 each receive of body bytes and each send.  A malformed request gets a JSON
-400 (or h11's status hint, e.g. 431) and the connection is closed.
+400 (or h11's status hint, e.g. 431) and the connection is closed; so does a
+request whose framing a proxy could read differently (:mod:`.framing`:
+request smuggling), and nothing pipelined behind it is answered.
 
 Lifetime: :meth:`HttpServer.serve` runs until cancelled; each connection runs
 in the server's own connection nursery.  :meth:`HttpServer.begin_drain` is the
@@ -45,6 +47,8 @@ import attrs
 import h11
 import orjson
 import trio
+
+from iii.modules.rest_api.framing import framing_problem, request_head
 
 __all__ = [
     "HttpServer",
@@ -118,12 +122,21 @@ class _Connection:
     stream: trio.abc.Stream
     h11: h11.Connection
     peer: str = ""
+    head: bytes | None = None  # the raw head of the last request (framing checks)
 
     async def next_event(self) -> Any:
-        """The next h11 event, reading as needed (the caller's scope bounds the wait)."""
+        """The next h11 event, reading as needed (the caller's scope bounds the wait).
+
+        For a ``Request``, :attr:`head` is then the raw head h11 parsed it
+        from (see :mod:`.framing`).
+        """
         while True:
+            head = None
+            if self.h11.their_state is h11.IDLE:
+                head = request_head(self.h11.trailing_data[0])
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
+                self.head = head
                 return event
             self.h11.receive_data(await self._receive())
 
@@ -399,6 +412,11 @@ class HttpServer:
             if idle_scope.cancelled_caught or not isinstance(event, h11.Request):
                 return  # draining, or the client closed
             request = self._make_request(conn, event)
+            problem = framing_problem(event.http_version, request.headers, conn.head)
+            if problem is not None:
+                # Refused, and nothing pipelined behind it is read (smuggling).
+                await self._refuse(conn, *problem)
+                return
             responder = Responder(conn, request.method, lambda: self.draining)
             self.active_requests += 1
             try:
@@ -461,10 +479,14 @@ class HttpServer:
         return True
 
     async def _protocol_error(self, conn: _Connection, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint if 400 <= exc.error_status_hint < 600 else 400
+        await self._refuse(conn, status, str(exc))
+
+    async def _refuse(self, conn: _Connection, status: int, reason: str) -> None:
+        """A JSON error for a request that cannot be served, with ``Connection: close``."""
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        status = exc.error_status_hint if 400 <= exc.error_status_hint < 600 else 400
-        status, headers, body = json_error(status, "BAD_REQUEST", f"malformed request: {exc}")
+        status, headers, body = json_error(status, "BAD_REQUEST", f"malformed request: {reason}")
         try:
             await conn.send(
                 h11.Response(

@@ -159,3 +159,101 @@ async def test_drain_finishes_requests_in_flight_then_stops():
     # serve() returned by itself once the last connection ended
     assert result[0].text == "finished"
     assert result[0].headers["connection"] == "close"
+
+
+# -- request smuggling (issue 10 row 11): refused once, then the connection closes ---------
+
+PIPELINED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+SMUGGLING = {
+    "content-length and transfer-encoding": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        400,
+    ),
+    "transfer-encoding then content-length": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        b"0\r\n\r\n",
+        400,
+    ),
+    "bare LF line endings": (b"GET /a HTTP/1.1\nHost: x\n\n", 400),
+    "one bare LF among CRLFs": (b"GET /a HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n", 400),
+    "HTTP/0.9 request line": (b"GET /a\r\n\r\n", 400),
+    "HTTP/2.0 request line": (b"GET /a HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    "HTTP/1.2 request line": (b"GET /a HTTP/1.2\r\nHost: x\r\n\r\n", 505),
+    "two different content-lengths": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        400,
+    ),
+    "obs-fold": (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400),
+    "transfer-encoding Chunked": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "transfer-encoding xchunked": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        501,  # h11's answer, as RFC 9112 6.1 says, for a coding it does not know
+    ),
+    "transfer-encoding gzip, chunked": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+    ),
+    "transfer-encoding in HTTP/1.0": (
+        b"POST /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "whitespace before the colon": (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\nab",
+        400,
+    ),
+}
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("attack", list(SMUGGLING))
+async def test_smuggling_is_refused_once_and_the_connection_closed(attack):
+    request, status = SMUGGLING[attack]
+    seen = []
+
+    async def app(request: HttpRequest, responder: Responder) -> None:
+        seen.append(request.path)
+        await request.read_all(1 << 20)
+        await responder.respond(200, [], b"ok")
+
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery, app)
+        async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+            await stream.send_all(request + PIPELINED)
+            data = await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:200]
+    assert data.count(b"HTTP/1.1 ") == 1  # the pipelined request is never answered
+    assert b"connection: close" in data.lower()
+    assert seen == []  # the application never saw either request
+
+
+async def test_strict_framing_still_serves_ordinary_requests():
+    """Chunked bodies, HTTP/1.0, a repeated equal Content-Length and OWS stay accepted."""
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery)
+        async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+            await stream.send_all(
+                b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n"
+                b"POST /twice HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n"
+                b"ab"
+                b"GET /ows HTTP/1.1\r\nHost:   x  \r\nTransfer-Encoding:  chunked \r\n\r\n0\r\n\r\n"
+                b"GET /old HTTP/1.0\r\n\r\n"
+            )
+            data = await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    assert data.count(b"HTTP/1.1 200 ") == 4, data
+    for body in (b"POST /chunked  3", b"POST /twice  2", b"GET /ows  0", b"GET /old  0"):
+        assert body in data
