@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.admission import Admission, ConnectionLimits
 from iii.channels import ChannelTable
 from iii.errors import (
     FunctionNotFoundError,
@@ -126,14 +127,29 @@ class Engine:
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
     inflight: int = 0
-    # Sockets open on the worker port (checked against ``max_connections``).
-    open_sockets: int = 0
+    # Who holds a socket on the worker port (max_connections, per address).
+    sockets: Admission = attrs.field(
+        default=attrs.Factory(
+            lambda self: Admission(
+                ConnectionLimits(
+                    max_connections=self.config.max_connections,
+                    max_per_address=self.config.max_connections_per_address,
+                )
+            ),
+            takes_self=True,
+        )
+    )
     authenticator: Authenticator = attrs.field(
         default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
     )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
     _expiry_scope: trio.CancelScope | None = None
+
+    @property
+    def open_sockets(self) -> int:
+        """Sockets open on the worker port: upgraded or in their handshake."""
+        return self.sockets.open
 
     # -- engine functions and trigger types (module API) -------------------
 

@@ -48,7 +48,10 @@ only on the engine that made the write).
 
 Config: ``port`` (3112), ``host`` (``0.0.0.0``), ``auth_function``,
 ``auth_required`` (ours, default false: refuse the upgrade when auth fails),
-``adapter`` (default ``modules::stream::adapters::KvStore``, in memory).
+``adapter`` (default ``modules::stream::adapters::KvStore``, in memory),
+``max_connections`` (4096 upgraded client sockets; more get HTTP 503) and
+``max_connections_per_address`` (128 client sockets per peer address,
+counted from accept; more are refused at once), both ours.
 Error codes: ``STREAM_SET_ERROR`` (also for update), ``STREAM_GET_ERROR``,
 ``STREAM_DELETE_ERROR``, ``STREAM_GET_GROUP_ERROR``,
 ``STREAM_LIST_GROUPS_ERROR``, ``STREAM_LIST_ALL_ERROR``, ``STREAM_SEND_ERROR``
@@ -69,7 +72,8 @@ import attrs
 import trio
 
 from iii.adapters.stream import StreamAdapter, open_stream_adapter
-from iii.config import AdapterRef
+from iii.admission import ConnectionLimits
+from iii.config import AdapterRef, Count
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
@@ -94,6 +98,11 @@ class Config:
     auth_function: str | None = None
     auth_required: bool = False
     adapter: AdapterRef | None = None
+    # Client sockets upgraded (more get HTTP 503 at the upgrade), and client
+    # sockets from one peer address, counted from accept (more are refused
+    # at once); see iii.admission.
+    max_connections: Count = Count(4096)
+    max_connections_per_address: Count = Count(128)
 
 
 @attrs.frozen(kw_only=True)
@@ -195,6 +204,10 @@ class Module:
             run_join_triggers=self._run_join_triggers,
             read_sync=self._read_sync,
             ssl_context=server_ssl_context(engine.config.tls),
+            limits=ConnectionLimits(
+                max_connections=config.max_connections,
+                max_per_address=config.max_connections_per_address,
+            ),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -46,13 +46,18 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from iii.admission import Admission, ConnectionLimits
+from iii.containment import start_contained
+from iii.wsserver import ConnectionOptions, Upgrade, serve_websockets
 
 __all__ = ["StreamServer", "ClientConnection", "Subscription", "stream_message"]
 
@@ -146,9 +151,13 @@ class StreamServer:
         run_join_triggers: JoinHook,
         read_sync: SyncReader,
         ssl_context: ssl.SSLContext | None = None,
+        limits: ConnectionLimits | None = None,
     ):
         self.host = host
         self.port = port
+        # Who holds a socket on the port (iii.admission); clients hold no
+        # credential, so every one counts against its address's share.
+        self.sockets = Admission(limits or ConnectionLimits(max_connections=4096, max_per_address=128))
         self.ssl_context = ssl_context  # set: the port speaks wss://
         self.authenticate = authenticate
         self.auth_required = auth_required
@@ -199,15 +208,16 @@ class StreamServer:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connection_nursery:
             server = await connection_nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    self.host,
-                    self.port,
-                    self.ssl_context,
+                partial(
+                    serve_websockets,
+                    self._serve_request,
+                    host=self.host,
+                    port=self.port,
+                    ssl_context=self.ssl_context,
+                    admission=self.sockets,
+                    options=ConnectionOptions(handshake_timeout=10.0, close_timeout=2.0),
+                    port_name="stream port",
                     handler_nursery=connection_nursery,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                    task_status=task_status,
                 )
             )
             self.listen_port = server.port
@@ -215,29 +225,21 @@ class StreamServer:
             log.info("stream server listening on %s://%s:%d", scheme, self.host, server.port)
             task_status.started(server.port)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        try:
-            await self._serve_request(request)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            log.exception("stream client connection failed")
-
-    async def _serve_request(self, request: WebSocketRequest) -> None:
-        remote = request.remote
-        addr = f"{getattr(remote, 'address', remote)}:{getattr(remote, 'port', 0)}"
-        target = urlsplit(request.path)
+    async def _serve_request(self, upgrade: Upgrade) -> None:
+        """One client socket (supervised by :mod:`iii.wsserver`: a failure ends it only)."""
+        addr = upgrade.peer
+        target = urlsplit(upgrade.path)
         if (target.path or "/") != "/":
-            await request.reject(404, body=b"Not Found")
+            await upgrade.reject(404, body=b"Not Found")
             return
         context = None
         if self.authenticate is not None:
-            ok, context = await self.authenticate(_auth_input(request, addr))
+            ok, context = await self.authenticate(_auth_input(upgrade.request, addr))
             if not ok and self.auth_required:
                 log.info("stream client %s refused: authentication failed", addr)
-                await request.reject(401, body=b"Unauthorized")
+                await upgrade.reject(401, body=b"Unauthorized")
                 return
-        ws = await request.accept()
+        ws = await upgrade.accept()
         connection = ClientConnection(ws=ws, addr=addr, context=context)
         await self._run_connection(connection)
 
@@ -314,8 +316,12 @@ class StreamServer:
                 existing = connection.subscriptions.get(sub.subscription_id)
                 if existing is not None:
                     self._remove(existing)
-                    connection_nursery.start_soon(
-                        self.run_join_triggers, "stream:leave", _join_payload(existing, connection)
+                    start_contained(
+                        connection_nursery,
+                        f"stream:leave triggers of client {connection.addr}",
+                        self.run_join_triggers,
+                        "stream:leave",
+                        _join_payload(existing, connection),
                     )
             else:
                 log.debug("stream client %s sent message type %r; ignored", connection.addr, kind)
