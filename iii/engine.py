@@ -60,6 +60,7 @@ import trio
 
 from iii.admission import Admission, ConnectionLimits
 from iii.channels import ChannelTable
+from iii.containment import start_contained
 from iii.errors import (
     FunctionNotFoundError,
     IIIError,
@@ -486,11 +487,12 @@ class Engine:
             log.warning("%s -> %s failed: %s: %s", what, function_id, exc.code, exc.message)
             return None
 
-    def spawn_detached(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the engine-owned connection nursery."""
+    def spawn_detached(self, fn: Callable[..., Any], *args: Any, what: str = "detached task") -> None:
+        """Run ``fn(*args)`` in the engine-owned connection nursery, contained:
+        an exception ends that task only (logged with ``what``)."""
         if self.connection_nursery is None:
             raise RuntimeError("the engine is not serving")
-        self.connection_nursery.start_soon(fn, *args)
+        start_contained(self.connection_nursery, what, fn, *args)
 
     # -- lifetime -------------------------------------------------------------------
 

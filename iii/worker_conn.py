@@ -40,6 +40,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
 from iii.protocol import (
     TELEMETRY_PREFIXES,
@@ -173,10 +174,13 @@ class WorkerConnection:
         except FrameTooLargeError as exc:
             log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
 
-    def start_task(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in this connection's nursery: it ends with the connection."""
+    def start_task(self, fn: Callable[..., Any], *args: Any, what: str = "task") -> None:
+        """Run ``fn(*args)`` in this connection's nursery: it ends with the connection.
+
+        Contained: an exception in it ends that task only (logged with ``what``).
+        """
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        start_contained(self._nursery, what, fn, *args)
 
     def abort(self, reason: str) -> None:
         """End the connection at once; :meth:`run` cleans up."""

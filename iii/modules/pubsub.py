@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -36,6 +37,7 @@ import trio
 
 from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
 from iii.config import AdapterRef
+from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
@@ -147,7 +149,13 @@ class Module:
 
     async def _delivery_task(self) -> None:
         async for function_id, data, topic in self._queue_out:
-            await self.engine.invoke_logged(function_id, data, what=f"subscribe {topic}")
+            # Contained: an unexpected failure loses this delivery only.
+            await contained(
+                f"subscribe {topic!r} delivery to {function_id!r}",
+                partial(self.engine.invoke_logged, what=f"subscribe {topic!r}"),
+                function_id,
+                data,
+            )
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, PublishInput, ctx.function_id)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -48,6 +49,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__
+from iii.containment import contained
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
 from iii.modules.observability.logs import (
@@ -267,7 +269,13 @@ class Module:
 
         async def deliver(function_id: str, entry: dict[str, Any]) -> None:
             try:
-                await self.engine.invoke_logged(function_id, entry, what="log trigger")
+                # Contained: an unexpected failure loses this entry only.
+                await contained(
+                    f"log trigger {function_id!r}",
+                    partial(self.engine.invoke_logged, what="log trigger"),
+                    function_id,
+                    entry,
+                )
             finally:
                 slots.release()
 
