@@ -199,6 +199,23 @@ async def test_a_slow_stream_client_dropped_with_1008_while_pinging(monkeypatch:
             assert message["event"]["type"] == "sync"
 
 
+async def test_a_stream_client_that_reads_nothing_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its socket fills up, so the writer blocks with its queue far from full: the
+    client is still dropped ``SLOW_CLIENT_GRACE`` after (it was held forever)."""
+    monkeypatch.setattr("iii.modules.stream.server.SLOW_CLIENT_GRACE", 1.0)
+    async with open_test_engine(stream_config()) as engine:
+        await engine.invoke("stream::set", {"stream_name": "s", "group_id": "g", "item_id": "i", "data": "x" * 262144})
+        server = engine.modules["stream"].server
+        peer = await open_peer(server.listen_port)
+        async with peer.stream:
+            for n in range(40):  # 10 MiB of sync answers, never read
+                await peer.send_json({"type": "join", "data": {"subscriptionId": f"s{n}", "streamName": "s", "groupId": "g"}})
+            with trio.fail_after(15):
+                while server.connections:
+                    await trio.sleep(0.05)
+        await assert_serving(engine)
+
+
 async def test_a_worker_replaced_by_reattach_while_pinging() -> None:
     async with open_test_engine(make_config()) as engine:
         old = await open_peer(engine.listen_port)

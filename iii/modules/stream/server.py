@@ -33,7 +33,8 @@ Each connection has a bounded outgoing queue drained by its own writer task;
 a client that falls ``QUEUE_SIZE`` messages behind is disconnected (close
 code 1008) instead of slowing down the writers or the other clients; if it
 does not read at all (its socket is full), its connection is cancelled
-``SLOW_CLIENT_GRACE`` seconds later.
+``SLOW_CLIENT_GRACE`` seconds later, whether its queue overflowed or not (a
+write that blocks that long ends it too).
 
 Lifetime: :meth:`StreamServer.serve` runs the listener; each connection runs
 in the server's connection nursery with its reader and writer in a
@@ -279,7 +280,18 @@ class StreamServer:
     ) -> None:
         async with receive:
             async for frame in receive:
-                await connection.ws.send_message(frame.decode())
+                with trio.move_on_after(SLOW_CLIENT_GRACE) as stalled:
+                    await connection.ws.send_message(frame.decode())
+                if stalled.cancelled_caught:
+                    # Its socket is full and stays full: no Close can get through.
+                    log.warning(
+                        "stream client %s took nothing for %gs: disconnecting it",
+                        connection.addr,
+                        SLOW_CLIENT_GRACE,
+                    )
+                    connection.closed = True
+                    scope.cancel()
+                    return
         # The queue was closed: a slow consumer (see ClientConnection.push).
         with trio.move_on_after(2):
             await connection.ws.aclose(code=1008, reason="too slow: messages were not read in time")
