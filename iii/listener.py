@@ -61,10 +61,14 @@ async def handle_upgrade(engine: Engine, upgrade: Upgrade) -> None:
     if path == "/" or is_otel:
         grant = engine.authenticator.authenticate(upgrade.headers)
         if isinstance(grant, AuthRefusal):
-            shown = "/otel" if is_otel else "/"  # (the path as sent may carry extra slashes)
-            log.warning("refused %s upgrade from %s: %s (401)", shown, upgrade.address, grant.reason)
+            shown = "/otel" if is_otel else "/"  # (the path as sent may have more slashes)
+            log.warning(
+                "refused %s upgrade from %s: %s (401)", shown, upgrade.address, grant.reason
+            )
             await upgrade.reject(
-                401, extra_headers=[(b"WWW-Authenticate", b'Bearer realm="iii"')], body=b"Unauthorized"
+                401,
+                extra_headers=[(b"WWW-Authenticate", b'Bearer realm="iii"')],
+                body=b"Unauthorized",
             )
             return
     if path == "/":

@@ -7,8 +7,13 @@ import pytest
 from iii.admission import Admission, ConnectionLimits, address_key
 
 
+STREAM = "modules::stream::StreamModule"
+
+
 def admission(max_connections: int = 4, max_per_address: int = 2) -> Admission:
-    return Admission(ConnectionLimits(max_connections=max_connections, max_per_address=max_per_address))
+    return Admission(
+        ConnectionLimits(max_connections=max_connections, max_per_address=max_per_address)
+    )
 
 
 def test_an_address_gets_its_share_and_no_more() -> None:
@@ -82,21 +87,26 @@ def test_the_limits_are_config_keys_with_defaults() -> None:
 
     config = parse_config({})
     assert (config.max_connections, config.max_connections_per_address) == (1024, 256)
-    stream = parse_config({"modules": [{"class": "modules::stream::StreamModule"}]}).module_config(
-        "modules::stream::StreamModule"
-    )
+    stream = parse_config({"modules": [{"class": STREAM}]}).module_config(STREAM)
     assert (stream.max_connections, stream.max_connections_per_address) == (4096, 128)
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"max_connections_per_address": 0}, "c.yaml: max_connections_per_address: must be at least 1, got 0"),
-        ({"max_connections_per_address": True}, "c.yaml: max_connections_per_address: expected an integer, got a boolean"),
+        (
+            {"max_connections_per_address": 0},
+            "c.yaml: max_connections_per_address: must be at least 1, got 0",
+        ),
+        (
+            {"max_connections_per_address": True},
+            "c.yaml: max_connections_per_address: expected an integer, got a boolean",
+        ),
         ({"max_connections": -5}, "c.yaml: max_connections: must be at least 1, got -5"),
         (
-            {"modules": [{"class": "modules::stream::StreamModule", "config": {"max_connections_per_address": "9"}}]},
-            "c.yaml: modules[0].config.max_connections_per_address: expected an integer, got a string",
+            {"modules": [{"class": STREAM, "config": {"max_connections_per_address": "9"}}]},
+            "c.yaml: modules[0].config.max_connections_per_address: expected an integer, "
+            "got a string",
         ),
     ],
 )

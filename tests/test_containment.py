@@ -82,7 +82,9 @@ async def test_a_long_recursion_is_cut(caplog: pytest.LogCaptureFixture) -> None
 # -- in the engine: detached calls and per-event tasks ---------------------------------------
 
 
-async def test_a_detached_task_that_fails_ends_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_detached_task_that_fails_ends_only_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from iii.testing import connect_test_worker, make_config, open_test_engine
 
     async with open_test_engine(make_config()) as engine:
@@ -110,9 +112,19 @@ TRIGGER_CASES = {
         "stream::set",
         {"stream_name": "s", "group_id": "g", "item_id": "i", "data": 1},
     ),
-    "subscribe": ("modules::pubsub::PubSubModule", {"topic": "t"}, "publish", {"topic": "t", "data": 1}),
+    "subscribe": (
+        "modules::pubsub::PubSubModule",
+        {"topic": "t"},
+        "publish",
+        {"topic": "t", "data": 1},
+    ),
     "queue": ("modules::queue::QueueModule", {"topic": "q"}, "enqueue", {"topic": "q", "data": 1}),
-    "log": ("modules::observability::OtelModule", {"level": "all"}, "engine::log::info", {"message": "m"}),
+    "log": (
+        "modules::observability::OtelModule",
+        {"level": "all"},
+        "engine::log::info",
+        {"message": "m"},
+    ),
     "cron": ("modules::cron::CronModule", {"expression": "* * * * * *"}, None, None),
 }
 
@@ -138,7 +150,11 @@ async def test_a_trigger_function_failing_unexpectedly_ends_that_event_only(
         engine.register_function("test::boom", boom)
         error = engine.register_trigger(
             TriggerRegistration(
-                worker_id=None, id="t1", trigger_type=trigger_type, function_id="test::boom", config=config
+                worker_id=None,
+                id="t1",
+                trigger_type=trigger_type,
+                function_id="test::boom",
+                config=config,
             )
         )
         assert error is None, error
@@ -166,7 +182,11 @@ async def test_a_queue_job_failing_unexpectedly_is_retried_with_backoff() -> Non
     async with open_test_engine(make_config([{"class": "modules::queue::QueueModule"}])) as engine:
         engine.register_function("test::boom", boom)
         registration = TriggerRegistration(
-            worker_id=None, id="t", trigger_type="queue", function_id="test::boom", config={"topic": "q"}
+            worker_id=None,
+            id="t",
+            trigger_type="queue",
+            function_id="test::boom",
+            config={"topic": "q"},
         )
         assert engine.register_trigger(registration) is None
         await engine.invoke("enqueue", {"topic": "q", "data": 1})

@@ -1,13 +1,21 @@
 """Hostile connections (issue 10 rows 1 and 10): what a peer can do to the engine
 through its sockets alone.
 
-* Five close paths with a peer that floods WebSocket pings and never answers
-  our Close: the engine must end that one connection and keep serving
-  (trio-websocket #184 answered those pings with a Pong after our Close, and
-  the resulting ``LocalProtocolError`` crashed the whole engine).
+* Row 1: five close paths with a peer that floods WebSocket pings and never
+  answers our Close, and an oversized message after our Close: the engine
+  must end that one connection and keep serving (trio-websocket #184 answered
+  those pings with a Pong after our Close, and the resulting
+  ``LocalProtocolError`` crashed the whole engine).  A stream client that
+  reads nothing is dropped, not held forever.
+* Row 10: one peer address cannot take every slot of a port, sockets that
+  never finish their handshake count, and with tokens on, unauthenticated
+  sockets cannot starve an authenticated worker.
+* The same attacks replayed against a real engine process
+  (:class:`tests.support.EngineProcess`) with its default limits.
 
 Every peer here is a raw ``wsproto`` client over a real loopback socket, so it
-can do what no well-behaved client library does.
+can do what no well-behaved client library does; "another address" is a
+socket bound to 127.0.0.2.
 """
 
 from __future__ import annotations
@@ -102,12 +110,24 @@ async def open_peer(
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     peer = RawPeer(stream, ws, status=0)
     try:
-        await stream.send_all(ws.send(Request(host="127.0.0.1", target=target, extra_headers=headers or [])))
+        request = Request(host="127.0.0.1", target=target, extra_headers=headers or [])
+        await stream.send_all(ws.send(request))
         event = await peer.read_until(lambda e: isinstance(e, (AcceptConnection, RejectConnection)))
     except (EOFError, trio.BrokenResourceError):
         return peer
-    peer.status = 101 if isinstance(event, AcceptConnection) else event.status_code  # type: ignore[attr-defined]
+    peer.status = event.status_code if isinstance(event, RejectConnection) else 101
     return peer
+
+
+def join(subscription: str) -> dict[str, Any]:
+    """A stream client's join of group ``s``/``g``."""
+    data = {"subscriptionId": subscription, "streamName": "s", "groupId": "g"}
+    return {"type": "join", "data": data}
+
+
+def item(data: Any) -> dict[str, Any]:
+    """The input of ``stream::set`` for item ``s``/``g``/``i``."""
+    return {"stream_name": "s", "group_id": "g", "item_id": "i", "data": data}
 
 
 async def closed_by_engine(stream: trio.SocketStream, timeout: float = 5.0) -> bool:
@@ -123,7 +143,9 @@ async def closed_by_engine(stream: trio.SocketStream, timeout: float = 5.0) -> b
 
 
 @asynccontextmanager
-async def worker_from(port: int, source: str, token: str | None = None) -> AsyncIterator[RawWorker]:
+async def worker_from(
+    port: int, source: str, token: str | None = None
+) -> AsyncIterator[RawWorker]:
     """A raw worker whose socket comes from address ``source``."""
     headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
@@ -164,14 +186,17 @@ async def assert_serving(engine: Engine) -> None:
 # -- row 1: the five close paths, with a peer that keeps pinging --------------------------
 
 
-def stream_config(**engine_keys: Any) -> Any:
-    return make_config(
-        [{"class": "modules::stream::StreamModule", "config": {"port": 0, "host": "127.0.0.1"}}],
-        **engine_keys,
-    )
+STREAM = "modules::stream::StreamModule"
 
 
-async def test_a_slow_stream_client_dropped_with_1008_while_pinging(monkeypatch: pytest.MonkeyPatch) -> None:
+def stream_config(**stream_keys: Any) -> Any:
+    config = {"port": 0, "host": "127.0.0.1", **stream_keys}
+    return make_config([{"class": STREAM, "config": config}])
+
+
+async def test_a_slow_stream_client_dropped_with_1008_while_pinging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The unauthenticated attack of issue 10: 3,000 joins, then no reads and a
     ping flood.  One event for the 3,000 subscriptions overflows the client's
     queue; the engine drops it (1008) and keeps serving."""
@@ -182,34 +207,35 @@ async def test_a_slow_stream_client_dropped_with_1008_while_pinging(monkeypatch:
         assert peer.status == 101
         with trio.fail_after(30):
             for n in range(3000):
-                data = {"subscriptionId": f"sub{n}", "streamName": "s", "groupId": "g"}
-                await peer.send_json({"type": "join", "data": data})
+                await peer.send_json(join(f"sub{n}"))
             for _ in range(3000):  # the syncs
                 await peer.receive_json()
         async with pinging(peer) as dropped:
-            await engine.invoke("stream::set", {"stream_name": "s", "group_id": "g", "item_id": "i", "data": 1})
+            await engine.invoke("stream::set", item(1))
             with trio.fail_after(30):
                 await dropped.wait()
         await assert_serving(engine)
         # The stream port still serves too.
         other = await open_peer(port)
         async with other.stream:
-            await other.send_json({"type": "join", "data": {"subscriptionId": "a", "streamName": "s", "groupId": "g"}})
+            await other.send_json(join("a"))
             message = await other.receive_json(timeout=10)
             assert message["event"]["type"] == "sync"
 
 
-async def test_a_stream_client_that_reads_nothing_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_stream_client_that_reads_nothing_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Its socket fills up, so the writer blocks with its queue far from full: the
     client is still dropped ``SLOW_CLIENT_GRACE`` after (it was held forever)."""
     monkeypatch.setattr("iii.modules.stream.server.SLOW_CLIENT_GRACE", 1.0)
     async with open_test_engine(stream_config()) as engine:
-        await engine.invoke("stream::set", {"stream_name": "s", "group_id": "g", "item_id": "i", "data": "x" * 262144})
+        await engine.invoke("stream::set", item("x" * 262144))
         server = engine.modules["stream"].server
         peer = await open_peer(server.listen_port)
         async with peer.stream:
             for n in range(40):  # 10 MiB of sync answers, never read
-                await peer.send_json({"type": "join", "data": {"subscriptionId": f"s{n}", "streamName": "s", "groupId": "g"}})
+                await peer.send_json(join(f"s{n}"))
             with trio.fail_after(15):
                 while server.connections:
                     await trio.sleep(0.05)
@@ -282,7 +308,10 @@ async def test_a_channel_reader_closed_when_its_writer_finishes_while_pinging() 
 def masked_frame(opcode: int, payload: bytes) -> bytes:
     """One final client frame, masked with a zero key (so the payload stays as is)."""
     assert len(payload) < 65536
-    length = bytes([0x80 | len(payload)]) if len(payload) < 126 else b"\xfe" + len(payload).to_bytes(2, "big")
+    if len(payload) < 126:
+        length = bytes([0x80 | len(payload)])
+    else:
+        length = b"\xfe" + len(payload).to_bytes(2, "big")
     return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
 
 
@@ -322,6 +351,7 @@ async def test_a_malformed_frame_after_our_close() -> None:
 # -- row 10: connection exhaustion ---------------------------------------------------------
 
 TOKEN = "hostile-test-token-0123456789"
+BEARER = f"Bearer {TOKEN}".encode()
 AUTH = {"tokens": [{"name": "admin", "env": "III_HOSTILE_TOKEN"}]}
 
 
@@ -364,13 +394,16 @@ async def test_with_tokens_unauthenticated_sockets_cannot_starve_an_authenticate
             await refused.stream.aclose()
         # Sockets that never finish their handshake take their address's share only.
         silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
-        same_address = await open_peer(port, headers=[(b"Authorization", f"Bearer {TOKEN}".encode())])
+        same_address = await open_peer(port, headers=[(b"Authorization", BEARER)])
         await same_address.stream.aclose()
         assert same_address.status in (0, 503)  # the documented cost for a shared address
         # Authenticated workers from another address all get in: once
         # authenticated, they no longer count against their address.
         async with AsyncExitStack() as stack:
-            workers = [await stack.enter_async_context(worker_from(port, "127.0.0.2", TOKEN)) for _ in range(5)]
+            workers = [
+                await stack.enter_async_context(worker_from(port, "127.0.0.2", TOKEN))
+                for _ in range(5)
+            ]
             for worker in workers:
                 assert "result" in await worker.call("engine::functions::list", {})
             assert engine.sockets.upgraded == 5
@@ -379,20 +412,15 @@ async def test_with_tokens_unauthenticated_sockets_cannot_starve_an_authenticate
 
 
 async def test_one_address_cannot_take_every_slot_of_the_stream_port() -> None:
-    modules = [
-        {
-            "class": "modules::stream::StreamModule",
-            "config": {"port": 0, "host": "127.0.0.1", "max_connections": 8, "max_connections_per_address": 3},
-        }
-    ]
-    async with open_test_engine(make_config(modules)) as engine:
+    config = stream_config(max_connections=8, max_connections_per_address=3)
+    async with open_test_engine(config) as engine:
         port = engine.modules["stream"].server.listen_port
         clients = [await open_peer(port) for _ in range(6)]
         assert [client.status for client in clients].count(101) == 3
         other = await open_peer(port, source="127.0.0.2")
         async with other.stream:
             assert other.status == 101
-            await other.send_json({"type": "join", "data": {"subscriptionId": "a", "streamName": "s", "groupId": "g"}})
+            await other.send_json(join("a"))
             assert (await other.receive_json(timeout=10))["event"]["type"] == "sync"
         for client in clients:
             await client.stream.aclose()
@@ -429,7 +457,7 @@ async def test_replay_the_stream_port_attack_on_a_real_engine(tmp_path: Path) ->
     lives on.  (Its 3,000 sync answers alone overflow the client's queue; if
     they do not, one event for the 3,000 subscriptions does.)"""
     stream_port = free_port()
-    modules = [{"class": "modules::stream::StreamModule", "config": {"port": stream_port, "host": "127.0.0.1"}}]
+    modules = [{"class": STREAM, "config": {"port": stream_port, "host": "127.0.0.1"}}]
     async with engine_process(tmp_path, {"modules": modules}) as engine:
         await wait_for_port(stream_port)
         peer = await open_peer(stream_port)
@@ -437,22 +465,20 @@ async def test_replay_the_stream_port_attack_on_a_real_engine(tmp_path: Path) ->
         async with pinging(peer) as dropped:
             try:
                 for n in range(3000):
-                    data = {"subscriptionId": f"sub{n}", "streamName": "s", "groupId": "g"}
-                    await peer.send_json({"type": "join", "data": data})
+                    await peer.send_json(join(f"sub{n}"))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # dropped already
             with trio.move_on_after(5):
                 await dropped.wait()
             if not dropped.is_set():
                 async with worker_from(engine.port, "127.0.0.1") as writer:
-                    data = {"stream_name": "s", "group_id": "g", "item_id": "i", "data": 1}
-                    assert "result" in await writer.call("stream::set", data)
+                    assert "result" in await writer.call("stream::set", item(1))
             with trio.fail_after(30):  # SLOW_CLIENT_GRACE (10 s), then the close
                 await dropped.wait()
         await assert_process_serving(engine)
         other = await open_peer(stream_port)
         async with other.stream:
-            await other.send_json({"type": "join", "data": {"subscriptionId": "a", "streamName": "s", "groupId": "g"}})
+            await other.send_json(join("a"))
             assert (await other.receive_json(timeout=10))["event"]["type"] == "sync"
 
 

@@ -22,7 +22,13 @@ from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, RejectConnection, Request
 
 from iii.admission import Admission, ConnectionLimits
-from iii.wsserver import PRIVATE_SURFACE, ConnectionOptions, GuardedConnection, Upgrade, serve_socket
+from iii.wsserver import (
+    PRIVATE_SURFACE,
+    ConnectionOptions,
+    GuardedConnection,
+    Upgrade,
+    serve_socket,
+)
 
 # -- the pin -----------------------------------------------------------------------------
 
@@ -41,10 +47,13 @@ async def test_trio_websocket_private_surface_is_there() -> None:
     missing = [name for name in PRIVATE_SURFACE if not hasattr(ws, name)]
     assert not missing, f"trio-websocket no longer has {missing}"
     # The methods GuardedConnection overrides, or calls, keep their shape.
-    assert list(inspect.signature(WebSocketConnection._handle_ping_event).parameters) == ["self", "event"]
-    assert list(inspect.signature(WebSocketConnection._send).parameters) == ["self", "event"]
-    assert list(inspect.signature(WebSocketConnection._reader_task).parameters) == ["self"]
-    assert list(inspect.signature(WebSocketConnection._get_request).parameters) == ["self"]
+    def parameters(method: Any) -> list[str]:
+        return list(inspect.signature(method).parameters)
+
+    assert parameters(WebSocketConnection._handle_ping_event) == ["self", "event"]
+    assert parameters(WebSocketConnection._send) == ["self", "event"]
+    assert parameters(WebSocketConnection._reader_task) == ["self"]
+    assert parameters(WebSocketConnection._get_request) == ["self"]
     assert inspect.iscoroutinefunction(WebSocketConnection._handle_ping_event)
     # The reader looks its handlers up on the instance, so the override is used.
     assert "self._handle_ping_event" in inspect.getsource(WebSocketConnection._reader_task)
@@ -90,7 +99,9 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
 
 
 def limits(max_connections: int = 8, max_per_address: int = 8) -> Admission:
-    return Admission(ConnectionLimits(max_connections=max_connections, max_per_address=max_per_address))
+    return Admission(
+        ConnectionLimits(max_connections=max_connections, max_per_address=max_per_address)
+    )
 
 
 @asynccontextmanager
@@ -240,7 +251,11 @@ async def test_cancellation_is_never_swallowed() -> None:
             async def serve() -> None:
                 nonlocal returned
                 await serve_socket(
-                    server_stream, handler, admission=limits(), options=ConnectionOptions(), port_name="p"
+                    server_stream,
+                    handler,
+                    admission=limits(),
+                    options=ConnectionOptions(),
+                    port_name="p",
                 )
                 returned = True
 
@@ -251,7 +266,7 @@ async def test_cancellation_is_never_swallowed() -> None:
     assert scope.cancelled_caught and not returned
 
 
-async def test_a_socket_that_never_sends_its_request_is_closed_after_the_handshake_timeout() -> None:
+async def test_a_socket_that_never_sends_its_request_is_closed_after_the_timeout() -> None:
     async def handler(upgrade: Upgrade) -> None:
         raise AssertionError("no request was sent")
 
