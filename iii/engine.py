@@ -12,14 +12,17 @@ Supervision tree (copied into README.rst)::
             │                             and its own nursery; modules exit last
             ├── <module>.run ...
             └── connection nursery        owned by the engine
-                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}"
-                ├── WorkerConnection.run  one per worker, with a per-connection nursery:
-                │   ├── reader            decodes and dispatches, never awaits a call inline
-                │   ├── writer            drains a bounded send queue (backpressure)
-                │   ├── heartbeat         WS ping; no pong in time -> connection dropped
-                │   └── invocation tasks  one per request/response call the worker made,
-                │                         each under its own deadline
-                ├── channel / otel sockets
+                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
+                │                         counts sockets on accept (iii.admission)
+                ├── socket (iii.wsserver) one per accepted socket, supervised: the library's
+                │   │                     WS reader and the handler below, in its own nursery
+                │   └── WorkerConnection.run  one per worker, with a per-connection nursery:
+                │       ├── reader        decodes and dispatches, never awaits a call inline
+                │       ├── writer        drains a bounded send queue (backpressure)
+                │       ├── heartbeat     WS ping; no pong in time -> connection dropped
+                │       └── invocation tasks  one per request/response call the worker
+                │                         made, each under its own deadline
+                │   (or a channel side, or an /otel socket)
                 └── detached calls        fire-and-forget calls: owned by the engine, not
                                           by the caller, so a caller that leaves right after
                                           sending (``trigger_void`` then exit) loses nothing
@@ -27,7 +30,10 @@ Supervision tree (copied into README.rst)::
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
 module that crashes raises through the module nursery and stops the engine
-(one-for-all; systemd restarts it).
+(one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
+one socket's subtree, one call task, one detached call or one event a module
+dispatches is logged with its id and ends that one only (:mod:`iii.wsserver`,
+:mod:`iii.containment`).
 
 Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 

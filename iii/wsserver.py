@@ -39,7 +39,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -48,10 +48,10 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Event, Message, Ping, Pong
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from iii.admission import Admission, Slot
-from iii.containment import contained
+from iii.containment import report_failure
 
 __all__ = [
     "GuardedConnection",
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 PRIVATE_SURFACE = (
     "_reader_task",
     "_get_request",
+    "_close_handshake",
     "_handle_ping_event",
     "_send",
     "_wsproto",
@@ -108,18 +109,27 @@ class GuardedConnection(WebSocketConnection):
         if self._wsproto.state is ConnectionState.OPEN:
             await self._send(event.response())
 
-    async def _send(self, event: Event) -> None:
-        state = self._wsproto.state
-        if isinstance(event, (Message, Ping, Pong)) and state is not ConnectionState.OPEN:
-            if isinstance(event, Message):
-                raise ConnectionClosed(self._close_reason or CloseReason(1006, "closing"))
-            return
-        if isinstance(event, CloseConnection) and state not in (
-            ConnectionState.OPEN,
-            ConnectionState.REMOTE_CLOSING,
-        ):
-            return  # ours is out already
-        await super()._send(event)
+    def _send(self, event: Event) -> Coroutine[Any, Any, None]:
+        # A plain method returning the library's coroutine (or a no-op one):
+        # an ``async def`` here would add a coroutine layer to every send.
+        # (Exact types, not isinstance: wsproto's events are ABCs, slow to check.)
+        kind = type(event)
+        if kind in _OPEN_ONLY:
+            if self._wsproto.state is not ConnectionState.OPEN:
+                if kind is TextMessage or kind is BytesMessage:
+                    raise ConnectionClosed(self._close_reason or CloseReason(1006, "closing"))
+                return _nothing()
+        elif kind is CloseConnection and self._wsproto.state not in _MAY_CLOSE:
+            return _nothing()  # ours is out already
+        return super()._send(event)
+
+
+async def _nothing() -> None:
+    pass
+
+
+_OPEN_ONLY = frozenset({TextMessage, BytesMessage, Ping, Pong})
+_MAY_CLOSE = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING})
 
 
 @attrs.frozen(kw_only=True)
@@ -273,11 +283,27 @@ async def _serve_socket(stream: trio.abc.Stream, port: _Port) -> None:
         )
         await _refuse(stream)
         return
+    # The socket's whole subtree (the library's reader, our handler, and this
+    # module's own code) ends here.  Inline, not iii.containment.contained:
+    # every coroutine layer above a connection's reader is paid on each of
+    # its wake-ups.
     try:
-        # The outer guard: a failure of this module's own code ends this socket too.
-        await contained(socket.label, _supervise, stream, port, slot, socket)
+        await _supervise(stream, port, slot, socket)
+    except* ConnectionClosed:
+        pass  # the peer went away: the normal end of a connection
+    except* TooManyConnectionsError:
+        port.refusals.warning(
+            "%s: refused a connection from %s: max_connections (%d) reached (503)",
+            port.name,
+            socket.peer,
+            port.admission.limits.max_connections,
+        )
+    except* Exception as group:
+        report_failure(socket.label, group)
     finally:
         slot.release()
+        # The socket goes now, whatever state it is in: a refused upgrade
+        # (401, 404, 503) frees its slot at once, a failed one is aborted.
         await trio.aclose_forcefully(stream)
 
 
@@ -294,8 +320,9 @@ async def _refuse(stream: trio.abc.Stream) -> None:
 
 
 async def _supervise(stream: trio.abc.Stream, port: _Port, slot: Slot, socket: _Socket) -> None:
+    """The library's reader and our handler in one nursery: either one's
+    exception cancels the other and leaves through the nursery."""
     options = port.options
-    label = socket.label
     ws = GuardedConnection(
         stream,
         WSConnection(ConnectionType.SERVER),
@@ -303,60 +330,42 @@ async def _supervise(stream: trio.abc.Stream, port: _Port, slot: Slot, socket: _
         max_message_size=options.max_message_size,
         receive_buffer_size=options.receive_buffer_size,
     )
-    failed = False
     async with trio.open_nursery() as connection_nursery:
-
-        def fail(_: BaseException) -> None:
-            nonlocal failed
-            failed = True
-            connection_nursery.cancel_scope.cancel()
-
-        handshake_scope = trio.CancelScope(deadline=trio.current_time() + options.handshake_timeout)
-
-        async def read() -> None:
-            try:
-                await contained(f"{label}: reader", ws._reader_task, on_failure=fail)
-            finally:
-                handshake_scope.cancel()  # no request can come any more
-
-        connection_nursery.start_soon(read)
-        try:
-            request: WebSocketRequest | None = None
-            with handshake_scope:
-                request = await ws._get_request()
-            if request is None:
-                log.debug("%s: no upgrade request in time", label)
-                return
+        connection_nursery.start_soon(ws._reader_task)
+        request = await _handshake(ws, options.handshake_timeout)
+        if request is None:
+            log.debug("%s: no upgrade request", socket.label)
+        else:
             upgrade = Upgrade(request, socket.connection_id, socket.peer, socket.address, slot)
-            await contained(label, _run_handler, port, upgrade, on_failure=fail)
-        finally:
             try:
-                if not failed:
-                    await contained(f"{label}: close", _close, ws, options.close_timeout)
-            finally:
-                # The socket goes now, whatever state it is in: a refused
-                # upgrade (401, 404, 503) frees its slot at once.
-                await trio.aclose_forcefully(stream)
-                connection_nursery.cancel_scope.cancel()
+                await port.handler(upgrade)
+            except BaseException:
+                connection_nursery.cancel_scope.cancel()  # no close handshake: aborted
+                raise
+            with trio.move_on_after(options.close_timeout):
+                await ws.aclose()
+        connection_nursery.cancel_scope.cancel()
 
 
-async def _run_handler(port: _Port, upgrade: Upgrade) -> None:
-    try:
-        await port.handler(upgrade)
-    except* ConnectionClosed:
-        pass  # the peer went away: the normal end of a connection
-    except* TooManyConnectionsError:
-        port.refusals.warning(
-            "%s: refused a connection from %s: max_connections (%d) reached (503)",
-            port.name,
-            upgrade.peer,
-            port.admission.limits.max_connections,
-        )
-
-
-async def _close(ws: WebSocketConnection, timeout: float) -> None:
+async def _handshake(ws: GuardedConnection, timeout: float) -> WebSocketRequest | None:
+    """The upgrade request; None if none came in time or the peer left first."""
+    request: WebSocketRequest | None = None
     with trio.move_on_after(timeout):
-        await ws.aclose()
+        async with trio.open_nursery() as handshake_nursery:
+
+            async def take_request() -> None:
+                nonlocal request
+                request = await ws._get_request()
+                handshake_nursery.cancel_scope.cancel()
+
+            async def left() -> None:
+                # Set by the reader when the socket ends before any request.
+                await ws._close_handshake.wait()
+                handshake_nursery.cancel_scope.cancel()
+
+            handshake_nursery.start_soon(take_request)
+            handshake_nursery.start_soon(left)
+    return request
 
 
 async def serve_websockets(
