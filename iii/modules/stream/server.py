@@ -158,7 +158,9 @@ class StreamServer:
         self.port = port
         # Who holds a socket on the port (iii.admission); clients hold no
         # credential, so every one counts against its address's share.
-        self.sockets = Admission(limits or ConnectionLimits(max_connections=4096, max_per_address=128))
+        self.sockets = Admission(
+            limits or ConnectionLimits(max_connections=4096, max_per_address=128)
+        )
         self.ssl_context = ssl_context  # set: the port speaks wss://
         self.authenticate = authenticate
         self.auth_required = auth_required
