@@ -493,7 +493,9 @@ class Engine:
             log.warning("%s -> %s failed: %s: %s", what, function_id, exc.code, exc.message)
             return None
 
-    def spawn_detached(self, fn: Callable[..., Any], *args: Any, what: str = "detached task") -> None:
+    def spawn_detached(
+        self, fn: Callable[..., Any], *args: Any, what: str = "detached task"
+    ) -> None:
         """Run ``fn(*args)`` in the engine-owned connection nursery, contained:
         an exception ends that task only (logged with ``what``)."""
         if self.connection_nursery is None:

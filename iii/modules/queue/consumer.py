@@ -247,7 +247,8 @@ async def _attempt(
                 describe_failure(exc),
             )
             span.set_error("invocation_error", type(exc).__name__)
-            outcome = await _failed(sub, consumer, delivery, f"invocation_error: {type(exc).__name__}")
+            error = f"invocation_error: {type(exc).__name__}"
+            outcome = await _failed(sub, consumer, delivery, error)
             return outcome
         await _settle(consumer.ack(delivery), sub, "ack")
         sub.processed += 1
