@@ -34,10 +34,11 @@ import logging
 from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.channel_buffer import FrameReader, FrameWriter
 from iii.channels import Channel, ChannelClaimedError
+from iii.wsserver import Upgrade
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -59,11 +60,18 @@ async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
 
 
 async def serve_channel_side(
-    engine: Engine, request: WebSocketRequest, *, channel_id: str, access_key: str, direction: str
+    engine: Engine,
+    upgrade: Upgrade,
+    *,
+    channel_id: str,
+    access_key: str,
+    direction: str,
+    credentialed: bool = False,
 ) -> None:
+    """``credentialed``: the channel's key counts as a credential (see :mod:`iii.admission`)."""
     channel = engine.channels.lookup(channel_id, access_key)
     if channel is None or direction not in ("read", "write"):
-        await request.reject(404, body=b"Channel not found")
+        await upgrade.reject(404, body=b"Channel not found")
         return
     try:
         if direction == "write":
@@ -71,10 +79,20 @@ async def serve_channel_side(
         else:
             receive_side = channel.claim_reader()
     except ChannelClaimedError:
-        ws = await request.accept()
+        ws = await upgrade.accept(credentialed=credentialed)
         await _close(ws, 1008, "channel side already claimed")
         return
-    ws = await request.accept()
+    try:
+        ws = await upgrade.accept(credentialed=credentialed)
+    except BaseException:
+        # Not upgraded (503, or the peer left): this side ends unserved.
+        if direction == "write":
+            send_side.close()
+            channel.writer_done = True
+        else:
+            receive_side.close()
+            channel.reader_done = True
+        raise
     with trio.CancelScope() as scope:
         channel.socket_scopes.append(scope)
         try:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 import attrs
 import cattrs
@@ -66,12 +66,17 @@ __all__ = [
     "expand_env",
     "CONFIG_CONVERTER",
     "DEFAULT_PORT",
+    "Count",
 ]
 
 DEFAULT_PORT = 49134
 MiB = 1024 * 1024
 
 _ENV_REF = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
+
+
+# An integer that must be at least 1 (a limit of 0 would refuse everything).
+Count = NewType("Count", int)
 
 
 @attrs.frozen(kw_only=True)
@@ -178,9 +183,14 @@ class EngineConfig:
     slow_consumer_timeout_ms: int = 30_000
     max_message_size: int = 64 * MiB
     send_queue_size: int = 1024
-    # Open sockets on the worker port (workers, /otel, channels); more are
-    # refused with HTTP 503 before the upgrade.
-    max_connections: int = 1024
+    # Upgraded sockets on the worker port (workers, /otel, channels); more are
+    # refused with HTTP 503 at the upgrade.  Sockets still in their handshake
+    # have a budget of the same size of their own (iii.admission).
+    max_connections: Count = Count(1024)
+    # Sockets from one peer address that hold no credential (every socket in
+    # its handshake, and every socket when auth.tokens is off); more are
+    # refused on accept.  Loopback is one address like any other.
+    max_connections_per_address: Count = Count(256)
     # Calls one worker may have outstanding (request/response and
     # fire-and-forget); more are answered ``too_many_pending_invocations``.
     max_pending_invocations: int = 4096
@@ -255,6 +265,14 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, strict(float, "a number"))
     converter.register_structure_hook(bool, strict(bool, "a boolean"))
     converter.register_structure_hook(Any, lambda v, _: v)
+
+    def structure_count(value: Any, _: type) -> Count:
+        number = strict(int, "an integer")(value, int)
+        if number < 1:
+            raise ValueError(f"must be at least 1, got {number}")
+        return Count(number)
+
+    converter.register_structure_hook(Count, structure_count)
 
     def structure_adapter(value: Any, _: type) -> AdapterRef:
         if not isinstance(value, dict):

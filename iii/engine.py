@@ -12,14 +12,17 @@ Supervision tree (copied into README.rst)::
             │                             and its own nursery; modules exit last
             ├── <module>.run ...
             └── connection nursery        owned by the engine
-                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}"
-                ├── WorkerConnection.run  one per worker, with a per-connection nursery:
-                │   ├── reader            decodes and dispatches, never awaits a call inline
-                │   ├── writer            drains a bounded send queue (backpressure)
-                │   ├── heartbeat         WS ping; no pong in time -> connection dropped
-                │   └── invocation tasks  one per request/response call the worker made,
-                │                         each under its own deadline
-                ├── channel / otel sockets
+                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
+                │                         counts sockets on accept (iii.admission)
+                ├── socket (iii.wsserver) one per accepted socket, supervised: the library's
+                │   │                     WS reader and the handler below, in its own nursery
+                │   └── WorkerConnection.run  one per worker, with a per-connection nursery:
+                │       ├── reader        decodes and dispatches, never awaits a call inline
+                │       ├── writer        drains a bounded send queue (backpressure)
+                │       ├── heartbeat     WS ping; no pong in time -> connection dropped
+                │       └── invocation tasks  one per request/response call the worker
+                │                         made, each under its own deadline
+                │   (or a channel side, or an /otel socket)
                 └── detached calls        fire-and-forget calls: owned by the engine, not
                                           by the caller, so a caller that leaves right after
                                           sending (``trigger_void`` then exit) loses nothing
@@ -27,7 +30,10 @@ Supervision tree (copied into README.rst)::
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
 module that crashes raises through the module nursery and stops the engine
-(one-for-all; systemd restarts it).
+(one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
+one socket's subtree, one call task, one detached call or one event a module
+dispatches is logged with its id and ends that one only (:mod:`iii.wsserver`,
+:mod:`iii.containment`).
 
 Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 
@@ -60,7 +66,9 @@ import orjson
 import trio
 
 from iii.causation import TraceDepths
+from iii.admission import Admission, ConnectionLimits
 from iii.channels import ChannelTable
+from iii.containment import start_contained
 from iii.errors import (
     FunctionNotFoundError,
     IIIError,
@@ -137,14 +145,29 @@ class Engine:
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
     inflight: int = 0
-    # Sockets open on the worker port (checked against ``max_connections``).
-    open_sockets: int = 0
+    # Who holds a socket on the worker port (max_connections, per address).
+    sockets: Admission = attrs.field(
+        default=attrs.Factory(
+            lambda self: Admission(
+                ConnectionLimits(
+                    max_connections=self.config.max_connections,
+                    max_per_address=self.config.max_connections_per_address,
+                )
+            ),
+            takes_self=True,
+        )
+    )
     authenticator: Authenticator = attrs.field(
         default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
     )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
     _expiry_scope: trio.CancelScope | None = None
+
+    @property
+    def open_sockets(self) -> int:
+        """Sockets open on the worker port: upgraded or in their handshake."""
+        return self.sockets.open
 
     # -- engine functions and trigger types (module API) -------------------
 
@@ -521,11 +544,14 @@ class Engine:
             log.warning("%s -> %s failed: %s: %s", what, function_id, exc.code, exc.message)
             return None
 
-    def spawn_detached(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the engine-owned connection nursery."""
+    def spawn_detached(
+        self, fn: Callable[..., Any], *args: Any, what: str = "detached task"
+    ) -> None:
+        """Run ``fn(*args)`` in the engine-owned connection nursery, contained:
+        an exception ends that task only (logged with ``what``)."""
         if self.connection_nursery is None:
             raise RuntimeError("the engine is not serving")
-        self.connection_nursery.start_soon(fn, *args)
+        start_contained(self.connection_nursery, what, fn, *args)
 
     # -- lifetime -------------------------------------------------------------------
 

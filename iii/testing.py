@@ -16,22 +16,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
 import orjson
 import trio
 import trio.testing
-from trio_websocket import (
-    WebSocketConnection,
-    open_websocket,
-    wrap_client_stream,
-    wrap_server_stream,
-)
+from trio_websocket import WebSocketConnection, open_websocket, wrap_client_stream
 
 from iii.config import EngineConfig, parse_config
 from iii.engine import Engine, serve_engine
-from iii.listener import handle_request
+from iii.listener import connection_options, handle_upgrade
+from iii.wsserver import serve_socket
 
 __all__ = [
     "open_test_engine",
@@ -120,21 +117,18 @@ async def connect_test_worker(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     assert engine.connection_nursery is not None
 
-    async def serve_side() -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                request = await wrap_server_stream(
-                    nursery, server_stream, max_message_size=engine.config.max_message_size
-                )
-                await handle_request(engine, request, "memory")
-                nursery.cancel_scope.cancel()
-        finally:
-            # As the real listener does once its handler returns: without it, a
-            # client closing after the engine aborted the connection would wait
-            # for a Close reply forever.
-            await trio.aclose_forcefully(server_stream)
-
-    engine.connection_nursery.start_soon(serve_side)
+    # Served as the listener serves a socket (supervised, counted, closed
+    # when the handler returns), under the address "memory".
+    engine.connection_nursery.start_soon(
+        partial(
+            serve_socket,
+            server_stream,
+            partial(handle_upgrade, engine),
+            admission=engine.sockets,
+            options=connection_options(engine),
+            port_name="worker port",
+        )
+    )
     async with trio.open_nursery() as nursery:
         # Any trio stream works; trio-websocket's hint names sockets only.
         ws = await wrap_client_stream(

@@ -71,11 +71,12 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     if action_type != "enqueue" and isinstance(data, dict):
         data["_caller_worker_id"] = conn.worker_id
     conn.calls_outstanding += 1
+    what = f"call {message.function_id!r} ({message.invocation_id!r}) from worker {conn.worker_id}"
     if detached:
         # Fire-and-forget: owned by the engine, not by this connection.
-        conn.engine.spawn_detached(_run_call, conn, message, data, False)
+        conn.engine.spawn_detached(_run_call, conn, message, data, False, what=what)
     else:
-        conn.start_task(_run_call, conn, message, data, True)
+        conn.start_task(_run_call, conn, message, data, True, what=what)
 
 
 def _refuse_call(conn: WorkerConnection, message: InvokeFunction) -> ErrorBody | None:

@@ -43,6 +43,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
 from iii.log import RateLimitedLog
 from iii.protocol import (
@@ -188,10 +189,13 @@ class WorkerConnection:
         except FrameTooLargeError as exc:
             self.bad_input_log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
 
-    def start_task(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in this connection's nursery: it ends with the connection."""
+    def start_task(self, fn: Callable[..., Any], *args: Any, what: str = "task") -> None:
+        """Run ``fn(*args)`` in this connection's nursery: it ends with the connection.
+
+        Contained: an exception in it ends that task only (logged with ``what``).
+        """
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        start_contained(self._nursery, what, fn, *args)
 
     def abort(self, reason: str) -> None:
         """End the connection at once; :meth:`run` cleans up."""

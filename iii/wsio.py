@@ -8,10 +8,11 @@ wsproto state and writes them in one ``send_all``.  On a 2-core machine this
 is the difference between the engine keeping up with its workers or not (see
 ``bench/bench_core.py``).
 
-It uses three private attributes of trio-websocket's connection
-(``_wsproto``, ``_stream``, ``_stream_lock``), the same ones its own
+It uses private attributes of trio-websocket's connection (``_wsproto``,
+``_stream``, ``_stream_lock``, ``_close_reason``), the same ones its own
 ``_send`` uses; if a future trio-websocket lacks them, it falls back to one
-``send_message`` per frame.
+``send_message`` per frame.  (The dependency is pinned to the versions
+whose private surface we know: see :mod:`iii.wsserver`.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, TextMessage
 
 __all__ = ["send_frames", "receive_frames"]
@@ -35,7 +37,8 @@ async def send_frames(ws: WebSocketConnection, frames: Sequence[str | bytes]) ->
         for frame in frames:
             await ws.send_message(frame)
         return
-    if ws._close_reason:
+    if ws._close_reason or ws._wsproto.state is not ConnectionState.OPEN:
+        # (wsproto would refuse a message once a Close is out either way.)
         raise ConnectionClosed(ws._close_reason)
     encode = ws._wsproto.send
     data = b"".join(

@@ -21,6 +21,9 @@ backend (Redis): :meth:`~PeerPublisher.submit` queues an event without
 waiting, :meth:`~PeerPublisher.run` hands them to the adapter in order, and a
 failure is logged (the write has already answered).
 
+An unexpected exception while one event is dispatched ends that event's
+calls only (logged, :mod:`iii.containment`), never the module.
+
 Lifetime: :meth:`TriggerDispatch.run` and :meth:`PeerPublisher.run` run in
 the owning module's nursery; cancelling it cancels the trigger calls in
 flight and drops the events not yet published.
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
+from iii.containment import start_contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.registry import LogicalTrigger
 
@@ -122,8 +126,16 @@ class TriggerDispatch:
                 ):
                     continue
                 await limiter.acquire_on_behalf_of(event_token := object())
-                calls_nursery.start_soon(
-                    self._fire, event, depth + 1, matching, limiter, event_token
+                # Contained: an unexpected failure ends this event's calls only.
+                start_contained(
+                    calls_nursery,
+                    f"{self.trigger_type} trigger event",
+                    self._fire,
+                    event,
+                    depth + 1,
+                    matching,
+                    limiter,
+                    event_token,
                 )
 
     async def _fire(

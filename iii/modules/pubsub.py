@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -41,6 +42,7 @@ import trio
 from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
 from iii.config import AdapterRef
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
+from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.native import CallContext, parse_input
@@ -170,12 +172,17 @@ class Module:
         engine = self.engine
         async for trigger, data, topic, depth in self._queue_out:
             with firing(depth):
-                await engine.invoke_logged(
+                # Contained: an unexpected failure loses this delivery only.
+                await contained(
+                    f"subscribe {topic!r} delivery to {trigger.function_id!r}",
+                    partial(
+                        engine.invoke_logged,
+                        what=f"subscribe {topic!r}",
+                        grant=trigger.grant,
+                        **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+                    ),
                     trigger.function_id,
                     data,
-                    what=f"subscribe {topic}",
-                    grant=trigger.grant,
-                    **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
                 )
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.containment import start_contained
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
 from iii.native import CallContext
@@ -234,14 +235,16 @@ class Module:
             async for event, worker_id in self._events_receive:
                 payload = {"event": event, "worker_id": worker_id}
                 for trigger in list(self.worker_triggers.triggers):
-                    calls.start_soon(
+                    start_contained(
+                        calls,
+                        f"engine::workers-available trigger {trigger.function_id!r}",
                         partial(
                             self.engine.invoke_logged,
-                            trigger.function_id,
-                            dict(payload),
                             what="engine::workers-available",
                             grant=trigger.grant,
-                        )
+                        ),
+                        trigger.function_id,
+                        dict(payload),
                     )
 
     async def _fan_out_function_changes(self) -> None:
@@ -259,14 +262,16 @@ class Module:
                 last_sent = current
                 payload = {"event": "functions_changed", "functions": self._function_infos(True)}
                 for trigger in list(self.function_triggers.triggers):
-                    calls.start_soon(
+                    start_contained(
+                        calls,
+                        f"engine::functions-available trigger {trigger.function_id!r}",
                         partial(
                             self.engine.invoke_logged,
-                            trigger.function_id,
-                            dict(payload),
                             what="engine::functions-available",
                             grant=trigger.grant,
-                        )
+                        ),
+                        trigger.function_id,
+                        dict(payload),
                     )
 
     async def _sweep_channels(self) -> None:

@@ -45,6 +45,7 @@ import trio
 
 from iii.adapters.cron import CronLockAdapter, open_cron_adapter
 from iii.config import AdapterRef
+from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
@@ -245,7 +246,10 @@ class Module:
                     if due is None:
                         due = schedule.next_after(now)
                         continue
-                await self._fire(job, due, now)
+                # Contained: an unexpected failure loses this firing, not the schedule.
+                await contained(
+                    f"cron {job.trigger.id!r} at {rfc3339(due)}", self._fire, job, due, now
+                )
                 due = schedule.next_after(due)
             log.info("cron %s: %r never fires again", job.trigger.id, schedule.expression)
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,6 +54,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__, json_limits
+from iii.containment import contained
 from iii.grants import TriggerAccess
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
@@ -299,8 +301,12 @@ class Module:
 
         async def deliver(trigger: LogicalTrigger, stored: StoredLog) -> None:
             try:
-                await self.engine.invoke_logged(
-                    trigger.function_id, stored.entry(), what="log trigger", grant=trigger.grant
+                # Contained: an unexpected failure loses this entry only.
+                await contained(
+                    f"log trigger {trigger.function_id!r}",
+                    partial(self.engine.invoke_logged, what="log trigger", grant=trigger.grant),
+                    trigger.function_id,
+                    stored.entry(),
                 )
             finally:
                 self.logs_queued_bytes -= stored.size

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from iii.adapters.queue import Delivery, QueueConsumer
+from iii.containment import contained, describe_failure
 from iii.errors import AdapterUnavailableError, IIIError
 from iii.grants import Grant
 from iii.tracing import NoopSpan, Span
@@ -142,7 +143,10 @@ async def _run_line(
     try:
         while True:
             try:
-                await _process(module, sub, consumer, delivery)
+                # Contained: an unexpected failure ends this attempt only (the
+                # job is released, see _attempt); the line goes on.
+                what = f"queue {sub.queue!r} job {delivery.job.id!r}"
+                await contained(what, _process, module, sub, consumer, delivery)
             finally:
                 held.discard(delivery)
             if group is None:
@@ -240,6 +244,20 @@ async def _attempt(
                 return outcome  # the trigger went away mid-call (its worker left): released below
             span.set_error(exc.code, exc.message)
             outcome = await _failed(sub, consumer, delivery, f"{exc.code}: {exc.message}")
+            return outcome
+        except Exception as exc:
+            # A bug, not an answer: it fails this attempt like an error does
+            # (backoff, then the DLQ).  Released, the job would come straight
+            # back and fail again, thousands of times a second.
+            log.error(
+                "queue %r: job %r failed inside the engine: %s",
+                sub.queue,
+                job.id,
+                describe_failure(exc),
+            )
+            span.set_error("invocation_error", type(exc).__name__)
+            error = f"invocation_error: {type(exc).__name__}"
+            outcome = await _failed(sub, consumer, delivery, error)
             return outcome
         await _settle(consumer.ack(delivery), sub, "ack")
         sub.processed += 1

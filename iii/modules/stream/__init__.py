@@ -55,7 +55,10 @@ kept for old configs: with an ``auth_function`` a failed auth always refuses),
 ``max_value_bytes`` (default 16 MiB): a stored item that would encode larger
 is refused with ``VALUE_TOO_LARGE``, and a write whose answer would not fit
 the caller's frames with ``payload_too_large``, both before anything changes
-(:mod:`iii.adapters.limits`).
+(:mod:`iii.adapters.limits`); ``max_connections`` (4096 upgraded client
+sockets; more get HTTP 503) and ``max_connections_per_address`` (128 client
+sockets per peer address, counted from accept; more are refused at once),
+both ours.
 Error codes: ``STREAM_SET_ERROR`` (also for update), ``STREAM_GET_ERROR``,
 ``STREAM_DELETE_ERROR``, ``STREAM_GET_GROUP_ERROR``,
 ``STREAM_LIST_GROUPS_ERROR``, ``STREAM_LIST_ALL_ERROR``, ``STREAM_SEND_ERROR``
@@ -78,7 +81,8 @@ import trio
 
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
 from iii.adapters.stream import StreamAdapter, open_stream_adapter
-from iii.config import AdapterRef
+from iii.admission import ConnectionLimits
+from iii.config import AdapterRef, Count
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
@@ -127,6 +131,11 @@ class Config:
     auth_required: bool = False
     adapter: AdapterRef | None = None
     max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
+    # Client sockets upgraded (more get HTTP 503 at the upgrade), and client
+    # sockets from one peer address, counted from accept (more are refused
+    # at once); see iii.admission.
+    max_connections: Count = Count(4096)
+    max_connections_per_address: Count = Count(128)
 
     @property
     def auth_timeout(self) -> float:
@@ -238,6 +247,10 @@ class Module:
             run_join_triggers=self._run_join_triggers,
             read_sync=self._read_sync,
             ssl_context=server_ssl_context(engine.config.tls),
+            limits=ConnectionLimits(
+                max_connections=config.max_connections,
+                max_per_address=config.max_connections_per_address,
+            ),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -34,7 +34,8 @@ Each connection has a bounded outgoing queue drained by its own writer task;
 a client that falls ``QUEUE_SIZE`` messages behind is disconnected (close
 code 1008) instead of slowing down the writers or the other clients; if it
 does not read at all (its socket is full), its connection is cancelled
-``SLOW_CLIENT_GRACE`` seconds later.
+``SLOW_CLIENT_GRACE`` seconds later, whether its queue overflowed or not (a
+write that blocks that long ends it too).
 
 Lifetime: :meth:`StreamServer.serve` runs the listener; each connection runs
 in the server's connection nursery with its reader and writer in a
@@ -47,13 +48,18 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from iii.admission import Admission, ConnectionLimits
+from iii.containment import start_contained
+from iii.wsserver import ConnectionOptions, Upgrade, serve_websockets
 
 from iii import json_limits
 
@@ -149,9 +155,15 @@ class StreamServer:
         run_join_triggers: JoinHook,
         read_sync: SyncReader,
         ssl_context: ssl.SSLContext | None = None,
+        limits: ConnectionLimits | None = None,
     ):
         self.host = host
         self.port = port
+        # Who holds a socket on the port (iii.admission); clients hold no
+        # credential, so every one counts against its address's share.
+        self.sockets = Admission(
+            limits or ConnectionLimits(max_connections=4096, max_per_address=128)
+        )
         self.ssl_context = ssl_context  # set: the port speaks wss://
         self.authenticate = authenticate
         self.run_join_triggers = run_join_triggers
@@ -201,15 +213,16 @@ class StreamServer:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connection_nursery:
             server = await connection_nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    self.host,
-                    self.port,
-                    self.ssl_context,
+                partial(
+                    serve_websockets,
+                    self._serve_request,
+                    host=self.host,
+                    port=self.port,
+                    ssl_context=self.ssl_context,
+                    admission=self.sockets,
+                    options=ConnectionOptions(handshake_timeout=10.0, close_timeout=2.0),
+                    port_name="stream port",
                     handler_nursery=connection_nursery,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                    task_status=task_status,
                 )
             )
             self.listen_port = server.port
@@ -217,29 +230,21 @@ class StreamServer:
             log.info("stream server listening on %s://%s:%d", scheme, self.host, server.port)
             task_status.started(server.port)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        try:
-            await self._serve_request(request)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            log.exception("stream client connection failed")
-
-    async def _serve_request(self, request: WebSocketRequest) -> None:
-        remote = request.remote
-        addr = f"{getattr(remote, 'address', remote)}:{getattr(remote, 'port', 0)}"
-        target = urlsplit(request.path)
+    async def _serve_request(self, upgrade: Upgrade) -> None:
+        """One client socket (supervised by :mod:`iii.wsserver`: a failure ends it only)."""
+        addr = upgrade.peer
+        target = urlsplit(upgrade.path)
         if (target.path or "/") != "/":
-            await request.reject(404, body=b"Not Found")
+            await upgrade.reject(404, body=b"Not Found")
             return
         context = None
         if self.authenticate is not None:
-            context, refusal = await self.authenticate(_auth_input(request, addr))
+            context, refusal = await self.authenticate(_auth_input(upgrade.request, addr))
             if refusal is not None:
                 log.warning("stream client %s refused (401): %s", addr, refusal)
-                await request.reject(401, body=b"Unauthorized")
+                await upgrade.reject(401, body=b"Unauthorized")
                 return
-        ws = await request.accept()
+        ws = await upgrade.accept()
         connection = ClientConnection(ws=ws, addr=addr, context=context)
         await self._run_connection(connection)
 
@@ -279,7 +284,18 @@ class StreamServer:
     ) -> None:
         async with receive:
             async for frame in receive:
-                await connection.ws.send_message(frame.decode())
+                with trio.move_on_after(SLOW_CLIENT_GRACE) as stalled:
+                    await connection.ws.send_message(frame.decode())
+                if stalled.cancelled_caught:
+                    # Its socket is full and stays full: no Close can get through.
+                    log.warning(
+                        "stream client %s took nothing for %gs: disconnecting it",
+                        connection.addr,
+                        SLOW_CLIENT_GRACE,
+                    )
+                    connection.closed = True
+                    scope.cancel()
+                    return
         # The queue was closed: a slow consumer (see ClientConnection.push).
         with trio.move_on_after(2):
             await connection.ws.aclose(code=1008, reason="too slow: messages were not read in time")
@@ -316,8 +332,12 @@ class StreamServer:
                 existing = connection.subscriptions.get(sub.subscription_id)
                 if existing is not None:
                     self._remove(existing)
-                    connection_nursery.start_soon(
-                        self.run_join_triggers, "stream:leave", _join_payload(existing, connection)
+                    start_contained(
+                        connection_nursery,
+                        f"stream:leave triggers of client {connection.addr}",
+                        self.run_join_triggers,
+                        "stream:leave",
+                        _join_payload(existing, connection),
                     )
             else:
                 log.debug("stream client %s sent message type %r; ignored", connection.addr, kind)
