@@ -148,7 +148,8 @@ class TlsConfig:
         return self.cert is not None
 
 
-# Integer engine keys and their allowed range (low, high or None).
+# Integer engine keys and their allowed range (low, high or None); the
+# ``Count`` keys (at least 1) are checked by their structure hook.
 _ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
     # In a file, 0 means the default port (upstream: replaced before this); in
     # code (iii.testing), an ephemeral one.
@@ -161,7 +162,6 @@ _ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
     "slow_consumer_timeout_ms": (1, None),
     "max_message_size": (1, None),
     "send_queue_size": (1, None),
-    "max_connections": (1, None),
     "max_pending_invocations": (1, None),
     "channel_buffer_bytes": (1, None),
     "channels_max_bytes": (1, None),
