@@ -65,8 +65,8 @@ import attrs
 import orjson
 import trio
 
-from iii.causation import TraceDepths
 from iii.admission import Admission, ConnectionLimits
+from iii.causation import TraceDepths
 from iii.channels import ChannelTable
 from iii.containment import start_contained
 from iii.errors import (
