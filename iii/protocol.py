@@ -29,8 +29,8 @@ from typing import Any, ClassVar, Final, Union
 import attrs
 import cattrs
 import orjson
-from cattrs.v import format_exception
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.v import format_exception
 
 from iii import json_limits
 from iii.errors import MessageDecodeError

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio

@@ -40,8 +40,8 @@ import attrs
 import trio
 
 from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
-from iii.config import AdapterRef
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
+from iii.config import AdapterRef
 from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess

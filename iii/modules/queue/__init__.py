@@ -62,8 +62,8 @@ import trio
 from iii.adapters.queue import Job, QueueAdapter, open_queue_adapter
 from iii.config import AdapterRef
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
-from iii.log import bounded_repr
 from iii.grants import Grant, TriggerAccess
+from iii.log import bounded_repr
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
 from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot

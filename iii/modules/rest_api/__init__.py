@@ -31,8 +31,8 @@ import attrs
 import trio
 
 from iii.errors import TriggerRegistrationError
-from iii.log import bounded_repr
 from iii.grants import TriggerAccess
+from iii.log import bounded_repr
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
 from iii.modules.rest_api.routes import (

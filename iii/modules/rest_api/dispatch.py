@@ -49,11 +49,10 @@ import trio
 from iii import json_limits
 from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
-from iii.log import bounded_repr
 from iii.grants import Grant
+from iii.log import bounded_repr
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
-from iii.modules.rest_api.side_tasks import SideTasks
 from iii.modules.rest_api.server import (
     BodyTooLargeError,
     ClientGoneError,
@@ -61,6 +60,7 @@ from iii.modules.rest_api.server import (
     Responder,
     new_error_id,
 )
+from iii.modules.rest_api.side_tasks import SideTasks
 
 if TYPE_CHECKING:
     from iii.channel_buffer import FrameReader, FrameWriter

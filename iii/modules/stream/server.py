@@ -57,11 +57,10 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from iii import json_limits
 from iii.admission import Admission, ConnectionLimits
 from iii.containment import start_contained
 from iii.wsserver import ConnectionOptions, Upgrade, serve_websockets
-
-from iii import json_limits
 
 __all__ = ["StreamServer", "ClientConnection", "Subscription", "stream_message"]
 
