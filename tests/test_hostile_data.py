@@ -22,9 +22,9 @@ import trio
 from trio_websocket import open_websocket
 
 from iii.json_limits import MAX_DEPTH
-from iii.testing import RawWorker
 from iii.modules.rest_api.server import HttpRequest, HttpServer, Responder
-from tests.support import EngineProcess, free_port
+from iii.testing import RawWorker
+from tests.support import EngineProcess, free_port, running_engine
 
 
 def nested(depth: int) -> Any:
@@ -41,17 +41,6 @@ def depth_of(value: Any) -> int:
         depth += 1
         value = value[0] if value else None
     return depth
-
-
-@asynccontextmanager
-async def running_engine(tmp_path: Path, config: dict[str, Any]) -> AsyncIterator[EngineProcess]:
-    engine = EngineProcess.write(tmp_path, config)
-    engine.start()
-    try:
-        await engine.started()
-        yield engine
-    finally:
-        engine.kill()
 
 
 @asynccontextmanager

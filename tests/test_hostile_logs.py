@@ -25,7 +25,7 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port
+from tests.support import EngineProcess, free_port, running_engine
 
 # The engine's record format: "<asctime> <LEVEL> <logger>: <message>".
 RECORD = re.compile(
@@ -48,17 +48,6 @@ MiB = 1024 * 1024
 @pytest.fixture(autouse=True)
 def _info_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("III_LOG_LEVEL", "info")
-
-
-@asynccontextmanager
-async def running_engine(directory: Path, config: dict[str, Any]) -> AsyncIterator[EngineProcess]:
-    engine = EngineProcess.write(directory, config)
-    engine.start()
-    try:
-        await engine.started()
-        yield engine
-    finally:
-        engine.kill()
 
 
 @asynccontextmanager

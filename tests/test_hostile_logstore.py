@@ -33,7 +33,7 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess
+from tests.support import EngineProcess, running_engine
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -72,17 +72,6 @@ AUTH = {
 def _info_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("III_LOG_LEVEL", "info")
     monkeypatch.setenv("III_TEST_TOKEN_LIMITED", TOKEN_LIMITED)
-
-
-@asynccontextmanager
-async def running_engine(directory: Path, config: dict[str, Any]) -> AsyncIterator[EngineProcess]:
-    engine = EngineProcess.write(directory, config)
-    engine.start()
-    try:
-        await engine.started()
-        yield engine
-    finally:
-        engine.kill()
 
 
 @asynccontextmanager

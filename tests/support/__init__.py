@@ -37,6 +37,7 @@ __all__ = [
     "start_sdk_worker",
     "SdkWorker",
     "EngineProcess",
+    "running_engine",
     "free_port",
     "require_redis",
     "require_rabbitmq",
@@ -345,3 +346,15 @@ class EngineProcess:
         path = directory / name
         path.write_text(yaml.safe_dump(config))
         return cls(config_path=path, port=port, log_path=directory / f"{path.stem}.log")
+
+
+@asynccontextmanager
+async def running_engine(directory: Path, config: dict[str, Any]) -> AsyncIterator[EngineProcess]:
+    """``python -m iii serve`` with ``config`` (written under ``directory``), killed on exit."""
+    engine = EngineProcess.write(directory, config)
+    engine.start()
+    try:
+        await engine.started()
+        yield engine
+    finally:
+        engine.kill()
