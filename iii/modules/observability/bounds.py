@@ -36,6 +36,7 @@ import attrs
 import orjson
 
 __all__ = [
+    "keep_smallest",
     "NOTE_KEY",
     "SHORT_FIELD_BYTES",
     "BoundedRing",
@@ -132,6 +133,17 @@ def encode_json(value: Any) -> tuple[Any, bytes]:
         return value, orjson.dumps(value)
 
 
+def keep_smallest(sizes: Mapping[str, int], room: int) -> tuple[set[str], int]:
+    """The keys kept whole, smallest first, while they fit ``room``; and the room left."""
+    whole: set[str] = set()
+    for key in sorted(sizes, key=sizes.__getitem__):
+        if sizes[key] > room:
+            break
+        whole.add(key)
+        room -= sizes[key]
+    return whole, room
+
+
 def _size(value: Any) -> int:
     return len(encode_json(value)[1])
 
@@ -168,13 +180,7 @@ def fit_mapping(mapping: Mapping[str, Any], limit: int) -> tuple[dict[str, Any],
         key_size = _size(key) + 2  # the colon and a comma
         if key_size <= SHORT_FIELD_BYTES:
             sizes[key] = key_size + _size(value)
-    room = limit - 2  # "{}"
-    whole: set[str] = set()
-    for key in sorted(sizes, key=sizes.__getitem__):
-        if sizes[key] > room:
-            break
-        whole.add(key)
-        room -= sizes[key]
+    whole, room = keep_smallest(sizes, limit - 2)  # "{}"
     cut: dict[str, str] = {}  # at most one
     for key, value in mapping.items():
         if key in sizes and key not in whole and isinstance(value, str):

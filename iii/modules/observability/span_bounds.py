@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, Status, StatusCode
 
-from iii.modules.observability.bounds import NOTE_KEY
+from iii.modules.observability.bounds import NOTE_KEY, keep_smallest
 
 __all__ = ["BoundedSpanProcessor", "span_bytes", "fit_span", "SPAN_OVERHEAD"]
 
@@ -142,13 +142,7 @@ def _fit_attributes(attributes: Mapping[str, Any] | None, limit: int) -> dict[st
         key: sys.getsizeof(key) + _value_bytes(value) + ITEM_OVERHEAD
         for key, value in attributes.items()
     }
-    room = limit
-    whole: set[str] = set()
-    for key in sorted(sizes, key=sizes.__getitem__):
-        if sizes[key] > room:
-            break
-        whole.add(key)
-        room -= sizes[key]
+    whole, room = keep_smallest(sizes, limit)
     cut: dict[str, str] = {}  # at most one
     for key, value in attributes.items():
         if key not in whole and isinstance(value, str):
