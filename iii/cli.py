@@ -1,12 +1,23 @@
-"""The command line: ``serve``, ``check-config`` and ``config show``.
+"""The command line: ``serve``, ``check-config``, ``config show``, and the client
+commands ``trigger`` (alias ``t``), ``functions``, ``workers`` and ``triggers``.
 
 Exit codes (documented for systemd's ``RestartPreventExitStatus=2``):
 
-* 0: clean shutdown;
-* 1: the engine crashed (a module failed); the reason is printed on one line;
+* 0: clean shutdown; a client command succeeded;
+* 1: the engine crashed (a module failed); the reason is printed on one line.
+  For a client command: an unexpected failure, or an answer it cannot read;
 * 2: a config or usage error (the file, the key and the reason are printed);
-* 3: an adapter's backend was unreachable at start.
+* 3: an adapter's backend was unreachable at start;
+* 4: client commands: the call was answered with an error (code and message
+  are printed);
+* 5: client commands: the engine could not be reached (refused, closed, TLS,
+  token refused, not an iii engine, or lost before answering);
+* 6: client commands: the call was sent and no answer came within
+  ``--timeout`` (it may have run);
+* 130: client commands: interrupted (Ctrl-C).
 
+The client commands' logic is in :mod:`iii.client` and :mod:`iii.client_io`;
+this module only wires their options and maps their errors to exit codes.
 Logging is configured here and nowhere else.
 """
 
@@ -15,9 +26,12 @@ from __future__ import annotations
 import argparse
 import enum
 import logging
+import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -30,12 +44,18 @@ __all__ = ["main", "ExitCode"]
 
 log = logging.getLogger("iii")
 
+CLIENT_COMMANDS = ("trigger", "t", "functions", "workers", "triggers")
+
 
 class ExitCode(enum.IntEnum):
     OK = 0
     CRASH = 1
     CONFIG = 2
     ADAPTER_UNREACHABLE = 3
+    CALL_FAILED = 4
+    ENGINE_UNREACHABLE = 5
+    TIMEOUT = 6
+    INTERRUPTED = 130
 
 
 def _config_path(given: str | None) -> str | None:
@@ -85,6 +105,206 @@ def _serve(config: EngineConfig) -> ExitCode:
     return ExitCode.OK
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds: {text!r}")
+    return value / 1000
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535): {text!r}")
+    return value
+
+
+def _add_client_commands(commands: Any) -> argparse.ArgumentParser:
+    """``trigger`` (alias ``t``), ``functions``, ``workers``, ``triggers``; returns ``trigger``.
+
+    Upstream's ``iii trigger`` forms are accepted too: ``--json``, ``key=value``
+    arguments, ``--address``/``--port``, ``--timeout-ms`` and (its first
+    version) ``--function-id``.
+    """
+    connection = argparse.ArgumentParser(add_help=False)
+    where = connection.add_argument_group("engine connection")
+    where.add_argument(
+        "--url", help="ws:// or wss:// URL of the engine (default $III_URL, else ws://127.0.0.1:49134)"
+    )
+    where.add_argument("--address", help="engine host, with --port: upstream's form of --url")
+    where.add_argument("--port", type=_port, help="engine port with --address (default 49134)")
+    where.add_argument(
+        "--token", help="bearer token (default $III_TOKEN; prefer the variable: ps shows arguments)"
+    )
+    timeouts = where.add_mutually_exclusive_group()
+    timeouts.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="give up after S seconds (default 30)",
+    )
+    timeouts.add_argument(
+        "--timeout-ms",
+        type=_positive_ms,
+        dest="timeout",
+        metavar="MS",
+        help="the same, in milliseconds",
+    )
+
+    trigger: argparse.ArgumentParser = commands.add_parser(
+        "trigger",
+        aliases=["t"],
+        parents=[connection],
+        help="call a function on a running engine; print its result as JSON",
+    )
+    trigger.add_argument("function_id", nargs="?", metavar="FUNCTION_ID")
+    trigger.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="KEY=VALUE | -",
+        help="payload fields (the value is JSON if it parses, else a string);"
+        " - reads the payload from stdin",
+    )
+    trigger.add_argument("--payload", metavar="JSON", help="the payload (default {})")
+    trigger.add_argument("--json", metavar="JSON", help="the same as --payload (upstream's name)")
+    trigger.add_argument(
+        "--payload-file", metavar="FILE", help="read the payload from FILE (- is stdin)"
+    )
+    trigger.add_argument("--function-id", dest="function_id_option", help=argparse.SUPPRESS)
+    trigger.add_argument(
+        "--void", action="store_true", help="fire and forget: send the call, wait for no result"
+    )
+    for kind, text in (
+        ("functions", "list the functions registered on a running engine"),
+        ("workers", "list the workers connected to a running engine"),
+        ("triggers", "list the triggers registered on a running engine"),
+    ):
+        lister = commands.add_parser(kind, parents=[connection], help=text)
+        lister.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if kind != "workers":
+            lister.add_argument(
+                "--include-internal",
+                action="store_true",
+                help="include the engine's own (engine::...)",
+            )
+    return trigger
+
+
+def _trigger_target(
+    args: argparse.Namespace, extra: list[str], trigger: argparse.ArgumentParser
+) -> tuple[str, list[str]]:
+    # Positionals after an option arrive in ``extra`` (argparse takes them in one run).
+    unknown = [token for token in extra if token.startswith("-") and token != "-"]
+    if unknown:
+        trigger.error(f"unrecognized arguments: {' '.join(unknown)}")
+    tokens = ([args.function_id] if args.function_id is not None else []) + args.arguments + extra
+    if args.function_id_option is not None:
+        function_id = args.function_id_option
+    elif tokens:
+        function_id, tokens = tokens[0], tokens[1:]
+    else:
+        trigger.error("FUNCTION_ID is required")
+    if not function_id or function_id == "-":
+        trigger.error(f"not a function id: {function_id!r}")
+    return function_id, tokens
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.buffer.write(text.encode())
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (``| head``): the rest is not wanted, and not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _client_exit_code(exc: Exception) -> ExitCode:
+    from iii import client
+
+    for error_type, code in (
+        (client.UsageError, ExitCode.CONFIG),
+        (client.CallFailedError, ExitCode.CALL_FAILED),
+        (client.EngineUnreachableError, ExitCode.ENGINE_UNREACHABLE),
+        (client.CallTimeoutError, ExitCode.TIMEOUT),
+    ):
+        if isinstance(exc, error_type):
+            return code
+    return ExitCode.CRASH  # BadAnswerError: an answer the command cannot read
+
+
+def _run_client(
+    args: argparse.Namespace, extra: list[str], trigger: argparse.ArgumentParser
+) -> int:
+    from iii import client, client_io
+
+    try:
+        endpoint = client.Endpoint.from_options(
+            url=args.url, address=args.address, port=args.port, token=args.token
+        )
+        timeout = args.timeout or client.DEFAULT_TIMEOUT
+        if args.command in ("trigger", "t"):
+            function_id, tokens = _trigger_target(args, extra, trigger)
+            payload = client_io.build_payload(
+                payload=args.payload,
+                json_text=args.json,
+                payload_file=args.payload_file,
+                arguments=tokens,
+                stdin=sys.stdin.buffer,
+            )
+            call = partial(
+                client.call_function,
+                endpoint,
+                function_id,
+                payload,
+                timeout=timeout,
+                void=args.void,
+            )
+            result = trio.run(call)
+            if not args.void:
+                _write(client_io.render_json(result))
+            return ExitCode.OK
+        listing = partial(
+            client.fetch_list,
+            endpoint,
+            args.command,
+            timeout=timeout,
+            include_internal=getattr(args, "include_internal", False),
+        )
+        answer = trio.run(listing)
+        if args.json:
+            _write(client_io.render_json(answer[args.command]))
+        else:
+            _write(client_io.render_table(args.command, answer))
+        return ExitCode.OK
+    except KeyboardInterrupt:
+        print("iii: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        leaf = _leaf(exc)
+        if isinstance(leaf, client.ClientError):
+            print(client_io.describe_failure(leaf), file=sys.stderr, end="")
+            return _client_exit_code(leaf)
+        log.debug("client command failed", exc_info=exc)
+        print(f"iii: unexpected error: {type(leaf).__name__}: {clean(str(leaf))}", file=sys.stderr)
+        return ExitCode.CRASH
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iii", description="iii orchestration engine")
     parser.add_argument("--version", action="version", version=f"iii {__version__}")
@@ -105,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     print_config = commands.add_parser("print-config", help="same as 'config show'")
     print_config.add_argument("-c", "--config")
     print_config.add_argument("--format", choices=("yaml", "toml"), default="yaml")
+    trigger = _add_client_commands(commands)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("trigger", "t"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level)
+    if args.command in CLIENT_COMMANDS:
+        return _run_client(args, extra, trigger)
     try:
         if args.command == "check-config":
             load_config(args.file)
