@@ -373,7 +373,7 @@ class Session:
         try:
             return decode_message(frame)
         except MessageDecodeError as exc:
-            log.debug("skipped a frame the engine sent: %s", exc.reason)
+            log.debug("skipped a frame the engine sent: %r", exc.reason)
             return exc
 
     async def greeting(self) -> None:
@@ -383,6 +383,17 @@ class Session:
             if isinstance(message, WorkerRegistered):
                 self.worker_id = message.worker_id
                 return
+
+    async def introduce(self) -> None:
+        """Report this command's metadata, and wait until the engine has applied it.
+
+        An engine without ``engine::workers::register``, or one that refuses
+        it, still serves the command (with its default frame limit).
+        """
+        try:
+            await self.call("engine::workers::register", _metadata())
+        except CallFailedError as exc:
+            log.debug("engine::workers::register refused: %r", exc.message)
 
     async def call(self, function_id: str, data: Any) -> Any:
         """One request/response call; its result, or :class:`CallFailedError`."""
@@ -455,7 +466,7 @@ async def open_session(endpoint: Endpoint) -> AsyncIterator[Session]:
                 session = Session(ws, endpoint)
                 try:
                     await session.greeting()
-                    await session.call("engine::workers::register", _metadata())
+                    await session.introduce()
                     yield session
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 import trustme
@@ -82,12 +83,34 @@ async def test_trigger_prints_the_result_as_json(tmp_path: Path) -> None:
             done = await run_cli("trigger", "demo::echo", env={"III_URL": url})
             assert (done.code, without_caller(done.json)) == (OK, {}), done
 
+            # Upstream's alias, and its first version's --function-id.
+            done = await run_cli("t", "demo::echo", "n=1", "--url", url)
+            assert (done.code, without_caller(done.json)) == (OK, {"n": 1}), done
+            done = await run_cli("trigger", "--function-id", "demo::echo", "n=2", "--url", url)
+            assert (done.code, without_caller(done.json)) == (OK, {"n": 2}), done
+
             # A null result is printed as JSON null; an engine function works the same.
             done = await run_cli("trigger", "demo::echo", "--payload", "null", "--url", url)
             assert (done.code, done.stdout) == (OK, "null\n"), done
             done = await run_cli("trigger", "engine::functions::list", "--url", url)
             assert done.code == OK, done
             assert "demo::echo" in [f["function_id"] for f in done.json["functions"]]
+
+
+async def test_trigger_answers_beyond_the_legacy_frame_limit(tmp_path: Path) -> None:
+    """The engine keeps Python workers to 1 MiB frames unless they say otherwise
+    (0.4.1 takes no more): the command says so before its call."""
+    large = {"features": ["large-messages.v1"]}
+    async with running_engine(tmp_path, dict(NO_MODULES)) as engine:
+        async with serving_worker(engine.port, {"demo::echo": echo}, metadata=large):
+            payload_file = tmp_path / "big.json"
+            text = "x" * (3 * 1024 * 1024)
+            payload_file.write_bytes(orjson.dumps({"text": text}))
+            done = await run_cli(
+                "trigger", "demo::echo", "--payload-file", str(payload_file), "--url", engine.url
+            )
+            assert done.code == OK, done.stderr
+            assert without_caller(done.json) == {"text": text}
 
 
 async def test_trigger_void_fires_and_forgets(tmp_path: Path) -> None:
