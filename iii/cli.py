@@ -135,6 +135,12 @@ def _port(text: str) -> int:
     return value
 
 
+_CLIENT_EXIT_CODES = (
+    "exit codes: 0 ok, 1 an answer that cannot be read, 2 usage, 4 the call answered an"
+    " error, 5 the engine could not be reached, 6 no answer within --timeout"
+)
+
+
 def _add_client_commands(commands: Any) -> argparse.ArgumentParser:
     """``trigger`` (alias ``t``), ``functions``, ``workers``, ``triggers``; returns ``trigger``.
 
@@ -172,8 +178,11 @@ def _add_client_commands(commands: Any) -> argparse.ArgumentParser:
         aliases=["t"],
         parents=[connection],
         help="call a function on a running engine; print its result as JSON",
+        epilog=_CLIENT_EXIT_CODES,
     )
-    trigger.add_argument("function_id", nargs="?", metavar="FUNCTION_ID")
+    trigger.add_argument(
+        "function_id", nargs="?", metavar="FUNCTION_ID", help="the function to call"
+    )
     trigger.add_argument(
         "arguments",
         nargs="*",
@@ -195,7 +204,9 @@ def _add_client_commands(commands: Any) -> argparse.ArgumentParser:
         ("workers", "list the workers connected to a running engine"),
         ("triggers", "list the triggers registered on a running engine"),
     ):
-        lister = commands.add_parser(kind, parents=[connection], help=text)
+        lister = commands.add_parser(
+            kind, parents=[connection], help=text, epilog=_CLIENT_EXIT_CODES
+        )
         lister.add_argument("--json", action="store_true", help="print JSON instead of a table")
         if kind != "workers":
             lister.add_argument(
