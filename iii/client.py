@@ -352,7 +352,8 @@ def _describe_close(reason: CloseReason | None) -> str:
     if reason is None:
         return "the connection closed"
     said = f" ({clean(reason.reason, 200)})" if reason.reason else ""
-    return f"the engine closed the connection: code {reason.code}{said}"
+    # Neutral: the code may be the engine's, or ours (1009: a frame too large).
+    return f"the connection closed: code {reason.code}{said}"
 
 
 @attrs.define(eq=False)
