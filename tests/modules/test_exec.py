@@ -1,0 +1,336 @@
+"""The exec module (``modules::shell::ExecModule``) in an engine in the test's nursery.
+
+Real processes (``sh -c``), a real file watcher, the engine log read through
+``caplog``.  Each test runs in its own directory (the pipelines' working
+directory is the engine's).  Waits are bounded with ``trio.fail_after``;
+nothing asserts on how long something took.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from iii.config import parse_config
+from iii.engine import Engine
+from iii.errors import ConfigError
+from iii.modules.exec import name_instances
+from iii.modules.exec.globs import WatchPatterns, check_pattern
+from iii.modules.exec.process import MAX_LINE_BYTES, LineBudget
+from iii.testing import make_config, open_test_engine
+from tests.support import ROOT
+
+EXEC = "modules::shell::ExecModule"
+
+
+def exec_entry(**config: Any) -> dict[str, Any]:
+    return {"class": EXEC, "config": config}
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return False
+    return text[text.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's own directory as the engine's working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def exec_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    caplog.set_level(logging.INFO, logger="iii.exec")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "iii.exec"]
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+    with trio.fail_after(timeout):
+        while not (value := predicate()):
+            await trio.sleep(0.02)
+    return value
+
+
+async def pipelines(engine: Engine) -> list[dict[str, Any]]:
+    result = await engine.invoke("engine::exec::list", {})
+    listed: list[dict[str, Any]] = result["pipelines"]
+    return listed
+
+
+async def pipeline(engine: Engine, index: int = 0) -> dict[str, Any]:
+    return (await pipelines(engine))[index]
+
+
+@asynccontextmanager
+async def exec_engine(*entries: dict[str, Any]) -> AsyncIterator[Engine]:
+    async with open_test_engine(make_config(list(entries))) as engine:
+        yield engine
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({}, "modules[0].config.exec: required key is missing"),
+        ({"exec": []}, "exec: must list at least one command"),
+        ({"exec": ["  "]}, "exec[0]: an empty command"),
+        ({"exec": "motia run"}, "expected a list of strings"),
+        ({"exec": ["a"], "watch": ["steps/**.py"]}, "write it as a whole segment"),
+        ({"exec": ["a"], "watch": ["/etc/*.conf"]}, "an absolute path"),
+        ({"exec": ["a"], "watch": ["../up/*.py"]}, "'..' segment"),
+        ({"exec": ["a"], "watch": ["steps/*.{ts,js"]}, "an unclosed '{'"),
+        ({"exec": ["a"], "watch": [""]}, "an empty pattern"),
+        ({"exec": ["a"], "wacth": ["x"]}, "unknown key: wacth"),
+        ({"exec": ["a"], "stop_grace_ms": True}, "expected an integer, got a boolean"),
+        ({"exec": ["a"], "restart_backoff_ms": 0}, "restart_backoff_ms: must be at least 1"),
+        (
+            {"exec": ["a"], "restart_backoff_ms": 500, "restart_backoff_max_ms": 100},
+            "restart_backoff_max_ms: must be at least restart_backoff_ms",
+        ),
+        ({"exec": ["a"], "name": "a b"}, "name: 'a b'"),
+    ],
+)
+def test_config_errors(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match="modules\\[0\\]") as error:
+        parse_config({"modules": [exec_entry(**config)]}, file="config.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("config.yaml: ")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"exec": []}, {"exec": ["a"], "watch": ["steps/**.py"]}, {"exec": ["a"], "bogus": 1}],
+)
+def test_check_config_exits_2(tmp_path: Path, config: dict[str, Any]) -> None:
+    import yaml
+
+    file = tmp_path / "config.yaml"
+    file.write_text(yaml.safe_dump({"modules": [exec_entry(**config)]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "iii", "check-config", str(file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "modules[0].config" in result.stderr
+
+
+def test_upstream_shapes_load() -> None:
+    """Upstream's playground block, and ``watch: null``."""
+    config = parse_config(
+        {
+            "modules": [
+                exec_entry(watch=["steps/**/*.py"], exec=["motia run --dir steps"]),
+                exec_entry(watch=None, exec=["npm run build", "node server.js"]),
+            ]
+        }
+    )
+    names = [entry.config.name for entry in config.modules if entry.class_name == EXEC]
+    assert names == ["motia", "node"]
+
+
+def test_listed_several_times_each_named_uniquely() -> None:
+    config = parse_config(
+        {
+            "modules": [
+                exec_entry(exec=["node a.js"]),
+                exec_entry(exec=["node b.js"]),
+                exec_entry(exec=["FOO=1 exec ./bin/node c.js"]),
+                exec_entry(exec=["python w.py"], name="node-5"),
+            ]
+        }
+    )
+    assert [e.config.name for e in config.modules if e.class_name == EXEC] == [
+        "node",
+        "node-2",
+        "node-3",
+        "node-5",
+    ]
+    with pytest.raises(ConfigError, match=r"modules\[1\]\.config\.name: two exec pipelines"):
+        parse_config({"modules": [exec_entry(exec=["a"], name="w"), exec_entry(exec=["b"], name="w")]})
+    # The rule stays for every other module.
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_config({"modules": [{"class": "modules::cron::CronModule"}] * 2})
+
+
+def test_name_instances_keeps_explicit_names_first() -> None:
+    configs = parse_config(
+        {"modules": [exec_entry(exec=["w"]), exec_entry(exec=["x"], name="w")]}
+    ).modules
+    named = name_instances([m.config for m in configs[:2]], file=None, keys=["a", "b"])
+    assert [c.name for c in named] == ["w-2", "w"]
+
+
+# -- globs -----------------------------------------------------------------------------------
+
+
+def test_watch_patterns_match_and_roots(tmp_path: Path) -> None:
+    (tmp_path / "steps" / "deep").mkdir(parents=True)
+    patterns = WatchPatterns(tmp_path, ("steps/**/*.py", "config/*.{json,yaml}", "main.py"))
+    assert patterns.matches(tmp_path / "steps" / "a.py")
+    assert patterns.matches("steps/deep/er/a.py")
+    assert not patterns.matches("steps/a.pyc")
+    assert not patterns.matches("steps/.a.py")  # an editor's hidden file
+    assert patterns.matches("config/x.yaml") and not patterns.matches("config/x.toml")
+    assert patterns.matches("main.py") and not patterns.matches("sub/main.py")
+    assert not patterns.matches("/elsewhere/steps/a.py")
+    roots = {root.path: root.recursive for root in patterns.roots()}
+    # config/ does not exist yet: its nearest existing ancestor, recursively.
+    assert roots == {tmp_path: True}
+    only_steps = WatchPatterns(tmp_path, ("steps/**/*.py", "steps/deep/*.py"))
+    assert [(r.path, r.recursive) for r in only_steps.roots()] == [(tmp_path / "steps", True)]
+    assert check_pattern("steps/**/*.py") is None
+    assert check_pattern(r"steps/\[x.py") is None
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def test_line_budget() -> None:
+    budget = LineBudget(rate=10.0, burst=3)
+    assert [budget.take(0.0) for _ in range(5)] == [True, True, True, False, False]
+    assert budget.dropped == 2
+    assert budget.take(0.1)  # one line's worth refilled
+    assert not budget.take(0.1)
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+async def test_build_steps_then_worker_in_the_working_directory(
+    project: Path, exec_log: Callable[[], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FROM_ENGINE", "kept")
+    monkeypatch.setenv("III_BRIDGE_URL", "ws://preset:1")
+    entry = exec_entry(
+        exec=[
+            "echo built > built.txt",
+            'cat built.txt; echo "url=$III_URL bridge=$III_BRIDGE_URL env=$FROM_ENGINE"; '
+            "echo $$ > worker.pid; exec sleep 600",
+        ],
+        name="app",
+    )
+    async with exec_engine(entry) as engine:
+        await wait_until(lambda: (project / "worker.pid").exists())
+        await wait_until(lambda: any("env=" in line for line in exec_log()))
+        lines = exec_log()
+        assert "[app] built" in lines
+        url = f"ws://127.0.0.1:{engine.listen_port}"
+        assert f"[app] url={url} bridge=ws://preset:1 env=kept" in lines
+        listed = await pipeline(engine)
+        worker_pid = pids_in(project / "worker.pid")[0]
+        assert listed["name"] == "app" and listed["state"] == "running"
+        assert listed["pid"] == worker_pid and alive(worker_pid)
+        assert listed["command"] == entry["config"]["exec"][1]
+        assert listed["exec"] == entry["config"]["exec"]
+        assert listed["restarts"] == 0 and listed["last_exit"] == 0  # the build step's
+        assert listed["seconds_since_start"] >= 0
+    assert not alive(worker_pid)
+
+
+async def test_a_failed_build_step_stops_the_pipeline(
+    project: Path, exec_log: Callable[[], list[str]]
+) -> None:
+    entry = exec_entry(
+        exec=["echo step1 >> ran; exit 3", "echo worker >> ran; exec sleep 600"],
+        name="b",
+        restart_backoff_ms=60_000,
+        restart_backoff_max_ms=60_000,
+    )
+    async with exec_engine(entry) as engine:
+        await wait_until(lambda: any("build step" in line for line in exec_log()))
+        listed = await pipeline(engine)
+        assert listed["state"] == "backoff" and listed["last_exit"] == 3
+        assert listed["last_exit_reason"] == "exited 3" and listed["pid"] is None
+    assert (project / "ran").read_text() == "step1\n"
+    assert "[b] build step 'echo step1 >> ran; exit 3' exited 3: the pipeline stops here" in exec_log()
+
+
+async def test_unexpected_exit_restarts_with_backoff_and_a_crash_loop_is_logged(
+    project: Path, exec_log: Callable[[], list[str]]
+) -> None:
+    entry = exec_entry(
+        exec=["echo run >> runs; exit 7"],
+        name="crashy",
+        restart_backoff_ms=20,
+        restart_backoff_max_ms=160,
+    )
+    async with exec_engine(entry) as engine:
+        await wait_until(lambda: len(pids_in_lines(project / "runs")) >= 7)
+        listed = await pipeline(engine)
+        assert listed["last_exit"] == 7 and listed["restarts"] >= 6
+    delays = [
+        float(line.rsplit(" ", 1)[1].rstrip("s"))
+        for line in exec_log()
+        if line.startswith("[crashy] exited 7; restarting in ")
+    ]
+    # Doubling from the first delay up to the cap, then staying there.
+    assert delays[:6] == [0.02, 0.04, 0.08, 0.16, 0.16, 0.16]
+    crash_loops = [line for line in exec_log() if "crash loop" in line]
+    assert len(crash_loops) == 1, crash_loops  # logged once, then it keeps backing off
+    assert crash_loops[0].startswith("[crashy] crash loop: 5 failures in 60s")
+
+
+def pids_in_lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+async def test_a_stable_run_starts_the_backoff_over(
+    project: Path, exec_log: Callable[[], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iii.modules.exec import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "STABLE_AFTER", 0.3)
+    # Quick failures twice, then a run that lasts, then quick again.
+    script = (
+        "n=$(cat n 2>/dev/null || echo 0); n=$((n+1)); echo $n > n; "
+        'if [ "$n" -eq 3 ]; then sleep 0.6; fi; exit 1'
+    )
+    entry = exec_entry(exec=[script], name="s", restart_backoff_ms=10, restart_backoff_max_ms=10_000)
+    async with exec_engine(entry):
+        await wait_until(lambda: (project / "n").exists() and int((project / "n").read_text()) >= 5)
+    delays = [line.rsplit(" ", 1)[1] for line in exec_log() if "restarting in" in line]
+    assert delays[:4] == ["0.01s", "0.02s", "0.01s", "0.02s"]
+
+
+async def test_a_killed_worker_comes_back(project: Path, exec_log: Callable[[], list[str]]) -> None:
+    entry = exec_entry(exec=["echo $$ >> pids; exec sleep 600"], name="k", restart_backoff_ms=10)
+    async with exec_engine(entry) as engine:
+        first = (await wait_until(lambda: pids_in(project / "pids")))[0]
+        os.kill(first, signal.SIGKILL)
+        pids = await wait_until(lambda: len(pids_in(project / "pids")) == 2 and pids_in(project / "pids"))
+        second = pids[1]
+        listed = await pipeline(engine)
+        with trio.fail_after(10):
+            while listed["pid"] != second:
+                await trio.sleep(0.02)
+                listed = await pipeline(engine)
+        assert listed["state"] == "running" and listed["restarts"] == 1
+        assert listed["last_exit"] == -signal.SIGKILL
+        assert listed["last_exit_reason"] == "killed by SIGKILL"
+        assert alive(second) and not alive(first)
+    assert not alive(second)
