@@ -334,3 +334,173 @@ async def test_a_killed_worker_comes_back(project: Path, exec_log: Callable[[], 
         assert listed["last_exit_reason"] == "killed by SIGKILL"
         assert alive(second) and not alive(first)
     assert not alive(second)
+
+
+# A worker that ignores SIGTERM and leaves processes behind in every way a
+# program can: a child in its group that ignores SIGTERM too, a grandchild
+# that left the group (setsid) and a child of that one; each writes its pid.
+STUBBORN = (
+    "trap '' TERM; echo $$ >> pids; "
+    "(trap '' TERM; echo $(exec sh -c 'echo $PPID') >> pids; exec sleep 600) & "
+    "setsid sh -c 'trap \"\" TERM; echo $$ >> pids; sleep 600 & echo $! >> pids; wait' & "
+    "while :; do sleep 1; done"
+)
+
+
+async def test_stop_leaves_no_process_even_those_ignoring_sigterm(
+    project: Path, exec_log: Callable[[], list[str]]
+) -> None:
+    entry = exec_entry(exec=[STUBBORN], name="stubborn", stop_grace_ms=200)
+    async with exec_engine(entry):
+        pids = await wait_until(lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids"))
+        assert all(alive(pid) for pid in pids)
+        # The setsid'd one really left the worker's process group.
+        assert len({os.getpgid(pid) for pid in pids}) == 2
+    assert [pid for pid in pids if alive(pid)] == []
+    assert any("still running 0.2s after SIGTERM: SIGKILL" in line for line in exec_log())
+
+
+async def test_a_restart_stops_the_whole_tree_first(project: Path) -> None:
+    (project / "src").mkdir()
+    entry = exec_entry(exec=[STUBBORN], name="stubborn", stop_grace_ms=200, watch=["src/*.py"])
+    async with exec_engine(entry) as engine:
+        first = await wait_until(lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids"))
+        await wait_for_watcher(engine)
+        (project / "pids").unlink()
+        (project / "src" / "a.py").write_text("x = 1\n")
+        await wait_until(lambda: len(pids_in(project / "pids")) >= 4)
+        assert [pid for pid in first if alive(pid)] == []
+        assert (await pipeline(engine))["restarts"] == 1
+
+
+async def wait_for_watcher(engine: Engine) -> None:
+    """The watcher of the first exec module has its roots registered."""
+    from iii.modules.exec import Module
+
+    module = next(m for m in engine.modules.values() if isinstance(m, Module))
+    await wait_until(lambda: module.watching)
+
+
+# -- watching --------------------------------------------------------------------------------
+
+
+async def test_a_matching_change_restarts_others_do_not(project: Path) -> None:
+    (project / "steps" / "nested").mkdir(parents=True)
+    entry = exec_entry(
+        exec=["echo $$ >> pids; exec sleep 600"], name="w", watch=["steps/**/*.py"]
+    )
+    async with exec_engine(entry) as engine:
+        await wait_until(lambda: pids_in(project / "pids"))
+        await wait_for_watcher(engine)
+        # Not matching: another extension, a hidden file, outside the root.
+        (project / "steps" / "notes.txt").write_text("x")
+        (project / "steps" / ".hidden.py").write_text("x")
+        (project / "other.py").write_text("x")
+        # Matching: a create deep down, then a change, a rename and a delete.
+        for action in (
+            lambda: (project / "steps" / "nested" / "a.py").write_text("a = 1\n"),
+            lambda: (project / "steps" / "nested" / "a.py").write_text("a = 2\n"),
+            lambda: (project / "steps" / "nested" / "a.py").rename(project / "steps" / "b.py"),
+            lambda: (project / "steps" / "b.py").unlink(),
+        ):
+            count = len(pids_in(project / "pids"))
+            action()
+            await wait_until(lambda: len(pids_in(project / "pids")) == count + 1)
+        listed = await pipeline(engine)
+        assert listed["restarts"] == 4 and listed["state"] == "running"
+        assert listed["pid"] == pids_in(project / "pids")[-1]
+
+
+async def test_a_save_burst_is_one_restart_and_a_storm_is_bounded(project: Path) -> None:
+    (project / "src").mkdir()
+    entry = exec_entry(exec=["echo $$ >> pids; exec sleep 600"], name="w", watch=["src/*.py"])
+    async with exec_engine(entry) as engine:
+        await wait_until(lambda: pids_in(project / "pids"))
+        await wait_for_watcher(engine)
+        # An editor's save: a temporary file, a write, a rename over the original.
+        for name in ("a.py", "b.py", "c.py"):
+            (project / "src" / f".{name}.tmp").write_text("x")
+            (project / "src" / f".{name}.tmp").rename(project / "src" / name)
+        await wait_until(lambda: len(pids_in(project / "pids")) == 2)
+        # A storm: 400 writes to 40 files over about two seconds.
+        for round_ in range(10):
+            for index in range(40):
+                (project / "src" / f"f{index}.py").write_text(f"{round_}\n")
+            await trio.sleep(0.2)
+        # It settles into one running worker, after a few restarts, not hundreds.
+        with trio.fail_after(30):
+            while True:
+                listed = await pipeline(engine)
+                if listed["state"] == "running" and listed["pid"] == pids_in(project / "pids")[-1]:
+                    await trio.sleep(1)  # any restart still pending shows by now
+                    if (await pipeline(engine))["pid"] == listed["pid"]:
+                        break
+                await trio.sleep(0.05)
+        restarts = (await pipeline(engine))["restarts"]
+        assert 2 <= restarts <= 12, restarts
+        running = [pid for pid in pids_in(project / "pids") if alive(pid)]
+        assert running == [listed["pid"]]
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+async def test_output_lines_are_prefixed_escaped_and_bounded(
+    project: Path, exec_log: Callable[[], list[str]]
+) -> None:
+    script = (
+        "printf 'plain\\n'; printf 'esc \\033[31mred\\033[0m\\n'; printf 'err line\\n' >&2; "
+        "head -c 100000 /dev/zero | tr '\\0' x; printf '\\nafter long\\n'; "
+        "printf '%s\\n' \"$(head -c 4006 /dev/zero | tr '\\0' y)\"; "
+        "printf 'no end at exit'"
+    )
+    entry = exec_entry(exec=[script, "exec sleep 600"], name="out")
+    async with exec_engine(entry):
+        await wait_until(lambda: "[out] no end at exit" in exec_log())
+    lines = exec_log()
+    assert "[out] plain" in lines
+    assert "[out] esc \\x1b[31mred\\x1b[0m" in lines
+    assert "[out:stderr] err line" in lines
+    long = [line for line in lines if line.startswith("[out] xxx")]
+    # Cut at MAX_LINE_BYTES: the head is logged as soon as it is read.
+    assert len(long) == 1 and len(long[0]) < MAX_LINE_BYTES + 100
+    assert long[0].endswith("x… (line cut)")
+    # A whole line over the bound: cut, saying by how much.
+    assert [line[-20:] for line in lines if line.startswith("[out] yyy")] == ["yyyy… (6 more chars)"]
+    assert lines.index(long[0]) < lines.index("[out] after long")
+
+
+async def test_a_flood_is_dropped_and_counted_while_the_engine_serves(
+    project: Path, exec_log: Callable[[], list[str]]
+) -> None:
+    flood = exec_entry(exec=["exec yes flood"], name="lines")
+    no_newline = exec_entry(exec=["cat /dev/zero"], name="zeros")
+    async with exec_engine(flood, no_newline) as engine:
+        await wait_until(lambda: any("lines of output dropped" in line for line in exec_log()))
+        # The engine keeps answering while both children write as fast as they can.
+        for _ in range(20):
+            with trio.fail_after(10):
+                listed = await pipelines(engine)
+            assert [p["state"] for p in listed] == ["running", "running"]
+            await trio.sleep(0.05)
+        logged = len([line for line in exec_log() if line.startswith("[lines] flood")])
+        # The burst, then about LINES_PER_SECOND: far from what `yes` wrote.
+        assert logged < 5000
+    cut = [line for line in exec_log() if line.startswith("[zeros] \\x00")]
+    # One over-long line is logged as its head, once; the rest of it is skipped.
+    assert len(cut) == 1 and cut[0].endswith("… (line cut)"), [c[:60] + c[-60:] for c in cut]
+
+
+async def test_several_pipelines_run_side_by_side(project: Path) -> None:
+    async with exec_engine(
+        exec_entry(exec=["echo a >> ran; exec sleep 600"]),
+        exec_entry(exec=["echo b >> ran; exec sleep 600"], name="second"),
+        exec_entry(exec=["echo c >> ran; exec sleep 600"]),
+    ) as engine:
+        await wait_until(lambda: (project / "ran").exists() and len((project / "ran").read_text().split()) == 3)
+        listed = await pipelines(engine)
+        assert [p["name"] for p in listed] == ["echo", "second", "echo-2"]
+        assert sorted(engine.modules) == sorted(
+            ["exec:echo", "exec:second", "exec:echo-2", "worker", "telemetry"]
+        )
+        assert all(p["state"] == "running" and alive(p["pid"]) for p in listed)

@@ -79,6 +79,7 @@ log = logging.getLogger("iii.exec")
 LIST_FUNCTION = "engine::exec::list"
 WATCH_QUIET_MS = 200
 WATCH_MAX_GROUP_MS = 2000
+WATCH_TICK_MS = 1000
 # A watcher that failed (a root removed, the inotify watch limit) tries again.
 WATCH_RETRY = 5.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -192,6 +193,8 @@ class Module:
             cwd=self.cwd,
         )
         self.patterns = WatchPatterns(self.cwd, config.watch) if config.watch else None
+        # Set while the file watcher has its roots registered.
+        self.watching = False
 
     def _environment(self) -> dict[str, str]:
         environment = dict(os.environ)
@@ -249,29 +252,39 @@ class Module:
 
         # awatch waits in a thread (watchfiles' anyio API), which polls the
         # stop event: a cancellation reaches it through this task, which sets
-        # the event on its way out.
+        # the event on its way out.  The thread also comes back every
+        # WATCH_TICK_MS with no change: the first time says the watch is set up.
         stop = trio.Event()
-        async with trio.open_nursery() as watch_nursery:
-            watch_nursery.start_soon(_set_on_cancel, stop)
-            log.info(
-                "[%s] watching %s under %s",
-                self.pipeline.name,
-                list(patterns.patterns),
-                [str(root.path) for root in roots],
-            )
-            async for changes in awatch(
-                *(root.path for root in roots),
-                watch_filter=wanted,
-                recursive=any(root.recursive for root in roots),
-                debounce=WATCH_MAX_GROUP_MS,
-                step=WATCH_QUIET_MS,
-                stop_event=stop,
-            ):
-                paths = sorted(_relative(path, self.cwd) for _, path in changes)
-                shown = ", ".join(repr(path) for path in paths[:3])
-                more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
-                self.pipeline.request_restart(f"changed: {shown}{more}")
-            watch_nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as watch_nursery:
+                watch_nursery.start_soon(_set_on_cancel, stop)
+                async for changes in awatch(
+                    *(root.path for root in roots),
+                    watch_filter=wanted,
+                    recursive=any(root.recursive for root in roots),
+                    debounce=WATCH_MAX_GROUP_MS,
+                    step=WATCH_QUIET_MS,
+                    stop_event=stop,
+                    rust_timeout=WATCH_TICK_MS,
+                    yield_on_timeout=True,
+                ):
+                    if not self.watching:
+                        self.watching = True
+                        log.info(
+                            "[%s] watching %s under %s",
+                            self.pipeline.name,
+                            list(patterns.patterns),
+                            [str(root.path) for root in roots],
+                        )
+                    if not changes:
+                        continue
+                    paths = sorted(_relative(path, self.cwd) for _, path in changes)
+                    shown = ", ".join(repr(path) for path in paths[:3])
+                    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+                    self.pipeline.request_restart(f"changed: {shown}{more}")
+                watch_nursery.cancel_scope.cancel()
+        finally:
+            self.watching = False
 
 
 def _relative(path: str, base: Path) -> str:

@@ -49,7 +49,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from iii.log import clean
+from iii.log import escape, truncate
 
 __all__ = [
     "run_command",
@@ -195,13 +195,21 @@ async def stop_tree(process: trio.Process, token: str, grace: float, *, name: st
 
 @attrs.define
 class LineBudget:
-    """Lines one pipeline may log: a token bucket, with a count of those dropped."""
+    """Lines one pipeline may log: a token bucket, with a count of those dropped.
+
+    Drops are reported at most once per ``report_interval`` (and when the
+    output ends), not once per line let through.
+    """
 
     rate: float = LINES_PER_SECOND
     burst: int = LINE_BURST
-    tokens: float = attrs.field(default=attrs.Factory(lambda self: float(self.burst), takes_self=True))
+    report_interval: float = 1.0
+    tokens: float = attrs.field(
+        default=attrs.Factory(lambda self: float(self.burst), takes_self=True)
+    )
     dropped: int = 0
     _last: float = -math.inf
+    _last_report: float = -math.inf
 
     def take(self, now: float) -> bool:
         if self._last != -math.inf:
@@ -213,21 +221,27 @@ class LineBudget:
         self.dropped += 1
         return False
 
+    def report(self, prefix: str, now: float, *, final: bool = False) -> None:
+        """Log the count of dropped lines, if any and if one is due."""
+        if not self.dropped or (not final and now - self._last_report < self.report_interval):
+            return
+        dropped, self.dropped, self._last_report = self.dropped, 0, now
+        log.warning("%s %d lines of output dropped (more than %g lines/s)", prefix, dropped, self.rate)
 
-def _emit(prefix: str, line: bytes, budget: LineBudget, *, cut: int = 0, unended: bool = False) -> None:
-    if not budget.take(trio.current_time()):
+
+def _emit(prefix: str, line: bytes, budget: LineBudget, *, cut: int = 0, ended: bool = True) -> None:
+    now = trio.current_time()
+    budget.report(prefix, now)
+    if not budget.take(now):
         return
-    if budget.dropped:
-        _report_dropped(prefix, budget)
     # The line is the project's own program's output: escaped (one record per
     # line, no terminal control) and bounded here, so it is logged as is.
-    text = clean(line.decode("utf-8", errors="replace"), MAX_LINE_BYTES, already_cut=cut)
-    log.info("%s %s%s", prefix, text, " … (line cut)" if unended else "")
-
-
-def _report_dropped(prefix: str, budget: LineBudget) -> None:
-    dropped, budget.dropped = budget.dropped, 0
-    log.warning("%s %d lines of output dropped (more than %g lines/s)", prefix, dropped, budget.rate)
+    text = escape(line.decode("utf-8", errors="replace"))
+    if not ended:
+        text = text[:MAX_LINE_BYTES] + "… (line cut)"
+    elif cut or len(text) > MAX_LINE_BYTES:
+        text = truncate(text, MAX_LINE_BYTES, already_cut=cut)
+    log.info("%s %s", prefix, text)
 
 
 async def pump_output(stream: trio.abc.ReceiveStream, prefix: str, budget: LineBudget) -> None:
@@ -255,12 +269,11 @@ async def pump_output(stream: trio.abc.ReceiveStream, prefix: str, budget: LineB
                 _emit(prefix, pending[:MAX_LINE_BYTES], budget, cut=cut)
                 pending = b""
             elif len(pending) > MAX_LINE_BYTES:
-                _emit(prefix, pending[:MAX_LINE_BYTES], budget, unended=True)
+                _emit(prefix, pending[:MAX_LINE_BYTES], budget, ended=False)
                 pending, skipping = b"", True
     if pending:
         _emit(prefix, pending, budget)
-    if budget.dropped:
-        _report_dropped(prefix, budget)
+    budget.report(prefix, trio.current_time(), final=True)
 
 
 # -- one command ---------------------------------------------------------------------------
