@@ -306,13 +306,10 @@ async def test_a_stable_run_starts_the_backoff_over(
 
     monkeypatch.setattr(pipeline_module, "STABLE_AFTER", 0.3)
     # Quick failures twice, then a run that lasts, then quick again.
-    script = (
-        "n=$(cat n 2>/dev/null || echo 0); n=$((n+1)); echo $n > n; "
-        'if [ "$n" -eq 3 ]; then sleep 0.6; fi; exit 1'
-    )
+    script = 'echo run >> runs; if [ "$(wc -l < runs)" -eq 3 ]; then sleep 0.6; fi; exit 1'
     entry = exec_entry(exec=[script], name="s", restart_backoff_ms=10, restart_backoff_max_ms=10_000)
     async with exec_engine(entry):
-        await wait_until(lambda: (project / "n").exists() and int((project / "n").read_text()) >= 5)
+        await wait_until(lambda: len(pids_in_lines(project / "runs")) >= 5)
     delays = [line.rsplit(" ", 1)[1] for line in exec_log() if "restarting in" in line]
     assert delays[:4] == ["0.01s", "0.02s", "0.01s", "0.02s"]
 
@@ -406,9 +403,11 @@ async def test_a_matching_change_restarts_others_do_not(project: Path) -> None:
             count = len(pids_in(project / "pids"))
             action()
             await wait_until(lambda: len(pids_in(project / "pids")) == count + 1)
-        listed = await pipeline(engine)
+        last = pids_in(project / "pids")[-1]
+        with trio.fail_after(10):  # the child may write its pid before the engine notes it
+            while (listed := await pipeline(engine))["pid"] != last:
+                await trio.sleep(0.02)
         assert listed["restarts"] == 4 and listed["state"] == "running"
-        assert listed["pid"] == pids_in(project / "pids")[-1]
 
 
 async def test_a_save_burst_is_one_restart_and_a_storm_is_bounded(project: Path) -> None:
@@ -477,6 +476,9 @@ async def test_a_flood_is_dropped_and_counted_while_the_engine_serves(
     no_newline = exec_entry(exec=["cat /dev/zero"], name="zeros")
     async with exec_engine(flood, no_newline) as engine:
         await wait_until(lambda: any("lines of output dropped" in line for line in exec_log()))
+        with trio.fail_after(10):
+            while [p["state"] for p in await pipelines(engine)] != ["running", "running"]:
+                await trio.sleep(0.02)
         # The engine keeps answering while both children write as fast as they can.
         for _ in range(20):
             with trio.fail_after(10):
@@ -498,7 +500,11 @@ async def test_several_pipelines_run_side_by_side(project: Path) -> None:
         exec_entry(exec=["echo c >> ran; exec sleep 600"]),
     ) as engine:
         await wait_until(lambda: (project / "ran").exists() and len((project / "ran").read_text().split()) == 3)
-        listed = await pipelines(engine)
+        with trio.fail_after(10):  # a child may run before the engine notes its pid
+            listed = await pipelines(engine)
+            while not all(p["pid"] for p in listed):
+                await trio.sleep(0.02)
+                listed = await pipelines(engine)
         assert [p["name"] for p in listed] == ["echo", "second", "echo-2"]
         assert sorted(engine.modules) == sorted(
             ["exec:echo", "exec:second", "exec:echo-2", "worker", "telemetry"]

@@ -40,7 +40,7 @@ another pipeline has it (:func:`name_instances`).
 
 Function ``engine::exec::list`` (input ignored) answers ``{"pipelines": [...]}``
 with, for each pipeline: ``name``, ``exec``, ``command`` (the one running or
-last run), ``pid``, ``state`` (``waiting``, ``building``, ``running``,
+last run), ``pid``, ``state`` (``waiting``, ``starting``, ``building``, ``running``,
 ``restarting``, ``backoff``, ``crash-loop``, ``stopped``), ``restarts``,
 ``last_exit`` (an exit status, ``-N`` for signal N) with
 ``last_exit_reason``, and ``seconds_since_start`` of the current process.

@@ -36,6 +36,7 @@ import signal
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ class Pipeline:
         commands = self.settings.commands
         for index, command in enumerate(commands):
             last = index == len(commands) - 1
-            self.state = "running" if last else "building"
+            self.state = "starting"
             self.command = command
             log.info("[%s] starting: %s", self.name, command)
             try:
@@ -210,7 +211,7 @@ class Pipeline:
                     grace=self.settings.stop_grace,
                     cwd=self.cwd,
                     budget=self.budget,
-                    on_start=self._started,
+                    on_start=partial(self._started, "running" if last else "building"),
                 )
             except OSError as exc:
                 log.error("[%s] cannot start %r: %s", self.name, command, exc)
@@ -230,6 +231,7 @@ class Pipeline:
                 return status
         raise AssertionError("a pipeline has at least one command")
 
-    def _started(self, pid: int) -> None:
+    def _started(self, state: str, pid: int) -> None:
+        self.state = state
         self.pid = pid
         self.started_at = trio.current_time()
