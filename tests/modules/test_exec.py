@@ -510,3 +510,15 @@ async def test_several_pipelines_run_side_by_side(project: Path) -> None:
             ["exec:echo", "exec:second", "exec:echo-2", "worker", "telemetry"]
         )
         assert all(p["state"] == "running" and alive(p["pid"]) for p in listed)
+
+
+def test_the_engines_own_source_is_not_on_the_workers_python_path() -> None:
+    """The Python SDK's package is named ``iii`` too: the engine's must not shadow it."""
+    from iii.modules.exec import worker_environment
+
+    environment = worker_environment(
+        {"PYTHONPATH": f"{ROOT}{os.pathsep}/opt/lib{os.pathsep}{ROOT}/", "KEEP": "1"}
+    )
+    assert environment == {"PYTHONPATH": "/opt/lib", "KEEP": "1"}
+    assert worker_environment({"PYTHONPATH": str(ROOT)}) == {}
+    assert worker_environment({"PYTHONPATH": "/opt/lib"}) == {"PYTHONPATH": "/opt/lib"}

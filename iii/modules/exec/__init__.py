@@ -28,7 +28,9 @@ Config (unknown keys are an error, as upstream)::
 * The child environment is the engine's, plus ``III_URL`` and
   ``III_BRIDGE_URL`` (the engine's worker URL, which both SDK generations
   read) and ``PYTHONUNBUFFERED=1`` (so Python workers' lines reach the log as
-  they are printed), each only when not already set.
+  they are printed), each only when not already set; a ``PYTHONPATH`` entry
+  holding the engine's own ``iii`` package is left out
+  (:func:`worker_environment`).
 * Each output line goes to the engine log (logger ``iii.exec``) as
   ``[name] line`` (``[name:stderr]`` for stderr), bounded (:mod:`.process`).
 
@@ -58,6 +60,7 @@ import os
 import re
 import shlex
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -72,7 +75,7 @@ from iii.native import CallContext
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "name_instances", "engine_url", "LIST_FUNCTION"]
+__all__ = ["Config", "Module", "name_instances", "engine_url", "worker_environment", "LIST_FUNCTION"]
 
 log = logging.getLogger("iii.exec")
 
@@ -163,6 +166,36 @@ def name_instances(configs: list[Config], *, file: str | None, keys: list[str]) 
     return named
 
 
+# The directory the engine's own ``iii`` package was imported from.
+_ENGINE_PATH = Path(__file__).resolve().parents[3]
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The engine's environment for a worker, without the engine's own source on PYTHONPATH.
+
+    The official Python SDK's package is also named ``iii``: an engine run from
+    a source checkout (``PYTHONPATH=/src/iii python -m iii serve``) would
+    otherwise hand its own package to Python workers in place of the SDK's.
+    Every other entry, and every other variable, is kept.
+    """
+    environment = dict(environ)
+    path = environment.get("PYTHONPATH")
+    if path:
+        kept = [entry for entry in path.split(os.pathsep) if not _is_engine_path(entry)]
+        if kept:
+            environment["PYTHONPATH"] = os.pathsep.join(kept)
+        else:
+            del environment["PYTHONPATH"]
+    return environment
+
+
+def _is_engine_path(entry: str) -> bool:
+    try:
+        return bool(entry) and Path(entry).resolve() == _ENGINE_PATH
+    except OSError:
+        return False
+
+
 def engine_url(engine: Engine) -> str:
     """The URL a worker on this host reaches the engine's worker port with."""
     host = engine.config.host
@@ -197,7 +230,7 @@ class Module:
         self.watching = False
 
     def _environment(self) -> dict[str, str]:
-        environment = dict(os.environ)
+        environment = worker_environment(os.environ)
         url = engine_url(self.engine)
         environment.setdefault("III_URL", url)
         environment.setdefault("III_BRIDGE_URL", url)
