@@ -522,3 +522,24 @@ def test_the_engines_own_source_is_not_on_the_workers_python_path() -> None:
     assert environment == {"PYTHONPATH": "/opt/lib", "KEEP": "1"}
     assert worker_environment({"PYTHONPATH": str(ROOT)}) == {}
     assert worker_environment({"PYTHONPATH": "/opt/lib"}) == {"PYTHONPATH": "/opt/lib"}
+
+
+async def test_lines_dropped_in_bulk_are_counted_like_lines_fed_one_by_one(
+    exec_log: Callable[[], list[str]],
+) -> None:
+    from iii.modules.exec.process import _Lines
+
+    data = [b"a\nbb\n", b"cc", b"c" * 5000, b"\nd\n", b"e" * 5000, b"f\ng"]
+    fed = _Lines("[fed]", LineBudget(rate=0.0, burst=0))
+    dropped = _Lines("[dropped]", LineBudget(rate=0.0, burst=0))
+    for chunk in data:
+        fed.feed(chunk)
+        dropped.drop(chunk)
+
+    def counted(lines: _Lines) -> int:
+        reports = [line.split()[1] for line in exec_log() if line.startswith(lines.prefix)]
+        return lines.budget.dropped + sum(int(count) for count in reports)
+
+    # a, bb, the head of the c line, d, the head of the e line; "g" is pending.
+    assert (counted(fed), fed.pending, fed.skipping) == (5, b"g", False)
+    assert (counted(dropped), dropped.pending, dropped.skipping) == (5, b"g", False)

@@ -211,10 +211,18 @@ class LineBudget:
     _last: float = -math.inf
     _last_report: float = -math.inf
 
-    def take(self, now: float) -> bool:
+    def exhausted(self, now: float) -> bool:
+        """No line may be logged now (a flood: its lines are counted in bulk)."""
+        self._refill(now)
+        return self.tokens < 1
+
+    def _refill(self, now: float) -> None:
         if self._last != -math.inf:
             self.tokens = min(float(self.burst), self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
             return True
@@ -244,10 +252,54 @@ def _emit(prefix: str, line: bytes, budget: LineBudget, *, cut: int = 0, ended: 
     log.info("%s %s", prefix, text)
 
 
+@attrs.define
+class _Lines:
+    """Splits a byte stream into bounded lines (see :func:`pump_output`)."""
+
+    prefix: str
+    budget: LineBudget
+    pending: bytes = b""
+    skipping: bool = False  # in the rest of an over-long line, whose head was logged
+
+    def feed(self, chunk: bytes) -> None:
+        pieces = chunk.split(b"\n")
+        for index, piece in enumerate(pieces):
+            ended = index < len(pieces) - 1
+            if self.skipping:
+                self.skipping = not ended
+                continue
+            self.pending += piece
+            if ended:
+                cut = max(0, len(self.pending) - MAX_LINE_BYTES)
+                _emit(self.prefix, self.pending[:MAX_LINE_BYTES], self.budget, cut=cut)
+                self.pending = b""
+            elif len(self.pending) > MAX_LINE_BYTES:
+                _emit(self.prefix, self.pending[:MAX_LINE_BYTES], self.budget, ended=False)
+                self.pending, self.skipping = b"", True
+
+    def drop(self, chunk: bytes) -> None:
+        """Like :meth:`feed` when no line may be logged: count, without splitting."""
+        ends = chunk.count(b"\n")
+        if not ends:
+            if not self.skipping:
+                self.pending += chunk
+                if len(self.pending) > MAX_LINE_BYTES:
+                    self.budget.dropped += 1
+                    self.pending, self.skipping = b"", True
+            return
+        self.budget.dropped += ends - (1 if self.skipping else 0)
+        self.pending, self.skipping = b"", False
+        self.drop(chunk[chunk.rfind(b"\n") + 1 :])
+
+    def close(self) -> None:
+        if self.pending:
+            _emit(self.prefix, self.pending, self.budget)
+        self.budget.report(self.prefix, trio.current_time(), final=True)
+
+
 async def pump_output(stream: trio.abc.ReceiveStream, prefix: str, budget: LineBudget) -> None:
     """Log ``stream`` line by line until its end; see the module docstring for the bounds."""
-    pending = b""
-    skipping = False  # in the rest of an over-long line, whose head was logged
+    lines = _Lines(prefix, budget)
     window_start = trio.current_time()
     window_bytes = 0
     while chunk := await stream.receive_some(READ_SIZE):
@@ -257,23 +309,12 @@ async def pump_output(stream: trio.abc.ReceiveStream, prefix: str, budget: LineB
         window_bytes += len(chunk)
         if window_bytes > BYTES_PER_SECOND:
             await trio.sleep_until(window_start + 1.0)  # the child's pipe fills; it waits
-        pieces = bytes(chunk).split(b"\n")
-        for index, piece in enumerate(pieces):
-            ended = index < len(pieces) - 1
-            if skipping:
-                skipping = not ended
-                continue
-            pending += piece
-            if ended:
-                cut = max(0, len(pending) - MAX_LINE_BYTES)
-                _emit(prefix, pending[:MAX_LINE_BYTES], budget, cut=cut)
-                pending = b""
-            elif len(pending) > MAX_LINE_BYTES:
-                _emit(prefix, pending[:MAX_LINE_BYTES], budget, ended=False)
-                pending, skipping = b"", True
-    if pending:
-        _emit(prefix, pending, budget)
-    budget.report(prefix, trio.current_time(), final=True)
+        if budget.exhausted(trio.current_time()):
+            lines.drop(bytes(chunk))
+            budget.report(prefix, trio.current_time())
+        else:
+            lines.feed(bytes(chunk))
+    lines.close()
 
 
 # -- one command ---------------------------------------------------------------------------
