@@ -62,7 +62,9 @@ async def serves(engine: EngineProcess, times: int = 5) -> None:
 
 
 def start(directory: Path, *entries: dict[str, Any]) -> EngineProcess:
-    engine = EngineProcess.write(directory, {"modules": [{"class": EXEC, "config": e} for e in entries]})
+    engine = EngineProcess.write(
+        directory, {"modules": [{"class": EXEC, "config": e} for e in entries]}
+    )
     engine.start()
     return engine
 
@@ -159,7 +161,10 @@ async def test_a_storm_of_file_changes(directory: Path) -> None:
         with trio.fail_after(60):
             while True:
                 listed = (await pipelines(engine))[0]
-                if listed["state"] == "running" and listed["pid"] == pids_in(directory / "pids")[-1]:
+                if (
+                    listed["state"] == "running"
+                    and listed["pid"] == pids_in(directory / "pids")[-1]
+                ):
                     await trio.sleep(3)  # a restart still due shows by now
                     if (await pipelines(engine))[0]["pid"] == listed["pid"]:
                         break

@@ -220,7 +220,8 @@ async def test_the_stop_path_leaves_no_worker_process(
                     pass
                 while len(pids) < 3:
                     await trio.sleep(0.05)
-                    pids = [int(w) for w in pids_file.read_text().split()] if pids_file.exists() else []
+                    if pids_file.exists():
+                        pids = [int(word) for word in pids_file.read_text().split()]
             assert all(_alive(pid) for pid in pids)
             assert engine.process is not None
             engine.process.terminate()

@@ -77,7 +77,9 @@ _SPECS = [
     ModuleSpec("modules::kv_server::KvServer", "kv_server", "iii.modules.kv_server", default=True),
     ModuleSpec("modules::observability::OtelModule", "observability", "iii.modules.observability"),
     ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", "iii.modules.http_functions"),
-    ModuleSpec("modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True),
+    ModuleSpec(
+        "modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True
+    ),
     ModuleSpec("modules::bridge_client::BridgeClientModule", "bridge_client", None),
 ]
 

@@ -171,7 +171,9 @@ def test_listed_several_times_each_named_uniquely() -> None:
         "node-5",
     ]
     with pytest.raises(ConfigError, match=r"modules\[1\]\.config\.name: two exec pipelines"):
-        parse_config({"modules": [exec_entry(exec=["a"], name="w"), exec_entry(exec=["b"], name="w")]})
+        parse_config(
+            {"modules": [exec_entry(exec=["a"], name="w"), exec_entry(exec=["b"], name="w")]}
+        )
     # The rule stays for every other module.
     with pytest.raises(ConfigError, match="listed twice"):
         parse_config({"modules": [{"class": "modules::cron::CronModule"}] * 2})
@@ -267,7 +269,9 @@ async def test_a_failed_build_step_stops_the_pipeline(
         assert listed["state"] == "backoff" and listed["last_exit"] == 3
         assert listed["last_exit_reason"] == "exited 3" and listed["pid"] is None
     assert (project / "ran").read_text() == "step1\n"
-    assert "[b] build step 'echo step1 >> ran; exit 3' exited 3: the pipeline stops here" in exec_log()
+    assert (
+        "[b] build step 'echo step1 >> ran; exit 3' exited 3: the pipeline stops here" in exec_log()
+    )
 
 
 async def test_unexpected_exit_restarts_with_backoff_and_a_crash_loop_is_logged(
@@ -307,7 +311,9 @@ async def test_a_stable_run_starts_the_backoff_over(
     monkeypatch.setattr(pipeline_module, "STABLE_AFTER", 0.3)
     # Quick failures twice, then a run that lasts, then quick again.
     script = 'echo run >> runs; if [ "$(wc -l < runs)" -eq 3 ]; then sleep 0.6; fi; exit 1'
-    entry = exec_entry(exec=[script], name="s", restart_backoff_ms=10, restart_backoff_max_ms=10_000)
+    entry = exec_entry(
+        exec=[script], name="s", restart_backoff_ms=10, restart_backoff_max_ms=10_000
+    )
     async with exec_engine(entry):
         await wait_until(lambda: len(pids_in_lines(project / "runs")) >= 5)
     delays = [line.rsplit(" ", 1)[1] for line in exec_log() if "restarting in" in line]
@@ -319,7 +325,9 @@ async def test_a_killed_worker_comes_back(project: Path, exec_log: Callable[[], 
     async with exec_engine(entry) as engine:
         first = (await wait_until(lambda: pids_in(project / "pids")))[0]
         os.kill(first, signal.SIGKILL)
-        pids = await wait_until(lambda: len(pids_in(project / "pids")) == 2 and pids_in(project / "pids"))
+        pids = await wait_until(
+            lambda: len(pids_in(project / "pids")) == 2 and pids_in(project / "pids")
+        )
         second = pids[1]
         listed = await pipeline(engine)
         with trio.fail_after(10):
@@ -349,7 +357,9 @@ async def test_stop_leaves_no_process_even_those_ignoring_sigterm(
 ) -> None:
     entry = exec_entry(exec=[STUBBORN], name="stubborn", stop_grace_ms=200)
     async with exec_engine(entry):
-        pids = await wait_until(lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids"))
+        pids = await wait_until(
+            lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids")
+        )
         assert all(alive(pid) for pid in pids)
         # The setsid'd one really left the worker's process group.
         assert len({os.getpgid(pid) for pid in pids}) == 2
@@ -361,7 +371,9 @@ async def test_a_restart_stops_the_whole_tree_first(project: Path) -> None:
     (project / "src").mkdir()
     entry = exec_entry(exec=[STUBBORN], name="stubborn", stop_grace_ms=200, watch=["src/*.py"])
     async with exec_engine(entry) as engine:
-        first = await wait_until(lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids"))
+        first = await wait_until(
+            lambda: len(pids_in(project / "pids")) >= 4 and pids_in(project / "pids")
+        )
         await wait_for_watcher(engine)
         (project / "pids").unlink()
         (project / "src" / "a.py").write_text("x = 1\n")
@@ -383,9 +395,7 @@ async def wait_for_watcher(engine: Engine) -> None:
 
 async def test_a_matching_change_restarts_others_do_not(project: Path) -> None:
     (project / "steps" / "nested").mkdir(parents=True)
-    entry = exec_entry(
-        exec=["echo $$ >> pids; exec sleep 600"], name="w", watch=["steps/**/*.py"]
-    )
+    entry = exec_entry(exec=["echo $$ >> pids; exec sleep 600"], name="w", watch=["steps/**/*.py"])
     async with exec_engine(entry) as engine:
         await wait_until(lambda: pids_in(project / "pids"))
         await wait_for_watcher(engine)
@@ -402,7 +412,7 @@ async def test_a_matching_change_restarts_others_do_not(project: Path) -> None:
         ):
             count = len(pids_in(project / "pids"))
             action()
-            await wait_until(lambda: len(pids_in(project / "pids")) == count + 1)
+            await wait_until(lambda n=count: len(pids_in(project / "pids")) == n + 1)
         last = pids_in(project / "pids")[-1]
         with trio.fail_after(10):  # the child may write its pid before the engine notes it
             while (listed := await pipeline(engine))["pid"] != last:
@@ -465,7 +475,9 @@ async def test_output_lines_are_prefixed_escaped_and_bounded(
     assert len(long) == 1 and len(long[0]) < MAX_LINE_BYTES + 100
     assert long[0].endswith("x… (line cut)")
     # A whole line over the bound: cut, saying by how much.
-    assert [line[-20:] for line in lines if line.startswith("[out] yyy")] == ["yyyy… (6 more chars)"]
+    assert [line[-20:] for line in lines if line.startswith("[out] yyy")] == [
+        "yyyy… (6 more chars)"
+    ]
     assert lines.index(long[0]) < lines.index("[out] after long")
 
 
@@ -499,7 +511,9 @@ async def test_several_pipelines_run_side_by_side(project: Path) -> None:
         exec_entry(exec=["echo b >> ran; exec sleep 600"], name="second"),
         exec_entry(exec=["echo c >> ran; exec sleep 600"]),
     ) as engine:
-        await wait_until(lambda: (project / "ran").exists() and len((project / "ran").read_text().split()) == 3)
+        await wait_until(
+            lambda: (project / "ran").exists() and len((project / "ran").read_text().split()) == 3
+        )
         with trio.fail_after(10):  # a child may run before the engine notes its pid
             listed = await pipelines(engine)
             while not all(p["pid"] for p in listed):

@@ -1,4 +1,6 @@
-"""Exec: ``modules::shell::ExecModule`` runs and supervises the project's workers (spec modules.md §10).
+"""Exec: ``modules::shell::ExecModule`` runs and supervises the project's workers.
+
+Upstream's module is described in spec modules.md §10; this one goes further.
 
 Config (unknown keys are an error, as upstream)::
 
@@ -59,8 +61,8 @@ import logging
 import os
 import re
 import shlex
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -75,7 +77,14 @@ from iii.native import CallContext
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "name_instances", "engine_url", "worker_environment", "LIST_FUNCTION"]
+__all__ = [
+    "Config",
+    "Module",
+    "name_instances",
+    "engine_url",
+    "worker_environment",
+    "LIST_FUNCTION",
+]
 
 log = logging.getLogger("iii.exec")
 
@@ -118,7 +127,9 @@ class Config:
         if self.stop_grace_ms < 0:
             raise ValueError(f"stop_grace_ms: must be at least 0, got {self.stop_grace_ms}")
         if self.restart_backoff_ms < 1:
-            raise ValueError(f"restart_backoff_ms: must be at least 1, got {self.restart_backoff_ms}")
+            raise ValueError(
+                f"restart_backoff_ms: must be at least 1, got {self.restart_backoff_ms}"
+            )
         if self.restart_backoff_max_ms < self.restart_backoff_ms:
             raise ValueError(
                 f"restart_backoff_max_ms: must be at least restart_backoff_ms "

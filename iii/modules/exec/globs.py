@@ -55,7 +55,9 @@ def check_pattern(pattern: str) -> str | None:
         return "a '..' segment: patterns stay inside the engine's working directory"
     for segment in segments:
         if "**" in segment and segment != "**":
-            return f"'**' inside the segment {segment!r}: write it as a whole segment (steps/**/*.py)"
+            return (
+                f"'**' inside the segment {segment!r}: write it as a whole segment (steps/**/*.py)"
+            )
     unclosed = _unclosed(pattern)
     if unclosed:
         return f"an unclosed {unclosed!r}"

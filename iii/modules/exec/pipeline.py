@@ -170,13 +170,15 @@ class Pipeline:
         while self._failures and now - self._failures[0] > CRASH_LOOP_WINDOW:
             self._failures.popleft()
         delay = min(
-            self.settings.backoff * 2.0 ** min(self._quick_failures - 1, 62), self.settings.backoff_max
+            self.settings.backoff * 2.0 ** min(self._quick_failures - 1, 62),
+            self.settings.backoff_max,
         )
         what = "could not start" if status is None else describe_status(status)
         looping = len(self._failures) >= CRASH_LOOP_FAILURES
         if looping and not self._crash_loop:
             log.error(
-                "[%s] crash loop: %d failures in %gs; restarting with backoff (now %gs, at most %gs)",
+                "[%s] crash loop: %d failures in %gs; "
+                "restarting with backoff (now %gs, at most %gs)",
                 self.name,
                 len(self._failures),
                 CRASH_LOOP_WINDOW,

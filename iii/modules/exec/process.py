@@ -28,9 +28,10 @@ the process group is signalled.
 with the pipeline's name, escaped and cut at :data:`MAX_LINE_BYTES`; a line
 without an end is cut there and the rest of it skipped.  A child that floods
 its output cannot stall the engine: lines past :data:`LINES_PER_SECOND`
-(after a burst of :data:`LINE_BURST`) are dropped and counted in one report,
-and reading slows down past :data:`BYTES_PER_SECOND`, so the flood's pipe
-fills and the child, not the engine, waits.
+(after a burst of :data:`LINE_BURST`) are dropped, counted in bulk (a chunk
+is not split into lines while nothing may be logged) and reported at most
+once a second; and reading slows down past :data:`BYTES_PER_SECOND`, so the
+flood's pipe fills and the child, not the engine, waits.
 
 Lifetime: a call of :func:`run_command` owns its process and its two output
 pumps (its own nursery); nothing outlives the call.
@@ -175,7 +176,10 @@ async def stop_tree(process: trio.Process, token: str, grace: float, *, name: st
         if not members:
             break
         log.warning(
-            "[%s] %d process(es) still running %gs after SIGTERM: SIGKILL", name, len(members), grace
+            "[%s] %d process(es) still running %gs after SIGTERM: SIGKILL",
+            name,
+            len(members),
+            grace,
         )
         _signal_all(pgid, members, signal.SIGKILL)
         with trio.move_on_after(1.0):
@@ -234,10 +238,14 @@ class LineBudget:
         if not self.dropped or (not final and now - self._last_report < self.report_interval):
             return
         dropped, self.dropped, self._last_report = self.dropped, 0, now
-        log.warning("%s %d lines of output dropped (more than %g lines/s)", prefix, dropped, self.rate)
+        log.warning(
+            "%s %d lines of output dropped (more than %g lines/s)", prefix, dropped, self.rate
+        )
 
 
-def _emit(prefix: str, line: bytes, budget: LineBudget, *, cut: int = 0, ended: bool = True) -> None:
+def _emit(
+    prefix: str, line: bytes, budget: LineBudget, *, cut: int = 0, ended: bool = True
+) -> None:
     now = trio.current_time()
     budget.report(prefix, now)
     if not budget.take(now):
