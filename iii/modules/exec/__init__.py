@@ -28,8 +28,8 @@ Config (unknown keys are an error, as upstream)::
 * Beyond upstream, an unexpected exit is restarted with exponential backoff,
   and a crash loop is logged (:mod:`.pipeline`).
 * The child environment is the engine's, plus ``III_URL`` and
-  ``III_BRIDGE_URL`` (the engine's worker URL, which both SDK generations
-  read) and ``PYTHONUNBUFFERED=1`` (so Python workers' lines reach the log as
+  ``III_BRIDGE_URL`` (the engine's worker URL: the 0.25 SDK and Motia read
+  the first, 0.4.1 the second) and ``PYTHONUNBUFFERED=1`` (so Python workers' lines reach the log as
   they are printed), each only when not already set; a ``PYTHONPATH`` entry
   holding the engine's own ``iii`` package is left out
   (:func:`worker_environment`).
@@ -44,8 +44,8 @@ another pipeline has it (:func:`name_instances`).
 
 Function ``engine::exec::list`` (input ignored) answers ``{"pipelines": [...]}``
 with, for each pipeline: ``name``, ``exec``, ``command`` (the one running or
-last run), ``pid``, ``state`` (``waiting``, ``starting``, ``building``, ``running``,
-``restarting``, ``backoff``, ``crash-loop``, ``stopped``), ``restarts``,
+last run), ``pid``, ``state`` (``waiting``, ``starting``, ``building``,
+``running``, ``restarting``, ``backoff``, ``crash-loop``, ``stopped``), ``restarts``,
 ``last_exit`` (an exit status, ``-N`` for signal N) with
 ``last_exit_reason``, and ``seconds_since_start`` of the current process.
 
