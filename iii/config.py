@@ -22,7 +22,8 @@ file, the key and the reason:
   default is an error naming the variable and the key.
 * An unknown module class, an unknown key (top level or in a module's config)
   and a wrongly typed value are errors.
-* A module listed twice is an error.
+* A module listed twice is an error, except the exec module (one pipeline
+  per entry, each named: see ``ModuleSpec.repeatable``).
 * A hostile file (too large, a "billion laughs" of aliases, nesting past 64
   levels, a duplicate key) is refused by :mod:`iii.config_files`.
 
@@ -474,7 +475,7 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
         module = _module_entry(entry, index, file)
-        if module.class_name in seen:
+        if module.class_name in seen and not MODULE_SPECS[module.class_name].repeatable:
             raise ConfigError(
                 f"module {module.class_name} is listed twice (also at modules[{seen[module.class_name]}])",
                 file=file,
@@ -482,6 +483,7 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
             )
         seen[module.class_name] = index
         modules.append(module)
+    _name_instances(modules, file)
     for spec in MODULE_SPECS.values():
         if spec.mandatory and spec.class_name not in seen:
             modules.append(
@@ -491,6 +493,23 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
                 )
             )
     return attrs.evolve(engine, modules=tuple(modules))
+
+
+def _name_instances(modules: list[ModuleEntry], file: str | None) -> None:
+    """Name the entries of each module that may be listed several times (in place)."""
+    for spec in MODULE_SPECS.values():
+        if not (spec.repeatable and spec.available):
+            continue
+        indexes = [i for i, entry in enumerate(modules) if entry.class_name == spec.class_name]
+        if not indexes:
+            continue
+        named = spec.load().name_instances(
+            [modules[i].config for i in indexes],
+            file=file,
+            keys=[f"modules[{i}].config" for i in indexes],
+        )
+        for i, config in zip(indexes, named, strict=True):
+            modules[i] = attrs.evolve(modules[i], config=config)
 
 
 MIN_TOKEN_LENGTH = 16

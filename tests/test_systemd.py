@@ -7,6 +7,10 @@
   ``READY=1`` (with the listener already accepting), ``WATCHDOG=1`` pings and,
   after SIGTERM, ``STOPPING=1``, in that order; the engine then exits 0.
 * A config error exits with status 2 (``RestartPreventExitStatus=2``).
+* The stop path systemd takes with ``KillMode=mixed`` (SIGTERM to the engine
+  alone) leaves no process of the exec module's workers, not even those
+  that ignore SIGTERM or left the process group; ``TimeoutStopSec`` covers
+  the drain and the workers' grace period.
 
 Needs Debian's ``systemd`` package for ``systemd-analyze`` (``apt-get install
 -y systemd``); those tests skip without it unless ``III_REQUIRE_SERVICES=1``.
@@ -25,6 +29,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from iii.config import EngineConfig
+from iii.modules.exec import Config as ExecConfig
 from iii.systemd import Notifier
 from tests.support import ROOT, EngineProcess, services_required
 
@@ -84,6 +90,13 @@ def test_unit_settings(tmp_path: Path) -> None:
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
+    # SIGTERM to the engine alone: it stops the exec module's workers itself,
+    # after draining; systemd SIGKILLs what is left of the unit's cgroup.
+    assert re.search(r"^KillMode=mixed$", text, re.M)
+    timeout = re.search(r"^TimeoutStopSec=(\d+)$", text, re.M)
+    assert timeout, "TimeoutStopSec in seconds"
+    drain = EngineConfig().shutdown_grace_ms / 1000 + 2  # drain, then close the workers
+    assert int(timeout.group(1)) > drain + ExecConfig(exec=("x",)).stop_grace_ms / 1000
     analyze = systemd_analyze()
     result = subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(installed_unit(tmp_path))],
@@ -165,3 +178,61 @@ def test_config_error_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "config error" in result.stderr and "port" in result.stderr
+
+
+# A worker as stubborn as they come: ignores SIGTERM, and so do its child in
+# its process group and its grandchild that left the group (setsid).
+STUBBORN = (
+    "trap '' TERM; echo $$ >> pids; (trap '' TERM; sleep 600) & echo $! >> pids; "
+    "setsid sh -c 'trap \"\" TERM; echo $$ >> pids; exec sleep 600' & "
+    "while :; do sleep 1; done"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return False
+    return text[text.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def test_the_stop_path_leaves_no_worker_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What systemd does on ``systemctl stop`` (KillMode=mixed): SIGTERM to the engine only."""
+    sock_path = tmp_path / "notify.sock"
+    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await receiver.bind(str(sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    exec_block = {"exec": [STUBBORN], "name": "stubborn", "stop_grace_ms": 500}
+    engine = EngineProcess.write(
+        tmp_path, {"modules": [{"class": "modules::shell::ExecModule", "config": exec_block}]}
+    )
+    pids_file = tmp_path / "pids"
+    pids: list[int] = []
+    with receiver:
+        engine.start()
+        try:
+            with trio.fail_after(30):
+                while b"READY=1" not in await receiver.recv(4096):
+                    pass
+                while len(pids) < 3:
+                    await trio.sleep(0.05)
+                    if pids_file.exists():
+                        pids = [int(word) for word in pids_file.read_text().split()]
+            assert all(_alive(pid) for pid in pids)
+            assert engine.process is not None
+            engine.process.terminate()
+            with trio.fail_after(30):
+                while b"STOPPING=1" not in await receiver.recv(4096):
+                    pass
+            code = await trio.to_thread.run_sync(engine.process.wait, 30)
+        finally:
+            engine.kill()
+            survivors = [pid for pid in pids if _alive(pid)]
+            for pid in survivors:
+                os.kill(pid, 9)
+    assert code == 0, engine.log_text()[-3000:]
+    assert survivors == []

@@ -13,7 +13,9 @@ and has the same shape:
 
 :data:`MODULE_SPECS` maps the upstream class names (spec modules.md, summary
 table) to those Python modules.  It is explicit on purpose: no import strings
-come from the config file.
+come from the config file.  A module is listed once in a config, except a
+``repeatable`` one (exec: one pipeline per entry), whose instances are named
+``<name>:<instance name>`` in ``engine.modules``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class ModuleSpec:
     implementation: str | None
     default: bool = False
     mandatory: bool = False
+    # May be listed several times, one instance each (the exec module: one
+    # pipeline per entry).  Its implementation then provides
+    # ``name_instances(configs, *, file, keys)``, giving each a unique
+    # ``name``; any other module listed twice is a config error.
+    repeatable: bool = False
 
     @property
     def available(self) -> bool:
@@ -70,7 +77,9 @@ _SPECS = [
     ModuleSpec("modules::kv_server::KvServer", "kv_server", "iii.modules.kv_server", default=True),
     ModuleSpec("modules::observability::OtelModule", "observability", "iii.modules.observability"),
     ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", "iii.modules.http_functions"),
-    ModuleSpec("modules::shell::ExecModule", "exec", None),
+    ModuleSpec(
+        "modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True
+    ),
     ModuleSpec("modules::bridge_client::BridgeClientModule", "bridge_client", None),
 ]
 
@@ -94,4 +103,5 @@ def build_modules(engine: Engine, config: EngineConfig) -> Iterator[tuple[str, A
             )
             continue
         implementation = spec.load()
-        yield spec.name, implementation.Module(engine, entry.config)
+        name = f"{spec.name}:{entry.config.name}" if spec.repeatable else spec.name
+        yield name, implementation.Module(engine, entry.config)

@@ -4,6 +4,8 @@ and the real services (Redis, RabbitMQ).
 * :func:`sdk_python` returns the interpreter of a cached virtual environment
   with ``iii-sdk==<version>`` installed (created once under ``.cache/``; the
   0.4.1 and 0.25.0 SDKs conflict, so each has its own).
+* :func:`motia_venv` returns the ``bin`` directory of a cached virtual
+  environment with Motia (``motia==1.0.4rc1`` on ``iii-sdk==0.9.0``).
 * :func:`start_sdk_worker` runs a worker script with that interpreter as a
   child process of the test and exposes its stdout line by line.
 * :class:`EngineProcess` runs ``python -m iii serve`` as a real process, for
@@ -34,6 +36,7 @@ import trio
 __all__ = [
     "ROOT",
     "sdk_python",
+    "motia_venv",
     "start_sdk_worker",
     "SdkWorker",
     "EngineProcess",
@@ -125,6 +128,39 @@ def sdk_python(version: str) -> Path:
                 raise RuntimeError(f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}")
             marker.write_text(version)
     return python
+
+
+MOTIA_VERSION = "1.0.4rc1"
+MOTIA_SDK_VERSION = "0.9.0"
+
+
+def motia_venv() -> Path:
+    """The ``bin`` directory of a venv with ``motia`` and its ``iii-sdk``; built once, locked."""
+    return _cached_venv(
+        CACHE / "motia-venvs" / f"motia-{MOTIA_VERSION}",
+        [f"motia=={MOTIA_VERSION}", f"iii-sdk=={MOTIA_SDK_VERSION}"],
+    ) / "bin"
+
+
+def _cached_venv(target: Path, requirements: list[str]) -> Path:
+    """A venv at ``target`` with ``requirements`` installed, once, under a file lock."""
+    marker = target / ".installed"
+    if marker.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".lock-{target.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            venv.EnvBuilder(with_pip=True, clear=True).create(target)
+            result = subprocess.run(
+                [str(target / "bin" / "python"), "-m", "pip", "install", "-q", *requirements],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"installing {requirements} failed:\n{result.stderr[-2000:]}")
+            marker.write_text(" ".join(requirements))
+    return target
 
 
 # Prepended to every Python worker script.  ``print`` writes its text and its
