@@ -67,6 +67,7 @@ import trio
 
 from iii.causation import TraceDepths
 from iii.admission import Admission, ConnectionLimits
+from iii.inbound import InboundBudget
 from iii.channels import ChannelTable
 from iii.containment import start_contained
 from iii.errors import (
@@ -153,6 +154,15 @@ class Engine:
                     max_connections=self.config.max_connections,
                     max_per_address=self.config.max_connections_per_address,
                 )
+            ),
+            takes_self=True,
+        )
+    )
+    # Bytes of peer messages held on all WebSocket ports (iii.inbound).
+    inbound: InboundBudget = attrs.field(
+        default=attrs.Factory(
+            lambda self: InboundBudget(
+                limit=self.config.max_inbound_bytes, slack=self.config.max_message_size
             ),
             takes_self=True,
         )

@@ -25,6 +25,18 @@ trio-websocket's ``serve_websocket``, for three reasons (issue 10):
   connections are full (:meth:`Upgrade.accept`).  When the handler returns,
   the socket is closed at once: a refused upgrade frees its slot right away.
 
+* **Inbound bytes** (:mod:`iii.inbound`), counted by :class:`GuardedConnection`
+  as they arrive: the library's reader queued up to ``message_queue_size``
+  whole messages ahead of ours, each up to ``max_message_size`` (64 x 64 MiB
+  per worker socket).  Here a complete message is queued only while the bytes
+  queued ahead of our reader are under ``read_ahead_bytes`` (or none are), so
+  a socket holds at most ``max(read_ahead_bytes, one message)`` queued plus
+  the message being received; and every byte past a socket's first
+  ``read_ahead_bytes`` is taken from the engine-wide ``inbound`` budget
+  before more is read.  A socket that finds no room is not read
+  (backpressure); one that waits past ``inbound_wait_timeout`` is closed
+  with 1013 (try again later).
+
 A handler gets an :class:`Upgrade` (the request, the peer, and ``accept`` /
 ``reject``), and owns the connection until it returns.
 
@@ -40,6 +52,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from sys import getsizeof
 from typing import Any
 
 import attrs
@@ -51,6 +64,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, Tex
 
 from iii.admission import Admission, Slot
 from iii.containment import report_failure
+from iii.inbound import InboundAccount, InboundBudget
 from iii.log import RateLimitedLog
 
 __all__ = [
@@ -78,7 +92,14 @@ PRIVATE_SURFACE = (
     "_stream_lock",
     "_close_reason",
     "_recv_channel",
+    "_send_channel",
     "_abort_web_socket",
+    "_aclose",
+    "_handle_message_event",
+    "_message_parts",
+    "_message_size",
+    "_max_message_size",
+    "_reader_running",
 )
 
 # Written to a socket refused on accept; its request is never read.
@@ -92,7 +113,7 @@ _connection_ids = itertools.count(1)
 
 
 class GuardedConnection(WebSocketConnection):
-    """trio-websocket's server connection with issue #184 fixed.
+    """trio-websocket's server connection with issue #184 fixed, and inbound bytes bounded.
 
     After a Close has been sent (ours) or received (theirs), wsproto refuses
     to send anything but the Close reply.  The library still tried: a Pong
@@ -103,9 +124,181 @@ class GuardedConnection(WebSocketConnection):
     does), and any control frame wsproto would refuse is not sent: the
     connection is closing, there is nothing left to say.  A message in that
     state raises ``ConnectionClosed``, as ``send_message`` does.
+
+    Inbound bytes (see the module docstring): the library's
+    ``_handle_message_event`` is replaced by one that counts each part of a
+    message in ``inbound`` (an :class:`~iii.inbound.InboundAccount`) before
+    it keeps it, and holds a complete message (still in parts) while the
+    bytes queued ahead of our reader are at ``read_ahead_bytes``.  Messages
+    leave the count when our reader takes them (:meth:`get_message`,
+    :meth:`get_ready_messages`); the rest when the socket ends
+    (:meth:`close_inbound`).
     """
 
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws_connection: WSConnection,
+        *,
+        inbound: InboundAccount | None = None,
+        read_ahead_bytes: int = 0,
+        label: str = "connection",
+        refusals: RateLimitedLog | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(stream, ws_connection, **options)
+        self._inbound = inbound if inbound is not None else InboundAccount()
+        self._read_ahead = read_ahead_bytes
+        self._label = label
+        self._refusals = refusals or RateLimitedLog(log, burst=1, interval=10.0)
+        self._queued = 0  # bytes of complete messages not taken by our reader yet
+        self._parts_cost = 0  # bytes of the parts of the message being received
+        self._discarding = False  # set when we stop reading: what comes is dropped
+        self._queue_lot = trio.lowlevel.ParkingLot()
+        self._wait_scope: trio.CancelScope | None = None
+
+    # -- inbound bytes ----------------------------------------------------------------
+
+    def limit_read_ahead(self, read_ahead_bytes: int) -> None:
+        """Queue complete messages ahead of our reader up to this many bytes (0: one)."""
+        self._read_ahead = read_ahead_bytes
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        if self._discarding:
+            return  # we stopped reading: the rest of what was read goes
+        data = event.data
+        if isinstance(data, bytearray):
+            data = bytes(data)  # (wsproto gives bytes; its types allow a bytearray)
+        self._message_size += len(data)
+        if self._message_size > self._max_message_size:
+            await self._stop_reading(
+                1009, f"Exceeded maximum message size: {self._max_message_size} bytes"
+            )
+            return
+        cost = getsizeof(data)
+        if not self._inbound.add_nowait(cost) and not await self._wait_for_room(cost):
+            return
+        self._parts_cost += cost
+        self._message_parts.append(data)
+        if event.message_finished:
+            await self._queue_message(type(event) is BytesMessage)
+
+    async def _wait_for_room(self, cost: int) -> bool:
+        """Wait, not reading, for room in the engine-wide budget; False: stopped reading."""
+        try:
+            with trio.CancelScope() as self._wait_scope:  # cancelled by our own close
+                if await self._inbound.add(cost):
+                    return True
+        finally:
+            self._wait_scope = None
+        if not self._discarding:
+            self._refusals.warning(
+                "%s: closed (1013): no room for its messages within %gs (max_inbound_bytes)",
+                self._label,
+                self._inbound.wait_timeout,
+            )
+            await self._stop_reading(1013, "try again later: the engine is receiving too much")
+        return False
+
+    async def _queue_message(self, binary: bool) -> None:
+        """Hand a complete message to our reader's queue, within ``read_ahead_bytes``."""
+        inbound = self._inbound
+        inbound.message_done()
+        cost = self._parts_cost
+        # The parts wait where they are (counted) while the queue is at its bound.
+        while self._queued and self._queued + cost > self._read_ahead and not self._discarding:
+            await self._queue_lot.park()
+        if self._discarding:
+            return  # dropped with its parts by _discard
+        parts = self._message_parts
+        self._message_parts = []
+        self._message_size = 0
+        self._parts_cost = 0
+        message: str | bytes
+        if len(parts) == 1:
+            message, size = parts[0], cost
+        else:
+            message = b"".join(parts) if binary else "".join(parts)  # type: ignore[arg-type]
+            size = getsizeof(message)
+            if size < cost:
+                inbound.remove(cost - size)
+            elif size > cost and not inbound.add_nowait(size - cost):
+                # (Text whose last parts are wider than its first.)
+                inbound.remove(cost)
+                if not await self._wait_for_room(size):
+                    return
+        self._queued += size
+        try:
+            await self._send_channel.send(message)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._queued -= size
+            inbound.remove(size)
+
+    async def _stop_reading(self, code: int, reason: str) -> None:
+        """Drop what is held, end our reader's wait, and Close with ``code``."""
+        self._discard()
+        self._close_reason = CloseReason(code, reason)
+        # Our reader first: it ends at once, even if the Close cannot be written.
+        await self._recv_channel.aclose()
+        self._reader_running = False
+        await self._send(CloseConnection(code=code, reason=reason))
+
+    def _discard(self) -> None:
+        self._discarding = True
+        self._inbound.remove(self._parts_cost)
+        self._inbound.message_done()
+        self._message_parts = []
+        self._message_size = 0
+        self._parts_cost = 0
+        self._queue_lot.unpark_all()
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def _taken(self, size: int) -> None:
+        self._queued -= size
+        self._inbound.remove(size)
+        if self._queue_lot:
+            self._queue_lot.unpark_all()
+
+    async def get_message(self) -> str | bytes:
+        """The next message (as trio-websocket's), counted out of the inbound bytes."""
+        try:
+            message = await self._recv_channel.receive()
+        except (trio.ClosedResourceError, trio.EndOfChannel):
+            raise ConnectionClosed(self._close_reason) from None
+        self._taken(getsizeof(message))
+        return message
+
+    def get_ready_messages(self, into: list[str | bytes]) -> None:
+        """Append every message received already to ``into``, without waiting."""
+        receive_nowait = self._recv_channel.receive_nowait
+        taken = 0
+        try:
+            while True:
+                message = receive_nowait()
+                into.append(message)
+                taken += getsizeof(message)
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            pass
+        if taken:
+            self._taken(taken)
+
+    async def _aclose(self, code: int, reason: str | None) -> None:
+        # Our side closes: what was not taken is dropped (as the library drops
+        # its queue), and a wait for room ends.
+        self._discard()
+        await super()._aclose(code, reason)
+
+    def close_inbound(self) -> None:
+        """The socket is gone: every byte it held goes back (idempotent)."""
+        self._discard()
+        self._queued = 0
+        self._inbound.close()
+
+    # -- trio-websocket #184 ------------------------------------------------------------
+
     async def _handle_ping_event(self, event: Ping) -> None:
+
         if self._wsproto.state is ConnectionState.OPEN:
             await self._send(event.response())
 
@@ -141,6 +334,13 @@ class ConnectionOptions:
     receive_buffer_size: int = 4096
     handshake_timeout: float = 10.0  # accept -> upgrade request read
     close_timeout: float = 2.0  # our Close -> the peer's answer
+    # Bytes of complete messages queued ahead of our reader (one message in
+    # any case); also what a socket holds without drawing on ``inbound``.
+    read_ahead_bytes: int = 4096
+    # The engine-wide budget of inbound bytes (None: bounded per socket only),
+    # and how long a socket may wait for room in it before it is closed.
+    inbound: InboundBudget | None = attrs.field(default=None, eq=False)
+    inbound_wait_timeout: float = 15.0
 
 
 class TooManyConnectionsError(Exception):
@@ -165,7 +365,7 @@ class Upgrade:
     def headers(self) -> list[tuple[bytes, bytes]]:
         return self.request.headers
 
-    async def accept(self, *, credentialed: bool = False) -> WebSocketConnection:
+    async def accept(self, *, credentialed: bool = False) -> GuardedConnection:
         """Upgrade; ``credentialed``: the peer proved a credential (see :mod:`iii.admission`).
 
         Past ``max_connections`` it answers 503 and raises
@@ -174,7 +374,9 @@ class Upgrade:
         if not self._slot.upgrade(credentialed=credentialed):
             await self.request.reject(503, body=b"Too many connections")
             raise TooManyConnectionsError()
-        return await self.request.accept()
+        ws = await self.request.accept()
+        assert isinstance(ws, GuardedConnection)  # every socket of ours is one
+        return ws
 
     async def reject(
         self,
@@ -310,25 +512,36 @@ async def _supervise(stream: trio.abc.Stream, port: _Port, slot: Slot, socket: _
     ws = GuardedConnection(
         stream,
         WSConnection(ConnectionType.SERVER),
+        inbound=InboundAccount(
+            budget=options.inbound,
+            allowance=options.read_ahead_bytes,
+            wait_timeout=options.inbound_wait_timeout,
+        ),
+        read_ahead_bytes=options.read_ahead_bytes,
+        label=socket.label,
+        refusals=port.refusals,
         message_queue_size=options.message_queue_size,
         max_message_size=options.max_message_size,
         receive_buffer_size=options.receive_buffer_size,
     )
-    async with trio.open_nursery() as connection_nursery:
-        connection_nursery.start_soon(ws._reader_task)
-        request = await _handshake(ws, options.handshake_timeout)
-        if request is None:
-            log.debug("%s: no upgrade request", socket.label)
-        else:
-            upgrade = Upgrade(request, socket.connection_id, socket.peer, socket.address, slot)
-            try:
-                await port.handler(upgrade)
-            except BaseException:
-                connection_nursery.cancel_scope.cancel()  # no close handshake: aborted
-                raise
-            with trio.move_on_after(options.close_timeout):
-                await ws.aclose()
-        connection_nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as connection_nursery:
+            connection_nursery.start_soon(ws._reader_task)
+            request = await _handshake(ws, options.handshake_timeout)
+            if request is None:
+                log.debug("%s: no upgrade request", socket.label)
+            else:
+                upgrade = Upgrade(request, socket.connection_id, socket.peer, socket.address, slot)
+                try:
+                    await port.handler(upgrade)
+                except BaseException:
+                    connection_nursery.cancel_scope.cancel()  # no close handshake: aborted
+                    raise
+                with trio.move_on_after(options.close_timeout):
+                    await ws.aclose()
+            connection_nursery.cancel_scope.cancel()
+    finally:
+        ws.close_inbound()  # whatever it still held goes back to the budget
 
 
 async def _handshake(ws: GuardedConnection, timeout: float) -> WebSocketRequest | None:
