@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from iii.errors import TriggerRegistrationError
+from iii.inbound import InboundBudget
 from iii.log import bounded_repr
 from iii.grants import TriggerAccess
 from iii.modules.rest_api.cors import CorsPolicy
@@ -50,7 +51,7 @@ from iii.security import server_ssl_context
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "route_for_trigger"]
+__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "Statistics", "route_for_trigger"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,24 @@ class CorsConfig:
     allowed_methods: tuple[str, ...] = ()
 
 
+def _holds_a_body(config: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < config.max_body_size:
+        raise ValueError(
+            f"{attribute.name}: must be at least max_body_size ({config.max_body_size}), "
+            f"got {value}"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Statistics:
+    """What :meth:`Module.statistics` reports (``iii_module_rest_api_*`` on /metrics)."""
+
+    body_bytes: int  # bytes of JSON bodies held now (max_body_bytes_in_flight)
+    body_bytes_peak: int
+    bodies_waiting: int  # requests whose body waits for room now
+    bodies_refused: int  # answered 503: no room before their deadline
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     port: int = 3111
@@ -75,6 +94,10 @@ class Config:
     cors: CorsConfig | None = None
     # Ours (upstream has no limit): a larger request body gets 413.
     max_body_size: int = 64 * MiB
+    # Ours: bytes of JSON request bodies held at once past each request's
+    # first 64 KiB; a body finds no room -> not read; none until its deadline
+    # -> 503 with Retry-After (see .bodies).  At least max_body_size.
+    max_body_bytes_in_flight: int = attrs.field(default=256 * MiB, validator=_holds_a_body)
 
     @property
     def timeout(self) -> float:
@@ -145,6 +168,7 @@ class Module:
             timeout=config.timeout,
             concurrency_limit=config.concurrency_request_limit,
             max_body_size=config.max_body_size,
+            max_body_bytes_in_flight=config.max_body_bytes_in_flight,
             cors=CorsPolicy() if cors is None else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
             health=self.health,
         )
@@ -154,6 +178,20 @@ class Module:
     def port(self) -> int | None:
         """The bound port once started."""
         return self.server.port
+
+    @property
+    def bodies(self) -> InboundBudget:
+        """The bytes of JSON request bodies held now (``max_body_bytes_in_flight``)."""
+        return self.dispatcher.bodies
+
+    def statistics(self) -> Statistics:
+        bodies = self.dispatcher.bodies.statistics()
+        return Statistics(
+            body_bytes=bodies.used,
+            body_bytes_peak=bodies.peak,
+            bodies_waiting=bodies.waiting,
+            bodies_refused=self.dispatcher.bodies_refused,
+        )
 
     def health(self) -> tuple[int, dict[str, Any]]:
         engine = self.engine

@@ -24,8 +24,10 @@ protocol.md §5.2 / modules.md §1:
 concurrency slot, the condition, the call); after the head, each gap between
 body frames is bounded by it as well.  Errors are JSON
 ``{"error": {"code", "message", "error_id"}}``: 404 no route, 405 wrong
-method, 413 body too large, 422 condition not met, 500 function error, 504
-timeout.  Details of a 500 are logged with its ``error_id``, not sent.
+method, 413 body too large, 422 condition not met, 500 function error, 503
+no room for a JSON body before the deadline (:mod:`.bodies`, with
+``Retry-After``), 504 timeout.  Details of a 500 are logged with its
+``error_id``, not sent.
 
 Lifetime: the call runs in the request's own task; the body feeder and the
 response reader are side tasks of that request (:mod:`.side_tasks`), started
@@ -51,6 +53,14 @@ from iii.channels import Channel, random_uuid
 from iii.errors import IIIError
 from iii.log import bounded_repr
 from iii.grants import Grant
+from iii.inbound import InboundAccount, InboundBudget
+from iii.modules.rest_api.bodies import (
+    FREE_BYTES,
+    RETRY_AFTER,
+    BodyTimeoutError,
+    NoRoomError,
+    read_body,
+)
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.side_tasks import SideTasks
@@ -71,6 +81,7 @@ __all__ = ["RestDispatcher", "build_payload", "parse_headers"]
 log = logging.getLogger(__name__)
 
 JSON = (b"content-type", b"application/json")
+_ANSWERED = object()  # a request answered already (an error)
 # Hop-by-hop and framing headers a function may not set: the server frames.
 _DROPPED_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
 
@@ -148,6 +159,7 @@ class RestDispatcher:
         timeout: float,
         concurrency_limit: int,
         max_body_size: int,
+        max_body_bytes_in_flight: int,
         cors: CorsPolicy,
         health: Callable[[], tuple[int, dict[str, Any]]],
     ):
@@ -156,6 +168,9 @@ class RestDispatcher:
         self.timeout = timeout
         self.limiter = trio.Semaphore(max(1, concurrency_limit))
         self.max_body_size = max_body_size
+        # JSON bodies held at once (iii.modules.rest_api.bodies).
+        self.bodies = InboundBudget(limit=max_body_bytes_in_flight, slack=max_body_size)
+        self.bodies_refused = 0  # answered 503: no room before their deadline
         self.cors = cors
         self.health = health
 
@@ -282,28 +297,67 @@ class RestDispatcher:
         traceparent: str | None = None,
         baggage: str | None = None,
     ) -> None:
-        route = match.route
         content_type = (request.header(b"content-type") or b"").lower()
-        is_json = b"application/json" in content_type
-        body = None
-        if is_json:
-            raw = b""
-            with trio.move_on_at(deadline) as reading:
-                try:
-                    raw = await request.read_all(self.max_body_size)
-                except BodyTooLargeError as exc:
-                    await responder.respond_error(413, "PAYLOAD_TOO_LARGE", str(exc))
-                    return
-            if reading.cancelled_caught:
-                await self._timeout_response(responder, route.function_id)
-                return
-            try:
-                body = json_limits.loads(raw) if raw else None
-            except json_limits.JsonTooDeepError as exc:
-                await responder.respond_error(400, "BAD_REQUEST", f"request body {exc.reason}")
-                return
-            except orjson.JSONDecodeError:
-                body = None
+        if b"application/json" not in content_type:
+            await self._call(request, responder, match, None, False, deadline, traceparent, baggage)
+            return
+        # The body's bytes count in max_body_bytes_in_flight until the request ends.
+        account = InboundAccount(budget=self.bodies, allowance=FREE_BYTES)
+        try:
+            body = await self._json_body(request, responder, match, account, deadline)
+            if body is not _ANSWERED:
+                await self._call(request, responder, match, body, True, deadline, traceparent, baggage)
+        finally:
+            account.close()
+
+    async def _json_body(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        account: InboundAccount,
+        deadline: float,
+    ) -> Any:
+        """The parsed body (None if empty or not JSON), or _ANSWERED with an error sent."""
+        try:
+            raw = await read_body(request, account, limit=self.max_body_size, deadline=deadline)
+        except BodyTooLargeError as exc:
+            await responder.respond_error(413, "PAYLOAD_TOO_LARGE", str(exc))
+            return _ANSWERED
+        except NoRoomError:
+            self.bodies_refused += 1
+            responder.extra_headers.append((b"retry-after", RETRY_AFTER))
+            await responder.respond_error(
+                503,
+                "SERVER_BUSY",
+                "the server holds as many request bodies as it may "
+                "(max_body_bytes_in_flight): try again later",
+            )
+            return _ANSWERED
+        except BodyTimeoutError:
+            await self._timeout_response(responder, match.route.function_id)
+            return _ANSWERED
+        try:
+            return json_limits.loads(raw) if raw else None
+        except json_limits.JsonTooDeepError as exc:
+            await responder.respond_error(400, "BAD_REQUEST", f"request body {exc.reason}")
+            return _ANSWERED
+        except orjson.JSONDecodeError:
+            return None
+
+    async def _call(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        body: Any,
+        is_json: bool,
+        deadline: float,
+        traceparent: str | None,
+        baggage: str | None,
+    ) -> None:
+        """Call the route's function (its condition first) with the request's payload."""
+        route = match.route
         payload = build_payload(request, match, body)
         # The calls are made for the route's registrants, under their grant.
         grant = getattr(route.key, "grant", None)

@@ -19,6 +19,10 @@ What the loop gives an application (``app(request, responder)``):
   when the length is unknown; HEAD, 204 and 304 answers carry no body);
 * TCP_NODELAY (trio sets it on every accepted TCP socket).
 
+A connection closed while the client still sends a body (an answer sent
+early: 413, 503) is shut on our side first, and what arrives is dropped for
+up to ``LINGER_TIMEOUT``, so the client reads the answer rather than a reset.
+
 Timeouts: a connection gets ``HEADER_TIMEOUT`` to send a request head,
 ``KEEP_ALIVE_TIMEOUT`` of idleness between requests, and ``IO_TIMEOUT`` for
 each receive of body bytes and each send.  A malformed request gets a JSON
@@ -72,6 +76,10 @@ IO_TIMEOUT = 30.0
 # After a response, an unread request body is drained up to this size so the
 # connection can be kept; a larger rest closes the connection instead.
 DRAIN_LIMIT = 256 * 1024
+# Closing with a request body still arriving: how long the rest is read and
+# dropped after our side is shut, so the client reads our answer (a 413 or
+# 503 sent early) instead of a reset (a "lingering close").
+LINGER_TIMEOUT = 2.0
 
 Headers = Iterable[tuple[bytes, bytes]]
 
@@ -319,6 +327,21 @@ class Responder:
 App = Callable[[HttpRequest, Responder], Awaitable[None]]
 
 
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Shut our side, then read and drop what the client still sends, for at most
+    ``LINGER_TIMEOUT``: closing with its body unread would reset the connection,
+    and the client could lose the answer.  (Plain TCP only: TLS cannot half-close.)"""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(LINGER_TIMEOUT):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 def _split_target(target: str) -> tuple[str, str]:
     if target.startswith(("http://", "https://")):  # absolute-form
         rest = target.split("://", 1)[1]
@@ -390,9 +413,13 @@ class HttpServer:
         except Exception:
             log.exception("%s: HTTP connection failed", peer_text)
         finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await stream.aclose()
+            try:
+                if conn.h11.their_state is h11.SEND_BODY:
+                    await _linger(stream)
+            finally:
+                with trio.move_on_after(1) as cleanup:
+                    cleanup.shield = True
+                    await stream.aclose()
 
     async def _serve_connection(self, conn: _Connection) -> None:
         first = True
