@@ -11,7 +11,9 @@ another function with the same method and path shape is refused with a
 worker registered that route.
 
 Files: :mod:`.routes` (the route table), :mod:`.server` (HTTP/1.1 on h11 and
-trio), :mod:`.dispatch` (request -> function call -> answer), :mod:`.cors`.
+trio), :mod:`.dispatch` (request -> function call -> answer), :mod:`.exchange`
+(a request while its function runs), :mod:`.bodies` (JSON bodies within
+``max_body_bytes_in_flight``), :mod:`.cors`.
 
 Lifetime: :meth:`Module.run` registers the trigger type, starts the server in
 the module's own nursery and reports ready once the port is bound
