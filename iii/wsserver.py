@@ -62,7 +62,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from iii.admission import Admission, Slot
+from iii.admission import Admission, Slot, peer_of
 from iii.containment import report_failure
 from iii.inbound import InboundAccount, InboundBudget
 from iii.log import RateLimitedLog
@@ -427,21 +427,6 @@ class _Socket:
         return f"{self.port_name} connection {self.connection_id} from {self.peer}"
 
 
-def _peer_of(stream: trio.abc.Stream) -> tuple[str, str]:
-    """("address:port", "address") of the socket under ``stream``."""
-    transport = getattr(stream, "transport_stream", stream)  # under TLS, the socket below
-    sock = getattr(transport, "socket", None)
-    if sock is None:
-        return "memory", "memory"  # a test's in-memory stream
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "?", "?"
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}", str(peer[0])
-    return str(peer), str(peer)
-
-
 async def serve_socket(
     stream: trio.abc.Stream,
     handler: Handler,
@@ -455,7 +440,7 @@ async def serve_socket(
 
 
 async def _serve_socket(stream: trio.abc.Stream, port: _Port) -> None:
-    peer, address = _peer_of(stream)
+    peer, address = peer_of(stream)
     socket = _Socket(port.name, next(_connection_ids), peer, address)
     slot = port.admission.admit(address)
     if slot is None:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.admission import Admission, ConnectionLimits
+from iii.config import Count
 from iii.errors import TriggerRegistrationError
 from iii.inbound import InboundBudget
 from iii.log import bounded_repr
@@ -84,6 +86,8 @@ class Statistics:
     body_bytes_peak: int
     bodies_waiting: int  # requests whose body waits for room now
     bodies_refused: int  # answered 503: no room before their deadline
+    connections: int  # sockets open now
+    connections_refused: int  # sockets refused on accept (503)
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +104,10 @@ class Config:
     # first 64 KiB; a body finds no room -> not read; none until its deadline
     # -> 503 with Retry-After (see .bodies).  At least max_body_size.
     max_body_bytes_in_flight: int = attrs.field(default=256 * MiB, validator=_holds_a_body)
+    # Ours: sockets open at once, in all and from one peer address (an IPv6
+    # address counts by its /64), counted from accept; more get 503 at once.
+    max_connections: Count = Count(4096)
+    max_connections_per_address: Count = Count(256)
 
     @property
     def timeout(self) -> float:
@@ -174,7 +182,15 @@ class Module:
             cors=CorsPolicy() if cors is None else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
             health=self.health,
         )
-        self.server = HttpServer(self.dispatcher)
+        self.server = HttpServer(
+            self.dispatcher,
+            admission=Admission(
+                ConnectionLimits(
+                    max_connections=config.max_connections,
+                    max_per_address=config.max_connections_per_address,
+                )
+            ),
+        )
 
     @property
     def port(self) -> int | None:
@@ -193,6 +209,8 @@ class Module:
             body_bytes_peak=bodies.peak,
             bodies_waiting=bodies.waiting,
             bodies_refused=self.dispatcher.bodies_refused,
+            connections=self.server.connections,
+            connections_refused=self.server.refused,
         )
 
     def health(self) -> tuple[int, dict[str, Any]]:

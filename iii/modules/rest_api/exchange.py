@@ -109,14 +109,21 @@ class Exchange:
                 self.stop()
                 return
             if not self.stopped:
-                log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
+                log.warning(
+                    "%s failed while its answer streamed: %s: %s",
+                    self.function_id,
+                    exc.code,
+                    exc.message,
+                )
         else:
             if result is not None:
                 if self.take_answer():
                     await dispatcher._simple_response(self.responder, self.function_id, result)
                     self.stop()
                     return
-                log.debug("%s returned a value after streaming its answer: ignored", self.function_id)
+                log.debug(
+                    "%s returned a value after streaming its answer: ignored", self.function_id
+                )
         # The answer comes (or came) through the response channel; the
         # request's deadline gives the 504 if it never does.
         with trio.CancelScope(deadline=self.deadline) as waiting:
@@ -169,7 +176,9 @@ class Exchange:
             # own content-length: a started answer is cut off.
             log.warning("%s: streamed answer refused: %s", self.function_id, exc)
             if not responder.started:
-                await dispatcher._internal_error(responder, self.function_id, f"invalid streamed answer: {exc}")
+                await dispatcher._internal_error(
+                    responder, self.function_id, f"invalid streamed answer: {exc}"
+                )
             self.stop()
         except ClientGoneError as exc:
             self.client_gone = exc

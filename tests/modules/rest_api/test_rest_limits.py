@@ -164,3 +164,79 @@ def test_max_body_bytes_in_flight_holds_at_least_one_body() -> None:
     )
     with pytest.raises(ConfigError, match="expected an integer, got a boolean"):
         make_config([rest_module(max_body_bytes_in_flight=True)])
+
+
+# -- connections ------------------------------------------------------------------------
+
+
+async def open_idle(port: int, count: int) -> list[trio.SocketStream]:
+    return [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def get_health(port: int) -> bytes:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return await read_all(stream)
+
+
+async def answer_on_accept(port: int) -> bytes:
+    """What the server says to a socket that sends nothing (a refused one: 503, at once;
+    a client that sent its request may see a reset instead, its request unread)."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        return await read_all(stream)
+
+
+async def test_sockets_past_an_addresses_share_are_refused_on_accept_with_503() -> None:
+    """Before: the REST port took every socket it was offered (file descriptors are
+    the whole engine's); now one address holds at most its share."""
+    async with open_rest_engine(max_connections_per_address=5) as (engine, _):
+        module = engine.modules["rest_api"]
+        idle = await open_idle(module.port, 5)
+        try:
+            with trio.fail_after(10):
+                while module.statistics().connections < 5:
+                    await trio.sleep(0.01)
+            refused = await answer_on_accept(module.port)  # the sixth, from the same address
+            assert refused.startswith(b"HTTP/1.1 503 "), refused[:200]
+            assert b"\r\nRetry-After: 1\r\n" in refused
+            assert module.statistics().connections_refused == 1
+            assert module.statistics().connections == 5
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        # The share is given back as the sockets close.
+        with trio.fail_after(10):
+            while module.statistics().connections:
+                await trio.sleep(0.01)
+        assert (await get_health(module.port)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_sockets_past_max_connections_are_refused_whatever_their_address() -> None:
+    async with open_rest_engine(max_connections=3, max_connections_per_address=100) as (
+        engine,
+        _,
+    ):
+        module = engine.modules["rest_api"]
+        idle = await open_idle(module.port, 3)
+        try:
+            with trio.fail_after(10):
+                while module.statistics().connections < 3:
+                    await trio.sleep(0.01)
+            assert (await answer_on_accept(module.port)).startswith(b"HTTP/1.1 503 ")
+        finally:
+            for stream in idle:
+                await stream.aclose()
+
+
+def test_rest_connection_limits_are_positive_counts() -> None:
+    for key in ("max_connections", "max_connections_per_address"):
+        with pytest.raises(ConfigError, match=f"{key}: must be at least 1, got 0"):
+            make_config([rest_module(**{key: 0})])
