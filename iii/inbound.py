@@ -173,14 +173,15 @@ class InboundAccount:
     wait_timeout: float = math.inf
     held: int = 0
     charged: int = 0
-    _receiving: bool = False
+    # Registered in the budget as receiving (see InboundBudget.try_take).
+    receiving: bool = False
 
     def add_nowait(self, size: int) -> bool:
         """Count ``size`` more bytes if the budget has room now (always, within the allowance)."""
         held = self.held + size
         need = held - self.allowance - self.charged
         if need > 0 and self.budget is not None:
-            self._receiving = True
+            self.receiving = True
             if not self.budget.try_take(self, need):
                 return False
             self.charged += need
@@ -214,8 +215,8 @@ class InboundAccount:
 
     def message_done(self) -> None:
         """A message (a body) is complete: this connection no longer goes first."""
-        if self._receiving:
-            self._receiving = False
+        if self.receiving:
+            self.receiving = False
             assert self.budget is not None
             self.budget.done_receiving(self)
 

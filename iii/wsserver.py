@@ -154,7 +154,8 @@ class GuardedConnection(WebSocketConnection):
         self._queued = 0  # bytes of complete messages not taken by our reader yet
         self._parts_cost = 0  # bytes of the parts of the message being received
         self._discarding = False  # set when we stop reading: what comes is dropped
-        self._queue_lot = trio.lowlevel.ParkingLot()
+        self._queue_lot = trio.lowlevel.ParkingLot()  # the reader task, at read_ahead_bytes
+        self._queue_full = False  # it is parked there
         self._wait_scope: trio.CancelScope | None = None
 
     # -- inbound bytes ----------------------------------------------------------------
@@ -176,12 +177,32 @@ class GuardedConnection(WebSocketConnection):
             )
             return
         cost = getsizeof(data)
-        if not self._inbound.add_nowait(cost) and not await self._wait_for_room(cost):
+        inbound = self._inbound
+        held = inbound.held + cost
+        if held <= inbound.allowance + inbound.charged:
+            inbound.held = held  # (InboundAccount.add_nowait's first case, inline)
+        elif not inbound.add_nowait(cost) and not await self._wait_for_room(cost):
             return
-        self._parts_cost += cost
-        self._message_parts.append(data)
-        if event.message_finished:
-            await self._queue_message(type(event) is BytesMessage)
+        queued = self._queued
+        if self._message_parts or not event.message_finished or (
+            queued and queued + cost > self._read_ahead
+        ):
+            self._parts_cost += cost
+            self._message_parts.append(data)
+            if event.message_finished:
+                await self._queue_message(type(event) is BytesMessage)
+            return
+        # The common case, inline (it is paid on every message): a message in one
+        # part, with room ahead of our reader.
+        if inbound.receiving:
+            inbound.message_done()
+        self._message_size = 0
+        self._queued = queued + cost
+        try:
+            await self._send_channel.send(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._queued -= cost
+            inbound.remove(cost)
 
     async def _wait_for_room(self, cost: int) -> bool:
         """Wait, not reading, for room in the engine-wide budget; False: stopped reading."""
@@ -201,13 +222,18 @@ class GuardedConnection(WebSocketConnection):
         return False
 
     async def _queue_message(self, binary: bool) -> None:
-        """Hand a complete message to our reader's queue, within ``read_ahead_bytes``."""
+        """Hand a complete message (in ``_message_parts``) to our reader's queue, within
+        ``read_ahead_bytes``."""
         inbound = self._inbound
         inbound.message_done()
         cost = self._parts_cost
         # The parts wait where they are (counted) while the queue is at its bound.
         while self._queued and self._queued + cost > self._read_ahead and not self._discarding:
-            await self._queue_lot.park()
+            self._queue_full = True
+            try:
+                await self._queue_lot.park()
+            finally:
+                self._queue_full = False
         if self._discarding:
             return  # dropped with its parts by _discard
         parts = self._message_parts
@@ -250,14 +276,19 @@ class GuardedConnection(WebSocketConnection):
         self._message_parts = []
         self._message_size = 0
         self._parts_cost = 0
-        self._queue_lot.unpark_all()
+        self._queue_lot.unpark_all()  # (a parked reader task sees _discarding)
         if self._wait_scope is not None:
             self._wait_scope.cancel()
 
     def _taken(self, size: int) -> None:
+        # (Inline in get_message, which is paid on every message or batch.)
         self._queued -= size
-        self._inbound.remove(size)
-        if self._queue_lot:
+        inbound = self._inbound
+        if inbound.charged:
+            inbound.remove(size)
+        else:
+            inbound.held -= size  # within the allowance: nothing to give back
+        if self._queue_full:
             self._queue_lot.unpark_all()
 
     async def get_message(self) -> str | bytes:
@@ -266,7 +297,15 @@ class GuardedConnection(WebSocketConnection):
             message = await self._recv_channel.receive()
         except (trio.ClosedResourceError, trio.EndOfChannel):
             raise ConnectionClosed(self._close_reason) from None
-        self._taken(getsizeof(message))
+        size = getsizeof(message)
+        self._queued -= size
+        inbound = self._inbound
+        if inbound.charged:
+            inbound.remove(size)
+        else:
+            inbound.held -= size
+        if self._queue_full:
+            self._queue_lot.unpark_all()
         return message
 
     def get_ready_messages(self, into: list[str | bytes]) -> None:
