@@ -18,7 +18,7 @@ answers it loses its socket.
 Memory: frames wait in the channel's buffer, bounded in bytes
 (:mod:`iii.channel_buffer`).  A writer socket's pump takes one message at a
 time, and the socket queues no more than one ahead of it
-(:meth:`~iii.wsserver.GuardedConnection.limit_read_ahead` 0, instead of the
+(:meth:`~iii.wsconnection.GuardedConnection.limit_read_ahead` 0, instead of the
 worker port's 64 KiB: those would sit outside the channel's bound), so a
 writer that no reader drains holds the channel's bound, the message in the
 pump's hands, one queued and one being received, the last two counted in

@@ -2,7 +2,7 @@
 
 Peer data waits in the engine's memory before it is used in two places:
 WebSocket messages, received whole by trio-websocket's reader and queued for
-ours (:class:`iii.wsserver.GuardedConnection`), and REST request bodies read
+ours (:class:`iii.wsconnection.GuardedConnection`), and REST request bodies read
 whole for JSON (:mod:`iii.modules.rest_api`).  Both are counted in bytes
 against an :class:`InboundBudget`: the engine's (``max_inbound_bytes``) for
 every WebSocket port, the REST module's (``max_body_bytes_in_flight``) for

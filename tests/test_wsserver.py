@@ -1,4 +1,5 @@
-"""iii.wsserver: the supervised WebSocket server, and the trio-websocket surface it needs.
+"""iii.wsserver and iii.wsconnection: the supervised WebSocket server, its connection
+class, and the trio-websocket surface they need.
 
 Sockets here are in-memory stream pairs (no port) served by
 :func:`~iii.wsserver.serve_socket`; the peer is a raw wsproto client.
