@@ -5,8 +5,9 @@ WebSocket messages, received whole by trio-websocket's reader and queued for
 ours (:class:`iii.wsconnection.GuardedConnection`), and REST request bodies read
 whole for JSON (:mod:`iii.modules.rest_api`).  Both are counted in bytes
 against an :class:`InboundBudget`: the engine's (``max_inbound_bytes``) for
-every WebSocket port, the REST module's (``max_body_bytes_in_flight``) for
-bodies.
+every WebSocket port (the stream port's clients through a share of it, the
+stream module's ``max_inbound_bytes``), the REST module's own
+(``max_body_bytes_in_flight``) for bodies.
 
 The rule (:meth:`InboundBudget.try_take`):
 
