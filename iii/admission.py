@@ -1,7 +1,7 @@
 """Who may hold a socket on a listening port: connection accounting, counted on accept.
 
-Each WebSocket port (the worker port, the stream port) has one
-:class:`Admission`, with two budgets (:class:`ConnectionLimits`):
+Each listening port (the worker port, the stream port, the REST port) has
+one :class:`Admission`, with two budgets (:class:`ConnectionLimits`):
 
 * **Upgraded connections**: at most ``max_connections``.  A request that
   would go past it is answered HTTP 503 at the upgrade.
@@ -17,11 +17,15 @@ Each WebSocket port (the worker port, the stream port) has one
   never take an upgraded connection's place, and a refused handshake
   (401, 404, 503) frees its place as soon as the answer is written.
 
+The REST port has no upgrade: its sockets stay in the first state (counted
+from accept, per address and in ``max_connections``) until they close.
+
 Addresses: an IPv4 address counts as itself; an IPv6 address by its /64
 prefix (one host usually holds a whole /64); an IPv4-mapped IPv6 address as
 its IPv4 address.  Anything else (a test's in-memory stream) is one address.
 
-Everything here is synchronous bookkeeping; :mod:`iii.wsserver` calls it.
+Everything here is synchronous bookkeeping; :mod:`iii.wsserver` and
+:mod:`iii.modules.rest_api.server` call it.
 Lifetime: one :class:`Admission` per port, alive as long as its owner.
 """
 
@@ -30,8 +34,24 @@ from __future__ import annotations
 import ipaddress
 
 import attrs
+import trio
 
-__all__ = ["ConnectionLimits", "Admission", "Slot", "address_key"]
+__all__ = ["ConnectionLimits", "Admission", "Slot", "address_key", "peer_of"]
+
+
+def peer_of(stream: trio.abc.Stream) -> tuple[str, str]:
+    """("address:port", "address") of the socket under ``stream``."""
+    transport = getattr(stream, "transport_stream", stream)  # under TLS, the socket below
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return "memory", "memory"  # a test's in-memory stream
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?", "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
 
 
 @attrs.frozen(kw_only=True)

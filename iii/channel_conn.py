@@ -16,11 +16,13 @@ Every Close we start is bounded (``CLOSE_TIMEOUT``): a peer that never
 answers it loses its socket.
 
 Memory: frames wait in the channel's buffer, bounded in bytes
-(:mod:`iii.channel_buffer`).  trio-websocket would also read up to
-``message_queue_size`` (64) whole messages ahead of a writer socket's pump,
-outside that bound; for a writer socket that read-ahead is turned off
-(:func:`_no_read_ahead`), so a writer that no reader drains holds the
-channel's bound plus the one message in hand.
+(:mod:`iii.channel_buffer`).  A writer socket's pump takes one message at a
+time, and the socket queues no more than one ahead of it
+(:meth:`~iii.wsconnection.GuardedConnection.limit_read_ahead` 0, instead of the
+worker port's 64 KiB: those would sit outside the channel's bound), so a
+writer that no reader drains holds the channel's bound, the message in the
+pump's hands, one queued and one being received, the last two counted in
+the engine's ``max_inbound_bytes`` (:mod:`iii.inbound`).
 
 Lifetime: the handler returns when its socket or the channel ends; when the
 last side finishes, the channel is removed at once (its memory and its
@@ -97,7 +99,7 @@ async def serve_channel_side(
         channel.socket_scopes.append(scope)
         try:
             if direction == "write":
-                _no_read_ahead(ws)
+                ws.limit_read_ahead(0)
                 await _pump_from_socket(ws, channel, send_side)
             else:
                 await _pump_to_socket(ws, channel, receive_side)
@@ -106,23 +108,6 @@ async def serve_channel_side(
             engine.channels.release_if_finished(channel)
     if scope.cancelled_caught:
         await _close(ws, 1000, "channel removed")
-
-
-def _no_read_ahead(ws: WebSocketConnection) -> None:
-    """Make trio-websocket hand each message over only when our pump takes it.
-
-    Its reader queues up to the server's ``message_queue_size`` whole
-    messages (64, set for workers' throughput: :mod:`iii.listener`), each up
-    to ``max_message_size``; for a channel writer those would sit outside the
-    channel's byte bound (64 x 64 MiB).  trio-websocket has no per-connection
-    setting, so this sets the capacity of that connection's queue (a trio
-    memory channel: ``_recv_channel``, whose state's ``max_buffer_size`` is a
-    plain attribute) to 0.  No message is queued yet: the socket was accepted
-    just now.  If a future version lacks either attribute, the read-ahead stays.
-    """
-    state = getattr(getattr(ws, "_recv_channel", None), "_state", None)
-    if state is not None and hasattr(state, "max_buffer_size"):
-        state.max_buffer_size = 0
 
 
 async def _pump_from_socket(

@@ -167,6 +167,8 @@ _ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
     "channel_buffer_bytes": (1, None),
     "channels_max_bytes": (1, None),
     "max_channels": (1, None),
+    "max_inbound_bytes": (1, None),
+    "inbound_wait_timeout_ms": (1, None),
 }
 
 
@@ -201,6 +203,13 @@ class EngineConfig:
     channel_buffer_bytes: int = 4 * MiB
     channels_max_bytes: int = 256 * MiB
     max_channels: int = 10_000
+    # Bytes of peer messages held at once on all WebSocket ports together
+    # (queued for the engine's readers, or being received), beyond each
+    # socket's small read-ahead (iii.inbound).  A socket that finds no room is
+    # not read (backpressure); one that waits past inbound_wait_timeout_ms is
+    # closed with 1013.  At least max_message_size.
+    max_inbound_bytes: int = 256 * MiB
+    inbound_wait_timeout_ms: int = 15_000
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
     modules: tuple[ModuleEntry, ...] = ()
@@ -214,6 +223,11 @@ class EngineConfig:
             if value < low or (high is not None and value > high):
                 limit = f"at least {low}" if high is None else f"between {low} and {high}"
                 raise ValueError(f"{name}: must be {limit}, got {value}")
+        if self.max_inbound_bytes < self.max_message_size:
+            raise ValueError(
+                f"max_inbound_bytes: must be at least max_message_size "
+                f"({self.max_message_size}), got {self.max_inbound_bytes}"
+            )
 
     @property
     def invocation_timeout(self) -> float:
@@ -238,6 +252,10 @@ class EngineConfig:
     @property
     def slow_consumer_timeout(self) -> float:
         return self.slow_consumer_timeout_ms / 1000
+
+    @property
+    def inbound_wait_timeout(self) -> float:
+        return self.inbound_wait_timeout_ms / 1000
 
     def module_config(self, class_name: str) -> Any:
         for entry in self.modules:

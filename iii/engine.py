@@ -77,6 +77,7 @@ from iii.errors import (
     TriggerRegistrationError,
 )
 from iii.grants import Grant, TriggerAccess
+from iii.inbound import InboundBudget
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
@@ -153,6 +154,15 @@ class Engine:
                     max_connections=self.config.max_connections,
                     max_per_address=self.config.max_connections_per_address,
                 )
+            ),
+            takes_self=True,
+        )
+    )
+    # Bytes of peer messages held on all WebSocket ports (iii.inbound).
+    inbound: InboundBudget = attrs.field(
+        default=attrs.Factory(
+            lambda self: InboundBudget(
+                limit=self.config.max_inbound_bytes, slack=self.config.max_message_size
             ),
             takes_self=True,
         )

@@ -17,7 +17,9 @@ credential (else refused at once); with ``auth.tokens`` set, ``/`` and
 with the peer and the reason, never the token); past ``max_connections``
 upgraded sockets a new one gets 503.  With ``tls.cert`` / ``tls.key`` the
 port speaks TLS (``wss://``).  Messages over ``max_message_size`` close the
-socket with 1009 (trio-websocket).
+socket with 1009.  Inbound bytes (:mod:`iii.wsserver`): a socket queues at
+most ``READ_AHEAD_BYTES`` (or one message) ahead of its reader, and draws on
+the engine's ``max_inbound_bytes`` beyond that.
 
 Lifetime: :func:`serve_listener` runs until ``listener_scope`` is cancelled
 (shutdown step 1); the sockets it accepted live on in the connection nursery
@@ -49,6 +51,9 @@ __all__ = ["serve_listener", "handle_upgrade", "connection_options"]
 log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "/ws/channels/"
+# Bytes of whole messages a socket may queue ahead of our reader, and hold
+# without drawing on the engine's max_inbound_bytes (iii.wsserver).
+READ_AHEAD_BYTES = 64 * 1024
 
 
 async def handle_upgrade(engine: Engine, upgrade: Upgrade) -> None:
@@ -110,11 +115,15 @@ def connection_options(engine: Engine) -> ConnectionOptions:
     return ConnectionOptions(
         max_message_size=config.max_message_size,
         # Let the library's reader run ahead of ours by a few messages,
-        # instead of a task switch per message.
+        # instead of a task switch per message: up to 64 of them and
+        # READ_AHEAD_BYTES (one message, whatever its size, in any case).
         message_queue_size=64,
+        read_ahead_bytes=READ_AHEAD_BYTES,
         receive_buffer_size=65536,
         handshake_timeout=config.handshake_timeout,
         close_timeout=2.0,
+        inbound=engine.inbound,
+        inbound_wait_timeout=config.inbound_wait_timeout,
     )
 
 

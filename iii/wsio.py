@@ -12,7 +12,7 @@ It uses private attributes of trio-websocket's connection (``_wsproto``,
 ``_stream``, ``_stream_lock``, ``_close_reason``), the same ones its own
 ``_send`` uses; if a future trio-websocket lacks them, it falls back to one
 ``send_message`` per frame.  (The dependency is pinned to the versions
-whose private surface we know: see :mod:`iii.wsserver`.)
+whose private surface we know: see :mod:`iii.wsconnection`.)
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, TextMessage
+
+from iii.wsconnection import GuardedConnection
 
 __all__ = ["send_frames", "receive_frames"]
 
@@ -56,10 +58,15 @@ async def receive_frames(ws: WebSocketConnection) -> list[str | bytes]:
     """Wait for the next message, then take every message already received.
 
     Saves a scheduler round trip per message when a peer sends in bursts.
-    Uses trio-websocket's private receive queue (``_recv_channel``) for the
-    non-blocking part; raises ConnectionClosed like ``get_message``.
+    On our server's connections (:class:`~iii.wsconnection.GuardedConnection`)
+    the messages taken leave its inbound byte count; on others it reads
+    trio-websocket's private receive queue (``_recv_channel``) for the
+    non-blocking part.  Raises ConnectionClosed like ``get_message``.
     """
     frames = [await ws.get_message()]
+    if isinstance(ws, GuardedConnection):
+        ws.get_ready_messages(frames)
+        return frames
     queue = getattr(ws, "_recv_channel", None)
     if queue is None:
         return frames

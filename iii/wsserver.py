@@ -12,18 +12,24 @@ trio-websocket's ``serve_websocket``, for three reasons (issue 10):
   with the connection's id and peer (:mod:`iii.containment`), the socket is
   aborted, and nothing reaches the listener's nursery.  ``trio.Cancelled``
   always propagates.
-* **trio-websocket #184**, fixed at its cause by :class:`GuardedConnection`:
-  the library answered a Ping with a Pong after our Close (and an oversized
-  message with a second Close), which wsproto refuses with
-  ``LocalProtocolError``.  It needs trio-websocket's private surface
-  (``PRIVATE_SURFACE``), so the dependency is pinned to ``>=0.12.2,<0.13``
-  and ``tests/test_wsserver.py`` fails if that surface changes.
+* **trio-websocket #184**, fixed at its cause by
+  :class:`~iii.wsconnection.GuardedConnection`: the library answered a Ping
+  with a Pong after our Close (and an oversized message with a second
+  Close), which wsproto refuses with ``LocalProtocolError``.
 * **Accounting on accept** (:mod:`iii.admission`): a socket takes a slot
   before its handshake, so sockets that never finish it count too.  One
   past its address's share is refused at once (HTTP 503 written without
   reading, then closed); the handler answers 503 itself when the upgraded
   connections are full (:meth:`Upgrade.accept`).  When the handler returns,
   the socket is closed at once: a refused upgrade frees its slot right away.
+* **Inbound bytes** (:mod:`iii.inbound`), counted by the same
+  :class:`~iii.wsconnection.GuardedConnection` as they arrive: a socket
+  holds at most ``max(read_ahead_bytes, one message)`` queued ahead of our
+  reader plus the message being received, and past its first
+  ``read_ahead_bytes`` it draws on the engine-wide ``inbound`` budget
+  (:class:`ConnectionOptions`).  A socket that finds no room is not read
+  (backpressure); one that waits past ``inbound_wait_timeout`` is closed
+  with 1013 (try again later).
 
 A handler gets an :class:`Upgrade` (the request, the peer, and ``accept`` /
 ``reject``), and owns the connection until it returns.
@@ -38,23 +44,23 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from iii.admission import Admission, Slot
+from iii.admission import Admission, Slot, peer_of
 from iii.containment import report_failure
+from iii.inbound import InboundAccount, InboundBudget
 from iii.log import RateLimitedLog
+from iii.wsconnection import PRIVATE_SURFACE, GuardedConnection
 
 __all__ = [
-    "GuardedConnection",
+    "GuardedConnection",  # (from iii.wsconnection, with PRIVATE_SURFACE)
     "ConnectionOptions",
     "Upgrade",
     "TooManyConnectionsError",
@@ -66,21 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# trio-websocket's private attributes we rely on, here and in iii.wsio.
-PRIVATE_SURFACE = (
-    "_reader_task",
-    "_get_request",
-    "_close_handshake",
-    "_handle_ping_event",
-    "_send",
-    "_wsproto",
-    "_stream",
-    "_stream_lock",
-    "_close_reason",
-    "_recv_channel",
-    "_abort_web_socket",
-)
-
 # Written to a socket refused on accept; its request is never read.
 REFUSED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -89,47 +80,6 @@ REFUSED_RESPONSE = (
 REFUSE_TIMEOUT = 0.5
 
 _connection_ids = itertools.count(1)
-
-
-class GuardedConnection(WebSocketConnection):
-    """trio-websocket's server connection with issue #184 fixed.
-
-    After a Close has been sent (ours) or received (theirs), wsproto refuses
-    to send anything but the Close reply.  The library still tried: a Pong
-    for each Ping that arrives while our Close waits for its answer, and a
-    1009 Close for an oversized message in the same state.  Each raised
-    ``LocalProtocolError`` out of the reader task.  Here a Pong is sent only
-    while the connection is OPEN (what python-trio/trio-websocket PR #198
-    does), and any control frame wsproto would refuse is not sent: the
-    connection is closing, there is nothing left to say.  A message in that
-    state raises ``ConnectionClosed``, as ``send_message`` does.
-    """
-
-    async def _handle_ping_event(self, event: Ping) -> None:
-        if self._wsproto.state is ConnectionState.OPEN:
-            await self._send(event.response())
-
-    def _send(self, event: Event) -> Coroutine[Any, Any, None]:
-        # A plain method returning the library's coroutine (or a no-op one):
-        # an ``async def`` here would add a coroutine layer to every send.
-        # (Exact types, not isinstance: wsproto's events are ABCs, slow to check.)
-        kind = type(event)
-        if kind in _OPEN_ONLY:
-            if self._wsproto.state is not ConnectionState.OPEN:
-                if kind is TextMessage or kind is BytesMessage:
-                    raise ConnectionClosed(self._close_reason or CloseReason(1006, "closing"))
-                return _nothing()
-        elif kind is CloseConnection and self._wsproto.state not in _MAY_CLOSE:
-            return _nothing()  # ours is out already
-        return super()._send(event)
-
-
-async def _nothing() -> None:
-    pass
-
-
-_OPEN_ONLY = frozenset({TextMessage, BytesMessage, Ping, Pong})
-_MAY_CLOSE = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING})
 
 
 @attrs.frozen(kw_only=True)
@@ -141,6 +91,13 @@ class ConnectionOptions:
     receive_buffer_size: int = 4096
     handshake_timeout: float = 10.0  # accept -> upgrade request read
     close_timeout: float = 2.0  # our Close -> the peer's answer
+    # Bytes of complete messages queued ahead of our reader (one message in
+    # any case); also what a socket holds without drawing on ``inbound``.
+    read_ahead_bytes: int = 4096
+    # The engine-wide budget of inbound bytes (None: bounded per socket only),
+    # and how long a socket may wait for room in it before it is closed.
+    inbound: InboundBudget | None = attrs.field(default=None, eq=False)
+    inbound_wait_timeout: float = 15.0
 
 
 class TooManyConnectionsError(Exception):
@@ -165,7 +122,7 @@ class Upgrade:
     def headers(self) -> list[tuple[bytes, bytes]]:
         return self.request.headers
 
-    async def accept(self, *, credentialed: bool = False) -> WebSocketConnection:
+    async def accept(self, *, credentialed: bool = False) -> GuardedConnection:
         """Upgrade; ``credentialed``: the peer proved a credential (see :mod:`iii.admission`).
 
         Past ``max_connections`` it answers 503 and raises
@@ -174,7 +131,9 @@ class Upgrade:
         if not self._slot.upgrade(credentialed=credentialed):
             await self.request.reject(503, body=b"Too many connections")
             raise TooManyConnectionsError()
-        return await self.request.accept()
+        ws = await self.request.accept()
+        assert isinstance(ws, GuardedConnection)  # every socket of ours is one
+        return ws
 
     async def reject(
         self,
@@ -225,21 +184,6 @@ class _Socket:
         return f"{self.port_name} connection {self.connection_id} from {self.peer}"
 
 
-def _peer_of(stream: trio.abc.Stream) -> tuple[str, str]:
-    """("address:port", "address") of the socket under ``stream``."""
-    transport = getattr(stream, "transport_stream", stream)  # under TLS, the socket below
-    sock = getattr(transport, "socket", None)
-    if sock is None:
-        return "memory", "memory"  # a test's in-memory stream
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "?", "?"
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}", str(peer[0])
-    return str(peer), str(peer)
-
-
 async def serve_socket(
     stream: trio.abc.Stream,
     handler: Handler,
@@ -253,7 +197,7 @@ async def serve_socket(
 
 
 async def _serve_socket(stream: trio.abc.Stream, port: _Port) -> None:
-    peer, address = _peer_of(stream)
+    peer, address = peer_of(stream)
     socket = _Socket(port.name, next(_connection_ids), peer, address)
     slot = port.admission.admit(address)
     if slot is None:
@@ -310,25 +254,36 @@ async def _supervise(stream: trio.abc.Stream, port: _Port, slot: Slot, socket: _
     ws = GuardedConnection(
         stream,
         WSConnection(ConnectionType.SERVER),
+        inbound=InboundAccount(
+            budget=options.inbound,
+            allowance=options.read_ahead_bytes,
+            wait_timeout=options.inbound_wait_timeout,
+        ),
+        read_ahead_bytes=options.read_ahead_bytes,
+        label=socket.label,
+        refusals=port.refusals,
         message_queue_size=options.message_queue_size,
         max_message_size=options.max_message_size,
         receive_buffer_size=options.receive_buffer_size,
     )
-    async with trio.open_nursery() as connection_nursery:
-        connection_nursery.start_soon(ws._reader_task)
-        request = await _handshake(ws, options.handshake_timeout)
-        if request is None:
-            log.debug("%s: no upgrade request", socket.label)
-        else:
-            upgrade = Upgrade(request, socket.connection_id, socket.peer, socket.address, slot)
-            try:
-                await port.handler(upgrade)
-            except BaseException:
-                connection_nursery.cancel_scope.cancel()  # no close handshake: aborted
-                raise
-            with trio.move_on_after(options.close_timeout):
-                await ws.aclose()
-        connection_nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as connection_nursery:
+            connection_nursery.start_soon(ws._reader_task)
+            request = await _handshake(ws, options.handshake_timeout)
+            if request is None:
+                log.debug("%s: no upgrade request", socket.label)
+            else:
+                upgrade = Upgrade(request, socket.connection_id, socket.peer, socket.address, slot)
+                try:
+                    await port.handler(upgrade)
+                except BaseException:
+                    connection_nursery.cancel_scope.cancel()  # no close handshake: aborted
+                    raise
+                with trio.move_on_after(options.close_timeout):
+                    await ws.aclose()
+            connection_nursery.cancel_scope.cancel()
+    finally:
+        ws.close_inbound()  # whatever it still held goes back to the budget
 
 
 async def _handshake(ws: GuardedConnection, timeout: float) -> WebSocketRequest | None:

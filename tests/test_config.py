@@ -267,3 +267,25 @@ def test_engine_numbers_out_of_range_are_config_errors(tmp_path, text, reason):
         load_config(path)
     assert str(info.value) == f"{path}: {reason}"
     assert load_config(write(tmp_path, "shutdown_grace_ms: 0\nport: 65535\n")).port == 65535
+
+
+@pytest.mark.parametrize("key", ["max_inbound_bytes", "inbound_wait_timeout_ms"])
+def test_inbound_limits_are_positive_integers(tmp_path, key):
+    assert getattr(load_config(write(tmp_path, f"{key}: 67108864\n")), key) == 64 * 1024 * 1024
+    cases = [("0", "must be at least 1, got 0"), ("true", "expected an integer, got a boolean")]
+    for bad, reason in cases:
+        path = write(tmp_path, f"{key}: {bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: {key}: {reason}"
+
+
+def test_max_inbound_bytes_holds_at_least_one_message(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    assert config.max_inbound_bytes == 256 * 1024 * 1024 and config.inbound_wait_timeout == 15.0
+    path = write(tmp_path, "max_message_size: 2000\nmax_inbound_bytes: 1000\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: max_inbound_bytes: must be at least max_message_size (2000), got 1000"
+    )

@@ -1,4 +1,5 @@
-"""iii.wsserver: the supervised WebSocket server, and the trio-websocket surface it needs.
+"""iii.wsserver and iii.wsconnection: the supervised WebSocket server, its connection
+class, and the trio-websocket surface they need.
 
 Sockets here are in-memory stream pairs (no port) served by
 :func:`~iii.wsserver.serve_socket`; the peer is a raw wsproto client.
@@ -8,20 +9,27 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 import wsproto
-from trio_websocket import WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, RejectConnection, Request
 
 from iii.admission import Admission, ConnectionLimits
+from iii.engine import Engine
+from iii.listener import connection_options
+from iii.testing import make_config
+from iii.wsio import receive_frames
 from iii.wsserver import (
     PRIVATE_SURFACE,
     ConnectionOptions,
@@ -326,3 +334,186 @@ async def test_a_socket_past_its_address_share_is_refused_before_reading() -> No
         while chunk := await peer.stream.receive_some(4096):
             response += chunk
         assert response.startswith(b"HTTP/1.1 503 ")
+
+
+# -- inbound bytes: what a connection holds ahead of its reader (issue 10 follow-up) ---------
+
+MiB = 1024 * 1024
+
+
+def held_by_library(ws: WebSocketConnection) -> int:
+    """The bytes of peer messages trio-websocket holds for ``ws``, read from its own
+    structures (not from our accounting): messages queued for our reader, one handed
+    to a blocked ``send``, and the parts of the message being assembled."""
+    state = ws._recv_channel._state  # type: ignore[attr-defined]
+    queued = sum(sys.getsizeof(message) for message in state.data)
+    in_hand = sum(sys.getsizeof(message) for message in state.send_tasks.values())
+    partial = sum(sys.getsizeof(part) for part in ws._message_parts)
+    return queued + in_hand + partial
+
+
+def binary_message(length: int) -> bytes:
+    """One final masked binary frame (zero mask key) of ``length`` bytes."""
+    if length < 126:
+        header = bytes([0x82, 0x80 | length])
+    elif length < 65536:
+        header = bytes([0x82, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big")
+    return header + b"\0\0\0\0" + bytes(length)
+
+
+@attrs.define(eq=False)
+class Reading:
+    """A handler that accepts, then reads only when told (a reader busy elsewhere)."""
+
+    connections: list[WebSocketConnection] = attrs.field(factory=list)
+    received: list[list[str | bytes]] = attrs.field(factory=list)
+    go: trio.Event = attrs.field(factory=trio.Event)
+    _more: trio.Event = attrs.field(factory=trio.Event)
+
+    async def __call__(self, upgrade: Upgrade) -> None:
+        ws = await upgrade.accept()
+        frames: list[str | bytes] = []
+        self.connections.append(ws)
+        self.received.append(frames)
+        await self.go.wait()
+        while True:
+            try:
+                frames.extend(await receive_frames(ws))
+            except ConnectionClosed:
+                return
+            self._more.set()
+
+    async def wait_for(self, counts: list[int], timeout: float = 20.0) -> None:
+        """Until the first sockets have received these many messages each."""
+        with trio.fail_after(timeout):
+            while [len(frames) for frames in self.received[: len(counts)]] != counts:
+                self._more = trio.Event()
+                await self._more.wait()
+
+
+@asynccontextmanager
+async def worker_port_sockets(
+    engine: Engine, handler: Any, count: int
+) -> AsyncIterator[list[Peer]]:
+    """``count`` upgraded sockets served as the worker port serves them (its options)."""
+    peers = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery.start_soon(
+                partial(
+                    serve_socket,
+                    server_stream,
+                    handler,
+                    admission=engine.sockets,
+                    options=connection_options(engine),
+                    port_name="worker port",
+                )
+            )
+            peer = Peer(client_stream)
+            await upgraded(peer)
+            peers.append(peer)
+        yield peers
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_busy_reader_has_a_bounded_number_of_bytes_queued_ahead_of_it() -> None:
+    """trio-websocket's reader queued up to 64 whole messages (``message_queue_size``)
+    ahead of ours, each up to ``max_message_size``: bytes, not messages, must bound it."""
+    engine = Engine(make_config(max_message_size=MiB))
+    reading = Reading()
+    message = 256 * 1024
+    async with worker_port_sockets(engine, reading, 1) as [peer]:
+        await peer.stream.send_all(binary_message(message) * 40)  # 10 MiB, sent at once
+        await trio.testing.wait_all_tasks_blocked()
+        [ws] = reading.connections
+        held = held_by_library(ws)
+        # At most one message queued past the read-ahead, and one being assembled.
+        assert held <= 2 * MiB, f"{held / MiB:.1f} MiB held ahead of a busy reader"
+        reading.go.set()
+        await reading.wait_for([40])
+        assert all(frame == bytes(message) for frame in reading.received[0])
+
+
+def fragments(length: int, pieces: int) -> list[bytes]:
+    """One binary message of ``length`` zero bytes as ``pieces`` masked frames."""
+    size = length // pieces
+    frames = []
+    for index in range(pieces):
+        opcode = 0x2 if index == 0 else 0x0
+        final = 0x80 if index == pieces - 1 else 0
+        header = bytes([final | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+        frames.append(header + b"\0\0\0\0" + bytes(size))
+    return frames
+
+
+def closes(peer: Peer) -> list[int]:
+    """Close codes the peer has read (without waiting)."""
+    return [event.code for event in peer.events if isinstance(event, CloseConnection)]
+
+
+async def test_all_sockets_together_hold_at_most_max_inbound_bytes_and_none_is_dropped() -> None:
+    engine = Engine(make_config(max_message_size=MiB, max_inbound_bytes=4 * MiB))
+    reading = Reading()
+    sockets, messages = 8, 8
+    async with worker_port_sockets(engine, reading, sockets) as peers:
+        for peer in peers:
+            await peer.stream.send_all(binary_message(MiB) * messages)
+        await trio.testing.wait_all_tasks_blocked()
+        held = sum(held_by_library(ws) for ws in reading.connections)
+        # The budget, the oldest message past it, and each socket's free read-ahead.
+        bound = 4 * MiB + MiB + sockets * 64 * 1024
+        assert held <= bound, f"{held / MiB:.1f} MiB held by {sockets} sockets"
+        assert engine.inbound.used <= 5 * MiB
+        # Backpressure, not refusal: every socket is still open, and loses nothing.
+        reading.go.set()
+        await reading.wait_for([messages] * sockets)
+        assert all(frame == bytes(MiB) for frames in reading.received for frame in frames)
+        assert not any(closes(peer) for peer in peers)
+        assert engine.inbound.used == 0
+
+
+async def test_a_socket_that_waits_for_room_past_the_timeout_is_closed_with_1013(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = Engine(
+        make_config(max_message_size=MiB, max_inbound_bytes=MiB, inbound_wait_timeout_ms=1000)
+    )
+    reading = Reading()
+    async with worker_port_sockets(engine, reading, 3) as peers:
+        for peer in peers:
+            await peer.stream.send_all(binary_message(MiB))
+            await trio.testing.wait_all_tasks_blocked()
+        # The first message fills the budget, the second goes past it (the oldest
+        # receiver), the third waits: its socket is not read.
+        assert not any(closes(peer) for peer in peers)
+        with trio.fail_after(10):
+            refused = await peers[2].read_until(CloseConnection)
+        assert refused.code == 1013
+        await trio.sleep(5)  # the two others wait for their (busy) reader only
+        assert [closes(peer) for peer in peers[:2]] == [[], []]
+        assert engine.inbound.statistics().timed_out == 1
+        reading.go.set()
+        await reading.wait_for([1, 1])
+        assert engine.inbound.used == 0
+    assert "closed (1013)" in caplog.text
+
+
+async def test_large_messages_received_at_once_all_complete_the_oldest_first() -> None:
+    """Each would hold part of the budget and wait for the others forever, were
+    the oldest receiver not let past the limit (up to one message)."""
+    engine = Engine(
+        make_config(max_message_size=MiB, max_inbound_bytes=MiB, inbound_wait_timeout_ms=600_000)
+    )
+    reading = Reading()
+    reading.go.set()
+    async with worker_port_sockets(engine, reading, 3) as peers:
+        pieces = [fragments(MiB, 16) for _ in peers]
+        for index in range(16):  # interleaved, one fragment of each in turn
+            for peer, frames in zip(peers, pieces, strict=True):
+                await peer.stream.send_all(frames[index])
+        await reading.wait_for([1, 1, 1], timeout=10)
+        assert all(frames == [bytes(MiB)] for frames in reading.received)
+        assert engine.inbound.peak <= 2 * MiB

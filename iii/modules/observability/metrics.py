@@ -403,6 +403,27 @@ class PrometheusCollector(Collector):
         yield GaugeMetricFamily(
             "iii_open_sockets", "Sockets open on the worker port", value=engine.open_sockets
         )
+        inbound = engine.inbound.statistics()
+        yield GaugeMetricFamily(
+            "iii_inbound_bytes",
+            "Bytes of peer messages held on the WebSocket ports (max_inbound_bytes)",
+            value=inbound.used,
+        )
+        yield GaugeMetricFamily(
+            "iii_inbound_bytes_peak",
+            "The most bytes of peer messages held at once since start",
+            value=inbound.peak,
+        )
+        yield GaugeMetricFamily(
+            "iii_inbound_waiting",
+            "Sockets not read now: waiting for room in max_inbound_bytes",
+            value=inbound.waiting,
+        )
+        yield CounterMetricFamily(
+            "iii_inbound_timeouts",
+            "Sockets closed (1013) after waiting for room past inbound_wait_timeout_ms",
+            value=inbound.timed_out,
+        )
         frames = CounterMetricFamily(
             "iii_telemetry_frames", "SDK telemetry frames received", labels=["kind"]
         )

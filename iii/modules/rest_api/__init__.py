@@ -11,7 +11,9 @@ another function with the same method and path shape is refused with a
 worker registered that route.
 
 Files: :mod:`.routes` (the route table), :mod:`.server` (HTTP/1.1 on h11 and
-trio), :mod:`.dispatch` (request -> function call -> answer), :mod:`.cors`.
+trio), :mod:`.dispatch` (request -> function call -> answer), :mod:`.exchange`
+(a request while its function runs), :mod:`.bodies` (JSON bodies within
+``max_body_bytes_in_flight``), :mod:`.cors`.
 
 Lifetime: :meth:`Module.run` registers the trigger type, starts the server in
 the module's own nursery and reports ready once the port is bound
@@ -30,8 +32,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from iii.admission import Admission, ConnectionLimits
+from iii.config import Count
 from iii.errors import TriggerRegistrationError
 from iii.grants import TriggerAccess
+from iii.inbound import InboundBudget
 from iii.log import bounded_repr
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
@@ -50,7 +55,7 @@ from iii.security import server_ssl_context
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "route_for_trigger"]
+__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "Statistics", "route_for_trigger"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,26 @@ class CorsConfig:
     allowed_methods: tuple[str, ...] = ()
 
 
+def _holds_a_body(config: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < config.max_body_size:
+        raise ValueError(
+            f"{attribute.name}: must be at least max_body_size ({config.max_body_size}), "
+            f"got {value}"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Statistics:
+    """What :meth:`Module.statistics` reports (``iii_module_rest_api_*`` on /metrics)."""
+
+    body_bytes: int  # bytes of JSON bodies held now (max_body_bytes_in_flight)
+    body_bytes_peak: int
+    bodies_waiting: int  # requests whose body waits for room now
+    bodies_refused: int  # answered 503: no room before their deadline
+    connections: int  # sockets open now
+    connections_refused: int  # sockets refused on accept (503)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     port: int = 3111
@@ -75,6 +100,14 @@ class Config:
     cors: CorsConfig | None = None
     # Ours (upstream has no limit): a larger request body gets 413.
     max_body_size: int = 64 * MiB
+    # Ours: bytes of JSON request bodies held at once past each request's
+    # first 64 KiB; a body finds no room -> not read; none until its deadline
+    # -> 503 with Retry-After (see .bodies).  At least max_body_size.
+    max_body_bytes_in_flight: int = attrs.field(default=256 * MiB, validator=_holds_a_body)
+    # Ours: sockets open at once, in all and from one peer address (an IPv6
+    # address counts by its /64), counted from accept; more get 503 at once.
+    max_connections: Count = Count(4096)
+    max_connections_per_address: Count = Count(256)
 
     @property
     def timeout(self) -> float:
@@ -145,15 +178,40 @@ class Module:
             timeout=config.timeout,
             concurrency_limit=config.concurrency_request_limit,
             max_body_size=config.max_body_size,
+            max_body_bytes_in_flight=config.max_body_bytes_in_flight,
             cors=CorsPolicy() if cors is None else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
             health=self.health,
         )
-        self.server = HttpServer(self.dispatcher)
+        self.server = HttpServer(
+            self.dispatcher,
+            admission=Admission(
+                ConnectionLimits(
+                    max_connections=config.max_connections,
+                    max_per_address=config.max_connections_per_address,
+                )
+            ),
+        )
 
     @property
     def port(self) -> int | None:
         """The bound port once started."""
         return self.server.port
+
+    @property
+    def bodies(self) -> InboundBudget:
+        """The bytes of JSON request bodies held now (``max_body_bytes_in_flight``)."""
+        return self.dispatcher.bodies
+
+    def statistics(self) -> Statistics:
+        bodies = self.dispatcher.bodies.statistics()
+        return Statistics(
+            body_bytes=bodies.used,
+            body_bytes_peak=bodies.peak,
+            bodies_waiting=bodies.waiting,
+            bodies_refused=self.dispatcher.bodies_refused,
+            connections=self.server.connections,
+            connections_refused=self.server.refused,
+        )
 
     def health(self) -> tuple[int, dict[str, Any]]:
         engine = self.engine

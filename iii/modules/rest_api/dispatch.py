@@ -24,14 +24,16 @@ protocol.md §5.2 / modules.md §1:
 concurrency slot, the condition, the call); after the head, each gap between
 body frames is bounded by it as well.  Errors are JSON
 ``{"error": {"code", "message", "error_id"}}``: 404 no route, 405 wrong
-method, 413 body too large, 422 condition not met, 500 function error, 504
-timeout.  Details of a 500 are logged with its ``error_id``, not sent.
+method, 413 body too large, 422 condition not met, 500 function error, 503
+no room for a JSON body before the deadline (:mod:`.bodies`, with
+``Retry-After``), 504 timeout.  Details of a 500 are logged with its
+``error_id``, not sent.
 
-Lifetime: the call runs in the request's own task; the body feeder and the
-response reader are side tasks of that request (:mod:`.side_tasks`), started
-only when the function opens those channels (a function that just returns
-costs no task and no nursery), and joined before the request ends; its two
-channels are removed when the request ends.
+Lifetime: the call runs in the request's own task (:mod:`.exchange`); the
+body feeder and the response reader are side tasks of that request
+(:mod:`.side_tasks`), started only when the function opens those channels (a
+function that just returns costs no task and no nursery), and joined before
+the request ends; its two channels are removed when the request ends.
 """
 
 from __future__ import annotations
@@ -41,21 +43,28 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-import attrs
 import h11
 import orjson
 import trio
 
 from iii import json_limits
-from iii.channels import Channel, random_uuid
+from iii.channels import random_uuid
 from iii.errors import IIIError
 from iii.grants import Grant
+from iii.inbound import InboundAccount, InboundBudget
 from iii.log import bounded_repr
+from iii.modules.rest_api.bodies import (
+    FREE_BYTES,
+    RETRY_AFTER,
+    BodyTimeoutError,
+    NoRoomError,
+    read_body,
+)
 from iii.modules.rest_api.cors import CorsPolicy
+from iii.modules.rest_api.exchange import Exchange
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.server import (
     BodyTooLargeError,
-    ClientGoneError,
     HttpRequest,
     Responder,
     new_error_id,
@@ -63,7 +72,6 @@ from iii.modules.rest_api.server import (
 from iii.modules.rest_api.side_tasks import SideTasks
 
 if TYPE_CHECKING:
-    from iii.channel_buffer import FrameReader, FrameWriter
     from iii.engine import Engine
 
 __all__ = ["RestDispatcher", "build_payload", "parse_headers"]
@@ -71,6 +79,7 @@ __all__ = ["RestDispatcher", "build_payload", "parse_headers"]
 log = logging.getLogger(__name__)
 
 JSON = (b"content-type", b"application/json")
+_ANSWERED = object()  # a request answered already (an error)
 # Hop-by-hop and framing headers a function may not set: the server frames.
 _DROPPED_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
 
@@ -148,6 +157,7 @@ class RestDispatcher:
         timeout: float,
         concurrency_limit: int,
         max_body_size: int,
+        max_body_bytes_in_flight: int,
         cors: CorsPolicy,
         health: Callable[[], tuple[int, dict[str, Any]]],
     ):
@@ -156,6 +166,9 @@ class RestDispatcher:
         self.timeout = timeout
         self.limiter = trio.Semaphore(max(1, concurrency_limit))
         self.max_body_size = max_body_size
+        # JSON bodies held at once (iii.modules.rest_api.bodies).
+        self.bodies = InboundBudget(limit=max_body_bytes_in_flight, slack=max_body_size)
+        self.bodies_refused = 0  # answered 503: no room before their deadline
         self.cors = cors
         self.health = health
 
@@ -282,28 +295,67 @@ class RestDispatcher:
         traceparent: str | None = None,
         baggage: str | None = None,
     ) -> None:
-        route = match.route
         content_type = (request.header(b"content-type") or b"").lower()
-        is_json = b"application/json" in content_type
-        body = None
-        if is_json:
-            raw = b""
-            with trio.move_on_at(deadline) as reading:
-                try:
-                    raw = await request.read_all(self.max_body_size)
-                except BodyTooLargeError as exc:
-                    await responder.respond_error(413, "PAYLOAD_TOO_LARGE", str(exc))
-                    return
-            if reading.cancelled_caught:
-                await self._timeout_response(responder, route.function_id)
-                return
-            try:
-                body = json_limits.loads(raw) if raw else None
-            except json_limits.JsonTooDeepError as exc:
-                await responder.respond_error(400, "BAD_REQUEST", f"request body {exc.reason}")
-                return
-            except orjson.JSONDecodeError:
-                body = None
+        if b"application/json" not in content_type:
+            await self._call(request, responder, match, None, False, deadline, traceparent, baggage)
+            return
+        # The body's bytes count in max_body_bytes_in_flight until the request ends.
+        account = InboundAccount(budget=self.bodies, allowance=FREE_BYTES)
+        try:
+            body = await self._json_body(request, responder, match, account, deadline)
+            if body is not _ANSWERED:
+                await self._call(request, responder, match, body, True, deadline, traceparent, baggage)
+        finally:
+            account.close()
+
+    async def _json_body(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        account: InboundAccount,
+        deadline: float,
+    ) -> Any:
+        """The parsed body (None if empty or not JSON), or _ANSWERED with an error sent."""
+        try:
+            raw = await read_body(request, account, limit=self.max_body_size, deadline=deadline)
+        except BodyTooLargeError as exc:
+            await responder.respond_error(413, "PAYLOAD_TOO_LARGE", str(exc))
+            return _ANSWERED
+        except NoRoomError:
+            self.bodies_refused += 1
+            responder.extra_headers.append((b"retry-after", RETRY_AFTER))
+            await responder.respond_error(
+                503,
+                "SERVER_BUSY",
+                "the server holds as many request bodies as it may "
+                "(max_body_bytes_in_flight): try again later",
+            )
+            return _ANSWERED
+        except BodyTimeoutError:
+            await self._timeout_response(responder, match.route.function_id)
+            return _ANSWERED
+        try:
+            return json_limits.loads(raw) if raw else None
+        except json_limits.JsonTooDeepError as exc:
+            await responder.respond_error(400, "BAD_REQUEST", f"request body {exc.reason}")
+            return _ANSWERED
+        except orjson.JSONDecodeError:
+            return None
+
+    async def _call(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        match: RouteMatch,
+        body: Any,
+        is_json: bool,
+        deadline: float,
+        traceparent: str | None,
+        baggage: str | None,
+    ) -> None:
+        """Call the route's function (its condition first) with the request's payload."""
+        route = match.route
         payload = build_payload(request, match, body)
         # The calls are made for the route's registrants, under their grant.
         grant = getattr(route.key, "grant", None)
@@ -328,7 +380,7 @@ class RestDispatcher:
         try:
             payload["request_body"] = request_channel.ref("read")
             payload["response"] = response_channel.ref("write")
-            exchange = _Exchange(
+            exchange = Exchange(
                 dispatcher=self,
                 request=request,
                 responder=responder,
@@ -470,179 +522,3 @@ class RestDispatcher:
         error_id = new_error_id()
         log.warning("%s: 500 (error_id %s): %s", function_id, error_id, detail)
         await responder.respond_error(500, "INTERNAL_ERROR", "internal server error", error_id=error_id)
-
-
-@attrs.define(eq=False)
-class _Exchange:
-    """One routed request while its function runs.
-
-    The request's task awaits the call itself.  Work on the channels starts
-    only when the function's side claims them (``Channel.on_claim``): the
-    body feeder when it opens ``request_body``, the response reader when it
-    opens ``response``, each a side task (:mod:`.side_tasks`).  A function
-    that just returns a value costs no extra task and no nursery.  Whoever
-    answers first owns the response: the call's result (a value), the
-    streamed answer (its first body frame or its close), or a failure (413,
-    client gone); the others then stand down (:meth:`stop`).
-    """
-
-    dispatcher: RestDispatcher
-    request: HttpRequest
-    responder: Responder
-    function_id: str
-    grant: Grant | None  # the route's registrants' token
-    invocation_id: str
-    deadline: float  # for the response head, then for each gap in a streamed body
-    side: SideTasks
-    request_channel: Channel  # the engine writes the body (if streamed)
-    response_channel: Channel  # the engine reads a streamed answer
-    body_streamed: bool  # False: the body went into the payload, or there is none
-    status: int = 200
-    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
-    answered: bool = False  # the response belongs to whoever set this
-    stopped: bool = False
-    stream_done: trio.Event = attrs.field(factory=trio.Event)
-    _waiting: trio.CancelScope | None = None  # the call's wait for a streamed answer
-    client_gone: ClientGoneError | None = None
-
-    def take_answer(self) -> bool:
-        """Claim the response; False if another party already owns it."""
-        if self.answered:
-            return False
-        self.answered = True
-        return True
-
-    def stop(self) -> None:
-        """The request is over (answered, failed, or its client left).
-
-        The side tasks are cancelled, and a call still waiting for the
-        function stops waiting (the function itself runs on: the engine
-        cannot take back an invocation it sent).
-        """
-        self.stopped = True
-        self.side.cancel()
-        self.stream_done.set()
-        self.dispatcher.engine.pending.abandon(self.invocation_id)
-
-    # -- the call (the request's own task) ----------------------------------------
-
-    async def call(
-        self, payload: dict[str, Any], traceparent: str | None = None, baggage: str | None = None
-    ) -> None:
-        dispatcher = self.dispatcher
-        try:
-            result = await dispatcher.engine.invoke(
-                self.function_id,
-                payload,
-                invocation_id=self.invocation_id,
-                timeout=max(0.0, self.deadline - trio.current_time()),
-                traceparent=traceparent,
-                baggage=baggage,
-                grant=self.grant,
-            )
-        except IIIError as exc:
-            if self.take_answer():
-                await dispatcher._error_response(self.responder, exc, self.function_id)
-                self.stop()
-                return
-            if not self.stopped:
-                log.warning("%s failed while its answer streamed: %s: %s", self.function_id, exc.code, exc.message)
-        else:
-            if result is not None:
-                if self.take_answer():
-                    await dispatcher._simple_response(self.responder, self.function_id, result)
-                    self.stop()
-                    return
-                log.debug("%s returned a value after streaming its answer: ignored", self.function_id)
-        # The answer comes (or came) through the response channel; the
-        # request's deadline gives the 504 if it never does.
-        with trio.CancelScope(deadline=self.deadline) as waiting:
-            self._waiting = waiting
-            await self.stream_done.wait()
-        self._waiting = None
-        if waiting.cancelled_caught:
-            if self.take_answer():
-                await dispatcher._timeout_response(self.responder, self.function_id)
-            self.stop()
-
-    def extend(self) -> None:
-        """A body frame went out: the next one gets the full timeout again."""
-        self.deadline = trio.current_time() + self.dispatcher.timeout
-        self.side.extend(self.deadline)
-        if self._waiting is not None:
-            self._waiting.deadline = self.deadline
-
-    # -- the response channel -----------------------------------------------------
-
-    def on_response_claim(self, side: str) -> None:
-        if side == "write" and not self.stopped:
-            self.side.start_soon(self._stream, self.response_channel.receive_side)
-
-    async def _stream(self, frames: FrameReader) -> None:
-        dispatcher = self.dispatcher
-        responder = self.responder
-        try:
-            async for frame in frames:
-                if isinstance(frame, str):
-                    self.status, self.headers = dispatcher._control(
-                        self.function_id, frame, self.status, self.headers, responder.started
-                    )
-                    continue
-                if not responder.started and not self.take_answer():
-                    return
-                if not responder.started:
-                    await responder.start(self.status, self.headers)
-                await responder.send(frame)
-                self.extend()
-            if not responder.started and not self.take_answer():
-                return
-            if not responder.started:
-                await responder.start(self.status, self.headers)
-            await responder.end()
-        except trio.ClosedResourceError:
-            pass  # the channel was removed: the request is over
-        except h11.LocalProtocolError as exc:
-            # Bad headers from the function, or a body that does not fit its
-            # own content-length: a started answer is cut off.
-            log.warning("%s: streamed answer refused: %s", self.function_id, exc)
-            if not responder.started:
-                await dispatcher._internal_error(responder, self.function_id, f"invalid streamed answer: {exc}")
-            self.stop()
-        except ClientGoneError as exc:
-            self.client_gone = exc
-            self.stop()
-        finally:
-            self.stream_done.set()
-
-    # -- the request body -----------------------------------------------------------
-
-    def on_request_claim(self, side: str) -> None:
-        if side != "read":
-            return
-        body_writer = self.request_channel.send_side
-        if self.body_streamed and not self.stopped:
-            self.side.start_soon(self._feed_body, body_writer)
-        else:
-            body_writer.close()  # the reader gets the end of stream at once
-
-    async def _feed_body(self, body_writer: FrameWriter) -> None:
-        """Stream the request body into the channel while the function runs."""
-        limit = self.dispatcher.max_body_size
-        total = 0
-        try:
-            while (chunk := await self.request.receive()) is not None:
-                total += len(chunk)
-                if total > limit:
-                    if self.take_answer() and not self.responder.started:
-                        await self.responder.respond_error(
-                            413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes"
-                        )
-                    self.stop()  # a started answer is cut off: the connection closes
-                    return
-                await body_writer.send(chunk)
-            body_writer.close()
-        except ClientGoneError as exc:
-            self.client_gone = exc
-            self.stop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the function's reader left; the server drains or closes

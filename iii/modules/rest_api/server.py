@@ -19,6 +19,14 @@ What the loop gives an application (``app(request, responder)``):
   when the length is unknown; HEAD, 204 and 304 answers carry no body);
 * TCP_NODELAY (trio sets it on every accepted TCP socket).
 
+A connection closed while the client still sends a body (an answer sent
+early: 413, 503) is shut on our side first, and what arrives is dropped for
+up to ``LINGER_TIMEOUT``, so the client reads the answer rather than a reset.
+
+Connections are counted from accept (:mod:`iii.admission`): a socket past
+``max_connections_per_address`` from its address, or past ``max_connections``
+in all, is answered 503 (``Retry-After: 1``) without being read, and closed.
+
 Timeouts: a connection gets ``HEADER_TIMEOUT`` to send a request head,
 ``KEEP_ALIVE_TIMEOUT`` of idleness between requests, and ``IO_TIMEOUT`` for
 each receive of body bytes and each send.  A malformed request gets a JSON
@@ -48,6 +56,8 @@ import h11
 import orjson
 import trio
 
+from iii.admission import Admission, ConnectionLimits, peer_of
+from iii.log import RateLimitedLog
 from iii.modules.rest_api.framing import framing_problem, request_head
 
 __all__ = [
@@ -72,6 +82,17 @@ IO_TIMEOUT = 30.0
 # After a response, an unread request body is drained up to this size so the
 # connection can be kept; a larger rest closes the connection instead.
 DRAIN_LIMIT = 256 * 1024
+# Written to a socket refused on accept (plain TCP); its request is never read.
+REFUSED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    b"Retry-After: 1\r\nContent-Length: 21\r\nConnection: close\r\n\r\n"
+    b"Too many connections\n"
+)
+REFUSE_TIMEOUT = 0.5
+# Closing with a request body still arriving: how long the rest is read and
+# dropped after our side is shut, so the client reads our answer (a 413 or
+# 503 sent early) instead of a reset (a "lingering close").
+LINGER_TIMEOUT = 2.0
 
 Headers = Iterable[tuple[bytes, bytes]]
 
@@ -319,6 +340,33 @@ class Responder:
 App = Callable[[HttpRequest, Responder], Awaitable[None]]
 
 
+async def _refuse(stream: trio.abc.Stream) -> None:
+    """Answer 503 without reading (plain TCP only: TLS would need a handshake) and close."""
+    try:
+        if not isinstance(stream, trio.SSLStream):
+            with trio.move_on_after(REFUSE_TIMEOUT):
+                await stream.send_all(REFUSED_RESPONSE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Shut our side, then read and drop what the client still sends, for at most
+    ``LINGER_TIMEOUT``: closing with its body unread would reset the connection,
+    and the client could lose the answer.  (Plain TCP only: TLS cannot half-close.)"""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(LINGER_TIMEOUT):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 def _split_target(target: str) -> tuple[str, str]:
     if target.startswith(("http://", "https://")):  # absolute-form
         rest = target.split("://", 1)[1]
@@ -333,9 +381,18 @@ class HttpServer:
     """Serves ``app`` on a TCP port; see the module docstring."""
 
     app: App
+    # Who may hold a socket (iii.admission): counted from accept, per peer
+    # address and in all; past either a socket gets 503 before it is read.
+    admission: Admission = attrs.field(
+        factory=lambda: Admission(ConnectionLimits(max_connections=4096, max_per_address=256))
+    )
     port: int | None = None
     draining: bool = False
     active_requests: int = 0
+    refused: int = 0  # sockets refused on accept
+    _refusals: RateLimitedLog = attrs.field(
+        factory=lambda: RateLimitedLog(log, burst=1, interval=10.0)
+    )
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _idle: set[trio.CancelScope] = attrs.field(factory=set)
     _task_nursery: trio.Nursery | None = None  # set while serving
@@ -372,16 +429,25 @@ class HttpServer:
         for scope in list(self._idle):
             scope.cancel()
 
+    @property
+    def connections(self) -> int:
+        """Sockets open on the port."""
+        return self.admission.open
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        peer_text = ""
-        transport = getattr(stream, "transport_stream", stream)  # under TLS, the socket below
-        sock = getattr(transport, "socket", None)  # a SocketStream; tests may pass memory streams
-        if sock is not None:
-            try:
-                peer = sock.getpeername()
-                peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-            except OSError:
-                pass
+        peer_text, address = peer_of(stream)
+        slot = self.admission.admit(address)
+        if slot is None:
+            self.refused += 1
+            self._refusals.warning(
+                "REST port: refused a socket from %s on accept (503): "
+                "max_connections_per_address (%d) or max_connections (%d) reached",
+                address,
+                self.admission.limits.max_per_address,
+                self.admission.limits.max_connections,
+            )
+            await _refuse(stream)
+            return
         conn = _Connection(stream, h11.Connection(h11.SERVER), peer_text)
         try:
             await self._serve_connection(conn)
@@ -390,9 +456,14 @@ class HttpServer:
         except Exception:
             log.exception("%s: HTTP connection failed", peer_text)
         finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await stream.aclose()
+            slot.release()
+            try:
+                if conn.h11.their_state is h11.SEND_BODY:
+                    await _linger(stream)
+            finally:
+                with trio.move_on_after(1) as cleanup:
+                    cleanup.shield = True
+                    await stream.aclose()
 
     async def _serve_connection(self, conn: _Connection) -> None:
         first = True

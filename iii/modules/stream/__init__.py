@@ -58,7 +58,9 @@ the caller's frames with ``payload_too_large``, both before anything changes
 (:mod:`iii.adapters.limits`); ``max_connections`` (4096 upgraded client
 sockets; more get HTTP 503) and ``max_connections_per_address`` (128 client
 sockets per peer address, counted from accept; more are refused at once),
-both ours.
+and ``max_inbound_bytes`` (16 MiB: what all client sockets together may hold
+of their messages, past a few KiB each; a share of the engine's
+``max_inbound_bytes``, so clients cannot take the workers' room), all ours.
 Error codes: ``STREAM_SET_ERROR`` (also for update), ``STREAM_GET_ERROR``,
 ``STREAM_DELETE_ERROR``, ``STREAM_GET_GROUP_ERROR``,
 ``STREAM_LIST_GROUPS_ERROR``, ``STREAM_LIST_ALL_ERROR``, ``STREAM_SEND_ERROR``
@@ -87,7 +89,7 @@ from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
-from iii.modules.stream.server import StreamServer, stream_message
+from iii.modules.stream.server import MAX_CLIENT_MESSAGE, StreamServer, stream_message
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
 from iii.security import server_ssl_context
@@ -100,6 +102,7 @@ __all__ = ["Config", "Module"]
 
 log = logging.getLogger(__name__)
 
+MiB = 1024 * 1024
 OVERRIDE_OPS = ("set", "get", "delete", "list", "list_groups", "update")
 _OVERRIDE = re.compile(r"^stream::(?:" + "|".join(OVERRIDE_OPS) + r")\(.*\)$", re.DOTALL)
 # A stream trigger names its condition and hands out the items of its stream:
@@ -120,6 +123,14 @@ def _positive(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
         raise ValueError(f"{attribute.name} must be a positive number of milliseconds")
 
 
+def _holds_a_message(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < MAX_CLIENT_MESSAGE:
+        raise ValueError(
+            f"{attribute.name}: must be at least one client message "
+            f"({MAX_CLIENT_MESSAGE} bytes), got {value}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     port: int = 3112
@@ -136,6 +147,10 @@ class Config:
     # at once); see iii.admission.
     max_connections: Count = Count(4096)
     max_connections_per_address: Count = Count(128)
+    # Bytes of client messages held at once (queued or being received) past
+    # each socket's small read-ahead: a share of the engine's max_inbound_bytes
+    # (iii.inbound), so that clients never take the room workers need.
+    max_inbound_bytes: int = attrs.field(default=16 * MiB, validator=_holds_a_message)
 
     @property
     def auth_timeout(self) -> float:
@@ -251,6 +266,8 @@ class Module:
                 max_connections=config.max_connections,
                 max_per_address=config.max_connections_per_address,
             ),
+            inbound=engine.inbound.share(config.max_inbound_bytes, slack=MAX_CLIENT_MESSAGE),
+            inbound_wait_timeout=engine.config.inbound_wait_timeout,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -60,13 +60,22 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from iii import json_limits
 from iii.admission import Admission, ConnectionLimits
 from iii.containment import start_contained
+from iii.inbound import InboundBudget
 from iii.wsserver import ConnectionOptions, Upgrade, serve_websockets
 
-__all__ = ["StreamServer", "ClientConnection", "Subscription", "stream_message"]
+__all__ = [
+    "StreamServer",
+    "ClientConnection",
+    "Subscription",
+    "stream_message",
+    "MAX_CLIENT_MESSAGE",
+]
 
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024
+# The largest message a client may send (a join or leave is a few hundred bytes).
+MAX_CLIENT_MESSAGE = 1024 * 1024
 # A client whose queue overflowed gets this long to take what is queued and
 # the 1008 close; then its connection is cancelled, even if a send is stuck
 # on a socket it no longer reads.
@@ -155,6 +164,8 @@ class StreamServer:
         read_sync: SyncReader,
         ssl_context: ssl.SSLContext | None = None,
         limits: ConnectionLimits | None = None,
+        inbound: InboundBudget | None = None,
+        inbound_wait_timeout: float = 15.0,
     ):
         self.host = host
         self.port = port
@@ -164,6 +175,15 @@ class StreamServer:
             limits or ConnectionLimits(max_connections=4096, max_per_address=128)
         )
         self.ssl_context = ssl_context  # set: the port speaks wss://
+        # What a client's socket may hold of its messages: one queued (a few
+        # KiB), then the engine's max_inbound_bytes (iii.wsserver).
+        self.options = ConnectionOptions(
+            max_message_size=MAX_CLIENT_MESSAGE,
+            handshake_timeout=10.0,
+            close_timeout=2.0,
+            inbound=inbound,
+            inbound_wait_timeout=inbound_wait_timeout,
+        )
         self.authenticate = authenticate
         self.run_join_triggers = run_join_triggers
         self.read_sync = read_sync
@@ -219,7 +239,7 @@ class StreamServer:
                     port=self.port,
                     ssl_context=self.ssl_context,
                     admission=self.sockets,
-                    options=ConnectionOptions(handshake_timeout=10.0, close_timeout=2.0),
+                    options=self.options,
                     port_name="stream port",
                     handler_nursery=connection_nursery,
                 )
