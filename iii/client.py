@@ -51,7 +51,6 @@ from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    wrap_client_stream,
 )
 
 from iii import __version__
@@ -66,6 +65,7 @@ from iii.protocol import (
     decode_message,
     encode_message,
 )
+from iii.wsconnection import open_client_connection
 
 __all__ = [
     "DEFAULT_URL",
@@ -455,9 +455,9 @@ async def open_session(endpoint: Endpoint) -> AsyncIterator[Session]:
                     if endpoint.token
                     else None
                 )
-                ws = await wrap_client_stream(
+                ws = await open_client_connection(
                     session_nursery,
-                    guard,  # type: ignore[arg-type]  # any trio stream works; the hint names sockets
+                    guard,
                     endpoint.host_header,
                     endpoint.resource,
                     extra_headers=headers,

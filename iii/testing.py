@@ -23,11 +23,12 @@ import attrs
 import orjson
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket, wrap_client_stream
+from trio_websocket import WebSocketConnection, open_websocket
 
 from iii.config import EngineConfig, parse_config
 from iii.engine import Engine, serve_engine
 from iii.listener import connection_options, handle_upgrade
+from iii.wsconnection import open_client_connection
 from iii.wsserver import serve_socket
 
 __all__ = [
@@ -130,10 +131,7 @@ async def connect_test_worker(
         )
     )
     async with trio.open_nursery() as nursery:
-        # Any trio stream works; trio-websocket's hint names sockets only.
-        ws = await wrap_client_stream(
-            nursery, client_stream, "engine", path, max_message_size=64 * 1024 * 1024  # type: ignore[arg-type]
-        )
+        ws = await open_client_connection(nursery, client_stream, "engine", path)
         worker = RawWorker(ws)
         if handshake and path == "/":
             registered = await worker.receive()

@@ -31,14 +31,14 @@ from typing import Any
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
-from wsproto import WSConnection
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from iii.inbound import InboundAccount
 from iii.log import RateLimitedLog
 
-__all__ = ["GuardedConnection", "PRIVATE_SURFACE"]
+__all__ = ["GuardedConnection", "PRIVATE_SURFACE", "open_client_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 PRIVATE_SURFACE = (
     "_reader_task",
     "_get_request",
+    "_open_handshake",
     "_close_handshake",
     "_handle_ping_event",
     "_send",
@@ -315,3 +316,35 @@ async def _nothing() -> None:
 
 _OPEN_ONLY = frozenset({TextMessage, BytesMessage, Ping, Pong})
 _MAY_CLOSE = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING})
+
+
+async def open_client_connection(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    host: str,
+    path: str,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    max_message_size: int = 64 * 1024 * 1024,
+) -> GuardedConnection:
+    """The client end of a WebSocket, as ``trio_websocket.wrap_client_stream`` makes it.
+
+    On a :class:`GuardedConnection`: trio-websocket's own client has issue
+    #184 too (its reader answers a Ping after the Close went out and raises
+    ``LocalProtocolError``), so a peer that pings while we close could fail
+    the task holding the client.  The reader task runs in ``nursery``.
+    Inbound bytes are left to the library's one-message queue.
+    """
+    connection = GuardedConnection(
+        stream,
+        WSConnection(ConnectionType.CLIENT),
+        host=host,
+        path=path,
+        client_extra_headers=extra_headers,
+        max_message_size=max_message_size,
+        read_ahead_bytes=max_message_size,
+        label="client",
+    )
+    nursery.start_soon(connection._reader_task)
+    await connection._open_handshake.wait()
+    return connection
