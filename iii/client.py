@@ -323,8 +323,9 @@ def _translate(exc: BaseException, endpoint: Endpoint) -> ClientError | None:
 
 
 def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    leaves = [leaf for leaf in _leaves(group) if not isinstance(leaf, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else None
+    """The group's one exception; None if it holds several, or a Cancelled (never swallowed)."""
+    leaves = list(_leaves(group))
+    return leaves[0] if len(leaves) == 1 and not isinstance(leaves[0], trio.Cancelled) else None
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
