@@ -85,13 +85,17 @@ async def serve_calls(engine: Engine, worker: RawWorker, answer: Answer) -> None
             nursery.start_soon(answer, engine, worker, message)
 
 
-async def get_on(
-    stream: trio.SocketStream, client: h11.Connection, path: str
+async def request_on(
+    stream: trio.SocketStream, client: h11.Connection, path: str, method: str = "GET", body: bytes = b""
 ) -> tuple[int, dict[bytes, bytes], bytes]:
     """One request on a kept-alive connection: (status, headers, body)."""
-    request = h11.Request(method="GET", target=path, headers=[(b"host", b"test")])
-    await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
-    status, headers, body = 0, {}, b""
+    head = [(b"host", b"test"), (b"content-length", str(len(body)).encode())]
+    if body:
+        head.append((b"content-type", b"application/json"))
+    request = h11.Request(method=method, target=path, headers=head)
+    data = client.send(request) + (client.send(h11.Data(data=body)) if body else b"")
+    await stream.send_all(data + client.send(h11.EndOfMessage()))
+    status, headers, answer = 0, {}, b""
     with trio.fail_after(10):
         while True:
             event = client.next_event()
@@ -100,10 +104,10 @@ async def get_on(
             elif isinstance(event, h11.Response):
                 status, headers = event.status_code, dict(event.headers)
             elif isinstance(event, h11.Data):
-                body += event.data
+                answer += event.data
             elif isinstance(event, h11.EndOfMessage):
                 client.start_next_cycle()
-                return status, headers, body
+                return status, headers, answer
             else:
                 raise AssertionError(f"connection ended: {event!r}")
 
@@ -119,7 +123,7 @@ async def test_a_streamed_answer_wins_over_the_returned_value(answer: Answer, ca
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 client = h11.Connection(h11.CLIENT)
                 for _ in range(4):  # one kept-alive connection
-                    status, headers, body = await get_on(stream, client, "/accept")
+                    status, headers, body = await request_on(stream, client, "/accept")
                     assert (status, headers.get(b"x-step"), body) == (202, b"accept", BODY)
             await wait_until(lambda: len(engine.channels) == 0 and engine.inflight == 0)
             nursery.cancel_scope.cancel()
@@ -142,7 +146,7 @@ async def test_a_value_alone_still_answers() -> None:
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 client = h11.Connection(h11.CLIENT)
                 for _ in range(2):
-                    status, headers, body = await get_on(stream, client, "/plain")
+                    status, headers, body = await request_on(stream, client, "/plain")
                     assert (status, headers[b"content-type"]) == (201, b"application/json")
                     assert orjson.loads(body) == {"n": 1}
             nursery.cancel_scope.cancel()
