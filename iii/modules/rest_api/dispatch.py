@@ -52,7 +52,7 @@ from iii.channels import random_uuid
 from iii.errors import IIIError
 from iii.grants import Grant
 from iii.inbound import InboundAccount, InboundBudget
-from iii.log import bounded_repr
+from iii.log import SNIPPET_CHARS, bounded_repr, truncate
 from iii.modules.rest_api.bodies import (
     FREE_BYTES,
     RETRY_AFTER,
@@ -499,14 +499,18 @@ class RestDispatcher:
                 if h[0] not in _DROPPED_HEADERS and h[0] != b"content-length"
             ]
         except (TypeError, ValueError) as exc:
-            await self._internal_error(responder, function_id, f"invalid response: {exc}")
+            problem = truncate(str(exc), SNIPPET_CHARS)
+            await self._internal_error(responder, function_id, f"invalid response: {problem}")
             return
         if not any(name == b"content-type" for name, _ in headers):
             headers.insert(0, JSON)
         try:
             await responder.respond(status, headers, encoded)
         except h11.LocalProtocolError as exc:
-            await self._internal_error(responder, function_id, f"invalid response headers: {exc}")
+            problem = truncate(str(exc), SNIPPET_CHARS)  # h11 quotes the header whole
+            await self._internal_error(
+                responder, function_id, f"invalid response headers: {problem}"
+            )
 
     async def _error_response(self, responder: Responder, exc: IIIError, function_id: str) -> None:
         if exc.code == "timeout":

@@ -36,6 +36,7 @@ import trio
 from iii.channels import Channel
 from iii.errors import IIIError
 from iii.grants import Grant
+from iii.log import SNIPPET_CHARS, truncate
 from iii.modules.rest_api.server import ClientGoneError, HttpRequest, Responder
 from iii.modules.rest_api.side_tasks import SideTasks
 
@@ -194,12 +195,15 @@ class Exchange:
         except trio.ClosedResourceError:
             pass  # the channel was removed: the request is over
         except h11.LocalProtocolError as exc:
-            # Bad headers from the function, or a body that does not fit its
-            # own content-length: a started answer is cut off.
-            log.warning("%s: streamed answer refused: %s", self.function_id, exc)
-            if not responder.started:
+            # Bad headers from the function (500), or a body that does not fit
+            # its own content-length (a started answer is cut off).  h11 quotes
+            # the offending value whole: only a snippet of it is logged.
+            problem = truncate(str(exc), SNIPPET_CHARS)
+            if responder.started:
+                log.warning("%s: streamed answer cut off: %s", self.function_id, problem)
+            else:
                 await dispatcher._internal_error(
-                    responder, self.function_id, f"invalid streamed answer: {exc}"
+                    responder, self.function_id, f"invalid streamed answer: {problem}"
                 )
             self.stop()
         except ClientGoneError as exc:
