@@ -30,7 +30,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.modules.rest_api.test_rest_answer import request_on
+from tests.modules.rest_api.helpers import request_on
 from tests.support import EngineProcess, free_port
 
 pytestmark = pytest.mark.sdk

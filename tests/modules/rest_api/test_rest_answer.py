@@ -30,6 +30,7 @@ from tests.modules.rest_api.helpers import (
     add_route,
     open_channel_side,
     open_rest_engine,
+    request_on,
     wait_until,
 )
 
@@ -83,33 +84,6 @@ async def serve_calls(engine: Engine, worker: RawWorker, answer: Answer) -> None
         while True:
             message = await worker.receive_type("invokefunction", timeout=3600)
             nursery.start_soon(answer, engine, worker, message)
-
-
-async def request_on(
-    stream: trio.SocketStream, client: h11.Connection, path: str, method: str = "GET", body: bytes = b""
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One request on a kept-alive connection: (status, headers, body)."""
-    head = [(b"host", b"test"), (b"content-length", str(len(body)).encode())]
-    if body:
-        head.append((b"content-type", b"application/json"))
-    request = h11.Request(method=method, target=path, headers=head)
-    data = client.send(request) + (client.send(h11.Data(data=body)) if body else b"")
-    await stream.send_all(data + client.send(h11.EndOfMessage()))
-    status, headers, answer = 0, {}, b""
-    with trio.fail_after(10):
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                client.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status, headers = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                answer += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                client.start_next_cycle()
-                return status, headers, answer
-            else:
-                raise AssertionError(f"connection ended: {event!r}")
 
 
 @pytest.mark.parametrize("answer", [value_first, body_first], ids=["value-first", "body-first"])

@@ -340,7 +340,7 @@ iii.shutdown()
 
 
 async def test_sdk_090_streamed_and_returned_answer_is_the_streamed_one(caplog):
-    from tests.modules.rest_api.test_rest_answer import request_on
+    from tests.modules.rest_api.helpers import request_on
 
     caplog.set_level(logging.WARNING, logger="iii")
     async with open_test_engine(make_config([rest_module()])) as engine:
