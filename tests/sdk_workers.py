@@ -6,17 +6,24 @@ command per stdin line and prints one line per command: ``OK <json>`` or
 ``CALLED <function_id> <json data>`` when invoked; trigger-type handlers print
 ``TRIGGER+ <json>`` / ``TRIGGER- <json>``.
 
-Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"}``,
+Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"|"produce"}``,
 ``{"op": "call", "fn", "data", "timeout"?}``, ``{"op": "void", "fn", "data"}``,
 ``{"op": "trigger_type", "id"}``, ``{"op": "trigger", "type", "fn", "config"}``,
-``{"op": "functions"}``, ``{"op": "workers"}``.
+``{"op": "functions"}``, ``{"op": "workers"}`` (0.4.1 and 0.9.0).
+
+Channels (0.25.0 and 0.9.0): a ``produce`` function writes ``data["n"]``
+binary chunks of 16 KiB (``sha256(i)`` repeated) and a text message
+``{"i": i}`` after each into the channel writer ``data["output"]``, then
+closes it; 0.9.0's ``{"op": "channel_read", "fn", "n"}`` creates a channel,
+fires ``fn`` with its writer and reads the reader to the end: ``{"size",
+"sha256", "messages"}``.
 """
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["WORKER_041", "WORKER_025", "SCRIPTS", "command"]
+__all__ = ["WORKER_041", "WORKER_090", "WORKER_025", "SCRIPTS", "command", "produced"]
 
 WORKER_041 = r'''
 import asyncio, json, sys
@@ -86,7 +93,7 @@ asyncio.run(main())
 '''
 
 WORKER_025 = r'''
-import json, sys, time, warnings
+import hashlib, json, sys, time, warnings
 warnings.simplefilter("ignore")
 from iii import register_worker, InitOptions, InvocationError, TriggerAction
 from iii.triggers import TriggerHandler
@@ -101,6 +108,15 @@ class Provider(TriggerHandler):
         out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
 
 def make(kind, fid):
+    if kind == "produce":
+        async def produce(data):
+            out = data["output"]
+            for i in range(data["n"]):
+                await out.write(hashlib.sha256(str(i).encode()).digest() * 512)
+                await out.send_message_async(json.dumps({"i": i}))
+            await out.close_async()
+            return None
+        return produce
     def handler(data):
         print("CALLED " + fid + " " + json.dumps(data), flush=True)
         if kind == "slow":
@@ -137,7 +153,109 @@ for line in sys.stdin:
 iii.shutdown()
 '''
 
-SCRIPTS = {"0.4.1": WORKER_041, "0.25.0": WORKER_025}
+# 0.9.0 (the SDK Motia 1.0 runs on): ``register_worker`` as in 0.25, but
+# functions are registered with ``{"id": ...}``, a sync ``trigger`` from the
+# main thread, and an error result raised as ``Exception(str(error_dict))``.
+WORKER_090 = r'''
+import ast, asyncio, hashlib, json, sys, threading, time
+from iii import register_worker, InitOptions, TriggerAction
+from iii.triggers import TriggerHandler
+
+PRINT = threading.Lock()  # sync handlers run in the SDK's executor threads
+
+def out(prefix, value):
+    with PRINT:
+        print(prefix + " " + json.dumps(value), flush=True)
+
+class Provider(TriggerHandler):
+    async def register_trigger(self, config):
+        out("TRIGGER+", {"id": config.id, "function_id": config.function_id, "config": config.config})
+    async def unregister_trigger(self, config):
+        out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
+
+def make(kind, fid):
+    if kind == "produce":
+        async def produce(data):
+            output = data["output"]
+            for i in range(data["n"]):
+                await output.write(hashlib.sha256(str(i).encode()).digest() * 512)
+                await output.send_message_async(json.dumps({"i": i}))
+            await output.close_async()
+            return None
+        return produce
+    def handler(data):
+        with PRINT:
+            print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "slow":
+            time.sleep(60)
+        if kind == "fail":
+            raise RuntimeError("boom!")
+        return {"echo": data, "by": "0.9.0"}
+    return handler
+
+def error_of(exc):
+    text = str(exc)
+    if isinstance(exc, TimeoutError):
+        return {"code": "timeout", "message": text}
+    try:
+        body = ast.literal_eval(text) if text.startswith("{") else None
+    except Exception:
+        body = None
+    if isinstance(body, dict):
+        return {"code": body.get("code"), "message": body.get("message", text)}
+    return {"code": None, "message": repr(exc)}
+
+def channel_read(fn, n):
+    channel = iii.create_channel()
+    messages = []
+    channel.reader.on_message(lambda text: messages.append(json.loads(text)))
+    payload = {"output": channel.writer_ref.model_dump(), "n": n}
+    iii.trigger({"function_id": fn, "payload": payload, "action": TriggerAction.Void()})
+    data = asyncio.run(channel.reader.read_all())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "messages": messages}
+
+iii = register_worker(sys.argv[1], InitOptions(worker_name=sys.argv[2] if len(sys.argv) > 2 else "w090"))
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        op = cmd["op"]
+        result = None
+        if op == "register":
+            iii.register_function({"id": cmd["id"]}, make(cmd.get("kind", "echo"), cmd["id"]))
+        elif op == "call":
+            result = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "timeout_ms": int(cmd.get("timeout", 15) * 1000)})
+        elif op == "void":
+            iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "action": TriggerAction.Void()})
+        elif op == "trigger_type":
+            iii.register_trigger_type({"id": cmd["id"], "description": "test type"}, Provider())
+        elif op == "trigger":
+            iii.register_trigger({"type": cmd["type"], "function_id": cmd["fn"], "config": cmd.get("config")})
+        elif op == "functions":
+            result = sorted(f.function_id for f in iii.list_functions())
+        elif op == "workers":
+            result = [{"name": w.name, "functions": w.functions} for w in iii.list_workers()]
+        elif op == "channel_read":
+            result = channel_read(cmd["fn"], cmd["n"])
+        out("OK", result)
+    except Exception as exc:
+        out("ERR", error_of(exc))
+iii.shutdown()
+'''
+
+SCRIPTS = {"0.4.1": WORKER_041, "0.9.0": WORKER_090, "0.25.0": WORKER_025}
+
+
+def produced(n: int) -> dict[str, object]:
+    """What a ``produce`` function of ``n`` chunks writes, as ``channel_read`` reports it."""
+    import hashlib
+
+    data = b"".join(hashlib.sha256(str(i).encode()).digest() * 512 for i in range(n))
+    return {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "messages": [{"i": i} for i in range(n)],
+    }
 
 
 async def command(worker, timeout: float = 30.0, **cmd):

@@ -21,15 +21,13 @@ Motia 1.0.4rc1 runs every handler on the SDK's event loop, where the SDK's
 synchronous calls (``enqueue``, ``Stream.get``/``set``) refuse to run
 ("Cannot call sync SDK methods from the event loop thread"), so the steps
 make them through ``asyncio.to_thread``: that is Motia's limitation, not the
-engine's.  The HTTP steps answer status 200: with a 0.9.0 worker our REST
-module does not yet give the client the status the step streams on its
-response channel (issue 11, part B), and this test is about running the
-project, not about that.  For the same reason each request has its own
-connection: today the engine may answer a 0.9.0 HTTP step from its return
-value and then fail to write the answer the step also streams, which breaks
-a kept-alive connection ("streamed answer refused: can't handle event type
-Data when role=SERVER and state=DONE"; the next request on it is reset).
-Both workarounds can go once part B's fix is merged.
+engine's.
+
+Motia answers an HTTP step both ways at once: it streams the status, headers
+and body on the response channel and returns the same value (README, "What
+iii-sdk 0.9.0 sends").  The steps here answer 202 and 404, and every request
+goes over one kept-alive connection: the client gets the status the step
+means, and the connection survives each answer.
 """
 
 from __future__ import annotations
@@ -63,7 +61,7 @@ async def handler(args, ctx):
     # Motia 1.0.4rc1 runs handlers on the SDK's event loop, where the SDK's
     # sync calls refuse to run: they go through a thread.
     await asyncio.to_thread(enqueue, {"topic": "item.submitted", "data": body})
-    return {"status": 200, "body": {"queued": body["id"]}}
+    return {"status": 202, "body": {"queued": body["id"]}}
 """
 
 STORE_STEP = """\
@@ -92,7 +90,7 @@ async def handler(args, ctx):
     item_id = args.request.path_params["id"]
     item = await asyncio.to_thread(items.get, "all", item_id)
     if item is None:
-        return {"status": 200, "body": {"missing": item_id, "reader": "v1"}}
+        return {"status": 404, "body": {"missing": item_id, "reader": "v1"}}
     return {"status": 200, "body": {"item": item, "reader": "v1"}}
 """
 
@@ -164,12 +162,14 @@ async def get_json(client: httpx.AsyncClient, path: str, **kwargs: Any) -> tuple
         return response.status_code, response.text
 
 
-async def until_answer(client: httpx.AsyncClient, path: str, expected: Any, timeout: float) -> None:
-    """GET ``path`` until it answers 200 with ``expected``."""
+async def until_answer(
+    client: httpx.AsyncClient, path: str, expected: Any, timeout: float, status: int = 200
+) -> None:
+    """GET ``path`` until it answers ``status`` with ``expected``."""
     last: Any = None
     try:
         with trio.fail_after(timeout):
-            while (last := await get_json(client, path)) != (200, expected):
+            while (last := await get_json(client, path)) != (status, expected):
                 await trio.sleep(0.2)
     except trio.TooSlowError:
         raise AssertionError(f"{path}: last answer {last!r}, expected {expected!r}") from None
@@ -183,17 +183,32 @@ async def test_a_motia_project_runs_under_the_engine(tmp_path: Path) -> None:
     try:
         await engine.started()
         base = f"http://127.0.0.1:{rest_port}"
-        # A connection per request: see the module docstring (part B).
-        no_reuse = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=base, timeout=30, limits=no_reuse) as client:
+        # One kept-alive connection for every request: each answer must leave it
+        # usable (httpx would open another, counted here, if the engine closed it).
+        opened: list[str] = []
+
+        async def count_connections(event_name: str, info: dict[str, Any]) -> None:
+            if event_name == "connection.connect_tcp.complete":
+                opened.append(event_name)
+
+        async def traced(request: httpx.Request) -> None:
+            request.extensions["trace"] = count_connections
+
+        async with httpx.AsyncClient(
+            base_url=base,
+            timeout=30,
+            limits=httpx.Limits(max_connections=1),
+            event_hooks={"request": [traced]},
+        ) as client:
             # The steps come up: the worker connects and registers the routes.
-            await until_answer(client, "/items/none", {"missing": "none", "reader": "v1"}, 60)
+            await until_answer(client, "/items/none", {"missing": "none", "reader": "v1"}, 60, 404)
+            assert len(opened) == 1, opened
 
             # HTTP step -> enqueue -> queue step -> stream item -> HTTP step.
             status, body = await get_json(
                 client, "/items", method="POST", json={"id": "a", "text": "hello"}
             )
-            assert (status, body) == (200, {"queued": "a"})
+            assert (status, body) == (202, {"queued": "a"})
             await until_answer(client, "/items/a", {"item": {"text": "hello"}, "reader": "v1"}, 20)
 
             # Editing a step file changes the answer within seconds.
@@ -220,6 +235,7 @@ async def test_a_motia_project_runs_under_the_engine(tmp_path: Path) -> None:
             (listed,) = await exec_list(engine.port)
             assert listed["state"] == "running" and listed["pid"] not in workers
             assert listed["last_exit_reason"] == "killed by SIGKILL"
+            assert len(opened) == 1, "the engine closed a kept-alive connection"
 
         # SIGTERM of the engine leaves no process of the project running.
         assert project_processes(project) != []
@@ -232,6 +248,11 @@ async def test_a_motia_project_runs_under_the_engine(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     log = engine.log_text()
     assert "[motia:stderr]" in log and "Traceback" not in log, log[-3000:]
+    # Motia's answers are normal SDK behaviour: the REST module warns about none.
+    rest_warnings = [
+        line for line in log.splitlines() if "WARNING" in line and "iii.modules.rest_api" in line
+    ]
+    assert rest_warnings == [], rest_warnings
 
 
 def test_the_project_config_passes_check_config(tmp_path: Path) -> None:

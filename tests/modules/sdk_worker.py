@@ -1,4 +1,4 @@
-"""A scriptable official-SDK worker for the module tests (0.4.1 and 0.25.0).
+"""A scriptable official-SDK worker for the module tests (0.4.1, 0.9.0 and 0.25.0).
 
 :func:`sdk_worker` starts a worker that registers ``handlers`` (each prints
 ``EVENT <function_id> <json data>`` and returns its configured result) and
@@ -84,7 +84,47 @@ for line in sys.stdin:
 iii.shutdown()
 '''
 
-VERSIONS = ("0.4.1", "0.25.0")
+# 0.9.0: functions are registered with {"id": ...}, and an error result is
+# raised as Exception(str(error_dict)): its code and message are read back.
+SCRIPT_090 = r'''
+import ast, json, sys, threading
+from iii import register_worker, InitOptions
+
+SPEC = json.loads(%(spec)r)
+PRINT = threading.Lock()  # sync handlers run in the SDK's executor threads
+iii = register_worker(sys.argv[1], InitOptions(worker_name="sdk090"))
+for fid, result in SPEC["handlers"].items():
+    def make(fid=fid, result=result):
+        def handler(data):
+            with PRINT:
+                print("EVENT " + fid + " " + json.dumps(data), flush=True)
+            return result
+        return handler
+    iii.register_function({"id": fid}, make())
+for kind, fid, config in SPEC["triggers"]:
+    iii.register_trigger({"type": kind, "function_id": fid, "config": config})
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        out = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data")})
+        line = "OK " + json.dumps(out)
+    except Exception as exc:
+        text = str(exc)
+        try:
+            body = ast.literal_eval(text) if text.startswith("{") else None
+        except Exception:
+            body = None
+        if not isinstance(body, dict):
+            body = {"code": None, "message": text}
+        line = "ERR " + json.dumps({"code": body.get("code"), "message": body.get("message")})
+    with PRINT:
+        print(line, flush=True)
+iii.shutdown()
+'''
+
+SCRIPTS = {"0.4.1": SCRIPT_041, "0.9.0": SCRIPT_090, "0.25.0": SCRIPT_025}
+VERSIONS = tuple(SCRIPTS)
 
 
 class SdkCallError(Exception):
@@ -134,7 +174,7 @@ async def sdk_worker(
     version: str, url: str, *, handlers: dict[str, Any] | None = None, triggers: list[Any] | None = None
 ) -> AsyncIterator[Driver]:
     spec = json.dumps({"handlers": handlers or {}, "triggers": triggers or []})
-    script = (SCRIPT_041 if version == "0.4.1" else SCRIPT_025) % {"spec": spec}
+    script = SCRIPTS[version] % {"spec": spec}
     async with start_sdk_worker(version, script, url=url) as worker:
         await worker.wait_for("READY", timeout=60)
         yield Driver(worker)

@@ -1,6 +1,6 @@
-"""Queue and cron end to end with the official Python SDK workers (0.4.1 and 0.25.0).
+"""Queue and cron end to end with the official Python SDK workers (0.4.1, 0.9.0 and 0.25.0).
 
-* enqueue → queue trigger (both SDK generations), and the enqueue action;
+* enqueue → queue trigger (every SDK generation), and the enqueue action;
 * retries → DLQ → redrive;
 * a worker killed mid-job: the job is delivered again to the next worker;
 * ``kill -9`` of an engine process with jobs pending, then a restart: nothing
@@ -98,6 +98,39 @@ for line in sys.stdin:
 iii.shutdown()
 """
 
+# A 0.9.0 worker (Motia 1.0's SDK): w090::job on a queue trigger for TOPIC;
+# stdin commands call functions, or enqueue with TriggerAction.Enqueue.
+WORKER_090 = """
+import ast, json, os, sys, threading
+from iii import register_worker, InitOptions, TriggerAction
+
+PRINT = threading.Lock()
+iii = register_worker(sys.argv[1], InitOptions(worker_name="w090"))
+
+async def job(data):
+    with PRINT:
+        print("JOB " + json.dumps(data), flush=True)
+    return None
+
+iii.register_function({"id": "w090::job"}, job)
+iii.register_trigger({"type": "queue", "function_id": "w090::job", "config": {"topic": os.environ["TOPIC"]}})
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        if cmd["op"] == "enqueue_action":
+            out = iii.trigger({"function_id": "w090::job", "payload": cmd["data"], "action": TriggerAction.Enqueue(queue=cmd["queue"])})
+        else:
+            out = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data")})
+        line = "OK " + json.dumps(out)
+    except Exception as exc:
+        body = ast.literal_eval(str(exc)) if str(exc).startswith("{") else {"code": None, "message": str(exc)}
+        line = "ERR " + json.dumps({"code": body.get("code"), "message": body.get("message")})
+    with PRINT:
+        print(line, flush=True)
+iii.shutdown()
+"""
+
 
 async def command(worker: Any, **cmd: Any) -> str:
     """Send one command; the reply line (``OK <json>`` or ``ERR <text>``)."""
@@ -153,6 +186,32 @@ async def test_enqueue_to_queue_trigger_and_enqueue_action_both_sdks() -> None:
             receipt = json.loads(line[3:])
             assert uuid.UUID(receipt["messageReceiptId"])
             assert await collect(w025, "JOB ", 1) == [{"via": "action"}]
+
+
+async def test_enqueue_to_queue_trigger_and_enqueue_action_sdk_090() -> None:
+    topic = f"sdk{uuid.uuid4().hex[:8]}"
+    async with open_test_engine(make_config(modules=queue_module())) as engine:
+        url = f"ws://127.0.0.1:{engine.listen_port}"
+        async with start_sdk_worker("0.9.0", WORKER_090, url=url, env={"TOPIC": topic}) as worker:
+            await worker.wait_for("READY", timeout=60)
+            await wait_function(engine, "w090::job")
+            with trio.fail_after(20):
+                while not engine.modules["queue"].subscriptions:
+                    await trio.sleep(0.05)
+            for i in range(5):
+                line = await command(worker, op="call", fn="enqueue", data={"topic": topic, "data": {"n": i}})
+                assert line == "OK null"
+            jobs = await collect(worker, "JOB ", 5)
+            assert sorted(j["n"] for j in jobs) == list(range(5))
+            assert all(set(j) == {"n"} for j in jobs)
+
+            line = await command(worker, op="call", fn="enqueue", data={"topic": "", "data": 1})
+            assert json.loads(line[4:])["code"] == "topic_not_set"
+
+            line = await command(worker, op="enqueue_action", queue="sdk-jobs", data={"via": "action"})
+            assert line.startswith("OK "), line
+            assert uuid.UUID(json.loads(line[3:])["messageReceiptId"])
+            assert await collect(worker, "JOB ", 1) == [{"via": "action"}]
 
 
 async def test_retries_then_dlq_then_redrive_with_sdk() -> None:

@@ -3,7 +3,7 @@ and the real services (Redis, RabbitMQ).
 
 * :func:`sdk_python` returns the interpreter of a cached virtual environment
   with ``iii-sdk==<version>`` installed (created once under ``.cache/``; the
-  0.4.1 and 0.25.0 SDKs conflict, so each has its own).
+  0.4.1, 0.9.0 and 0.25.0 SDKs conflict, so each has its own).
 * :func:`motia_venv` returns the ``bin`` directory of a cached virtual
   environment with Motia (``motia==1.0.4rc1`` on ``iii-sdk==0.9.0``).
 * :func:`start_sdk_worker` runs a worker script with that interpreter as a
@@ -52,7 +52,7 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
-SDK_VERSIONS = ("0.4.1", "0.25.0")
+SDK_VERSIONS = ("0.4.1", "0.9.0", "0.25.0")
 
 
 def services_required() -> bool:

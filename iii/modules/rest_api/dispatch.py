@@ -52,7 +52,7 @@ from iii.channels import random_uuid
 from iii.errors import IIIError
 from iii.grants import Grant
 from iii.inbound import InboundAccount, InboundBudget
-from iii.log import bounded_repr
+from iii.log import SNIPPET_CHARS, bounded_repr, truncate
 from iii.modules.rest_api.bodies import (
     FREE_BYTES,
     RETRY_AFTER,
@@ -99,7 +99,7 @@ def parse_headers(value: Any) -> list[tuple[bytes, bytes]]:
                 name, _, text = line.partition(":")
                 pairs.append((name.strip(), text.strip()))
             else:
-                raise ValueError(f"header {line!r} is not a 'Name: value' string")
+                raise ValueError(f"header {bounded_repr(line)} is not a 'Name: value' string")
     elif value is not None:
         raise ValueError(f"headers must be a map or a list, not {type(value).__name__}")
     return [(name.lower().encode("latin-1"), text.encode("utf-8")) for name, text in pairs]
@@ -456,13 +456,15 @@ class RestDispatcher:
             return status, headers
         kind = message.get("type") if isinstance(message, dict) else None
         if started:
-            log.warning("%s: %s after the response head was sent: ignored", function_id, kind)
+            log.warning(
+                "%s: %s after the response head was sent: ignored", function_id, bounded_repr(kind)
+            )
             return status, headers
         if kind == "set_status":
             code = message.get("status_code")
             if isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599:
                 return code, headers
-            log.warning("%s: set_status %r ignored (200-599 only)", function_id, code)
+            log.warning("%s: set_status %s ignored (200-599 only)", function_id, bounded_repr(code))
         elif kind == "set_headers":
             try:
                 new = parse_headers(message.get("headers"))
@@ -471,7 +473,9 @@ class RestDispatcher:
                 return status, headers
             return status, _merge_headers(headers, [h for h in new if h[0] not in _DROPPED_HEADERS])
         else:
-            log.warning("%s: unknown response control message %r ignored", function_id, kind)
+            log.warning(
+                "%s: unknown response control message %s ignored", function_id, bounded_repr(kind)
+            )
         return status, headers
 
     async def _simple_response(self, responder: Responder, function_id: str, result: Any) -> None:
@@ -495,14 +499,18 @@ class RestDispatcher:
                 if h[0] not in _DROPPED_HEADERS and h[0] != b"content-length"
             ]
         except (TypeError, ValueError) as exc:
-            await self._internal_error(responder, function_id, f"invalid response: {exc}")
+            problem = truncate(str(exc), SNIPPET_CHARS)
+            await self._internal_error(responder, function_id, f"invalid response: {problem}")
             return
         if not any(name == b"content-type" for name, _ in headers):
             headers.insert(0, JSON)
         try:
             await responder.respond(status, headers, encoded)
         except h11.LocalProtocolError as exc:
-            await self._internal_error(responder, function_id, f"invalid response headers: {exc}")
+            problem = truncate(str(exc), SNIPPET_CHARS)  # h11 quotes the header whole
+            await self._internal_error(
+                responder, function_id, f"invalid response headers: {problem}"
+            )
 
     async def _error_response(self, responder: Responder, exc: IIIError, function_id: str) -> None:
         if exc.code == "timeout":

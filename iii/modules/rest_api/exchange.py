@@ -4,8 +4,21 @@ The request's task awaits the call itself (:meth:`Exchange.call`).  Work on
 the channels starts only when the function's side claims them
 (``Channel.on_claim``): the body feeder when it opens ``request_body``, the
 response reader when it opens ``response``, each a side task
-(:mod:`.side_tasks`).  Whoever answers first owns the response; the
-dispatcher (:mod:`.dispatch`) builds the answers themselves.
+(:mod:`.side_tasks`).  The dispatcher (:mod:`.dispatch`) builds the answers
+themselves.
+
+Who answers, deterministically:
+
+* a function that opened its response channel answers through it: the
+  streamed status, headers and body, sent when its first body frame or its
+  close arrives.  A value it also returns is not an answer (a Motia step on
+  ``iii-sdk`` 0.9.0 streams its answer *and* returns it: see the README,
+  "What iii-sdk 0.9.0 sends").  The channel is claimed before the worker's
+  upgrade is answered, so before any value the function sends afterwards can
+  arrive: which socket the engine reads first does not matter;
+* otherwise the returned value answers (``{status_code, body, headers}``);
+* a failure answers if nothing was sent yet (500, 504, 413), and cuts off a
+  started answer otherwise.
 
 Lifetime: an exchange lives as long as its request; its side tasks are
 joined (or cancelled by :meth:`Exchange.stop`) before the request ends.
@@ -23,6 +36,7 @@ import trio
 from iii.channels import Channel
 from iii.errors import IIIError
 from iii.grants import Grant
+from iii.log import SNIPPET_CHARS, truncate
 from iii.modules.rest_api.server import ClientGoneError, HttpRequest, Responder
 from iii.modules.rest_api.side_tasks import SideTasks
 
@@ -43,10 +57,11 @@ class Exchange:
     only when the function's side claims them (``Channel.on_claim``): the
     body feeder when it opens ``request_body``, the response reader when it
     opens ``response``, each a side task (:mod:`.side_tasks`).  A function
-    that just returns a value costs no extra task and no nursery.  Whoever
-    answers first owns the response: the call's result (a value), the
-    streamed answer (its first body frame or its close), or a failure (413,
-    client gone); the others then stand down (:meth:`stop`).
+    that just returns a value costs no extra task and no nursery.  Exactly
+    one party owns the response (:meth:`take_answer`): the streamed answer
+    if the function opened its response channel (:attr:`streaming`), else
+    the call's value; or a failure that comes first (an error of the call,
+    413, the deadline).  The others then stand down (:meth:`stop`).
     """
 
     dispatcher: RestDispatcher
@@ -63,6 +78,8 @@ class Exchange:
     status: int = 200
     headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     answered: bool = False  # the response belongs to whoever set this
+    # The function opened its response channel: its answer is the streamed one.
+    streaming: bool = False
     stopped: bool = False
     stream_done: trio.Event = attrs.field(factory=trio.Event)
     _waiting: trio.CancelScope | None = None  # the call's wait for a streamed answer
@@ -116,13 +133,15 @@ class Exchange:
                     exc.message,
                 )
         else:
-            if result is not None:
+            if result is not None and not self.streaming:
                 if self.take_answer():
                     await dispatcher._simple_response(self.responder, self.function_id, result)
                     self.stop()
                     return
+            elif result is not None:
                 log.debug(
-                    "%s returned a value after streaming its answer: ignored", self.function_id
+                    "%s returned a value and streams its answer: the streamed one answers",
+                    self.function_id,
                 )
         # The answer comes (or came) through the response channel; the
         # request's deadline gives the 504 if it never does.
@@ -146,38 +165,45 @@ class Exchange:
 
     def on_response_claim(self, side: str) -> None:
         if side == "write" and not self.stopped:
+            self.streaming = True
             self.side.start_soon(self._stream, self.response_channel.receive_side)
 
     async def _stream(self, frames: FrameReader) -> None:
         dispatcher = self.dispatcher
         responder = self.responder
+        owner = False  # this task took the answer and sent the head
         try:
             async for frame in frames:
                 if isinstance(frame, str):
                     self.status, self.headers = dispatcher._control(
-                        self.function_id, frame, self.status, self.headers, responder.started
+                        self.function_id, frame, self.status, self.headers, owner
                     )
                     continue
-                if not responder.started and not self.take_answer():
-                    return
-                if not responder.started:
+                if not owner:
+                    if not self.take_answer():
+                        return  # a failure answered first
+                    owner = True
                     await responder.start(self.status, self.headers)
                 await responder.send(frame)
                 self.extend()
-            if not responder.started and not self.take_answer():
-                return
-            if not responder.started:
+            if not owner:
+                if not self.take_answer():
+                    return
+                owner = True
                 await responder.start(self.status, self.headers)
             await responder.end()
         except trio.ClosedResourceError:
             pass  # the channel was removed: the request is over
         except h11.LocalProtocolError as exc:
-            # Bad headers from the function, or a body that does not fit its
-            # own content-length: a started answer is cut off.
-            log.warning("%s: streamed answer refused: %s", self.function_id, exc)
-            if not responder.started:
+            # Bad headers from the function (500), or a body that does not fit
+            # its own content-length (a started answer is cut off).  h11 quotes
+            # the offending value whole: only a snippet of it is logged.
+            problem = truncate(str(exc), SNIPPET_CHARS)
+            if responder.started:
+                log.warning("%s: streamed answer cut off: %s", self.function_id, problem)
+            else:
                 await dispatcher._internal_error(
-                    responder, self.function_id, f"invalid streamed answer: {exc}"
+                    responder, self.function_id, f"invalid streamed answer: {problem}"
                 )
             self.stop()
         except ClientGoneError as exc:

@@ -1,5 +1,6 @@
 """Shared pieces of the REST tests: an engine with the REST module on an
-ephemeral port, and a raw worker that answers calls with Python handlers."""
+ephemeral port, a raw worker that answers calls with Python handlers, and
+requests on one kept-alive connection (:func:`request_on`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import trio
 
 from iii.engine import Engine
@@ -115,3 +117,35 @@ async def read_channel(side: RawWorker) -> list[str | bytes]:
                 frames.append(await side.ws.get_message())
             except ConnectionClosed:
                 return frames
+
+
+async def request_on(
+    stream: trio.SocketStream,
+    client: h11.Connection,
+    path: str,
+    method: str = "GET",
+    body: bytes = b"",
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request on a kept-alive connection (``client`` is its h11 state):
+    (status, headers, body).  A connection the server ends fails the test."""
+    head = [(b"host", b"test"), (b"content-length", str(len(body)).encode())]
+    if body:
+        head.append((b"content-type", b"application/json"))
+    request = h11.Request(method=method, target=path, headers=head)
+    data = client.send(request) + (client.send(h11.Data(data=body)) if body else b"")
+    await stream.send_all(data + client.send(h11.EndOfMessage()))
+    status, headers, answer = 0, {}, b""
+    with trio.fail_after(10):
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                answer += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                client.start_next_cycle()
+                return status, headers, answer
+            else:
+                raise AssertionError(f"connection ended: {event!r}")

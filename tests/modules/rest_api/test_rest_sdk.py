@@ -1,17 +1,22 @@
-"""The REST module with official SDK workers (0.4.1 and 0.25.0) behind it.
+"""The REST module with official SDK workers (0.4.1, 0.9.0 and 0.25.0) behind it.
 
 Each SDK runs the same set of HTTP handlers, written with its own helpers
-(``HttpResponse`` in 0.4.1, ``StreamResponse`` in 0.25, spec protocol.md §7.4),
-and httpx plays the client.
+(``HttpResponse`` in 0.4.1 and 0.9.0, ``StreamResponse`` in 0.25, spec
+protocol.md §7.4), and httpx plays the client.  A 0.9.0 handler written the
+way Motia 1.0 answers (it streams its answer *and* returns it) gets its
+streamed answer to the client every time, on one kept-alive connection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
+import h11
 import httpx
 import pytest
+import trio
 
 from iii.testing import make_config, open_test_engine
 from tests.modules.rest_api.helpers import rest_module, wait_until
@@ -134,7 +139,30 @@ for line in sys.stdin:
 iii.shutdown()
 '''
 
-SCRIPTS = {"0.4.1": WORKER_041, "0.25.0": WORKER_025}
+WORKER_090 = HANDLERS + '''
+from iii import register_worker, InitOptions
+from iii.types import HttpResponse as Response
+
+iii = register_worker(sys.argv[1], InitOptions(worker_name="rest090"))
+triggers = {}
+for function_id, handler, path, method in ROUTES:
+    iii.register_function({"id": function_id}, handler)
+    triggers[function_id] = iii.register_trigger(
+        {"type": "http", "function_id": function_id, "config": {"api_path": path, "http_method": method}})
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "unregister":
+        triggers.pop(cmd["fn"]).unregister()
+    elif cmd["op"] == "conflict":
+        iii.register_function({"id": "rest::other"}, other)
+        iii.register_trigger({"type": "http", "function_id": "rest::other",
+                              "config": {"api_path": "/rest/items/:other", "http_method": "GET"}})
+    print("OK", flush=True)
+iii.shutdown()
+'''
+
+SCRIPTS = {"0.4.1": WORKER_041, "0.9.0": WORKER_090, "0.25.0": WORKER_025}
 VERSIONS = pytest.mark.parametrize("version", list(SCRIPTS))
 
 
@@ -251,7 +279,7 @@ async def test_routes_follow_the_worker(version):
             if version == "0.25.0":  # 0.25 logs the triggerregistrationresult error
                 line = await worker.wait_for("LOG [iii] Trigger registration failed")
                 assert "conflicts with GET /rest/items/:id of function rest::get" in line
-            else:  # 0.4.1 ignores it; the engine never filed the trigger
+            else:  # 0.4.1 and 0.9.0 ignore it; the engine never filed the trigger
                 await wait_until(lambda: not any(
                     t.function_id == "rest::other" for t in engine.registry.triggers.values()))
             assert all(r.function_id != "rest::other" for r in rest_routes(engine).by_key.values())
@@ -271,3 +299,68 @@ async def test_routes_follow_the_worker(version):
             response = await client.get("/rest/items/1")
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "NOT_FOUND"
+
+
+# What Motia 1.0's runtime does with a step's return value, on the 0.9.0 SDK's
+# own ``http`` helper (captured on the wire: README, "What iii-sdk 0.9.0
+# sends"): set_status and set_headers (awaited), the body and the close (each
+# a task of its own, fire and forget), then the same value returned.
+WORKER_090_MOTIA = """
+import json, logging, sys
+from iii import register_worker, InitOptions, http
+
+logging.basicConfig(stream=sys.stdout, format="LOG %(message)s", level=logging.WARNING)
+
+def answer(result):
+    async def handler(req, res):
+        await res.status(result["status"])
+        if result.get("headers"):
+            await res.headers(result["headers"])
+        if result.get("body") is not None:
+            res.stream.write(json.dumps({**result["body"], "got": req.body}).encode())
+        res.close()
+        return result
+    return handler
+
+ROUTES = [
+    ("motia::accept", {"status": 202, "body": {"accepted": True}, "headers": {"X-Step": "accept"}},
+     "/accept", "POST"),
+    ("motia::missing", {"status": 404, "body": {"error": "no such item"}}, "/missing", "GET"),
+    ("motia::empty", {"status": 204}, "/empty", "DELETE"),
+]
+iii = register_worker(sys.argv[1], InitOptions(worker_name="motia090"))
+for function_id, result, path, method in ROUTES:
+    iii.register_function({"id": function_id}, http(answer(result)))
+    iii.register_trigger({"type": "http", "function_id": function_id,
+                          "config": {"api_path": path, "http_method": method}})
+print("READY", flush=True)
+sys.stdin.read()
+iii.shutdown()
+"""
+
+
+async def test_sdk_090_streamed_and_returned_answer_is_the_streamed_one(caplog):
+    from tests.modules.rest_api.helpers import request_on
+
+    caplog.set_level(logging.WARNING, logger="iii")
+    async with open_test_engine(make_config([rest_module()])) as engine:
+        url = f"ws://127.0.0.1:{engine.listen_port}"
+        async with start_sdk_worker("0.9.0", WORKER_090_MOTIA, url=url) as worker:
+            await worker.wait_for("READY", timeout=60)
+            await wait_until(lambda: len(rest_routes(engine)) == 3, timeout=20)
+            port = engine.modules["rest_api"].port
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                client = h11.Connection(h11.CLIENT)  # one kept-alive connection for all
+                for n in range(10):
+                    status, headers, body = await request_on(
+                        stream, client, "/accept", "POST", json.dumps({"n": n}).encode()
+                    )
+                    assert (status, headers.get(b"x-step")) == (202, b"accept")
+                    assert json.loads(body) == {"accepted": True, "got": {"n": n}}
+                    status, headers, body = await request_on(stream, client, "/missing")
+                    assert (status, json.loads(body)) == (404, {"error": "no such item", "got": None})
+                    status, headers, body = await request_on(stream, client, "/empty", "DELETE")
+                    assert (status, body) == (204, b"")
+            assert not [line for line in worker.seen if line.startswith("LOG ")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
