@@ -369,10 +369,15 @@ class Module:
                         return generate_latest(registry)
 
                     self.prometheus_port = await module_nursery.start(
-                        serve_prometheus,
-                        config.prometheus_host,
-                        config.prometheus_port,
-                        render,
+                        partial(
+                            serve_prometheus,
+                            config.prometheus_host,
+                            config.prometheus_port,
+                            render,
+                            keys=engine.config.listen_keys(
+                                config, "prometheus_host", "prometheus_port"
+                            ),
+                        )
                     )
                 self._log_send = log_send
                 module_nursery.start_soon(self._deliver_logs, log_receive)

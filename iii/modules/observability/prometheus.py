@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
+from iii.binding import NO_KEYS, open_tcp_listeners
+
 __all__ = ["serve_prometheus", "CONTENT_TYPE"]
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,10 @@ async def serve_prometheus(
     port: int,
     render: Callable[[], Awaitable[bytes]],
     *,
+    keys: tuple[str, bool] = NO_KEYS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_tcp_listeners("metrics port", host, port, keys)
     bound = listeners[0].socket.getsockname()[1]
     log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
 

@@ -236,19 +236,16 @@ class Module:
             access=HTTP_TRIGGER_ACCESS,
         )
         async with trio.open_nursery() as module_nursery:
-            try:
-                await module_nursery.start(
-                    partial(
-                        self.server.serve,
-                        self.config.host,
-                        self.config.port,
-                        ssl_context=server_ssl_context(self.engine.config.tls),
-                    )
+            await module_nursery.start(
+                partial(
+                    self.server.serve,
+                    self.config.host,
+                    self.config.port,
+                    ssl_context=server_ssl_context(self.engine.config.tls),
+                    what="REST API",
+                    keys=self.engine.config.listen_keys(self.config),
                 )
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"REST API cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}"
-                ) from exc
+            )
             module_nursery.start_soon(self._drain_on_shutdown)
             log.info(
                 "REST API listening on %s://%s:%d",
