@@ -4,7 +4,9 @@ commands ``trigger`` (alias ``t``), ``functions``, ``workers`` and ``triggers``.
 Exit codes (documented for systemd's ``RestartPreventExitStatus=2``):
 
 * 0: clean shutdown; a client command succeeded;
-* 1: the engine crashed (a module failed); the reason is printed on one line.
+* 1: the engine crashed (a module failed), or a listener could not bind its
+  address (the line names the address and the config keys that set it); the
+  reason is printed on one line.
   For a client command: an unexpected failure, or an answer it cannot read;
 * 2: a config or usage error (the file, the key and the reason are printed);
 * 3: an adapter's backend was unreachable at start;
@@ -37,7 +39,7 @@ import trio
 
 from iii import __version__
 from iii.config import EngineConfig, dump_config, load_config
-from iii.errors import AdapterUnavailableError, ConfigError
+from iii.errors import AdapterUnavailableError, BindError, ConfigError
 from iii.log import LOG_FORMAT, LineFormatter, clean
 
 __all__ = ["main", "ExitCode"]
@@ -80,7 +82,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
-def _serve(config: EngineConfig) -> ExitCode:
+def _serve(config: EngineConfig, file: str | None = None) -> ExitCode:
     # serve_engine, plus READY/WATCHDOG/STOPPING when run by systemd (Type=notify).
     from iii.systemd import serve_with_systemd
 
@@ -96,6 +98,9 @@ def _serve(config: EngineConfig) -> ExitCode:
         if isinstance(leaf, AdapterUnavailableError):
             print(f"iii: adapter unreachable: {leaf.message}", file=sys.stderr)
             return ExitCode.ADAPTER_UNREACHABLE
+        if isinstance(leaf, BindError):
+            print(f"iii: cannot start: {leaf.describe(file)}", file=sys.stderr)
+            return ExitCode.CRASH
         if isinstance(leaf, OSError) and leaf.errno is not None:
             print(f"iii: cannot start: {leaf}", file=sys.stderr)
             return ExitCode.CRASH
@@ -353,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(_config_path(args.config))
             sys.stdout.write(dump_config(config, args.format))
             return ExitCode.OK
-        config = load_config(_config_path(args.config))
+        file = _config_path(args.config)
+        config = load_config(file)
     except ConfigError as exc:
         print(f"iii: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    return _serve(config)
+    return _serve(config, file)

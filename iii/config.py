@@ -95,6 +95,10 @@ class AdapterRef:
 class ModuleEntry:
     class_name: str
     config: Any
+    # Where the entry's config block is in the file ("modules[2].config"), for
+    # messages; None for a module the file does not list (a default or
+    # mandatory one).  Not part of the entry's value (equality).
+    key: str | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -262,6 +266,26 @@ class EngineConfig:
             if entry.class_name == class_name:
                 return entry.config
         return None
+
+    def listen_keys(
+        self, module_config: Any = None, host_key: str = "host", port_key: str = "port"
+    ) -> tuple[str, bool]:
+        """The config keys that set a listener's address, for its bind error
+        (:class:`~iii.errors.BindError`): the engine's own (``module_config``
+        None) or those of the module entry whose config is ``module_config``.
+        Returns (text, whether the keys belong in the file)."""
+        if module_config is None:
+            return f"config keys {host_key} and {port_key}", True
+        for entry in self.modules:
+            if entry.config is module_config:
+                if entry.key is not None:
+                    return f"config keys {entry.key}.{host_key} and {entry.key}.{port_key}", True
+                return (
+                    f"config keys {host_key} and {port_key} of {entry.class_name}: "
+                    "defaults, as the config lists no modules",
+                    False,
+                )
+        return f"config keys {host_key} and {port_key} of the module", False
 
 
 def _make_converter() -> cattrs.Converter:
@@ -437,7 +461,7 @@ def _read_file(path: Path) -> Any:
     return read_config_file(path)
 
 
-def _module_entry(raw: Any, index: int, file: str | None) -> ModuleEntry:
+def _module_entry(raw: Any, index: int, file: str | None, *, listed: bool = True) -> ModuleEntry:
     path = f"modules[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping with 'class' and 'config', got {_type_name(raw)}", file=file, key=path)
@@ -454,6 +478,7 @@ def _module_entry(raw: Any, index: int, file: str | None) -> ModuleEntry:
     return ModuleEntry(
         class_name=class_name,
         config=_module_config(spec.class_name, raw.get("config"), file=file, path=f"{path}.config"),
+        key=f"{path}.config" if listed else None,
     )
 
 
@@ -492,7 +517,7 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
     modules: list[ModuleEntry] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
-        module = _module_entry(entry, index, file)
+        module = _module_entry(entry, index, file, listed=raw_modules is not None)
         if module.class_name in seen and not MODULE_SPECS[module.class_name].repeatable:
             raise ConfigError(
                 f"module {module.class_name} is listed twice (also at modules[{seen[module.class_name]}])",

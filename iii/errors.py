@@ -20,6 +20,7 @@ __all__ = [
     "AdapterUnavailableError",
     "TriggerRegistrationError",
     "ConfigError",
+    "BindError",
     "MessageDecodeError",
 ]
 
@@ -95,6 +96,39 @@ class ConfigError(Exception):
         self.reason = message
         where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class BindError(OSError):
+    """A listener could not bind its address.
+
+    It names the listener, the address and the config keys that set it
+    (``keys``: "config keys modules[1].config.host and modules[1].config.port");
+    ``in_file`` is False when those keys are a default module's, not the
+    file's.  :meth:`describe` adds the config file.  Still an :class:`OSError`
+    with the cause's ``errno``, so the CLI's "cannot start" line and its exit
+    code (1) stay as they were.
+    """
+
+    def __init__(
+        self, what: str, host: str | None, port: int, keys: str, cause: OSError, *, in_file: bool
+    ):
+        self.what = what
+        self.address = f"{host or '*'}:{port}"
+        self.keys = keys
+        self.in_file = in_file
+        self.reason = cause.strerror or str(cause)
+        super().__init__(cause.errno, f"{what} cannot listen on {self.address}: {self.reason}")
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({self.keys})"
+
+    def describe(self, file: str | None) -> str:
+        """The one-line message, with the file the keys are in (or that they are defaults)."""
+        if not self.in_file:
+            return str(self)
+        if file is None:
+            return f"{super().__str__()} ({self.keys}: no config file, so their defaults)"
+        return f"{super().__str__()} ({self.keys} in {file})"
 
 
 class MessageDecodeError(Exception):

@@ -150,5 +150,6 @@ async def serve_listener(
             options=connection_options(engine),
             port_name="worker port",
             handler_nursery=engine.connection_nursery,
+            keys=config.listen_keys(),
             task_status=task_status,
         )

@@ -54,6 +54,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from iii.admission import Admission, Slot, peer_of
+from iii.binding import NO_KEYS, open_tcp_listeners
 from iii.containment import report_failure
 from iii.inbound import InboundAccount, InboundBudget
 from iii.log import RateLimitedLog
@@ -317,10 +318,14 @@ async def serve_websockets(
     options: ConnectionOptions,
     port_name: str,
     handler_nursery: trio.Nursery,
+    keys: tuple[str, bool] = NO_KEYS,
     task_status: trio.TaskStatus[WebSocketPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept sockets until cancelled; each is served in ``handler_nursery``."""
-    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    """Accept sockets until cancelled; each is served in ``handler_nursery``.
+
+    ``keys``: the config keys that set ``host`` and ``port``, named by the
+    :class:`~iii.errors.BindError` a failed bind raises."""
+    tcp_listeners = await open_tcp_listeners(port_name, host, port, keys)
     bound = int(tcp_listeners[0].socket.getsockname()[1])
     listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
     if ssl_context is not None:

@@ -492,12 +492,13 @@ async def test_rest_port_speaks_https_with_the_same_certificate(
         rest_port = engine.modules["rest_api"].port
         async with httpx.AsyncClient(verify=trusting, timeout=10) as client:
             response = await client.get(f"https://localhost:{rest_port}/health")
-            assert response.status_code == 200 and response.json()["status"] == "ok"
+            assert response.status_code == 404  # answered over TLS (no built-in route)
+            assert response.json()["error"]["code"] == "NOT_FOUND"
         async with httpx.AsyncClient(timeout=10) as untrusting:
             with pytest.raises(httpx.ConnectError):
                 await untrusting.get(f"https://localhost:{rest_port}/health")
         async with httpx.AsyncClient(verify=trusting, timeout=10) as client:  # still serving
-            assert (await client.get(f"https://localhost:{rest_port}/health")).status_code == 200
+            assert (await client.get(f"https://localhost:{rest_port}/health")).status_code == 404
 
 
 async def test_stream_port_speaks_wss_with_the_same_certificate(

@@ -40,6 +40,10 @@ Answers: 2xx with an empty body is null, 2xx otherwise is parsed as JSON
 ``{"error": {"code", "message"}}`` if it has one, else ``http_error`` /
 ``HTTP <status>``; a transport failure is ``http_request_failed``.
 
+The request's head and a body of up to 64 KiB go in one write
+(:mod:`iii.modules._http_transport`), as upstream's client sends them: a
+receiver that reads once after the head gets the whole body.
+
 Lifetime: :meth:`Module.run` installs the factory, then holds one httpx
 client per (scheme, host) (connections are never shared between host names,
 so a pooled TLS connection always matches its SNI) until the engine stops.
@@ -68,6 +72,7 @@ import trio
 from iii import json_limits
 from iii.errors import IIIError
 from iii.log import bounded_repr
+from iii.modules._http_transport import coalescing_transport
 from iii.native import CallContext, NativeHandler
 
 if TYPE_CHECKING:
@@ -398,10 +403,12 @@ class Module:
         if client is not None:
             self.clients.move_to_end(key)
         else:
+            limits = httpx.Limits(max_keepalive_connections=MAX_KEEPALIVE)
             client = httpx.AsyncClient(
                 follow_redirects=False,
                 trust_env=False,  # no proxy from the environment: the checked address is the one called
-                limits=httpx.Limits(max_keepalive_connections=MAX_KEEPALIVE),
+                # The head and a small body in one write (iii.modules._http_transport).
+                transport=coalescing_transport(limits),
             )
             self.clients[key] = client
             if len(self.clients) > MAX_CLIENTS:

@@ -12,6 +12,7 @@ import base64
 import ipaddress
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 
 import orjson
 import pytest
@@ -305,6 +306,96 @@ async def test_unreachable_port_is_http_request_failed():
         assert error["code"] == "http_request_failed" and "cannot connect" in error["message"]
 
 
+# -- one write: the head and a small body ----------------------------------------------
+
+
+@asynccontextmanager
+async def head_reader(ssl_context=None):
+    """A receiver like the official SDK suites' webhook probe: it reads until the
+    end of the head and takes what came with it as the body (no Content-Length,
+    no second read), answers ``{"ok": true}`` and closes.  ``bodies`` records
+    what each request's reads brought after the head."""
+    bodies: list[bytes] = []
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        async with stream:
+            data = b""
+            with trio.move_on_after(10):
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            bodies.append(data.partition(b"\r\n\r\n")[2])
+            answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok":true}'
+            await stream.send_all(answer)
+
+    if ssl_context is None:
+        serve = partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+    else:
+        serve = partial(trio.serve_ssl_over_tcp, handle, 0, ssl_context, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve)
+        try:
+            tcp = listeners[0].transport_listener if ssl_context else listeners[0]
+            yield tcp.socket.getsockname()[1], bodies
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_head_and_a_small_body_go_in_one_write():
+    """Before: httpcore wrote the head, then the body; a receiver that woke up
+    between the two writes saw the head alone (about every other call here)."""
+    async with head_reader() as (port, bodies), engine_with() as (engine, owner, caller):
+        await register(engine, owner, "ext::probe", {"url": f"http://127.0.0.1:{port}/webhook"})
+        for n in range(20):
+            payload = {"n": n, "text": "x" * (n * 50)}
+            reply = await caller.call("ext::probe", payload)
+            sent = {**payload, "_caller_worker_id": caller.worker_id}
+            assert bodies[-1] == orjson.dumps(sent), (n, bodies[-1][:100])
+            # (Closing with the body unread, the receiver reset the connection.)
+            assert reply.get("result") == {"ok": True}, reply
+
+
+async def test_one_write_over_https_too(monkeypatch):
+    """Coalesced above TLS: the stream start_tls returns is wrapped as well."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    def trusting() -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    monkeypatch.setattr("iii.modules._http_transport.client_ssl_context", trusting)
+    security = {"require_https": True, "block_private_ips": False}
+    async with head_reader(server_context) as (port, bodies), engine_with(security=security) as (
+        engine,
+        owner,
+        caller,
+    ):
+        await register(engine, owner, "ext::tls", {"url": f"https://localhost:{port}/webhook"})
+        for n in range(10):
+            reply = await caller.call("ext::tls", {"n": n})
+            assert orjson.loads(bodies[-1])["n"] == n, (n, bodies[-1][:100])
+            assert reply.get("result") == {"ok": True}, reply
+
+
+async def test_a_large_body_arrives_whole():
+    """Past the coalescing bound the body is written after the head, in full."""
+    async with remote_server() as remote, engine_with() as (engine, owner, caller):
+        await register(engine, owner, "ext::big", {"url": f"http://127.0.0.1:{remote.port}/ok"})
+        blob = "y" * (512 * 1024)
+        reply = await caller.call("ext::big", {"blob": blob}, timeout=20)
+        assert reply["result"]["echo"]["blob"] == blob
+        assert len(remote.last()["body"]) > 512 * 1024
+
+
 # -- with the official SDKs -------------------------------------------------------------
 
 SDK_WORKERS = {
@@ -364,6 +455,30 @@ async def test_sdk_registers_and_calls_an_http_function(version, monkeypatch):
         assert seen["headers"]["x-from"] == "sdk"
         assert seen["headers"]["authorization"] == f"Bearer sdk-token-{version}"
         assert seen["headers"]["x-iii-function-path"] == "sdk::remote"
+
+
+@pytest.mark.sdk
+@pytest.mark.parametrize("version", list(SDK_WORKERS))
+async def test_sdk_http_function_body_reaches_a_head_reader(version, monkeypatch):
+    """The official suites' case: the SDK registers an HTTP function whose URL is
+    a receiver that reads once after the head; the body must be there."""
+    from tests.support import start_sdk_worker
+
+    monkeypatch.setenv("III_TEST_TOKEN", f"sdk-token-{version}")
+    config = make_config([http_functions()])
+    async with head_reader() as (port, bodies), open_test_engine(config) as engine:
+        url = f"http://127.0.0.1:{port}/webhook"
+        async with start_sdk_worker(
+            version, SDK_WORKERS[version], url=f"ws://127.0.0.1:{engine.listen_port}", args=(url,)
+        ) as worker:
+            await worker.wait_for("READY", timeout=60)
+            with trio.fail_after(20):
+                while "sdk::remote" not in engine.registry.functions:
+                    await trio.sleep(0.05)
+            await worker.send_line("go")
+            line = await worker.wait_for("OK ", timeout=30)
+        assert orjson.loads(bodies[-1])["v"] == 1, bodies
+        assert orjson.loads(line[3:]) == {"ok": True}
 
 
 async def test_a_client_dropped_from_the_pool_finishes_its_calls_first(monkeypatch):

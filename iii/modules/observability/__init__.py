@@ -28,6 +28,13 @@ Traces, logs and metrics through the official OpenTelemetry SDK:
   (``prometheus_host``:``prometheus_port``/metrics) that also shows every
   module's ``statistics()`` (refreshed before each scrape, e.g. queue depth);
   ``engine::metrics::list`` returns them under ``module_statistics``.
+* **The metrics port** (:mod:`.prometheus`): ``/metrics``, and the engine's
+  liveness ``/healthz`` and readiness ``/readyz`` (:mod:`.health`).  Upstream
+  has no such port, so it is opened only when asked for
+  (``prometheus_enabled: true``, or a ``prometheus_port`` /
+  ``prometheus_host`` given): an upstream config opens no extra port, and
+  several engines on one host start side by side.  Asked for, a failed bind
+  stops the engine (exit 1) naming the address and the keys.
 * ``engine::health::check``, ``engine::sampling::rules``,
   ``engine::baggage::{get,set,get_all}``.
 
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +66,7 @@ from iii.containment import contained
 from iii.grants import TriggerAccess
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
+from iii.modules.observability.health import Answer, liveness, readiness
 from iii.modules.observability.logs import (
     DELIVERING,
     EngineLogHandler,
@@ -72,7 +81,7 @@ from iii.modules.observability.metrics import (
     SdkMetricStore,
     refresh_module_statistics,
 )
-from iii.modules.observability.prometheus import serve_prometheus
+from iii.modules.observability.prometheus import CONTENT_TYPE, serve_metrics_port
 from iii.modules.observability.sampler import build_sampler
 from iii.modules.observability.span_bounds import BoundedSpanProcessor
 from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
@@ -359,20 +368,16 @@ class Module:
                     access=LOG_TRIGGER_ACCESS,
                 )
                 if config.prometheus_enabled:
-                    from prometheus_client import CollectorRegistry, generate_latest
-
-                    registry = CollectorRegistry(auto_describe=False)
-                    registry.register(PrometheusCollector(engine, self.metrics))
-
-                    async def render() -> bytes:
-                        await refresh_module_statistics(engine)
-                        return generate_latest(registry)
-
                     self.prometheus_port = await module_nursery.start(
-                        serve_prometheus,
-                        config.prometheus_host,
-                        config.prometheus_port,
-                        render,
+                        partial(
+                            serve_metrics_port,
+                            config.prometheus_host,
+                            config.prometheus_port,
+                            self._metrics_port_routes(),
+                            keys=engine.config.listen_keys(
+                                config, "prometheus_host", "prometheus_port"
+                            ),
+                        )
                     )
                 self._log_send = log_send
                 module_nursery.start_soon(self._deliver_logs, log_receive)
@@ -394,6 +399,26 @@ class Module:
             self._log_send = None
             log_send.close()
             await self._flush()
+
+    def _metrics_port_routes(self) -> dict[bytes, Callable[[], Awaitable[Answer]]]:
+        """What the metrics port serves: /metrics, /healthz, /readyz."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        engine = self.engine
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PrometheusCollector(engine, self.metrics))
+
+        async def metrics() -> Answer:
+            await refresh_module_statistics(engine)
+            return 200, CONTENT_TYPE, generate_latest(registry)
+
+        async def healthz() -> Answer:
+            return liveness(engine)
+
+        async def readyz() -> Answer:
+            return readiness(engine)
+
+        return {b"/metrics": metrics, b"/healthz": healthz, b"/readyz": readyz}
 
     async def _flush(self) -> None:
         """Shut the OpenTelemetry pipelines down (exports what is buffered), bounded."""

@@ -10,8 +10,12 @@ Differences from upstream, on purpose:
 * unknown keys are an error (upstream ignores them) — typos should not pass;
 * the OTLP exporter speaks OTLP/HTTP (protobuf), so ``endpoint`` defaults to
   ``http://localhost:4318`` (upstream: gRPC on 4317);
-* ``prometheus_*`` keys: a Prometheus text endpoint that upstream's README
-  promises and nothing serves;
+* ``prometheus_*`` keys: the metrics port, with the Prometheus text endpoint
+  that upstream's README promises and nothing serves, and the engine's
+  ``/healthz`` and ``/readyz``.  Upstream has no such port, so it is off
+  unless asked for: ``prometheus_enabled`` defaults to true when
+  ``prometheus_port`` or ``prometheus_host`` is given, else to false (an
+  upstream config opens no port upstream would not);
 * byte bounds on what the module keeps in memory (upstream bounds its stores
   in entries only, which lets peers fill them with 64 MiB entries):
   ``logs_max_bytes`` and ``logs_max_entry_bytes`` (the log store and one log),
@@ -96,7 +100,9 @@ class Config:
     format: Literal["default", "json"] = "default"
     # Parsed so upstream configs load; alert evaluation is not implemented.
     alerts: tuple[Any, ...] = ()
-    prometheus_enabled: bool = True
+    # Default: true when prometheus_port or prometheus_host is given (the
+    # structure hook below), else false.
+    prometheus_enabled: bool = False
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 9464
 
@@ -188,6 +194,8 @@ def _structure_with_env(raw: Any, _: type) -> Config:
                 raise ValueError(
                     f"{variable}={os.environ[variable]!r} is not a valid {kind.__name__}"
                 ) from None
+    if "prometheus_enabled" not in raw and ("prometheus_port" in raw or "prometheus_host" in raw):
+        raw["prometheus_enabled"] = True  # a port given is a port asked for
     config = _structure_config(raw, Config)
     _check_byte_bounds(config)
     return config

@@ -7,8 +7,10 @@ a route while the engine serves, and removing the trigger removes it at once:
 the next request gets 404 (spec modules.md §1, protocol.md §5.2).  A route of
 another function with the same method and path shape is refused with a
 ``TriggerRegistrationError``, which the registering worker receives as a
-``triggerregistrationresult`` error.  ``GET /health`` is built in unless a
-worker registered that route.
+``triggerregistrationresult`` error.  The port has no built-in route: ``GET
+/health`` answers 404 until a worker registers it, as upstream's does (the
+official 0.25 SDK suite checks it); the engine's own liveness and readiness
+are ``/healthz`` and ``/readyz`` on the metrics port (observability module).
 
 Files: :mod:`.routes` (the route table), :mod:`.server` (HTTP/1.1 on h11 and
 trio), :mod:`.dispatch` (request -> function call -> answer), :mod:`.exchange`
@@ -180,7 +182,6 @@ class Module:
             max_body_size=config.max_body_size,
             max_body_bytes_in_flight=config.max_body_bytes_in_flight,
             cors=CorsPolicy() if cors is None else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
-            health=self.health,
         )
         self.server = HttpServer(
             self.dispatcher,
@@ -213,21 +214,6 @@ class Module:
             connections_refused=self.server.refused,
         )
 
-    def health(self) -> tuple[int, dict[str, Any]]:
-        engine = self.engine
-        if engine.shutting_down.is_set():
-            status, state = 503, "shutting_down"
-        elif not engine.ready.is_set():
-            status, state = 503, "starting"
-        else:
-            status, state = 200, "ok"
-        return status, {
-            "status": state,
-            "modules": sorted(engine.modules),
-            "workers": len(engine.connections),
-            "functions": len(engine.registry.functions),
-        }
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.engine.register_trigger_type(
             "http",
@@ -236,19 +222,16 @@ class Module:
             access=HTTP_TRIGGER_ACCESS,
         )
         async with trio.open_nursery() as module_nursery:
-            try:
-                await module_nursery.start(
-                    partial(
-                        self.server.serve,
-                        self.config.host,
-                        self.config.port,
-                        ssl_context=server_ssl_context(self.engine.config.tls),
-                    )
+            await module_nursery.start(
+                partial(
+                    self.server.serve,
+                    self.config.host,
+                    self.config.port,
+                    ssl_context=server_ssl_context(self.engine.config.tls),
+                    what="REST API",
+                    keys=self.engine.config.listen_keys(self.config),
                 )
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"REST API cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}"
-                ) from exc
+            )
             module_nursery.start_soon(self._drain_on_shutdown)
             log.info(
                 "REST API listening on %s://%s:%d",

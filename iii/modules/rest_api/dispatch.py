@@ -39,7 +39,6 @@ the request ends; its two channels are removed when the request ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -159,7 +158,6 @@ class RestDispatcher:
         max_body_size: int,
         max_body_bytes_in_flight: int,
         cors: CorsPolicy,
-        health: Callable[[], tuple[int, dict[str, Any]]],
     ):
         self.engine = engine
         self.routes = routes
@@ -170,7 +168,6 @@ class RestDispatcher:
         self.bodies = InboundBudget(limit=max_body_bytes_in_flight, slack=max_body_size)
         self.bodies_refused = 0  # answered 503: no room before their deadline
         self.cors = cors
-        self.health = health
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         origin = request.header(b"origin")
@@ -189,9 +186,6 @@ class RestDispatcher:
                 await self._call_route_traced(request, responder, match)
             else:
                 await self._call_route(request, responder, match)
-        elif request.method in ("GET", "HEAD") and request.path == "/health":
-            status, body = self.health()
-            await responder.respond(status, [JSON], orjson.dumps(body))
         elif matches:
             allow = ", ".join(sorted(matches)).encode()
             responder.extra_headers.append((b"allow", allow))

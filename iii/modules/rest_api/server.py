@@ -57,6 +57,7 @@ import orjson
 import trio
 
 from iii.admission import Admission, ConnectionLimits, peer_of
+from iii.binding import NO_KEYS, open_tcp_listeners
 from iii.log import RateLimitedLog
 from iii.modules.rest_api.framing import framing_problem, request_head
 
@@ -403,10 +404,15 @@ class HttpServer:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        what: str = "HTTP server",
+        keys: tuple[str, bool] = NO_KEYS,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; with ``ssl_context`` the port speaks ``https://``."""
-        tcp_listeners = await trio.open_tcp_listeners(port, host=host or None)
+        """Serve until cancelled; with ``ssl_context`` the port speaks ``https://``.
+
+        A failed bind raises :class:`~iii.errors.BindError` naming ``what``
+        and ``keys`` (the config keys of ``host`` and ``port``)."""
+        tcp_listeners = await open_tcp_listeners(what, host or None, port, keys)
         self.port = int(tcp_listeners[0].socket.getsockname()[1])
         listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
         if ssl_context is not None:

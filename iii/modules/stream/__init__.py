@@ -268,6 +268,7 @@ class Module:
             ),
             inbound=engine.inbound.share(config.max_inbound_bytes, slack=MAX_CLIENT_MESSAGE),
             inbound_wait_timeout=engine.config.inbound_wait_timeout,
+            listen_keys=engine.config.listen_keys(config),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

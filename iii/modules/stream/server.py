@@ -59,6 +59,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from iii import json_limits
 from iii.admission import Admission, ConnectionLimits
+from iii.binding import NO_KEYS
 from iii.containment import start_contained
 from iii.inbound import InboundBudget
 from iii.wsserver import ConnectionOptions, Upgrade, serve_websockets
@@ -166,9 +167,11 @@ class StreamServer:
         limits: ConnectionLimits | None = None,
         inbound: InboundBudget | None = None,
         inbound_wait_timeout: float = 15.0,
+        listen_keys: tuple[str, bool] = NO_KEYS,
     ):
         self.host = host
         self.port = port
+        self.listen_keys = listen_keys  # the config keys of host and port (iii.binding)
         # Who holds a socket on the port (iii.admission); clients hold no
         # credential, so every one counts against its address's share.
         self.sockets = Admission(
@@ -242,6 +245,7 @@ class StreamServer:
                     options=self.options,
                     port_name="stream port",
                     handler_nursery=connection_nursery,
+                    keys=self.listen_keys,
                 )
             )
             self.listen_port = server.port
