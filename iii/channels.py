@@ -42,7 +42,7 @@ from iii.channel_buffer import ByteBudget, Frame, FrameBuffer, FrameReader, Fram
 from iii.errors import IIIError
 
 if TYPE_CHECKING:
-    from iii.config import EngineConfig
+    from iii.config_schema import EngineConfig
 
 __all__ = [
     "Channel",

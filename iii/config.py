@@ -20,8 +20,12 @@ file, the key and the reason:
   by YAML 1.2 core rules (``port: ${PORT:49134}`` is an integer; ``yes`` or
   ``12:30`` stay strings, unlike PyYAML's YAML 1.1).  An unset variable without a
   default is an error naming the variable and the key.
-* An unknown module class, an unknown key (top level or in a module's config)
-  and a wrongly typed value are errors.
+* An unknown module class, an unknown key (top level, in a module's config,
+  or in its ``adapter`` block's config) and a wrongly typed value (a boolean
+  where an integer is expected, too) are errors.  Each module's config,
+  adapter block included, is structured here into frozen attrs classes
+  (:mod:`iii.config_schema`), so ``check-config`` catches everything
+  ``serve`` would refuse.
 * A module listed twice is an error, except the exec module (one pipeline
   per entry, each named: see ``ModuleSpec.repeatable``).
 * A hostile file (too large, a "billion laughs" of aliases, nesting past 64
@@ -39,15 +43,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, NewType
+from typing import Any
 
 import attrs
-import cattrs
 import tomli_w
 import yaml
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from iii.config_files import read_config_file
+from iii.config_schema import (
+    CONFIG_CONVERTER,
+    DEFAULT_PORT,
+    AdapterRef,
+    AuthConfig,
+    AuthToken,
+    Count,
+    EngineConfig,
+    ModuleEntry,
+    TlsConfig,
+    structure_config,
+    type_name,
+)
 from iii.errors import ConfigError
 from iii.grants import parse_trigger_type_entry
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
@@ -70,318 +85,7 @@ __all__ = [
     "Count",
 ]
 
-DEFAULT_PORT = 49134
-MiB = 1024 * 1024
-
 _ENV_REF = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
-
-
-# An integer that must be at least 1 (a limit of 0 would refuse everything).
-Count = NewType("Count", int)
-
-
-@attrs.frozen(kw_only=True)
-class AdapterRef:
-    """A module's ``adapter: {class: <upstream adapter class>, config: {...}}`` block.
-
-    ``config`` is kept as raw JSON: each backend validates its own keys.
-    """
-
-    class_name: str
-    config: Any = None
-
-
-@attrs.frozen(kw_only=True)
-class ModuleEntry:
-    class_name: str
-    config: Any
-    # Where the entry's config block is in the file ("modules[2].config"), for
-    # messages; None for a module the file does not list (a default or
-    # mandatory one).  Not part of the entry's value (equality).
-    key: str | None = attrs.field(default=None, eq=False)
-
-
-@attrs.frozen(kw_only=True)
-class AuthToken:
-    """One worker token and what it allows (``auth.tokens[]``).
-
-    The secret is never written in the file: ``env`` names the environment
-    variable that holds it, read when the config is loaded (unset, empty or
-    shorter than 16 characters is a config error).  The lists are
-    ``fnmatch``-style patterns (``billing::*``); each defaults to everything.
-    A ``trigger_types`` entry may also be ``type(resource-pattern)``
-    (``state(billing*)``): see :mod:`iii.grants` for what each list allows.
-    Names (or, unnamed, ``env``) are unique: queued jobs record the name of
-    the token that enqueued them.
-    """
-
-    name: str = ""
-    env: str
-    # Function ids this token's workers may register, and invoke (including
-    # binding a trigger to them); trigger types they may bind or provide.
-    register: tuple[str, ...] = ("*",)
-    invoke: tuple[str, ...] = ("*",)
-    trigger_types: tuple[str, ...] = ("*",)
-    # Filled from ``env`` by the loader; never read from nor shown in a file.
-    secret: str = attrs.field(default="", repr=False)
-
-    @property
-    def label(self) -> str:
-        return self.name or self.env
-
-
-@attrs.frozen(kw_only=True)
-class AuthConfig:
-    """``auth:``: with no tokens, any client that reaches the port may connect."""
-
-    tokens: tuple[AuthToken, ...] = ()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tokens)
-
-
-@attrs.frozen(kw_only=True)
-class TlsConfig:
-    """``tls:``: PEM certificate chain and key; both set = the worker port speaks ``wss://``."""
-
-    cert: str | None = None
-    key: str | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None
-
-
-# Integer engine keys and their allowed range (low, high or None); the
-# ``Count`` keys (at least 1) are checked by their structure hook.
-_ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
-    # In a file, 0 means the default port (upstream: replaced before this); in
-    # code (iii.testing), an ephemeral one.
-    "port": (0, 65535),
-    "invocation_timeout_ms": (1, None),
-    "heartbeat_interval_ms": (1, None),
-    "heartbeat_timeout_ms": (1, None),
-    "handshake_timeout_ms": (1, None),
-    "shutdown_grace_ms": (0, None),
-    "slow_consumer_timeout_ms": (1, None),
-    "max_message_size": (1, None),
-    "send_queue_size": (1, None),
-    "max_pending_invocations": (1, None),
-    "channel_buffer_bytes": (1, None),
-    "channels_max_bytes": (1, None),
-    "max_channels": (1, None),
-    "max_inbound_bytes": (1, None),
-    "inbound_wait_timeout_ms": (1, None),
-}
-
-
-@attrs.frozen(kw_only=True)
-class EngineConfig:
-    port: int = DEFAULT_PORT
-    # Loopback by default: anyone who reaches the worker port can register
-    # routes and call functions.  Set 0.0.0.0 (with auth) to expose it.
-    host: str = "127.0.0.1"
-    invocation_timeout_ms: int = 30_000
-    heartbeat_interval_ms: int = 20_000
-    heartbeat_timeout_ms: int = 20_000
-    handshake_timeout_ms: int = 10_000
-    shutdown_grace_ms: int = 10_000
-    slow_consumer_timeout_ms: int = 30_000
-    max_message_size: int = 64 * MiB
-    send_queue_size: int = 1024
-    # Upgraded sockets on the worker port (workers, /otel, channels); more are
-    # refused with HTTP 503 at the upgrade.  Sockets still in their handshake
-    # have a budget of the same size of their own (iii.admission).
-    max_connections: Count = Count(1024)
-    # Sockets from one peer address that hold no credential (every socket in
-    # its handshake, and every socket when auth.tokens is off); more are
-    # refused on accept.  Loopback is one address like any other.
-    max_connections_per_address: Count = Count(256)
-    # Calls one worker may have outstanding (request/response and
-    # fire-and-forget); more are answered ``too_many_pending_invocations``.
-    max_pending_invocations: int = 4096
-    # Streaming channels (iii.channels): bytes one channel may buffer, bytes
-    # all channels together may buffer (a writer past either waits), and
-    # channels workers may have open (engine::channels::create).
-    channel_buffer_bytes: int = 4 * MiB
-    channels_max_bytes: int = 256 * MiB
-    max_channels: int = 10_000
-    # Bytes of peer messages held at once on all WebSocket ports together
-    # (queued for the engine's readers, or being received), beyond each
-    # socket's small read-ahead (iii.inbound).  A socket that finds no room is
-    # not read (backpressure); one that waits past inbound_wait_timeout_ms is
-    # closed with 1013.  At least max_message_size.
-    max_inbound_bytes: int = 256 * MiB
-    inbound_wait_timeout_ms: int = 15_000
-    auth: AuthConfig = attrs.field(factory=AuthConfig)
-    tls: TlsConfig = attrs.field(factory=TlsConfig)
-    modules: tuple[ModuleEntry, ...] = ()
-
-    def __attrs_post_init__(self) -> None:
-        # A value out of range is a config error (exit 2), not a surprise at
-        # run time: port 70000 would wrap to 4464, a negative timeout makes
-        # trio raise in the middle of a connection.
-        for name, (low, high) in _ENGINE_RANGES.items():
-            value = getattr(self, name)
-            if value < low or (high is not None and value > high):
-                limit = f"at least {low}" if high is None else f"between {low} and {high}"
-                raise ValueError(f"{name}: must be {limit}, got {value}")
-        if self.max_inbound_bytes < self.max_message_size:
-            raise ValueError(
-                f"max_inbound_bytes: must be at least max_message_size "
-                f"({self.max_message_size}), got {self.max_inbound_bytes}"
-            )
-
-    @property
-    def invocation_timeout(self) -> float:
-        return self.invocation_timeout_ms / 1000
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return self.heartbeat_interval_ms / 1000
-
-    @property
-    def heartbeat_timeout(self) -> float:
-        return self.heartbeat_timeout_ms / 1000
-
-    @property
-    def handshake_timeout(self) -> float:
-        return self.handshake_timeout_ms / 1000
-
-    @property
-    def shutdown_grace(self) -> float:
-        return self.shutdown_grace_ms / 1000
-
-    @property
-    def slow_consumer_timeout(self) -> float:
-        return self.slow_consumer_timeout_ms / 1000
-
-    @property
-    def inbound_wait_timeout(self) -> float:
-        return self.inbound_wait_timeout_ms / 1000
-
-    def module_config(self, class_name: str) -> Any:
-        for entry in self.modules:
-            if entry.class_name == class_name:
-                return entry.config
-        return None
-
-    def listen_keys(
-        self, module_config: Any = None, host_key: str = "host", port_key: str = "port"
-    ) -> tuple[str, bool]:
-        """The config keys that set a listener's address, for its bind error
-        (:class:`~iii.errors.BindError`): the engine's own (``module_config``
-        None) or those of the module entry whose config is ``module_config``.
-        Returns (text, whether the keys belong in the file)."""
-        if module_config is None:
-            return f"config keys {host_key} and {port_key}", True
-        for entry in self.modules:
-            if entry.config is module_config:
-                if entry.key is not None:
-                    return f"config keys {entry.key}.{host_key} and {entry.key}.{port_key}", True
-                return (
-                    f"config keys {host_key} and {port_key} of {entry.class_name}: "
-                    "defaults, as the config lists no modules",
-                    False,
-                )
-        return f"config keys {host_key} and {port_key} of the module", False
-
-
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
-
-    def strict(kind: type, name: str) -> Any:
-        def hook(value: Any, _: type) -> Any:
-            if isinstance(value, bool) and kind is not bool:
-                raise TypeError(f"expected {name}, got a boolean")
-            if kind is float and isinstance(value, int):
-                return float(value)
-            if not isinstance(value, kind):
-                raise TypeError(f"expected {name}, got {_type_name(value)}")
-            return value
-
-        return hook
-
-    converter.register_structure_hook(str, strict(str, "a string"))
-    converter.register_structure_hook(int, strict(int, "an integer"))
-    converter.register_structure_hook(float, strict(float, "a number"))
-    converter.register_structure_hook(bool, strict(bool, "a boolean"))
-    converter.register_structure_hook(Any, lambda v, _: v)
-
-    def structure_count(value: Any, _: type) -> Count:
-        number = strict(int, "an integer")(value, int)
-        if number < 1:
-            raise ValueError(f"must be at least 1, got {number}")
-        return Count(number)
-
-    converter.register_structure_hook(Count, structure_count)
-
-    def structure_adapter(value: Any, _: type) -> AdapterRef:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a mapping with 'class' and 'config', got {_type_name(value)}")
-        extra = set(value) - {"class", "config"}
-        if extra:
-            raise cattrs.ForbiddenExtraKeysError("", AdapterRef, extra)
-        class_name = value.get("class")
-        if not isinstance(class_name, str):
-            raise TypeError("'class' is required and must be a string")
-        return AdapterRef(class_name=class_name, config=value.get("config"))
-
-    converter.register_structure_hook(AdapterRef, structure_adapter)
-
-    def structure_patterns(value: Any, _: type) -> tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TypeError(f"expected a list of strings, got {_type_name(value)}")
-        return tuple(value)
-
-    # A bare string must not become a tuple of characters.
-    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_patterns)
-    # The token secret comes from the environment only (see AuthToken).
-    converter.register_structure_hook(
-        AuthToken,
-        make_dict_structure_fn(
-            AuthToken, converter, _cattrs_forbid_extra_keys=True, secret=override(omit=True)
-        ),
-    )
-    converter.register_unstructure_hook(
-        AuthToken, make_dict_unstructure_fn(AuthToken, converter, secret=override(omit=True))
-    )
-    converter.register_unstructure_hook(
-        AdapterRef, lambda ref: {"class": ref.class_name, "config": ref.config if ref.config is not None else {}}
-    )
-    return converter
-
-
-CONFIG_CONVERTER = _make_converter()
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _format_error(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in exc.extra_fields))
-        return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
-    if isinstance(exc, KeyError):
-        return "required key is missing"
-    return str(exc) or type(exc).__name__
-
-
-def _structure(data: Any, cls: type, *, file: str | None, path: str) -> Any:
-    try:
-        return CONFIG_CONVERTER.structure(data, cls)
-    except cattrs.BaseValidationError as exc:
-        first = cattrs.transform_error(exc, path="$", format_exception=_format_error)[0]
-        reason, _, where = first.rpartition(" @ ")
-        suffix = where[1:] if where.startswith("$") else ""
-        key = (path + suffix) if path else suffix.lstrip(".")
-        raise ConfigError(reason, file=file, key=key or None) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc), file=file, key=path or None) from None
 
 
 # -- env expansion ---------------------------------------------------------------
@@ -464,7 +168,7 @@ def _read_file(path: Path) -> Any:
 def _module_entry(raw: Any, index: int, file: str | None, *, listed: bool = True) -> ModuleEntry:
     path = f"modules[{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping with 'class' and 'config', got {_type_name(raw)}", file=file, key=path)
+        raise ConfigError(f"expected a mapping with 'class' and 'config', got {type_name(raw)}", file=file, key=path)
     unknown = set(raw) - {"class", "config"}
     if unknown:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}", file=file, key=path)
@@ -487,9 +191,7 @@ def _module_config(class_name: str, raw: Any, *, file: str | None, path: str) ->
     if not spec.available:
         return raw  # kept as given; the engine logs that the module is not available
     config_cls = spec.load().Config
-    if getattr(config_cls, "LENIENT", False):
-        return config_cls(raw={} if raw is None else raw)
-    return _structure({} if raw is None else raw, config_cls, file=file, path=path)
+    return structure_config({} if raw is None else raw, config_cls, file=file, path=path)
 
 
 def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> EngineConfig:
@@ -497,18 +199,19 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"the top level must be a mapping, got {_type_name(raw)}", file=file)
+        raise ConfigError(f"the top level must be a mapping, got {type_name(raw)}", file=file)
     raw = expand_env(raw, file=file, env=env)
     raw_modules = raw.pop("modules", None)
     if raw_modules is None:
         entries = [{"class": name} for name in DEFAULT_MODULES]
     elif not isinstance(raw_modules, list):
-        raise ConfigError(f"expected a list, got {_type_name(raw_modules)}", file=file, key="modules")
+        raise ConfigError(f"expected a list, got {type_name(raw_modules)}", file=file, key="modules")
     else:
         entries = raw_modules
-    if raw.get("port") == 0:
+    port = raw.get("port")
+    if port == 0 and type(port) is int:  # not False: a boolean is refused below
         raw["port"] = DEFAULT_PORT  # upstream: 0 or missing means the default port
-    engine: EngineConfig = _structure(raw, EngineConfig, file=file, path="")
+    engine: EngineConfig = structure_config(raw, EngineConfig, file=file, path="")
     engine = attrs.evolve(
         engine,
         auth=_resolve_tokens(engine.auth, os.environ if env is None else env, file),
@@ -650,10 +353,7 @@ def config_to_dict(config: EngineConfig) -> dict[str, Any]:
     for entry in config.modules:
         module_config = entry.config
         if attrs.has(type(module_config)):
-            if getattr(type(module_config), "LENIENT", False):
-                module_config = module_config.raw
-            else:
-                module_config = CONFIG_CONVERTER.unstructure(module_config)
+            module_config = CONFIG_CONVERTER.unstructure(module_config)
         modules.append({"class": entry.class_name, "config": module_config if module_config is not None else {}})
     top["modules"] = modules
     return top

@@ -101,7 +101,7 @@ from iii.telemetry import TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
 if TYPE_CHECKING:
-    from iii.config import EngineConfig
+    from iii.config_schema import EngineConfig
     from iii.worker_conn import WorkerConnection
 
 __all__ = ["Engine", "serve_engine", "WorkerEvent"]

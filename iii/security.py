@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from iii.config import AuthConfig, TlsConfig
+from iii.config_schema import AuthConfig, TlsConfig
 from iii.errors import ConfigError
 from iii.grants import ALLOW_ALL, ALWAYS_INVOKABLE, Grant
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from iii.config import EngineConfig
+from iii.config_schema import EngineConfig
 from iii.engine import Engine, serve_engine
 
 __all__ = ["Notifier", "serve_with_systemd"]

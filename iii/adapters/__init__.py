@@ -1,71 +1,89 @@
 """Adapters: the backends behind the modules, one package per kind.
 
-Each ``iii/adapters/<kind>/`` package declares the ``<Kind>Adapter`` Protocol
-and ``open_<kind>_adapter(cfg)``; each backend is one file beside it
-(``memory.py``, ``redis.py``, ``rabbitmq.py`` …).  :mod:`iii.adapters.filelog`
-is the durable record log that the file-based backends share.
+Each ``iii/adapters/<kind>/`` package has:
 
-:func:`import_backend` is the lookup every ``open_<kind>_adapter`` shares: an
-upstream adapter class name goes through the kind's explicit ``BACKENDS``
-table (never an import string from the config file) to its module, imported
-only when configured.  :func:`typed_keys` reads the typed keys of a raw
-backend config.  Pure functions; the adapters' lifetimes belong to their
-``open_adapter`` context managers.
+* ``base.py``: the ``<Kind>Adapter`` Protocol and the kind's value types
+  (what its backends import: no backend is imported there);
+* one file per backend (``embedded.py``, ``redis.py``, ``rabbitmq.py`` …),
+  each declaring a frozen attrs ``Config`` class for its ``config`` block
+  and a factory with the one signature every kind shares::
+
+      open_adapter(config: <Backend>Config, hooks: <Kind>Hooks)
+          -> AbstractAsyncContextManager[<Backend>Adapter]
+
+  ``hooks`` is what the backend may call back into its module: the
+  peer-event handler (state, stream), the message handler (pubsub), or
+  ``None`` (queue, cron);
+* ``__init__.py``: the ``BACKENDS`` table (upstream class name →
+  :class:`Backend`), the kind's :class:`~iii.config_schema.AdapterKind` and
+  ``<Kind>AdapterRef`` (what a module's Config declares for its ``adapter``
+  block), and ``open_<kind>_adapter(ref, hooks)``.
+
+The table is built with :func:`backend`, so mypy checks, for every backend,
+that its factory takes its own config class and that what it yields
+satisfies the kind's Protocol (no duck typing of a module object at run
+time).  The embedded backend of every kind is named ``embedded`` (the file,
+the class, and an accepted ``class:`` name; see :data:`~iii.config_schema.EMBEDDED`).
+
+:mod:`iii.adapters.filelog` is the durable record log the file-based backends
+share; :mod:`iii.adapters.kvstore` the embedded key-value store.  Pure
+declarations here; an adapter's lifetime is its ``open_adapter`` block.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
 
-from iii.errors import ConfigError
+import attrs
 
-if TYPE_CHECKING:
-    from iii.config import AdapterRef
+from iii.config_schema import EMBEDDED, AdapterKind, AdapterRef
 
-__all__ = ["import_backend", "typed_keys"]
+__all__ = ["Backend", "backend", "adapter_kind", "open_backend"]
+
+C = TypeVar("C")
+H = TypeVar("H")
+A = TypeVar("A")
 
 
-def import_backend(
-    kind: str, backends: Mapping[str, str], ref: AdapterRef | None, default: str, *, key: str
-) -> tuple[ModuleType, Any]:
-    """The backend module for ``ref`` (``default`` when absent) and its raw config.
+@attrs.frozen
+class Backend(Generic[C, H, A]):
+    """One backend of a kind: its config class and its factory."""
 
-    An unknown class name is a :class:`~iii.errors.ConfigError` at ``key``
-    listing the available ones.
-    """
-    class_name = ref.class_name if ref is not None else default
-    module_name = backends.get(class_name)
-    if module_name is None:
-        raise ConfigError(
-            f"{kind} adapter factory '{class_name}' not found; "
-            f"available: {', '.join(sorted(backends))}",
-            key=key,
+    config_type: type[C]
+    open: Callable[[C, H], AbstractAsyncContextManager[A]]
+
+
+def backend(
+    config_type: type[C], open: Callable[[C, H], AbstractAsyncContextManager[A]]
+) -> Backend[Any, H, A]:
+    """A table entry; mypy checks ``open`` against ``config_type`` and the kind's Protocol ``A``."""
+    return Backend(config_type, open)
+
+
+def adapter_kind(
+    name: str, backends: Mapping[str, Backend[Any, Any, Any]], default: str,
+    aliases: Mapping[str, str] | None = None,
+) -> AdapterKind:
+    """The config file's view of a kind: its class names, their config classes, and
+    ``embedded`` (plus any ``aliases``) standing for the ``default`` backend."""
+    return AdapterKind(
+        name=name,
+        default=default,
+        config_types={class_name: entry.config_type for class_name, entry in backends.items()},
+        aliases={EMBEDDED: default, **(aliases or {})},
+    )
+
+
+def open_backend(
+    backends: Mapping[str, Backend[Any, H, A]], ref: AdapterRef, hooks: H
+) -> AbstractAsyncContextManager[A]:
+    """Open the backend ``ref`` names, with the config the loader structured for it."""
+    entry = backends[ref.class_name]
+    if not isinstance(ref.config, entry.config_type):
+        raise TypeError(
+            f"{ref.class_name} takes a {entry.config_type.__name__}, "
+            f"got {type(ref.config).__name__}"
         )
-    return importlib.import_module(module_name), (ref.config if ref is not None else None)
-
-
-def typed_keys(raw: Any, *, where: str, fields: tuple[tuple[str, type], ...]) -> dict[str, Any]:
-    """The keys of a raw backend config that are set, each checked for its type.
-
-    ``raw`` is the JSON the config file gave (None = empty); other keys are
-    ignored (upstream reads these blocks leniently).  A value of the wrong
-    type (a bool is not an int) is a ConfigError at ``<where>.<key>``.
-    """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping, got {type(raw).__name__}", key=where)
-    values: dict[str, Any] = {}
-    for name, kind in fields:
-        value = raw.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(
-                f"expected {kind.__name__}, got {type(value).__name__}", key=f"{where}.{name}"
-            )
-        values[name] = value
-    return values
+    return entry.open(ref.config, hooks)

@@ -70,7 +70,6 @@ import attrs
 import orjson
 import trio
 
-from iii.adapters import typed_keys
 from iii.adapters.filelog import (
     MAX_RECORD,
     RecordLog,
@@ -79,6 +78,7 @@ from iii.adapters.filelog import (
     open_record_log,
 )
 from iii.adapters.limits import NO_LIMITS, WriteLimits
+from iii.config_schema import Count
 from iii.errors import AdapterUnavailableError, ConfigError
 from iii.update_ops import MISSING, UpdateOp, UpdateResult, apply_ops
 
@@ -98,11 +98,18 @@ class KvStoreLockedError(ConfigError):
     """Another store (module or engine) already has this directory open."""
 
 
+STORE_METHODS = ("in_memory", "file_based")
+
+
 @attrs.frozen(kw_only=True)
 class KvStoreConfig:
+    """The embedded store's keys (upstream's), in the config of every owner
+    (the kv_server module, the embedded state and stream backends)."""
+
+    # Any other value means in_memory, with a warning when the store opens (as upstream).
     store_method: str = "in_memory"
     file_path: str = "kv_store_data.db"
-    save_interval_ms: int = 5000
+    save_interval_ms: Count = Count(5000)
 
     @property
     def file_based(self) -> bool:
@@ -111,18 +118,6 @@ class KvStoreConfig:
     @property
     def save_interval(self) -> float:
         return self.save_interval_ms / 1000
-
-    @classmethod
-    def from_raw(cls, raw: Any, *, where: str = "kv store config") -> KvStoreConfig:
-        """Read upstream's raw config object; other keys are ignored (upstream is lenient)."""
-        fields = (("store_method", str), ("file_path", str), ("save_interval_ms", int))
-        config = cls(**typed_keys(raw, where=where, fields=fields))
-        if config.store_method not in ("in_memory", "file_based"):
-            log.warning("%s: unknown store_method %r, using in_memory", where, config.store_method)
-            config = attrs.evolve(config, store_method="in_memory")
-        if config.save_interval_ms <= 0:
-            raise ConfigError("must be positive", key=f"{where}.save_interval_ms")
-        return config
 
 
 @attrs.frozen(kw_only=True)
@@ -362,6 +357,8 @@ async def open_kv_store(
     ``max_record`` bounds one log record (one write, or one batch); tests
     make it small.
     """
+    if config.store_method not in STORE_METHODS:
+        log.warning("unknown store_method %r, using in_memory", config.store_method)
     store = KvStore(config)
     if not config.file_based:
         yield store

@@ -48,9 +48,9 @@ import trio
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from iii import json_limits
-from iii.adapters import typed_keys
 from iii.adapters.limits import NO_LIMITS, WriteLimits
-from iii.errors import AdapterUnavailableError, ConfigError, IIIError
+from iii.config_schema import Count, check
+from iii.errors import AdapterUnavailableError, IIIError
 
 __all__ = [
     "RedisSettings",
@@ -70,25 +70,22 @@ DEFAULT_URL = "redis://localhost:6379"
 
 @attrs.frozen(kw_only=True)
 class RedisSettings:
-    redis_url: str = DEFAULT_URL
+    """The config of a Redis backend (pubsub, state, stream): ``redis_url``,
+    ``key_prefix`` and ``timeout_ms`` (each command's)."""
+
+    redis_url: str = attrs.field(
+        default=DEFAULT_URL,
+        validator=check(
+            lambda url: url.startswith(("redis://", "rediss://", "unix://")),
+            "must be a redis://, rediss:// or unix:// URL",
+        ),
+    )
     key_prefix: str = ""
-    timeout_ms: int = 5000
+    timeout_ms: Count = Count(5000)
 
     @property
     def timeout(self) -> float:
         return self.timeout_ms / 1000
-
-    @classmethod
-    def from_raw(cls, raw: Any, *, where: str) -> RedisSettings:
-        fields = (("redis_url", str), ("key_prefix", str), ("timeout_ms", int))
-        settings = cls(**typed_keys(raw, where=where, fields=fields))
-        if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                "must be a redis://, rediss:// or unix:// URL", key=f"{where}.redis_url"
-            )
-        if settings.timeout_ms <= 0:
-            raise ConfigError("must be positive", key=f"{where}.timeout_ms")
-        return settings
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -452,15 +449,13 @@ class JsonHashes:
 
 @asynccontextmanager
 async def open_json_store(
-    raw: Any, *, where: str, name: str, events: str, on_peer_event: Callable[[Any], None]
+    settings: RedisSettings, *, name: str, events: str, on_peer_event: Callable[[Any], None]
 ) -> AsyncIterator[tuple[RedisConnection, JsonHashes, PeerEvents]]:
     """What a Redis-backed JSON store (state, stream) is made of, for its lifetime.
 
-    Reads the adapter config (``<where>.config``), opens the client, and runs
-    the peer-event subscriber on channel ``<key_prefix><events>`` in a nursery
-    of its own until the block is left.
+    Opens the client, and runs the peer-event subscriber on channel
+    ``<key_prefix><events>`` in a nursery of its own until the block is left.
     """
-    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
     async with open_redis(settings, name=name) as connection:
         peers = PeerEvents(connection, connection.key(events), on_peer_event)
         async with trio.open_nursery() as store_nursery:

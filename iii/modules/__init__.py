@@ -30,7 +30,7 @@ import attrs
 import trio
 
 if TYPE_CHECKING:
-    from iii.config import EngineConfig
+    from iii.config_schema import EngineConfig
     from iii.engine import Engine
 
 __all__ = ["Module", "ModuleSpec", "MODULE_SPECS", "spec_for", "build_modules", "DEFAULT_MODULES"]

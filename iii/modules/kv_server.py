@@ -17,7 +17,7 @@ A namespaced key-value store for workers, on the embedded store
 index names, a bug): the keys of ``index`` when it is given, else the keys of
 every index (each once).  There are no trigger types.
 
-Config (lenient, as upstream: other keys are ignored): ``store_method``
+Config (:class:`Config`; an unknown key is an error, as in every module): ``store_method``
 (``in_memory`` | ``file_based``), ``file_path`` (a directory),
 ``save_interval_ms``.  File-based writes are durable before they are
 acknowledged.  ``max_value_bytes`` (ours, default 16 MiB): a value that would
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from iii.adapters import typed_keys
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits
-from iii.errors import ConfigError, IIIError
+from iii.config_schema import Count
+from iii.errors import IIIError
 from iii.modules._functions import register_functions
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
@@ -51,9 +51,10 @@ __all__ = ["Config", "Module"]
 
 
 @attrs.frozen(kw_only=True)
-class Config:
-    LENIENT = True  # upstream reads this config as raw JSON; unknown keys are ignored
-    raw: Any = None
+class Config(KvStoreConfig):
+    """The embedded store's keys, and ``max_value_bytes`` (ours)."""
+
+    max_value_bytes: Count = Count(DEFAULT_MAX_VALUE_BYTES)
 
 
 @attrs.frozen(kw_only=True)
@@ -90,16 +91,8 @@ class PrefixInput:
 class Module:
     def __init__(self, engine: Engine, config: Config):
         self.engine = engine
-        self.store_config = KvStoreConfig.from_raw(config.raw, where="kv_server.config")
-        limit = typed_keys(
-            config.raw, where="kv_server.config", fields=(("max_value_bytes", int),)
-        ).get("max_value_bytes", DEFAULT_MAX_VALUE_BYTES)
-        if limit < 1:
-            raise ConfigError(
-                f"must be a positive number of bytes, got {limit}",
-                key="kv_server.config.max_value_bytes",
-            )
-        self.max_value_bytes: int = limit
+        self.store_config: KvStoreConfig = config
+        self.max_value_bytes: int = config.max_value_bytes
         self.store: KvStore | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

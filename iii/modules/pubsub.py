@@ -39,9 +39,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
+from iii.adapters.pubsub import PubSubAdapter, PubSubAdapterRef, open_pubsub_adapter
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
-from iii.config import AdapterRef
 from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
@@ -65,7 +64,7 @@ SUBSCRIBE_TRIGGER_ACCESS = TriggerAccess(data=True, resource_key="topic")
 
 @attrs.frozen(kw_only=True)
 class Config:
-    adapter: AdapterRef | None = None
+    adapter: PubSubAdapterRef = attrs.field(factory=PubSubAdapterRef.default)
 
 
 @attrs.frozen(kw_only=True)

@@ -56,8 +56,7 @@ import attrs
 import trio
 
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
-from iii.adapters.state import StateAdapter, open_state_adapter
-from iii.config import AdapterRef
+from iii.adapters.state import StateAdapter, StateAdapterRef, open_state_adapter
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
@@ -77,7 +76,7 @@ _MISSING: Any = object()
 
 @attrs.frozen(kw_only=True)
 class Config:
-    adapter: AdapterRef | None = None
+    adapter: StateAdapterRef = attrs.field(factory=StateAdapterRef.default)
     max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
 
 

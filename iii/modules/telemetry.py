@@ -3,7 +3,8 @@
 Upstream's ``modules::telemetry::TelemetryModule`` sends an anonymous usage
 heartbeat to a third party every 6 hours.  This engine sends nothing anywhere:
 the module exists so that upstream config files that list it still load.  Its
-config is accepted as given and ignored.
+config takes upstream's keys (checked like any other module's) and ignores
+them.
 
 Lifetime: :meth:`Module.run` reports ready and returns; it holds nothing.
 """
@@ -15,15 +16,19 @@ from typing import Any
 import attrs
 import trio
 
+from iii.config_schema import Count
+
 __all__ = ["Config", "Module"]
 
 
 @attrs.frozen(kw_only=True)
 class Config:
-    """Any keys are accepted (upstream's config here is free-form)."""
+    """Upstream's keys (v0.4 ``TelemetryConfig``), accepted and unused."""
 
-    LENIENT = True
-    raw: Any = None
+    enabled: bool = True
+    api_key: str = ""
+    sdk_api_key: str | None = None
+    heartbeat_interval_secs: Count = Count(6 * 60 * 60)
 
 
 class Module:

@@ -7,12 +7,15 @@ import trio
 
 from iii.adapters.filelog import HEADER
 from iii.adapters.kvstore import KvStoreConfig, KvStoreLockedError, open_kv_store
+from iii.config_schema import CONFIG_CONVERTER, structure_config
 from iii.errors import ConfigError
 from iii.update_ops import parse_ops
 
 
 def file_config(path, **extra):
-    return KvStoreConfig.from_raw({"store_method": "file_based", "file_path": str(path), **extra})
+    return CONFIG_CONVERTER.structure(
+        {"store_method": "file_based", "file_path": str(path), **extra}, KvStoreConfig
+    )
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -84,10 +87,28 @@ async def test_two_stores_cannot_share_a_directory(tmp_path):
 
 
 def test_config_reading():
-    assert KvStoreConfig.from_raw(None) == KvStoreConfig()
-    assert KvStoreConfig.from_raw({"store_method": "weird", "other": 1}).store_method == "in_memory"
-    with pytest.raises(ConfigError):
-        KvStoreConfig.from_raw({"save_interval_ms": "soon"})
+    def read(raw):
+        return structure_config(raw, KvStoreConfig, file="f.yaml", path="store")
+
+    assert read({}) == KvStoreConfig()
+    with pytest.raises(ConfigError) as info:
+        read({"save_interval_ms": "soon"})
+    assert info.value.key == "store.save_interval_ms"
+    with pytest.raises(ConfigError) as info:
+        read({"save_interval_ms": True})  # a boolean is not a number of ms
+    assert info.value.key == "store.save_interval_ms"
+    with pytest.raises(ConfigError) as info:
+        read({"store_method": "file_based", "other": 1})
+    assert info.value.key == "store" and "other" in info.value.reason
+
+
+async def test_an_unknown_store_method_keeps_the_store_in_memory(tmp_path, caplog):
+    config = KvStoreConfig(store_method="weird", file_path=str(tmp_path / "never"))
+    async with open_kv_store(config) as store:
+        await store.set("i", "k", 1)
+        assert await store.get("i", "k") == 1
+    assert not (tmp_path / "never").exists()
+    assert "unknown store_method 'weird'" in caplog.text
 
 
 async def test_a_disk_error_makes_the_store_refuse_further_use(tmp_path):

@@ -11,7 +11,7 @@ from pamqp.commands import Exchange, Queue
 
 from iii.adapters.queue import Job
 from iii.adapters.queue.amqp import open_amqp_connection
-from iii.adapters.queue.rabbitmq import names, open_adapter
+from iii.adapters.queue.rabbitmq import Config, names, open_adapter
 from iii.errors import AdapterUnavailableError
 from tests.support import require_rabbitmq
 
@@ -30,7 +30,7 @@ async def test_a_broker_refusal_does_not_poison_later_calls():
         await channel.rpc(Queue.Declare(queue=delay_queue, durable=True))
     try:
         with trio.fail_after(30):
-            async with open_adapter({"amqp_url": url}) as adapter:
+            async with open_adapter(Config(amqp_url=url), None) as adapter:
                 await adapter.enqueue(Job(id="j1", queue=queue, data={"n": 1}))
                 async with adapter.open_consumer(queue, "c", 1) as consumer:
                     delivery = await consumer.receive(10)

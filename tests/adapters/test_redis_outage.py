@@ -99,14 +99,14 @@ async def test_cron_lock_reports_an_outage_as_adapter_unavailable():
         if services_required():
             pytest.fail("redis-server is not installed")
         pytest.skip("redis-server is not installed")
-    from iii.adapters.cron.redis import open_adapter
+    from iii.adapters.cron.redis import Config, open_adapter
     from iii.errors import AdapterUnavailableError
 
     port = free_port()
     redis = start_redis(port)
     try:
         await wait_for_port(port)
-        async with open_adapter({"redis_url": f"redis://127.0.0.1:{port}"}) as locks:
+        async with open_adapter(Config(redis_url=f"redis://127.0.0.1:{port}"), None) as locks:
             assert await locks.try_lock("job:1") is True
             assert await locks.try_lock("job:1") is False
             stop(redis)

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from iii.adapters.queue import Job
-from iii.adapters.queue.redis import open_adapter
+from iii.adapters.queue.redis import Config, open_adapter
 from tests.support import require_redis
 
 pytestmark = pytest.mark.services
@@ -22,7 +22,7 @@ async def test_an_undecodable_entry_goes_to_the_dlq_and_the_next_job_is_delivere
     async with coredis.Redis.from_url(url, decode_responses=True) as client:
         try:
             with trio.fail_after(30):
-                async with open_adapter({"redis_url": url, "key_prefix": prefix}) as adapter:
+                async with open_adapter(Config(redis_url=url, key_prefix=prefix), None) as adapter:
                     async with adapter.open_consumer("q", "c", 1) as consumer:
                         await client.xadd(f"{prefix}q:stream", {"job": "{not json"})
                         await client.xadd(f"{prefix}q:stream", {"job": '{"no": "id"}'})

@@ -15,9 +15,9 @@ import hypothesis.strategies as st
 import pytest
 import trio
 
-from iii.adapters.state import open_state_adapter
-from iii.adapters.stream import open_stream_adapter
-from iii.config import AdapterRef
+from iii.adapters.state import StateAdapterRef, open_state_adapter
+from iii.adapters.stream import StreamAdapterRef, open_stream_adapter
+from iii.config_schema import CONFIG_CONVERTER
 from iii.update_ops import parse_ops
 from tests.backends import KINDS, adapter_block, delete_prefix, new_prefix
 from tests.support import require_redis
@@ -26,7 +26,8 @@ from tests.support import require_redis
 @asynccontextmanager
 async def open_backend(module, kind, tmp_path, prefix=None):
     block = adapter_block(module, kind, Path(tmp_path), prefix=prefix)
-    ref = AdapterRef(class_name=block["class"], config=block["config"])
+    ref_type = StateAdapterRef if module == "state" else StreamAdapterRef
+    ref = CONFIG_CONVERTER.structure(block, ref_type)
     opener = open_state_adapter if module == "state" else open_stream_adapter
     try:
         async with opener(ref, on_peer_event=lambda event: None) as adapter:

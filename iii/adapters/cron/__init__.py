@@ -6,54 +6,47 @@ engine instances run the job, even when their clocks differ by less than the
 TTL (spec modules.md §3 describes upstream's weaker lock, released right after
 the run, which only prevents overlap).
 
-Backends, looked up by upstream class name:
+Backends, looked up by upstream class name (see :mod:`iii.adapters` for the
+shape every kind shares):
 
-* ``modules::cron::KvCronAdapter`` (default): in-process (:mod:`.memory`);
-  one engine fires each time once, but separate engines do not see each other.
+* ``modules::cron::KvCronAdapter`` (default; also ``embedded``): in-process
+  (:mod:`.embedded`); one engine fires each time once, but separate engines
+  do not see each other.
 * ``modules::cron::RedisCronAdapter``: ``SET key owner NX PX ttl`` on a shared
   Redis (:mod:`.redis`).
 
 :func:`open_cron_adapter` is an async context manager owning the backend's
-connections for the module's lifetime.
+connections for the module's lifetime.  The backends call nothing back
+(``hooks`` is None).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
-from iii.adapters import import_backend
-from iii.config import AdapterRef
-from iii.errors import ConfigError
+from iii.adapters import Backend, adapter_kind, backend, open_backend
+from iii.adapters.cron import embedded, redis
+from iii.adapters.cron.base import CronLockAdapter
+from iii.config_schema import AdapterRef
 
-__all__ = ["CronLockAdapter", "open_cron_adapter", "BACKENDS", "DEFAULT_ADAPTER"]
+__all__ = ["CronLockAdapter", "CronAdapterRef", "open_cron_adapter", "BACKENDS", "DEFAULT_ADAPTER"]
 
 DEFAULT_ADAPTER = "modules::cron::KvCronAdapter"
 
-BACKENDS = {
-    "modules::cron::KvCronAdapter": "iii.adapters.cron.memory",
-    "modules::cron::RedisCronAdapter": "iii.adapters.cron.redis",
+BACKENDS: dict[str, Backend[Any, None, CronLockAdapter]] = {
+    DEFAULT_ADAPTER: backend(embedded.Config, embedded.open_adapter),
+    "modules::cron::RedisCronAdapter": backend(redis.Config, redis.open_adapter),
 }
 
 
-class CronLockAdapter(Protocol):
-    lock_ttl: float
+class CronAdapterRef(AdapterRef):
+    """The cron module's ``adapter`` block."""
 
-    async def try_lock(self, key: str) -> bool:
-        """Take ``key`` for ``lock_ttl`` seconds; False if someone holds it.
-
-        Raises :class:`~iii.errors.AdapterUnavailableError` when the backend
-        cannot be reached.
-        """
-        ...
+    KIND = adapter_kind("cron", BACKENDS, DEFAULT_ADAPTER)
 
 
-@asynccontextmanager
-async def open_cron_adapter(ref: AdapterRef | None) -> AsyncIterator[CronLockAdapter]:
-    backend, raw = import_backend("cron", BACKENDS, ref, DEFAULT_ADAPTER, key="adapter.class")
-    config: Any = raw or {}
-    if not isinstance(config, dict):
-        raise ConfigError("adapter config must be a mapping", key="adapter.config")
-    async with backend.open_adapter(config) as adapter:
-        yield adapter
+def open_cron_adapter(
+    ref: CronAdapterRef | None = None,
+) -> AbstractAsyncContextManager[CronLockAdapter]:
+    return open_backend(BACKENDS, ref or CronAdapterRef.default(), None)

@@ -5,8 +5,8 @@ the first engine instance to set the key fires that scheduled time; the key
 expires by itself.  The coredis client (and its connection pool, which runs
 tasks of its own) is opened for the adapter's lifetime.
 
-Config: ``redis_url`` (``redis://localhost:6379``), and our additions
-``lock_ttl_ms`` (30000) and ``key_prefix`` (``""``).
+Config (:class:`Config`): ``redis_url`` (``redis://localhost:6379``), and
+our additions ``lock_ttl_ms`` (30000) and ``key_prefix`` (``""``).
 """
 
 from __future__ import annotations
@@ -22,16 +22,22 @@ import coredis
 import trio
 from coredis.tokens import PureToken
 
-from iii.adapters.cron.memory import _ttl
 from iii.adapters.redis_support import is_outage
-from iii.errors import AdapterUnavailableError, ConfigError
+from iii.config_schema import Count
+from iii.errors import AdapterUnavailableError
 
-__all__ = ["RedisCronLocks", "open_adapter"]
+__all__ = ["Config", "RedisCronLocks", "open_adapter"]
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"redis_url", "lock_ttl_ms", "key_prefix"}
 COMMAND_TIMEOUT = 5.0
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    redis_url: str = "redis://localhost:6379"
+    lock_ttl_ms: Count = Count(30_000)
+    key_prefix: str = ""
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -63,14 +69,8 @@ class RedisCronLocks:
 
 
 @asynccontextmanager
-async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisCronLocks]:
-    unknown = set(config) - KNOWN_KEYS
-    if unknown:
-        log.warning("RedisCronAdapter: ignoring unknown config keys %s", sorted(unknown))
-    url = config.get("redis_url", "redis://localhost:6379")
-    prefix = config.get("key_prefix", "")
-    if not isinstance(url, str) or not isinstance(prefix, str):
-        raise ConfigError("redis_url and key_prefix must be strings", key="adapter.config")
+async def open_adapter(config: Config, hooks: None) -> AsyncIterator[RedisCronLocks]:
+    url = config.redis_url
     client = coredis.Redis.from_url(url, connect_timeout=5, stream_timeout=COMMAND_TIMEOUT)
     async with client:
         try:
@@ -80,4 +80,6 @@ async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisCronLocks]:
             if _unavailable(exc):
                 raise AdapterUnavailableError(f"cannot reach Redis at {url}: {exc!r}") from exc
             raise
-        yield RedisCronLocks(client=client, key_prefix=prefix, lock_ttl=_ttl(config))
+        yield RedisCronLocks(
+            client=client, key_prefix=config.key_prefix, lock_ttl=config.lock_ttl_ms / 1000
+        )

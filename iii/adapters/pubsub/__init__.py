@@ -4,16 +4,18 @@
 maps upstream's class names (spec modules.md §6) to a backend here:
 
 ==================================  =====================================================
-``modules::pubsub::LocalAdapter``   :mod:`.local` (default): in-process, this engine only
+``modules::pubsub::LocalAdapter``   :mod:`.embedded` (default; also ``embedded``):
+                                    in-process, this engine only
 ``modules::pubsub::RedisAdapter``   :mod:`.redis` (``redis_url``): every engine on the
                                     same Redis and prefix
 ==================================  =====================================================
 
 The module tells the adapter which topics have subscribers here
 (:meth:`~PubSubAdapter.subscribe` / :meth:`~PubSubAdapter.unsubscribe`, once per
-topic) and receives every message of those topics through ``on_message(topic,
-data)``; it then runs every trigger of the topic.  Fan-out to the triggers is
-the module's job, so every subscriber gets every message on every backend.
+topic) and receives every message of those topics through its hooks,
+``on_message(topic, data)``; it then runs every trigger of the topic.  Fan-out
+to the triggers is the module's job, so every subscriber gets every message
+on every backend.
 
 Lifetime: :func:`open_pubsub_adapter` returns the backend's context manager;
 the module keeps it open for its whole run.
@@ -21,39 +23,37 @@ the module keeps it open for its whole run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, cast
+from typing import Any
 
-from iii.adapters import import_backend
-from iii.config import AdapterRef
+from iii.adapters import Backend, adapter_kind, backend, open_backend
+from iii.adapters.pubsub import embedded, redis
+from iii.adapters.pubsub.base import MessageHandler, PubSubAdapter
+from iii.config_schema import AdapterRef
 
-__all__ = ["PubSubAdapter", "open_pubsub_adapter", "BACKENDS", "DEFAULT_CLASS", "MessageHandler"]
+__all__ = [
+    "PubSubAdapter",
+    "PubSubAdapterRef",
+    "open_pubsub_adapter",
+    "BACKENDS",
+    "DEFAULT_CLASS",
+    "MessageHandler",
+]
 
 DEFAULT_CLASS = "modules::pubsub::LocalAdapter"
-BACKENDS = {
-    "modules::pubsub::LocalAdapter": "iii.adapters.pubsub.local",
-    "modules::pubsub::RedisAdapter": "iii.adapters.pubsub.redis",
+BACKENDS: dict[str, Backend[Any, MessageHandler, PubSubAdapter]] = {
+    DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
+    "modules::pubsub::RedisAdapter": backend(redis.Config, redis.open_adapter),
 }
 
-MessageHandler = Callable[[str, Any], None]
 
+class PubSubAdapterRef(AdapterRef):
+    """The pubsub module's ``adapter`` block."""
 
-class PubSubAdapter(Protocol):
-    async def publish(self, topic: str, data: Any) -> None: ...
-
-    def subscribe(self, topic: str) -> None:
-        """Start delivering ``topic`` to ``on_message`` (idempotent)."""
-
-    def unsubscribe(self, topic: str) -> None:
-        """Stop delivering ``topic``."""
+    KIND = adapter_kind("pubsub", BACKENDS, DEFAULT_CLASS)
 
 
 def open_pubsub_adapter(
-    ref: AdapterRef | None, *, on_message: MessageHandler, where: str = "pubsub.adapter"
+    ref: PubSubAdapterRef | None, on_message: MessageHandler
 ) -> AbstractAsyncContextManager[PubSubAdapter]:
-    backend, raw = import_backend("pubsub", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
-    return cast(
-        "AbstractAsyncContextManager[PubSubAdapter]",
-        backend.open_adapter(raw, on_message=on_message, where=where),
-    )
+    return open_backend(BACKENDS, ref or PubSubAdapterRef.default(), on_message)

@@ -29,10 +29,13 @@ import orjson
 import trio
 
 from iii import json_limits
-from iii.adapters.pubsub import MessageHandler
+from iii.adapters.pubsub.base import MessageHandler
 from iii.adapters.redis_support import RedisChannels, RedisConnection, RedisSettings, open_redis
 
-__all__ = ["RedisPubSubAdapter", "open_adapter"]
+__all__ = ["Config", "RedisPubSubAdapter", "open_adapter"]
+
+# redis_url, key_prefix, timeout_ms
+Config = RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,8 @@ class RedisPubSubAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_message: MessageHandler, where: str
+    settings: Config, on_message: MessageHandler
 ) -> AsyncIterator[RedisPubSubAdapter]:
-    settings = RedisSettings.from_raw(raw, where=f"{where}.config")
     prefix = settings.key_prefix
 
     def received(channel: bytes, payload: bytes) -> None:

@@ -57,18 +57,45 @@ import orjson
 import trio
 from pamqp.commands import Basic, Exchange, Queue
 
-from iii.adapters.queue import DeadLetter, Delivery, Job, QueueDefaults, QueueStats, read_defaults
 from iii.adapters.queue.amqp import AmqpChannel, AmqpConnection, AmqpMessage, open_amqp_connection
-from iii.errors import AdapterUnavailableError, ConfigError
+from iii.adapters.queue.base import (
+    BackendConfig,
+    DeadLetter,
+    Delivery,
+    Job,
+    QueueDefaults,
+    QueueMode,
+    QueueStats,
+)
+from iii.config_schema import Count
+from iii.errors import AdapterUnavailableError
 
-__all__ = ["RabbitQueueAdapter", "open_adapter", "names"]
+__all__ = ["Config", "RabbitQueueAdapter", "open_adapter", "names"]
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {
-    "amqp_url", "max_attempts", "prefetch_count", "queue_mode", "backoff_ms", "poll_interval_ms",
-    "visibility_timeout_ms", "concurrency", "mode",
-}
+
+
+@attrs.frozen(kw_only=True)
+class Config(BackendConfig):
+    """The keys of every queue backend, ``amqp_url``, and upstream's names for
+    two of them: ``prefetch_count`` (concurrency) and ``queue_mode`` (mode),
+    used when the other name is not given."""
+
+    amqp_url: str = "amqp://localhost:5672"
+    prefetch_count: Count | None = None
+    queue_mode: QueueMode | None = None
+
+    @property
+    def defaults(self) -> QueueDefaults:
+        given = attrs.fields_dict(BackendConfig)
+        concurrency = self.concurrency
+        if self.prefetch_count is not None and concurrency == given["concurrency"].default:
+            concurrency = self.prefetch_count
+        mode = self.mode
+        if self.queue_mode is not None and mode == given["mode"].default:
+            mode = self.queue_mode
+        return attrs.evolve(super().defaults, concurrency=concurrency, fifo=mode == "fifo")
 
 
 def names(queue: str) -> tuple[str, str, str]:
@@ -378,19 +405,8 @@ class _Consumer:
 
 
 @asynccontextmanager
-async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RabbitQueueAdapter]:
-    unknown = set(config) - KNOWN_KEYS
-    if unknown:
-        log.warning("RabbitMQAdapter: ignoring unknown config keys %s", sorted(unknown))
-    url = config.get("amqp_url", "amqp://localhost:5672")
-    if not isinstance(url, str):
-        raise ConfigError("must be a string", key="adapter.config.amqp_url")
-    merged = dict(config)
-    if "prefetch_count" in config and "concurrency" not in config:
-        merged["concurrency"] = config["prefetch_count"]
-    if "queue_mode" in config and "mode" not in config:
-        merged["mode"] = config["queue_mode"]
-    adapter = RabbitQueueAdapter(defaults=read_defaults(merged), url=url)
+async def open_adapter(config: Config, hooks: None) -> AsyncIterator[RabbitQueueAdapter]:
+    adapter = RabbitQueueAdapter(defaults=config.defaults, url=config.amqp_url)
     async with trio.open_nursery() as adapter_nursery:
         adapter._nursery = adapter_nursery
         await adapter.connection()  # fail at start if the broker is unreachable

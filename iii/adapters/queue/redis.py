@@ -52,19 +52,28 @@ import coredis.exceptions
 import orjson
 import trio
 
-from iii.adapters.queue import DeadLetter, Delivery, Job, QueueDefaults, QueueStats, read_defaults
-from iii.errors import AdapterUnavailableError, ConfigError
+from iii.adapters.queue.base import (
+    BackendConfig,
+    DeadLetter,
+    Delivery,
+    Job,
+    QueueDefaults,
+    QueueStats,
+)
+from iii.errors import AdapterUnavailableError
 
-__all__ = ["RedisQueueAdapter", "open_adapter"]
+__all__ = ["Config", "RedisQueueAdapter", "open_adapter"]
 
 log = logging.getLogger(__name__)
 
 GROUP = "iii"
 COMMAND_TIMEOUT = 5.0
-KNOWN_KEYS = {
-    "redis_url", "key_prefix", "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode",
-    "visibility_timeout_ms",
-}
+
+
+@attrs.frozen(kw_only=True)
+class Config(BackendConfig):
+    redis_url: str = "redis://localhost:6379"
+    key_prefix: str = "iii:queue:"
 
 PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -313,15 +322,8 @@ class _Consumer:
 
 
 @asynccontextmanager
-async def open_adapter(config: dict[str, Any]) -> AsyncIterator[RedisQueueAdapter]:
-    unknown = set(config) - KNOWN_KEYS
-    if unknown:
-        log.warning("RedisAdapter: ignoring unknown config keys %s", sorted(unknown))
-    url = config.get("redis_url", "redis://localhost:6379")
-    prefix = config.get("key_prefix", "iii:queue:")
-    if not isinstance(url, str) or not isinstance(prefix, str):
-        raise ConfigError("redis_url and key_prefix must be strings", key="adapter.config")
-    defaults = read_defaults(config)
+async def open_adapter(config: Config, hooks: None) -> AsyncIterator[RedisQueueAdapter]:
+    url, prefix, defaults = config.redis_url, config.key_prefix, config.defaults
     client = coredis.Redis.from_url(url, decode_responses=True, connect_timeout=5, stream_timeout=None)
     async with client:
         async with _translated(f"connect to {url}"):

@@ -4,8 +4,8 @@
 maps upstream's adapter class names (spec modules.md §5) to a backend here:
 
 =========================================  ==========================================
-``modules::state::adapters::KvStore``      :mod:`.embedded` (default): the embedded
-                                           store, in memory or ``file_based``
+``modules::state::adapters::KvStore``      :mod:`.embedded` (default, or ``embedded``):
+                                           the embedded store, in memory or on disk
 ``modules::state::adapters::RedisAdapter`` :mod:`.redis` (``redis_url``)
 =========================================  ==========================================
 
@@ -22,58 +22,37 @@ the module keeps it open for its whole run.
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, cast
+from typing import Any
 
-from iii.adapters import import_backend
-from iii.adapters.limits import WriteLimits
-from iii.config import AdapterRef
-from iii.update_ops import UpdateOp, UpdateResult
+from iii.adapters import Backend, adapter_kind, backend, open_backend
+from iii.adapters.state import embedded, redis
+from iii.adapters.state.base import PeerEventHandler, StateAdapter
+from iii.config_schema import AdapterRef
 
-__all__ = ["StateAdapter", "open_state_adapter", "BACKENDS", "DEFAULT_CLASS"]
+__all__ = [
+    "StateAdapter",
+    "StateAdapterRef",
+    "PeerEventHandler",
+    "open_state_adapter",
+    "BACKENDS",
+    "DEFAULT_CLASS",
+]
 
 DEFAULT_CLASS = "modules::state::adapters::KvStore"
-BACKENDS = {
-    "modules::state::adapters::KvStore": "iii.adapters.state.embedded",
-    "modules::state::adapters::RedisAdapter": "iii.adapters.state.redis",
+BACKENDS: dict[str, Backend[Any, PeerEventHandler, StateAdapter]] = {
+    DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
+    "modules::state::adapters::RedisAdapter": backend(redis.Config, redis.open_adapter),
 }
 
 
-class StateAdapter(Protocol):
-    """Each write takes the call's :class:`~iii.adapters.limits.WriteLimits` and
-    checks them in its atomic step before it changes anything."""
+class StateAdapterRef(AdapterRef):
+    """The state module's ``adapter`` block."""
 
-    async def get(self, scope: str, key: str) -> Any: ...
-
-    async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = ...) -> Any:
-        """Store the value; returns the previous one (None if there was none)."""
-
-    async def delete(self, scope: str, key: str, limits: WriteLimits = ...) -> Any:
-        """Remove the key atomically; returns the removed value or None."""
-
-    async def update(
-        self, scope: str, key: str, ops: builtins.list[UpdateOp], limits: WriteLimits = ...
-    ) -> UpdateResult: ...
-
-    async def list(self, scope: str) -> builtins.list[Any]: ...
-
-    async def list_groups(self) -> builtins.list[str]:
-        """Scopes holding at least one key, sorted."""
-
-    async def publish_event(self, event: dict[str, Any]) -> None:
-        """Tell the other engines sharing this backend (no-op when there are none)."""
-
-
-PeerEventHandler = Callable[[dict[str, Any]], None]
+    KIND = adapter_kind("state", BACKENDS, DEFAULT_CLASS)
 
 
 def open_state_adapter(
-    ref: AdapterRef | None, *, on_peer_event: PeerEventHandler, where: str = "state.adapter"
+    ref: StateAdapterRef | None, on_peer_event: PeerEventHandler
 ) -> AbstractAsyncContextManager[StateAdapter]:
-    backend, raw = import_backend("state", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
-    return cast(
-        "AbstractAsyncContextManager[StateAdapter]",
-        backend.open_adapter(raw, on_peer_event=on_peer_event, where=where),
-    )
+    return open_backend(BACKENDS, ref or StateAdapterRef.default(), on_peer_event)

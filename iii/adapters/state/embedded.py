@@ -1,4 +1,4 @@
-"""State on the embedded key-value store (``modules::state::adapters::KvStore``).
+"""State on the embedded key-value store (``modules::state::adapters::KvStore``, or ``embedded``).
 
 index = scope, key = key (spec modules.md §5).  Config: ``store_method``,
 ``file_path``, ``save_interval_ms`` (:mod:`iii.adapters.kvstore`).  One
@@ -19,9 +19,13 @@ import attrs
 
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
 from iii.adapters.limits import NO_LIMITS, WriteLimits
+from iii.adapters.state.base import PeerEventHandler
 from iii.update_ops import UpdateOp, UpdateResult
 
-__all__ = ["EmbeddedStateAdapter", "open_adapter"]
+__all__ = ["Config", "EmbeddedStateAdapter", "open_adapter"]
+
+# store_method, file_path, save_interval_ms
+Config = KvStoreConfig
 
 
 @attrs.define(eq=False)
@@ -54,7 +58,7 @@ class EmbeddedStateAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_peer_event: Any, where: str
+    config: Config, on_peer_event: PeerEventHandler
 ) -> AsyncIterator[EmbeddedStateAdapter]:
-    async with open_kv_store(KvStoreConfig.from_raw(raw, where=f"{where}.config")) as store:
+    async with open_kv_store(config) as store:
         yield EmbeddedStateAdapter(store)

@@ -30,10 +30,20 @@ from typing import Any
 import attrs
 
 from iii.adapters.limits import NO_LIMITS, WriteLimits
-from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_json_store,
+)
+from iii.adapters.state.base import PeerEventHandler
 from iii.update_ops import UpdateOp, UpdateResult
 
-__all__ = ["RedisStateAdapter", "open_adapter"]
+__all__ = ["Config", "RedisStateAdapter", "open_adapter"]
+
+# redis_url, key_prefix, timeout_ms
+Config = RedisSettings
 
 
 @attrs.define(eq=False)
@@ -77,11 +87,10 @@ class RedisStateAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_peer_event: Any, where: str
+    config: Config, on_peer_event: PeerEventHandler
 ) -> AsyncIterator[RedisStateAdapter]:
     async with open_json_store(
-        raw,
-        where=where,
+        config,
         name="state redis adapter",
         events="state::events",
         on_peer_event=on_peer_event,

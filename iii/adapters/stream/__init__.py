@@ -4,8 +4,8 @@
 maps upstream's class names (spec modules.md §4.4) to a backend here:
 
 ===========================================  =========================================
-``modules::stream::adapters::KvStore``       :mod:`.embedded` (default): the embedded
-                                             store, in memory or ``file_based``
+``modules::stream::adapters::KvStore``       :mod:`.embedded` (default; also ``embedded``): the embedded
+                                             the embedded store, in memory or on disk
 ``modules::stream::adapters::RedisAdapter``  :mod:`.redis` (``redis_url``)
 ===========================================  =========================================
 
@@ -22,69 +22,37 @@ the module keeps it open for its whole run.
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, cast
+from typing import Any
 
-from iii.adapters import import_backend
-from iii.adapters.limits import WriteLimits
-from iii.config import AdapterRef
-from iii.update_ops import UpdateOp, UpdateResult
+from iii.adapters import Backend, adapter_kind, backend, open_backend
+from iii.adapters.stream import embedded, redis
+from iii.adapters.stream.base import PeerEventHandler, StreamAdapter
+from iii.config_schema import AdapterRef
 
-__all__ = ["StreamAdapter", "open_stream_adapter", "BACKENDS", "DEFAULT_CLASS"]
+__all__ = [
+    "StreamAdapter",
+    "StreamAdapterRef",
+    "PeerEventHandler",
+    "open_stream_adapter",
+    "BACKENDS",
+    "DEFAULT_CLASS",
+]
 
 DEFAULT_CLASS = "modules::stream::adapters::KvStore"
-BACKENDS = {
-    "modules::stream::adapters::KvStore": "iii.adapters.stream.embedded",
-    "modules::stream::adapters::RedisAdapter": "iii.adapters.stream.redis",
+BACKENDS: dict[str, Backend[Any, PeerEventHandler, StreamAdapter]] = {
+    DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
+    "modules::stream::adapters::RedisAdapter": backend(redis.Config, redis.open_adapter),
 }
 
 
-class StreamAdapter(Protocol):
-    """Each write takes the call's :class:`~iii.adapters.limits.WriteLimits` and
-    checks them in its atomic step before it changes anything."""
+class StreamAdapterRef(AdapterRef):
+    """The stream module's ``adapter`` block."""
 
-    async def get(self, stream: str, group: str, item: str) -> Any: ...
-
-    async def set(
-        self, stream: str, group: str, item: str, value: Any, limits: WriteLimits = ...
-    ) -> Any:
-        """Store the value; returns the previous one (None if there was none)."""
-
-    async def delete(self, stream: str, group: str, item: str, limits: WriteLimits = ...) -> Any:
-        """Remove the item atomically; returns the removed value or None."""
-
-    async def update(
-        self,
-        stream: str,
-        group: str,
-        item: str,
-        ops: builtins.list[UpdateOp],
-        limits: WriteLimits = ...,
-    ) -> UpdateResult: ...
-
-    async def list(self, stream: str, group: str) -> builtins.list[Any]:
-        """The group's values (no ids)."""
-
-    async def list_groups(self, stream: str) -> builtins.list[str]:
-        """Groups of the stream holding at least one item, sorted."""
-
-    async def list_all(self) -> builtins.list[tuple[str, builtins.list[str]]]:
-        """Every stream with its sorted groups, sorted by stream name."""
-
-    async def publish_event(self, message: dict[str, Any]) -> None:
-        """Tell the other engines sharing this backend (no-op when there are none)."""
+    KIND = adapter_kind("stream", BACKENDS, DEFAULT_CLASS)
 
 
 def open_stream_adapter(
-    ref: AdapterRef | None,
-    *,
-    on_peer_event: Callable[[dict[str, Any]], None],
-    where: str = "stream.adapter",
+    ref: StreamAdapterRef | None, on_peer_event: PeerEventHandler
 ) -> AbstractAsyncContextManager[StreamAdapter]:
-    backend, raw = import_backend("stream", BACKENDS, ref, DEFAULT_CLASS, key=f"{where}.class")
-    return cast(
-        "AbstractAsyncContextManager[StreamAdapter]",
-        backend.open_adapter(raw, on_peer_event=on_peer_event, where=where),
-    )
+    return open_backend(BACKENDS, ref or StreamAdapterRef.default(), on_peer_event)

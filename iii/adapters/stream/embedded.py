@@ -1,4 +1,4 @@
-"""Streams on the embedded key-value store (``modules::stream::adapters::KvStore``).
+"""Streams on the embedded key-value store (``modules::stream::adapters::KvStore``, or ``embedded``).
 
 One store index per group, named by the JSON array ``["<stream>","<group>"]``
 (upstream used ``stream:<stream>:<group>``, which a ``:`` inside a name made
@@ -23,9 +23,18 @@ import orjson
 
 from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
 from iii.adapters.limits import NO_LIMITS, WriteLimits
+from iii.adapters.stream.base import PeerEventHandler
+from iii.config_schema import Count
 from iii.update_ops import UpdateOp, UpdateResult
 
-__all__ = ["EmbeddedStreamAdapter", "open_adapter"]
+__all__ = ["Config", "EmbeddedStreamAdapter", "open_adapter"]
+
+
+@attrs.frozen(kw_only=True)
+class Config(KvStoreConfig):
+    """The embedded store's keys, and upstream's ``channel_size`` (accepted, unused)."""
+
+    channel_size: Count = Count(256)
 
 
 def _index(stream: str, group: str) -> str:
@@ -90,7 +99,7 @@ class EmbeddedStreamAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_peer_event: Any, where: str
+    config: Config, on_peer_event: PeerEventHandler
 ) -> AsyncIterator[EmbeddedStreamAdapter]:
-    async with open_kv_store(KvStoreConfig.from_raw(raw, where=f"{where}.config")) as store:
+    async with open_kv_store(config) as store:
         yield EmbeddedStreamAdapter(store)

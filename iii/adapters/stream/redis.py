@@ -34,10 +34,20 @@ from typing import Any
 import attrs
 
 from iii.adapters.limits import NO_LIMITS, WriteLimits
-from iii.adapters.redis_support import JsonHashes, PeerEvents, RedisConnection, open_json_store
+from iii.adapters.redis_support import (
+    JsonHashes,
+    PeerEvents,
+    RedisConnection,
+    RedisSettings,
+    open_json_store,
+)
+from iii.adapters.stream.base import PeerEventHandler
 from iii.update_ops import UpdateOp, UpdateResult
 
-__all__ = ["RedisStreamAdapter", "open_adapter"]
+__all__ = ["Config", "RedisStreamAdapter", "open_adapter"]
+
+# redis_url, key_prefix, timeout_ms
+Config = RedisSettings
 
 
 @attrs.define(eq=False)
@@ -103,11 +113,10 @@ class RedisStreamAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_peer_event: Any, where: str
+    config: Config, on_peer_event: PeerEventHandler
 ) -> AsyncIterator[RedisStreamAdapter]:
     async with open_json_store(
-        raw,
-        where=where,
+        config,
         name="stream redis adapter",
         events="stream::events",
         on_peer_event=on_peer_event,

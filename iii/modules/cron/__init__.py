@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from iii.adapters.cron import CronLockAdapter, open_cron_adapter
-from iii.config import AdapterRef
+from iii.adapters.cron import CronAdapterRef, CronLockAdapter, open_cron_adapter
 from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
@@ -66,7 +65,7 @@ CRON_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS)
 
 @attrs.frozen(kw_only=True)
 class Config:
-    adapter: AdapterRef | None = None
+    adapter: CronAdapterRef = attrs.field(factory=CronAdapterRef.default)
     # A scheduled time missed by less than this still fires (once).
     misfire_grace_ms: int = 1000
 

@@ -34,7 +34,7 @@ import attrs
 from cattrs.errors import AttributeValidationNote, ClassValidationError
 from cattrs.gen import make_dict_structure_fn
 
-from iii.config import CONFIG_CONVERTER
+from iii.config_schema import CONFIG_CONVERTER
 
 __all__ = ["Config", "Sampling", "SamplingRule", "RateLimit", "MIN_ENTRY_BYTES"]
 

@@ -54,18 +54,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
 
-from iii.adapters.queue import Job, QueueAdapter, open_queue_adapter
-from iii.config import AdapterRef
+from iii.adapters.queue import Job, QueueAdapter, QueueAdapterRef, open_queue_adapter
+from iii.config_schema import Count, check
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.log import bounded_repr
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
+from iii.modules.queue.names import FUNCTION_QUEUE_PREFIX
 from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
 from iii.registry import LogicalTrigger
 
@@ -76,7 +77,6 @@ __all__ = ["Config", "Module", "QueueSettings", "QueueStatistics", "FUNCTION_QUE
 
 log = logging.getLogger(__name__)
 
-FUNCTION_QUEUE_PREFIX = "@"
 CONDITION_KEYS = ("condition_function_id", "_condition_path")
 # A queue trigger names its condition and consumes the jobs of its topic (taking
 # them from the other consumers): a token needs invoke ["*"] or queue(topic-pattern).
@@ -87,17 +87,19 @@ QUEUE_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS, data=True, re
 class QueueSettings:
     """One ``queue_configs`` entry (HEAD's names), for a function queue or a topic."""
 
-    max_retries: int | None = None  # retries after the first attempt
-    concurrency: int | None = None
-    type: str = "standard"  # or "fifo"
+    max_retries: int | None = attrs.field(
+        default=None, validator=check(lambda n: n is None or n >= 0, "must be at least 0")
+    )  # retries after the first attempt
+    concurrency: Count | None = None
+    type: Literal["standard", "fifo"] = "standard"
     message_group_field: str | None = None
-    backoff_ms: int | None = None
-    poll_interval_ms: int | None = None
+    backoff_ms: Count | None = None
+    poll_interval_ms: Count | None = None
 
 
 @attrs.frozen(kw_only=True)
 class Config:
-    adapter: AdapterRef | None = None
+    adapter: QueueAdapterRef = attrs.field(factory=QueueAdapterRef.default)
     queue_configs: dict[str, QueueSettings] = attrs.field(factory=dict)
 
 
@@ -123,9 +125,6 @@ class Module:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for name, settings in self.config.queue_configs.items():
-            if settings.type not in ("standard", "fifo"):
-                raise IIIError(f"queue_configs.{name}.type must be 'standard' or 'fifo'", code="config_error")
         async with open_queue_adapter(self.config.adapter) as adapter:
             self.adapter = adapter
             async with trio.open_nursery() as queue_nursery:

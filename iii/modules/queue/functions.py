@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from iii.errors import IIIError
+from iii.modules.queue.names import FUNCTION_QUEUE_PREFIX
 from iii.native import CallContext, parse_input
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ class QueueRef:
 
 
 def register_functions(module: Module) -> None:
-    from iii.modules.queue import FUNCTION_QUEUE_PREFIX
-
     engine = module.engine
 
     def adapter() -> Any:

@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from iii.admission import Admission, ConnectionLimits
-from iii.config import Count
+from iii.config_schema import Count
 from iii.errors import TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.inbound import InboundBudget

@@ -82,9 +82,9 @@ import attrs
 import trio
 
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
-from iii.adapters.stream import StreamAdapter, open_stream_adapter
+from iii.adapters.stream import StreamAdapter, StreamAdapterRef, open_stream_adapter
 from iii.admission import ConnectionLimits
-from iii.config import AdapterRef, Count
+from iii.config_schema import Count
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
@@ -140,7 +140,7 @@ class Config:
     auth_timeout_ms: int = attrs.field(default=5000, validator=_positive)
     # No effect since a failed auth always refuses; accepted for old configs.
     auth_required: bool = False
-    adapter: AdapterRef | None = None
+    adapter: StreamAdapterRef = attrs.field(factory=StreamAdapterRef.default)
     max_value_bytes: int = attrs.field(default=DEFAULT_MAX_VALUE_BYTES, validator=positive_bytes)
     # Client sockets upgraded (more get HTTP 503 at the upgrade), and client
     # sockets from one peer address, counted from accept (more are refused

@@ -1,4 +1,4 @@
-"""The builtin queue backend's log, beyond the shared queue contract
+"""The embedded queue backend's log, beyond the shared queue contract
 (``tests/modules/test_queue.py``): compaction racing with writes, and
 records too large for the log."""
 
@@ -11,12 +11,12 @@ import trio.testing
 
 from iii.adapters.limits import ValueTooLargeError
 from iii.adapters.queue import Job
-from iii.adapters.queue.builtin import DLQ_ERROR_LIMIT, open_adapter
+from iii.adapters.queue.embedded import DLQ_ERROR_LIMIT, Config, open_adapter
 
 
 async def test_a_job_enqueued_while_a_compaction_waits_survives_a_restart(tmp_path):
-    config = {"store_method": "file_based", "file_path": str(tmp_path)}
-    async with open_adapter(config) as adapter:
+    config = Config(store_method="file_based", file_path=str(tmp_path))
+    async with open_adapter(config, None) as adapter:
         await adapter.enqueue(Job(id="before", queue="q", data=1))
         record_log = adapter.record_log
         assert record_log is not None
@@ -28,15 +28,15 @@ async def test_a_job_enqueued_while_a_compaction_waits_survives_a_restart(tmp_pa
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(adapter.enqueue, Job(id="during", queue="q", data=2))
                 await trio.testing.wait_all_tasks_blocked()
-    async with open_adapter(config) as adapter:
+    async with open_adapter(config, None) as adapter:
         assert sorted(adapter.queues["q"].jobs) == ["before", "during"]
 
 
 async def test_a_job_the_log_could_not_keep_is_refused_and_a_kept_one_always_fits(tmp_path):
     # issue 10 row 4: a job's records (enqueue, retry, dead letter) must all
     # fit the log's record limit, made small here.
-    config = {"store_method": "file_based", "file_path": str(tmp_path)}
-    async with open_adapter(config) as adapter:
+    config = Config(store_method="file_based", file_path=str(tmp_path))
+    async with open_adapter(config, None) as adapter:
         assert adapter.record_log is not None
         adapter.record_log.max_record = 40_000
         with pytest.raises(ValueTooLargeError) as refused:
@@ -52,7 +52,7 @@ async def test_a_job_the_log_could_not_keep_is_refused_and_a_kept_one_always_fit
             assert delivery is not None
             # A worker's error can be as large as a frame, and escapes to 6 bytes a character.
             await consumer.dead_letter(delivery, delivery.job, "\x00" * 1_000_000)
-    async with open_adapter(config) as adapter:
+    async with open_adapter(config, None) as adapter:
         letters, total = await adapter.dlq_messages("q", 0, 10)
         assert total == 1 and letters[0].job.id == "big" and letters[0].job.data == "x" * 14_000
         assert letters[0].error.startswith("\x00" * DLQ_ERROR_LIMIT)

@@ -1,5 +1,12 @@
-"""The builtin queue backend (``modules::queue::BuiltinQueueAdapter``): in memory,
-durable when file-based.
+"""The embedded queue backend (``modules::queue::BuiltinQueueAdapter``, or
+``embedded``): in memory, durable when file-based.
+
+Config (:class:`Config`): the keys of every queue backend
+(:class:`~iii.adapters.queue.base.BackendConfig`), ``store_method``
+(``in_memory``, or ``file_based``; any other value means in_memory, with a
+warning, as upstream), ``file_path`` (a directory), and upstream's
+``save_interval_ms`` and ``channel_size`` (accepted, unused: every change
+is written at once).
 
 State per queue: the live jobs, a FIFO of ready ids, a heap of delayed ids
 (due time in wall-clock ms, so it survives a restart), the leased ids with
@@ -50,17 +57,17 @@ import attrs
 import trio
 
 from iii.adapters.filelog import RecordLog, RecordTooLargeError, open_record_log
-from iii.adapters.queue import (
+from iii.adapters.queue.base import (
+    BackendConfig,
     DeadLetter,
     Delivery,
     Job,
     QueueDefaults,
     QueueStats,
-    read_defaults,
 )
-from iii.errors import ConfigError
+from iii.config_schema import Count
 
-__all__ = ["BuiltinQueueAdapter", "open_adapter"]
+__all__ = ["Config", "EmbeddedQueueAdapter", "open_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +78,14 @@ DLQ_ERROR_LIMIT = 4096
 # What a job's enqueue record must leave free below the log's record limit:
 # its retry record adds a due time, its dead letter the (cut) error, escaped.
 RECORD_HEADROOM = 6 * DLQ_ERROR_LIMIT + 1024
-KNOWN_KEYS = {
-    "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode", "visibility_timeout_ms",
-    "store_method", "file_path", "save_interval_ms", "channel_size",
-}
+
+
+@attrs.frozen(kw_only=True)
+class Config(BackendConfig):
+    store_method: str = "in_memory"
+    file_path: str = "kv_store_data.db"
+    save_interval_ms: Count = Count(5000)  # upstream's; unused
+    channel_size: Count = Count(256)  # upstream's; unused
 
 
 def _now_ms() -> int:
@@ -104,7 +115,7 @@ class _Queue:
 
 
 @attrs.define(eq=False)
-class BuiltinQueueAdapter:
+class EmbeddedQueueAdapter:
     defaults: QueueDefaults
     record_log: RecordLog | None = None
     queues: dict[str, _Queue] = attrs.field(factory=dict)
@@ -288,7 +299,7 @@ class BuiltinQueueAdapter:
 
 @attrs.define(eq=False)
 class _Consumer:
-    adapter: BuiltinQueueAdapter
+    adapter: EmbeddedQueueAdapter
     queue: _Queue
     visibility_timeout: float
     _next_reap: float = 0.0
@@ -371,26 +382,21 @@ class _Consumer:
 
 
 @asynccontextmanager
-async def open_adapter(config: dict[str, Any]) -> AsyncIterator[BuiltinQueueAdapter]:
-    unknown = set(config) - KNOWN_KEYS
-    if unknown:
-        log.warning("BuiltinQueueAdapter: ignoring unknown config keys %s", sorted(unknown))
-    adapter = BuiltinQueueAdapter(defaults=read_defaults(config))
-    method = config.get("store_method", "in_memory")
+async def open_adapter(config: Config, hooks: None) -> AsyncIterator[EmbeddedQueueAdapter]:
+    adapter = EmbeddedQueueAdapter(defaults=config.defaults)
+    method = config.store_method
     if method not in ("in_memory", "file_based"):
-        log.warning("BuiltinQueueAdapter: unknown store_method %r, using in_memory", method)
+        log.warning("embedded queue: unknown store_method %r, using in_memory", method)
         method = "in_memory"
     async with trio.open_nursery() as adapter_nursery:
         adapter._nursery = adapter_nursery
         if method == "file_based":
-            directory = config.get("file_path", "kv_store_data.db")
-            if not isinstance(directory, str):
-                raise ConfigError("must be a directory path", key="adapter.config.file_path")
+            directory = config.file_path
             record_log, records, recovery = await open_record_log(Path(directory) / LOG_NAME)
             adapter.record_log = record_log
             adapter.replay(records)
             pending = sum(len(q.jobs) for q in adapter.queues.values())
-            log.info("builtin queue: %d records replayed from %s, %d jobs pending", recovery.records, record_log.path, pending)
+            log.info("embedded queue: %d records replayed from %s, %d jobs pending", recovery.records, record_log.path, pending)
         try:
             yield adapter
         finally:

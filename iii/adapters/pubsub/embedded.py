@@ -1,7 +1,7 @@
-"""In-process pub/sub (``modules::pubsub::LocalAdapter``): one engine only.
+"""In-process pub/sub (``modules::pubsub::LocalAdapter``, or ``embedded``): one engine only.
 
 A published message goes straight to ``on_message`` when the topic has
-subscribers here, and is dropped otherwise (as upstream).  No config.
+subscribers here, and is dropped otherwise (as upstream).  No config keys.
 
 Lifetime: the module's run; no task, no I/O.
 """
@@ -14,13 +14,18 @@ from typing import Any
 
 import attrs
 
-from iii.adapters.pubsub import MessageHandler
+from iii.adapters.pubsub.base import MessageHandler
 
-__all__ = ["LocalPubSubAdapter", "open_adapter"]
+__all__ = ["Config", "EmbeddedPubSubAdapter", "open_adapter"]
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """No keys (upstream's LocalAdapter takes none)."""
 
 
 @attrs.define(eq=False)
-class LocalPubSubAdapter:
+class EmbeddedPubSubAdapter:
     on_message: MessageHandler
     topics: set[str] = attrs.field(factory=set)
 
@@ -37,6 +42,6 @@ class LocalPubSubAdapter:
 
 @asynccontextmanager
 async def open_adapter(
-    raw: Any, *, on_message: MessageHandler, where: str
-) -> AsyncIterator[LocalPubSubAdapter]:
-    yield LocalPubSubAdapter(on_message)
+    config: Config, on_message: MessageHandler
+) -> AsyncIterator[EmbeddedPubSubAdapter]:
+    yield EmbeddedPubSubAdapter(on_message)

@@ -1,4 +1,4 @@
-"""In-process cron locks (``modules::cron::KvCronAdapter``).
+"""In-process cron locks (``modules::cron::KvCronAdapter``, or ``embedded``).
 
 The locks live in a dict owned by the adapter for the module's lifetime;
 expired entries are dropped as new ones are taken.  Config keys (upstream):
@@ -9,25 +9,33 @@ used, since a lock only has to outlive one scheduled time.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import attrs
 import trio
 
-from iii.errors import ConfigError
+from iii.config_schema import Count
 
-__all__ = ["MemoryCronLocks", "open_adapter"]
+__all__ = ["Config", "EmbeddedCronLocks", "open_adapter"]
 
-log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"lock_ttl_ms", "lock_index", "store_method", "file_path", "save_interval_ms"}
+@attrs.frozen(kw_only=True)
+class Config:
+    lock_ttl_ms: Count = Count(30_000)
+    # Upstream's keys, accepted and not used (see the module docstring).
+    lock_index: str = "cron_locks"
+    store_method: str = "in_memory"
+    file_path: str = "kv_store_data.db"
+    save_interval_ms: Count = Count(5000)
+
+    @property
+    def lock_ttl(self) -> float:
+        return self.lock_ttl_ms / 1000
 
 
 @attrs.define(eq=False)
-class MemoryCronLocks:
+class EmbeddedCronLocks:
     lock_ttl: float = 30.0
     _held: dict[str, float] = attrs.field(factory=dict)  # key -> expiry (trio clock)
 
@@ -42,16 +50,6 @@ class MemoryCronLocks:
         return True
 
 
-def _ttl(config: dict[str, Any]) -> float:
-    ttl = config.get("lock_ttl_ms", 30_000)
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-        raise ConfigError("lock_ttl_ms must be a positive integer", key="adapter.config.lock_ttl_ms")
-    return ttl / 1000
-
-
 @asynccontextmanager
-async def open_adapter(config: dict[str, Any]) -> AsyncIterator[MemoryCronLocks]:
-    unknown = set(config) - KNOWN_KEYS
-    if unknown:
-        log.warning("KvCronAdapter: ignoring unknown config keys %s", sorted(unknown))
-    yield MemoryCronLocks(lock_ttl=_ttl(config))
+async def open_adapter(config: Config, hooks: None) -> AsyncIterator[EmbeddedCronLocks]:
+    yield EmbeddedCronLocks(lock_ttl=config.lock_ttl)
