@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import orjson
 
+from iii.config_schema import FieldValueError
 from iii.errors import FrameTooLargeError, IIIError
 
 if TYPE_CHECKING:
@@ -127,6 +128,6 @@ NO_LIMITS: Final = WriteLimits()
 
 
 def positive_bytes(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    """attrs validator of a size setting (the config loader names file and module)."""
+    """attrs validator of a size setting (the config loader names file and key)."""
     if value < 1:
-        raise ValueError(f"{attribute.name}: must be a positive number of bytes, got {value}")
+        raise FieldValueError(attribute.name, f"must be a positive number of bytes, got {value}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from iii.config import parse_config
+from iii.errors import ConfigError
 from iii.testing import connect_test_worker, make_config, open_test_engine
 
 
@@ -12,7 +16,19 @@ def ok(reply):
 
 def kv_config(tmp_path=None):
     config = {"store_method": "file_based", "file_path": str(tmp_path / "kv")} if tmp_path else {}
-    return make_config([{"class": "modules::kv_server::KvServer", "config": {**config, "unknown_key": "ignored"}}])
+    return make_config([{"class": "modules::kv_server::KvServer", "config": config}])
+
+
+def test_an_unknown_key_is_a_config_error_like_in_every_module():
+    # Was ignored (the module's config was read leniently, as upstream).
+    entry = {"class": "modules::kv_server::KvServer", "config": {"unknown_key": "x"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"modules": [entry]}, file="f.yaml")
+    assert info.value.key == "modules[0].config" and "unknown_key" in info.value.reason
+    entry["config"] = {"max_value_bytes": True}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"modules": [entry]}, file="f.yaml")
+    assert info.value.key == "modules[0].config.max_value_bytes"
 
 
 async def test_functions_and_prefix_listing_returns_keys():
