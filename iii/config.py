@@ -49,6 +49,7 @@ import attrs
 import tomli_w
 import yaml
 
+from iii.adapters.kvstore import KvStoreConfig
 from iii.config_files import read_config_file
 from iii.config_schema import (
     CONFIG_CONVERTER,
@@ -66,6 +67,7 @@ from iii.config_schema import (
 from iii.errors import ConfigError
 from iii.grants import parse_trigger_type_entry
 from iii.modules import DEFAULT_MODULES, MODULE_SPECS
+from iii.security import server_ssl_context
 
 __all__ = [
     "AdapterRef",
@@ -230,6 +232,7 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
         seen[module.class_name] = index
         modules.append(module)
     _name_instances(modules, file)
+    _check_store_directories(modules, file)
     for spec in MODULE_SPECS.values():
         if spec.mandatory and spec.class_name not in seen:
             modules.append(
@@ -256,6 +259,35 @@ def _name_instances(modules: list[ModuleEntry], file: str | None) -> None:
         )
         for i, config in zip(indexes, named, strict=True):
             modules[i] = attrs.evolve(modules[i], config=config)
+
+
+def _check_store_directories(modules: list[ModuleEntry], file: str | None) -> None:
+    """Two file-based embedded stores may not share a directory.
+
+    Each holds the directory's lock while it runs, so the second would fail
+    when the engine starts (``KvStoreLockedError``); this says so at load,
+    naming both keys.
+    """
+    taken: dict[str, str] = {}
+    for entry in modules:
+        where = entry.key or entry.class_name
+        config = entry.config
+        stores = [(config, where)]
+        adapter = getattr(config, "adapter", None)
+        if isinstance(adapter, AdapterRef):
+            stores.append((adapter.config, f"{where}.adapter.config"))
+        for store, key in stores:
+            if not (isinstance(store, KvStoreConfig) and store.file_based):
+                continue
+            directory = os.path.normpath(os.path.abspath(store.file_path))
+            if directory in taken:
+                raise ConfigError(
+                    f"{store.file_path!r} is already the directory of the store at "
+                    f"{taken[directory]}.file_path; give each store its own",
+                    file=file,
+                    key=f"{key}.file_path",
+                )
+            taken[directory] = key
 
 
 MIN_TOKEN_LENGTH = 16
@@ -318,6 +350,10 @@ def _check_tls(tls: TlsConfig, file: str | None) -> TlsConfig:
         path = getattr(tls, name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"file not found: {path}", file=file, key=f"tls.{name}")
+    try:
+        server_ssl_context(tls)  # what every listener does at start: a bad PEM fails here
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, file=file, key=exc.key) from None
     return tls
 
 

@@ -279,11 +279,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value < low or (high is not None and value > high):
                 limit = f"at least {low}" if high is None else f"between {low} and {high}"
-                raise ValueError(f"{name}: must be {limit}, got {value}")
+                raise FieldValueError(name, f"must be {limit}, got {value}")
         if self.max_inbound_bytes < self.max_message_size:
-            raise ValueError(
-                f"max_inbound_bytes: must be at least max_message_size "
-                f"({self.max_message_size}), got {self.max_inbound_bytes}"
+            raise FieldValueError(
+                "max_inbound_bytes",
+                f"must be at least max_message_size ({self.max_message_size}), "
+                f"got {self.max_inbound_bytes}",
             )
 
     @property

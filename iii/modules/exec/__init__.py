@@ -69,6 +69,7 @@ import attrs
 import trio
 from watchfiles import Change, awatch
 
+from iii.config_schema import FieldValueError
 from iii.errors import ConfigError
 from iii.modules.exec.globs import WatchPatterns, check_pattern
 from iii.modules.exec.pipeline import Pipeline, PipelineSettings
@@ -109,31 +110,33 @@ class Config:
 
     def __attrs_post_init__(self) -> None:
         if not self.exec:
-            raise ValueError("exec: must list at least one command")
+            raise FieldValueError("exec", "must list at least one command")
         for index, command in enumerate(self.exec):
             if not command.strip():
-                raise ValueError(f"exec[{index}]: an empty command")
+                raise FieldValueError(f"exec[{index}]", "an empty command")
             if "\0" in command:
-                raise ValueError(f"exec[{index}]: a NUL character in the command")
+                raise FieldValueError(f"exec[{index}]", "a NUL character in the command")
         for index, pattern in enumerate(self.watch or ()):
             reason = check_pattern(pattern)
             if reason is not None:
-                raise ValueError(f"watch[{index}]: {reason}: {pattern!r}")
+                raise FieldValueError(f"watch[{index}]", f"{reason}: {pattern!r}")
         if self.name and not _NAME.fullmatch(self.name):
-            raise ValueError(
-                f"name: {self.name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
-                "starting with a letter or digit"
+            raise FieldValueError(
+                "name",
+                f"{self.name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit",
             )
         if self.stop_grace_ms < 0:
-            raise ValueError(f"stop_grace_ms: must be at least 0, got {self.stop_grace_ms}")
+            raise FieldValueError("stop_grace_ms", f"must be at least 0, got {self.stop_grace_ms}")
         if self.restart_backoff_ms < 1:
-            raise ValueError(
-                f"restart_backoff_ms: must be at least 1, got {self.restart_backoff_ms}"
+            raise FieldValueError(
+                "restart_backoff_ms", f"must be at least 1, got {self.restart_backoff_ms}"
             )
         if self.restart_backoff_max_ms < self.restart_backoff_ms:
-            raise ValueError(
-                f"restart_backoff_max_ms: must be at least restart_backoff_ms "
-                f"({self.restart_backoff_ms}), got {self.restart_backoff_max_ms}"
+            raise FieldValueError(
+                "restart_backoff_max_ms",
+                f"must be at least restart_backoff_ms ({self.restart_backoff_ms}), "
+                f"got {self.restart_backoff_max_ms}",
             )
 
 

@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from iii.admission import Admission, ConnectionLimits
-from iii.config_schema import Count
+from iii.config_schema import Count, FieldValueError
 from iii.errors import TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.inbound import InboundBudget
@@ -74,9 +74,9 @@ class CorsConfig:
 
 def _holds_a_body(config: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if value < config.max_body_size:
-        raise ValueError(
-            f"{attribute.name}: must be at least max_body_size ({config.max_body_size}), "
-            f"got {value}"
+        raise FieldValueError(
+            attribute.name,
+            f"must be at least max_body_size ({config.max_body_size}), got {value}",
         )
 
 

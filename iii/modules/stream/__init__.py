@@ -84,7 +84,7 @@ import trio
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_bytes
 from iii.adapters.stream import StreamAdapter, StreamAdapterRef, open_stream_adapter
 from iii.admission import ConnectionLimits
-from iii.config_schema import Count
+from iii.config_schema import Count, FieldValueError
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
@@ -120,14 +120,14 @@ JOIN_TRIGGER_ACCESS = TriggerAccess(data=True, resource_key="stream_name")
 
 def _positive(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive number of milliseconds")
+        raise FieldValueError(attribute.name, f"must be a positive number of milliseconds, got {value}")
 
 
 def _holds_a_message(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if value < MAX_CLIENT_MESSAGE:
-        raise ValueError(
-            f"{attribute.name}: must be at least one client message "
-            f"({MAX_CLIENT_MESSAGE} bytes), got {value}"
+        raise FieldValueError(
+            attribute.name,
+            f"must be at least one client message ({MAX_CLIENT_MESSAGE} bytes), got {value}",
         )
 
 

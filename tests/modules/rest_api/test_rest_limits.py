@@ -159,7 +159,7 @@ def test_max_body_bytes_in_flight_holds_at_least_one_body() -> None:
     with pytest.raises(ConfigError) as info:
         make_config([rest_module(max_body_size=2000, max_body_bytes_in_flight=1000)])
     assert str(info.value) == (
-        "modules[0].config: max_body_bytes_in_flight: must be at least max_body_size (2000), "
+        "modules[0].config.max_body_bytes_in_flight: must be at least max_body_size (2000), "
         "got 1000"
     )
     with pytest.raises(ConfigError, match="expected an integer, got a boolean"):
