@@ -378,6 +378,22 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"must be one of {choices}; got {value!r}")
         return value
 
+    def structure_attrs(cls: type) -> Callable[[Any, type], Any]:
+        # A config class's block must be a mapping (cattrs alone would say
+        # "'list' object has no attribute 'keys'").
+        generated: Callable[[Any, type], Any] = make_dict_structure_fn(
+            cls, converter, _cattrs_forbid_extra_keys=True
+        )
+
+        def hook(value: Any, _: type) -> Any:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected a mapping, got {type_name(value)}")
+            return generated(value, cls)
+
+        return hook
+
+    converter.register_structure_hook_factory(attrs.has, structure_attrs)
+
     def is_literal(kind: Any) -> bool:
         origin: Any = typing.get_origin(kind)
         return origin is Literal

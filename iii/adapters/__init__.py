@@ -63,7 +63,9 @@ def backend(
 
 
 def adapter_kind(
-    name: str, backends: Mapping[str, Backend[Any, Any, Any]], default: str,
+    name: str,
+    backends: Mapping[str, Backend[Any, Any, Any]],
+    default: str,
     aliases: Mapping[str, str] | None = None,
 ) -> AdapterKind:
     """The config file's view of a kind: its class names, their config classes, and

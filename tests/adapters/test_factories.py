@@ -87,15 +87,27 @@ def test_an_unknown_backend_key_is_a_config_error_with_its_full_path(kind):
     "kind, block, key",
     [
         ("state", {"class": EMBEDDED, "config": {"file_path": 1}}, "file_path"),
-        ("stream", {"class": "modules::stream::adapters::RedisAdapter",
-                    "config": {"timeout_ms": True}}, "timeout_ms"),
-        ("pubsub", {"class": "modules::pubsub::RedisAdapter",
-                    "config": {"redis_url": "http://x"}}, "redis_url"),
+        (
+            "stream",
+            {"class": "modules::stream::adapters::RedisAdapter", "config": {"timeout_ms": True}},
+            "timeout_ms",
+        ),
+        (
+            "pubsub",
+            {"class": "modules::pubsub::RedisAdapter", "config": {"redis_url": "http://x"}},
+            "redis_url",
+        ),
         ("queue", {"class": EMBEDDED, "config": {"max_attempts": 0}}, "max_attempts"),
-        ("queue", {"class": "modules::queue::RabbitMQAdapter",
-                   "config": {"queue_mode": "lifo"}}, "queue_mode"),
-        ("cron", {"class": "modules::cron::RedisCronAdapter",
-                  "config": {"lock_ttl_ms": False}}, "lock_ttl_ms"),
+        (
+            "queue",
+            {"class": "modules::queue::RabbitMQAdapter", "config": {"queue_mode": "lifo"}},
+            "queue_mode",
+        ),
+        (
+            "cron",
+            {"class": "modules::cron::RedisCronAdapter", "config": {"lock_ttl_ms": False}},
+            "lock_ttl_ms",
+        ),
         ("pubsub", {"class": EMBEDDED, "config": ["not", "a", "mapping"]}, None),
     ],
 )
@@ -127,7 +139,9 @@ async def test_a_hand_made_ref_with_the_wrong_config_class_is_refused():
 
 def test_the_rabbitmq_upstream_key_names_apply_unless_ours_are_given():
     rabbit = "modules::queue::RabbitMQAdapter"
-    ref = adapter_of("queue", {"class": rabbit, "config": {"prefetch_count": 3, "queue_mode": "fifo"}})
+    ref = adapter_of(
+        "queue", {"class": rabbit, "config": {"prefetch_count": 3, "queue_mode": "fifo"}}
+    )
     assert ref.config.defaults.concurrency == 3 and ref.config.defaults.fifo
     ref = adapter_of("queue", {"class": rabbit, "config": {"prefetch_count": 3, "concurrency": 5}})
     assert ref.config.defaults.concurrency == 5

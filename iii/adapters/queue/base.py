@@ -101,8 +101,14 @@ class DeadLetter:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DeadLetter:
-        failed_at = raw.get("failed_at", raw.get("exhausted_at", 0))  # upstream RabbitMQ writes exhausted_at
-        return cls(job=Job.from_json(raw["job"]), error=str(raw.get("error", "")), failed_at=int(failed_at or 0))
+        failed_at = raw.get(
+            "failed_at", raw.get("exhausted_at", 0)
+        )  # upstream RabbitMQ writes exhausted_at
+        return cls(
+            job=Job.from_json(raw["job"]),
+            error=str(raw.get("error", "")),
+            failed_at=int(failed_at or 0),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -193,7 +199,9 @@ class QueueAdapter(Protocol):
         """Store ``job``; durable when this returns."""
         ...
 
-    def open_consumer(self, queue: str, name: str, prefetch: int) -> AbstractAsyncContextManager[QueueConsumer]:
+    def open_consumer(
+        self, queue: str, name: str, prefetch: int
+    ) -> AbstractAsyncContextManager[QueueConsumer]:
         """A consumer of ``queue``; ``prefetch`` bounds what it holds at once."""
         ...
 
@@ -201,7 +209,9 @@ class QueueAdapter(Protocol):
 
     async def stats(self, queue: str) -> QueueStats: ...
 
-    async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
+    async def dlq_messages(
+        self, queue: str, offset: int, limit: int
+    ) -> tuple[list[DeadLetter], int]:
         """A page of the DLQ (oldest first) and its total size."""
         ...
 

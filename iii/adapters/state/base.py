@@ -43,4 +43,3 @@ class StateAdapter(Protocol):
 
     async def publish_event(self, event: dict[str, Any]) -> None:
         """Tell the other engines sharing this backend (no-op when there are none)."""
-
