@@ -4,7 +4,7 @@
 maps upstream's class names (spec modules.md §4.4) to a backend here:
 
 ===========================================  =========================================
-``modules::stream::adapters::KvStore``       :mod:`.embedded` (default; also ``embedded``): the embedded
+``modules::stream::adapters::KvStore``       :mod:`.embedded` (default, or ``embedded``):
                                              the embedded store, in memory or on disk
 ``modules::stream::adapters::RedisAdapter``  :mod:`.redis` (``redis_url``)
 ===========================================  =========================================
