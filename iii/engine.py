@@ -79,6 +79,8 @@ from iii.errors import (
 from iii.grants import Grant, TriggerAccess
 from iii.inbound import InboundBudget
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
+from iii.listener import serve_listener
+from iii.modules import build_modules
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
     ErrorBody,
@@ -601,9 +603,6 @@ async def serve_engine(
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the engine until shutdown is requested; see the module docstring."""
-    from iii.listener import serve_listener
-    from iii.modules import build_modules
-
     if engine is None:
         engine = Engine(config)
     async with trio.open_nursery() as engine_nursery:

@@ -22,12 +22,15 @@ from __future__ import annotations
 import secrets
 import ssl
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
-from iii.config_schema import AuthConfig, TlsConfig
 from iii.errors import ConfigError
 from iii.grants import ALLOW_ALL, ALWAYS_INVOKABLE, Grant
+
+if TYPE_CHECKING:
+    from iii.config_schema import AuthConfig, TlsConfig
 
 __all__ = [
     "Authenticator",

@@ -51,6 +51,7 @@ from iii import json_limits
 from iii.adapters.limits import NO_LIMITS, WriteLimits
 from iii.config_schema import Count, check
 from iii.errors import AdapterUnavailableError, IIIError
+from iii.update_ops import MISSING, UpdateResult, apply_ops
 
 __all__ = [
     "RedisSettings",
@@ -407,8 +408,6 @@ class JsonHashes:
         from the value the script returned.  The limits are checked on each
         computed value, before its compare-and-set.
         """
-        from iii.update_ops import MISSING, UpdateResult, apply_ops
-
         raw = await self.connection.call(
             f"HGET {key}", lambda: self.connection.client.hget(key, field)
         )

@@ -1,0 +1,89 @@
+"""The package's layers, as README "Layout" states them, checked on the source.
+
+core → config schema → adapters → modules → config loader, engine → cli:
+a module imports only from its own layer and those before it (imports under
+``TYPE_CHECKING`` are for annotations and do not count), and no import sits
+inside a function where it could hide a cycle (the CLI's lazy imports of
+what one command needs are the exception).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORE, SCHEMA, ADAPTERS, MODULES, ENGINE, CLI = range(6)
+# Above the modules: what loads a config or runs the engine.
+ENGINE_LAYER = {
+    "iii.config",
+    "iii.engine",
+    "iii.listener",
+    "iii.systemd",
+    "iii.testing",
+}
+LAZY_IMPORTS_ALLOWED = {"iii.cli"}
+
+
+def layer(module: str) -> int:
+    if module == "iii.config_schema":
+        return SCHEMA
+    if module.startswith("iii.adapters"):
+        return ADAPTERS
+    if module.startswith("iii.modules"):
+        return MODULES
+    if module in ENGINE_LAYER:
+        return ENGINE
+    if module in ("iii.cli", "iii.__main__"):
+        return CLI
+    return CORE
+
+
+def imports():
+    """(importer, imported, inside a function) for every runtime import of iii."""
+    for path in sorted((ROOT / "iii").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        importer = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text())
+        type_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "iii" or name.startswith("iii."):
+                    yield importer, name, node.col_offset > 0
+
+
+def test_no_layer_imports_from_a_later_one():
+    upward = [
+        f"{importer} imports {imported}"
+        for importer, imported, _ in imports()
+        if layer(imported) > layer(importer)
+    ]
+    assert upward == []
+
+
+def test_the_config_schema_is_a_leaf():
+    used = {imported for importer, imported, _ in imports() if importer == "iii.config_schema"}
+    assert used == {"iii.errors"}
+
+
+def test_no_function_local_import():
+    local = [
+        f"{importer} imports {imported} inside a function"
+        for importer, imported, inside in imports()
+        if inside and importer not in LAZY_IMPORTS_ALLOWED
+    ]
+    assert local == []
