@@ -116,14 +116,64 @@ def test_toml_with_the_same_schema(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "toml"])
-def test_shown_config_loads_back_to_the_same(tmp_path, fmt):
-    original = parse_config({"port": 4100, "modules": [{"class": "modules::worker::WorkerModule"}]})
+@pytest.mark.parametrize(
+    "modules",
+    [
+        [{"class": "modules::worker::WorkerModule"}],
+        None,  # the default set, every adapter block filled in
+        [
+            {
+                "class": "modules::queue::QueueModule",
+                "config": {
+                    "adapter": {"class": "modules::queue::RabbitMQAdapter"},
+                    "queue_configs": {"orders": {"type": "fifo"}},
+                },
+            },
+            {"class": "modules::state::StateModule", "config": {"adapter": {"class": "embedded"}}},
+        ],
+    ],
+    ids=["worker", "defaults", "adapters"],
+)
+def test_shown_config_loads_back_to_the_same(tmp_path, fmt, modules):
+    raw = {"port": 4100} if modules is None else {"port": 4100, "modules": modules}
+    original = parse_config(raw)
     path = write(tmp_path, dump_config(original, fmt), f"shown.{fmt}")
     assert load_config(path) == original
 
 
 def test_port_zero_means_default():
     assert parse_config({"port": 0}).port == 49134
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_a_boolean_is_not_a_port(value):
+    # ``port: false`` was read as 0 (False == 0), which means the default port.
+    with pytest.raises(ConfigError) as info:
+        parse_config({"port": value}, file="f.yaml")
+    assert str(info.value) == "f.yaml: port: expected an integer, got a boolean"
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "reason"),
+    [
+        ([1, 2], "modules[0].config", "expected a mapping, got a list"),
+        ({"queue_configs": {"orders": 5}}, "modules[0].config.queue_configs.orders", "a mapping"),
+        (
+            {"queue_configs": {"a.b": {"max_retries": -1}}},
+            "modules[0].config.queue_configs.a.b.max_retries",
+            "must be at least 0, got -1",
+        ),
+        ({"adapter": "embedded"}, "modules[0].config.adapter", "expected a mapping"),
+        ({"adapter": {"config": {}}}, "modules[0].config.adapter.class", "required"),
+        ({"adapter": {"class": "embedded", "extra": 1}}, "modules[0].config.adapter", "extra"),
+    ],
+)
+def test_module_blocks_name_the_failing_key(config, key, reason):
+    modules = [{"class": "modules::queue::QueueModule", "config": config}]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"modules": modules}, file="f.yaml")
+    assert (info.value.file, info.value.key) == ("f.yaml", key)
+    assert reason in info.value.reason
 
 
 # -- hostile files (issue 10 row 13): each is a ConfigError naming the file, fast and small --
