@@ -34,6 +34,10 @@ file, the key and the reason:
 With no file, or a file without ``modules``, the default module set is used.
 The mandatory modules (worker, telemetry) are added when missing.
 
+The types are in :mod:`iii.config_schema` (a leaf, so the adapters and the
+modules can declare their configs without importing this loader, which
+imports them); they are re-exported here.
+
 Lifetime: loaded once, before the engine starts, into frozen values; nothing
 here opens anything or runs.
 """

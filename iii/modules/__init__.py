@@ -3,9 +3,11 @@
 Every module lives in ``iii/modules/<name>.py`` (or a package of that name)
 and has the same shape:
 
-* ``Config``: a frozen attrs class with a default for every key; the config
-  loader structures the entry's ``config`` block into it (unknown keys are an
-  error naming them);
+* ``Config``: a frozen attrs class with a default for every key, built from
+  :mod:`iii.config_schema` types; the config loader structures the entry's
+  ``config`` block into it, down to the chosen backend's config for an
+  ``adapter: <Kind>AdapterRef`` field (unknown keys are an error naming
+  their full path);
 * ``Module(engine, config)``: an object with ``async run(*, task_status)``
   that registers its functions and trigger types, calls
   ``task_status.started()`` when it is ready, and then runs until cancelled.
