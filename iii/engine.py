@@ -97,6 +97,7 @@ from iii.registry import (
     TriggerTypeHandler,
 )
 from iii.security import Authenticator
+from iii.services import module_service
 from iii.telemetry import TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
@@ -613,7 +614,11 @@ async def serve_engine(
         async with trio.open_nursery() as module_nursery:
             for name, module in build_modules(engine, config):
                 engine.modules[name] = module
+                before = set(engine.registry.functions)
                 await module_nursery.start(module.run)
+                service = module_service(name, set(engine.registry.functions) - before)
+                if service is not None:
+                    engine.registry.add_service(service)
                 log.debug("module %s ready", name)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery

@@ -45,7 +45,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
-from iii.log import RateLimitedLog
+from iii.log import RateLimitedLog, bounded_repr
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -76,6 +76,7 @@ from iii.registry import (
     WorkerInfo,
 )
 from iii.security import ALLOW_ALL, Grant
+from iii.services import ServiceRefusedError, ServiceRegistration
 from iii.worker_calls import start_call
 from iii.wsio import receive_frames, send_frames
 
@@ -395,7 +396,7 @@ class WorkerConnection:
         elif kind is Reattach:
             self._reattach(message)
         elif kind is RegisterService:
-            log.debug("worker %s registered service %s", self.worker_id, message.id)
+            self._register_service(message)
         # Pong, WorkerRegistered, RegistrationRejected from a worker: nothing to do.
 
     def _register_function(self, message: RegisterFunction) -> None:
@@ -465,6 +466,16 @@ class WorkerConnection:
             return
         if created:
             engine.notify_functions_changed()
+
+    def _register_service(self, message: RegisterService) -> None:
+        # registerservice has no answer (upstream sends none): a refused one
+        # is logged, rate-limited, and changes nothing.
+        try:
+            self.engine.registry.add_service(ServiceRegistration.of(message, self.worker_id))
+        except ServiceRefusedError as exc:
+            self.bad_input_log.warning(
+                "worker %s: service %s refused: %s", self.worker_id, bounded_repr(message.id), exc
+            )
 
     def _reject_function(self, function_id: str, code: str) -> None:
         self.send_nowait(
