@@ -9,7 +9,8 @@ Pure and synchronous, like :mod:`iii.registry` (which holds one
   service lives while any of them is connected and shows the latest
   registration, as a function shows its latest replica.  Re-registering
   replaces the worker's own entry (the SDKs replay their services on
-  reconnect).
+  reconnect).  With tokens, the connection checks that the token may
+  register functions ``<id>::...`` first.
 * **Module services** are registered by the engine for each module it runs
   (:data:`MODULE_SERVICES`), once the module has started; a worker cannot
   take one over.  A module service lists the engine functions the module

@@ -469,8 +469,12 @@ class WorkerConnection:
 
     def _register_service(self, message: RegisterService) -> None:
         # registerservice has no answer (upstream sends none): a refused one
-        # is logged, rate-limited, and changes nothing.
+        # is logged, rate-limited, and changes nothing.  With tokens, a service
+        # groups functions the token may register: "billing::*" allows
+        # "billing" and "billing::refunds" (iii.services).
         try:
+            if not self.grant.may_register(f"{message.id}::"):
+                raise ServiceRefusedError(f"token {self.grant.name} may not register its functions")
             self.engine.registry.add_service(ServiceRegistration.of(message, self.worker_id))
         except ServiceRefusedError as exc:
             self.bad_input_log.warning(

@@ -287,3 +287,21 @@ async def test_a_refused_service_is_logged_on_one_escaped_bounded_line(caplog):
     for line in lines:
         assert not any(sep in line for sep in ("\n", "\r", "\u2028"))
         assert len(line) < 1000
+
+
+async def test_with_tokens_a_worker_registers_only_services_of_functions_it_may_register(monkeypatch):
+    from tests.test_grants import AUTH, SPY, TOKENS
+    from tests.test_security import raw_worker
+
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+    async with open_test_engine(make_config(auth=AUTH)) as engine:
+        assert engine.listen_port is not None
+        async with raw_worker(engine.listen_port, SPY) as spy:
+            for service_id in ("spy", "spy::sub", "billing", "sp", "engine"):
+                await spy.send({"type": "registerservice", "id": service_id})
+            await spy.send({"type": "registerfunction", "id": "spy::fn"})
+            await settle(lambda: "spy::fn" in engine.registry.functions)
+            held = engine.registry.services.by_worker[spy.worker_id]
+            assert sorted(held) == ["spy", "spy::sub"]
+            assert "billing" not in engine.registry.services.services
