@@ -23,7 +23,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from iii.invocations import DuplicateInvocationError, Invocation, PendingTable
-from iii.registry import FunctionRegistration, Registry, RegistryError, TriggerRegistration, TriggerType, WorkerInfo
+from iii.registry import (
+    FunctionRegistration,
+    Registry,
+    RegistryError,
+    TriggerRegistration,
+    TriggerType,
+    WorkerInfo,
+)
 from iii.services import ServiceRefusedError, ServiceRegistration
 
 FUNCTIONS = ["f::a", "f::b", "f::c", "f::x::y", "mod::z"]

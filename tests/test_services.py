@@ -33,7 +33,9 @@ async def settle(predicate, timeout=5.0):
 
 
 def worker_service(service_id: str, owner: str, **fields) -> ServiceRegistration:
-    return ServiceRegistration(id=service_id, name=fields.pop("name", service_id), owner=owner, **fields)
+    return ServiceRegistration(
+        id=service_id, name=fields.pop("name", service_id), owner=owner, **fields
+    )
 
 
 def by_id(listing):
@@ -143,12 +145,22 @@ def test_a_module_service_lists_the_functions_it_registered_whatever_their_ids()
     service = module_service("queue", ["enqueue", "engine::queue::enqueue", "iii::queue::redrive"])
     assert service is not None
     table.add(service)
-    table.add(ServiceRegistration(id="engine", name="engine", module="modules::worker::WorkerModule"))
-    listed = by_id(table.listing(["enqueue", "engine::queue::enqueue", "iii::queue::redrive", "engine::x"]))
-    assert listed["queue"]["functions"] == ["engine::queue::enqueue", "enqueue", "iii::queue::redrive"]
+    table.add(
+        ServiceRegistration(id="engine", name="engine", module="modules::worker::WorkerModule")
+    )
+    listed = by_id(
+        table.listing(["enqueue", "engine::queue::enqueue", "iii::queue::redrive", "engine::x"])
+    )
+    assert listed["queue"]["functions"] == [
+        "engine::queue::enqueue",
+        "enqueue",
+        "iii::queue::redrive",
+    ]
     assert listed["engine"]["functions"] == ["engine::x"]
     assert "iii" not in listed
-    assert module_service("exec:build") is not None and module_service("exec:build").id == "exec:build"
+    assert (
+        module_service("exec:build") is not None and module_service("exec:build").id == "exec:build"
+    )
     assert module_service("no-such-module") is None
 
 
@@ -165,7 +177,10 @@ MODULES = [
 
 
 async def test_modules_register_as_services_with_their_functions():
-    async with open_test_engine(make_config(MODULES)) as engine, connect_test_worker(engine) as worker:
+    async with (
+        open_test_engine(make_config(MODULES)) as engine,
+        connect_test_worker(engine) as worker,
+    ):
         reply = await worker.call("engine::services::list", {})
         listed = by_id(reply["result"]["services"])
         expected = {
@@ -190,7 +205,10 @@ async def test_modules_register_as_services_with_their_functions():
         # Every function is listed under exactly one service.
         grouped = [f for service in listed.values() for f in service["functions"]]
         assert len(grouped) == len(set(grouped))
-        assert set(grouped) == {f for f in engine.registry.functions if "::" in f} | {"enqueue", "publish"}
+        assert set(grouped) == {f for f in engine.registry.functions if "::" in f} | {
+            "enqueue",
+            "publish",
+        }
 
 
 async def test_registerservice_as_041_and_090_send_it_then_removed_with_the_worker():
@@ -198,7 +216,12 @@ async def test_registerservice_as_041_and_090_send_it_then_removed_with_the_work
         async with connect_test_worker(engine) as old, connect_test_worker(engine) as new:
             # 0.4.1: no name; 0.9.0: name defaults to id on the SDK side.
             await old.send(
-                {"type": "registerservice", "id": "svc041", "description": "d", "parent_service_id": "root"}
+                {
+                    "type": "registerservice",
+                    "id": "svc041",
+                    "description": "d",
+                    "parent_service_id": "root",
+                }
             )
             await old.send({"type": "registerservice", "id": "root"})
             await new.send({"type": "registerservice", "id": "svc090", "name": "Service 090"})
@@ -223,12 +246,20 @@ async def test_registerservice_as_041_and_090_send_it_then_removed_with_the_work
             # engine::functions::list keeps its shape.
             functions = (await new.call("engine::functions::list", {}))["result"]["functions"]
             assert sorted(f["function_id"] for f in functions) == ["svc041::echo", "svc090::echo"]
-            assert set(functions[0]) == {"function_id", "description", "request_format", "response_format", "metadata"}
+            assert set(functions[0]) == {
+                "function_id",
+                "description",
+                "request_format",
+                "response_format",
+                "metadata",
+            }
             old_id = old.worker_id
         await settle(lambda: old_id not in engine.registry.workers and not engine.registry.workers)
         assert engine.registry.services.by_worker == {}
         assert {"svc041", "svc090", "root"}.isdisjoint(engine.registry.services.services)
-        assert engine.registry.services.total_registrations == len(engine.registry.services.services)
+        assert engine.registry.services.total_registrations == len(
+            engine.registry.services.services
+        )
 
 
 async def test_hostile_registerservice_is_refused_or_dropped_and_the_engine_keeps_serving(caplog):
@@ -252,12 +283,17 @@ async def test_hostile_registerservice_is_refused_or_dropped_and_the_engine_keep
         await worker.send({"type": "registerservice", "id": "last"})  # past the bound too
         reply = await worker.call("engine::services::list", {})
         listed = by_id(reply["result"]["services"])
-        mine = [s for s in listed.values() if s["owner"] == {"type": "worker", "id": worker.worker_id}]
+        mine = [
+            s for s in listed.values() if s["owner"] == {"type": "worker", "id": worker.worker_id}
+        ]
         assert len(mine) == MAX_SERVICES_PER_WORKER
         assert "last" not in listed and "a" not in listed and "" not in listed
         assert listed["engine"]["owner"]["type"] == "module"
         assert listed["engine"]["description"] != "taken over"
-        assert sum(engine.registry.services.by_worker[worker.worker_id].values()) <= MAX_SERVICE_BYTES_PER_WORKER
+        assert (
+            sum(engine.registry.services.by_worker[worker.worker_id].values())
+            <= MAX_SERVICE_BYTES_PER_WORKER
+        )
         # Still serving this worker, and others.
         await worker.send({"type": "ping"})
         assert await worker.receive_type("pong") == {"type": "pong"}
@@ -289,7 +325,9 @@ async def test_a_refused_service_is_logged_on_one_escaped_bounded_line(caplog):
         assert len(line) < 1000
 
 
-async def test_with_tokens_a_worker_registers_only_services_of_functions_it_may_register(monkeypatch):
+async def test_with_tokens_a_worker_registers_only_services_of_functions_it_may_register(
+    monkeypatch,
+):
     from tests.test_grants import AUTH, SPY, TOKENS
     from tests.test_security import raw_worker
 

@@ -52,8 +52,10 @@ async def test_041_and_090_register_services_listed_by_both_and_removed_on_disco
                 assert await command(new, op="register", id="shop::order") == ("OK", None)
                 services = engine.registry.services.services
                 await settle(
-                    lambda: {"billing", "bare041", "shop", "bare090"} <= set(services)
-                    and {"billing::charge", "shop::order"} <= set(engine.registry.functions)
+                    lambda: (
+                        {"billing", "bare041", "shop", "bare090"} <= set(services)
+                        and {"billing::charge", "shop::order"} <= set(engine.registry.functions)
+                    )
                 )
                 old_id = next(iter(engine.registry.services.services["billing"].registrations))
                 new_id = next(iter(engine.registry.services.services["shop"].registrations))
@@ -87,9 +89,11 @@ async def test_041_and_090_register_services_listed_by_both_and_removed_on_disco
                     engine.connections[worker_id].abort("test: dropped")
                 await settle(lambda: old_id not in engine.registry.workers)
                 await settle(
-                    lambda: {"billing", "shop"} <= set(services)
-                    and old_id not in services["billing"].registrations
-                    and new_id not in services["shop"].registrations
+                    lambda: (
+                        {"billing", "shop"} <= set(services)
+                        and old_id not in services["billing"].registrations
+                        and new_id not in services["shop"].registrations
+                    )
                 )
                 old_id = next(iter(services["billing"].registrations))
                 new_id = next(iter(services["shop"].registrations))
