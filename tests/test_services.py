@@ -18,6 +18,7 @@ from iii.services import (
     MAX_SERVICE_BYTES,
     MAX_SERVICE_BYTES_PER_WORKER,
     MAX_SERVICES_PER_WORKER,
+    REGISTRATION_OVERHEAD,
     ServiceRefusedError,
     ServiceRegistration,
     ServiceTable,
@@ -64,7 +65,7 @@ def test_re_registering_replaces_the_workers_own_entry_and_counts_once():
     for description in ("a", "bb", "ccc"):
         table.add(worker_service("svc", "w1", description=description))
     assert table.total_registrations == 1
-    assert table.total_bytes == len("svc") * 2 + 3
+    assert table.total_bytes == REGISTRATION_OVERHEAD + len("svc") * 2 + 3
     assert by_id(table.listing([]))["svc"]["description"] == "ccc"
 
 
@@ -97,14 +98,17 @@ def test_bounds_refuse_and_change_nothing():
     assert "one-more" in table.services and "w1" not in table.services["one-more"].registrations
 
     # Bytes per worker: descriptions just under the per-service bound.
-    description = "x" * (MAX_SERVICE_BYTES - 64)
+    description = "x" * (MAX_SERVICE_BYTES - REGISTRATION_OVERHEAD - 64)
     held = 0
     with pytest.raises(ServiceRefusedError, match="would take"):
         while True:
             table.add(worker_service(f"d{held}", "w3", description=description))
             held += 1
-    assert sum(table.by_worker["w3"].values()) <= MAX_SERVICE_BYTES_PER_WORKER
-    assert held == MAX_SERVICE_BYTES_PER_WORKER // (MAX_SERVICE_BYTES - 64 + len("d00"))
+    refused = worker_service(f"d{held}", "w3", description=description)
+    held_bytes = sum(table.by_worker["w3"].values())
+    assert held_bytes <= MAX_SERVICE_BYTES_PER_WORKER < held_bytes + refused.size
+    assert held == len(table.by_worker["w3"]) > 1
+    assert f"d{held}" not in table.services
 
 
 def test_functions_group_under_the_longest_registered_prefix_else_the_first_segment():
