@@ -70,9 +70,9 @@ MAX_SERVICE_BYTES_PER_WORKER = 1024 * KiB
 MAX_SERVICES_TOTAL = 65_536
 MAX_SERVICE_BYTES_TOTAL = 64 * 1024 * KiB
 # What one registration costs beyond its strings' bytes (its objects and
-# table entries; about 450 bytes measured on CPython 3.11), so the byte bounds
+# table entries, and the strings' object headers; see the README), so the byte bounds
 # track memory, not only what the peer sent.
-REGISTRATION_OVERHEAD = 512
+REGISTRATION_OVERHEAD = 640
 
 # Engine module name (iii.modules.ModuleSpec.name) -> (service id, description).
 # The descriptions are upstream HEAD's (``register_worker!`` in engine/src/workers).
