@@ -284,6 +284,8 @@ class CoreMachine(RuleBasedStateMachine):
             for service_id, size in held.items():
                 assert table.services[service_id].registrations[worker_id].size == size
         assert "mod" in table.services
+        for service_id in table.claimed.values():
+            assert None in table.services[service_id].registrations, "a claim by no module"
         listing = table.listing(self.registry.functions)
         grouped = [f for service in listing for f in service["functions"]]
         assert len(grouped) == len(set(grouped)) and set(grouped) <= set(self.registry.functions)

@@ -97,7 +97,7 @@ from iii.registry import (
     TriggerTypeHandler,
 )
 from iii.security import Authenticator
-from iii.services import module_service
+from iii.services import ServiceRefusedError, module_service
 from iii.telemetry import TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
@@ -618,7 +618,10 @@ async def serve_engine(
                 await module_nursery.start(module.run)
                 service = module_service(name, set(engine.registry.functions) - before)
                 if service is not None:
-                    engine.registry.add_service(service)
+                    try:
+                        engine.registry.add_service(service)
+                    except ServiceRefusedError as exc:  # listing only: not worth a crash
+                        log.warning("module %s: its service is not listed: %s", name, exc)
                 log.debug("module %s ready", name)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery

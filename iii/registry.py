@@ -286,6 +286,8 @@ class Registry:
             return False
         del self.functions[function_id]
         self.function_set_version += 1
+        if owner is None:
+            self.services.claimed.pop(function_id, None)  # a later worker's is not the module's
         return True
 
     # -- trigger types ---------------------------------------------------

@@ -45,6 +45,7 @@ from typing import Any
 
 import attrs
 
+from iii.modules import MODULE_SPECS
 from iii.protocol import RegisterService
 
 __all__ = [
@@ -150,8 +151,6 @@ def module_service(name: str, functions: Iterable[str] = ()) -> ServiceRegistrat
 
     ``functions``: the engine functions it registered while starting.
     """
-    from iii.modules import MODULE_SPECS
-
     base, _, instance = name.partition(":")
     known = MODULE_SERVICES.get(base)
     if known is None:
