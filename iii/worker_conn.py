@@ -20,7 +20,8 @@ With ``auth.tokens`` configured, the connection carries its token's
 function, the functions its config names, or data the token may not read;
 see :mod:`iii.grants`) and a call outside it is answered ``forbidden``.  A
 function that receives other parties' data (``Engine.is_sensitive``) must be
-named by the token's ``register`` list.  A worker may have at most
+named by the token's ``register`` list, and a service ``X`` is filed only if
+the token may register ``X::...`` (:mod:`iii.services`).  A worker may have at most
 ``max_pending_invocations`` calls outstanding; more are answered
 ``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
 
