@@ -50,11 +50,17 @@ async def test_041_and_090_register_services_listed_by_both_and_removed_on_disco
                 assert await command(new, op="service", id="bare090") == ("OK", None)
                 assert await command(old, op="register", id="billing::charge") == ("OK", None)
                 assert await command(new, op="register", id="shop::order") == ("OK", None)
+                # The sub-service layout of 0.9.0's register_service docstring.
+                refunds = {"id": "shop::refunds", "parent_service_id": "shop"}
+                assert await command(new, op="service", **refunds) == ("OK", None)
+                assert await command(new, op="register", id="shop::refunds::create") == ("OK", None)
                 services = engine.registry.services.services
                 await settle(
                     lambda: (
                         {"billing", "bare041", "shop", "bare090"} <= set(services)
-                        and {"billing::charge", "shop::order"} <= set(engine.registry.functions)
+                        and "shop::refunds" in services
+                        and {"billing::charge", "shop::order", "shop::refunds::create"}
+                        <= set(engine.registry.functions)
                     )
                 )
                 old_id = next(iter(engine.registry.services.services["billing"].registrations))
@@ -76,6 +82,9 @@ async def test_041_and_090_register_services_listed_by_both_and_removed_on_disco
                     assert listed["shop"]["name"] == "The shop"
                     assert listed["shop"]["owner"] == {"type": "worker", "id": new_id}
                     assert listed["shop"]["functions"] == ["shop::order"]
+                    assert listed["shop::refunds"]["parent_service_id"] == "shop"
+                    assert listed["shop::refunds"]["name"] == "shop::refunds"
+                    assert listed["shop::refunds"]["functions"] == ["shop::refunds::create"]
                     assert listed["bare041"]["name"] == "bare041"
                     assert listed["bare041"]["description"] is None
                     assert listed["bare090"]["name"] == "bare090"
@@ -102,7 +111,9 @@ async def test_041_and_090_register_services_listed_by_both_and_removed_on_disco
                 assert listed["billing"]["parent_service_id"] == "shop"
                 assert listed["shop"]["name"] == "The shop"
             await settle(lambda: new_id not in engine.registry.workers)
-            assert {"shop", "bare090"}.isdisjoint(engine.registry.services.services)
+            assert {"shop", "shop::refunds", "bare090"}.isdisjoint(
+                engine.registry.services.services
+            )
             assert {"billing", "bare041"} <= set(engine.registry.services.services)
         await settle(lambda: old_id not in engine.registry.workers)
         assert {"billing", "bare041"}.isdisjoint(engine.registry.services.services)
