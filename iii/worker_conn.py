@@ -20,7 +20,8 @@ With ``auth.tokens`` configured, the connection carries its token's
 function, the functions its config names, or data the token may not read;
 see :mod:`iii.grants`) and a call outside it is answered ``forbidden``.  A
 function that receives other parties' data (``Engine.is_sensitive``) must be
-named by the token's ``register`` list.  A worker may have at most
+named by the token's ``register`` list, and a service ``X`` is filed only if
+the token may register ``X::...`` (:mod:`iii.services`).  A worker may have at most
 ``max_pending_invocations`` calls outstanding; more are answered
 ``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
 
@@ -46,7 +47,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
 from iii.frame_writer import CloseReason, DropCause, FrameWriter
-from iii.log import RateLimitedLog
+from iii.log import RateLimitedLog, bounded_repr
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -77,6 +78,7 @@ from iii.registry import (
     WorkerInfo,
 )
 from iii.security import ALLOW_ALL, Grant
+from iii.services import ServiceRefusedError, ServiceRegistration
 from iii.worker_calls import start_call
 from iii.wsio import receive_frames
 
@@ -330,7 +332,7 @@ class WorkerConnection:
         elif kind is Reattach:
             self._reattach(message)
         elif kind is RegisterService:
-            log.debug("worker %s registered service %s", self.worker_id, message.id)
+            self._register_service(message)
         # Pong, WorkerRegistered, RegistrationRejected from a worker: nothing to do.
 
     def _register_function(self, message: RegisterFunction) -> None:
@@ -400,6 +402,20 @@ class WorkerConnection:
             return
         if created:
             engine.notify_functions_changed()
+
+    def _register_service(self, message: RegisterService) -> None:
+        # registerservice has no answer (upstream sends none): a refused one
+        # is logged, rate-limited, and changes nothing.  With tokens, a service
+        # groups functions the token may register: "billing::*" allows
+        # "billing" and "billing::refunds" (iii.services).
+        try:
+            if not self.grant.may_register(f"{message.id}::"):
+                raise ServiceRefusedError(f"token {self.grant.name} may not register its functions")
+            self.engine.registry.add_service(ServiceRegistration.of(message, self.worker_id))
+        except ServiceRefusedError as exc:
+            self.bad_input_log.warning(
+                "worker %s: service %s refused: %s", self.worker_id, bounded_repr(message.id), exc
+            )
 
     def _reject_function(self, function_id: str, code: str) -> None:
         self.send_nowait(
