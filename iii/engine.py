@@ -80,7 +80,7 @@ from iii.grants import Grant, TriggerAccess
 from iii.inbound import InboundBudget
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
 from iii.listener import serve_listener
-from iii.modules import build_modules
+from iii.modules import build_modules, module_class_name
 from iii.native import CallContext, NativeHandler
 from iii.protocol import (
     ErrorBody,
@@ -99,6 +99,7 @@ from iii.registry import (
     TriggerTypeHandler,
 )
 from iii.security import Authenticator
+from iii.services import ServiceRefusedError, module_service
 from iii.telemetry import TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
@@ -612,7 +613,18 @@ async def serve_engine(
         async with trio.open_nursery() as module_nursery:
             for name, module in build_modules(engine, config):
                 engine.modules[name] = module
+                before = set(engine.registry.functions)
                 await module_nursery.start(module.run)
+                service = module_service(
+                    name,
+                    set(engine.registry.functions) - before,
+                    class_name=module_class_name(name),
+                )
+                if service is not None:
+                    try:
+                        engine.registry.add_service(service)
+                    except ServiceRefusedError as exc:  # listing only: not worth a crash
+                        log.warning("module %s: its service is not listed: %s", name, exc)
                 log.debug("module %s ready", name)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery

@@ -35,7 +35,15 @@ if TYPE_CHECKING:
     from iii.config_schema import EngineConfig
     from iii.engine import Engine
 
-__all__ = ["Module", "ModuleSpec", "MODULE_SPECS", "spec_for", "build_modules", "DEFAULT_MODULES"]
+__all__ = [
+    "Module",
+    "ModuleSpec",
+    "MODULE_SPECS",
+    "spec_for",
+    "module_class_name",
+    "build_modules",
+    "DEFAULT_MODULES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,12 @@ DEFAULT_MODULES = [spec.class_name for spec in _SPECS if spec.default]
 
 def spec_for(class_name: str) -> ModuleSpec | None:
     return MODULE_SPECS.get(class_name)
+
+
+def module_class_name(name: str) -> str | None:
+    """The config class of the module named ``name`` in ``engine.modules`` (``exec:<instance>``)."""
+    base = name.partition(":")[0]
+    return next((spec.class_name for spec in _SPECS if spec.name == base), None)
 
 
 def build_modules(engine: Engine, config: EngineConfig) -> Iterator[tuple[str, Any]]:

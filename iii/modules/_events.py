@@ -40,6 +40,7 @@ import trio
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
 from iii.containment import start_contained
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.modules.conditions import CHANGE_CONDITION_KEYS, condition_of, condition_passes
 from iii.registry import LogicalTrigger
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class TriggerDispatch:
     # -- TriggerTypeHandler --------------------------------------------------------
 
     def register_trigger(self, trigger: LogicalTrigger) -> None:
-        condition = config_str(trigger.config, "condition_function_id", self.trigger_type)
+        condition = condition_of(trigger.config, self.trigger_type, CHANGE_CONDITION_KEYS)
         self.triggers[trigger] = (self._parse(trigger.config), condition)
 
     def unregister_trigger(self, trigger: LogicalTrigger) -> None:
@@ -169,7 +170,9 @@ class TriggerDispatch:
         self, condition: str, event: dict[str, Any], calls: dict[str, Any]
     ) -> bool:
         try:
-            result = await self.engine.invoke(condition, event, **calls)
+            return await condition_passes(
+                self.engine, condition, event, null_passes=False, what=self.trigger_type, **calls
+            )
         except IIIError as exc:
             log.warning(
                 "%s trigger condition %s failed: %s: %s",
@@ -179,7 +182,6 @@ class TriggerDispatch:
                 exc.message,
             )
             return False
-        return result is not False and result is not None
 
 
 class PeerPublisher:

@@ -2,7 +2,9 @@
 
 Functions (spec protocol.md §4.1): ``engine::workers::register``,
 ``engine::workers::list``, ``engine::functions::list``,
-``engine::triggers::list`` and ``engine::channels::create``.
+``engine::triggers::list`` and ``engine::channels::create``; and
+``engine::services::list`` (:mod:`iii.services`; upstream has no such
+function: its shape follows ``engine::workers::list``).
 
 Trigger types: ``engine::workers-available`` (``worker_connected`` /
 ``worker_disconnected`` / ``worker_metadata_updated``) and
@@ -103,6 +105,7 @@ class Module:
             "engine::workers::list": (self.workers_list, "List connected workers"),
             "engine::functions::list": (self.functions_list, "List registered functions"),
             "engine::triggers::list": (self.triggers_list, "List registered triggers"),
+            "engine::services::list": (self.services_list, "List services and their functions"),
             "engine::channels::create": (self.channels_create, "Create a streaming channel"),
         }
         for function_id, (handler, description) in functions.items():
@@ -195,6 +198,10 @@ class Module:
     async def functions_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True
         return {"functions": self._function_infos(include_internal)}
+
+    async def services_list(self, data: Any, ctx: CallContext) -> Any:
+        registry = self.engine.registry
+        return {"services": registry.services.listing(registry.functions)}
 
     async def triggers_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True

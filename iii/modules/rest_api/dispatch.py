@@ -52,6 +52,7 @@ from iii.errors import IIIError
 from iii.grants import Grant
 from iii.inbound import InboundAccount, InboundBudget
 from iii.log import SNIPPET_CHARS, bounded_repr, truncate
+from iii.modules.conditions import condition_passes
 from iii.modules.rest_api.bodies import (
     FREE_BYTES,
     RETRY_AFTER,
@@ -415,9 +416,12 @@ class RestDispatcher:
         grant: Grant | None = None,
     ) -> bool:
         try:
-            verdict = await self.engine.invoke(
+            passes = await condition_passes(
+                self.engine,
                 condition_id,
                 dict(payload),
+                null_passes=True,
+                what="http",
                 timeout=max(0.0, deadline - trio.current_time()),
                 traceparent=traceparent,
                 baggage=baggage,
@@ -426,14 +430,11 @@ class RestDispatcher:
         except IIIError as exc:
             await self._error_response(responder, exc, condition_id)
             return False
-        if verdict is False:
+        if not passes:
             await responder.respond_error(
                 422, "CONDITION_NOT_MET", "Request condition not met", skipped=True
             )
-            return False
-        if verdict is None:
-            log.warning("condition %s returned null: the request goes on", condition_id)
-        return True
+        return passes
 
     def _control(
         self,

@@ -89,6 +89,7 @@ from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
+from iii.modules.conditions import CHANGE_CONDITION_KEYS
 from iii.modules.stream.server import MAX_CLIENT_MESSAGE, StreamServer, stream_message
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
@@ -108,7 +109,7 @@ _OVERRIDE = re.compile(r"^stream::(?:" + "|".join(OVERRIDE_OPS) + r")\(.*\)$", r
 # A stream trigger names its condition and hands out the items of its stream:
 # a token needs stream::get or a stream(stream-pattern) entry.
 STREAM_TRIGGER_ACCESS = TriggerAccess(
-    function_keys=("condition_function_id",),
+    function_keys=CHANGE_CONDITION_KEYS,
     data=True,
     resource_key="stream_name",
     read_function="stream::get",
