@@ -598,9 +598,16 @@ async def serve_engine(
     *,
     handle_signals: bool = True,
     engine: Engine | None = None,
+    before_listen: Callable[[Engine], None] | None = None,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the engine until shutdown is requested; see the module docstring."""
+    """Run the engine until shutdown is requested; see the module docstring.
+
+    ``before_listen`` is called once every module is ready and before the
+    worker port opens (the embedding API registers its native functions and
+    trigger types there, so no worker sees the engine without them); an
+    exception it raises stops the engine before it serves.
+    """
     from iii.listener import serve_listener
     from iii.modules import build_modules
 
@@ -615,6 +622,8 @@ async def serve_engine(
                 engine.modules[name] = module
                 await module_nursery.start(module.run)
                 log.debug("module %s ready", name)
+            if before_listen is not None:
+                before_listen(engine)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery
                 listener_scope = trio.CancelScope()
