@@ -585,9 +585,16 @@ class EngineBuilder:
         """Run the engine until :meth:`RunningEngine.shutdown` (or SIGTERM/SIGINT
         with ``handle_signals``, main thread only); ``nursery.start`` gives the
         :class:`RunningEngine` once the engine serves."""
+        await self._serve(self.build_config(), handle_signals, task_status)
+
+    async def _serve(
+        self,
+        config: EngineConfig,
+        handle_signals: bool,
+        task_status: trio.TaskStatus[RunningEngine],
+    ) -> None:
         from iii.engine import serve_engine
 
-        config = self.build_config()
         await serve_engine(
             config,
             handle_signals=handle_signals,
@@ -597,10 +604,14 @@ class EngineBuilder:
 
     @asynccontextmanager
     async def open(self, *, handle_signals: bool = False) -> AsyncIterator[RunningEngine]:
-        """Run the engine for the duration of the block (see the module docstring)."""
+        """Run the engine for the duration of the block (see the module docstring).
+
+        A config error is raised here, as a :class:`~iii.errors.ConfigError`,
+        before anything runs."""
+        config = self.build_config()
         async with trio.open_nursery() as nursery:
             running: RunningEngine = await nursery.start(
-                lambda task_status: self.serve(handle_signals=handle_signals, task_status=task_status)
+                self._serve, config, handle_signals
             )
             try:
                 yield running
