@@ -96,10 +96,16 @@ class Trigger:
     _engine: Engine = attrs.field(repr=False)
     _logical: LogicalTrigger = attrs.field(repr=False)
 
-    async def fire(self, data: Any, *, timeout: float | None = None) -> Any:
+    async def fire(
+        self,
+        data: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the call's deadline: answers `timeout`
+    ) -> Any:
         """Call the bound function with ``data``; returns its result or raises
         :class:`~iii.errors.IIIError` (``forbidden`` when the registrant's token
-        may not invoke it, ``function_not_found``, the function's error …)."""
+        may not invoke it, ``function_not_found``, the function's own error,
+        ``timeout`` after ``timeout`` seconds, default ``invocation_timeout_ms``)."""
         return await self._engine.invoke(
             self.function_id, data, timeout=timeout, grant=self._logical.grant
         )
@@ -269,7 +275,13 @@ class RunningEngine:
         scheme = "https" if getattr(rest, "ssl_context", None) is not None else "http"
         return f"{scheme}://{_connect_host(rest.config.host)}:{self.ports.rest_api}"
 
-    async def call(self, function_id: str, data: Any = None, *, timeout: float | None = None) -> Any:
+    async def call(
+        self,
+        function_id: str,
+        data: Any = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the call's deadline: answers `timeout`
+    ) -> Any:
         """Call any function (native, a module's, a worker's) and return its result.
 
         Raises :class:`~iii.errors.IIIError` with the wire code a worker would
@@ -285,18 +297,17 @@ class RunningEngine:
             _invoke_void, self._engine, function_id, data, what=f"call_void {function_id!r}"
         )
 
-    async def wait_for_function(self, function_id: str, *, timeout: float = 30.0) -> None:
-        """Return once ``function_id`` is registered (by a worker, say); raises
-        :class:`trio.TooSlowError` after ``timeout`` seconds."""
+    async def wait_for_function(self, function_id: str) -> None:
+        """Return once ``function_id`` is registered (by a worker, say).  Bound
+        the wait yourself: ``with trio.fail_after(10): await engine.wait_for_function(...)``."""
         engine = self._engine
-        with trio.fail_after(timeout):
-            while function_id not in engine.registry.functions:
-                changed = trio.Event()
-                engine.function_listeners.append(changed.set)
-                try:
-                    await changed.wait()
-                finally:
-                    engine.function_listeners.remove(changed.set)
+        while function_id not in engine.registry.functions:
+            changed = trio.Event()
+            engine.function_listeners.append(changed.set)
+            try:
+                await changed.wait()
+            finally:
+                engine.function_listeners.remove(changed.set)
 
     def register_function(
         self,
@@ -610,9 +621,7 @@ class EngineBuilder:
         before anything runs."""
         config = self.build_config()
         async with trio.open_nursery() as nursery:
-            running: RunningEngine = await nursery.start(
-                self._serve, config, handle_signals
-            )
+            running: RunningEngine = await nursery.start(self._serve, config, handle_signals)
             try:
                 yield running
             finally:

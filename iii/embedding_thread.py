@@ -90,9 +90,15 @@ class EngineThread:
         self._run_sync(self.running.call_void, function_id, data)
 
     def wait_for_function(self, function_id: str, *, timeout: float = 30.0) -> None:
-        """Block until ``function_id`` is registered; :class:`trio.TooSlowError` after ``timeout``."""
+        """Block until ``function_id`` is registered (a worker registered it);
+        :class:`trio.TooSlowError` after ``timeout`` seconds."""
         running = self.running
-        self._run(partial(running.wait_for_function, timeout=timeout), function_id)
+
+        async def wait() -> None:
+            with trio.fail_after(timeout):
+                await running.wait_for_function(function_id)
+
+        self._run(wait)
 
     def register_trigger(
         self, trigger_type: str, function_id: str, config: Any = None, *, metadata: Any = None
