@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -467,3 +468,47 @@ def test_python_m_iii_still_serves_its_commands(tmp_path):
         text=True,
     )
     assert out.returncode == 0 and "modules::worker::WorkerModule" in out.stdout
+
+
+# -- the README's examples ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_examples() -> list[str]:
+    """The Python blocks of the README's embedding section, dedented."""
+    text = (ROOT / "README.rst").read_text()
+    section = text[text.index("Embedding the engine in a Python program") :]
+    section = section[: section.index("\nConfiguration\n-------------")]
+    blocks = []
+    for part in section.split(".. code-block:: python\n\n")[1:]:
+        lines = []
+        for line in part.splitlines():
+            if line and not line.startswith("    "):
+                break
+            lines.append(line[4:])
+        blocks.append("\n".join(lines).strip() + "\n")
+    return blocks
+
+
+def test_the_readme_program_runs_and_is_typed(tmp_path):
+    program = tmp_path / "program.py"
+    program.write_text(readme_examples()[0])
+    out = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert "III_URL = ws://127.0.0.1:" in out.stdout
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert checked.returncode == 0, checked.stdout
+
+
+def test_the_readme_pytest_example_is_the_sample_project():
+    sample = (ROOT / "tests" / "embedding_sample" / "test_greeter.py").read_text()
+    assert readme_examples()[1] in sample
