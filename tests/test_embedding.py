@@ -21,6 +21,7 @@ import trio
 import iii
 from iii import CallContext, ConfigError, EngineBuilder, IIIError, Trigger
 from iii.testing import connect_loopback_worker, connect_test_worker
+from tests.test_security import raw_worker
 
 REST = "modules::api::RestApiModule"
 STATE = "modules::state::StateModule"
@@ -512,3 +513,69 @@ def test_the_readme_program_runs_and_is_typed(tmp_path):
 def test_the_readme_pytest_example_is_the_sample_project():
     sample = (ROOT / "tests" / "embedding_sample" / "test_greeter.py").read_text()
     assert readme_examples()[1] in sample
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+ADMIN_SECRET = "embedding-admin-0000000"
+SPY_SECRET = "embedding-spy-000000000"
+AUTH = {
+    "tokens": [
+        {"name": "admin", "env": "EMBED_ADMIN"},
+        {
+            "name": "spy",
+            "env": "EMBED_SPY",
+            "register": ["spy::*"],
+            "invoke": ["spy::*"],
+            "trigger_types": ["ticker"],
+        },
+    ]
+}
+
+
+async def test_a_workers_token_applies_to_native_functions_and_trigger_types():
+    recorder = _Recorder()
+    builder = (
+        EngineBuilder()
+        .free_ports()
+        .set("auth", AUTH)
+        .environ({"EMBED_ADMIN": ADMIN_SECRET, "EMBED_SPY": SPY_SECRET})
+        .function("native::secret", add)
+        .trigger_type("ticker", recorder)
+    )
+    async with builder.open() as engine:
+        port = engine.ports.worker
+        async with raw_worker(port, SPY_SECRET) as spy, raw_worker(port, ADMIN_SECRET) as admin:
+            answer = await spy.call("native::secret", {"a": 1, "b": 1})
+            assert answer["error"]["code"] == "forbidden"
+            answer = await admin.call("native::secret", {"a": 1, "b": 1})
+            assert answer["result"]["sum"] == 2
+
+            # Binding the native function to a native trigger is refused too,
+            # before the trigger type's handler hears of it.
+            bind = {"type": "registertrigger", "trigger_type": "ticker", "config": {}}
+            await spy.send({**bind, "id": "t-secret", "function_id": "native::secret"})
+            result = await spy.receive_type("triggerregistrationresult")
+            assert result["error"]["code"] == "forbidden"
+            await spy.send({"type": "registerfunction", "id": "spy::own"})
+            await spy.send({**bind, "id": "t-own", "function_id": "spy::own"})
+            assert await recorder.next_event() == ("+", "spy::own", {})
+            assert list(recorder.live) == ["t-own"]
+        # The engine's own calls need no token.
+        assert (await engine.call("native::secret", {"a": 2, "b": 2}))["sum"] == 4
+
+
+# -- the plugin's fixtures, in this repo's own run (pytest-trio, trio_mode) ------------------------
+
+
+async def test_the_iii_engine_fixture(iii_engine):
+    assert iii_engine.ports.worker > 0 and iii_engine.ports.rest_api
+    async with connect_loopback_worker(iii_engine._engine) as worker:
+        await worker.send({"type": "registerfunction", "id": "fixture::fn"})
+        with trio.fail_after(10):
+            await iii_engine.wait_for_function("fixture::fn")
+
+
+def test_the_iii_engine_thread_fixture(iii_engine_thread):
+    listed = iii_engine_thread.call("engine::functions::list", {"include_internal": True})
+    assert "engine::functions::list" in {f["function_id"] for f in listed["functions"]}
