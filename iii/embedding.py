@@ -272,7 +272,7 @@ class RunningEngine:
         if self.ports.rest_api is None:
             return None
         rest = self._engine.modules["rest_api"]
-        scheme = "https" if getattr(rest, "ssl_context", None) is not None else "http"
+        scheme = "https" if self.config.tls.enabled else "http"  # the engine's tls: keys
         return f"{scheme}://{_connect_host(rest.config.host)}:{self.ports.rest_api}"
 
     async def call(
