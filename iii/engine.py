@@ -45,6 +45,11 @@ Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 4. the connection nursery is cancelled, then modules exit (and close their
    adapters); ``serve_engine`` returns.
 
+A program that embeds the engine (:mod:`iii.embedding`) runs this same
+:func:`serve_engine` in its own task tree; its native functions and trigger
+types are registered through ``before_listen``, after the modules and before
+the listener.
+
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
 fewest pending calls, with its pending record filed *before* the
