@@ -105,7 +105,10 @@ class Trigger:
         """Call the bound function with ``data``; returns its result or raises
         :class:`~iii.errors.IIIError` (``forbidden`` when the registrant's token
         may not invoke it, ``function_not_found``, the function's own error,
-        ``timeout`` after ``timeout`` seconds, default ``invocation_timeout_ms``)."""
+        ``timeout`` after ``timeout`` seconds, default ``invocation_timeout_ms``).
+        A trigger that was unregistered answers ``trigger_not_found``."""
+        if not self._logical.active:
+            raise IIIError(f"trigger {self.id} is no longer registered", code="trigger_not_found")
         return await self._engine.invoke(
             self.function_id, data, timeout=timeout, grant=self._logical.grant
         )

@@ -384,6 +384,9 @@ async def test_a_native_trigger_type_gets_workers_triggers_and_fires_them():
 
             await worker.send({"type": "unregistertrigger", "id": "t1", "trigger_type": "ticker"})
             assert await recorder.next_event() == ("-", "w::tick", {"every": 5})
+            with pytest.raises(IIIError) as caught:
+                await trigger.fire({"n": 2})  # a handler that kept it cannot fire it any more
+            assert caught.value.code == "trigger_not_found"
 
             # A worker that leaves takes its triggers with it.
             await worker.send(
