@@ -48,13 +48,21 @@ def test_wrong_greeting_in_a_plain_test(iii_engine_thread, greeter_argv):
 '''
 
 
-def test_the_package_installs_the_plugin_entry_point():
+def require_entry_point() -> None:
     plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
-    assert plugins.get("iii") == "iii.pytest_plugin"
+    assert plugins.get("iii") == "iii.pytest_plugin", (
+        "the pytest11 entry point 'iii' is not installed: an install from before it "
+        "existed? run `pip install -e .` again"
+    )
+
+
+def test_the_package_installs_the_plugin_entry_point():
+    require_entry_point()
 
 
 async def run_sample(tmp_path: Path, extra: dict[str, str] | None = None) -> tuple[int, str]:
     """Copy the sample project, add ``extra`` files, run pytest in it; (exit code, output)."""
+    require_entry_point()
     project = tmp_path / "sample"
     shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns("__pycache__"))
     for name, text in (extra or {}).items():
