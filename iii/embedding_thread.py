@@ -46,6 +46,10 @@ class EngineThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self._error: BaseException | None = None
+        # Guards the hand-over of the running engine against a start that
+        # timed out: the engine thread then stops as soon as it is ready.
+        self._handover = threading.Lock()
+        self._abandoned = False
 
     # -- what the engine bound ------------------------------------------------------------
 
@@ -120,6 +124,8 @@ class EngineThread:
         self._thread = threading.Thread(target=self._main, name="iii-engine", daemon=True)
         self._thread.start()
         if not self._started.wait(self._start_timeout):
+            with self._handover:
+                self._abandoned = True  # it stops by itself if it ever starts
             raise TimeoutError(f"the engine did not start within {self._start_timeout:g}s")
         if self._running is None:
             self._thread.join(self._start_timeout)
@@ -164,8 +170,11 @@ class EngineThread:
     async def _serve(self) -> None:
         self._stop = trio.Event()
         async with self._builder.open() as running:
-            self._token = trio.lowlevel.current_trio_token()
-            self._running = running
+            with self._handover:
+                if self._abandoned:
+                    return
+                self._token = trio.lowlevel.current_trio_token()
+                self._running = running
             self._started.set()
             await self._stop.wait()
 

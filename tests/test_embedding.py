@@ -459,6 +459,16 @@ def test_run_in_thread_raises_a_config_error_at_start():
     assert caught.value.key == "modules[0].config.port"
 
 
+def test_a_thread_that_did_not_start_in_time_stops_by_itself():
+    engine = EngineBuilder().free_ports().run_in_thread(start_timeout=0)
+    with pytest.raises(TimeoutError):
+        engine.__enter__()
+    assert engine._thread is not None
+    engine._thread.join(60)  # the engine started later, saw it was abandoned, and stopped
+    assert not engine._thread.is_alive()
+    assert engine._error is None
+
+
 def test_python_m_iii_still_serves_its_commands(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("modules: []\n")
