@@ -34,7 +34,7 @@ _LAZY = {
     "FunctionHandler": "iii.embedding",
     "Trigger": "iii.embedding",
     "TriggerTypeHandler": "iii.embedding",
-    "EngineThread": "iii.embedding_thread",
+    "EngineThread": "iii.embedding",
     "CallContext": "iii.native",
     "IIIError": "iii.errors",
     "ConfigError": "iii.errors",
@@ -44,12 +44,12 @@ if TYPE_CHECKING:
     from iii.embedding import (
         EngineBuilder,
         EnginePorts,
+        EngineThread,
         FunctionHandler,
         RunningEngine,
         Trigger,
         TriggerTypeHandler,
     )
-    from iii.embedding_thread import EngineThread
     from iii.errors import ConfigError, IIIError
     from iii.native import CallContext
 

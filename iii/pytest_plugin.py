@@ -2,14 +2,14 @@
 
 Fixtures for a project's tests of its workers, each a fresh engine per test:
 
-* ``iii_engine_builder``: the :class:`~iii.embedding.EngineBuilder` the
+* ``iii_engine_builder``: the :class:`~iii.embedding.builder.EngineBuilder` the
   engines are built from: the default modules, every listener on 127.0.0.1
   on a port the OS picks when it binds.  Override it in a ``conftest.py`` to
   add modules, adapters, native functions or a config file.
 * ``iii_engine`` (async, for pytest-trio tests): a
-  :class:`~iii.embedding.RunningEngine` served in the test's trio run.
+  :class:`~iii.embedding.running.RunningEngine` served in the test's trio run.
 * ``iii_engine_thread`` (for plain synchronous tests): an
-  :class:`~iii.embedding_thread.EngineThread`, the engine in a thread.
+  :class:`~iii.embedding.thread.EngineThread`, the engine in a thread.
 
 Both shut the engine down gracefully when the test ends.  Importing this
 module imports nothing but pytest: the engine is imported by the fixtures,
@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from iii.embedding import EngineBuilder, RunningEngine
-    from iii.embedding_thread import EngineThread
+    from iii.embedding.builder import EngineBuilder
+    from iii.embedding.running import RunningEngine
+    from iii.embedding.thread import EngineThread
 
 __all__ = ["iii_engine_builder", "iii_engine", "iii_engine_thread"]
 

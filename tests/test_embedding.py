@@ -1,4 +1,4 @@
-"""The embedding API (iii.embedding, iii.embedding_thread): the builder's three
+"""The embedding API (the iii.embedding package): the builder's three
 config sources and their errors, the lifetime and its bound ports, native
 functions (called in-process, by a worker, by an HTTP trigger) and native
 trigger types (registered and unregistered by workers, fired with grants).

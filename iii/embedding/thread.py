@@ -2,7 +2,7 @@
 
 :class:`EngineThread` is a context manager (``with builder.run_in_thread() as
 engine:``).  Entering it starts a thread that runs ``trio.run`` around
-:meth:`~iii.embedding.EngineBuilder.open`, and returns once the engine serves
+:meth:`~iii.embedding.builder.EngineBuilder.open`, and returns once the engine serves
 (or raises what stopped it from starting: a
 :class:`~iii.errors.ConfigError`, a bind error …).  Its methods call into that
 trio run with ``trio.from_thread``.  Leaving the block asks for the graceful
@@ -25,7 +25,8 @@ import trio
 from iii.config import EngineConfig
 
 if TYPE_CHECKING:
-    from iii.embedding import EngineBuilder, EnginePorts, RunningEngine
+    from iii.embedding.builder import EngineBuilder
+    from iii.embedding.running import EnginePorts, RunningEngine
 
 __all__ = ["EngineThread"]
 
@@ -86,7 +87,7 @@ class EngineThread:
         return trio.from_thread.run_sync(partial(fn, *args), trio_token=self._token)
 
     def call(self, function_id: str, data: Any = None, *, timeout: float | None = None) -> Any:
-        """:meth:`RunningEngine.call <iii.embedding.RunningEngine.call>`, blocking."""
+        """:meth:`RunningEngine.call <iii.embedding.running.RunningEngine.call>`, blocking."""
         running = self.running
         return self._run(partial(running.call, timeout=timeout), function_id, data)
 
