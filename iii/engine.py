@@ -45,6 +45,11 @@ Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 4. the connection nursery is cancelled, then modules exit (and close their
    adapters); ``serve_engine`` returns.
 
+A program that embeds the engine (:mod:`iii.embedding`) runs this same
+:func:`serve_engine` in its own task tree; its native functions and trigger
+types are registered through ``before_listen``, after the modules and before
+the listener.
+
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
 fewest pending calls, with its pending record filed *before* the
@@ -601,9 +606,16 @@ async def serve_engine(
     *,
     handle_signals: bool = True,
     engine: Engine | None = None,
+    before_listen: Callable[[Engine], None] | None = None,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the engine until shutdown is requested; see the module docstring."""
+    """Run the engine until shutdown is requested; see the module docstring.
+
+    ``before_listen`` is called once every module is ready and before the
+    worker port opens (the embedding API registers its native functions and
+    trigger types there, so no worker sees the engine without them); an
+    exception it raises stops the engine before it serves.
+    """
     if engine is None:
         engine = Engine(config)
     async with trio.open_nursery() as engine_nursery:
@@ -626,6 +638,8 @@ async def serve_engine(
                     except ServiceRefusedError as exc:  # listing only: not worth a crash
                         log.warning("module %s: its service is not listed: %s", name, exc)
                 log.debug("module %s ready", name)
+            if before_listen is not None:
+                before_listen(engine)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery
                 listener_scope = trio.CancelScope()

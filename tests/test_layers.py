@@ -3,8 +3,8 @@
 core → config schema → adapters → modules → config loader, engine → cli:
 a module imports only from its own layer and those before it (imports under
 ``TYPE_CHECKING`` are for annotations and do not count), and no import sits
-inside a function where it could hide a cycle (the CLI's lazy imports of
-what one command needs are the exception).
+inside a function where it could hide a cycle (:data:`LAZY_IMPORTS_ALLOWED`
+are the exceptions).
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE, SCHEMA, ADAPTERS, MODULES, ENGINE, CLI = range(6)
-# Above the modules: what loads a config or runs the engine.
+# Above the modules: what loads a config or runs the engine (and embeds it).
 ENGINE_LAYER = {
     "iii.config",
     "iii.engine",
     "iii.listener",
     "iii.systemd",
     "iii.testing",
+    "iii.embedding",
+    "iii.pytest_plugin",
 }
-LAZY_IMPORTS_ALLOWED = {"iii.cli"}
+# Lazy on purpose, and hiding no cycle: the CLI imports what one command needs,
+# ``import iii`` loads the embedding API on first use of its names, and the
+# pytest plugin (loaded in every project that installs iii) imports nothing
+# until a fixture is used.
+LAZY_IMPORTS_ALLOWED = {"iii.cli", "iii", "iii.pytest_plugin"}
 
 
 def layer(module: str) -> int:
@@ -33,7 +39,7 @@ def layer(module: str) -> int:
         return ADAPTERS
     if module.startswith("iii.modules"):
         return MODULES
-    if module in ENGINE_LAYER:
+    if module in ENGINE_LAYER or module.startswith("iii.embedding."):
         return ENGINE
     if module in ("iii.cli", "iii.__main__"):
         return CLI

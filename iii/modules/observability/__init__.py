@@ -62,7 +62,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__, json_limits
-from iii.containment import contained
+from iii.fanout import FanOut
 from iii.grants import TriggerAccess
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
@@ -141,7 +141,8 @@ class Module:
         # Bytes of the logs waiting for (or in) delivery to log triggers.
         self.logs_queued_bytes = 0
         self.prometheus_port: int | None = None
-        self._log_send: trio.MemorySendChannel[tuple[LogicalTrigger, StoredLog]] | None = None
+        # (trigger, the log as stored): one delivery each, while the module runs.
+        self._log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] | None = None
         self._trio_thread: int | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closers: list[Any] = []
@@ -280,7 +281,8 @@ class Module:
         The queue holds at most LOG_QUEUE_SIZE logs and ``logs_max_bytes``
         bytes of them; a log that does not fit is dropped and counted.
         """
-        if DELIVERING.get() or not self.log_triggers.levels or self._log_send is None:
+        deliveries = self._log_deliveries
+        if DELIVERING.get() or not self.log_triggers.levels or deliveries is None:
             return
         if threading.get_ident() != self._trio_thread:
             if self._trio_token is not None:
@@ -293,38 +295,23 @@ class Module:
             if self.logs_queued_bytes + stored.size > self.config.logs_max_bytes:
                 self.logs_dropped += 1
                 continue
-            try:
-                self._log_send.send_nowait((trigger, stored))
-            except trio.WouldBlock:
-                self.logs_dropped += 1
-            except trio.ClosedResourceError:
-                return
-            else:
+            if deliveries.offer((trigger, stored)):
                 self.logs_queued_bytes += stored.size
+            else:
+                self.logs_dropped += 1
 
-    async def _deliver_logs(
-        self, receive: trio.MemoryReceiveChannel[tuple[LogicalTrigger, StoredLog]]
-    ) -> None:
+    async def _deliver_log(self, queued: tuple[LogicalTrigger, StoredLog]) -> None:
+        trigger, stored = queued
+        try:
+            await self.engine.invoke_logged(
+                trigger.function_id, stored.entry(), what="log trigger", grant=trigger.grant
+            )
+        finally:
+            self.logs_queued_bytes -= stored.size
+
+    async def _deliver_logs(self, deliveries: FanOut[tuple[LogicalTrigger, StoredLog]]) -> None:
         DELIVERING.set(True)  # inherited by the delivery tasks
-        slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
-
-        async def deliver(trigger: LogicalTrigger, stored: StoredLog) -> None:
-            try:
-                # Contained: an unexpected failure loses this entry only.
-                await contained(
-                    f"log trigger {trigger.function_id!r}",
-                    partial(self.engine.invoke_logged, what="log trigger", grant=trigger.grant),
-                    trigger.function_id,
-                    stored.entry(),
-                )
-            finally:
-                self.logs_queued_bytes -= stored.size
-                slots.release()
-
-        async with trio.open_nursery() as delivery_nursery:
-            async for trigger, stored in receive:
-                await slots.acquire()
-                delivery_nursery.start_soon(deliver, trigger, stored)
+        await deliveries.run()
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -355,8 +342,11 @@ class Module:
         self.metrics.workers_active = len(engine.connections)
         handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
         engine_logger = logging.getLogger("iii")
-        log_send, log_receive = trio.open_memory_channel[tuple[LogicalTrigger, StoredLog]](
-            LOG_QUEUE_SIZE
+        log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] = FanOut(
+            self._deliver_log,
+            lambda queued: f"log trigger {queued[0].function_id!r}",
+            queue_size=LOG_QUEUE_SIZE,
+            concurrency=LOG_DELIVERY_CONCURRENCY,
         )
         try:
             async with trio.open_nursery() as module_nursery:
@@ -379,8 +369,8 @@ class Module:
                             ),
                         )
                     )
-                self._log_send = log_send
-                module_nursery.start_soon(self._deliver_logs, log_receive)
+                self._log_deliveries = log_deliveries
+                module_nursery.start_soon(self._deliver_logs, log_deliveries)
                 self.logs.listeners.append(self._offer_log)
                 engine.tracer = tracer
                 engine.telemetry.consumer = self.ingest
@@ -396,8 +386,8 @@ class Module:
                 engine.telemetry.consumer = None
             if self.metrics.on_worker_event in engine.worker_listeners:
                 engine.worker_listeners.remove(self.metrics.on_worker_event)
-            self._log_send = None
-            log_send.close()
+            self._log_deliveries = None
+            log_deliveries.close()
             await self._flush()
 
     def _metrics_port_routes(self) -> dict[bytes, Callable[[], Awaitable[Answer]]]:
