@@ -63,7 +63,8 @@ from __future__ import annotations
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -151,6 +152,8 @@ class Engine:
     # Set while serving: where detached (fire-and-forget) calls run.
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
+    # Calls being handled for an intake (a worker's call, an HTTP request):
+    # counted by track_call(), waited for by the drain.
     inflight: int = 0
     # Who holds a socket on the worker port (max_connections, per address).
     sockets: Admission = attrs.field(
@@ -179,6 +182,11 @@ class Engine:
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
     _expiry_scope: trio.CancelScope | None = None
+    # Set when no call is in flight and none is pending (see _wait_idle).
+    _idle: trio.Event | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.pending.on_empty = self._check_idle
 
     @property
     def open_sockets(self) -> int:
@@ -552,6 +560,29 @@ class Engine:
                 log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
             await trio.sleep(EXPIRY_RESOLUTION)
 
+    @contextmanager
+    def track_call(self) -> Iterator[None]:
+        """Count a call an intake handles (a worker's ``invokefunction``, an HTTP
+        request) for as long as the block runs: shutdown waits for it, within
+        ``shutdown_grace_ms``.  Every intake path uses this, so none can be
+        forgotten by the drain."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self.inflight and not len(self.pending):
+            self._idle.set()
+
+    async def _wait_idle(self) -> None:
+        """Return once no call is in flight and none is pending (no polling)."""
+        while self.inflight or len(self.pending):
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
         try:
@@ -586,8 +617,7 @@ class Engine:
         listener_scope.cancel()
         self.shutting_down.set()
         with trio.move_on_after(self.config.shutdown_grace):
-            while self.inflight or len(self.pending):
-                await trio.sleep(0.05)
+            await self._wait_idle()
         if self.inflight or len(self.pending):
             log.warning(
                 "shutdown grace over with %d calls in flight; they are cancelled",
