@@ -312,7 +312,9 @@ class Module:
                     config.grant,
                 )
 
-    def statistics(self) -> LinkStatistics:
+    def link_statistics(self) -> LinkStatistics:
+        # Not ``statistics()``: the observability module would make metric
+        # names of it with the entry's name, which may hold '.', ':' or '-'.
         return self.link.statistics()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
