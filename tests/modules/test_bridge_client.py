@@ -24,6 +24,7 @@ from trio_websocket import WebSocketConnection
 from iii.config import parse_config
 from iii.engine import Engine
 from iii.errors import ConfigError, IIIError
+from iii.grants import Grant
 from iii.native import CallContext
 from iii.testing import make_config, open_test_engine
 from tests.sdk_workers import SCRIPTS, command
@@ -437,6 +438,16 @@ async def test_token_tls_and_the_grant_of_calls_from_the_remote(
             with pytest.raises(IIIError) as forbidden:
                 await backend.invoke("secret::fn", {})
             assert forbidden.value.code == "forbidden"
+
+            # A local caller's grant covers the remote function ids it names.
+            caller = Grant.from_patterns("caller", invoke=["bridge.*", "backend::echo"])
+            invoke = {"function_id": "backend::echo", "data": 8}
+            assert await edge.invoke("bridge.invoke", invoke, grant=caller) == {"backend": 8}
+            narrow = Grant.from_patterns("narrow", invoke=["bridge.*"])
+            for function_id in ("bridge.invoke", "bridge.invoke_async"):
+                with pytest.raises(IIIError) as refused:
+                    await edge.invoke(function_id, invoke, grant=narrow)
+                assert refused.value.code == "forbidden"
 
 
 # -- hostile remotes, through the module's functions -------------------------------------
