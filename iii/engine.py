@@ -11,6 +11,11 @@ Supervision tree (copied into README.rst)::
             │                             in config order); each module owns its adapter
             │                             and its own nursery; modules exit last
             ├── <module>.run ...
+            │   └── EngineLink.run        bridge_client (and Bridge adapters): the link to a
+            │       │                     remote engine; connect, reattach, re-register;
+            │       │                     on a drop, fail calls in flight, back off, reconnect
+            │       └── link connection   per-connection nursery: reader, writer, heartbeat,
+            │                             calls from the remote (bounded, each with a deadline)
             └── connection nursery        owned by the engine
                 ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
                 │                         counts sockets on accept (iii.admission)
@@ -29,6 +34,8 @@ Supervision tree (copied into README.rst)::
 
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
+link (:mod:`iii.link`) that drops cancels its own connection's nursery only;
+its calls in flight end ``invocation_stopped`` and it reconnects.  A
 module that crashes raises through the module nursery and stops the engine
 (one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
 one socket's subtree, one call task, one detached call or one event a module
@@ -63,7 +70,8 @@ from __future__ import annotations
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -153,6 +161,8 @@ class Engine:
     # Set while serving: where detached (fire-and-forget) calls run.
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
+    # Calls being handled for an intake (a worker's call, an HTTP request):
+    # counted by track_call(), waited for by the drain.
     inflight: int = 0
     # Who holds a socket on the worker port (max_connections, per address).
     sockets: Admission = attrs.field(
@@ -181,6 +191,11 @@ class Engine:
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
     _expiry_scope: trio.CancelScope | None = None
+    # Set when no call is in flight and none is pending (see _wait_idle).
+    _idle: trio.Event | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.pending.on_empty = self._check_idle
 
     @property
     def open_sockets(self) -> int:
@@ -554,6 +569,29 @@ class Engine:
                 log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
             await trio.sleep(EXPIRY_RESOLUTION)
 
+    @contextmanager
+    def track_call(self) -> Iterator[None]:
+        """Count a call an intake handles (a worker's ``invokefunction``, an HTTP
+        request) for as long as the block runs: shutdown waits for it, within
+        ``shutdown_grace_ms``.  Every intake path uses this, so none can be
+        forgotten by the drain."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self.inflight and not len(self.pending):
+            self._idle.set()
+
+    async def _wait_idle(self) -> None:
+        """Return once no call is in flight and none is pending (no polling)."""
+        while self.inflight or len(self.pending):
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
         try:
@@ -588,8 +626,7 @@ class Engine:
         listener_scope.cancel()
         self.shutting_down.set()
         with trio.move_on_after(self.config.shutdown_grace):
-            while self.inflight or len(self.pending):
-                await trio.sleep(0.05)
+            await self._wait_idle()
         if self.inflight or len(self.pending):
             log.warning(
                 "shutdown grace over with %d calls in flight; they are cancelled",

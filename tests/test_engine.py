@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
+from iii.engine import Engine
+from iii.invocations import Invocation
 from iii.testing import connect_loopback_worker, connect_test_worker, make_config, open_test_engine
 
 
@@ -514,3 +518,39 @@ async def _expect_timeout(engine, timeout):
 
     with pytest.raises(InvocationTimeoutError):
         await engine.invoke("demo::never", {}, timeout=timeout)
+
+
+async def test_shutdown_waits_for_tracked_calls_and_pending_ones_without_polling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = Engine(make_config([]))
+    release = trio.Event()
+    idle_at: list[float] = []
+
+    async def tracked_call() -> None:
+        with engine.track_call():
+            await release.wait()
+
+    async def drain() -> None:
+        await engine._wait_idle()
+        idle_at.append(trio.current_time())
+
+    invocation = Invocation(
+        invocation_id="i",
+        function_id="f",
+        target_worker_id="w",
+        caller_worker_id=None,
+        deadline=math.inf,
+    )
+    engine.pending.add(invocation)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracked_call)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(drain)
+        await trio.sleep(7.3)
+        release.set()  # the tracked call ends; one call is still pending
+        await trio.testing.wait_all_tasks_blocked()
+        assert idle_at == [] and engine.inflight == 0
+        await trio.sleep(1.1)
+        engine.pending.discard(invocation)
+    assert idle_at == [pytest.approx(8.4)]  # at once, not at a poll tick

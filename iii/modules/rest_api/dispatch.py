@@ -246,14 +246,12 @@ class RestDispatcher:
                 413, "PAYLOAD_TOO_LARGE", f"request body larger than {self.max_body_size} bytes"
             )
             return
-        engine = self.engine
-        engine.inflight += 1
         # The request's deadline bounds everything up to the response head.
         # It is not a cancel scope around the request (8 us each; this is
         # the hot path of bench/bench_rest.py): each wait takes its share,
         # and the call's own deadline is the engine's (iii.invocations).
         deadline = trio.current_time() + self.timeout
-        try:
+        with self.engine.track_call():
             if not await self._take_slot(deadline):
                 await self._timeout_response(responder, match.route.function_id)
                 return
@@ -261,8 +259,6 @@ class RestDispatcher:
                 await self._exchange(request, responder, match, deadline, traceparent, baggage)
             finally:
                 self.limiter.release()
-        finally:
-            engine.inflight -= 1
 
     async def _take_slot(self, deadline: float) -> bool:
         """A ``concurrency_request_limit`` slot; False if none came free in time."""
