@@ -113,7 +113,7 @@ from iii.registry import (
 )
 from iii.security import Authenticator
 from iii.services import ServiceRefusedError, module_service
-from iii.telemetry import TelemetrySink
+from iii.telemetry import TelemetryConsumer, TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
 if TYPE_CHECKING:
@@ -378,6 +378,73 @@ class Engine:
         if removal.functions_gone:
             self.notify_functions_changed()
         self.notify_worker("worker_disconnected", worker_id)
+
+    # -- hooks that modules install ---------------------------------------------
+    # Each returns a context manager: the hook is in place for the block and
+    # undone when it ends, whatever ends it (a module stopping or failing).
+
+    @contextmanager
+    def using_tracer(self, tracer: EngineTracer) -> Iterator[None]:
+        """Spans for invocations and module work come from ``tracer``."""
+        previous, self.tracer = self.tracer, tracer
+        try:
+            yield
+        finally:
+            if self.tracer is tracer:
+                self.tracer = previous
+
+    @contextmanager
+    def using_telemetry_consumer(self, consumer: TelemetryConsumer) -> Iterator[None]:
+        """SDK telemetry frames (``OTLP``/``MTRC``/``LOGS``) go to ``consumer``."""
+        previous, self.telemetry.consumer = self.telemetry.consumer, consumer
+        try:
+            yield
+        finally:
+            if self.telemetry.consumer is consumer:
+                self.telemetry.consumer = previous
+
+    @contextmanager
+    def using_external_function_factory(
+        self, factory: Callable[[str, Any], NativeHandler]
+    ) -> Iterator[None]:
+        """A ``registerfunction`` with an ``invocation`` block is built by ``factory``."""
+        previous, self.external_function_factory = self.external_function_factory, factory
+        try:
+            yield
+        finally:
+            if self.external_function_factory is factory:
+                self.external_function_factory = previous
+
+    @contextmanager
+    def listening(
+        self,
+        *,
+        workers: WorkerEvent | None = None,
+        functions: Callable[[], None] | None = None,
+    ) -> Iterator[None]:
+        """Call ``workers(event, worker_id)`` on worker events and ``functions()``
+        when the function set changes, for the block."""
+        if workers is not None:
+            self.worker_listeners.append(workers)
+        if functions is not None:
+            self.function_listeners.append(functions)
+        try:
+            yield
+        finally:
+            if workers is not None:
+                self.worker_listeners.remove(workers)
+            if functions is not None:
+                self.function_listeners.remove(functions)
+
+    @contextmanager
+    def marking_sensitive(self, receives_others_data: Callable[[str], bool]) -> Iterator[None]:
+        """Function ids for which ``receives_others_data`` is true need a grant
+        that names them to be registered (see :meth:`is_sensitive`)."""
+        self.sensitive_functions.append(receives_others_data)
+        try:
+            yield
+        finally:
+            self.sensitive_functions.remove(receives_others_data)
 
     # -- invocation ------------------------------------------------------------
 

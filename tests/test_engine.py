@@ -554,3 +554,48 @@ async def test_shutdown_waits_for_tracked_calls_and_pending_ones_without_polling
         await trio.sleep(1.1)
         engine.pending.discard(invocation)
     assert idle_at == [pytest.approx(8.4)]  # at once, not at a poll tick
+
+
+def test_hooks_are_undone_when_their_block_ends_even_by_an_error() -> None:
+    from iii.tracing import NOOP_TRACER
+
+    engine = Engine(make_config([]))
+    tracer = object()
+    events: list[tuple[str, str]] = []
+
+    def on_worker(event: str, worker_id: str) -> None:
+        events.append((event, worker_id))
+
+    def sensitive(function_id: str) -> bool:
+        return function_id == "secret"
+
+    with pytest.raises(RuntimeError):
+        with (
+            engine.using_tracer(tracer),  # type: ignore[arg-type]
+            engine.listening(workers=on_worker),
+            engine.marking_sensitive(sensitive),
+            engine.using_external_function_factory(lambda *_: None),  # type: ignore[arg-type]
+        ):
+            assert engine.tracer is tracer and engine.is_sensitive("secret")
+            engine.notify_worker("worker_connected", "w1")
+            raise RuntimeError("the module failed")
+    assert engine.tracer is NOOP_TRACER
+    assert engine.worker_listeners == [] and engine.sensitive_functions == []
+    assert engine.external_function_factory is None
+    assert events == [("worker_connected", "w1")]
+
+
+async def test_the_observability_module_undoes_its_hooks_when_it_stops() -> None:
+    import logging
+
+    from iii.tracing import NOOP_TRACER
+
+    handlers_before = list(logging.getLogger("iii").handlers)
+    otel = {"enabled": True, "exporter": "memory"}
+    config = make_config([{"class": "modules::observability::OtelModule", "config": otel}])
+    async with open_test_engine(config) as engine:
+        assert engine.tracer is not NOOP_TRACER and engine.telemetry.consumer is not None
+        assert len(logging.getLogger("iii").handlers) == len(handlers_before) + 1
+    assert engine.tracer is NOOP_TRACER and engine.telemetry.consumer is None
+    assert logging.getLogger("iii").handlers == handlers_before
+    assert engine.worker_listeners == []

@@ -122,11 +122,8 @@ class RunningEngine:
         engine = self._engine
         while function_id not in engine.registry.functions:
             changed = trio.Event()
-            engine.function_listeners.append(changed.set)
-            try:
+            with engine.listening(functions=changed.set):
                 await changed.wait()
-            finally:
-                engine.function_listeners.remove(changed.set)
 
     def register_function(
         self,

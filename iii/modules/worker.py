@@ -122,17 +122,12 @@ class Module:
             description="Function set changes",
             access=FUNCTIONS_TRIGGER_ACCESS,
         )
-        engine.worker_listeners.append(self._on_worker_event)
-        engine.function_listeners.append(self._on_functions_changed)
-        try:
+        with engine.listening(workers=self._on_worker_event, functions=self._on_functions_changed):
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self._fan_out_worker_events)
                 module_nursery.start_soon(self._fan_out_function_changes)
                 module_nursery.start_soon(self._sweep_channels)
                 task_status.started()
-        finally:
-            engine.worker_listeners.remove(self._on_worker_event)
-            engine.function_listeners.remove(self._on_functions_changed)
 
     # -- functions -------------------------------------------------------------
 

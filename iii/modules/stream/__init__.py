@@ -308,16 +308,13 @@ class Module:
             )
             if self.config.auth_required and not self.config.auth_function:
                 log.warning("stream: auth_required without an auth_function has no effect")
-            self.engine.sensitive_functions.append(self._receives_others_data)
-            try:
+            with self.engine.marking_sensitive(self._receives_others_data):
                 async with trio.open_nursery() as module_nursery:
                     module_nursery.start_soon(self.dispatch.run)
                     module_nursery.start_soon(self.peers.run, adapter.publish_event)
                     await module_nursery.start(self.server.serve)
                     task_status.started()
                     await trio.sleep_forever()
-            finally:
-                self.engine.sensitive_functions.remove(self._receives_others_data)
 
     # -- events ------------------------------------------------------------------------
 
