@@ -1,0 +1,340 @@
+"""Bridge adapters: State, Stream and Queue kept in another engine.
+
+Three engines on loopback: a **backend** (a real ``python -m iii serve``
+process, so that it can be killed and restarted) running State and Stream on
+KvStore, PubSub and a file-based builtin queue; a **bridge** engine whose
+State, Stream and Queue modules run on the Bridge adapters pointed at the
+backend; and a **test** engine, a second bridge engine on the same backend
+(it sees the bridge engine's stream events through the backend's
+``stream.events`` topic).  Official SDK workers sit on the bridge engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket
+
+from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
+from tests.modules.test_stream import client_of, event_of
+from tests.sdk_workers import SCRIPTS, command
+from tests.support import EngineProcess, free_port, start_node_worker, start_sdk_worker
+
+
+def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
+    return {
+        "port": port or free_port(),
+        "shutdown_grace_ms": 1000,
+        "modules": [
+            {"class": "modules::state::StateModule"},
+            {"class": "modules::stream::StreamModule", "config": {"port": free_port(), "host": "127.0.0.1"}},
+            {"class": "modules::pubsub::PubSubModule"},
+            {
+                "class": "modules::queue::QueueModule",
+                "config": {
+                    "adapter": {
+                        "class": "modules::queue::BuiltinQueueAdapter",
+                        "config": {"store_method": "file_based", "file_path": str(queue_dir), "backoff_ms": 50},
+                    }
+                },
+            },
+        ],
+    }
+
+
+def bridge_config(url: str, *, queue: bool = True, **adapter_keys: Any):
+    bridge = {"bridge_url": url, **adapter_keys}
+    modules: list[dict[str, Any]] = [
+        {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::Bridge", "config": bridge}}},
+        {
+            "class": "modules::stream::StreamModule",
+            "config": {"port": 0, "host": "127.0.0.1", "adapter": {"class": "modules::stream::adapters::Bridge", "config": bridge}},
+        },
+    ]
+    if queue:
+        modules.append({"class": "modules::queue::QueueModule", "config": {"adapter": {"class": "modules::queue::adapters::Bridge", "config": bridge}}})
+    return make_config(modules)
+
+
+@asynccontextmanager
+async def backend_process(tmp_path: Path) -> AsyncIterator[EngineProcess]:
+    (tmp_path / "queue").mkdir(exist_ok=True)
+    backend = EngineProcess.write(tmp_path, backend_config(tmp_path / "queue"))
+    backend.start()
+    try:
+        await backend.started()
+        yield backend
+    finally:
+        backend.kill()
+
+
+@asynccontextmanager
+async def raw_worker_at(port: int) -> AsyncIterator[RawWorker]:
+    """A raw worker over loopback to an engine we only know by its port."""
+    async with open_websocket("127.0.0.1", port, "/", use_ssl=False) as ws:
+        worker = RawWorker(ws)
+        registered = await worker.receive(timeout=10)
+        worker.worker_id = registered["worker_id"]
+        yield worker
+
+
+def ok(reply: dict[str, Any]) -> Any:
+    assert "error" not in reply, reply
+    return reply.get("result")
+
+
+async def until_ok(worker: RawWorker, function_id: str, data: Any, timeout: float = 30) -> Any:
+    """Call until the answer is not ``adapter_unavailable`` (a link coming up)."""
+    with trio.fail_after(timeout):
+        while True:
+            reply = await worker.call(function_id, data, timeout=timeout)
+            if reply.get("error", {}).get("code") != "adapter_unavailable":
+                return ok(reply)
+            await trio.sleep(0.05)
+
+
+async def wait_for(predicate, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+def connected(engine, *modules: str) -> bool:
+    return all(engine.modules[name].adapter.link.connected for name in modules)
+
+
+# -- state and stream, with SDK workers --------------------------------------------------
+
+NODE_WORKER = r"""
+import { registerWorker } from 'iii-sdk'
+import readline from 'node:readline'
+
+const iii = registerWorker(process.argv[2], { workerName: 'node-bridge' })
+console.log('READY')
+const lines = readline.createInterface({ input: process.stdin })
+for await (const line of lines) {
+  const cmd = JSON.parse(line)
+  try {
+    let out = null
+    if (cmd.op === 'call') out = await iii.trigger({ function_id: cmd.fn, payload: cmd.data })
+    if (cmd.op === 'register') iii.registerFunction(cmd.id, async (input) => {
+      console.log('CALLED ' + cmd.id + ' ' + JSON.stringify(input))
+      return null
+    })
+    if (cmd.op === 'trigger') iii.registerTrigger({ type: cmd.type, function_id: cmd.fn, config: cmd.config })
+    console.log('OK ' + JSON.stringify(out))
+  } catch (e) {
+    console.log('ERR ' + JSON.stringify({ code: e.code ?? null, message: String(e.message ?? e) }))
+  }
+}
+process.exit(0)
+"""
+
+
+@asynccontextmanager
+async def sdk_worker(kind: str, url: str):
+    if kind == "node":
+        async with start_node_worker(NODE_WORKER, url=url) as worker:
+            await worker.wait_for("READY", timeout=120)
+            yield worker
+    else:
+        async with start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=url) as worker:
+            await worker.wait_for("READY", timeout=60)
+            yield worker
+
+
+def called(line: str) -> Any:
+    return json.loads(line.split(" ", 2)[2])
+
+
+@pytest.mark.sdk
+@pytest.mark.parametrize("kind", ["python-0.25", "node"])
+async def test_state_and_stream_through_the_bridge(tmp_path, kind):
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        await wait_for(lambda: connected(bridge, "state", "stream") and connected(other, "stream"))
+        on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
+        worker = await stack.enter_async_context(sdk_worker(kind, f"ws://127.0.0.1:{bridge.listen_port}"))
+        client_here = await stack.enter_async_context(client_of(bridge))
+        client_there = await stack.enter_async_context(client_of(other))
+
+        for fn in ("t::on_state", "t::on_stream"):
+            assert (await command(worker, op="register", id=fn))[0] == "OK"
+        await command(worker, op="trigger", type="state", fn="t::on_state", config={"scope": "users"})
+        await command(worker, op="trigger", type="stream", fn="t::on_stream", config={"stream_name": "chat"})
+        await wait_for(lambda: len(bridge.registry.triggers) == 2)
+        for client in (client_here, client_there):
+            await client.join("s1", "chat", "room")
+            assert (await client.receive())["event"] == {"type": "sync", "data": []}
+
+        # state::set / get / list from the SDK; the data is on the backend
+        status, value = await command(worker, op="call", fn="state::set", data={"scope": "users", "key": "u1", "value": {"name": "ada"}})
+        assert (status, value) == ("OK", {"old_value": None, "new_value": {"name": "ada"}})
+        assert ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) == {"name": "ada"}
+        ok(await on_backend.call("state::set", {"scope": "users", "key": "u2", "value": {"name": "bob"}}))
+        assert await command(worker, op="call", fn="state::get", data={"scope": "users", "key": "u2"}) == ("OK", {"name": "bob"})
+        status, values = await command(worker, op="call", fn="state::list", data={"scope": "users"})
+        assert status == "OK" and sorted(v["name"] for v in values) == ["ada", "bob"]
+        event = called(await worker.wait_for("CALLED t::on_state", timeout=20))
+        assert event == {"type": "state", "event_type": "state:created", "scope": "users", "key": "u1", "old_value": None, "new_value": {"name": "ada"}}
+
+        # stream::set / get from the SDK; the trigger fires, both engines' clients get the event
+        item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
+        status, value = await command(worker, op="call", fn="stream::set", data={**item, "data": {"text": "hi"}})
+        assert (status, value) == ("OK", {"old_value": None, "new_value": {"text": "hi"}})
+        assert ok(await on_backend.call("stream::get", item)) == {"text": "hi"}
+        assert await command(worker, op="call", fn="stream::get", data=item) == ("OK", {"text": "hi"})
+        created = ("chat", "room", "m1", {"type": "create", "data": {"text": "hi"}})
+        assert event_of(await client_here.receive()) == created
+        assert event_of(await client_there.receive()) == created
+        message = called(await worker.wait_for("CALLED t::on_stream", timeout=20))
+        assert event_of(message) == created
+        # the bridge engine does not hear its own event back from the backend
+        ok(await on_backend.call("stream::set", {**item, "item_id": "m2", "data": 2}))
+        status, _ = await command(worker, op="call", fn="stream::set", data={**item, "item_id": "m3", "data": 3})
+        assert status == "OK"
+        assert event_of(await client_here.receive())[2] == "m3"
+
+
+async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_path):
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        await wait_for(lambda: connected(bridge, "state", "stream") and connected(other, "stream"))
+        caller = await stack.enter_async_context(connect_test_worker(bridge))
+        client = await stack.enter_async_context(client_of(other))
+        await client.join("s", "chat", "room")
+        assert (await client.receive())["event"] == {"type": "sync", "data": []}
+        item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
+        ok(await caller.call("stream::set", {**item, "data": 1}))
+        ok(await caller.call("stream::update", {**item, "ops": [{"type": "set", "path": "", "value": 5}]}))
+        assert ok(await caller.call("stream::delete", item)) == {"old_value": 5}
+        ok(await caller.call("stream::send", {"stream_name": "chat", "group_id": "room", "type": "typing", "data": {"who": "x"}}))
+        kinds = [event_of(await client.receive())[3]["type"] for _ in range(4)]
+        assert kinds == ["create", "update", "delete", "event"]
+        ok(await caller.call("stream::set", {**item, "group_id": "b", "data": 1}))
+        assert ok(await caller.call("stream::list_groups", {"stream_name": "chat"})) == ["b"]
+        assert ok(await caller.call("stream::list", {"stream_name": "chat", "group_id": "b"})) == [1]
+        ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
+        assert ok(await caller.call("state::update", {"scope": "s", "key": "k", "ops": [{"type": "increment", "path": "", "by": 2}]})) == {"old_value": 1, "new_value": 3}
+        assert ok(await caller.call("state::list_groups", {})) == {"groups": ["s"]}
+        assert ok(await caller.call("state::delete", {"scope": "s", "key": "k"})) == 3
+
+
+# -- outage and recovery ----------------------------------------------------------------
+
+
+async def test_adapter_unavailable_at_once_while_the_backend_is_down(tmp_path):
+    port = free_port()
+    (tmp_path / "queue").mkdir()
+    backend = EngineProcess.write(tmp_path, backend_config(tmp_path / "queue", port))
+    backend.start()
+    try:
+        await backend.started()
+        async with open_test_engine(bridge_config(backend.url)) as bridge, connect_test_worker(bridge) as caller:
+            await wait_for(lambda: connected(bridge, "state", "stream", "queue"))
+            ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
+
+            backend.kill()
+            await wait_for(lambda: not bridge.modules["state"].adapter.link.connected)
+            # far less than any call timeout: the link is down, the answer comes at once
+            with trio.fail_after(5):
+                for function_id, data in [
+                    ("state::get", {"scope": "s", "key": "k"}),
+                    ("state::set", {"scope": "s", "key": "k", "value": 2}),
+                    ("stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"}),
+                ]:
+                    reply = await caller.call(function_id, data, timeout=60)
+                    assert reply["error"]["code"] == "adapter_unavailable", reply
+                # the queue module answers its own code for a backend it cannot reach
+                reply = await caller.call("enqueue", {"topic": "t", "data": 1}, timeout=60)
+                assert reply["error"]["code"] == "enqueue_error" and "is down" in reply["error"]["message"], reply
+
+            backend.start()  # the same port: the links come back by themselves
+            await backend.started()
+            assert await until_ok(caller, "state::get", {"scope": "s", "key": "k"}) is None  # in-memory backend
+            ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 3}))
+            async with raw_worker_at(port) as on_backend:
+                assert ok(await on_backend.call("state::get", {"scope": "s", "key": "k"})) == 3
+    finally:
+        backend.kill()
+
+
+# -- queue --------------------------------------------------------------------------------
+
+
+async def answer_jobs(worker: RawWorker, seen: list[Any], hold: trio.Event | None = None) -> None:
+    """Answer every invocation; with ``hold``, the first stays unanswered."""
+    first = True
+    while True:
+        message = await worker.receive_type("invokefunction", timeout=120)
+        seen.append(message["data"])
+        if first and hold is not None:
+            first = False
+            hold.set()
+            continue
+        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": None})
+
+
+async def topic_stats(port: int, topic: str) -> dict[str, Any]:
+    async with raw_worker_at(port) as on_backend:
+        return ok(await on_backend.call("engine::queue::topic_stats", {"topic": topic}))
+
+
+async def test_queue_job_enqueued_through_the_bridge_runs(tmp_path):
+    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
+        await wait_for(lambda: connected(bridge, "queue"))
+        async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
+            await handler.send({"type": "registerfunction", "id": "jobs::run"})
+            await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+            await wait_for(lambda: len(bridge.registry.triggers) == 1)
+            seen: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer_jobs, handler, seen)
+                assert ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}})) is None
+                await wait_for(lambda: seen == [{"n": 1}])
+                # the job was kept by the backend's queue, and is done there
+                async with raw_worker_at(backend.port) as on_backend:
+                    topics = ok(await on_backend.call("engine::queue::list_topics", {}))
+                    assert "orders" in json.dumps(topics)
+                nursery.cancel_scope.cancel()
+
+
+async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
+    (tmp_path / "queue").mkdir()
+    backend = EngineProcess.write(tmp_path, backend_config(tmp_path / "queue"))
+    backend.start()
+    try:
+        await backend.started()
+        async with open_test_engine(bridge_config(backend.url)) as bridge:
+            await wait_for(lambda: connected(bridge, "queue"))
+            async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
+                await handler.send({"type": "registerfunction", "id": "jobs::run"})
+                await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+                await wait_for(lambda: len(bridge.registry.triggers) == 1)
+                seen: list[Any] = []
+                held = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(answer_jobs, handler, seen, held)
+                    for n in range(3):
+                        ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": n}}))
+                    await held.wait()  # one job is running here when the link drops
+                    backend.kill()
+                    await wait_for(lambda: not bridge.modules["queue"].adapter.link.connected)
+                    backend.start()
+                    await backend.started()
+                    # every job ran to an answer; the cut-off one ran again
+                    await wait_for(lambda: all(seen[1:].count({"n": n}) >= 1 for n in range(3)) and len(seen) >= 4, timeout=60)
+                    assert seen.count(seen[0]) >= 2
+                    nursery.cancel_scope.cancel()
+                stats = await topic_stats(backend.port, "orders")
+                assert stats.get("dlq", 0) == 0, stats
+    finally:
+        backend.kill()
