@@ -18,9 +18,10 @@ block; upstream's key is ``bridge_url``, the others are ours):
 =================== ================================================================
 
 :func:`open_bridge_link` runs the link in its own nursery for the adapter's
-lifetime.  It waits up to :data:`STARTUP_WAIT` for the first connection, so
-that an engine started beside a running backend serves at once, and goes on
-without it otherwise (the link keeps reconnecting).  :meth:`BridgeLink.call`
+lifetime.  It waits for the first connection attempt (up to
+:data:`STARTUP_WAIT`), so that an engine started beside a running backend
+serves at once, and goes on without it otherwise: the engine starts, calls
+answer ``adapter_unavailable`` and the link keeps reconnecting.  :meth:`BridgeLink.call`
 fails at once with :class:`~iii.errors.AdapterUnavailableError`
 (``adapter_unavailable``) while the link is down; the remote's own errors
 come back with the remote's code.
@@ -31,8 +32,9 @@ cancelled when the adapter closes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Final
 
 import attrs
@@ -79,9 +81,14 @@ class BridgeSettings:
         values = typed_keys(raw, where=where, fields=_FIELDS)
         settings = cls(**values)
         if settings.call_timeout_ms <= 0:
-            raise ConfigError("must be a positive number of milliseconds", key=f"{where}.call_timeout_ms")
+            raise ConfigError(
+                "must be a positive number of milliseconds", key=f"{where}.call_timeout_ms"
+            )
         if settings.remote not in REMOTES:
-            raise ConfigError(f"must be one of {', '.join(REMOTES)}, got {settings.remote!r}", key=f"{where}.remote")
+            raise ConfigError(
+                f"must be one of {', '.join(REMOTES)}, got {settings.remote!r}",
+                key=f"{where}.remote",
+            )
         return settings
 
     @property
@@ -111,10 +118,11 @@ class BridgeLink:
                 unavailable_code=AdapterUnavailableError.code,
             )
         except IIIError as exc:
-            if exc.code == AdapterUnavailableError.code and not isinstance(exc, AdapterUnavailableError):
+            if exc.code == AdapterUnavailableError.code and not isinstance(
+                exc, AdapterUnavailableError
+            ):
                 raise AdapterUnavailableError(exc.message) from None
             raise
-
 
     async def call_void(self, function_id: str, data: Any) -> None:
         """Fire and forget; ``adapter_unavailable`` at once while the link is down."""
@@ -123,9 +131,23 @@ class BridgeLink:
                 function_id, data, unavailable_code=AdapterUnavailableError.code
             )
         except IIIError as exc:
-            if exc.code == AdapterUnavailableError.code and not isinstance(exc, AdapterUnavailableError):
+            if exc.code == AdapterUnavailableError.code and not isinstance(
+                exc, AdapterUnavailableError
+            ):
                 raise AdapterUnavailableError(exc.message) from None
             raise
+
+
+async def _first_attempt(link: EngineLink) -> None:
+    """Until the link is up or its first attempt failed (at most :data:`STARTUP_WAIT`)."""
+
+    async def wait(outcome: Callable[[], Awaitable[bool]]) -> None:
+        await outcome()
+        race_nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as race_nursery:
+        race_nursery.start_soon(wait, partial(link.wait_connected, STARTUP_WAIT))
+        race_nursery.start_soon(wait, partial(link.wait_failed_attempts, 1, STARTUP_WAIT))
 
 
 @asynccontextmanager
@@ -155,7 +177,7 @@ async def open_bridge_link(
         prepare(bridge)
     async with trio.open_nursery() as link_nursery:
         await link_nursery.start(link.run)
-        await link.wait_connected(STARTUP_WAIT)
+        await _first_attempt(link)
         try:
             yield bridge
         finally:

@@ -21,6 +21,11 @@ import pytest
 import trio
 from trio_websocket import open_websocket
 
+from iii.adapters.queue import open_queue_adapter
+from iii.adapters.state import open_state_adapter
+from iii.adapters.stream import open_stream_adapter
+from iii.config import AdapterRef
+from iii.errors import ConfigError
 from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
 from tests.modules.test_stream import client_of, event_of
 from tests.sdk_workers import SCRIPTS, command
@@ -35,6 +40,7 @@ def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
             {"class": "modules::state::StateModule"},
             {"class": "modules::stream::StreamModule", "config": {"port": free_port(), "host": "127.0.0.1"}},
             {"class": "modules::pubsub::PubSubModule"},
+            {"class": "modules::kv_server::KvServer"},
             {
                 "class": "modules::queue::QueueModule",
                 "config": {
@@ -338,3 +344,119 @@ async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
                 assert stats.get("dlq", 0) == 0, stats
     finally:
         backend.kill()
+
+
+# -- the seed-era kv_server remote ----------------------------------------------------------
+
+
+async def test_kv_server_remote_keeps_state_and_streams_in_kv_server_indexes(tmp_path):
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, remote="kv_server")))
+        await wait_for(lambda: connected(bridge, "state", "stream"))
+        caller = await stack.enter_async_context(connect_test_worker(bridge))
+        on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
+
+        assert ok(await caller.call("state::set", {"scope": "users", "key": "u1", "value": {"n": 1}})) == {"old_value": None, "new_value": {"n": 1}}
+        assert ok(await on_backend.call("kv_server::get", {"index": "users", "key": "u1"})) == {"n": 1}
+        assert ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) is None  # not the state module
+        reply = ok(await caller.call("state::update", {"scope": "users", "key": "u1", "ops": [{"type": "increment", "path": "n", "by": 2}]}))
+        assert reply == {"old_value": {"n": 1}, "new_value": {"n": 3}}
+        assert ok(await caller.call("state::list", {"scope": "users"})) == [{"n": 3}]
+        assert ok(await caller.call("state::delete", {"scope": "users", "key": "u1"})) == {"n": 3}
+        assert ok(await caller.call("state::get", {"scope": "users", "key": "u1"})) is None
+        assert (await caller.call("state::list_groups", {}))["error"]["code"] == "not_supported"
+
+        item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
+        assert ok(await caller.call("stream::set", {**item, "data": "hi"})) == {"old_value": None, "new_value": "hi"}
+        assert ok(await on_backend.call("kv_server::get", {"index": "chat::room", "key": "m1"})) == "hi"
+        assert ok(await caller.call("stream::get", item)) == "hi"
+        assert ok(await caller.call("stream::list", {"stream_name": "chat", "group_id": "room"})) == ["hi"]
+        assert ok(await caller.call("stream::delete", item)) == {"old_value": "hi"}
+        assert (await caller.call("stream::list_all", {}))["error"]["code"] == "not_supported"
+
+
+# -- a hostile or failing remote --------------------------------------------------------------
+
+
+async def serve_hooks(worker: RawWorker, answers: dict[str, dict[str, Any]]) -> None:
+    """Answer the backend's calls of ``worker``'s functions with ``answers[function_id]``."""
+    while True:
+        message = await worker.receive_type("invokefunction", timeout=120)
+        body = answers[message["function_id"]]
+        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], **body})
+
+
+async def test_remote_errors_keep_their_code_and_bad_answers_are_refused(tmp_path):
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        await wait_for(lambda: connected(bridge, "state", "stream"))
+        caller = await stack.enter_async_context(connect_test_worker(bridge))
+        hooks = await stack.enter_async_context(raw_worker_at(backend.port))
+        answers = {
+            "stream::get(evil)": {"error": {"code": "E_HOOK", "message": "no"}},
+            "stream::list(evil)": {"result": "not a list"},
+            "stream::set(evil)": {"result": {"old_value": None, "new_value": 1}},
+            "stream::list_groups(evil)": {"result": [1, 2]},
+        }
+        for function_id in answers:
+            await hooks.send({"type": "registerfunction", "id": function_id})
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(serve_hooks, hooks, answers)
+        item = {"stream_name": "evil", "group_id": "g", "item_id": "i"}
+        # the registrations are in place once a call through them answers
+        with trio.fail_after(20):
+            while (await caller.call("stream::get", item)).get("error", {}).get("code") != "E_HOOK":
+                await trio.sleep(0.05)
+        assert (await caller.call("stream::list", {"stream_name": "evil", "group_id": "g"}))["error"]["code"] == "bad_remote_answer"
+        assert (await caller.call("stream::list_groups", {"stream_name": "evil"}))["error"]["code"] == "bad_remote_answer"
+        assert ok(await caller.call("stream::set", {**item, "data": 1})) == {"old_value": None, "new_value": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_events_from_the_remote_are_checked(tmp_path, caplog):
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        await wait_for(lambda: connected(bridge, "stream"))
+        client = await stack.enter_async_context(client_of(bridge))
+        await client.join("s", "chat", "room")
+        assert (await client.receive())["event"] == {"type": "sync", "data": []}
+        publisher = await stack.enter_async_context(raw_worker_at(backend.port))
+        for bad in ("garbage", {"streamName": "chat"}, {"__iii_origin": 5}):
+            ok(await publisher.call("publish", {"topic": "stream.events", "data": bad}))
+        await wait_for(lambda: sum("malformed" in r.getMessage() for r in caplog.records) == 3)
+        # a well-formed message from another engine (an upstream one carries no origin)
+        message = {"type": "stream", "timestamp": 1, "streamName": "chat", "groupId": "room", "id": "x", "event": {"type": "create", "data": 7}}
+        ok(await publisher.call("publish", {"topic": "stream.events", "data": message}))
+        assert await client.receive() == message
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"bridge_url": "http://x"}, "bridge_url"),
+        ({"bridge_url": 5}, "bridge_url"),
+        ({"remote": "redis"}, "remote"),
+        ({"call_timeout_ms": 0}, "call_timeout_ms"),
+        ({"token": ["a"]}, "token"),
+    ],
+)
+async def test_a_bad_bridge_key_is_a_config_error_naming_it(config, key):
+    openers = [
+        ("state.adapter.config", lambda: open_state_adapter(AdapterRef(class_name="modules::state::adapters::Bridge", config=config), on_peer_event=print)),
+        ("stream.adapter.config", lambda: open_stream_adapter(AdapterRef(class_name="modules::stream::adapters::Bridge", config=config), on_peer_event=print)),
+    ]
+    if key != "remote":
+        openers.append(("adapter.config", lambda: open_queue_adapter(AdapterRef(class_name="modules::queue::adapters::Bridge", config=config))))
+    for where, opener in openers:
+        with pytest.raises(ConfigError) as info:
+            async with opener():
+                pass
+        assert info.value.key == f"{where}.{key}"
+
+
+async def test_an_unreachable_remote_does_not_stop_the_engine():
+    port = free_port()  # nothing listens there
+    async with open_test_engine(bridge_config(f"ws://127.0.0.1:{port}")) as bridge, connect_test_worker(bridge) as caller:
+        assert not bridge.modules["state"].adapter.link.connected
+        assert (await caller.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
+        assert (await caller.call("engine::queue::list_topics", {}))["error"]["code"] == "adapter_unavailable"

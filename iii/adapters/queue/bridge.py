@@ -68,7 +68,9 @@ _KNOWN_KEYS: Final = frozenset({"bridge_url", "token", "ca_file", "call_timeout_
 
 
 def _bad_answer(function_id: str, what: str) -> IIIError:
-    return IIIError(f"the remote engine answered {function_id} with {what}", code="bad_remote_answer")
+    return IIIError(
+        f"the remote engine answered {function_id} with {what}", code="bad_remote_answer"
+    )
 
 
 def _ref(queue: str) -> dict[str, str]:
@@ -142,7 +144,7 @@ class BridgeConsumer:
 
     # -- QueueConsumer ------------------------------------------------------------------
 
-    async def receive(self, timeout: float) -> Delivery | None:
+    async def receive(self, timeout: float) -> Delivery | None:  # noqa: ASYNC109 (the Protocol's)
         with trio.move_on_after(timeout):
             try:
                 return await self.receive_channel.receive()
@@ -171,7 +173,7 @@ class BridgeConsumer:
 class _IdleConsumer:
     """A function queue's consumer: the remote runs those jobs itself."""
 
-    async def receive(self, timeout: float) -> Delivery | None:
+    async def receive(self, timeout: float) -> Delivery | None:  # noqa: ASYNC109 (the Protocol's)
         await trio.sleep(timeout)
         return None
 
@@ -223,8 +225,12 @@ class BridgeQueueAdapter:
         handler_id = f"queue::bridge::on_message::{key}"
         trigger_id = f"queue-bridge-{key}"
         link = self.bridge.link
-        link.expose(handler_id, consumer.on_job, description=f"Jobs of {queue} for the bridge engine")
-        link.register_trigger(trigger_id, "queue", handler_id, {"topic": queue, "concurrency": prefetch})
+        link.expose(
+            handler_id, consumer.on_job, description=f"Jobs of {queue} for the bridge engine"
+        )
+        link.register_trigger(
+            trigger_id, "queue", handler_id, {"topic": queue, "concurrency": prefetch}
+        )
         try:
             yield consumer
         finally:
@@ -254,9 +260,13 @@ class BridgeQueueAdapter:
             dlq=_count(answer, "dlq"),
         )
 
-    async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
+    async def dlq_messages(
+        self, queue: str, offset: int, limit: int
+    ) -> tuple[list[DeadLetter], int]:
         function_id = "engine::queue::dlq_messages"
-        answer = await self.bridge.call(function_id, {**_ref(queue), "offset": offset, "limit": limit})
+        answer = await self.bridge.call(
+            function_id, {**_ref(queue), "offset": offset, "limit": limit}
+        )
         messages = answer.get("messages") if isinstance(answer, dict) else None
         if not isinstance(messages, list):
             raise _bad_answer(function_id, "no message list")

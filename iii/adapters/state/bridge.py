@@ -70,11 +70,15 @@ def value_size(value: Any) -> int:
     try:
         return len(orjson.dumps(value))
     except (orjson.JSONEncodeError, TypeError) as exc:
-        raise IIIError(f"the value cannot be stored as JSON: {exc}", code="serialization_error") from None
+        raise IIIError(
+            f"the value cannot be stored as JSON: {exc}", code="serialization_error"
+        ) from None
 
 
 def bad_answer(function_id: str, what: str) -> IIIError:
-    return IIIError(f"the remote engine answered {function_id} with {what}", code="bad_remote_answer")
+    return IIIError(
+        f"the remote engine answered {function_id} with {what}", code="bad_remote_answer"
+    )
 
 
 def op_to_json(op: UpdateOp) -> dict[str, Any]:
