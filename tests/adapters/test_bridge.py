@@ -460,3 +460,28 @@ async def test_an_unreachable_remote_does_not_stop_the_engine():
         assert not bridge.modules["state"].adapter.link.connected
         assert (await caller.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
         assert (await caller.call("engine::queue::list_topics", {}))["error"]["code"] == "adapter_unavailable"
+
+
+@pytest.mark.sdk
+async def test_sdk_041_worker_on_the_bridge_engine(tmp_path):
+    """A 0.4.1 worker (1 MiB frames): its set lands on the backend, and a write whose
+    answer would not fit its frames is refused before anything is sent."""
+    async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        await wait_for(lambda: connected(bridge, "state", "stream"))
+        on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
+        worker = await stack.enter_async_context(start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=f"ws://127.0.0.1:{bridge.listen_port}"))
+        await worker.wait_for("READY", timeout=60)
+
+        status, value = await command(worker, op="call", fn="state::set", data={"scope": "s", "key": "k", "value": {"v": 1}})
+        assert (status, value) == ("OK", {"old_value": None, "new_value": {"v": 1}})
+        assert ok(await on_backend.call("state::get", {"scope": "s", "key": "k"})) == {"v": 1}
+
+        big = "x" * 700_000
+        for fn, data in [("state::set", {"scope": "s", "key": "big", "value": big}), ("stream::set", {"stream_name": "a", "group_id": "b", "item_id": "c", "data": big})]:
+            status, value = await command(worker, op="call", fn=fn, data=data)
+            assert (status, value) == ("OK", {"old_value": None, "new_value": big}) or (status, value["new_value"]) == ("OK", big)
+            status, error = await command(worker, op="call", fn=fn, data={**data, ("value" if fn == "state::set" else "data"): big + "y"})
+            assert (status, error["code"]) == ("ERR", "payload_too_large"), error
+        assert ok(await on_backend.call("state::get", {"scope": "s", "key": "big"})) == big  # unchanged
+        assert ok(await on_backend.call("stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"})) == big

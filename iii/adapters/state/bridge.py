@@ -26,11 +26,14 @@ through it; the remote fires its own.  There are no events between engines
 (``publish_event`` does nothing): a second engine bridged to the same remote
 does not see this one's state events, as upstream.
 
-Limits: the stored value is checked against ``max_value_bytes`` here before
-it is sent, and the remote checks its own.  The size of the answer (old and
-new value) cannot be checked before the remote writes; a caller whose frames
-are too small for it (a 0.4.1 worker, 1 MiB) gets ``payload_too_large`` for a
-write that happened.  A call cut off by a link drop answers
+Limits: the value of a ``set`` is checked against ``max_value_bytes`` here
+before it is sent; the remote checks its own limits.  For a caller whose
+frames are small (a 0.4.1 worker, 1 MiB) the adapter first reads the old
+value and refuses a set or delete whose answer would not fit, before
+anything is sent (``payload_too_large``); the check is not atomic across
+the two engines, so a concurrent change between that read and the write can
+still give such a caller an answer too large for it after the write, and an
+update's answer is only known after it.  A call cut off by a link drop answers
 ``invocation_stopped`` (it may or may not have been applied).
 
 Lifetime: :func:`open_adapter` owns the link (its task runs in the adapter's
@@ -148,15 +151,23 @@ class BridgeStateAdapter:
     async def get(self, scope: str, key: str) -> Any:
         return await self.bridge.call(self._fn("get"), self._args(scope, key=key))
 
+    async def _old_size(self, limits: WriteLimits, scope: str, key: str) -> int:
+        """The old value's size when the caller's frames are limited, else 0 (no read)."""
+        if limits.max_answer_bytes is None:
+            return 0
+        old = await self.get(scope, key)
+        return 0 if old is None else value_size(old)
+
     async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = NO_LIMITS) -> Any:
         size = value_size(value)
         limits.check_value(size)
-        limits.check_write(old_bytes=0, new_bytes=size)
+        limits.check_write(old_bytes=await self._old_size(limits, scope, key), new_bytes=size)
         function_id = self._fn("set")
         answer = await self.bridge.call(function_id, self._args(scope, key=key, value=value))
         return old_value_of_set(answer, function_id)
 
     async def delete(self, scope: str, key: str, limits: WriteLimits = NO_LIMITS) -> Any:
+        limits.check_delete(old_bytes=await self._old_size(limits, scope, key))
         answer = await self.bridge.call(self._fn("delete"), self._args(scope, key=key))
         if self._kv:  # kv_server::delete answers {old_value}
             return answer.get("old_value") if isinstance(answer, dict) else None

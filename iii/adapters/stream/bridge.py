@@ -34,7 +34,8 @@ the key from the others; an upstream engine on the same remote ignores the
 extra key.  Messages from the remote are checked by the stream module
 (``_peer_message``) and are never trusted for more than delivery.
 
-Limits and a link drop: as :mod:`iii.adapters.state.bridge`.
+Limits (a read of the old value first for callers with small frames) and a
+link drop: as :mod:`iii.adapters.state.bridge`.
 
 Lifetime: :func:`open_adapter` owns the link (its task runs in the adapter's
 nursery) until the module leaves its block.
@@ -93,6 +94,13 @@ class BridgeStreamAdapter:
     def _fn(self, op: str) -> str:
         return f"kv_server::{op}" if self._kv else f"stream::{op}"
 
+    async def _old_size(self, limits: WriteLimits, stream: str, group: str, item: str) -> int:
+        """The old value's size when the caller's frames are limited, else 0 (no read)."""
+        if limits.max_answer_bytes is None:
+            return 0
+        old = await self.get(stream, group, item)
+        return 0 if old is None else value_size(old)
+
     async def get(self, stream: str, group: str, item: str) -> Any:
         return await self.bridge.call(self._fn("get"), self._item(stream, group, item))
 
@@ -100,7 +108,9 @@ class BridgeStreamAdapter:
         self, stream: str, group: str, item: str, value: Any, limits: WriteLimits = NO_LIMITS
     ) -> Any:
         size = value_size(value)
-        limits.check_write(old_bytes=0, new_bytes=size)
+        limits.check_write(
+            old_bytes=await self._old_size(limits, stream, group, item), new_bytes=size
+        )
         function_id = self._fn("set")
         key = "value" if self._kv else "data"
         answer = await self.bridge.call(
@@ -113,6 +123,7 @@ class BridgeStreamAdapter:
     async def delete(
         self, stream: str, group: str, item: str, limits: WriteLimits = NO_LIMITS
     ) -> Any:
+        limits.check_delete(old_bytes=await self._old_size(limits, stream, group, item))
         function_id = self._fn("delete")
         answer = await self.bridge.call(function_id, self._item(stream, group, item))
         if not isinstance(answer, dict) or "old_value" not in answer:
