@@ -489,3 +489,22 @@ async def test_sdk_041_worker_on_the_bridge_engine(tmp_path):
             assert (status, error["code"]) == ("ERR", "payload_too_large"), error
         assert ok(await on_backend.call("state::get", {"scope": "s", "key": "big"})) == big  # unchanged
         assert ok(await on_backend.call("stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"})) == big
+
+
+@pytest.mark.sdk
+@pytest.mark.parametrize("version", ["0.4.1", "0.25.0"])
+async def test_sdk_worker_job_through_the_bridge_queue_runs(tmp_path, version):
+    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
+        await wait_for(lambda: connected(bridge, "queue"))
+        async with start_sdk_worker(version, SCRIPTS[version], url=f"ws://127.0.0.1:{bridge.listen_port}") as worker:
+            await worker.wait_for("READY", timeout=60)
+            assert (await command(worker, op="register", id="jobs::run"))[0] == "OK"
+            await command(worker, op="trigger", type="queue", fn="jobs::run", config={"topic": "orders"})
+            await wait_for(lambda: len(bridge.registry.triggers) == 1)
+            assert await command(worker, op="call", fn="enqueue", data={"topic": "orders", "data": {"order": 7}}) == ("OK", None)
+            assert called(await worker.wait_for("CALLED jobs::run", timeout=30)) == {"order": 7}
+            # the backend kept the job, and it is done there
+            with trio.fail_after(20):
+                while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats["active"]:
+                    await trio.sleep(0.05)
+            assert stats["dlq"] == 0
