@@ -208,8 +208,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         backend_dir = Path(directory, "backend")
         bridge_dir = Path(directory, "bridge")
-        backend_dir.mkdir()
-        bridge_dir.mkdir()
+        await trio.Path(backend_dir).mkdir()
+        await trio.Path(bridge_dir).mkdir()
         backend = EngineProcess.write(backend_dir, backend_config())
         backend.start()
         try:
@@ -225,7 +225,8 @@ async def main() -> None:
                     bridged = await state_loop(bridge.port, args.seconds, connections)
                     print(
                         f"  {connections:2d} conn: backend direct {direct[0]:8.0f} pairs/s"
-                        f" (median {direct[1]:.2f} ms) | through the bridge {bridged[0]:8.0f} pairs/s"
+                        f" (median {direct[1]:.2f} ms) | through the bridge"
+                        f" {bridged[0]:8.0f} pairs/s"
                         f" (median {bridged[1]:.2f} ms) | ratio {bridged[0] / direct[0]:.2f}"
                     )
                 print(f"queue: {args.jobs} jobs, 16 enqueuers, handler concurrency 16")
