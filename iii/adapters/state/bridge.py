@@ -28,7 +28,8 @@ does not see this one's state events, as upstream.
 
 Limits: the value of a ``set`` is checked against ``max_value_bytes`` here
 before it is sent; the remote checks its own limits.  For a caller whose
-frames are small (a 0.4.1 worker, 1 MiB) the adapter first reads the old
+frames are small (a 0.4.1 worker, 1 MiB: an old value up to
+``max_value_bytes`` beside the new one might not fit) the adapter first reads the old
 value and refuses a set or delete whose answer would not fit, before
 anything is sent (``payload_too_large``); the check is not atomic across
 the two engines, so a concurrent change between that read and the write can
@@ -63,6 +64,7 @@ __all__ = [
     "update_result",
     "as_list",
     "bad_answer",
+    "might_not_fit",
 ]
 
 WORKER_NAME = "iii-state-bridge"
@@ -76,6 +78,15 @@ def value_size(value: Any) -> int:
         raise IIIError(
             f"the value cannot be stored as JSON: {exc}", code="serialization_error"
         ) from None
+
+
+def might_not_fit(limits: WriteLimits, new_bytes: int) -> bool:
+    """Whether a write's answer (old value + ``new_bytes``) could be too large for the caller."""
+    if limits.max_answer_bytes is None:
+        return False
+    if limits.max_value_bytes is None:
+        return True
+    return new_bytes + limits.max_value_bytes > limits.max_answer_bytes
 
 
 def bad_answer(function_id: str, what: str) -> IIIError:
@@ -151,9 +162,13 @@ class BridgeStateAdapter:
     async def get(self, scope: str, key: str) -> Any:
         return await self.bridge.call(self._fn("get"), self._args(scope, key=key))
 
-    async def _old_size(self, limits: WriteLimits, scope: str, key: str) -> int:
-        """The old value's size when the caller's frames are limited, else 0 (no read)."""
-        if limits.max_answer_bytes is None:
+    async def _old_size(self, limits: WriteLimits, scope: str, key: str, new_bytes: int = 0) -> int:
+        """The old value's size if the answer might not fit the caller's frames, else 0.
+
+        The old value is read only when it matters: when an old value as large
+        as ``max_value_bytes`` beside the new one would not fit the caller.
+        """
+        if not might_not_fit(limits, new_bytes):
             return 0
         old = await self.get(scope, key)
         return 0 if old is None else value_size(old)
@@ -161,7 +176,7 @@ class BridgeStateAdapter:
     async def set(self, scope: str, key: str, value: Any, limits: WriteLimits = NO_LIMITS) -> Any:
         size = value_size(value)
         limits.check_value(size)
-        limits.check_write(old_bytes=await self._old_size(limits, scope, key), new_bytes=size)
+        limits.check_write(old_bytes=await self._old_size(limits, scope, key, size), new_bytes=size)
         function_id = self._fn("set")
         answer = await self.bridge.call(function_id, self._args(scope, key=key, value=value))
         return old_value_of_set(answer, function_id)

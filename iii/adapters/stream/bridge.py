@@ -54,7 +54,14 @@ import attrs
 
 from iii.adapters.bridge_link import BridgeLink, open_bridge_link
 from iii.adapters.limits import NO_LIMITS, WriteLimits
-from iii.adapters.state.bridge import as_list, bad_answer, op_to_json, update_result, value_size
+from iii.adapters.state.bridge import (
+    as_list,
+    bad_answer,
+    might_not_fit,
+    op_to_json,
+    update_result,
+    value_size,
+)
 from iii.errors import IIIError
 from iii.link import TraceContext
 from iii.update_ops import UpdateOp, UpdateResult
@@ -94,9 +101,15 @@ class BridgeStreamAdapter:
     def _fn(self, op: str) -> str:
         return f"kv_server::{op}" if self._kv else f"stream::{op}"
 
-    async def _old_size(self, limits: WriteLimits, stream: str, group: str, item: str) -> int:
-        """The old value's size when the caller's frames are limited, else 0 (no read)."""
-        if limits.max_answer_bytes is None:
+    async def _old_size(
+        self, limits: WriteLimits, stream: str, group: str, item: str, new_bytes: int = 0
+    ) -> int:
+        """The old value's size if the answer might not fit the caller's frames, else 0.
+
+        The old value is read only when it matters: when an old value as large
+        as ``max_value_bytes`` beside the new one would not fit the caller.
+        """
+        if not might_not_fit(limits, new_bytes):
             return 0
         old = await self.get(stream, group, item)
         return 0 if old is None else value_size(old)
@@ -109,7 +122,7 @@ class BridgeStreamAdapter:
     ) -> Any:
         size = value_size(value)
         limits.check_write(
-            old_bytes=await self._old_size(limits, stream, group, item), new_bytes=size
+            old_bytes=await self._old_size(limits, stream, group, item, size), new_bytes=size
         )
         function_id = self._fn("set")
         key = "value" if self._kv else "data"
