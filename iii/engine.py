@@ -11,6 +11,11 @@ Supervision tree (copied into README.rst)::
             │                             in config order); each module owns its adapter
             │                             and its own nursery; modules exit last
             ├── <module>.run ...
+            │   └── EngineLink.run        bridge_client (and Bridge adapters): the link to a
+            │       │                     remote engine; connect, reattach, re-register;
+            │       │                     on a drop, fail calls in flight, back off, reconnect
+            │       └── link connection   per-connection nursery: reader, writer, heartbeat,
+            │                             calls from the remote (bounded, each with a deadline)
             └── connection nursery        owned by the engine
                 ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
                 │                         counts sockets on accept (iii.admission)
@@ -29,6 +34,8 @@ Supervision tree (copied into README.rst)::
 
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
+link (:mod:`iii.link`) that drops cancels its own connection's nursery only;
+its calls in flight end ``invocation_stopped`` and it reconnects.  A
 module that crashes raises through the module nursery and stops the engine
 (one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
 one socket's subtree, one call task, one detached call or one event a module

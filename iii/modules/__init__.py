@@ -80,7 +80,12 @@ _SPECS = [
     ModuleSpec(
         "modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True
     ),
-    ModuleSpec("modules::bridge_client::BridgeClientModule", "bridge_client", None),
+    ModuleSpec(
+        "modules::bridge_client::BridgeClientModule",
+        "bridge_client",
+        "iii.modules.bridge_client",
+        repeatable=True,
+    ),
 ]
 
 MODULE_SPECS: dict[str, ModuleSpec] = {spec.class_name: spec for spec in _SPECS}
