@@ -218,8 +218,18 @@ async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_pat
         client = await stack.enter_async_context(client_of(other))
         await client.join("s", "chat", "room")
         assert (await client.receive())["event"] == {"type": "sync", "data": []}
+        # a stream trigger on the other engine fires for this engine's writes too
+        watcher = await stack.enter_async_context(connect_test_worker(other))
+        await watcher.send({"type": "registerfunction", "id": "w::chat"})
+        await watcher.send({"type": "registertrigger", "id": "tw", "trigger_type": "stream", "function_id": "w::chat", "config": {"stream_name": "chat"}})
+        await wait_for(lambda: len(other.registry.triggers) == 1)
+        seen: list[Any] = []
+        answering = await stack.enter_async_context(trio.open_nursery())
+        answering.start_soon(answer_jobs, watcher, seen)
         item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
         ok(await caller.call("stream::set", {**item, "data": 1}))
+        await wait_for(lambda: len(seen) == 1)
+        assert event_of(seen[0]) == ("chat", "room", "m1", {"type": "create", "data": 1})
         ok(await caller.call("stream::update", {**item, "ops": [{"type": "set", "path": "", "value": 5}]}))
         assert ok(await caller.call("stream::delete", item)) == {"old_value": 5}
         ok(await caller.call("stream::send", {"stream_name": "chat", "group_id": "room", "type": "typing", "data": {"who": "x"}}))
@@ -232,6 +242,7 @@ async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_pat
         assert ok(await caller.call("state::update", {"scope": "s", "key": "k", "ops": [{"type": "increment", "path": "", "by": 2}]})) == {"old_value": 1, "new_value": 3}
         assert ok(await caller.call("state::list_groups", {})) == {"groups": ["s"]}
         assert ok(await caller.call("state::delete", {"scope": "s", "key": "k"})) == 3
+        answering.cancel_scope.cancel()
 
 
 # -- outage and recovery ----------------------------------------------------------------

@@ -27,7 +27,8 @@ published on the remote's PubSub topic ``stream.events`` (``publish``, fire
 and forget), and the adapter subscribes to that topic on the remote (function
 ``stream::bridge::on_pub::<uuid>``, trigger type ``subscribe``).  The
 messages other engines publish there reach this engine's stream clients and
-fire its ``stream`` triggers (``on_peer_event``), as with a shared Redis.
+fire its ``stream`` triggers (``on_peer_event``), as with a shared Redis
+(upstream's Bridge hands them to its clients only).
 Ours: each message published carries ``__iii_origin`` (the adapter's random
 id), so the adapter drops its own messages when they come back, and removes
 the key from the others; an upstream engine on the same remote ignores the
