@@ -32,8 +32,8 @@ cancelled when the adapter closes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, Final
 
@@ -56,7 +56,7 @@ __all__ = [
 
 DEFAULT_BRIDGE_URL: Final = "ws://localhost:49134"
 REMOTES: Final = ("state", "kv_server")
-# Seconds the adapter waits at start for its first connection.
+# Seconds the adapter waits at start for its first connection attempt to end.
 STARTUP_WAIT: Final = 5.0
 _FIELDS: Final = (
     ("bridge_url", str),
@@ -109,7 +109,7 @@ class BridgeLink:
 
     async def call(self, function_id: str, data: Any, *, trace: TraceContext | None = None) -> Any:
         """Call the remote; ``adapter_unavailable`` at once while the link is down."""
-        try:
+        with _unavailable_as_adapter_error():
             return await self.link.call(
                 function_id,
                 data,
@@ -117,25 +117,27 @@ class BridgeLink:
                 trace=trace,
                 unavailable_code=AdapterUnavailableError.code,
             )
-        except IIIError as exc:
-            if exc.code == AdapterUnavailableError.code and not isinstance(
-                exc, AdapterUnavailableError
-            ):
-                raise AdapterUnavailableError(exc.message) from None
-            raise
 
     async def call_void(self, function_id: str, data: Any) -> None:
         """Fire and forget; ``adapter_unavailable`` at once while the link is down."""
-        try:
+        with _unavailable_as_adapter_error():
             await self.link.call_void(
                 function_id, data, unavailable_code=AdapterUnavailableError.code
             )
-        except IIIError as exc:
-            if exc.code == AdapterUnavailableError.code and not isinstance(
-                exc, AdapterUnavailableError
-            ):
-                raise AdapterUnavailableError(exc.message) from None
-            raise
+
+
+@contextmanager
+def _unavailable_as_adapter_error() -> Iterator[None]:
+    """An ``adapter_unavailable`` from the link (or the remote) as AdapterUnavailableError,
+    which the modules treat as a backend outage (retry, keep serving)."""
+    try:
+        yield
+    except AdapterUnavailableError:
+        raise
+    except IIIError as exc:
+        if exc.code == AdapterUnavailableError.code:
+            raise AdapterUnavailableError(exc.message) from None
+        raise
 
 
 async def _first_attempt(link: EngineLink) -> None:
