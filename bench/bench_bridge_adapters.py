@@ -16,7 +16,7 @@ first enqueue until every job has been handled, with the worker on the
 backend (baseline) and on the bridge engine (jobs stored on the backend,
 handed over the link to the bridge engine's worker).
 
-Run: ``python bench/bench_bridge.py [--seconds 3] [--jobs 2000]``
+Run: ``python bench/bench_bridge_adapters.py [--seconds 3] [--jobs 2000]``
 """
 
 from __future__ import annotations
