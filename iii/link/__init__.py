@@ -142,6 +142,10 @@ class EngineLink:
     _attempt_ready: bool = attrs.field(init=False, default=False)
     _metadata: dict[str, Any] = attrs.field(init=False, factory=dict)
     _bad_input_log: RateLimitedLog = attrs.field(init=False, factory=lambda: RateLimitedLog(log))
+    # A remote that stays down: the first failures, then one line a minute.
+    _attempt_log: RateLimitedLog = attrs.field(
+        init=False, factory=lambda: RateLimitedLog(log, burst=3, interval=60.0)
+    )
 
     def __attrs_post_init__(self) -> None:
         self._endpoint = self.config.endpoint()
@@ -409,7 +413,9 @@ class EngineLink:
             log.warning("link to %s: connection lost: %s", self.config.url, clean(reason, 400))
         else:
             self._failed_attempts += 1
-            log.warning("link to %s: cannot connect: %s", self.config.url, clean(reason, 400))
+            self._attempt_log.warning(
+                "link to %s: cannot connect: %s", self.config.url, clean(reason, 400)
+            )
         self._notify()
 
     async def _serve(

@@ -55,6 +55,7 @@ from iii.protocol import (
     decode_message,
     encode_message,
 )
+from iii.wsio import receive_frames, send_frames
 
 __all__ = ["LinkConnection", "OUTBOX_FRAMES"]
 
@@ -64,6 +65,8 @@ log = logging.getLogger("iii.link")
 # Registrations go in without waiting; a connection whose queue is full is
 # stuck, and is dropped.
 OUTBOX_FRAMES = 1024
+# Frames the writer takes from the queue for one write at most.
+WRITE_BATCH = 256
 
 
 @attrs.define(eq=False)
@@ -134,10 +137,18 @@ class LinkConnection:
         return False
 
     async def _writer(self) -> None:
-        async for frame in self._outbox_receive:
+        # Every frame waiting goes out in one write (iii.wsio.send_frames).
+        receive = self._outbox_receive
+        async for first in receive:
+            batch = [first]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             with trio.move_on_after(self.config.send_timeout_s) as scope:
                 try:
-                    await self.ws.send_message(frame)
+                    await send_frames(self.ws, batch)
                 except ConnectionClosed as exc:
                     self.abort(f"closed: {_close_text(exc)}")
                     return
@@ -161,18 +172,19 @@ class LinkConnection:
     async def _reader(self) -> None:
         while True:
             try:
-                frame = await self.ws.get_message()
+                frames = await receive_frames(self.ws)
             except ConnectionClosed as exc:
                 self.abort(f"closed: {_close_text(exc)}")
                 return
-            if isinstance(frame, bytes) and frame[:4] in TELEMETRY_PREFIXES:
-                continue
-            try:
-                message = decode_message(frame)
-            except MessageDecodeError as exc:
-                self._on_bad_frame(exc)
-                continue
-            self._dispatch(message)
+            for frame in frames:
+                if isinstance(frame, bytes) and frame[:4] in TELEMETRY_PREFIXES:
+                    continue
+                try:
+                    message = decode_message(frame)
+                except MessageDecodeError as exc:
+                    self._on_bad_frame(exc)
+                    continue
+                self._dispatch(message)
 
     def _on_bad_frame(self, exc: MessageDecodeError) -> None:
         self.bad_input_log.warning(

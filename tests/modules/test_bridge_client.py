@@ -24,10 +24,11 @@ from trio_websocket import WebSocketConnection
 from iii.config import parse_config
 from iii.engine import Engine
 from iii.errors import ConfigError, IIIError
+from iii.grants import Grant
 from iii.native import CallContext
 from iii.testing import make_config, open_test_engine
 from tests.sdk_workers import SCRIPTS, command
-from tests.support import ROOT, SdkWorker, free_port, start_sdk_worker
+from tests.support import ROOT, EngineProcess, SdkWorker, free_port, start_sdk_worker
 from tests.test_link import fake_remote, result_for
 
 BRIDGE = "modules::bridge_client::BridgeClientModule"
@@ -438,6 +439,16 @@ async def test_token_tls_and_the_grant_of_calls_from_the_remote(
                 await backend.invoke("secret::fn", {})
             assert forbidden.value.code == "forbidden"
 
+            # A local caller's grant covers the remote function ids it names.
+            caller = Grant.from_patterns("caller", invoke=["bridge.*", "backend::echo"])
+            invoke = {"function_id": "backend::echo", "data": 8}
+            assert await edge.invoke("bridge.invoke", invoke, grant=caller) == {"backend": 8}
+            narrow = Grant.from_patterns("narrow", invoke=["bridge.*"])
+            for function_id in ("bridge.invoke", "bridge.invoke_async"):
+                with pytest.raises(IIIError) as refused:
+                    await edge.invoke(function_id, invoke, grant=narrow)
+                assert refused.value.code == "forbidden"
+
 
 # -- hostile remotes, through the module's functions -------------------------------------
 
@@ -509,3 +520,67 @@ async def test_two_bridges_one_per_remote() -> None:
         with pytest.raises(IIIError) as unknown:
             await edge.invoke("bridge.invoke", {"function_id": "who::ami", "bridge": "third"})
         assert unknown.value.code == "bridge_not_found"
+
+
+# -- engine processes ------------------------------------------------------------------------
+
+
+async def call_until(
+    worker: SdkWorker, fn: str, data: Any, want: str, attempts: int = 200
+) -> tuple[str, Any]:
+    """Call until the answer is ``want`` ("OK" or an error code); the last answer."""
+    answer: tuple[str, Any] = ("", None)
+    for _ in range(attempts):
+        answer = await command(worker, op="call", fn=fn, data=data, timeout=40)
+        status, value = answer
+        if status == want or (status == "ERR" and value.get("code") == want):
+            return answer
+        await trio.sleep(0.1)
+    return answer
+
+
+async def test_engine_processes_backend_killed_and_restarted(tmp_path: Path) -> None:
+    """Both engines as ``python -m iii serve`` processes; the backend is SIGKILLed and started
+    again: its SDK worker and the edge's link both come back by themselves."""
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "edge").mkdir()
+    backend = EngineProcess.write(tmp_path / "backend", {"modules": []})
+    bridge = bridge_entry(
+        backend.url,
+        expose=[{"local_function": "edge::echo041"}],
+        forward=[{"local_function": "remote::echo", "remote_function": "backend::echo025"}],
+    )
+    edge = EngineProcess.write(tmp_path / "edge", {"modules": [bridge]})
+    backend.start()
+    edge.start()
+    try:
+        await backend.started()
+        await edge.started()
+        async with start_sdk_worker(
+            "0.25.0", SCRIPTS["0.25.0"], url=backend.url, args=("b025",)
+        ) as b025, start_sdk_worker(
+            "0.4.1", SCRIPTS["0.4.1"], url=edge.url, args=("e041",)
+        ) as e041:  # fmt: skip
+            await b025.wait_for("READY", timeout=60)
+            await e041.wait_for("READY", timeout=60)
+            assert await command(b025, op="register", id="backend::echo025") == ("OK", None)
+            assert await command(e041, op="register", id="edge::echo041") == ("OK", None)
+            status, value = await call_until(e041, "remote::echo", {"n": 1}, "OK")
+            assert (status, value["by"], value["echo"]["n"]) == ("OK", "0.25.0", 1), value
+            status, value = await call_until(b025, "edge::echo041", {"n": 2}, "OK")
+            assert (status, value["by"], value["echo"]["n"]) == ("OK", "0.4.1", 2), value
+
+            backend.kill()
+            status, error = await call_until(e041, "remote::echo", {}, "bridge_unavailable")
+            assert (status, error["code"]) == ("ERR", "bridge_unavailable"), error
+
+            backend.start()
+            await backend.started()
+            status, value = await call_until(e041, "remote::echo", {"n": 3}, "OK")
+            assert (status, value["echo"]["n"]) == ("OK", 3), value
+            status, value = await call_until(b025, "edge::echo041", {"n": 4}, "OK")
+            assert (status, value["echo"]["n"]) == ("OK", 4), value
+    finally:
+        backend.kill()
+        edge.kill()
+    assert "bridge client" in edge.log_text()

@@ -78,8 +78,8 @@ import trio
 from iii.client import UsageError
 from iii.errors import ConfigError, DeserializationError, IIIError
 from iii.grants import Grant
-from iii.link import EngineLink, LinkConfig, LinkStatistics, TraceContext
-from iii.native import CallContext
+from iii.link import EngineLink, ExposedHandler, LinkConfig, LinkStatistics, TraceContext
+from iii.native import CallContext, NativeHandler
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -261,7 +261,7 @@ class _InvokeInput:
     bridge: str | None = None
 
 
-def _parse_invoke(data: Any, function_id: str) -> _InvokeInput:
+def _parse_invoke(data: Any) -> _InvokeInput:
     if not isinstance(data, dict):
         raise DeserializationError(
             f"Failed to parse invoke input: expected an object, got"
@@ -365,7 +365,7 @@ class Module:
         raise IIIError(f"no bridge client is named {name!r}", code="bridge_not_found")
 
     async def _invoke(self, data: Any, ctx: CallContext) -> Any:
-        request = _parse_invoke(data, INVOKE_FUNCTION)
+        request = _parse_invoke(data)
         if ctx.grant is not None:
             ctx.grant.require_invoke(request.function_id)
         bridge = self._bridge_for(request.bridge)
@@ -375,14 +375,14 @@ class Module:
         )
 
     async def _invoke_async(self, data: Any, ctx: CallContext) -> Any:
-        request = _parse_invoke(data, INVOKE_ASYNC_FUNCTION)
+        request = _parse_invoke(data)
         if ctx.grant is not None:
             ctx.grant.require_invoke(request.function_id)
         bridge = self._bridge_for(request.bridge)
         await bridge.link.call_void(request.function_id, request.data, trace=_trace(ctx))
         return None
 
-    def _forwarder(self, forward: ForwardEntry) -> Any:
+    def _forwarder(self, forward: ForwardEntry) -> NativeHandler:
         timeout_s = (forward.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         remote_function = forward.remote_function
 
@@ -395,7 +395,7 @@ class Module:
 
     # -- the remote -> this engine ---------------------------------------------------------------
 
-    def _exposed(self, local_function: str) -> Any:
+    def _exposed(self, local_function: str) -> ExposedHandler:
         async def exposed_call(data: Any, trace: TraceContext) -> Any:
             if isinstance(data, dict):
                 data.pop("_caller_worker_id", None)  # a remote worker's id means nothing here
