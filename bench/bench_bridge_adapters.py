@@ -36,6 +36,7 @@ from trio_websocket import WebSocketConnection, open_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from iii.client import client_metadata  # noqa: E402
 from tests.support import EngineProcess  # noqa: E402
 
 
@@ -96,8 +97,15 @@ async def call(ws: WebSocketConnection, function_id: str, data: Any) -> Any:
             return message.get("result")
 
 
-async def state_loop(port: int, seconds: float, connections: int) -> tuple[float, float]:
-    """(set+get pairs per second, median pair latency in ms), after a warm-up."""
+async def state_loop(
+    port: int, seconds: float, connections: int, large: bool = False
+) -> tuple[float, float]:
+    """(set+get pairs per second, median pair latency in ms), after a warm-up.
+
+    ``large``: the workers declare ``large-messages.v1`` (64 MiB frames); else
+    they have 1 MiB frames, like a 0.4.1 or 0.25 Python SDK worker, and the
+    Bridge reads the old value before each set (see iii.adapters.state.bridge).
+    """
     latencies: list[float] = []
     warm = trio.Semaphore(0)
     go = trio.Event()
@@ -106,6 +114,8 @@ async def state_loop(port: int, seconds: float, connections: int) -> tuple[float
     async def one(index: int) -> None:
         manager, ws = await connect(port)
         try:
+            if large:
+                await call(ws, "engine::workers::register", client_metadata("bench"))
             for i in range(20):  # warm-up
                 await call(
                     ws, "state::set", {"scope": "bench", "key": f"{index}", "value": {"i": i}}
@@ -220,14 +230,15 @@ async def main() -> None:
                 await bridge.started()
                 await trio.sleep(1.0)
                 print("state::set + state::get pairs (raw loopback workers)")
-                for connections in (1, 16):
-                    direct = await state_loop(backend.port, args.seconds, connections)
-                    bridged = await state_loop(bridge.port, args.seconds, connections)
+                for connections, large in ((1, False), (1, True), (16, False), (16, True)):
+                    direct = await state_loop(backend.port, args.seconds, connections, large)
+                    bridged = await state_loop(bridge.port, args.seconds, connections, large)
+                    frames = "64 MiB" if large else " 1 MiB"
                     print(
-                        f"  {connections:2d} conn: backend direct {direct[0]:8.0f} pairs/s"
-                        f" (median {direct[1]:.2f} ms) | through the bridge"
-                        f" {bridged[0]:8.0f} pairs/s"
-                        f" (median {bridged[1]:.2f} ms) | ratio {bridged[0] / direct[0]:.2f}"
+                        f"  {connections:2d} conn, {frames} frames: backend direct"
+                        f" {direct[0]:6.0f} pairs/s (median {direct[1]:6.2f} ms) | through the"
+                        f" bridge {bridged[0]:6.0f} pairs/s (median {bridged[1]:6.2f} ms)"
+                        f" | ratio {bridged[0] / direct[0]:.2f}"
                     )
                 print(f"queue: {args.jobs} jobs, 16 enqueuers, handler concurrency 16")
                 direct_s = await queue_run(backend.port, backend.port, args.jobs)
