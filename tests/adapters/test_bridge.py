@@ -12,6 +12,7 @@ backend; and a **test** engine, a second bridge engine on the same backend
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -519,3 +520,68 @@ async def test_sdk_worker_job_through_the_bridge_queue_runs(tmp_path, version):
                 while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats["active"]:
                     await trio.sleep(0.05)
             assert stats["dlq"] == 0
+
+
+# -- auth: the grant a Bridge needs on the backend ---------------------------------------------
+
+BRIDGE_GRANT = {
+    "name": "bridge",
+    "env": "III_TEST_BRIDGE_TOKEN",
+    "register": ["stream::bridge::on_pub::*", "queue::bridge::on_message::*"],
+    "invoke": [
+        "state::*",
+        "stream::*",
+        "publish",
+        "enqueue",
+        "engine::queue::*",
+        "iii::queue::*",
+        "stream::bridge::on_pub::*",
+        "queue::bridge::on_message::*",
+    ],
+    "trigger_types": ["subscribe(stream.events)", "queue(*)"],
+}
+
+
+async def test_bridge_with_a_restricted_token(tmp_path, monkeypatch):
+    secret = "bridge-secret-" + uuid.uuid4().hex
+    monkeypatch.setenv("III_TEST_BRIDGE_TOKEN", secret)
+    (tmp_path / "queue").mkdir()
+    config = backend_config(tmp_path / "queue")
+    config["auth"] = {"tokens": [BRIDGE_GRANT, {"name": "admin", "env": "III_TEST_ADMIN_TOKEN"}]}
+    monkeypatch.setenv("III_TEST_ADMIN_TOKEN", "admin-secret-" + uuid.uuid4().hex)
+    backend = EngineProcess.write(tmp_path, config)
+    backend.start()
+    try:
+        await backend.started()
+        async with AsyncExitStack() as stack:
+            wrong = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, token="not-the-token-at-all")))
+            bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, token=secret)))
+            other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, token=secret)))
+            await wait_for(lambda: connected(bridge, "state", "stream", "queue") and connected(other, "stream"))
+            refused_link = wrong.modules["state"].adapter.link
+            assert not refused_link.connected and refused_link.statistics().failed_attempts >= 1
+            assert "401" in (refused_link.statistics().last_error or "")
+            async with connect_test_worker(wrong) as refused:
+                assert (await refused.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
+
+            caller = await stack.enter_async_context(connect_test_worker(bridge))
+            ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
+            assert ok(await caller.call("state::get", {"scope": "s", "key": "k"})) == 1
+            client = await stack.enter_async_context(client_of(other))
+            await client.join("s", "chat", "room")
+            assert (await client.receive())["event"] == {"type": "sync", "data": []}
+            ok(await caller.call("stream::set", {"stream_name": "chat", "group_id": "room", "item_id": "m", "data": 1}))
+            assert event_of(await client.receive()) == ("chat", "room", "m", {"type": "create", "data": 1})
+
+            handler = await stack.enter_async_context(connect_test_worker(bridge))
+            await handler.send({"type": "registerfunction", "id": "jobs::run"})
+            await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+            await wait_for(lambda: len(bridge.registry.triggers) == 1)
+            seen: list[Any] = []
+            answering = await stack.enter_async_context(trio.open_nursery())
+            answering.start_soon(answer_jobs, handler, seen)
+            ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}}))
+            await wait_for(lambda: seen == [{"n": 1}])
+            answering.cancel_scope.cancel()
+    finally:
+        backend.kill()
