@@ -103,7 +103,7 @@ async def state_loop(
     """(set+get pairs per second, median pair latency in ms), after a warm-up.
 
     ``large``: the workers declare ``large-messages.v1`` (64 MiB frames); else
-    they have 1 MiB frames, like a 0.4.1 or 0.25 Python SDK worker, and the
+    they have 1 MiB frames, like a 0.4.1 SDK worker, and the
     Bridge reads the old value before each set (see iii.adapters.state.bridge).
     """
     latencies: list[float] = []
