@@ -1,119 +1,45 @@
-"""Bridge adapters: State, Stream and Queue kept in another engine.
+"""Bridge adapters for State and Stream: three engines on loopback
+(:mod:`tests.adapters.bridge_support`).
 
-Three engines on loopback: a **backend** (a real ``python -m iii serve``
-process, so that it can be killed and restarted) running State and Stream on
-KvStore, PubSub and a file-based builtin queue; a **bridge** engine whose
-State, Stream and Queue modules run on the Bridge adapters pointed at the
-backend; and a **test** engine, a second bridge engine on the same backend
-(it sees the bridge engine's stream events through the backend's
-``stream.events`` topic).  Official SDK workers sit on the bridge engine.
+A backend process runs State and Stream on KvStore; a bridge engine runs them
+on the Bridge adapters; a second bridge engine on the same backend (the
+"test" engine) sees the first one's stream events through the backend's
+``stream.events`` topic.  Official SDK workers (Python 0.25 and 0.4.1, Node)
+sit on the bridge engine.  Also: the outage and recovery of the backend, the
+seed-era ``kv_server`` remote, a hostile or failing remote, config errors and
+a restricted backend token.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket
 
 from iii.adapters.queue import open_queue_adapter
 from iii.adapters.state import open_state_adapter
 from iii.adapters.stream import open_stream_adapter
 from iii.config import AdapterRef
 from iii.errors import ConfigError
-from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
+from iii.testing import RawWorker, connect_test_worker, open_test_engine
+from tests.adapters.bridge_support import (
+    answer_jobs,
+    backend_config,
+    backend_process,
+    bridge_config,
+    called,
+    connected,
+    ok,
+    raw_worker_at,
+    until_ok,
+    wait_for,
+)
 from tests.modules.test_stream import client_of, event_of
 from tests.sdk_workers import SCRIPTS, command
 from tests.support import EngineProcess, free_port, start_node_worker, start_sdk_worker
-
-
-def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
-    return {
-        "port": port or free_port(),
-        "shutdown_grace_ms": 1000,
-        "modules": [
-            {"class": "modules::state::StateModule"},
-            {"class": "modules::stream::StreamModule", "config": {"port": free_port(), "host": "127.0.0.1"}},
-            {"class": "modules::pubsub::PubSubModule"},
-            {"class": "modules::kv_server::KvServer"},
-            {
-                "class": "modules::queue::QueueModule",
-                "config": {
-                    "adapter": {
-                        "class": "modules::queue::BuiltinQueueAdapter",
-                        "config": {"store_method": "file_based", "file_path": str(queue_dir), "backoff_ms": 50},
-                    }
-                },
-            },
-        ],
-    }
-
-
-def bridge_config(url: str, *, queue: bool = True, **adapter_keys: Any):
-    bridge = {"bridge_url": url, **adapter_keys}
-    modules: list[dict[str, Any]] = [
-        {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::Bridge", "config": bridge}}},
-        {
-            "class": "modules::stream::StreamModule",
-            "config": {"port": 0, "host": "127.0.0.1", "adapter": {"class": "modules::stream::adapters::Bridge", "config": bridge}},
-        },
-    ]
-    if queue:
-        modules.append({"class": "modules::queue::QueueModule", "config": {"adapter": {"class": "modules::queue::adapters::Bridge", "config": bridge}}})
-    return make_config(modules)
-
-
-@asynccontextmanager
-async def backend_process(tmp_path: Path) -> AsyncIterator[EngineProcess]:
-    (tmp_path / "queue").mkdir(exist_ok=True)
-    backend = EngineProcess.write(tmp_path, backend_config(tmp_path / "queue"))
-    backend.start()
-    try:
-        await backend.started()
-        yield backend
-    finally:
-        backend.kill()
-
-
-@asynccontextmanager
-async def raw_worker_at(port: int) -> AsyncIterator[RawWorker]:
-    """A raw worker over loopback to an engine we only know by its port."""
-    async with open_websocket("127.0.0.1", port, "/", use_ssl=False) as ws:
-        worker = RawWorker(ws)
-        registered = await worker.receive(timeout=10)
-        worker.worker_id = registered["worker_id"]
-        yield worker
-
-
-def ok(reply: dict[str, Any]) -> Any:
-    assert "error" not in reply, reply
-    return reply.get("result")
-
-
-async def until_ok(worker: RawWorker, function_id: str, data: Any, timeout: float = 30) -> Any:
-    """Call until the answer is not ``adapter_unavailable`` (a link coming up)."""
-    with trio.fail_after(timeout):
-        while True:
-            reply = await worker.call(function_id, data, timeout=timeout)
-            if reply.get("error", {}).get("code") != "adapter_unavailable":
-                return ok(reply)
-            await trio.sleep(0.05)
-
-
-async def wait_for(predicate, timeout: float = 20) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
-
-
-def connected(engine, *modules: str) -> bool:
-    return all(engine.modules[name].adapter.link.connected for name in modules)
 
 
 # -- state and stream, with SDK workers --------------------------------------------------
@@ -155,9 +81,6 @@ async def sdk_worker(kind: str, url: str):
             await worker.wait_for("READY", timeout=60)
             yield worker
 
-
-def called(line: str) -> Any:
-    return json.loads(line.split(" ", 2)[2])
 
 
 @pytest.mark.sdk
@@ -281,79 +204,6 @@ async def test_adapter_unavailable_at_once_while_the_backend_is_down(tmp_path):
             ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 3}))
             async with raw_worker_at(port) as on_backend:
                 assert ok(await on_backend.call("state::get", {"scope": "s", "key": "k"})) == 3
-    finally:
-        backend.kill()
-
-
-# -- queue --------------------------------------------------------------------------------
-
-
-async def answer_jobs(worker: RawWorker, seen: list[Any], hold: trio.Event | None = None) -> None:
-    """Answer every invocation; with ``hold``, the first stays unanswered."""
-    first = True
-    while True:
-        message = await worker.receive_type("invokefunction", timeout=120)
-        seen.append(message["data"])
-        if first and hold is not None:
-            first = False
-            hold.set()
-            continue
-        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": None})
-
-
-async def topic_stats(port: int, topic: str) -> dict[str, Any]:
-    async with raw_worker_at(port) as on_backend:
-        return ok(await on_backend.call("engine::queue::topic_stats", {"topic": topic}))
-
-
-async def test_queue_job_enqueued_through_the_bridge_runs(tmp_path):
-    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
-        await wait_for(lambda: connected(bridge, "queue"))
-        async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
-            await handler.send({"type": "registerfunction", "id": "jobs::run"})
-            await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
-            await wait_for(lambda: len(bridge.registry.triggers) == 1)
-            seen: list[Any] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(answer_jobs, handler, seen)
-                assert ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}})) is None
-                await wait_for(lambda: seen == [{"n": 1}])
-                # the job was kept by the backend's queue, and is done there
-                async with raw_worker_at(backend.port) as on_backend:
-                    topics = ok(await on_backend.call("engine::queue::list_topics", {}))
-                    assert "orders" in json.dumps(topics)
-                nursery.cancel_scope.cancel()
-
-
-async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
-    (tmp_path / "queue").mkdir()
-    backend = EngineProcess.write(tmp_path, backend_config(tmp_path / "queue"))
-    backend.start()
-    try:
-        await backend.started()
-        async with open_test_engine(bridge_config(backend.url)) as bridge:
-            await wait_for(lambda: connected(bridge, "queue"))
-            async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
-                await handler.send({"type": "registerfunction", "id": "jobs::run"})
-                await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
-                await wait_for(lambda: len(bridge.registry.triggers) == 1)
-                seen: list[Any] = []
-                held = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(answer_jobs, handler, seen, held)
-                    for n in range(3):
-                        ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": n}}))
-                    await held.wait()  # one job is running here when the link drops
-                    backend.kill()
-                    await wait_for(lambda: not bridge.modules["queue"].adapter.link.connected)
-                    backend.start()
-                    await backend.started()
-                    # every job ran to an answer; the cut-off one ran again
-                    await wait_for(lambda: all(seen[1:].count({"n": n}) >= 1 for n in range(3)) and len(seen) >= 4, timeout=60)
-                    assert seen.count(seen[0]) >= 2
-                    nursery.cancel_scope.cancel()
-                stats = await topic_stats(backend.port, "orders")
-                assert stats.get("dlq", 0) == 0, stats
     finally:
         backend.kill()
 
@@ -501,25 +351,6 @@ async def test_sdk_041_worker_on_the_bridge_engine(tmp_path):
             assert (status, error["code"]) == ("ERR", "payload_too_large"), error
         assert ok(await on_backend.call("state::get", {"scope": "s", "key": "big"})) == big  # unchanged
         assert ok(await on_backend.call("stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"})) == big
-
-
-@pytest.mark.sdk
-@pytest.mark.parametrize("version", ["0.4.1", "0.25.0"])
-async def test_sdk_worker_job_through_the_bridge_queue_runs(tmp_path, version):
-    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
-        await wait_for(lambda: connected(bridge, "queue"))
-        async with start_sdk_worker(version, SCRIPTS[version], url=f"ws://127.0.0.1:{bridge.listen_port}") as worker:
-            await worker.wait_for("READY", timeout=60)
-            assert (await command(worker, op="register", id="jobs::run"))[0] == "OK"
-            await command(worker, op="trigger", type="queue", fn="jobs::run", config={"topic": "orders"})
-            await wait_for(lambda: len(bridge.registry.triggers) == 1)
-            assert await command(worker, op="call", fn="enqueue", data={"topic": "orders", "data": {"order": 7}}) == ("OK", None)
-            assert called(await worker.wait_for("CALLED jobs::run", timeout=30)) == {"order": 7}
-            # the backend kept the job, and it is done there
-            with trio.fail_after(20):
-                while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats["active"]:
-                    await trio.sleep(0.05)
-            assert stats["dlq"] == 0
 
 
 # -- auth: the grant a Bridge needs on the backend ---------------------------------------------
