@@ -101,3 +101,38 @@ async def test_sdk_worker_job_through_the_bridge_queue_runs(tmp_path, version):
                 while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats["active"]:
                     await trio.sleep(0.05)
             assert stats["dlq"] == 0
+
+
+async def test_a_job_cut_off_by_its_worker_leaving_does_not_count_an_attempt(tmp_path):
+    """The backend allows one attempt: a job whose worker on the bridge engine left
+    mid-job must come back (released, not failed) and run on the next worker."""
+    (tmp_path / "queue").mkdir()
+    config = backend_config(tmp_path / "queue")
+    config["modules"][-1]["config"]["adapter"]["config"]["max_attempts"] = 1
+    backend = EngineProcess.write(tmp_path, config)
+    backend.start()
+    try:
+        await backend.started()
+        async with open_test_engine(bridge_config(backend.url)) as bridge, connect_test_worker(bridge) as caller:
+            await wait_for(lambda: connected(bridge, "queue"))
+            trigger = {"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}}
+            async with connect_test_worker(bridge) as first:
+                await first.send({"type": "registerfunction", "id": "jobs::run"})
+                await first.send(trigger)
+                await wait_for(lambda: len(bridge.registry.triggers) == 1)
+                ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}}))
+                message = await first.receive_type("invokefunction", timeout=30)
+                assert message["data"] == {"n": 1}
+            # the first worker left without answering
+            async with connect_test_worker(bridge) as second:
+                await second.send({"type": "registerfunction", "id": "jobs::run"})
+                await second.send(trigger)
+                seen: list[Any] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(answer_jobs, second, seen)
+                    await wait_for(lambda: seen == [{"n": 1}], timeout=60)
+                    nursery.cancel_scope.cancel()
+            stats = await topic_stats(backend.port, "orders")
+            assert stats["dlq"] == 0, stats
+    finally:
+        backend.kill()

@@ -18,7 +18,10 @@ triggers consume them there and run them here.  One link per adapter
   (:meth:`BridgeConsumer.receive`), which runs this engine's handler (under
   the local trigger's grant and condition), and the outcome goes back as the
   answer: an ack answers null, a failure (retry or dead letter here) answers
-  an error, which the remote counts as a failed attempt.  **Retries, backoff,
+  an error, which the remote counts as a failed attempt.  A job cut off
+  because its trigger here went away (its worker left) is not answered: the
+  remote trigger is unregistered first, and the remote takes the job back
+  without counting an attempt.  **Retries, backoff,
   the DLQ and its functions are the remote's**, by its own policy
   (``queue_configs`` and adapter settings there); the inspection functions
   (``engine::queue::list_topics``, ``topic_stats``, ``dlq_messages``,
@@ -162,9 +165,17 @@ class BridgeConsumer:
         delivery.handle.finish(IIIError(error, code="job_failed"))
 
     async def release(self, delivery: Delivery) -> None:
-        delivery.handle.finish(
-            IIIError("the bridge engine gave the job back unprocessed", code="invocation_stopped")
-        )
+        """Given back unprocessed: not answered now.
+
+        The module releases a job when its trigger went away (or at shutdown),
+        and the consumer closes next: :meth:`BridgeQueueAdapter.open_consumer`
+        unregisters the remote trigger first, and the remote then takes its
+        calls in flight back without counting an attempt; the answer
+        :meth:`close` sends after that is too late to count.  (A job released
+        while the consumer stays open comes back after the remote's invocation
+        timeout, as a failed attempt.)
+        """
+        return None
 
     async def extend(self, deliveries: list[Delivery]) -> None:
         return None  # the remote holds the lease while its call to us is in flight
