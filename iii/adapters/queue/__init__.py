@@ -25,7 +25,10 @@ shape every kind shares; the backends call nothing back, ``hooks`` is None):
   (``store_method: file_based``);
 * ``modules::queue::RedisAdapter``: :mod:`.redis`, Redis Streams with a
   consumer group;
-* ``modules::queue::RabbitMQAdapter``: :mod:`.rabbitmq`, AMQP 0-9-1 over trio.
+* ``modules::queue::RabbitMQAdapter``: :mod:`.rabbitmq`, AMQP 0-9-1 over trio;
+* ``modules::queue::adapters::Bridge``: :mod:`.bridge`, the jobs kept by
+  another iii engine's queue module and run here (at least once across a
+  link drop; retries and the DLQ are the remote's).
 
 Lifetime: :func:`open_queue_adapter` owns the backend for the module's run;
 each consumer lives in :meth:`QueueAdapter.open_consumer`'s block.
@@ -37,7 +40,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.queue import embedded, rabbitmq, redis
+from iii.adapters.queue import bridge, embedded, rabbitmq, redis
 from iii.adapters.queue.base import (
     BackendConfig,
     DeadLetter,
@@ -71,6 +74,7 @@ BACKENDS: dict[str, Backend[Any, None, QueueAdapter]] = {
     DEFAULT_ADAPTER: backend(embedded.Config, embedded.open_adapter),
     "modules::queue::RedisAdapter": backend(redis.Config, redis.open_adapter),
     "modules::queue::RabbitMQAdapter": backend(rabbitmq.Config, rabbitmq.open_adapter),
+    "modules::queue::adapters::Bridge": backend(bridge.Config, bridge.open_adapter),
 }
 
 

@@ -7,14 +7,18 @@ maps upstream's adapter class names (spec modules.md §5) to a backend here:
 ``modules::state::adapters::KvStore``      :mod:`.embedded` (default, or ``embedded``):
                                            the embedded store, in memory or on disk
 ``modules::state::adapters::RedisAdapter`` :mod:`.redis` (``redis_url``)
+``modules::state::adapters::Bridge``       :mod:`.bridge` (``bridge_url``): the data
+                                           stays in another iii engine, reached
+                                           over a supervised link; ``state::*``
+                                           there, or ``kv_server::*`` with
+                                           ``remote: kv_server``
 =========================================  ==========================================
-
-``modules::state::adapters::Bridge`` is not available in this engine.
 
 Events between engines: a backend shared by several engines (Redis) passes
 each write event to the others; ``on_peer_event`` receives the events other
 engines made, so their state triggers fire here too.  The embedded backend
-serves one engine and never calls it.
+serves one engine and never calls it, nor does the Bridge (as upstream: the
+remote engine fires its own state triggers).
 
 Lifetime: :func:`open_state_adapter` returns the backend's context manager;
 the module keeps it open for its whole run.
@@ -26,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.state import embedded, redis
+from iii.adapters.state import bridge, embedded, redis
 from iii.adapters.state.base import PeerEventHandler, StateAdapter
 from iii.config_schema import AdapterRef
 
@@ -43,6 +47,7 @@ DEFAULT_CLASS = "modules::state::adapters::KvStore"
 BACKENDS: dict[str, Backend[Any, PeerEventHandler, StateAdapter]] = {
     DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
     "modules::state::adapters::RedisAdapter": backend(redis.Config, redis.open_adapter),
+    "modules::state::adapters::Bridge": backend(bridge.Config, bridge.open_adapter),
 }
 
 

@@ -7,14 +7,18 @@ maps upstream's class names (spec modules.md §4.4) to a backend here:
 ``modules::stream::adapters::KvStore``       :mod:`.embedded` (default, or ``embedded``):
                                              the embedded store, in memory or on disk
 ``modules::stream::adapters::RedisAdapter``  :mod:`.redis` (``redis_url``)
+``modules::stream::adapters::Bridge``        :mod:`.bridge` (``bridge_url``): the data
+                                             stays in another iii engine, reached
+                                             over a supervised link; ``stream::*``
+                                             there, or ``kv_server::*`` with
+                                             ``remote: kv_server``
 ===========================================  =========================================
-
-``modules::stream::adapters::Bridge`` is not available in this engine.
 
 Events between engines: :meth:`StreamAdapter.publish_event` sends a stream
 message (the wrapper the clients get) to the other engines sharing the
 backend, and ``on_peer_event`` receives theirs; the embedded backend serves
-one engine and does neither.
+one engine and does neither.  The Bridge does both through the remote
+engine's PubSub topic ``stream.events``, as upstream.
 
 Lifetime: :func:`open_stream_adapter` returns the backend's context manager;
 the module keeps it open for its whole run.
@@ -26,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.stream import embedded, redis
+from iii.adapters.stream import bridge, embedded, redis
 from iii.adapters.stream.base import PeerEventHandler, StreamAdapter
 from iii.config_schema import AdapterRef
 
@@ -43,6 +47,7 @@ DEFAULT_CLASS = "modules::stream::adapters::KvStore"
 BACKENDS: dict[str, Backend[Any, PeerEventHandler, StreamAdapter]] = {
     DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
     "modules::stream::adapters::RedisAdapter": backend(redis.Config, redis.open_adapter),
+    "modules::stream::adapters::Bridge": backend(bridge.Config, bridge.open_adapter),
 }
 
 
