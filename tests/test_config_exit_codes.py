@@ -176,6 +176,42 @@ BAD_CONFIGS = [
         "mapping",
     ),
     (
+        "bridge-url-not-ws",  # was found only when serve opened the adapter
+        {
+            "modules": [
+                module(
+                    STATE,
+                    {
+                        "adapter": {
+                            "class": "modules::state::adapters::Bridge",
+                            "config": {"bridge_url": "http://backend:49134"},
+                        }
+                    },
+                )
+            ]
+        },
+        "modules[0].config.adapter.config.bridge_url",
+        "ws://",
+    ),
+    (
+        "bridge-queue-call-timeout",
+        {
+            "modules": [
+                module(
+                    QUEUE,
+                    {
+                        "adapter": {
+                            "class": "modules::queue::adapters::Bridge",
+                            "config": {"call_timeout_ms": 0},
+                        }
+                    },
+                )
+            ]
+        },
+        "modules[0].config.adapter.config.call_timeout_ms",
+        "at least 1",
+    ),
+    (
         "kv-server-unknown-key",
         {"modules": [module(KV, {"store_metod": "file_based"})]},
         "modules[0].config",
