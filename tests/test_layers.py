@@ -4,7 +4,8 @@ core → config schema → adapters → modules → config loader, engine → cl
 a module imports only from its own layer and those before it (imports under
 ``TYPE_CHECKING`` are for annotations and do not count), and no import sits
 inside a function where it could hide a cycle (:data:`LAZY_IMPORTS_ALLOWED`
-are the exceptions).
+and an adapter kind's openers, which import a backend only when a config
+chooses it, are the exceptions).
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def imports():
             if id(node) in type_only:
                 continue
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
+                # ``from iii.adapters.queue import redis`` imports iii.adapters.queue.redis
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+                names = [node.module] if node.module != importer else names
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
@@ -86,10 +89,35 @@ def test_the_config_schema_is_a_leaf():
     assert used == {"iii.errors"}
 
 
+def lazy_backend(importer: str, imported: str) -> bool:
+    """An adapter kind's opener importing one of its own backends when chosen
+    (a backend imports its kind's ``base``, never the package: no cycle)."""
+    parts = importer.split(".")
+    return (
+        len(parts) == 3
+        and parts[:2] == ["iii", "adapters"]
+        and imported.startswith(importer + ".")
+        and imported.count(".") == 3
+        and not imported.endswith((".base", ".embedded"))
+    )
+
+
 def test_no_function_local_import():
     local = [
         f"{importer} imports {imported} inside a function"
         for importer, imported, inside in imports()
-        if inside and importer not in LAZY_IMPORTS_ALLOWED
+        if inside and importer not in LAZY_IMPORTS_ALLOWED and not lazy_backend(importer, imported)
     ]
     assert local == []
+
+
+def test_a_backend_never_imports_its_kind_package():
+    # What makes the lazy openers safe: ``iii.adapters.queue.redis`` imports
+    # ``iii.adapters.queue.base``, not ``iii.adapters.queue``.
+    kinds = {"iii.adapters." + kind for kind in ("cron", "pubsub", "queue", "state", "stream")}
+    back = [
+        f"{importer} imports {imported}"
+        for importer, imported, _ in imports()
+        if imported in kinds and importer.startswith(imported + ".")
+    ]
+    assert back == []

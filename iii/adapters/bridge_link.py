@@ -35,21 +35,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import attrs
 import trio
 
-from iii.client import Endpoint, UsageError
-from iii.config_schema import Count, check
+from iii.adapters.settings import DEFAULT_BRIDGE_URL, BridgeSettings, LinkSettings
 from iii.errors import AdapterUnavailableError, IIIError
 from iii.link import EngineLink, LinkConfig, TraceContext
 
 __all__ = [
     "LinkSettings",
-    "LINK_KEYS",
-    "URL_CHECK",
-    "TOKEN_CHECK",
     "BridgeSettings",
     "BridgeLink",
     "open_bridge_link",
@@ -58,55 +54,9 @@ __all__ = [
     "STARTUP_WAIT",
 ]
 
-DEFAULT_BRIDGE_URL: Final = "ws://localhost:49134"
 REMOTES: Final = ("state", "kv_server")
 # Seconds the adapter waits at start for its first connection attempt to end.
 STARTUP_WAIT: Final = 5.0
-
-
-def _valid_url(url: str) -> bool:
-    try:
-        Endpoint.parse(url)
-    except UsageError:
-        return False
-    return True
-
-
-def _valid_token(token: str | None) -> bool:
-    if token is None:
-        return True
-    try:
-        Endpoint.parse(DEFAULT_BRIDGE_URL, token)
-    except UsageError:
-        return False
-    return True
-
-
-# The validators of the link's keys (a config class with other bases declares them too).
-URL_CHECK: Final = check(_valid_url, "must be a ws:// or wss:// URL with a host")
-TOKEN_CHECK: Final = check(_valid_token, "must be printable ASCII without spaces")
-LINK_KEYS: Final = ("bridge_url", "token", "ca_file", "call_timeout_ms")
-
-
-@attrs.frozen(kw_only=True)
-class LinkSettings:
-    """The keys of every Bridge adapter's link (the config loader checks them)."""
-
-    bridge_url: str = attrs.field(default=DEFAULT_BRIDGE_URL, validator=URL_CHECK)
-    token: str | None = attrs.field(default=None, repr=False, validator=TOKEN_CHECK)
-    ca_file: str | None = None
-    call_timeout_ms: Count = Count(30_000)
-
-    @property
-    def call_timeout(self) -> float:
-        return self.call_timeout_ms / 1000
-
-
-@attrs.frozen(kw_only=True)
-class BridgeSettings(LinkSettings):
-    """A State or Stream Bridge's config: the link, and which functions the remote answers."""
-
-    remote: Literal["state", "kv_server"] = "state"
 
 
 @attrs.define(eq=False)

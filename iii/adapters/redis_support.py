@@ -49,7 +49,7 @@ from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, Exponential
 
 from iii import json_limits
 from iii.adapters.limits import NO_LIMITS, WriteLimits
-from iii.config_schema import Count, check
+from iii.adapters.settings import RedisSettings
 from iii.errors import AdapterUnavailableError, IIIError
 from iii.update_ops import MISSING, UpdateResult, apply_ops
 
@@ -66,27 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_URL = "redis://localhost:6379"
-
-
-@attrs.frozen(kw_only=True)
-class RedisSettings:
-    """The config of a Redis backend (pubsub, state, stream): ``redis_url``,
-    ``key_prefix`` and ``timeout_ms`` (each command's)."""
-
-    redis_url: str = attrs.field(
-        default=DEFAULT_URL,
-        validator=check(
-            lambda url: url.startswith(("redis://", "rediss://", "unix://")),
-            "must be a redis://, rediss:// or unix:// URL",
-        ),
-    )
-    key_prefix: str = ""
-    timeout_ms: Count = Count(5000)
-
-    @property
-    def timeout(self) -> float:
-        return self.timeout_ms / 1000
 
 
 def _as_bytes(value: Any) -> bytes:

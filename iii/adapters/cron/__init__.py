@@ -26,17 +26,32 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.cron import embedded, redis
+from iii.adapters.cron import embedded
 from iii.adapters.cron.base import CronLockAdapter
+from iii.adapters.settings import RedisCronConfig
 from iii.config_schema import AdapterRef
 
 __all__ = ["CronLockAdapter", "CronAdapterRef", "open_cron_adapter", "BACKENDS", "DEFAULT_ADAPTER"]
 
 DEFAULT_ADAPTER = "modules::cron::KvCronAdapter"
 
+
+# The embedded backend is imported with the package; the others only when a
+# config chooses them (their config classes live apart, in iii.adapters.settings
+# or the queue's base.py, so loading a config does not import them).  Each
+# opener is typed: mypy holds the backend's factory to its config class and
+# what it yields to the Protocol.
+def _open_redis(
+    config: RedisCronConfig, hooks: None
+) -> AbstractAsyncContextManager[CronLockAdapter]:
+    from iii.adapters.cron import redis
+
+    return redis.open_adapter(config, hooks)
+
+
 BACKENDS: dict[str, Backend[Any, None, CronLockAdapter]] = {
     DEFAULT_ADAPTER: backend(embedded.Config, embedded.open_adapter),
-    "modules::cron::RedisCronAdapter": backend(redis.Config, redis.open_adapter),
+    "modules::cron::RedisCronAdapter": backend(RedisCronConfig, _open_redis),
 }
 
 

@@ -23,7 +23,7 @@ import trio
 from coredis.tokens import PureToken
 
 from iii.adapters.redis_support import is_outage
-from iii.config_schema import Count
+from iii.adapters.settings import RedisCronConfig
 from iii.errors import AdapterUnavailableError
 
 __all__ = ["Config", "RedisCronLocks", "open_adapter"]
@@ -32,12 +32,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 5.0
 
-
-@attrs.frozen(kw_only=True)
-class Config:
-    redis_url: str = "redis://localhost:6379"
-    lock_ttl_ms: Count = Count(30_000)
-    key_prefix: str = ""
+Config = RedisCronConfig  # declared in iii.adapters.settings (read without importing coredis)
 
 
 def _unavailable(exc: BaseException) -> bool:

@@ -27,8 +27,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.pubsub import embedded, redis
+from iii.adapters.pubsub import embedded
 from iii.adapters.pubsub.base import MessageHandler, PubSubAdapter
+from iii.adapters.settings import RedisSettings
 from iii.config_schema import AdapterRef
 
 __all__ = [
@@ -41,9 +42,24 @@ __all__ = [
 ]
 
 DEFAULT_CLASS = "modules::pubsub::LocalAdapter"
+
+
+# The embedded backend is imported with the package; the others only when a
+# config chooses them (their config classes live apart, in iii.adapters.settings
+# or the queue's base.py, so loading a config does not import them).  Each
+# opener is typed: mypy holds the backend's factory to its config class and
+# what it yields to the Protocol.
+def _open_redis(
+    config: RedisSettings, hooks: MessageHandler
+) -> AbstractAsyncContextManager[PubSubAdapter]:
+    from iii.adapters.pubsub import redis
+
+    return redis.open_adapter(config, hooks)
+
+
 BACKENDS: dict[str, Backend[Any, MessageHandler, PubSubAdapter]] = {
     DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
-    "modules::pubsub::RedisAdapter": backend(redis.Config, redis.open_adapter),
+    "modules::pubsub::RedisAdapter": backend(RedisSettings, _open_redis),
 }
 
 

@@ -40,9 +40,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.queue import bridge, embedded, rabbitmq, redis
+from iii.adapters.queue import embedded
 from iii.adapters.queue.base import (
     BackendConfig,
+    BridgeQueueConfig,
     DeadLetter,
     Delivery,
     Job,
@@ -50,6 +51,8 @@ from iii.adapters.queue.base import (
     QueueConsumer,
     QueueDefaults,
     QueueStats,
+    RabbitQueueConfig,
+    RedisQueueConfig,
 )
 from iii.config_schema import AdapterRef
 
@@ -70,11 +73,39 @@ __all__ = [
 
 DEFAULT_ADAPTER = "modules::queue::BuiltinQueueAdapter"
 
+
+# The embedded backend is imported with the package; the others only when a
+# config chooses them (their config classes live apart, in iii.adapters.settings
+# or the queue's base.py, so loading a config does not import them).  Each
+# opener is typed: mypy holds the backend's factory to its config class and
+# what it yields to the Protocol.
+def _open_redis(config: RedisQueueConfig, hooks: None) -> AbstractAsyncContextManager[QueueAdapter]:
+    from iii.adapters.queue import redis
+
+    return redis.open_adapter(config, hooks)
+
+
+def _open_rabbitmq(
+    config: RabbitQueueConfig, hooks: None
+) -> AbstractAsyncContextManager[QueueAdapter]:
+    from iii.adapters.queue import rabbitmq
+
+    return rabbitmq.open_adapter(config, hooks)
+
+
+def _open_bridge(
+    config: BridgeQueueConfig, hooks: None
+) -> AbstractAsyncContextManager[QueueAdapter]:
+    from iii.adapters.queue import bridge
+
+    return bridge.open_adapter(config, hooks)
+
+
 BACKENDS: dict[str, Backend[Any, None, QueueAdapter]] = {
     DEFAULT_ADAPTER: backend(embedded.Config, embedded.open_adapter),
-    "modules::queue::RedisAdapter": backend(redis.Config, redis.open_adapter),
-    "modules::queue::RabbitMQAdapter": backend(rabbitmq.Config, rabbitmq.open_adapter),
-    "modules::queue::adapters::Bridge": backend(bridge.Config, bridge.open_adapter),
+    "modules::queue::RedisAdapter": backend(RedisQueueConfig, _open_redis),
+    "modules::queue::RabbitMQAdapter": backend(RabbitQueueConfig, _open_rabbitmq),
+    "modules::queue::adapters::Bridge": backend(BridgeQueueConfig, _open_bridge),
 }
 
 

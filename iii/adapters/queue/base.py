@@ -1,6 +1,8 @@
 """What the queue module needs from a backend (the :class:`QueueAdapter` and
-:class:`QueueConsumer` protocols), the value types they share, and
-:class:`BackendConfig`: the keys every queue backend reads.
+:class:`QueueConsumer` protocols), the value types they share,
+:class:`BackendConfig` (the keys every queue backend reads), and the configs
+of the backends imported only when a config chooses them (Redis, RabbitMQ,
+Bridge: see :mod:`iii.adapters.settings`).
 
 Backends import this, never the package ``__init__`` (which imports them).
 """
@@ -12,10 +14,21 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from iii.adapters.settings import (
+    DEFAULT_BRIDGE_URL,
+    DEFAULT_REDIS_URL,
+    LINK_KEYS,
+    TOKEN_CHECK,
+    URL_CHECK,
+    LinkSettings,
+)
 from iii.config_schema import Count
 
 __all__ = [
     "BackendConfig",
+    "RedisQueueConfig",
+    "RabbitQueueConfig",
+    "BridgeQueueConfig",
     "DeadLetter",
     "Delivery",
     "Job",
@@ -222,3 +235,52 @@ class QueueAdapter(Protocol):
     async def redrive_message(self, queue: str, message_id: str) -> bool: ...
 
     async def discard_message(self, queue: str, message_id: str) -> bool: ...
+
+
+# -- the configs of the queue backends imported only when chosen (see iii.adapters.settings)
+
+
+@attrs.frozen(kw_only=True)
+class RedisQueueConfig(BackendConfig):
+    """``modules::queue::RedisAdapter``: the keys of every queue backend, and Redis's."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    key_prefix: str = "iii:queue:"
+
+
+@attrs.frozen(kw_only=True)
+class RabbitQueueConfig(BackendConfig):
+    """``modules::queue::RabbitMQAdapter``: the keys of every queue backend,
+    ``amqp_url``, and upstream's names for two of them: ``prefetch_count``
+    (concurrency) and ``queue_mode`` (mode), used when ours is at its default."""
+
+    amqp_url: str = "amqp://localhost:5672"
+    prefetch_count: Count | None = None
+    queue_mode: QueueMode | None = None
+
+    @property
+    def defaults(self) -> QueueDefaults:
+        given = attrs.fields_dict(BackendConfig)
+        concurrency = self.concurrency
+        if self.prefetch_count is not None and concurrency == given["concurrency"].default:
+            concurrency = self.prefetch_count
+        mode = self.mode
+        if self.queue_mode is not None and mode == given["mode"].default:
+            mode = self.queue_mode
+        return attrs.evolve(super().defaults, concurrency=concurrency, fifo=mode == "fifo")
+
+
+@attrs.frozen(kw_only=True)
+class BridgeQueueConfig(BackendConfig):
+    """``modules::queue::adapters::Bridge``: the keys of every queue backend, and
+    the link's (as :class:`LinkSettings`; attrs' slotted classes cannot have
+    both as bases)."""
+
+    bridge_url: str = attrs.field(default=DEFAULT_BRIDGE_URL, validator=URL_CHECK)
+    token: str | None = attrs.field(default=None, repr=False, validator=TOKEN_CHECK)
+    ca_file: str | None = None
+    call_timeout_ms: Count = Count(30_000)
+
+    @property
+    def link(self) -> LinkSettings:
+        return LinkSettings(**{key: getattr(self, key) for key in LINK_KEYS})

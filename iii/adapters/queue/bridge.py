@@ -57,23 +57,17 @@ import attrs
 import trio
 
 from iii.adapters.bridge_link import (
-    DEFAULT_BRIDGE_URL,
-    LINK_KEYS,
-    TOKEN_CHECK,
-    URL_CHECK,
     BridgeLink,
-    LinkSettings,
     open_bridge_link,
 )
 from iii.adapters.queue.base import (
-    BackendConfig,
+    BridgeQueueConfig,
     DeadLetter,
     Delivery,
     Job,
     QueueDefaults,
     QueueStats,
 )
-from iii.config_schema import Count
 from iii.errors import IIIError
 from iii.link import TraceContext
 
@@ -85,19 +79,8 @@ WORKER_NAME: Final = "iii-queue-bridge"
 FUNCTION_QUEUE_PREFIX: Final = "@"  # iii.modules.queue's name for function queues
 
 
-@attrs.frozen(kw_only=True)
-class Config(BackendConfig):
-    """The keys of every queue backend, and the link's (as
-    :class:`~iii.adapters.bridge_link.LinkSettings`)."""
-
-    bridge_url: str = attrs.field(default=DEFAULT_BRIDGE_URL, validator=URL_CHECK)
-    token: str | None = attrs.field(default=None, repr=False, validator=TOKEN_CHECK)
-    ca_file: str | None = None
-    call_timeout_ms: Count = Count(30_000)
-
-    @property
-    def link(self) -> LinkSettings:
-        return LinkSettings(**{key: getattr(self, key) for key in LINK_KEYS})
+# Declared in iii.adapters.queue.base (read without importing the link).
+Config = BridgeQueueConfig
 
 
 def _bad_answer(function_id: str, what: str) -> IIIError:

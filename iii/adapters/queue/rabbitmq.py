@@ -59,15 +59,13 @@ from pamqp.commands import Basic, Exchange, Queue
 
 from iii.adapters.queue.amqp import AmqpChannel, AmqpConnection, AmqpMessage, open_amqp_connection
 from iii.adapters.queue.base import (
-    BackendConfig,
     DeadLetter,
     Delivery,
     Job,
     QueueDefaults,
-    QueueMode,
     QueueStats,
+    RabbitQueueConfig,
 )
-from iii.config_schema import Count
 from iii.errors import AdapterUnavailableError
 
 __all__ = ["Config", "RabbitQueueAdapter", "open_adapter", "names"]
@@ -76,26 +74,8 @@ log = logging.getLogger(__name__)
 
 
 
-@attrs.frozen(kw_only=True)
-class Config(BackendConfig):
-    """The keys of every queue backend, ``amqp_url``, and upstream's names for
-    two of them: ``prefetch_count`` (concurrency) and ``queue_mode`` (mode),
-    used when the other name is not given."""
-
-    amqp_url: str = "amqp://localhost:5672"
-    prefetch_count: Count | None = None
-    queue_mode: QueueMode | None = None
-
-    @property
-    def defaults(self) -> QueueDefaults:
-        given = attrs.fields_dict(BackendConfig)
-        concurrency = self.concurrency
-        if self.prefetch_count is not None and concurrency == given["concurrency"].default:
-            concurrency = self.prefetch_count
-        mode = self.mode
-        if self.queue_mode is not None and mode == given["mode"].default:
-            mode = self.queue_mode
-        return attrs.evolve(super().defaults, concurrency=concurrency, fifo=mode == "fifo")
+# Declared in iii.adapters.queue.base (read without importing the AMQP client).
+Config = RabbitQueueConfig
 
 
 def names(queue: str) -> tuple[str, str, str]:

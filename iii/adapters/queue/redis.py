@@ -53,12 +53,12 @@ import orjson
 import trio
 
 from iii.adapters.queue.base import (
-    BackendConfig,
     DeadLetter,
     Delivery,
     Job,
     QueueDefaults,
     QueueStats,
+    RedisQueueConfig,
 )
 from iii.errors import AdapterUnavailableError
 
@@ -69,11 +69,7 @@ log = logging.getLogger(__name__)
 GROUP = "iii"
 COMMAND_TIMEOUT = 5.0
 
-
-@attrs.frozen(kw_only=True)
-class Config(BackendConfig):
-    redis_url: str = "redis://localhost:6379"
-    key_prefix: str = "iii:queue:"
+Config = RedisQueueConfig  # declared in iii.adapters.queue.base (read without importing coredis)
 
 PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)

@@ -30,7 +30,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from iii.adapters import Backend, adapter_kind, backend, open_backend
-from iii.adapters.stream import bridge, embedded, redis
+from iii.adapters.settings import BridgeSettings, RedisSettings
+from iii.adapters.stream import embedded
 from iii.adapters.stream.base import PeerEventHandler, StreamAdapter
 from iii.config_schema import AdapterRef
 
@@ -44,10 +45,33 @@ __all__ = [
 ]
 
 DEFAULT_CLASS = "modules::stream::adapters::KvStore"
+
+
+# The embedded backend is imported with the package; the others only when a
+# config chooses them (their config classes live apart, in iii.adapters.settings
+# or the queue's base.py, so loading a config does not import them).  Each
+# opener is typed: mypy holds the backend's factory to its config class and
+# what it yields to the Protocol.
+def _open_redis(
+    config: RedisSettings, hooks: PeerEventHandler
+) -> AbstractAsyncContextManager[StreamAdapter]:
+    from iii.adapters.stream import redis
+
+    return redis.open_adapter(config, hooks)
+
+
+def _open_bridge(
+    config: BridgeSettings, hooks: PeerEventHandler
+) -> AbstractAsyncContextManager[StreamAdapter]:
+    from iii.adapters.stream import bridge
+
+    return bridge.open_adapter(config, hooks)
+
+
 BACKENDS: dict[str, Backend[Any, PeerEventHandler, StreamAdapter]] = {
     DEFAULT_CLASS: backend(embedded.Config, embedded.open_adapter),
-    "modules::stream::adapters::RedisAdapter": backend(redis.Config, redis.open_adapter),
-    "modules::stream::adapters::Bridge": backend(bridge.Config, bridge.open_adapter),
+    "modules::stream::adapters::RedisAdapter": backend(RedisSettings, _open_redis),
+    "modules::stream::adapters::Bridge": backend(BridgeSettings, _open_bridge),
 }
 
 
