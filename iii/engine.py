@@ -117,7 +117,12 @@ EXPIRY_RESOLUTION = 0.05
 class Engine:
     config: EngineConfig
     registry: Registry = attrs.field(factory=Registry)
-    pending: PendingTable = attrs.field(factory=PendingTable)
+    # Tells the registry each worker's pending count: replicas are picked by it.
+    pending: PendingTable = attrs.field(
+        default=attrs.Factory(
+            lambda self: PendingTable(on_load=self.registry.set_load), takes_self=True
+        )
+    )
     channels: ChannelTable = attrs.field(
         default=attrs.Factory(lambda self: ChannelTable.from_config(self.config), takes_self=True)
     )
@@ -418,7 +423,7 @@ class Engine:
             raise FunctionNotFoundError(function_id)
         if timeout is None:
             timeout = self.config.invocation_timeout
-        replica = entry.pick(self.pending.executing_on)
+        replica = entry.pick()
         if invocation_id is None:
             invocation_id = str(uuid.uuid4())
         if _span is not None:
