@@ -1,0 +1,64 @@
+"""What the benchmarks share: ports, and the SDK virtual environments.
+
+Not the test suite's helpers (``tests.support`` needs pytest, which the
+``bench`` extra does not install): a benchmark imports only the engine, its
+dependencies and the ``bench`` extra.  :func:`sdk_python` builds the same
+cached virtual environments as ``tests.support.sdk_python`` (same place,
+same lock), so tests and benchmarks share them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import time
+import venv
+from pathlib import Path
+
+__all__ = ["ROOT", "CACHE", "free_port", "wait_port", "sdk_python"]
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def sdk_python(version: str) -> Path:
+    """The python of a venv with ``iii-sdk==version``; built once, under a file lock."""
+    target = CACHE / "sdk-venvs" / f"iii-sdk-{version}"
+    python = target / "bin" / "python"
+    marker = target / ".installed"
+    if marker.exists():
+        return python
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".lock-{version}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            print(f"installing iii-sdk=={version} into {target} (once)", flush=True)
+            venv.EnvBuilder(with_pip=True, clear=True).create(target)
+            result = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", f"iii-sdk=={version}"],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}")
+            marker.write_text(version)
+    return python
