@@ -248,6 +248,48 @@ async def run_clients(url: str, small: int, large: int, inflight: int, calls: in
     print(json.dumps(out), flush=True)
 
 
+# -- routing alone, in-process ---------------------------------------------------------------
+
+
+def routing_cost(replicas: int, calls: int, inflight: int) -> float:
+    """Microseconds of CPU to pick a replica and file then discard the call, ``inflight`` open.
+
+    Only the registry and the pending table, as ``Engine.invoke`` uses them
+    (either the current API or the one before ``pick`` took no argument).
+    """
+    import collections
+
+    from iii.invocations import Invocation, PendingTable
+    from iii.registry import FunctionRegistration, Registry, WorkerInfo
+
+    registry = Registry()
+    if hasattr(registry, "set_load"):
+        pending = PendingTable(on_load=registry.set_load)  # type: ignore[call-arg,unused-ignore]
+
+        def pick() -> Any:
+            return entry.pick()  # type: ignore[call-arg,unused-ignore]
+
+    else:  # the O(n) pick, which was handed the load
+        pending = PendingTable()
+
+        def pick() -> Any:
+            return entry.pick(pending.executing_on)  # type: ignore[call-arg,unused-ignore]
+
+    for i in range(replicas):
+        registry.add_worker(WorkerInfo(id=f"w{i}"))
+        registry.add_function(FunctionRegistration(function_id=ECHO, owner=f"w{i}"))
+    entry = registry.functions[ECHO]
+    open_calls: collections.deque[Any] = collections.deque()
+    started = time.process_time()
+    for n in range(calls):
+        invocation = Invocation(invocation_id=str(n), function_id=ECHO, target_worker_id=pick().owner)
+        pending.add(invocation)
+        open_calls.append(invocation)
+        if len(open_calls) > inflight:
+            pending.discard(open_calls.popleft())
+    return 1e6 * (time.process_time() - started) / calls
+
+
 # -- orchestration --------------------------------------------------------------------------
 
 
@@ -282,6 +324,18 @@ def measure(python: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         engine.wait()
 
 
+def measure_routing(python: str, args: argparse.Namespace) -> dict[str, float]:
+    out = {}
+    for replicas in (1, args.large):
+        done = subprocess.run(
+            [python, __file__, "routing", str(replicas), "20000", str(args.inflight)],
+            capture_output=True,
+            check=True,
+        )
+        out[f"routing_{replicas}_us"] = float(done.stdout.decode().split()[-1])
+    return out
+
+
 def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
     names = list(results)
 
@@ -313,12 +367,17 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         unit = "" if key == "calls_per_s" else " (ms)"
         row(f"echo {label}, 1 replica, {args.inflight} in flight{unit}", ".2f", "replicas_1", key)
         row(f"echo {label}, {count:,} replicas, {args.inflight} in flight{unit}", ".2f", f"replicas_{count}", key)
+    row("routing CPU per call, 1 replica (us)", ".1f", "routing_1_us")
+    row(f"routing CPU per call, {args.large:,} replicas (us)", ".1f", f"routing_{args.large}_us")
     row("RSS per connected worker (KiB)", ".1f", "rss_per_worker_kib")
     row(f"RSS per pending call, {args.pending:,} held (bytes)", ".0f", "rss_per_pending_call_bytes")
     row("engine RSS at the end (MiB)", ".0f", "engine_rss_mib")
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "routing":
+        print(routing_cost(*(int(a) for a in sys.argv[2:5])))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "clients":
         asyncio.run(run_clients(sys.argv[2], *(int(a) for a in sys.argv[3:8])))
         return
@@ -338,7 +397,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for name, python in engines.items():
-                results[name].append(measure(python, args, Path(tmp)))
+                results[name].append({**measure_routing(python, args), **measure(python, args, Path(tmp))})
     report(results, args)
 
 
