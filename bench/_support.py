@@ -17,7 +17,9 @@ import time
 import venv
 from pathlib import Path
 
-__all__ = ["ROOT", "CACHE", "free_port", "wait_port", "sdk_python"]
+import trio
+
+__all__ = ["ROOT", "CACHE", "free_port", "wait_port", "wait_for_port", "sdk_python"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
@@ -38,6 +40,19 @@ def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} never opened")
+
+
+async def wait_for_port(port: int, timeout: float = 30) -> None:
+    """:func:`wait_port` for a trio caller."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
 
 
 def sdk_python(version: str) -> Path:

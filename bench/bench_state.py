@@ -43,7 +43,7 @@ from trio_websocket import open_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.support import free_port, sdk_python, wait_for_port  # noqa: E402
+from _support import free_port, sdk_python, wait_for_port  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379"
 
