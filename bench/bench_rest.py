@@ -323,7 +323,8 @@ def main() -> None:
         if args.load == "builtin":
             print(WRK_MISSING + "; using the built-in load generator (--load builtin)", file=sys.stderr)
     elif args.load != "builtin" and not shutil.which("wrk"):
-        sys.exit(f"bench_rest: {WRK_MISSING}")
+        print(f"bench_rest: {WRK_MISSING}", file=sys.stderr)
+        sys.exit(2)
     loaders = {"wrk": run_wrk, "builtin": run_builtin}
     if args.load != "both":
         loaders = {args.load: loaders[args.load]}
