@@ -207,8 +207,8 @@ async def run_clients(url: str, small: int, large: int, inflight: int, calls: in
             )
         await settle(caller, "engine::functions::list", lambda r, c=count: len(r["functions"]) >= c)
         await settle(caller, "engine::triggers::list", lambda r, c=count: len(r["triggers"]) >= c)
-        out[f"functions_list_{label}"] = await timed_call(caller, "engine::functions::list", 20)
-        out[f"triggers_list_{label}"] = await timed_call(caller, "engine::triggers::list", 20)
+        out[f"functions_list_{label}"] = await timed_call(caller, "engine::functions::list", 40)
+        out[f"triggers_list_{label}"] = await timed_call(caller, "engine::triggers::list", 40)
     await lister.close()
     await settle(caller, "engine::functions::list", lambda r: len(r["functions"]) == 0)
 
@@ -226,7 +226,7 @@ async def run_clients(url: str, small: int, large: int, inflight: int, calls: in
     for label, count in (("small", small), ("large", large)):
         await connect_workers(url, count - len(workers), workers)
         await settle(caller, "engine::workers::list", lambda r, c=count: echo_replicas(r) == c)
-        out[f"workers_list_{label}"] = await timed_call(caller, "engine::workers::list", 20)
+        out[f"workers_list_{label}"] = await timed_call(caller, "engine::workers::list", 40)
     out["rss_per_worker_kib"] = (rss_bytes(server_pid) - rss_before) / 1024 / len(workers)
     await closed_loop(caller, inflight, min(500, calls))
     out[f"replicas_{len(workers)}"] = await closed_loop(caller, inflight, calls)
@@ -360,8 +360,11 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         for key, what in (("ms", "p50 ms"), ("max_ms", "max ms"), ("cpu_ms", "engine CPU ms")):
             row(f"{kind}::list, {small:,} {kind}, {what}", ".1f", f"{kind}_list_small", key)
             row(f"{kind}::list, {large:,} {kind}, {what}", ".1f", f"{kind}_list_large", key)
-            ratios = [med(n, f"{kind}_list_large", key) / med(n, f"{kind}_list_small", key) for n in names]
-            print(f"{f'  ratio (items ratio {large / small:.2f})':46}" + "".join(f"{r:14.2f}" for r in ratios))
+            pairs = [(med(n, f"{kind}_list_large", key), med(n, f"{kind}_list_small", key)) for n in names]
+            print(
+                f"{f'  ratio (items ratio {large / small:.2f})':46}"
+                + "".join(f"{a / b:14.2f}" if b else f"{'n/a':>14}" for a, b in pairs)
+            )
     count = int(med(names[0], "replicas_large_count"))
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("calls_per_s", "calls/s")):
         unit = "" if key == "calls_per_s" else " (ms)"
