@@ -74,6 +74,8 @@ def sdk_python(version: str) -> Path:
                 text=True,
             )
             if result.returncode != 0:
-                raise RuntimeError(f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}"
+                )
             marker.write_text(version)
     return python

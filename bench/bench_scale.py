@@ -112,7 +112,12 @@ class Conn:
         invocation_id = str(uuid.uuid4())
         future = self.waiting[invocation_id] = asyncio.get_running_loop().create_future()
         await self.send(
-            {"type": "invokefunction", "function_id": function_id, "data": data, "invocation_id": invocation_id}
+            {
+                "type": "invokefunction",
+                "function_id": function_id,
+                "data": data,
+                "invocation_id": invocation_id,
+            }
         )
         message = await asyncio.wait_for(future, 300)
         if message.get("error"):
@@ -184,18 +189,24 @@ async def settle(caller: Conn, function_id: str, done: Any) -> Any:
     raise RuntimeError(f"{function_id} never settled")
 
 
-async def run_clients(url: str, small: int, large: int, inflight: int, calls: int, pending: int) -> None:
+async def run_clients(
+    url: str, small: int, large: int, inflight: int, calls: int, pending: int
+) -> None:
     server_pid = int(os.environ["BENCH_SERVER_PID"])
     out: dict[str, Any] = {}
     caller = await Conn.open(url)
     # Frames above 1 MiB only to a worker that says it reads them (the 4,000-worker list).
-    await caller.call("engine::workers::register", {"runtime": "python", "features": ["large-messages.v1"]})
+    await caller.call(
+        "engine::workers::register", {"runtime": "python", "features": ["large-messages.v1"]}
+    )
 
     # functions::list and triggers::list with ``small`` then ``large`` items.
     lister = await Conn.open(url)
     for label, count in (("small", small), ("large", large)):
         for i in range(count):
-            await lister.send({"type": "registerfunction", "id": f"bench::f{i:05d}", "description": "a function"})
+            await lister.send(
+                {"type": "registerfunction", "id": f"bench::f{i:05d}", "description": "a function"}
+            )
             await lister.send(
                 {
                     "type": "registertrigger",
@@ -235,7 +246,11 @@ async def run_clients(url: str, small: int, large: int, inflight: int, calls: in
     # Pending calls: ``pending`` calls held by a worker that never answers.
     holder = await Conn.open(url)
     await holder.send({"type": "registerfunction", "id": HOLD})
-    await settle(caller, "engine::functions::list", lambda r: any(f["function_id"] == HOLD for f in r["functions"]))
+    await settle(
+        caller,
+        "engine::functions::list",
+        lambda r: any(f["function_id"] == HOLD for f in r["functions"]),
+    )
     holder.hold_target = pending
     rss_before = rss_bytes(server_pid)
     held_calls = [asyncio.create_task(caller.call(HOLD, {"n": i})) for i in range(pending)]
@@ -282,7 +297,9 @@ def routing_cost(replicas: int, calls: int, inflight: int) -> float:
     open_calls: collections.deque[Any] = collections.deque()
     started = time.process_time()
     for n in range(calls):
-        invocation = Invocation(invocation_id=str(n), function_id=ECHO, target_worker_id=pick().owner)
+        invocation = Invocation(
+            invocation_id=str(n), function_id=ECHO, target_worker_id=pick().owner
+        )
         pending.add(invocation)
         open_calls.append(invocation)
         if len(open_calls) > inflight:
@@ -360,7 +377,10 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         for key, what in (("ms", "p50 ms"), ("max_ms", "max ms"), ("cpu_ms", "engine CPU ms")):
             row(f"{kind}::list, {small:,} {kind}, {what}", ".1f", f"{kind}_list_small", key)
             row(f"{kind}::list, {large:,} {kind}, {what}", ".1f", f"{kind}_list_large", key)
-            pairs = [(med(n, f"{kind}_list_large", key), med(n, f"{kind}_list_small", key)) for n in names]
+            pairs = [
+                (med(n, f"{kind}_list_large", key), med(n, f"{kind}_list_small", key))
+                for n in names
+            ]
             print(
                 f"{f'  ratio (items ratio {large / small:.2f})':46}"
                 + "".join(f"{a / b:14.2f}" if b else f"{'n/a':>14}" for a, b in pairs)
@@ -369,7 +389,12 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("calls_per_s", "calls/s")):
         unit = "" if key == "calls_per_s" else " (ms)"
         row(f"echo {label}, 1 replica, {args.inflight} in flight{unit}", ".2f", "replicas_1", key)
-        row(f"echo {label}, {count:,} replicas, {args.inflight} in flight{unit}", ".2f", f"replicas_{count}", key)
+        row(
+            f"echo {label}, {count:,} replicas, {args.inflight} in flight{unit}",
+            ".2f",
+            f"replicas_{count}",
+            key,
+        )
     row("routing CPU per call, 1 replica (us)", ".1f", "routing_1_us")
     row(f"routing CPU per call, {args.large:,} replicas (us)", ".1f", f"routing_{args.large}_us")
     row("RSS per connected worker (KiB)", ".1f", "rss_per_worker_kib")
@@ -385,13 +410,19 @@ def main() -> None:
         asyncio.run(run_clients(sys.argv[2], *(int(a) for a in sys.argv[3:8])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=1000, help="items in the small list (and workers)")
-    parser.add_argument("--large", type=int, default=4000, help="items in the large list, and replicas")
+    parser.add_argument(
+        "--small", type=int, default=1000, help="items in the small list (and workers)"
+    )
+    parser.add_argument(
+        "--large", type=int, default=4000, help="items in the large list, and replicas"
+    )
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--calls", type=int, default=3000, help="calls per replica measurement")
     parser.add_argument("--pending", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--baseline-python", help="also measure the engine this interpreter imports")
+    parser.add_argument(
+        "--baseline-python", help="also measure the engine this interpreter imports"
+    )
     args = parser.parse_args()
     engines = {"engine": sys.executable}
     if args.baseline_python:
@@ -400,7 +431,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for name, python in engines.items():
-                results[name].append({**measure_routing(python, args), **measure(python, args, Path(tmp))})
+                results[name].append(
+                    {**measure_routing(python, args), **measure(python, args, Path(tmp))}
+                )
     report(results, args)
 
 
