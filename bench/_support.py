@@ -42,9 +42,9 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-async def wait_for_port(port: int, timeout: float = 30) -> None:
+async def wait_for_port(port: int, within: float = 30) -> None:
     """:func:`wait_port` for a trio caller."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
