@@ -82,6 +82,8 @@ class PendingTable:
     # Told (worker id, calls now pending on it) whenever that count changes:
     # the registry orders function replicas by it (Registry.set_load).
     on_load: Callable[[str, int], None] | None = None
+    # Called when the last pending call leaves (the engine's drain waits on it).
+    on_empty: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -125,6 +127,8 @@ class PendingTable:
         if self.by_id.get(invocation.invocation_id) is not invocation:
             return
         del self.by_id[invocation.invocation_id]
+        if not self.by_id and self.on_empty is not None:
+            self.on_empty()
         ids = self.by_target.get(invocation.target_worker_id)
         if ids is not None:
             ids.discard(invocation.invocation_id)

@@ -238,7 +238,8 @@ async def test_build_steps_then_worker_in_the_working_directory(
     )
     async with exec_engine(entry) as engine:
         await wait_until(lambda: (project / "worker.pid").exists())
-        await wait_until(lambda: any("env=" in line for line in exec_log()))
+        # The child's own line (the "starting:" line quotes the command, "env=" included).
+        await wait_until(lambda: any(line.startswith("[app] url=") for line in exec_log()))
         lines = exec_log()
         assert "[app] built" in lines
         url = f"ws://127.0.0.1:{engine.listen_port}"

@@ -153,14 +153,21 @@ def _size(value: Any) -> int:
 
 def cut_text(text: str, limit: int) -> tuple[str, int]:
     """The longest head of ``text`` whose JSON string is at most ``limit`` bytes, and how
-    many characters were left out.  Only about ``limit`` characters are ever encoded."""
+    many characters were left out.  A head of n characters encodes to at least n + 2
+    bytes, so at most ``limit - 2`` characters are ever encoded at once; the size grows
+    with the length, so a binary search finds the longest head in about log2(limit)
+    encodings."""
     count = min(len(text), max(0, limit - 2))
-    while count > 0:
-        size = _size(text[:count])
-        if size <= limit:
-            break
-        count = min(count - 1, count * limit // size)
-    return text[:count], len(text) - count
+    if count == 0 or _size(text[:count]) <= limit:
+        return text[:count], len(text) - count
+    fits, too_long = 0, count  # the empty head's "" always fits: limit >= 2
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if _size(text[:middle]) <= limit:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits], len(text) - fits
 
 
 def _cut_with_note(text: str, limit: int) -> str:
