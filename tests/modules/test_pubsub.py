@@ -8,9 +8,10 @@ import trio
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.backends import adapter_block, delete_prefix
+from tests.support import backend_params
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=backend_params("local", "redis"))
 async def pubsub_engine(request, tmp_path):
     block = adapter_block("pubsub", "memory" if request.param == "local" else "redis", tmp_path)
     config = make_config([{"class": "modules::pubsub::PubSubModule", "config": {"adapter": block}}])

@@ -20,9 +20,11 @@ import trio
 from iii.errors import IIIError
 from iii.registry import TriggerRegistration
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.support import require_rabbitmq, require_redis
+from tests.support import backend_params, require_rabbitmq, require_redis
 
 BACKENDS = ["memory", "file", "redis", "rabbitmq"]
+# BACKENDS as parameters: Redis and RabbitMQ carry the ``services`` mark
+BACKEND_PARAMS = backend_params(*BACKENDS)
 REDIS_PREFIX = f"iiitest:{uuid.uuid4().hex[:8]}:"
 
 
@@ -127,10 +129,8 @@ async def delete_rabbit_topology(queues: list[str]) -> None:
             await channel.rpc(Exchange.Delete(exchange=f"iii.{queue}.exchange"))
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKEND_PARAMS)
 async def backend(request: Any) -> AsyncIterator[str]:
-    if request.param in ("redis", "rabbitmq"):
-        request.applymarker(pytest.mark.services)
     yield str(request.param)
     if request.param == "redis":
         await delete_redis_prefix(REDIS_PREFIX)

@@ -6,10 +6,10 @@ import pytest
 import trio
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.backends import KINDS, adapter_block, delete_prefix
+from tests.backends import KIND_PARAMS, adapter_block, delete_prefix
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def state_engine(request, tmp_path):
     block = adapter_block("state", request.param, tmp_path)
     config = make_config([{"class": "modules::state::StateModule", "config": {"adapter": block}}])

@@ -11,7 +11,7 @@ import trio
 from trio_websocket import open_websocket
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.backends import KINDS, adapter_block, delete_prefix
+from tests.backends import KIND_PARAMS, adapter_block, delete_prefix
 
 
 def stream_config(block, **extra):
@@ -29,7 +29,7 @@ async def stream_engine_for(kind, tmp_path, **extra):
             await delete_prefix(block["config"]["key_prefix"])
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def stream_engine(request, tmp_path):
     async with stream_engine_for(request.param, tmp_path) as engine:
         yield engine

@@ -45,6 +45,8 @@ __all__ = [
     "require_redis",
     "require_rabbitmq",
     "services_required",
+    "SERVICE_KINDS",
+    "backend_params",
     "wait_for_port",
     "node_sdk_dir",
     "start_node_worker",
@@ -57,6 +59,22 @@ SDK_VERSIONS = ("0.4.1", "0.9.0", "0.25.0")
 
 def services_required() -> bool:
     return os.environ.get("III_REQUIRE_SERVICES") == "1"
+
+
+# Backend kinds that need a service running on 127.0.0.1 (Redis, RabbitMQ).
+SERVICE_KINDS = frozenset({"redis", "rabbitmq"})
+
+
+def backend_params(*kinds: str) -> list[Any]:
+    """``kinds`` as parameters, each service kind carrying ``pytest.mark.services``.
+
+    The mark is on the parameter itself, so ``-m "not services"`` deselects the
+    case at collection (a mark added from inside a fixture does not).
+    """
+    return [
+        pytest.param(kind, marks=pytest.mark.services, id=kind) if kind in SERVICE_KINDS else kind
+        for kind in kinds
+    ]
 
 
 def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
