@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from iii.errors import IIIError
 from iii.registry import TriggerRegistration
@@ -296,8 +297,13 @@ async def test_enqueue_action_from_a_worker(backend: str, tmp_path: Path) -> Non
 async def test_condition_false_skips(backend: str, tmp_path: Path) -> None:
     async with queue_engine(adapter_block(backend, tmp_path)) as engine:
         rec = Recorder(engine, "t::h")
+        asked: list[Any] = []
+        all_asked = trio.Event()
 
         async def condition(data: Any, ctx: Any) -> Any:
+            asked.append(data)
+            if len(asked) == 6:
+                all_asked.set()
             return data % 2 == 0
 
         engine.register_function("t::even", condition)
@@ -306,7 +312,13 @@ async def test_condition_false_skips(backend: str, tmp_path: Path) -> None:
         for i in range(6):
             await engine.invoke("enqueue", {"topic": topic, "data": i})
         await rec.wait_calls(3)
-        await trio.sleep(0.2)
+        with trio.fail_after(15):
+            await all_asked.wait()
+        # Every job's condition has answered; a handler call would follow in this
+        # process, with no backend I/O in between: once every task is blocked,
+        # any call the consumer was going to make has been made.
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(asked) == list(range(6))
         assert sorted(rec.calls) == [0, 2, 4]
 
 
