@@ -21,7 +21,7 @@ import trio
 
 from iii.causation import MAX_TRIGGER_DEPTH
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, start_sdk_worker
+from tests.support import EngineProcess, reserve_port, start_sdk_worker
 from tests.test_grants import bind, register, serve, stream_upgrade
 from tests.test_security import raw_worker
 
@@ -66,7 +66,7 @@ class Hostile:
 async def hostile_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hostile]:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    rest_port, stream_port = free_port(), free_port()
+    rest_port, stream_port = reserve_port(), reserve_port()
     config = {
         "auth": AUTH,
         "modules": [

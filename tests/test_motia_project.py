@@ -44,7 +44,7 @@ import trio
 from trio_websocket import open_websocket
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, motia_venv
+from tests.support import EngineProcess, motia_venv, reserve_port
 
 pytestmark = pytest.mark.sdk
 
@@ -102,7 +102,7 @@ def write_project(directory: Path, motia_bin: Path) -> tuple[EngineProcess, int]
     (steps / "submit_step.py").write_text(SUBMIT_STEP)
     (steps / "store_step.py").write_text(STORE_STEP)
     (steps / "read_step.py").write_text(READ_STEP)
-    rest_port, stream_port = free_port(), free_port()
+    rest_port, stream_port = reserve_port(), reserve_port()
     config = {
         "modules": [
             {"class": "modules::api::RestApiModule", "config": {"port": rest_port}},
