@@ -106,7 +106,7 @@ async def test_events_cross_engines():
 async def test_two_engine_processes_with_an_sdk_worker(tmp_path):
     """Two real engine processes: an SDK worker on B gets the state event and the
     message that a client of A caused."""
-    from tests.modules.sdk_worker import sdk_worker
+    from tests.sdk_workers import sdk_worker
     from tests.support import EngineProcess
 
     async with redis_prefix() as prefix:
