@@ -163,7 +163,9 @@ async def test_jobs_wait_for_a_subscriber(backend: str, tmp_path: Path) -> None:
         topic = topic_name()
         for i in range(3):
             await engine.invoke("enqueue", {"topic": topic, "data": i})
-        await trio.sleep(0.3)
+        # Held by the backend (an enqueue answers once its job is durable), not dropped.
+        stats = await engine.invoke("engine::queue::topic_stats", {"topic": topic})
+        assert (stats["waiting"], stats["active"], stats["dlq"]) == (3, 0, 0), stats
         rec = Recorder(engine, "t::late")
         subscribe(engine, topic, "t::late")
         await rec.wait_calls(3)
