@@ -139,7 +139,7 @@ async def _run_everywhere(sequence, prefix):
                         outcomes.append(await adapter.set("scope", "key", argument))
                     else:
                         outcomes.append(await adapter.delete("scope", "key"))
-                assert all(o == outcomes[0] for o in outcomes), (kind, argument, dict(zip(KINDS, outcomes)))
+                assert all(o == outcomes[0] for o in outcomes), (kind, argument, dict(zip(KINDS, outcomes, strict=True)))
                 assert all(repr(o) == repr(outcomes[0]) for o in outcomes), "int/float kinds differ"
             finals = [await adapter.get("scope", "key") for adapter in adapters]
             assert all(repr(f) == repr(finals[0]) for f in finals)

@@ -223,7 +223,7 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                 auth_inputs = []
                 joins = []
 
-                async def answer():
+                async def answer(auth_inputs, joins):
                     while True:
                         message = await w.receive_type("invokefunction", timeout=30)
                         data = message["data"]
@@ -237,7 +237,7 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                         await w.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], **reply})
 
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(answer)
+                    nursery.start_soon(answer, auth_inputs, joins)
                     async with client_of(engine, "/?token=a&token=b", [("Authorization", "Bearer good")]) as c:
                         await c.join("s", "chat", "g")
                         assert (await c.receive())["event"]["type"] == "sync"
