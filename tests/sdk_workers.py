@@ -6,11 +6,10 @@ then reads one JSON command per stdin line and prints one line per command:
 ``CALLED <function_id> <json data>`` when invoked; trigger-type handlers print
 ``TRIGGER+ <json>`` / ``TRIGGER- <json>``.
 
-Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"|"produce"|"returns",
-"result"?}`` (``returns`` answers ``result``), ``{"op": "call", "fn", "data",
-"timeout"?}``, ``{"op": "void", "fn", "data"}``, ``{"op": "trigger_type", "id"}``,
-``{"op": "trigger", "type", "fn", "config"}``, ``{"op": "functions"}``,
-``{"op": "workers"}`` (0.4.1 and 0.9.0).
+Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"|"produce"}``,
+``{"op": "call", "fn", "data", "timeout"?}``, ``{"op": "void", "fn", "data"}``,
+``{"op": "trigger_type", "id"}``, ``{"op": "trigger", "type", "fn", "config"}``,
+``{"op": "functions"}``, ``{"op": "workers"}`` (0.4.1 and 0.9.0).
 
 Channels (0.25.0 and 0.9.0): a ``produce`` function writes ``data["n"]``
 binary chunks of 16 KiB (``sha256(i)`` repeated) and a text message
@@ -18,6 +17,9 @@ binary chunks of 16 KiB (``sha256(i)`` repeated) and a text message
 closes it; 0.9.0's ``{"op": "channel_read", "fn", "n"}`` creates a channel,
 fires ``fn`` with its writer and reads the reader to the end: ``{"size",
 "sha256", "messages"}``.
+
+A ``register`` of kind ``returns`` (every version) hosts a function that
+answers the command's ``"result"``.
 
 Two ways to drive a script: :func:`command` sends one command to a worker from
 :func:`tests.support.start_sdk_worker`; :func:`sdk_worker` starts one with
