@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-__all__ = ["ROOT", "CACHE", "free_port", "wait_port", "wait_for_port", "sdk_python"]
+__all__ = ["ROOT", "CACHE", "free_port", "reserve_port", "wait_port", "wait_for_port", "sdk_python"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
@@ -29,6 +29,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_RESERVED: list[socket.socket] = []
+
+
+def reserve_port() -> int:
+    """A port held (bound, not listening) until this process exits.
+
+    As ``tests.support.reserve_port``: with ``SO_REUSEADDR`` a server child
+    that also sets it (trio's listener does) can still bind and listen on
+    it, while nothing else takes it meanwhile.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", 0))
+    _RESERVED.append(sock)
+    return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

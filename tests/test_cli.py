@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from iii import cli
-from tests.support import ROOT, free_port
+from tests.support import ROOT, reserve_port
 
 
 def run(*args, **kwargs):
@@ -51,7 +51,7 @@ def test_config_show_fills_defaults(tmp_path):
 
 
 def test_serve_then_sigterm_exits_zero(tmp_path):
-    port = free_port()
+    port = reserve_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"port: {port}\nmodules: []\n")
     process = subprocess.Popen(

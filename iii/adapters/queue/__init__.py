@@ -23,7 +23,10 @@ Backends, looked up by upstream class name and imported lazily:
   or on an fsync'd record log (``store_method: file_based``);
 * ``modules::queue::RedisAdapter``: :mod:`.redis`, Redis Streams with a
   consumer group;
-* ``modules::queue::RabbitMQAdapter``: :mod:`.rabbitmq`, AMQP 0-9-1 over trio.
+* ``modules::queue::RabbitMQAdapter``: :mod:`.rabbitmq`, AMQP 0-9-1 over trio;
+* ``modules::queue::adapters::Bridge``: :mod:`.bridge`, the jobs kept by
+  another iii engine's queue module and run here (at least once across a
+  link drop; retries and the DLQ are the remote's).
 
 Lifetime: :func:`open_queue_adapter` owns the backend for the module's run;
 each consumer lives in :meth:`QueueAdapter.open_consumer`'s block.
@@ -61,6 +64,7 @@ BACKENDS = {
     "modules::queue::BuiltinQueueAdapter": "iii.adapters.queue.builtin",
     "modules::queue::RedisAdapter": "iii.adapters.queue.redis",
     "modules::queue::RabbitMQAdapter": "iii.adapters.queue.rabbitmq",
+    "modules::queue::adapters::Bridge": "iii.adapters.queue.bridge",
 }
 
 

@@ -7,14 +7,18 @@ maps upstream's adapter class names (spec modules.md §5) to a backend here:
 ``modules::state::adapters::KvStore``      :mod:`.embedded` (default): the embedded
                                            store, in memory or ``file_based``
 ``modules::state::adapters::RedisAdapter`` :mod:`.redis` (``redis_url``)
+``modules::state::adapters::Bridge``       :mod:`.bridge` (``bridge_url``): the data
+                                           stays in another iii engine, reached
+                                           over a supervised link; ``state::*``
+                                           there, or ``kv_server::*`` with
+                                           ``remote: kv_server``
 =========================================  ==========================================
-
-``modules::state::adapters::Bridge`` is not available in this engine.
 
 Events between engines: a backend shared by several engines (Redis) passes
 each write event to the others; ``on_peer_event`` receives the events other
 engines made, so their state triggers fire here too.  The embedded backend
-serves one engine and never calls it.
+serves one engine and never calls it, nor does the Bridge (as upstream: the
+remote engine fires its own state triggers).
 
 Lifetime: :func:`open_state_adapter` returns the backend's context manager;
 the module keeps it open for its whole run.
@@ -38,6 +42,7 @@ DEFAULT_CLASS = "modules::state::adapters::KvStore"
 BACKENDS = {
     "modules::state::adapters::KvStore": "iii.adapters.state.embedded",
     "modules::state::adapters::RedisAdapter": "iii.adapters.state.redis",
+    "modules::state::adapters::Bridge": "iii.adapters.state.bridge",
 }
 
 

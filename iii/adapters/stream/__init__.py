@@ -7,14 +7,18 @@ maps upstream's class names (spec modules.md §4.4) to a backend here:
 ``modules::stream::adapters::KvStore``       :mod:`.embedded` (default): the embedded
                                              store, in memory or ``file_based``
 ``modules::stream::adapters::RedisAdapter``  :mod:`.redis` (``redis_url``)
+``modules::stream::adapters::Bridge``        :mod:`.bridge` (``bridge_url``): the data
+                                             stays in another iii engine, reached
+                                             over a supervised link; ``stream::*``
+                                             there, or ``kv_server::*`` with
+                                             ``remote: kv_server``
 ===========================================  =========================================
-
-``modules::stream::adapters::Bridge`` is not available in this engine.
 
 Events between engines: :meth:`StreamAdapter.publish_event` sends a stream
 message (the wrapper the clients get) to the other engines sharing the
 backend, and ``on_peer_event`` receives theirs; the embedded backend serves
-one engine and does neither.
+one engine and does neither.  The Bridge does both through the remote
+engine's PubSub topic ``stream.events``, as upstream.
 
 Lifetime: :func:`open_stream_adapter` returns the backend's context manager;
 the module keeps it open for its whole run.
@@ -38,6 +42,7 @@ DEFAULT_CLASS = "modules::stream::adapters::KvStore"
 BACKENDS = {
     "modules::stream::adapters::KvStore": "iii.adapters.stream.embedded",
     "modules::stream::adapters::RedisAdapter": "iii.adapters.stream.redis",
+    "modules::stream::adapters::Bridge": "iii.adapters.stream.bridge",
 }
 
 

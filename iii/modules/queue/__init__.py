@@ -137,7 +137,13 @@ class Module:
                     description="Durable queue subscription",
                     access=QUEUE_TRIGGER_ACCESS,
                 )
-                known = set(await adapter.list_queues())
+                try:
+                    known = set(await adapter.list_queues())
+                except AdapterUnavailableError as exc:
+                    # A backend that reconnects by itself (the Bridge's link) may be
+                    # down at start: the function queues start on their next enqueue.
+                    log.warning("queue: cannot list the queues at start: %s", exc.message)
+                    known = set()
                 for name in self.config.queue_configs:
                     known.add(FUNCTION_QUEUE_PREFIX + name)
                 for name in sorted(known):
