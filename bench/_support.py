@@ -13,13 +13,26 @@ import fcntl
 import os
 import socket
 import subprocess
+import sys
 import time
 import venv
 from pathlib import Path
+from typing import Any
 
+import attrs
 import trio
+import yaml
 
-__all__ = ["ROOT", "CACHE", "free_port", "reserve_port", "wait_port", "wait_for_port", "sdk_python"]
+__all__ = [
+    "ROOT",
+    "CACHE",
+    "free_port",
+    "reserve_port",
+    "wait_port",
+    "wait_for_port",
+    "sdk_python",
+    "EngineProcess",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("III_TEST_CACHE", ROOT / ".cache"))
@@ -96,3 +109,44 @@ def sdk_python(version: str) -> Path:
                 )
             marker.write_text(version)
     return python
+
+
+@attrs.define
+class EngineProcess:
+    """``python -m iii serve -c <config>`` as a child process (as the tests' own)."""
+
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def write(
+        cls, directory: Path, config: dict[str, Any], name: str = "config.yaml"
+    ) -> EngineProcess:
+        port = config.setdefault("port", reserve_port())
+        path = directory / name
+        path.write_text(yaml.safe_dump(config))
+        return cls(config_path=path, port=port, log_path=directory / f"{path.stem}.log")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "iii", "serve", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+
+    async def started(self, within: float = 20.0) -> None:
+        await wait_for_port(self.port, within)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
