@@ -386,9 +386,7 @@ class Module:
         self._setup_log_export()
         self._setup_metric_export()
         self.metrics.workers_active = len(engine.connections)
-        handler = EngineLogHandler(
-            self.intake, dict(self.resource.attributes), config.store_level
-        )
+        handler = EngineLogHandler(self.intake, dict(self.resource.attributes), config.store_level)
         log_deliveries: FanOut[_Delivery] = FanOut(
             self._deliver_log,
             lambda queued: f"log trigger {queued[0].function_id!r}",
