@@ -83,6 +83,7 @@ from iii import __version__, json_limits
 from iii.causation import LoopWarning, firing, trace_for_firing
 from iii.fanout import FanOut
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
 from iii.modules.observability.health import Answer, liveness, readiness
@@ -360,8 +361,8 @@ class Module:
 
     # -- lifetime -------------------------------------------------------------------------
 
-    def statistics(self) -> dict[str, int]:
-        return {
+    def statistics(self) -> ModuleStatistics:
+        values = {
             "spans_stored": len(self.spans) if self.spans is not None else 0,
             "spans_bytes": self.spans.bytes if self.spans is not None else 0,
             "logs_stored": len(self.logs),
@@ -374,6 +375,7 @@ class Module:
             "sdk_metric_points": len(self.sdk_metrics),
             "sdk_metric_bytes": self.sdk_metrics.bytes,
         }
+        return ModuleStatistics(values=values)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         engine, config = self.engine, self.config
