@@ -70,6 +70,16 @@ def test_intake_is_bounded_in_bytes_and_counts_what_it_drops() -> None:
     assert pending.depth == 3 and pending.entry is entry
 
 
+def test_intake_gives_the_oldest_first_a_batch_at_a_time() -> None:
+    intake = LogIntake(1 << 20)
+    for n in range(10):
+        intake.put({"body": f"b{n}"}, n)
+    first = intake.take(4)
+    assert [p.depth for p in first] == [0, 1, 2, 3]
+    assert intake.bytes == sum(entry_size({"body": f"b{n}"}) for n in range(4, 10))
+    assert [p.depth for p in intake.take()] == list(range(4, 10)) and intake.bytes == 0
+
+
 async def test_records_from_several_threads_are_all_stored_each_in_order() -> None:
     async with open_test_engine(otel_config(logs_max_count=10_000)) as engine:
         module = engine.modules["observability"]

@@ -123,6 +123,8 @@ LOG_TRIGGER_ACCESS = TriggerAccess(
     data=True, resource_key="level", read_function="engine::logs::list"
 )
 LOG_DELIVERY_CONCURRENCY = 64
+# Engine records stored between two checkpoints of the drain task.
+DRAIN_BATCH = 256
 FLUSH_DEADLINE = 5.0
 
 # A log trigger's delivery: (trigger, the log as stored, the depth it runs at).
@@ -312,16 +314,23 @@ class Module:
                 self._offer_log(entry, stored, depth + 1)
         return stored
 
-    def drain_logs(self) -> None:
-        """Store (and offer) every engine record queued so far, in order (trio thread)."""
-        for pending in self.intake.take():
+    def drain_logs(self, limit: int | None = None) -> None:
+        """Store (and offer) the engine records queued so far, oldest first, at most
+        ``limit`` of them (trio thread)."""
+        for pending in self.intake.take(limit):
             self.record_log(pending.entry, pending.depth)
 
     async def _drain_intake(self) -> None:
-        """The drain task: stores the handler's records as they are queued."""
+        """The drain task: stores the handler's records as they are queued.
+
+        A batch at a time, with a checkpoint between batches, so a flood does
+        not hold up the engine; no record is held outside the intake across a
+        checkpoint, so a :meth:`drain_logs` call in between keeps the order.
+        """
         while True:
             await self.intake.wait()
-            self.drain_logs()
+            self.drain_logs(DRAIN_BATCH)
+            await trio.lowlevel.checkpoint()
 
     def _offer_log(self, entry: dict[str, Any], stored: StoredLog, depth: int) -> None:
         """Queue the log (as stored) for each matching ``log`` trigger, to run at ``depth``.

@@ -108,12 +108,16 @@ class LogIntake:
                 pass  # the drain's trio run is over: nobody takes it any more
         return True
 
-    def take(self) -> list[PendingLog]:
-        """Everything queued, oldest first; the queue is then empty."""
+    def take(self, limit: int | None = None) -> list[PendingLog]:
+        """The oldest ``limit`` entries queued (all of them if None), oldest first."""
         with self._lock:
-            items = list(self._items)
-            self._items.clear()
-            self._bytes = 0
+            if limit is None or limit >= len(self._items):
+                items = list(self._items)
+                self._items.clear()
+                self._bytes = 0
+            else:
+                items = [self._items.popleft() for _ in range(limit)]
+                self._bytes -= sum(pending.size for pending in items)
         return items
 
     async def wait(self) -> None:

@@ -473,15 +473,17 @@ def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
     """``iii_module_<name>_<value>`` for each value of a module's ``statistics()``;
     ``iii_module_<name>_<table>_<column>{<labels>}`` for each column of a table."""
     for name, snapshot in _snapshots(engine):
-        for field, value in sorted(snapshot.values.items()):
+        # Values and tables in one name order (as the JSON's keys, sorted).
+        for field in sorted({*snapshot.values, *snapshot.tables}):
+            value = snapshot.values.get(field)
             if _is_number(value):
                 yield GaugeMetricFamily(
                     _metric_name("iii_module", name, field), f"{name} module: {field}", value=value
                 )
-        for table, rows in sorted(snapshot.tables.items()):
+            rows = snapshot.tables.get(field)
             if rows:
                 yield from _table_gauges(
-                    _metric_name("iii_module", name, table), f"{name} module", rows
+                    _metric_name("iii_module", name, field), f"{name} module", rows
                 )
 
 
