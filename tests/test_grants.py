@@ -319,7 +319,7 @@ async def test_a_trigger_fires_under_its_registrants_grant(tokens: None) -> None
                     await trio.sleep(0.02)
             queue = engine.modules["queue"]
             with trio.fail_after(30):
-                while queue.statistics().jobs_dead_lettered < 2:
+                while queue.statistics()["jobs_dead_lettered"] < 2:
                     await trio.sleep(0.05)
             assert calls == ["admin::marker"]
             nursery.cancel_scope.cancel()

@@ -45,6 +45,7 @@ from iii.config import AdapterRef
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.fanout import FanOut
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
 
@@ -194,3 +195,6 @@ class Module:
         assert self.adapter is not None
         await self.adapter.publish(args.topic, args.data)
         return None
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

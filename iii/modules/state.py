@@ -60,6 +60,7 @@ from iii.adapters.state import StateAdapter, open_state_adapter
 from iii.config import AdapterRef
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.conditions import CHANGE_CONDITION_KEYS
@@ -247,3 +248,6 @@ class Module:
         parse_input(data, Empty, ctx.function_id)
         assert self.adapter is not None
         return {"groups": await self._call("LIST_GROUPS_ERROR", self.adapter.list_groups())}
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 import trio
 
+from iii.modules import ModuleStatistics
+
 __all__ = ["Config", "Module"]
 
 
@@ -32,3 +34,6 @@ class Module:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

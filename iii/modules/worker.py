@@ -30,6 +30,7 @@ import trio
 from iii.containment import start_contained
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.native import CallContext
 from iii.registry import LogicalTrigger
 
@@ -282,3 +283,6 @@ class Module:
             removed = self.engine.channels.sweep(trio.current_time())
             if removed:
                 log.debug("channel sweep removed %d channels", removed)
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report
