@@ -168,7 +168,13 @@ class Engine:
         )
     )
     authenticator: Authenticator = attrs.field(
-        default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
+        default=attrs.Factory(
+            lambda self: Authenticator(
+                self.config.auth,
+                cluster_token=self.config.cluster.secret if self.config.cluster else None,
+            ),
+            takes_self=True,
+        )
     )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
