@@ -82,6 +82,7 @@ __all__ = [
     "Endpoint",
     "Session",
     "open_session",
+    "client_metadata",
     "call_function",
     "fetch_list",
     "LISTS",
@@ -149,6 +150,9 @@ class Endpoint:
     resource: str
     tls: bool
     token: str | None = attrs.field(default=None, repr=False)
+    # A PEM file of CA certificates trusted for wss:// instead of the system
+    # store (the engine link's ``ca_file``); None: the system store.
+    ca_file: str | None = None
 
     @property
     def host_header(self) -> str:
@@ -179,7 +183,7 @@ class Endpoint:
         return cls.parse(url, token)
 
     @classmethod
-    def parse(cls, url: str, token: str | None = None) -> Endpoint:
+    def parse(cls, url: str, token: str | None = None, *, ca_file: str | None = None) -> Endpoint:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -200,6 +204,7 @@ class Endpoint:
             resource=resource,
             tls=tls,
             token=token,
+            ca_file=ca_file,
         )
 
 
@@ -264,23 +269,28 @@ class _UpgradeGuard(trio.abc.Stream):
         await self._inner.aclose()
 
 
-def _ssl_context() -> ssl.SSLContext:
-    # The system store; OpenSSL reads SSL_CERT_FILE / SSL_CERT_DIR instead when set.
-    context = ssl.create_default_context()
+def _ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    # The system store (OpenSSL reads SSL_CERT_FILE / SSL_CERT_DIR instead
+    # when set), or only the CAs of ``ca_file``.
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise EngineUnreachableError(f"cannot read the CA file {ca_file}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
 async def _open_stream(endpoint: Endpoint) -> trio.abc.Stream:
+    context = _ssl_context(endpoint.ca_file) if endpoint.tls else None
     try:
         tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     except OSError as exc:
         raise EngineUnreachableError(
             f"cannot connect to {endpoint.url}: {_os_reason(exc)}"
         ) from None
-    if not endpoint.tls:
+    if context is None:
         return tcp
-    tls = trio.SSLStream(tcp, _ssl_context(), server_hostname=endpoint.host, https_compatible=True)
+    tls = trio.SSLStream(tcp, context, server_hostname=endpoint.host, https_compatible=True)
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
@@ -364,6 +374,8 @@ class Session:
     ws: WebSocketConnection
     endpoint: Endpoint
     worker_id: str = ""
+    # What the engine gave for a later ``reattach`` (None: it offers none).
+    reattach_token: str | None = None
 
     async def _receive(self, waiting_for: str) -> Message | MessageDecodeError:
         try:
@@ -384,16 +396,21 @@ class Session:
             message = await self._receive("it greeted this worker (is this an iii engine?)")
             if isinstance(message, WorkerRegistered):
                 self.worker_id = message.worker_id
+                self.reattach_token = message.reattach_token
                 return
 
-    async def introduce(self) -> None:
-        """Report this command's metadata, and wait until the engine has applied it.
+    async def introduce(self, metadata: Mapping[str, Any] | None = None) -> None:
+        """Report this client's metadata, and wait until the engine has applied it.
 
+        ``metadata`` defaults to the command's own (:func:`client_metadata`).
         An engine without ``engine::workers::register``, or one that refuses
-        it, still serves the command (with its default frame limit).
+        it, still serves the client (with its default frame limit).
         """
         try:
-            await self.call("engine::workers::register", _metadata())
+            await self.call(
+                "engine::workers::register",
+                dict(metadata) if metadata is not None else client_metadata(),
+            )
         except CallFailedError as exc:
             log.debug("engine::workers::register refused: %r", exc.message)
 
@@ -427,52 +444,72 @@ class Session:
             raise EngineUnreachableError(_describe_close(exc.reason)) from None
 
 
-def _metadata() -> dict[str, Any]:
+def client_metadata(
+    name: str = CLIENT_NAME, description: str = "iii command line client"
+) -> dict[str, Any]:
+    """What a client reports in ``engine::workers::register``."""
     return {
-        "name": CLIENT_NAME,
+        "name": name,
         "runtime": "python",
         "version": __version__,
         "os": platform.system().lower(),
         "pid": os.getpid(),
-        "description": "iii command line client",
+        "description": description,
         "features": ["large-messages.v1"],
     }
 
 
 @asynccontextmanager
-async def open_session(endpoint: Endpoint) -> AsyncIterator[Session]:
+async def open_session(
+    endpoint: Endpoint,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    close_timeout: float = CLOSE_TIMEOUT,
+) -> AsyncIterator[Session]:
     """Connect, upgrade, be greeted and introduce ourselves; close on exit.
 
-    Leaving the block closes the WebSocket (bounded by :data:`CLOSE_TIMEOUT`,
-    even when the block was cancelled) and then the socket.
+    ``metadata`` is what ``engine::workers::register`` reports (default: the
+    command's own); frames larger than ``max_message_size`` close the
+    connection (1009).  Leaving the block closes the WebSocket (bounded by
+    ``close_timeout``, even when the block was cancelled) and then the
+    socket.  The caller bounds the whole with its own deadline.
     """
     stream = await _open_stream(endpoint)
+    # The WebSocket reader outlives a cancellation of the block until the
+    # closing handshake is done: cancelled with the rest, it could not read
+    # the engine's Close, and the close would always wait its whole timeout.
+    reader_scope = trio.CancelScope(shield=True)
     try:
         with _translated(endpoint):
             async with trio.open_nursery() as session_nursery:
-                guard = _UpgradeGuard(stream)
-                headers = (
-                    [(b"Authorization", f"Bearer {endpoint.token}".encode())]
-                    if endpoint.token
-                    else None
-                )
-                ws = await open_client_connection(
-                    session_nursery,
-                    guard,
-                    endpoint.host_header,
-                    endpoint.resource,
-                    extra_headers=headers,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                )
-                guard.upgraded()
-                session = Session(ws, endpoint)
                 try:
-                    await session.greeting()
-                    await session.introduce()
-                    yield session
+                    guard = _UpgradeGuard(stream)
+                    headers = (
+                        [(b"Authorization", f"Bearer {endpoint.token}".encode())]
+                        if endpoint.token
+                        else None
+                    )
+                    ws = await open_client_connection(
+                        session_nursery,
+                        guard,
+                        endpoint.host_header,
+                        endpoint.resource,
+                        extra_headers=headers,
+                        max_message_size=max_message_size,
+                        reader_scope=reader_scope,
+                    )
+                    guard.upgraded()
+                    session = Session(ws, endpoint)
+                    try:
+                        await session.greeting()
+                        await session.introduce(metadata)
+                        yield session
+                    finally:
+                        with trio.CancelScope(shield=True), trio.move_on_after(close_timeout):
+                            await ws.aclose()
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                        await ws.aclose()
+                    reader_scope.cancel()
                     session_nursery.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(stream)

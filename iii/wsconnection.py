@@ -326,6 +326,7 @@ async def open_client_connection(
     *,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
     max_message_size: int = 64 * 1024 * 1024,
+    reader_scope: trio.CancelScope | None = None,
 ) -> GuardedConnection:
     """The client end of a WebSocket, as ``trio_websocket.wrap_client_stream`` makes it.
 
@@ -333,7 +334,9 @@ async def open_client_connection(
     #184 too (its reader answers a Ping after the Close went out and raises
     ``LocalProtocolError``), so a peer that pings while we close could fail
     the task holding the client.  The reader task runs in ``nursery``.
-    Inbound bytes are left to the library's one-message queue.
+    Inbound bytes are left to the library's one-message queue.  With
+    ``reader_scope`` the reader runs inside that scope (a shielded one keeps
+    it reading through a cancellation until its owner cancels the scope).
     """
     connection = GuardedConnection(
         stream,
@@ -345,6 +348,14 @@ async def open_client_connection(
         read_ahead_bytes=max_message_size,
         label="client",
     )
-    nursery.start_soon(connection._reader_task)
+    if reader_scope is None:
+        nursery.start_soon(connection._reader_task)
+    else:
+        nursery.start_soon(_read_within, reader_scope, connection)
     await connection._open_handshake.wait()
     return connection
+
+
+async def _read_within(scope: trio.CancelScope, connection: GuardedConnection) -> None:
+    with scope:
+        await connection._reader_task()
