@@ -111,9 +111,12 @@ class FunctionEntry:
     latest: FunctionRegistration | None = None
     _turn: Iterable[int] = attrs.field(factory=itertools.count)
 
-    def pick(self, load: Callable[[str], int]) -> FunctionRegistration:
-        """The replica with the fewest pending invocations; ties rotate."""
-        replicas = list(self.replicas.values())
+    def pick(
+        self, load: Callable[[str], int], *, among: list[FunctionRegistration] | None = None
+    ) -> FunctionRegistration:
+        """The replica with the fewest pending invocations; ties rotate.
+        ``among``: choose from these replicas only (non-empty)."""
+        replicas = list(self.replicas.values()) if among is None else among
         if len(replicas) == 1:
             return replicas[0]
         start = next(self._turn) % len(replicas)  # type: ignore[call-overload]

@@ -1,0 +1,239 @@
+"""The cluster: several engines on one Redis act as one engine (``cluster:`` in the config).
+
+Pieces:
+
+* :mod:`iii.cluster.membership`: who is in the cluster (Redis, heartbeats
+  with expiry; a silent engine leaves every view within ``dead_after_ms``);
+* :mod:`iii.cluster.catalog`: what one engine offers the others (its own
+  functions and routes), fetched by each peer with a long poll;
+* :mod:`iii.cluster.peers`: for each peer, an :class:`~iii.link.EngineLink`
+  (the worker protocol, authenticated with the cluster token) and the mirror
+  of its catalog in this engine's registry;
+* :mod:`iii.cluster.supervisor`: ``serve --processes N``.
+
+Transport: calls between engines travel over the direct links; Redis only
+finds peers and holds membership.  A call a peer forwards here carries the
+cluster token's grant (:data:`~iii.grants.CLUSTER_PEER`) and is served by
+this engine's own replicas only (``Engine._pick_replica``), so a call is
+forwarded at most once.
+
+Supervision (inside the engine's connection nursery, after the listener is
+bound)::
+
+    serve (Cluster.run)                 cluster nursery
+    ├── Redis client (open_redis)       coredis pool, reconnects by itself
+    ├── membership                      heartbeat + view every dead_after/5
+    └── peer nursery
+        └── Peer.run (one per peer)     own cancel scope: cancelled when the peer
+            ├── EngineLink.run          leaves the view
+            └── catalog long poll       mirrors the peer's functions and routes
+
+Lifetime: started by :func:`iii.engine.serve_engine` when the config has a
+``cluster`` section; ends with the connection nursery at shutdown (the
+membership record is deleted on the way out).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from iii.adapters.redis_support import RedisSettings, open_redis
+from iii.cluster.catalog import CATALOG_FUNCTION, build_catalog
+from iii.cluster.membership import MemberInfo, Membership, describe_self
+from iii.cluster.peers import PSEUDO_PREFIX, Peer
+from iii.containment import start_contained
+from iii.grants import ForbiddenError
+from iii.link import EngineLink, LinkConfig
+from iii.native import CallContext
+
+if TYPE_CHECKING:
+    from iii.config import ClusterConfig
+    from iii.engine import Engine
+
+__all__ = ["Cluster", "serve_cluster"]
+
+log = logging.getLogger(__name__)
+
+# The longest catalog long poll a peer may ask for.
+MAX_CATALOG_WAIT = 20.0
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """This engine's membership and peers; the engine routes through it (``engine.cluster``)."""
+
+    engine: Engine
+    config: ClusterConfig
+    engine_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
+    advertise: str = ""
+    peers: dict[str, Peer] = attrs.field(factory=dict)
+    catalog_version: int = 0
+    membership: Membership | None = None
+    _catalog_changed: trio.Event = attrs.field(factory=trio.Event)
+    _peer_nursery: trio.Nursery | None = None
+
+    # -- routing (Engine._pick_replica) and introspection ------------------------------
+
+    def is_remote(self, owner: str | None) -> bool:
+        return owner is not None and owner.startswith(PSEUDO_PREFIX) and owner[len(PSEUDO_PREFIX):] in self.peers
+
+    def load(self, owner: str) -> int:
+        peer = self.peers.get(owner[len(PSEUDO_PREFIX):])
+        return peer.inflight if peer is not None else 0
+
+    def engine_of(self, owner: str | None) -> str:
+        """The engine a replica or worker lives on."""
+        if owner is not None and owner.startswith(PSEUDO_PREFIX):
+            return owner[len(PSEUDO_PREFIX):]
+        return self.engine_id
+
+    def remote_workers(self) -> list[dict[str, Any]]:
+        workers = []
+        for peer in self.peers.values():
+            if peer.catalog is not None:
+                workers.extend({**w, "engine": peer.engine_id} for w in peer.catalog.workers)
+        return workers
+
+    def remote_triggers(self) -> list[dict[str, Any]]:
+        triggers = []
+        for peer in self.peers.values():
+            if peer.catalog is not None:
+                triggers.extend({**t, "engine": peer.engine_id} for t in peer.catalog.triggers)
+        return triggers
+
+    def is_peer_link(self, worker_id: str) -> bool:
+        """A connection made by a peer engine (its link to us)."""
+        connection = self.engine.connections.get(worker_id)
+        return connection is not None and connection.grant.cluster_peer
+
+    # -- the catalog ------------------------------------------------------------------
+
+    def _changed(self, *_: Any) -> None:
+        self.catalog_version += 1
+        self._catalog_changed.set()
+        self._catalog_changed = trio.Event()
+
+    async def catalog(self, data: Any, ctx: CallContext) -> Any:
+        if ctx.grant is None or not ctx.grant.cluster_peer:
+            raise ForbiddenError(f"only engines of the cluster may call {CATALOG_FUNCTION}")
+        after = data.get("after") if isinstance(data, dict) else None
+        wait_ms = data.get("wait_ms") if isinstance(data, dict) else None
+        wait = min(max(wait_ms / 1000, 0.0), MAX_CATALOG_WAIT) if isinstance(wait_ms, int) else 0.0
+        if after == self.catalog_version and not self.engine.shutting_down.is_set():
+            # A long poll never holds up a shutdown (it would count as a call in flight).
+            with trio.move_on_after(wait):
+                await self._catalog_changed.wait()
+                await trio.sleep(0.02)  # let a burst of registrations settle
+        return build_catalog(self.engine, self)
+
+    # -- membership -------------------------------------------------------------------
+
+    def _on_view(self, view: dict[str, MemberInfo]) -> None:
+        for engine_id in list(self.peers):
+            member = view.get(engine_id)
+            if member is None or member.advertise != self.peers[engine_id].advertise:
+                log.info("cluster %s: engine %s left", self.config.name, engine_id)
+                self.peers.pop(engine_id).leave()
+        for engine_id, member in view.items():
+            if engine_id in self.peers or self._peer_nursery is None:
+                continue
+            peer = self._new_peer(member)
+            self.peers[engine_id] = peer
+            log.info("cluster %s: engine %s joined (%s)", self.config.name, engine_id, member.advertise)
+            start_contained(self._peer_nursery, f"cluster peer {engine_id}", peer.run)
+
+    def _new_peer(self, member: MemberInfo) -> Peer:
+        dead_after = self.config.dead_after
+        link = EngineLink(
+            LinkConfig(
+                url=member.advertise,
+                name=f"iii-cluster:{self.engine_id}",
+                description=f"cluster {self.config.name}: engine {self.engine_id}",
+                token=self.config.secret,
+                connect_timeout_s=max(dead_after, 1.0),
+                backoff_initial_s=min(0.1, dead_after / 10),
+                backoff_max_s=max(dead_after / 2, 0.2),
+                heartbeat_interval_s=max(dead_after / 2, 0.1),
+                heartbeat_timeout_s=max(dead_after / 2, 0.1),
+                max_message_size=self.engine.config.max_message_size,
+                max_concurrent_calls=1,
+            )
+        )
+        return Peer(self.engine, member.id, member.advertise, link, host=member.host)
+
+    def default_advertise(self) -> str:
+        config = self.engine.config
+        host = config.host
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+            log.info("cluster: advertising %s; set cluster.advertise if peers reach this engine otherwise", host)
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "wss" if config.tls.enabled else "ws"
+        return f"{scheme}://{host}:{self.engine.listen_port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+        engine = self.engine
+        self.advertise = self.config.advertise or self.default_advertise()
+        dead_after = self.config.dead_after
+        settings = RedisSettings(
+            redis_url=self.config.redis_url, timeout_ms=max(100, min(5000, int(dead_after * 1000 / 5)))
+        )
+        engine.register_function(CATALOG_FUNCTION, self.catalog, description="This engine's catalog (cluster peers only)")
+        engine.function_listeners.append(self._changed)
+        engine.trigger_listeners.append(self._changed)
+        engine.worker_listeners.append(self._changed)
+        engine.cluster = self
+        try:
+            async with open_redis(settings, name=f"cluster {self.config.name}") as redis:
+                self.membership = Membership(
+                    redis=redis,
+                    cluster_name=self.config.name,
+                    me=describe_self(self.engine_id, self.advertise),
+                    dead_after=dead_after,
+                    on_view=self._on_view,
+                )
+                async with trio.open_nursery() as cluster_nursery:
+                    self._peer_nursery = cluster_nursery
+                    await self.membership.round()
+                    cluster_nursery.start_soon(self._membership_loop)
+                    cluster_nursery.start_soon(self._end_long_polls)
+                    log.info(
+                        "cluster %s: engine %s at %s (%d peers)",
+                        self.config.name,
+                        self.engine_id,
+                        self.advertise,
+                        len(self.membership.view),
+                    )
+                    task_status.started(self)
+        finally:
+            self._peer_nursery = None
+            for peer in list(self.peers.values()):
+                peer.leave()
+            self.peers.clear()
+            engine.cluster = None
+            engine.function_listeners.remove(self._changed)
+            engine.trigger_listeners.remove(self._changed)
+            engine.worker_listeners.remove(self._changed)
+            engine.unregister_function(CATALOG_FUNCTION)
+
+    async def _end_long_polls(self) -> None:
+        await self.engine.shutting_down.wait()
+        self._changed()
+
+    async def _membership_loop(self) -> None:
+        assert self.membership is not None
+        await trio.sleep(self.membership.interval)
+        await self.membership.run()
+
+
+async def serve_cluster(engine: Engine, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+    assert engine.config.cluster is not None
+    await Cluster(engine, engine.config.cluster).run(task_status=task_status)
