@@ -36,20 +36,27 @@ membership record is deleted on the way out).
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import attrs
 import trio
 
 from iii.adapters.redis_support import RedisSettings, open_redis
+from iii.binding import reuse_port
 from iii.cluster.catalog import CATALOG_FUNCTION, build_catalog
 from iii.cluster.membership import MemberInfo, Membership, describe_self
 from iii.cluster.peers import PSEUDO_PREFIX, Peer
 from iii.containment import start_contained
 from iii.grants import ForbiddenError
 from iii.link import EngineLink, LinkConfig
+from iii.listener import connection_options, handle_upgrade
 from iii.native import CallContext
+from iii.security import server_ssl_context
+from iii.wsserver import WebSocketPort, serve_websockets
 
 if TYPE_CHECKING:
     from iii.config import ClusterConfig
@@ -166,22 +173,41 @@ class Cluster:
         )
         return Peer(self.engine, member.id, member.advertise, link, host=member.host)
 
-    def default_advertise(self) -> str:
+    def default_advertise(self, port: int) -> str:
         config = self.engine.config
-        host = config.host
-        if host in ("0.0.0.0", "::", ""):
-            import socket
-
-            host = socket.gethostname()
-            log.info("cluster: advertising %s; set cluster.advertise if peers reach this engine otherwise", host)
+        if self.config.advertise is not None:
+            parts = urlsplit(self.config.advertise)
+            host = parts.hostname or "127.0.0.1"
+            scheme = parts.scheme
+        else:
+            host = config.host
+            scheme = "wss" if config.tls.enabled else "ws"
+            if host in ("0.0.0.0", "::", ""):
+                host = socket.gethostname()
+                log.info("cluster: advertising %s; set cluster.advertise if peers reach this engine otherwise", host)
         if ":" in host:
             host = f"[{host}]"
-        scheme = "wss" if config.tls.enabled else "ws"
-        return f"{scheme}://{host}:{self.engine.listen_port}"
+        return f"{scheme}://{host}:{port}"
+
+    async def _serve_peer_port(self, *, task_status: trio.TaskStatus[WebSocketPort] = trio.TASK_STATUS_IGNORED) -> None:
+        """This process's own port for peers, when the worker port is shared
+        (``serve --processes``: a peer must reach this very process)."""
+        engine = self.engine
+        assert engine.connection_nursery is not None
+        await serve_websockets(
+            partial(handle_upgrade, engine),
+            host=engine.config.host,
+            port=0,
+            ssl_context=server_ssl_context(engine.config.tls),
+            admission=engine.sockets,
+            options=connection_options(engine),
+            port_name="cluster peer port",
+            handler_nursery=engine.connection_nursery,
+            task_status=task_status,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
         engine = self.engine
-        self.advertise = self.config.advertise or self.default_advertise()
         dead_after = self.config.dead_after
         settings = RedisSettings(
             redis_url=self.config.redis_url, timeout_ms=max(100, min(5000, int(dead_after * 1000 / 5)))
@@ -192,7 +218,15 @@ class Cluster:
         engine.worker_listeners.append(self._changed)
         engine.cluster = self
         try:
-            async with open_redis(settings, name=f"cluster {self.config.name}") as redis:
+            async with open_redis(settings, name=f"cluster {self.config.name}") as redis, trio.open_nursery() as cluster_nursery:
+                if reuse_port():
+                    peer_port = await cluster_nursery.start(self._serve_peer_port)
+                    self.advertise = self.default_advertise(peer_port.port)
+                elif self.config.advertise is not None:
+                    self.advertise = self.config.advertise
+                else:
+                    assert engine.listen_port is not None
+                    self.advertise = self.default_advertise(engine.listen_port)
                 self.membership = Membership(
                     redis=redis,
                     cluster_name=self.config.name,
@@ -200,19 +234,18 @@ class Cluster:
                     dead_after=dead_after,
                     on_view=self._on_view,
                 )
-                async with trio.open_nursery() as cluster_nursery:
-                    self._peer_nursery = cluster_nursery
-                    await self.membership.round()
-                    cluster_nursery.start_soon(self._membership_loop)
-                    cluster_nursery.start_soon(self._end_long_polls)
-                    log.info(
-                        "cluster %s: engine %s at %s (%d peers)",
-                        self.config.name,
-                        self.engine_id,
-                        self.advertise,
-                        len(self.membership.view),
-                    )
-                    task_status.started(self)
+                self._peer_nursery = cluster_nursery
+                await self.membership.round()
+                cluster_nursery.start_soon(self._membership_loop)
+                cluster_nursery.start_soon(self._end_long_polls)
+                log.info(
+                    "cluster %s: engine %s at %s (%d peers)",
+                    self.config.name,
+                    self.engine_id,
+                    self.advertise,
+                    len(self.membership.view),
+                )
+                task_status.started(self)
         finally:
             self._peer_nursery = None
             for peer in list(self.peers.values()):
