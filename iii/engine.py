@@ -690,6 +690,8 @@ async def serve_engine(
                 task_status.started(engine)
                 await engine._shutdown_requested.wait()
                 await engine._drain(listener_scope)
+                if engine.cluster is not None:
+                    await engine.cluster.leave()  # while Redis is still open
                 connection_nursery.cancel_scope.cancel()
             engine.connection_nursery = None
             module_nursery.cancel_scope.cancel()

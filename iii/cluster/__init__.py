@@ -83,6 +83,7 @@ class Cluster:
     membership: Membership | None = None
     _catalog_changed: trio.Event = attrs.field(factory=trio.Event)
     _peer_nursery: trio.Nursery | None = None
+    _membership_scope: trio.CancelScope | None = None
 
     # -- routing (Engine._pick_replica) and introspection ------------------------------
 
@@ -257,14 +258,23 @@ class Cluster:
             engine.worker_listeners.remove(self._changed)
             engine.unregister_function(CATALOG_FUNCTION)
 
+    async def leave(self) -> None:
+        """Shutdown: stop heartbeating and delete this engine's record (bounded)."""
+        if self._membership_scope is not None:
+            self._membership_scope.cancel()
+        if self.membership is not None:
+            with trio.move_on_after(2.0):
+                await self.membership.leave()
+
     async def _end_long_polls(self) -> None:
         await self.engine.shutting_down.wait()
         self._changed()
 
     async def _membership_loop(self) -> None:
         assert self.membership is not None
-        await trio.sleep(self.membership.interval)
-        await self.membership.run()
+        with trio.CancelScope() as self._membership_scope:
+            await trio.sleep(self.membership.interval)
+            await self.membership.run()
 
 
 async def serve_cluster(engine: Engine, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:

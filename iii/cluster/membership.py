@@ -125,15 +125,12 @@ class Membership:
         return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Heartbeat and read the view every ``interval``; leave cleanly when cancelled."""
+        """Heartbeat and read the view every ``interval`` until cancelled (the
+        owner calls :meth:`leave` on a clean exit, while Redis is open)."""
         task_status.started()
-        try:
-            while True:
-                await self.round()
-                await trio.sleep(self.interval)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self.leave()
+        while True:
+            await self.round()
+            await trio.sleep(self.interval)
 
     async def round(self) -> None:
         try:
