@@ -66,6 +66,7 @@ __all__ = ["Cluster", "serve_cluster"]
 
 log = logging.getLogger(__name__)
 
+STATUS_FUNCTION = "engine::cluster::status"
 # The longest catalog long poll a peer may ask for.
 MAX_CATALOG_WAIT = 20.0
 
@@ -125,6 +126,27 @@ class Cluster:
         self.catalog_version += 1
         self._catalog_changed.set()
         self._catalog_changed = trio.Event()
+
+    async def status(self, data: Any, ctx: CallContext) -> Any:
+        """``engine::cluster::status``: this engine, its view and its links."""
+        membership = self.membership
+        return {
+            "name": self.config.name,
+            "engine": self.engine_id,
+            "advertise": self.advertise,
+            "membership_healthy": membership.healthy if membership is not None else False,
+            "peers": [
+                {
+                    "engine": peer.engine_id,
+                    "advertise": peer.advertise,
+                    "linked": peer.link.connected,
+                    "synced": peer.catalog is not None,
+                    "functions": len(peer.catalog.functions) if peer.catalog is not None else 0,
+                    "calls_in_flight": peer.inflight,
+                }
+                for peer in self.peers.values()
+            ],
+        }
 
     async def catalog(self, data: Any, ctx: CallContext) -> Any:
         if ctx.grant is None or not ctx.grant.cluster_peer:
@@ -214,6 +236,7 @@ class Cluster:
             redis_url=self.config.redis_url, timeout_ms=max(100, min(5000, int(dead_after * 1000 / 5)))
         )
         engine.register_function(CATALOG_FUNCTION, self.catalog, description="This engine's catalog (cluster peers only)")
+        engine.register_function(STATUS_FUNCTION, self.status, description="This engine's view of the cluster")
         engine.function_listeners.append(self._changed)
         engine.trigger_listeners.append(self._changed)
         engine.worker_listeners.append(self._changed)
@@ -257,6 +280,7 @@ class Cluster:
             engine.trigger_listeners.remove(self._changed)
             engine.worker_listeners.remove(self._changed)
             engine.unregister_function(CATALOG_FUNCTION)
+            engine.unregister_function(STATUS_FUNCTION)
 
     async def leave(self) -> None:
         """Shutdown: stop heartbeating and delete this engine's record (bounded)."""
