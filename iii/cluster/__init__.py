@@ -55,6 +55,7 @@ from iii.grants import ForbiddenError
 from iii.link import EngineLink, LinkConfig
 from iii.listener import connection_options, handle_upgrade
 from iii.native import CallContext
+from iii.registry import LogicalTrigger
 from iii.security import server_ssl_context
 from iii.wsserver import WebSocketPort, serve_websockets
 
@@ -114,6 +115,16 @@ class Cluster:
             if peer.catalog is not None:
                 triggers.extend({**t, "engine": peer.engine_id} for t in peer.catalog.triggers)
         return triggers
+
+    def fires_here(self, trigger: LogicalTrigger) -> bool:
+        """For a fan-out event (state, stream, pubsub: every engine receives it):
+        whether this engine fires ``trigger``.  Engines holding an identical
+        trigger agree without talking: the lowest engine id among them fires."""
+        key = trigger.key
+        for peer in self.peers.values():
+            if peer.engine_id < self.engine_id and peer.link.connected and key in peer.trigger_keys:
+                return False
+        return True
 
     def is_peer_link(self, worker_id: str) -> bool:
         """A connection made by a peer engine (its link to us)."""

@@ -5,7 +5,7 @@ mirrors from peers, never the engine functions every engine has)::
 
     {"engine": <engine id>, "version": <int>,
      "functions": [{function_id, description, request_format, response_format, metadata}],
-     "http": [{id, function_id, config, metadata}],          # the routes, to mirror
+     "http": [{id, trigger_type, function_id, config, metadata}],  # to mirror
      "workers": [<engine::workers::list entry>],              # for introspection only
      "triggers": [{id, trigger_type, function_id, config}]}   # for introspection only
 
@@ -15,13 +15,16 @@ version differs, else when it changes or after ``wait_ms``.  Only a peer (the
 cluster token's grant) may call it.
 
 What is mirrored, and why (the one-function-space rule): functions (so a
-call from any engine reaches them) and ``http`` triggers (a request arrives
-at one engine: that engine must know the route).  Event triggers (queue,
-cron, state, stream, pubsub, ...) are *not* mirrored: the Redis adapters
-already deliver every event to the engine where the trigger's worker is
-(state/stream changes and pubsub messages reach every engine, queue consumer
-groups and cron locks hand each job and tick to one), so mirroring them
-would fire them twice.
+call from any engine reaches them) and the triggers whose event arrives at
+one engine: ``http`` (a request), ``stream:join`` / ``stream:leave`` (a
+stream client connecting there): that engine must know them.  Event
+triggers (queue, cron, state, stream, subscribe) are *not* mirrored: the
+Redis adapters already deliver every event to the engine where the
+trigger's worker is (state/stream changes and pubsub messages reach every
+engine; queue consumer groups and cron locks hand each job and tick to one),
+so mirroring them would fire them twice.  An identical fan-out trigger held
+on several engines fires on one of them (``Cluster.fires_here``, using the
+``triggers`` of each catalog).
 
 A peer's catalog is peer data: :func:`read_catalog` keeps the well-formed
 entries and drops the rest.
@@ -43,7 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["Catalog", "build_catalog", "read_catalog", "MIRRORED_TRIGGER_TYPES", "CATALOG_FUNCTION"]
 
 CATALOG_FUNCTION = "engine::cluster::catalog"
-MIRRORED_TRIGGER_TYPES = frozenset({"http"})
+# Triggers whose event arrives at one engine (a request, a stream client
+# joining or leaving there): every engine must know them.
+MIRRORED_TRIGGER_TYPES = frozenset({"http", "stream:join", "stream:leave"})
 MAX_ID_CHARS = 1024
 
 
@@ -91,6 +96,7 @@ def build_catalog(engine: Engine, cluster: Cluster) -> dict[str, Any]:
             http.append(
                 {
                     "id": trigger.id,
+                    "trigger_type": trigger.trigger_type,
                     "function_id": trigger.function_id,
                     "config": trigger.config,
                     "metadata": trigger.metadata,
@@ -165,8 +171,12 @@ def read_catalog(value: Any, *, expected_engine: str) -> Catalog | None:
     http: dict[str, dict[str, Any]] = {}
     for item in _items(value.get("http")):
         trigger_id, function_id, config = item.get("id"), item.get("function_id"), item.get("config")
-        if _short_str(trigger_id) and _short_str(function_id) and isinstance(config, dict):
+        trigger_type = item.get("trigger_type", "http")
+        if trigger_type not in MIRRORED_TRIGGER_TYPES:
+            continue
+        if _short_str(trigger_id) and _short_str(function_id) and isinstance(config, (dict, type(None))):
             http[trigger_id] = {
+                "trigger_type": trigger_type,
                 "function_id": function_id,
                 "config": config,
                 "metadata": item.get("metadata"),

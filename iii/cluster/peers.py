@@ -38,7 +38,7 @@ from iii.errors import IIIError, InvocationStoppedError
 from iii.link import EngineLink, TraceContext
 from iii.log import RateLimitedLog, bounded_repr
 from iii.native import CallContext, NativeHandler
-from iii.registry import RegistryError, TriggerRegistration, WorkerInfo
+from iii.registry import RegistryError, TriggerRegistration, WorkerInfo, trigger_key
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -60,6 +60,8 @@ class Peer:
     link: EngineLink
     host: str = ""
     catalog: Catalog | None = None
+    # trigger_key(...) of every trigger the peer's own workers registered (Cluster.fires_here).
+    trigger_keys: frozenset[tuple[str, str, bytes]] = frozenset()
     inflight: int = 0
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     # Cancel scopes of the calls in flight to this peer (ended invocation_stopped when it goes).
@@ -121,6 +123,9 @@ class Peer:
         """Make this engine's registry hold exactly ``catalog``'s functions and routes."""
         engine, registry, owner = self.engine, self.engine.registry, self.owner_id
         self.catalog = catalog
+        self.trigger_keys = frozenset(
+            trigger_key(t["trigger_type"], t["function_id"], t["config"]) for t in catalog.triggers
+        )
         if owner not in registry.workers:
             registry.add_worker(
                 WorkerInfo(
@@ -141,6 +146,7 @@ class Peer:
                 or wanted is None
                 or registration.function_id != wanted["function_id"]
                 or registration.config != wanted["config"]
+                or registration.trigger_type != wanted["trigger_type"]
             ):
                 engine.unregister_trigger(owner, trigger_id)
         for function_id in list(worker.function_ids):
@@ -181,7 +187,7 @@ class Peer:
                 TriggerRegistration(
                     worker_id=owner,
                     id=trigger_id,
-                    trigger_type=next(iter(MIRRORED_TRIGGER_TYPES)),
+                    trigger_type=info["trigger_type"],
                     function_id=info["function_id"],
                     config=info["config"],
                     metadata=info["metadata"],
@@ -200,6 +206,7 @@ class Peer:
     def unmirror(self) -> None:
         """Remove everything mirrored from this peer, at once."""
         self.catalog = None
+        self.trigger_keys = frozenset()
         owner = self.owner_id
         if owner in self.engine.registry.workers:
             self.engine.drop_worker_entries(owner)

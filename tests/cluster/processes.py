@@ -16,7 +16,7 @@ from tests.cluster.helpers import TOKEN, TOKEN_ENV
 from tests.support import EngineProcess, free_port, require_redis
 
 
-def shared_modules(prefix: str, *, rest_port: int, stream_port: int) -> list[dict[str, Any]]:
+def shared_modules(prefix: str, *, rest_port: int = 0, stream_port: int = 0) -> list[dict[str, Any]]:
     """Every module on Redis under one key prefix (what a cluster shares)."""
     url = require_redis()
     redis = {"redis_url": url, "key_prefix": prefix}
