@@ -85,7 +85,8 @@ class Cluster:
     membership: Membership | None = None
     _catalog_changed: trio.Event = attrs.field(factory=trio.Event)
     _peer_nursery: trio.Nursery | None = None
-    _membership_scope: trio.CancelScope | None = None
+    _leave_requested: trio.Event = attrs.field(factory=trio.Event)
+    _left: trio.Event = attrs.field(factory=trio.Event)
 
     # -- routing (Engine._pick_replica) and introspection ------------------------------
 
@@ -294,22 +295,30 @@ class Cluster:
             engine.unregister_function(STATUS_FUNCTION)
 
     async def leave(self) -> None:
-        """Shutdown: stop heartbeating and delete this engine's record (bounded)."""
-        if self._membership_scope is not None:
-            self._membership_scope.cancel()
-        if self.membership is not None:
-            with trio.move_on_after(2.0):
-                await self.membership.leave()
+        """Shutdown: stop heartbeating and delete this engine's record (bounded).
+
+        Done by the membership task itself (between two rounds, never in the
+        middle of a Redis call), so peers drop this engine at once."""
+        self._leave_requested.set()
+        with trio.move_on_after(2.0):
+            await self._left.wait()
 
     async def _end_long_polls(self) -> None:
         await self.engine.shutting_down.wait()
         self._changed()
 
     async def _membership_loop(self) -> None:
-        assert self.membership is not None
-        with trio.CancelScope() as self._membership_scope:
-            await trio.sleep(self.membership.interval)
-            await self.membership.run()
+        membership = self.membership
+        assert membership is not None
+        try:
+            while not self._leave_requested.is_set():
+                with trio.move_on_after(membership.interval):
+                    await self._leave_requested.wait()
+                if not self._leave_requested.is_set():
+                    await membership.round()
+            await membership.leave()
+        finally:
+            self._left.set()
 
 
 async def serve_cluster(engine: Engine, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:

@@ -21,8 +21,9 @@ Nothing here is a consensus protocol: Redis holds the truth, each engine
 reads it.  Records from Redis are peer data: decoded with the size-checked
 JSON reader and validated field by field; a bad one is skipped.
 
-Lifetime: :meth:`Membership.run` runs in the cluster nursery until
-cancelled, inside :func:`~iii.adapters.redis_support.open_redis`'s block.
+Lifetime: the cluster's membership task calls :meth:`Membership.round`
+every ``interval`` and :meth:`Membership.leave` on a clean exit, inside
+:func:`~iii.adapters.redis_support.open_redis`'s block.
 """
 
 from __future__ import annotations
@@ -124,14 +125,6 @@ class Membership:
             return True
         return False
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Heartbeat and read the view every ``interval`` until cancelled (the
-        owner calls :meth:`leave` on a clean exit, while Redis is open)."""
-        task_status.started()
-        while True:
-            await self.round()
-            await trio.sleep(self.interval)
-
     async def round(self) -> None:
         try:
             await self._heartbeat()
@@ -220,6 +213,8 @@ class Membership:
             await self.redis.call("cluster leave", lambda: client.srem(index, [self.me.id]))
         except IIIError as exc:
             log.info("cluster %s: could not remove this engine's record: %s", self.cluster_name, exc.message)
+        except RuntimeError as exc:  # coredis: the pool is already closing
+            log.info("cluster %s: could not remove this engine's record: %s", self.cluster_name, exc)
 
 
 def describe_self(member_id: str, advertise: str) -> MemberInfo:
