@@ -245,7 +245,7 @@ class Cluster:
         engine = self.engine
         dead_after = self.config.dead_after
         settings = RedisSettings(
-            redis_url=self.config.redis_url, timeout_ms=max(100, min(5000, int(dead_after * 1000 / 5)))
+            redis_url=self.config.redis_url, timeout_ms=max(1000, min(5000, int(dead_after * 1000 / 2)))
         )
         engine.register_function(CATALOG_FUNCTION, self.catalog, description="This engine's catalog (cluster peers only)")
         engine.register_function(STATUS_FUNCTION, self.status, description="This engine's view of the cluster")
