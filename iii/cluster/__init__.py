@@ -104,14 +104,14 @@ class Cluster:
         return self.engine_id
 
     def remote_workers(self) -> list[dict[str, Any]]:
-        workers = []
+        workers: list[dict[str, Any]] = []
         for peer in self.peers.values():
             if peer.catalog is not None:
                 workers.extend({**w, "engine": peer.engine_id} for w in peer.catalog.workers)
         return workers
 
     def remote_triggers(self) -> list[dict[str, Any]]:
-        triggers = []
+        triggers: list[dict[str, Any]] = []
         for peer in self.peers.values():
             if peer.catalog is not None:
                 triggers.extend({**t, "engine": peer.engine_id} for t in peer.catalog.triggers)

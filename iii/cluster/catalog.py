@@ -33,7 +33,7 @@ entries and drops the rest.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 
@@ -144,7 +144,7 @@ def build_catalog(engine: Engine, cluster: Cluster) -> dict[str, Any]:
     }
 
 
-def _short_str(value: Any) -> bool:
+def _short_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
 
 

@@ -34,6 +34,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+
 import attrs
 import orjson
 import trio

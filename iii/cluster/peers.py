@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from iii.cluster.catalog import CATALOG_FUNCTION, MIRRORED_TRIGGER_TYPES, Catalog, read_catalog
+from iii.cluster.catalog import CATALOG_FUNCTION, Catalog, read_catalog
 from iii.errors import IIIError, InvocationStoppedError
 from iii.link import EngineLink, TraceContext
 from iii.log import RateLimitedLog, bounded_repr

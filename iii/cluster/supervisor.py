@@ -112,9 +112,16 @@ class Child:
     starts: int = 0
     last_ping: float = 0.0
     stopping: bool = False
-    _ready_changed: trio.Event = attrs.field(factory=trio.Event)
+    # Set when run() returns (the child was stopped and has exited).
+    done: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.done.set()
+
+    async def _run(self) -> None:
         attempt = 0
         while not self.stopping:
             self.ready = False
@@ -210,8 +217,8 @@ async def supervise(
                             child.signal(signal.SIGTERM)
                         break
                 with trio.move_on_after(shutdown_wait) as wait_scope:
-                    while any(child.process is not None for child in children):
-                        await trio.sleep(0.05)
+                    for child in children:
+                        await child.done.wait()
                 if wait_scope.cancelled_caught:
                     for child in children:
                         child.signal(signal.SIGKILL)

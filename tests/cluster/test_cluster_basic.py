@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import trio
 
-from iii.testing import connect_loopback_worker, connect_test_worker
-from tests.modules.rest_api.helpers import add_route, open_worker, rest_module
+from iii.testing import connect_test_worker
 from tests.cluster.helpers import cluster_of, open_cluster, sees_function, wait_for
+from tests.modules.rest_api.helpers import add_route, open_worker, rest_module
 
 
 async def serve_echo(worker, function_id: str, count: int | None = None) -> None:

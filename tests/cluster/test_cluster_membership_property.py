@@ -136,13 +136,13 @@ async def scenario(ops: list[tuple[Any, ...]]) -> None:
                     for _ in range(op[1]):
                         counter += 1
                         await call(counter)
-            for engine, scope in live:
+            for engine, _ in live:
                 engine.request_shutdown()
             # Every call is answered: the slow ones when their engine leaves.
             with trio.fail_after(30):
                 while any(answers[i] == 0 for i in sent):
                     await trio.sleep(0.02)
-            for engine, scope in live:
+            for _, scope in live:
                 scope.cancel()
             a.request_shutdown()
             nursery.cancel_scope.cancel()
