@@ -23,9 +23,11 @@ Supervision tree (copied into README.rst)::
                 │       └── invocation tasks  one per request/response call the worker
                 │                         made, each under its own deadline
                 │   (or a channel side, or an /otel socket)
-                └── detached calls        fire-and-forget calls: owned by the engine, not
-                                          by the caller, so a caller that leaves right after
-                                          sending (``trigger_void`` then exit) loses nothing
+                ├── detached calls        fire-and-forget calls: owned by the engine, not
+                │                         by the caller, so a caller that leaves right after
+                │                         sending (``trigger_void`` then exit) loses nothing
+                └── cluster (iii.cluster) with a ``cluster:`` section: Redis membership and
+                                          one supervised link per peer engine (see there)
 
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
@@ -42,12 +44,15 @@ Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 2. in-flight calls get ``shutdown_grace`` seconds to finish;
 3. workers are closed with 1012 (service restart), not 1000/1001, so both
    SDK generations reconnect to the next engine (spec protocol.md §1);
-4. the connection nursery is cancelled, then modules exit (and close their
+4. in a cluster, the engine leaves the membership (peers drop it at once);
+   the connection nursery is cancelled, then modules exit (and close their
    adapters); ``serve_engine`` returns.
 
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
-fewest pending calls, with its pending record filed *before* the
+fewest pending calls (in a cluster a peer engine's replica counts one more,
+so an idle local one wins; a call a peer forwarded runs on local replicas
+only), with its pending record filed *before* the
 ``invokefunction`` is sent; the caller's ``invocation_id`` is used on both
 hops; an engine-side deadline (``invocation_timeout_ms``, default 30 s)
 answers ``timeout``.
