@@ -68,6 +68,8 @@ __all__ = ["Cluster", "serve_cluster"]
 log = logging.getLogger(__name__)
 
 STATUS_FUNCTION = "engine::cluster::status"
+# A link's worker name on the peer: the prefix and this engine's id.
+LINK_NAME_PREFIX = "iii-cluster:"
 # The longest catalog long poll a peer may ask for.
 MAX_CATALOG_WAIT = 20.0
 
@@ -126,6 +128,15 @@ class Cluster:
             if peer.engine_id < self.engine_id and peer.link.connected and key in peer.trigger_keys:
                 return False
         return True
+
+    def peer_url_of_link(self, worker_id: str) -> str | None:
+        """The advertised URL of the peer engine behind a link connection to us."""
+        info = self.engine.registry.workers.get(worker_id)
+        name = info.name if info is not None else None
+        if not name or not name.startswith(LINK_NAME_PREFIX):
+            return None
+        peer = self.peers.get(name[len(LINK_NAME_PREFIX):])
+        return peer.advertise if peer is not None else None
 
     def is_peer_link(self, worker_id: str) -> bool:
         """A connection made by a peer engine (its link to us)."""
@@ -194,7 +205,7 @@ class Cluster:
         link = EngineLink(
             LinkConfig(
                 url=member.advertise,
-                name=f"iii-cluster:{self.engine_id}",
+                name=f"{LINK_NAME_PREFIX}{self.engine_id}",
                 description=f"cluster {self.config.name}: engine {self.engine_id}",
                 token=self.config.secret,
                 connect_timeout_s=max(dead_after, 1.0),
