@@ -102,3 +102,39 @@ async def test_kill_9_of_an_engine_stops_its_calls_and_its_functions_vanish(tmp_
             await wait_cluster_size([a, b, c], 3)
             await wait_function(c, "p::echo", timeout=60)
             assert (await call(c, "p::echo", {"again": True}))["echo"]["again"] is True
+
+
+async def test_a_hung_engine_is_dropped_within_dead_after_and_rejoins_when_it_resumes(tmp_path: Path) -> None:
+    """SIGSTOP: no socket closes; the record expires and the links' pings go unanswered."""
+    import os
+    import signal
+
+    async with engine_processes(tmp_path, 2, dead_after_ms=1500) as (a, b):
+        async with (
+            start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=b.url) as on_b,
+            start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=a.url) as on_a,
+        ):
+            await on_b.wait_for("READY", timeout=60)
+            await on_a.wait_for("READY", timeout=60)
+            assert await command(on_b, op="register", id="p::hang", kind="slow") == ("OK", None)
+            assert await command(on_b, op="register", id="p::back") == ("OK", None)
+            await wait_function(a, "p::hang")
+            assert b.process is not None
+            async with trio.open_nursery() as nursery:
+                answers: list[tuple[str, object]] = []
+
+                async def hung_call() -> None:
+                    answers.append(await command(on_a, op="call", fn="p::hang", data={}, timeout=30))
+
+                nursery.start_soon(hung_call)
+                await on_b.wait_for("CALLED p::hang", timeout=30)
+                os.kill(b.process.pid, signal.SIGSTOP)
+            try:
+                ((status, error),) = answers
+                assert status == "ERR" and error["code"] == "invocation_stopped", error  # type: ignore[index]
+                await wait_function(a, "p::back", present=False)
+            finally:
+                os.kill(b.process.pid, signal.SIGCONT)
+            # Resumed: it heartbeats again, the links come back, its functions too.
+            await wait_function(a, "p::back", timeout=60)
+            assert (await call(a, "p::back", {"x": 1}))["echo"]["x"] == 1
