@@ -42,6 +42,7 @@ import iii.channel_conn
 import iii.listener
 import iii.worker_calls
 from iii.engine import Engine
+from iii.frame_writer import FrameWriter
 from iii.modules.rest_api.dispatch import RestDispatcher
 from iii.modules.rest_api.server import HttpServer
 from iii.modules.stream.server import StreamServer
@@ -63,7 +64,7 @@ ERRORS: dict[str, Callable[[], BaseException]] = {
 # kind -> (object, attribute): the task function the fault goes into.
 TARGETS: dict[str, tuple[Any, str]] = {
     "worker reader": (WorkerConnection, "_reader"),
-    "worker writer": (WorkerConnection, "_writer"),
+    "worker writer": (FrameWriter, "run"),
     "worker heartbeat": (WorkerConnection, "_heartbeat"),
     "call task": (iii.worker_calls, "_run_call"),
     "channel side": (iii.channel_conn, "_pump_from_socket"),

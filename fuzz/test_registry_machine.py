@@ -9,7 +9,10 @@ order.  A small model next to it says what must be true after every step:
 * nothing is owned by, pending on, or registered to a worker that is gone;
 * a function exists exactly while at least one replica is live;
 * a logical trigger exists exactly while one of its registrants is live, and
-  the registry's indexes agree with each other.
+  the registry's indexes agree with each other;
+* a service exists exactly while a live worker (or a module) registered it,
+  its byte and count accounting matches what is held, a module's service is
+  never taken over, and every function is listed under at most one service.
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from iii.invocations import DuplicateInvocationError, Invocation, PendingTable
-from iii.registry import FunctionRegistration, Registry, RegistryError, TriggerRegistration, TriggerType, WorkerInfo
+from iii.registry import (
+    FunctionRegistration,
+    Registry,
+    RegistryError,
+    TriggerRegistration,
+    TriggerType,
+    WorkerInfo,
+)
+from iii.services import ServiceRefusedError, ServiceRegistration
 
-FUNCTIONS = ["f::a", "f::b", "f::c"]
+FUNCTIONS = ["f::a", "f::b", "f::c", "f::x::y", "mod::z"]
+SERVICES = ["f", "f::x", "g", "mod"]  # "mod" belongs to a module
+DESCRIPTIONS = [None, "", "d", "é" * 40]
+
 TRIGGER_IDS = ["t1", "t2", "t3"]
 TRIGGER_TYPES = ["webhook", "tick"]
 CONFIGS = [None, {"a": 1}, {"a": 2}]
@@ -36,6 +50,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.live: list[str] = []
         self.answers: dict[str, int] = {}  # invocation id -> answers delivered
         self.open_calls: dict[str, Invocation] = {}  # filed and still waited on
+        self.registry.add_service(ServiceRegistration(id="mod", name="mod", module="modules::m::M"))
 
     # -- workers -----------------------------------------------------------
 
@@ -89,6 +104,41 @@ class CoreMachine(RuleBasedStateMachine):
             except RegistryError:
                 return
             raise AssertionError("an engine function replaced worker replicas")
+
+    # -- services ------------------------------------------------------------------
+
+    @precondition(lambda self: self.live)
+    @rule(
+        index=st.integers(0, 10),
+        service_id=st.sampled_from(SERVICES),
+        description=st.sampled_from(DESCRIPTIONS),
+        parent=st.sampled_from([None, *SERVICES]),
+    )
+    def register_service(self, index: int, service_id: str, description, parent) -> None:
+        owner = self.live[index % len(self.live)]
+        registration = ServiceRegistration(
+            id=service_id, name=service_id, description=description, parent_service_id=parent, owner=owner
+        )
+        current = self.registry.services.services.get(service_id)
+        module_owned = current is not None and None in current.registrations
+        try:
+            self.registry.add_service(registration)
+        except ServiceRefusedError:
+            assert module_owned
+            return
+        assert not module_owned
+        service = self.registry.services.services[service_id]
+        assert service.latest is registration and service.registrations[owner] is registration
+
+    @rule(service_id=st.sampled_from(SERVICES))
+    def module_service_cannot_be_shadowed(self, service_id: str) -> None:
+        try:
+            self.registry.add_service(ServiceRegistration(id=service_id, name=service_id, module="x"))
+        except ServiceRefusedError:
+            assert service_id in self.registry.services.services
+            return
+        # Nobody held it: the module has it now, and keeps it.
+        assert self.registry.services.services[service_id].latest.owner is None
 
     # -- trigger types and triggers ------------------------------------------------------
 
@@ -210,6 +260,36 @@ class CoreMachine(RuleBasedStateMachine):
             assert invocation.target_worker_id in live
             assert invocation.caller_worker_id in live
         assert set(self.pending.by_id) == set(self.open_calls)
+
+    @invariant()
+    def services_belong_to_the_live(self) -> None:
+        table = self.registry.services
+        live = set(self.live)
+        held_bytes = 0
+        held_count = 0
+        for service_id, service in table.services.items():
+            assert service.registrations, "a service without registrants"
+            assert service.latest is not None and service.latest in service.registrations.values()
+            if None in service.registrations:
+                assert set(service.registrations) == {None}, "a module's service taken over"
+            for owner, registration in service.registrations.items():
+                assert owner is None or owner in live
+                assert registration.id == service_id and registration.owner == owner
+                held_bytes += registration.size
+                held_count += 1
+        assert (table.total_bytes, table.total_registrations) == (held_bytes, held_count)
+        assert set(table.by_worker) <= live
+        for worker_id, held in table.by_worker.items():
+            assert held, "an empty per-worker index"
+            for service_id, size in held.items():
+                assert table.services[service_id].registrations[worker_id].size == size
+        assert "mod" in table.services
+        for service_id in table.claimed.values():
+            assert None in table.services[service_id].registrations, "a claim by no module"
+        listing = table.listing(self.registry.functions)
+        grouped = [f for service in listing for f in service["functions"]]
+        assert len(grouped) == len(set(grouped)) and set(grouped) <= set(self.registry.functions)
+        assert {s["id"] for s in listing} >= set(table.services)
 
     @invariant()
     def indexes_agree(self) -> None:

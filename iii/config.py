@@ -61,6 +61,7 @@ __all__ = [
     "EngineConfig",
     "ModuleEntry",
     "load_config",
+    "read_config_tree",
     "parse_config",
     "default_config",
     "config_to_dict",
@@ -711,14 +712,18 @@ def load_config(path: str | os.PathLike[str] | None, *, env: Any = None) -> Engi
     """Load a config file; ``None`` gives the defaults."""
     if path is None:
         return parse_config({}, env=env)
+    return parse_config(read_config_tree(path), file=str(Path(path)), env=env)
+
+
+def read_config_tree(path: str | os.PathLike[str]) -> Any:
+    """A config file's parsed tree, before validation (:func:`parse_config` does that)."""
     file = Path(path)
     try:
-        raw = _read_file(file)
+        return _read_file(file)
     except FileNotFoundError:
         raise ConfigError("file not found", file=str(file)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
-    return parse_config(raw, file=str(file), env=env)
 
 
 def default_config() -> EngineConfig:

@@ -11,6 +11,11 @@ Supervision tree (copied into README.rst)::
             │                             in config order); each module owns its adapter
             │                             and its own nursery; modules exit last
             ├── <module>.run ...
+            │   └── EngineLink.run        bridge_client (and Bridge adapters): the link to a
+            │       │                     remote engine; connect, reattach, re-register;
+            │       │                     on a drop, fail calls in flight, back off, reconnect
+            │       └── link connection   per-connection nursery: reader, writer, heartbeat,
+            │                             calls from the remote (bounded, each with a deadline)
             └── connection nursery        owned by the engine
                 ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
                 │                         counts sockets on accept (iii.admission)
@@ -31,6 +36,8 @@ Supervision tree (copied into README.rst)::
 
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
+link (:mod:`iii.link`) that drops cancels its own connection's nursery only;
+its calls in flight end ``invocation_stopped`` and it reconnects.  A
 module that crashes raises through the module nursery and stops the engine
 (one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
 one socket's subtree, one call task, one detached call or one event a module
@@ -48,6 +55,11 @@ Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
    the connection nursery is cancelled, then modules exit (and close their
    adapters); ``serve_engine`` returns.
 
+A program that embeds the engine (:mod:`iii.embedding`) runs this same
+:func:`serve_engine` in its own task tree; its native functions and trigger
+types are registered through ``before_listen``, after the modules and before
+the listener.
+
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
 fewest pending calls (in a cluster a peer engine's replica counts one more,
@@ -63,7 +75,8 @@ from __future__ import annotations
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -103,7 +116,8 @@ from iii.registry import (
     TriggerTypeHandler,
 )
 from iii.security import Authenticator
-from iii.telemetry import TelemetrySink
+from iii.services import ServiceRefusedError, module_service
+from iii.telemetry import TelemetryConsumer, TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
 if TYPE_CHECKING:
@@ -157,6 +171,8 @@ class Engine:
     # Set while serving: where detached (fire-and-forget) calls run.
     connection_nursery: trio.Nursery | None = None
     listen_port: int | None = None
+    # Calls being handled for an intake (a worker's call, an HTTP request):
+    # counted by track_call(), waited for by the drain.
     inflight: int = 0
     # Who holds a socket on the worker port (max_connections, per address).
     sockets: Admission = attrs.field(
@@ -191,6 +207,11 @@ class Engine:
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
     _expiry_scope: trio.CancelScope | None = None
+    # Set when no call is in flight and none is pending (see _wait_idle).
+    _idle: trio.Event | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.pending.on_empty = self._check_idle
 
     @property
     def open_sockets(self) -> int:
@@ -393,6 +414,73 @@ class Engine:
         if removal.worker.trigger_ids or removal.triggers_gone:
             self.notify_triggers_changed()
         return True
+
+    # -- hooks that modules install ---------------------------------------------
+    # Each returns a context manager: the hook is in place for the block and
+    # undone when it ends, whatever ends it (a module stopping or failing).
+
+    @contextmanager
+    def using_tracer(self, tracer: EngineTracer) -> Iterator[None]:
+        """Spans for invocations and module work come from ``tracer``."""
+        previous, self.tracer = self.tracer, tracer
+        try:
+            yield
+        finally:
+            if self.tracer is tracer:
+                self.tracer = previous
+
+    @contextmanager
+    def using_telemetry_consumer(self, consumer: TelemetryConsumer) -> Iterator[None]:
+        """SDK telemetry frames (``OTLP``/``MTRC``/``LOGS``) go to ``consumer``."""
+        previous, self.telemetry.consumer = self.telemetry.consumer, consumer
+        try:
+            yield
+        finally:
+            if self.telemetry.consumer is consumer:
+                self.telemetry.consumer = previous
+
+    @contextmanager
+    def using_external_function_factory(
+        self, factory: Callable[[str, Any], NativeHandler]
+    ) -> Iterator[None]:
+        """A ``registerfunction`` with an ``invocation`` block is built by ``factory``."""
+        previous, self.external_function_factory = self.external_function_factory, factory
+        try:
+            yield
+        finally:
+            if self.external_function_factory is factory:
+                self.external_function_factory = previous
+
+    @contextmanager
+    def listening(
+        self,
+        *,
+        workers: WorkerEvent | None = None,
+        functions: Callable[[], None] | None = None,
+    ) -> Iterator[None]:
+        """Call ``workers(event, worker_id)`` on worker events and ``functions()``
+        when the function set changes, for the block."""
+        if workers is not None:
+            self.worker_listeners.append(workers)
+        if functions is not None:
+            self.function_listeners.append(functions)
+        try:
+            yield
+        finally:
+            if workers is not None:
+                self.worker_listeners.remove(workers)
+            if functions is not None:
+                self.function_listeners.remove(functions)
+
+    @contextmanager
+    def marking_sensitive(self, receives_others_data: Callable[[str], bool]) -> Iterator[None]:
+        """Function ids for which ``receives_others_data`` is true need a grant
+        that names them to be registered (see :meth:`is_sensitive`)."""
+        self.sensitive_functions.append(receives_others_data)
+        try:
+            yield
+        finally:
+            self.sensitive_functions.remove(receives_others_data)
 
     # -- invocation ------------------------------------------------------------
 
@@ -605,6 +693,29 @@ class Engine:
                 log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
             await trio.sleep(EXPIRY_RESOLUTION)
 
+    @contextmanager
+    def track_call(self) -> Iterator[None]:
+        """Count a call an intake handles (a worker's ``invokefunction``, an HTTP
+        request) for as long as the block runs: shutdown waits for it, within
+        ``shutdown_grace_ms``.  Every intake path uses this, so none can be
+        forgotten by the drain."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self.inflight and not len(self.pending):
+            self._idle.set()
+
+    async def _wait_idle(self) -> None:
+        """Return once no call is in flight and none is pending (no polling)."""
+        while self.inflight or len(self.pending):
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
         try:
@@ -639,8 +750,7 @@ class Engine:
         listener_scope.cancel()
         self.shutting_down.set()
         with trio.move_on_after(self.config.shutdown_grace):
-            while self.inflight or len(self.pending):
-                await trio.sleep(0.05)
+            await self._wait_idle()
         if self.inflight or len(self.pending):
             log.warning(
                 "shutdown grace over with %d calls in flight; they are cancelled",
@@ -657,9 +767,16 @@ async def serve_engine(
     *,
     handle_signals: bool = True,
     engine: Engine | None = None,
+    before_listen: Callable[[Engine], None] | None = None,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the engine until shutdown is requested; see the module docstring."""
+    """Run the engine until shutdown is requested; see the module docstring.
+
+    ``before_listen`` is called once every module is ready and before the
+    worker port opens (the embedding API registers its native functions and
+    trigger types there, so no worker sees the engine without them); an
+    exception it raises stops the engine before it serves.
+    """
     from iii.listener import serve_listener
     from iii.modules import build_modules
 
@@ -672,8 +789,17 @@ async def serve_engine(
         async with trio.open_nursery() as module_nursery:
             for name, module in build_modules(engine, config):
                 engine.modules[name] = module
+                before = set(engine.registry.functions)
                 await module_nursery.start(module.run)
+                service = module_service(name, set(engine.registry.functions) - before)
+                if service is not None:
+                    try:
+                        engine.registry.add_service(service)
+                    except ServiceRefusedError as exc:  # listing only: not worth a crash
+                        log.warning("module %s: its service is not listed: %s", name, exc)
                 log.debug("module %s ready", name)
+            if before_listen is not None:
+                before_listen(engine)
             async with trio.open_nursery() as connection_nursery:
                 engine.connection_nursery = connection_nursery
                 listener_scope = trio.CancelScope()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -78,6 +79,8 @@ class PendingTable:
     # (deadline, tie-breaker, invocation id) for every call filed with a deadline.
     _deadlines: list[tuple[float, int, str]] = attrs.field(factory=list)
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
+    # Called when the last pending call leaves (the engine's drain waits on it).
+    on_empty: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -118,6 +121,8 @@ class PendingTable:
         if self.by_id.get(invocation.invocation_id) is not invocation:
             return
         del self.by_id[invocation.invocation_id]
+        if not self.by_id and self.on_empty is not None:
+            self.on_empty()
         ids = self.by_target.get(invocation.target_worker_id)
         if ids is not None:
             ids.discard(invocation.invocation_id)

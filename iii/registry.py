@@ -22,6 +22,8 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
   never disturbs another connection's entries.
 * A registration for a trigger type nobody provides is *parked*, and activated
   when the type appears (HEAD behaviour; v0.4 dropped it silently).
+* Services (``registerservice`` and the modules' own) live in
+  :attr:`Registry.services` (:mod:`iii.services`); a worker's go with it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import attrs
 import orjson
 
 from iii.grants import Grant, TriggerAccess
+from iii.services import ServiceRefusedError, ServiceRegistration, ServiceTable
 
 __all__ = [
     "Registry",
@@ -193,6 +196,7 @@ class WorkerRemoval:
     functions_gone: list[str]
     triggers_gone: list[LogicalTrigger]
     trigger_types_gone: list[TriggerType]
+    services_gone: list[str] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -207,6 +211,7 @@ class Registry:
     )
     # Bumped whenever the set of function ids changes (functions-available).
     function_set_version: int = 0
+    services: ServiceTable = attrs.field(factory=ServiceTable)
 
     # -- workers ---------------------------------------------------------
 
@@ -232,7 +237,16 @@ class Registry:
             gone = self.remove_trigger_type(type_id, provider=worker_id)
             if gone is not None:
                 types_gone.append(gone)
-        return WorkerRemoval(worker, functions_gone, triggers_gone, types_gone)
+        services_gone = self.services.remove_worker(worker_id)
+        return WorkerRemoval(worker, functions_gone, triggers_gone, types_gone, services_gone)
+
+    # -- services --------------------------------------------------------
+
+    def add_service(self, registration: ServiceRegistration) -> bool:
+        """File a service (see :meth:`ServiceTable.add`); its owner must be connected."""
+        if registration.owner is not None and registration.owner not in self.workers:
+            raise ServiceRefusedError(f"worker {registration.owner} is not connected")
+        return self.services.add(registration)
 
     # -- functions -------------------------------------------------------
 
@@ -275,6 +289,8 @@ class Registry:
             return False
         del self.functions[function_id]
         self.function_set_version += 1
+        if owner is None:
+            self.services.claimed.pop(function_id, None)  # a later worker's is not the module's
         return True
 
     # -- trigger types ---------------------------------------------------

@@ -114,7 +114,14 @@ async def _run_call(
     conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool
 ) -> None:
     engine = conn.engine
-    engine.inflight += 1
+    with engine.track_call():
+        await _answer_call(conn, message, data, reply)
+
+
+async def _answer_call(
+    conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool
+) -> None:
+    engine = conn.engine
     # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
     spans: list[Span] = []
     try:
@@ -184,7 +191,6 @@ async def _run_call(
                     len(message.function_id),
                 )
     finally:
-        engine.inflight -= 1
         conn.calls_outstanding -= 1
 
 

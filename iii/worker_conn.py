@@ -1,4 +1,4 @@
-"""One worker's WebSocket connection: handshake, reader, writer, heartbeat.
+"""One worker's WebSocket connection: handshake, reader, heartbeat; its writer is a FrameWriter.
 
 Lifetime: :meth:`WorkerConnection.run` is started by the listener in the
 engine's connection nursery and returns when the socket ends, the worker
@@ -20,7 +20,8 @@ With ``auth.tokens`` configured, the connection carries its token's
 function, the functions its config names, or data the token may not read;
 see :mod:`iii.grants`) and a call outside it is answered ``forbidden``.  A
 function that receives other parties' data (``Engine.is_sensitive``) must be
-named by the token's ``register`` list.  A worker may have at most
+named by the token's ``register`` list, and a service ``X`` is filed only if
+the token may register ``X::...`` (:mod:`iii.services`).  A worker may have at most
 ``max_pending_invocations`` calls outstanding; more are answered
 ``too_many_pending_invocations`` (fire-and-forget ones are dropped, logged).
 
@@ -45,7 +46,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
-from iii.log import RateLimitedLog
+from iii.frame_writer import CloseReason, DropCause, FrameWriter
+from iii.log import RateLimitedLog, bounded_repr
 from iii.protocol import (
     TELEMETRY_PREFIXES,
     CloseCode,
@@ -76,8 +78,9 @@ from iii.registry import (
     WorkerInfo,
 )
 from iii.security import ALLOW_ALL, Grant
+from iii.services import ServiceRefusedError, ServiceRegistration
 from iii.worker_calls import start_call
-from iii.wsio import receive_frames, send_frames
+from iii.wsio import receive_frames
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -87,7 +90,7 @@ __all__ = ["WorkerConnection", "LEGACY_FRAME_LIMIT"]
 log = logging.getLogger(__name__)
 
 LEGACY_FRAME_LIMIT = 1024 * 1024
-WRITE_BATCH = 256
+SHUTDOWN = CloseReason(DropCause.SHUTDOWN)
 PONG = encode_message(Pong())
 
 
@@ -98,23 +101,15 @@ class WorkerConnection:
     ip_address: str = ""
     worker_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     reattach_token: str = attrs.field(factory=lambda: str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)))
-    frame_limit: int = LEGACY_FRAME_LIMIT
     grant: Grant = ALLOW_ALL
-    close_reason: str | None = None
+    close_reason: CloseReason | None = None
     # Calls this worker made that are not answered yet (max_pending_invocations).
     calls_outstanding: int = 0
     # Set once a refusal for max_pending_invocations was logged (iii.worker_calls).
     over_limit_logged: bool = False
-    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    # True while a batch taken from the send queue, or a direct write, is on
-    # its way to the socket (see ``send``).
-    _writer_busy: bool = False
-    # Frames put in the send queue and not written yet.  The queue's own count
-    # is not enough: a frame handed straight to the waiting writer leaves it at
-    # 0 before the writer runs, and a direct write would overtake that frame.
-    _queued: int = 0
+    # Every frame to this worker goes through it (its invariants: iii/frame_writer.py).
+    _frames: FrameWriter = attrs.field(init=False)
     _nursery: trio.Nursery | None = None
     # Warnings about what this worker sent (malformed frames, bad telemetry,
     # refused registrations and calls): the first few, then one per interval,
@@ -122,72 +117,44 @@ class WorkerConnection:
     bad_input_log: RateLimitedLog = attrs.field(init=False, factory=lambda: RateLimitedLog(log))
 
     def __attrs_post_init__(self) -> None:
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](
-            self.engine.config.send_queue_size
+        self._frames = FrameWriter(
+            self.ws,
+            queue_size=self.engine.config.send_queue_size,
+            write_timeout=self.engine.config.slow_consumer_timeout,
+            on_drop=self._on_drop,
+            frame_limit=LEGACY_FRAME_LIMIT,
         )
+
+    @property
+    def frame_limit(self) -> int:
+        """The largest frame this worker takes: 1 MiB until it reports it takes more."""
+        return self._frames.frame_limit
 
     # -- sending -------------------------------------------------------------
 
-    def _check_size(self, frame: str) -> None:
-        if len(frame) > self.frame_limit:
-            raise FrameTooLargeError(
-                f"message of {len(frame)} bytes exceeds this worker's limit of {self.frame_limit}"
-            )
-
     async def send(self, frame: str) -> None:
-        """Send a frame, or queue it for the writer; a worker that stays full is dropped.
+        """Send a frame (written at once when nothing is ahead of it, else queued).
 
-        When nothing is queued or being written, the calling task writes the
-        frame itself: no handoff to the writer task, which at low load halves
-        the scheduler passes per call.  The write is shielded (a cancelled
-        caller must not leave half a frame on this worker's socket) and
-        bounded by ``slow_consumer_timeout``.  Under load frames queue up and
-        the writer sends them in batches; the socket's lock keeps the order.
+        Raises :class:`FrameTooLargeError` over this worker's frame limit; a
+        worker that does not read is dropped as a slow consumer.
         """
-        self._check_size(frame)
-        if not self._writer_busy and self._queued == 0:
-            self._writer_busy = True
-            timeout = self.engine.config.slow_consumer_timeout
-            try:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
-                    await send_frames(self.ws, [frame])
-            except ConnectionClosed:
-                self._scope.cancel()
-                return
-            finally:
-                self._writer_busy = False
-            if scope.cancelled_caught:
-                self.abort(f"slow consumer: a write blocked for {timeout:g}s")
-            return
-        try:
-            self._outbox_send.send_nowait(frame)
-            self._queued += 1
-            return
-        except trio.WouldBlock:
-            pass
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return  # the connection is going away; its cleanup answers everyone
-        with trio.move_on_after(self.engine.config.slow_consumer_timeout):
-            try:
-                await self._outbox_send.send(frame)
-                self._queued += 1
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-            return
-        self.abort(f"slow consumer: send queue full for {self.engine.config.slow_consumer_timeout:g}s")
+        await self._frames.send(frame)
 
     def send_nowait(self, frame: str) -> None:
-        """Queue a frame from synchronous code; a full queue drops the worker."""
+        """Queue a frame from synchronous code; a full queue drops the worker.
+
+        A frame over this worker's limit is dropped with a warning.
+        """
         try:
-            self._check_size(frame)
-            self._outbox_send.send_nowait(frame)
-            self._queued += 1
-        except trio.WouldBlock:
-            self.abort("slow consumer: send queue full")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            self._frames.send_nowait(frame)
         except FrameTooLargeError as exc:
             self.bad_input_log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
+
+    def _on_drop(self, reason: CloseReason | None) -> None:
+        if reason is None:
+            self._scope.cancel()  # the socket closed under a write
+        else:
+            self.abort(reason)
 
     def start_task(self, fn: Callable[..., Any], *args: Any, what: str = "task") -> None:
         """Run ``fn(*args)`` in this connection's nursery: it ends with the connection.
@@ -197,7 +164,7 @@ class WorkerConnection:
         assert self._nursery is not None
         start_contained(self._nursery, what, fn, *args)
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: CloseReason) -> None:
         """End the connection at once; :meth:`run` cleans up."""
         if self.close_reason is None:
             self.close_reason = reason
@@ -206,7 +173,8 @@ class WorkerConnection:
 
     async def close_for_restart(self) -> None:
         """Engine shutdown: close with 1012 so every SDK reconnects later."""
-        self.close_reason = self.close_reason or "engine shutdown"
+        self.close_reason = self.close_reason or SHUTDOWN
+        self._frames.close()  # a write blocked on a peer that reads nothing ends now
         with trio.move_on_after(1):
             await self.ws.aclose(CloseCode.SERVICE_RESTART, "engine restarting")
         self._scope.cancel()
@@ -232,56 +200,25 @@ class WorkerConnection:
             with self._scope:
                 async with trio.open_nursery() as connection_nursery:
                     self._nursery = connection_nursery
-                    connection_nursery.start_soon(self._writer)
+                    connection_nursery.start_soon(self._frames.run)
                     connection_nursery.start_soon(self._heartbeat)
                     await self._reader()
                     connection_nursery.cancel_scope.cancel()
         finally:
-            self._outbox_send.close()
+            self._frames.close()
             engine.forget_worker(self.worker_id)
             self.bad_input_log.report_held("worker %s", self.worker_id)
             log.info(
                 "worker %s (%s) disconnected: %s",
                 self.worker_id,
                 info.name or "unnamed",
-                self.close_reason or _describe_close(self.ws),
+                str(self.close_reason or _describe_close(self.ws)),
             )
-            if self._scope.cancelled_caught and self.close_reason != "engine shutdown":
+            if self._scope.cancelled_caught and self.close_reason != SHUTDOWN:
                 # Aborted: drop the TCP connection without a close handshake.
                 with trio.CancelScope() as abort_scope:
                     abort_scope.cancel()
-                    await self.ws.aclose(CloseCode.POLICY, (self.close_reason or "")[:120])
-
-    async def _writer(self) -> None:
-        """Drain the send queue; frames queued together go out in one write."""
-        receive = self._outbox_receive
-        try:
-            while True:
-                try:
-                    batch = [await receive.receive()]
-                except trio.EndOfChannel:
-                    return
-                self._writer_busy = True
-                # Let the tasks that are producing frames right now queue them
-                # first, as long as the queue keeps growing: one write (one
-                # system call, one wakeup of the peer) for the whole wave.
-                while len(batch) < WRITE_BATCH:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    before = len(batch)
-                    while len(batch) < WRITE_BATCH:
-                        try:
-                            batch.append(receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    if len(batch) == before:
-                        break
-                try:
-                    await send_frames(self.ws, batch)
-                finally:
-                    self._writer_busy = False
-                    self._queued -= len(batch)
-        except ConnectionClosed:
-            self._scope.cancel()
+                    await self.ws.aclose(CloseCode.POLICY, str(self.close_reason or "")[:120])
 
     async def _heartbeat(self) -> None:
         interval = self.engine.config.heartbeat_interval
@@ -296,7 +233,7 @@ class WorkerConnection:
                 except ConnectionClosed:
                     return
             if scope.cancelled_caught:
-                self.abort(f"no pong within {timeout:g}s")
+                self.abort(CloseReason(DropCause.NO_PONG, f"within {timeout:g}s"))
                 return
 
     async def _reader(self) -> None:
@@ -395,7 +332,7 @@ class WorkerConnection:
         elif kind is Reattach:
             self._reattach(message)
         elif kind is RegisterService:
-            log.debug("worker %s registered service %s", self.worker_id, message.id)
+            self._register_service(message)
         # Pong, WorkerRegistered, RegistrationRejected from a worker: nothing to do.
 
     def _register_function(self, message: RegisterFunction) -> None:
@@ -465,6 +402,20 @@ class WorkerConnection:
             return
         if created:
             engine.notify_functions_changed()
+
+    def _register_service(self, message: RegisterService) -> None:
+        # registerservice has no answer (upstream sends none): a refused one
+        # is logged, rate-limited, and changes nothing.  With tokens, a service
+        # groups functions the token may register: "billing::*" allows
+        # "billing" and "billing::refunds" (iii.services).
+        try:
+            if not self.grant.may_register(f"{message.id}::"):
+                raise ServiceRefusedError(f"token {self.grant.name} may not register its functions")
+            self.engine.registry.add_service(ServiceRegistration.of(message, self.worker_id))
+        except ServiceRefusedError as exc:
+            self.bad_input_log.warning(
+                "worker %s: service %s refused: %s", self.worker_id, bounded_repr(message.id), exc
+            )
 
     def _reject_function(self, function_id: str, code: str) -> None:
         self.send_nowait(
@@ -562,7 +513,7 @@ class WorkerConnection:
                 previous.worker_id,
             )
             return
-        previous.abort(f"replaced by its reconnection {self.worker_id}")
+        previous.abort(CloseReason(DropCause.REPLACED, self.worker_id))
 
     # -- metadata (engine::workers::register) ------------------------------------------
 
@@ -583,7 +534,7 @@ class WorkerConnection:
         if isinstance(features, list):
             info.features = tuple(f for f in features if isinstance(f, str))
         if "large-messages.v1" in info.features or (info.runtime not in (None, "python")):
-            self.frame_limit = self.engine.config.max_message_size
+            self._frames.frame_limit = self.engine.config.max_message_size
 
 
 def _now_ms() -> int:

@@ -10,6 +10,10 @@ Commands: ``{"op": "register", "id", "kind": "echo"|"slow"|"fail"|"produce"}``,
 ``{"op": "call", "fn", "data", "timeout"?}``, ``{"op": "void", "fn", "data"}``,
 ``{"op": "trigger_type", "id"}``, ``{"op": "trigger", "type", "fn", "config"}``,
 ``{"op": "functions"}``, ``{"op": "workers"}`` (0.4.1 and 0.9.0).
+Services (0.4.1 and 0.9.0; 0.25.0 has no ``register_service``):
+``{"op": "service", "id", "description"?, "parent"?}`` on 0.4.1,
+``{"op": "service", "id", "name"?, "description"?, "parent_service_id"?}`` on
+0.9.0, and ``{"op": "services"}`` (``engine::services::list``).
 
 Channels (0.25.0 and 0.9.0): a ``produce`` function writes ``data["n"]``
 binary chunks of 16 KiB (``sha256(i)`` repeated) and a text message
@@ -76,6 +80,10 @@ async def main():
                 result = sorted(f.function_id for f in await iii.list_functions())
             elif op == "workers":
                 result = [{"name": w.name, "functions": w.functions} for w in await iii.list_workers()]
+            elif op == "service":
+                iii.register_service(cmd["id"], cmd.get("description"), cmd.get("parent"))
+            elif op == "services":
+                result = (await iii.trigger("engine::services::list", {}))["services"]
             out("OK", result)
         except Exception as exc:
             text = str(exc)
@@ -235,6 +243,10 @@ for line in sys.stdin:
             result = sorted(f.function_id for f in iii.list_functions())
         elif op == "workers":
             result = [{"name": w.name, "functions": w.functions} for w in iii.list_workers()]
+        elif op == "service":
+            iii.register_service({k: v for k, v in cmd.items() if k != "op"})
+        elif op == "services":
+            result = iii.trigger({"function_id": "engine::services::list", "payload": {}})["services"]
         elif op == "channel_read":
             result = channel_read(cmd["fn"], cmd["n"])
         out("OK", result)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
+from iii.engine import Engine
+from iii.invocations import Invocation
 from iii.testing import connect_loopback_worker, connect_test_worker, make_config, open_test_engine
 
 
@@ -514,3 +518,84 @@ async def _expect_timeout(engine, timeout):
 
     with pytest.raises(InvocationTimeoutError):
         await engine.invoke("demo::never", {}, timeout=timeout)
+
+
+async def test_shutdown_waits_for_tracked_calls_and_pending_ones_without_polling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = Engine(make_config([]))
+    release = trio.Event()
+    idle_at: list[float] = []
+
+    async def tracked_call() -> None:
+        with engine.track_call():
+            await release.wait()
+
+    async def drain() -> None:
+        await engine._wait_idle()
+        idle_at.append(trio.current_time())
+
+    invocation = Invocation(
+        invocation_id="i",
+        function_id="f",
+        target_worker_id="w",
+        caller_worker_id=None,
+        deadline=math.inf,
+    )
+    engine.pending.add(invocation)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracked_call)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(drain)
+        await trio.sleep(7.3)
+        release.set()  # the tracked call ends; one call is still pending
+        await trio.testing.wait_all_tasks_blocked()
+        assert idle_at == [] and engine.inflight == 0
+        await trio.sleep(1.1)
+        engine.pending.discard(invocation)
+    assert idle_at == [pytest.approx(8.4)]  # at once, not at a poll tick
+
+
+def test_hooks_are_undone_when_their_block_ends_even_by_an_error() -> None:
+    from iii.tracing import NOOP_TRACER
+
+    engine = Engine(make_config([]))
+    tracer = object()
+    events: list[tuple[str, str]] = []
+
+    def on_worker(event: str, worker_id: str) -> None:
+        events.append((event, worker_id))
+
+    def sensitive(function_id: str) -> bool:
+        return function_id == "secret"
+
+    with pytest.raises(RuntimeError):
+        with (
+            engine.using_tracer(tracer),  # type: ignore[arg-type]
+            engine.listening(workers=on_worker),
+            engine.marking_sensitive(sensitive),
+            engine.using_external_function_factory(lambda *_: None),  # type: ignore[arg-type]
+        ):
+            assert engine.tracer is tracer and engine.is_sensitive("secret")
+            engine.notify_worker("worker_connected", "w1")
+            raise RuntimeError("the module failed")
+    assert engine.tracer is NOOP_TRACER
+    assert engine.worker_listeners == [] and engine.sensitive_functions == []
+    assert engine.external_function_factory is None
+    assert events == [("worker_connected", "w1")]
+
+
+async def test_the_observability_module_undoes_its_hooks_when_it_stops() -> None:
+    import logging
+
+    from iii.tracing import NOOP_TRACER
+
+    handlers_before = list(logging.getLogger("iii").handlers)
+    otel = {"enabled": True, "exporter": "memory"}
+    config = make_config([{"class": "modules::observability::OtelModule", "config": otel}])
+    async with open_test_engine(config) as engine:
+        assert engine.tracer is not NOOP_TRACER and engine.telemetry.consumer is not None
+        assert len(logging.getLogger("iii").handlers) == len(handlers_before) + 1
+    assert engine.tracer is NOOP_TRACER and engine.telemetry.consumer is None
+    assert logging.getLogger("iii").handlers == handlers_before
+    assert engine.worker_listeners == []

@@ -7,6 +7,7 @@ WebSocket server that speaks just enough of the protocol to misbehave.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,9 +21,10 @@ import trustme
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from iii.engine import Engine
-from iii.errors import IIIError
+from iii.errors import IIIError, TriggerRegistrationError
 from iii.link import EngineLink, LinkConfig, TraceContext
 from iii.native import CallContext
+from iii.registry import LogicalTrigger
 from iii.testing import make_config, open_test_engine
 from tests.support import free_port
 
@@ -233,6 +235,92 @@ async def test_reattach_is_sent_with_the_previous_token_after_a_drop() -> None:
         "reattach_token": "token-of-w1",
     }
     assert not any(m["type"] == "reattach" for m in received[0])
+
+
+@attrs.define
+class DemoTriggers:
+    """A trigger type provided in-process by the remote engine; it fires on demand."""
+
+    engine: Engine
+    active: dict[str, LogicalTrigger] = attrs.field(factory=dict)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def register_trigger(self, trigger: LogicalTrigger) -> None:
+        if trigger.config == {"refuse": True}:
+            raise TriggerRegistrationError("demo refuses this config")
+        self.active[trigger.id] = trigger
+        self.changed.set()
+
+    def unregister_trigger(self, trigger: LogicalTrigger) -> None:
+        self.active.pop(trigger.id, None)
+        self.changed.set()
+
+    async def wait(self, count: int) -> None:
+        with trio.fail_after(10):
+            while len(self.active) != count:
+                await self.changed.wait()
+                self.changed = trio.Event()
+
+    async def fire(self, data: Any) -> list[Any]:
+        return [
+            await self.engine.invoke(trigger.function_id, data)
+            for trigger in list(self.active.values())
+        ]
+
+
+class _Watch(logging.Handler):
+    def __init__(self, needle: str, event: trio.Event):
+        super().__init__()
+        self.needle, self.event = needle, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.event.set()
+
+
+async def test_triggers_are_registered_again_on_every_connection() -> None:
+    refused = trio.Event()
+    watch = _Watch("refused trigger t2", refused)
+    logging.getLogger("iii.link").addHandler(watch)
+    try:
+        await _triggers_again(refused)
+    finally:
+        logging.getLogger("iii.link").removeHandler(watch)
+
+
+async def _triggers_again(refused: trio.Event) -> None:
+    port = free_port()
+    fired: list[Any] = []
+    config = LinkConfig(url=f"ws://127.0.0.1:{port}", name="test-link", **FAST)
+    async with running_link(config) as link:
+
+        async def on_demo(data: Any, trace: TraceContext) -> Any:
+            fired.append(data)
+            return "seen"
+
+        link.expose("link::on_demo", on_demo)
+        link.register_trigger("t1", "demo", "link::on_demo", {"topic": "a"})
+        for generation in range(2):
+            async with open_test_engine(remote_config(port)) as remote:
+                demo = DemoTriggers(remote)
+                remote.register_trigger_type("demo", demo)
+                assert await link.wait_connected(10)
+                await demo.wait(1)
+                assert await demo.fire(generation) == ["seen"]
+                assert fired[-1] == generation
+                if generation == 0:
+                    # Refused by the remote: logged, and the link stays up.
+                    link.register_trigger("t2", "demo", "link::on_demo", {"refuse": True})
+                    link.unregister_trigger("t1")
+                    await demo.wait(0)
+                    with trio.fail_after(10):
+                        await refused.wait()
+                    link.unregister_trigger("t2")
+                    link.register_trigger("t1", "demo", "link::on_demo", {"topic": "a"})
+                    await demo.wait(1)
+                    assert link.connected
+                remote.request_shutdown()
+            assert await link.wait_disconnected(10)
 
 
 @pytest.fixture

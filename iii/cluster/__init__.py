@@ -36,6 +36,7 @@ membership record is deleted on the way out).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from functools import partial
@@ -50,6 +51,7 @@ from iii.binding import reuse_port
 from iii.cluster.catalog import CATALOG_FUNCTION, build_catalog
 from iii.cluster.membership import MemberInfo, Membership, describe_self
 from iii.cluster.peers import PSEUDO_PREFIX, Peer
+from iii.cluster.supervisor import SUPERVISED_ENV, watch_supervisor
 from iii.containment import start_contained
 from iii.grants import ForbiddenError
 from iii.link import EngineLink, LinkConfig
@@ -282,6 +284,8 @@ class Cluster:
                     on_view=self._on_view,
                 )
                 self._peer_nursery = cluster_nursery
+                if os.environ.get(SUPERVISED_ENV) == "1":
+                    cluster_nursery.start_soon(watch_supervisor, engine.request_shutdown)
                 await self.membership.round()
                 cluster_nursery.start_soon(self._membership_loop)
                 cluster_nursery.start_soon(self._end_long_polls)

@@ -28,8 +28,7 @@ Lifetime: each pump is a detached, contained task of the engine
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote

@@ -22,6 +22,10 @@ Supervision tree::
                                       reset after a minute up); a child that stops
                                       pinging its watchdog is killed and restarted
 
+A child whose supervisor died (even by SIGKILL) reads EOF on its stdin, a
+pipe the supervisor holds, and stops gracefully (:func:`watch_supervisor`):
+no engine outlives its supervisor.
+
 Under systemd (``NOTIFY_SOCKET``) the supervisor sends ``READY=1`` only when
 every child has sent its own ``READY=1`` (each child's ``NOTIFY_SOCKET`` is the
 supervisor's socket), and pings systemd's watchdog itself.  On SIGTERM it
@@ -41,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -51,7 +56,9 @@ from iii.config import EngineConfig
 from iii.errors import ConfigError
 from iii.systemd import Notifier
 
-__all__ = ["check_processes_config", "process_count", "supervise", "Child"]
+__all__ = ["check_processes_config", "process_count", "supervise", "Child", "watch_supervisor", "SUPERVISED_ENV"]
+
+SUPERVISED_ENV = "III_SUPERVISED"
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +135,9 @@ class Child:
             self.starts += 1
             started = trio.current_time()
             self.last_ping = started
-            process = await trio.lowlevel.open_process(self.command, env=self.env, stdin=subprocess.DEVNULL)
+            # The child's stdin is a pipe we never write: if this process dies
+            # (even by SIGKILL), the child reads EOF and stops (watch_supervisor).
+            process = await trio.lowlevel.open_process(self.command, env=self.env, stdin=subprocess.PIPE)
             self.process = process
             log.info("child %d started (pid %d)", self.index, process.pid)
             try:
@@ -194,6 +203,7 @@ async def supervise(
             child_env = {
                 **env,
                 REUSE_PORT_ENV: "1",
+                SUPERVISED_ENV: "1",
                 "III_PROCESS_INDEX": str(index),
                 "NOTIFY_SOCKET": notify_path,
                 "WATCHDOG_USEC": str(int(CHILD_WATCHDOG_S * 1_000_000)),
@@ -263,3 +273,12 @@ async def _watch_children(children: list[Child]) -> None:
             if child.process is not None and child.ready and now - child.last_ping > CHILD_WATCHDOG_S:
                 log.warning("child %d stopped pinging its watchdog: killed", child.index)
                 child.signal(signal.SIGKILL)
+
+
+async def watch_supervisor(request_shutdown: Callable[[], None]) -> None:
+    """In a child: stop gracefully when the supervisor is gone (EOF on stdin)."""
+    async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
+        while await stdin.receive_some(4096):
+            pass
+    log.warning("the supervisor is gone: shutting down")
+    request_shutdown()

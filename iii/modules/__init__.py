@@ -14,8 +14,9 @@ and has the same shape:
 :data:`MODULE_SPECS` maps the upstream class names (spec modules.md, summary
 table) to those Python modules.  It is explicit on purpose: no import strings
 come from the config file.  A module is listed once in a config, except a
-``repeatable`` one (exec: one pipeline per entry), whose instances are named
-``<name>:<instance name>`` in ``engine.modules``.
+``repeatable`` one (exec: one pipeline per entry; bridge_client: one link per
+remote engine), whose instances are named ``<name>:<instance name>`` in
+``engine.modules``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ModuleSpec:
     default: bool = False
     mandatory: bool = False
     # May be listed several times, one instance each (the exec module: one
-    # pipeline per entry).  Its implementation then provides
+    # pipeline per entry; bridge_client: one link per remote).  Its implementation then provides
     # ``name_instances(configs, *, file, keys)``, giving each a unique
     # ``name``; any other module listed twice is a config error.
     repeatable: bool = False
@@ -80,7 +81,12 @@ _SPECS = [
     ModuleSpec(
         "modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True
     ),
-    ModuleSpec("modules::bridge_client::BridgeClientModule", "bridge_client", None),
+    ModuleSpec(
+        "modules::bridge_client::BridgeClientModule",
+        "bridge_client",
+        "iii.modules.bridge_client",
+        repeatable=True,
+    ),
 ]
 
 MODULE_SPECS: dict[str, ModuleSpec] = {spec.class_name: spec for spec in _SPECS}

@@ -1,8 +1,8 @@
 """Firing change triggers (``state``, ``stream``) after a write, without blocking it.
 
 A module hands each change event to :meth:`TriggerDispatch.submit` (sync,
-never waits).  The dispatcher task gives every event its own task, bounded by
-a capacity limiter; that task runs the matching triggers **one after another**
+never waits).  A :class:`~iii.fanout.FanOut` gives every event its own task,
+at most 64 at once; that task runs the matching triggers **one after another**
 (spec modules.md §4.3, §5): for each, the condition function first (when the
 trigger has ``condition_function_id``: a result of ``false`` or ``null``, or
 an error, skips it), then the handler, both under the trigger's grant.
@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
-from iii.containment import start_contained
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.fanout import FanOut
+from iii.modules.conditions import CHANGE_CONDITION_KEYS, condition_of, condition_passes
 from iii.registry import LogicalTrigger
 
 if TYPE_CHECKING:
@@ -89,16 +90,18 @@ class TriggerDispatch:
         self._matches = matches  # (filter, event) -> bool
         self.triggers: dict[LogicalTrigger, tuple[Any, str | None]] = {}
         # (event, causation depth of the task that produced it)
-        self._send, self._receive = trio.open_memory_channel[tuple[dict[str, Any], int]](
-            QUEUE_SIZE
+        self.events: FanOut[tuple[dict[str, Any], int]] = FanOut(
+            self._fire,
+            lambda _: f"{trigger_type} trigger event",
+            queue_size=QUEUE_SIZE,
+            concurrency=CONCURRENT_EVENTS,
         )
-        self.dropped = 0
         self.loops = LoopWarning(trigger_type)
 
     # -- TriggerTypeHandler --------------------------------------------------------
 
     def register_trigger(self, trigger: LogicalTrigger) -> None:
-        condition = config_str(trigger.config, "condition_function_id", self.trigger_type)
+        condition = condition_of(trigger.config, self.trigger_type, CHANGE_CONDITION_KEYS)
         self.triggers[trigger] = (self._parse(trigger.config), condition)
 
     def unregister_trigger(self, trigger: LogicalTrigger) -> None:
@@ -106,78 +109,58 @@ class TriggerDispatch:
 
     # -- events ---------------------------------------------------------------------
 
+    @property
+    def dropped(self) -> int:
+        return self.events.dropped
+
     def submit(self, event: dict[str, Any]) -> None:
         if not self.triggers:
             return
-        try:
-            self._send.send_nowait((event, current_depth()))
-        except trio.WouldBlock:
-            self.dropped += 1
+        if not self.events.offer((event, current_depth())):
             log.warning(
                 "%s triggers: %d events queued; event dropped", self.trigger_type, QUEUE_SIZE
             )
 
     async def run(self) -> None:
-        limiter = trio.CapacityLimiter(CONCURRENT_EVENTS)
-        async with trio.open_nursery() as calls_nursery:
-            async for event, depth in self._receive:
-                cluster = self.engine.cluster
-                matching = [
-                    (trigger, condition)
-                    for trigger, (filter_, condition) in list(self.triggers.items())
-                    if self._matches(filter_, event)
-                    # an identical trigger on a peer engine: one of us fires it
-                    and (cluster is None or cluster.fires_here(trigger))
-                ]
-                if not matching or self.loops.too_deep(
-                    depth + 1, [trigger.function_id for trigger, _ in matching]
+        await self.events.run()
+
+    async def _fire(self, queued: tuple[dict[str, Any], int]) -> None:
+        """Run the triggers that match one event, one after another."""
+        event, producer_depth = queued
+        depth = producer_depth + 1
+        cluster = self.engine.cluster
+        matching = [
+            (trigger, condition)
+            for trigger, (filter_, condition) in list(self.triggers.items())
+            if self._matches(filter_, event)
+            # an identical trigger on a peer engine: one of us fires it
+            and (cluster is None or cluster.fires_here(trigger))
+        ]
+        if not matching or self.loops.too_deep(depth, [t.function_id for t, _ in matching]):
+            return
+        engine = self.engine
+        with firing(depth):
+            for trigger, condition in matching:
+                # Each call under the registrants' grant, traceable to this depth.
+                calls: dict[str, Any] = {
+                    "grant": trigger.grant,
+                    **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+                }
+                if condition is not None and not await self._condition_passes(
+                    condition, event, calls
                 ):
                     continue
-                await limiter.acquire_on_behalf_of(event_token := object())
-                # Contained: an unexpected failure ends this event's calls only.
-                start_contained(
-                    calls_nursery,
-                    f"{self.trigger_type} trigger event",
-                    self._fire,
-                    event,
-                    depth + 1,
-                    matching,
-                    limiter,
-                    event_token,
+                await engine.invoke_logged(
+                    trigger.function_id, event, what=f"{self.trigger_type} trigger", **calls
                 )
-
-    async def _fire(
-        self,
-        event: dict[str, Any],
-        depth: int,
-        matching: list[tuple[LogicalTrigger, str | None]],
-        limiter: trio.CapacityLimiter,
-        token: object,
-    ) -> None:
-        engine = self.engine
-        try:
-            with firing(depth):
-                for trigger, condition in matching:
-                    # Each call under the registrants' grant, traceable to this depth.
-                    calls: dict[str, Any] = {
-                        "grant": trigger.grant,
-                        **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
-                    }
-                    if condition is not None and not await self._condition_passes(
-                        condition, event, calls
-                    ):
-                        continue
-                    await engine.invoke_logged(
-                        trigger.function_id, event, what=f"{self.trigger_type} trigger", **calls
-                    )
-        finally:
-            limiter.release_on_behalf_of(token)
 
     async def _condition_passes(
         self, condition: str, event: dict[str, Any], calls: dict[str, Any]
     ) -> bool:
         try:
-            result = await self.engine.invoke(condition, event, **calls)
+            return await condition_passes(
+                self.engine, condition, event, null_passes=False, what=self.trigger_type, **calls
+            )
         except IIIError as exc:
             log.warning(
                 "%s trigger condition %s failed: %s: %s",
@@ -187,7 +170,6 @@ class TriggerDispatch:
                 exc.message,
             )
             return False
-        return result is not False and result is not None
 
 
 class PeerPublisher:

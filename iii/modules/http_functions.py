@@ -338,13 +338,12 @@ class Module:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         engine = self.engine
         try:
-            async with trio.open_nursery() as module_nursery:
-                self._nursery = module_nursery
-                engine.external_function_factory = self.build_handler
-                task_status.started()
-                await trio.sleep_forever()
+            with engine.using_external_function_factory(self.build_handler):
+                async with trio.open_nursery() as module_nursery:
+                    self._nursery = module_nursery
+                    task_status.started()
+                    await trio.sleep_forever()
         finally:
-            engine.external_function_factory = None
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 for client in {*self.clients.values(), *self._in_use}:

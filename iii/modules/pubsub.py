@@ -15,8 +15,9 @@ A delivery runs under the subscription's grant, one causation level deeper
 than the publisher (:mod:`iii.causation`: a subscriber that re-publishes to
 its own topic is bounded, with the local adapter).
 
-Deliveries wait in a bounded queue (``QUEUED_DELIVERIES``) for one of
-``CONCURRENT_DELIVERIES`` delivery tasks.  Subscribers slower than the
+Deliveries wait in a bounded queue (``QUEUED_DELIVERIES``) and run at most
+``CONCURRENT_DELIVERIES`` at once, one task each (:class:`~iii.fanout.FanOut`;
+an unexpected failure loses that delivery only).  Subscribers slower than the
 publishers fill it, and further deliveries are then dropped with a warning
 (at most one every 10 s, with a count), like upstream's broadcast channel
 drops messages for a lagging receiver: pubsub is at most once, and memory
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,8 +42,8 @@ import trio
 from iii.adapters.pubsub import PubSubAdapter, open_pubsub_adapter
 from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
 from iii.config import AdapterRef
-from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
+from iii.fanout import FanOut
 from iii.grants import TriggerAccess
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
@@ -74,19 +74,25 @@ class PublishInput:
     data: Any = None
 
 
+# (trigger, data, topic, causation depth)
+Delivery = tuple[LogicalTrigger, Any, str, int]
+
+
 class Module:
     def __init__(self, engine: Engine, config: Config):
         self.engine = engine
         self.config = config
         self.adapter: PubSubAdapter | None = None
         self.subscribers: dict[str, dict[LogicalTrigger, str]] = {}
-        # (trigger, data, topic, causation depth) waiting for a delivery task
-        self._queue_in, self._queue_out = trio.open_memory_channel[
-            tuple[LogicalTrigger, Any, str, int]
-        ](QUEUED_DELIVERIES)
+        # (trigger, data, topic, causation depth): one delivery each
+        self.deliveries: FanOut[Delivery] = FanOut(
+            self._deliver_one,
+            lambda d: f"subscribe {d[2]!r} delivery to {d[0].function_id!r}",
+            queue_size=QUEUED_DELIVERIES,
+            concurrency=CONCURRENT_DELIVERIES,
+        )
         self.loops = LoopWarning("subscribe")
         self._running = False
-        self.dropped = 0  # deliveries dropped because the queue was full
         self._dropped_unreported = 0
         self._last_drop_report = -math.inf
 
@@ -94,8 +100,7 @@ class Module:
         async with open_pubsub_adapter(self.config.adapter, on_message=self._deliver) as adapter:
             self.adapter = adapter
             async with trio.open_nursery() as module_nursery:
-                for _ in range(CONCURRENT_DELIVERIES):
-                    module_nursery.start_soon(self._delivery_task)
+                module_nursery.start_soon(self.deliveries.run)
                 self._running = True
                 try:
                     self.engine.register_function(
@@ -151,13 +156,15 @@ class Module:
         if not subscribers or self.loops.too_deep(depth, [t.function_id for t in subscribers]):
             return
         for trigger in subscribers:
-            try:
-                self._queue_in.send_nowait((trigger, data, topic, depth))
-            except trio.WouldBlock:
+            if not self.deliveries.offer((trigger, data, topic, depth)):
                 self._drop(trigger.function_id, topic)
 
+    @property
+    def dropped(self) -> int:
+        """Deliveries dropped because the queue was full."""
+        return self.deliveries.dropped
+
     def _drop(self, function_id: str, topic: str) -> None:
-        self.dropped += 1
         self._dropped_unreported += 1
         now = trio.current_time()
         if now - self._last_drop_report >= DROP_REPORT_INTERVAL:
@@ -171,22 +178,17 @@ class Module:
             self._dropped_unreported = 0
             self._last_drop_report = now
 
-    async def _delivery_task(self) -> None:
+    async def _deliver_one(self, delivery: Delivery) -> None:
+        trigger, data, topic, depth = delivery
         engine = self.engine
-        async for trigger, data, topic, depth in self._queue_out:
-            with firing(depth):
-                # Contained: an unexpected failure loses this delivery only.
-                await contained(
-                    f"subscribe {topic!r} delivery to {trigger.function_id!r}",
-                    partial(
-                        engine.invoke_logged,
-                        what=f"subscribe {topic!r}",
-                        grant=trigger.grant,
-                        **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
-                    ),
-                    trigger.function_id,
-                    data,
-                )
+        with firing(depth):
+            await engine.invoke_logged(
+                trigger.function_id,
+                data,
+                what=f"subscribe {topic!r}",
+                grant=trigger.grant,
+                **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+            )
 
     async def publish(self, data: Any, ctx: CallContext) -> Any:
         args = parse_input(data, PublishInput, ctx.function_id)

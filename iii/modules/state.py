@@ -62,6 +62,7 @@ from iii.errors import IIIError
 from iii.grants import TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
+from iii.modules.conditions import CHANGE_CONDITION_KEYS
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
 
@@ -123,7 +124,7 @@ def state_event(
 # A state trigger names its condition, and hands out the values of its scope
 # (every scope without one): a token needs state::get or a state(scope) entry.
 STATE_TRIGGER_ACCESS = TriggerAccess(
-    function_keys=("condition_function_id",),
+    function_keys=CHANGE_CONDITION_KEYS,
     data=True,
     resource_key="scope",
     read_function="state::get",

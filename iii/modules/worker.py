@@ -2,7 +2,9 @@
 
 Functions (spec protocol.md §4.1): ``engine::workers::register``,
 ``engine::workers::list``, ``engine::functions::list``,
-``engine::triggers::list`` and ``engine::channels::create``.
+``engine::triggers::list`` and ``engine::channels::create``; and
+``engine::services::list`` (:mod:`iii.services`; upstream has no such
+function: its shape follows ``engine::workers::list``).
 
 In a cluster (:mod:`iii.cluster`) the three lists cover every engine, each
 entry with the ``engine`` it lives on (functions also list ``engines``: all
@@ -113,6 +115,7 @@ class Module:
             "engine::workers::list": (self.workers_list, "List connected workers"),
             "engine::functions::list": (self.functions_list, "List registered functions"),
             "engine::triggers::list": (self.triggers_list, "List registered triggers"),
+            "engine::services::list": (self.services_list, "List services and their functions"),
             "engine::channels::create": (self.channels_create, "Create a streaming channel"),
         }
         for function_id, (handler, description) in functions.items():
@@ -129,17 +132,12 @@ class Module:
             description="Function set changes",
             access=FUNCTIONS_TRIGGER_ACCESS,
         )
-        engine.worker_listeners.append(self._on_worker_event)
-        engine.function_listeners.append(self._on_functions_changed)
-        try:
+        with engine.listening(workers=self._on_worker_event, functions=self._on_functions_changed):
             async with trio.open_nursery() as module_nursery:
                 module_nursery.start_soon(self._fan_out_worker_events)
                 module_nursery.start_soon(self._fan_out_function_changes)
                 module_nursery.start_soon(self._sweep_channels)
                 task_status.started()
-        finally:
-            engine.worker_listeners.remove(self._on_worker_event)
-            engine.function_listeners.remove(self._on_functions_changed)
 
     # -- functions -------------------------------------------------------------
 
@@ -225,6 +223,10 @@ class Module:
     async def functions_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True
         return {"functions": self._function_infos(include_internal, _local_only(data))}
+
+    async def services_list(self, data: Any, ctx: CallContext) -> Any:
+        registry = self.engine.registry
+        return {"services": registry.services.listing(registry.functions)}
 
     async def triggers_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True

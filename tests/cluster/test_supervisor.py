@@ -144,3 +144,45 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+async def test_children_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
+    config["processes"] = 2
+    config["shutdown_grace_ms"] = 200
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    notify_path = str(tmp_path / "notify.sock")
+    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await receiver.bind(notify_path)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children: list[int] = []
+    try:
+        with trio.fail_after(90):
+            while b"READY=1" not in await receiver.recv(4096):
+                pass
+        children = children_of(supervisor.pid)
+        assert len(children) == 2
+        supervisor.kill()  # SIGKILL: it cannot stop them itself
+        supervisor.wait()
+        with trio.fail_after(30):
+            while any(alive(pid) for pid in children):
+                await trio.sleep(0.1)
+    finally:
+        receiver.close()
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -48,6 +48,7 @@ from iii.config import AdapterRef
 from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
+from iii.modules.conditions import CONDITION_KEYS, condition_of, condition_passes
 from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
 from iii.registry import LogicalTrigger
 from iii.tracing import NoopSpan, Span
@@ -60,8 +61,8 @@ __all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "CronStati
 log = logging.getLogger(__name__)
 
 UTC = dt.UTC
-CONDITION_KEYS = ("condition_function_id", "_condition_path", "condition")
-CRON_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS)
+CRON_CONDITION_KEYS = (*CONDITION_KEYS, "condition")
+CRON_TRIGGER_ACCESS = TriggerAccess(function_keys=CRON_CONDITION_KEYS)
 
 
 @attrs.frozen(kw_only=True)
@@ -142,14 +143,7 @@ def parse_trigger(trigger: LogicalTrigger) -> CronJob:
         schedule = parse_schedule(expression, timezone)
     except CronExpressionError as exc:
         raise TriggerRegistrationError(f"Invalid cron expression '{expression}': {exc}") from None
-    condition = None
-    for key in CONDITION_KEYS:
-        value = config.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not value:
-                raise TriggerRegistrationError(f"cron {key} must be a function id")
-            condition = value
-            break
+    condition = condition_of(config, "cron", CRON_CONDITION_KEYS)
     return CronJob(trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger))
 
 
@@ -295,9 +289,12 @@ class Module:
         trigger = job.trigger
         if job.condition is not None:
             try:
-                verdict = await self.engine.invoke(
+                passes = await condition_passes(
+                    self.engine,
                     job.condition,
                     payload,
+                    null_passes=True,
+                    what="cron",
                     traceparent=span.traceparent,
                     baggage=span.baggage,
                     grant=trigger.grant,
@@ -306,7 +303,7 @@ class Module:
                 log.warning("cron %s: condition %s failed (%s); skipped", trigger.id, job.condition, exc.message)
                 span.set_error(exc.code, exc.message)
                 return "condition_failed"
-            if verdict is False:
+            if not passes:
                 return "skipped"
         try:
             await self.engine.invoke(

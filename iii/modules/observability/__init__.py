@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +63,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__, json_limits
-from iii.containment import contained
+from iii.fanout import FanOut
 from iii.grants import TriggerAccess
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
@@ -73,6 +74,7 @@ from iii.modules.observability.logs import (
     LogStore,
     LogTriggers,
     StoredLog,
+    attached_handler,
     entries_from_otlp_json,
 )
 from iii.modules.observability.metrics import (
@@ -87,7 +89,6 @@ from iii.modules.observability.span_bounds import BoundedSpanProcessor
 from iii.modules.observability.spans import MemorySpanProcessor, SpanStore, spans_from_otlp_json
 from iii.modules.observability.tracer import OtelTracer
 from iii.registry import LogicalTrigger
-from iii.tracing import NOOP_TRACER
 
 if TYPE_CHECKING:
     from iii.engine import Engine
@@ -141,7 +142,8 @@ class Module:
         # Bytes of the logs waiting for (or in) delivery to log triggers.
         self.logs_queued_bytes = 0
         self.prometheus_port: int | None = None
-        self._log_send: trio.MemorySendChannel[tuple[LogicalTrigger, StoredLog]] | None = None
+        # (trigger, the log as stored): one delivery each, while the module runs.
+        self._log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] | None = None
         self._trio_thread: int | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closers: list[Any] = []
@@ -280,7 +282,8 @@ class Module:
         The queue holds at most LOG_QUEUE_SIZE logs and ``logs_max_bytes``
         bytes of them; a log that does not fit is dropped and counted.
         """
-        if DELIVERING.get() or not self.log_triggers.levels or self._log_send is None:
+        deliveries = self._log_deliveries
+        if DELIVERING.get() or not self.log_triggers.levels or deliveries is None:
             return
         if threading.get_ident() != self._trio_thread:
             if self._trio_token is not None:
@@ -293,38 +296,23 @@ class Module:
             if self.logs_queued_bytes + stored.size > self.config.logs_max_bytes:
                 self.logs_dropped += 1
                 continue
-            try:
-                self._log_send.send_nowait((trigger, stored))
-            except trio.WouldBlock:
-                self.logs_dropped += 1
-            except trio.ClosedResourceError:
-                return
-            else:
+            if deliveries.offer((trigger, stored)):
                 self.logs_queued_bytes += stored.size
+            else:
+                self.logs_dropped += 1
 
-    async def _deliver_logs(
-        self, receive: trio.MemoryReceiveChannel[tuple[LogicalTrigger, StoredLog]]
-    ) -> None:
+    async def _deliver_log(self, queued: tuple[LogicalTrigger, StoredLog]) -> None:
+        trigger, stored = queued
+        try:
+            await self.engine.invoke_logged(
+                trigger.function_id, stored.entry(), what="log trigger", grant=trigger.grant
+            )
+        finally:
+            self.logs_queued_bytes -= stored.size
+
+    async def _deliver_logs(self, deliveries: FanOut[tuple[LogicalTrigger, StoredLog]]) -> None:
         DELIVERING.set(True)  # inherited by the delivery tasks
-        slots = trio.Semaphore(LOG_DELIVERY_CONCURRENCY)
-
-        async def deliver(trigger: LogicalTrigger, stored: StoredLog) -> None:
-            try:
-                # Contained: an unexpected failure loses this entry only.
-                await contained(
-                    f"log trigger {trigger.function_id!r}",
-                    partial(self.engine.invoke_logged, what="log trigger", grant=trigger.grant),
-                    trigger.function_id,
-                    stored.entry(),
-                )
-            finally:
-                self.logs_queued_bytes -= stored.size
-                slots.release()
-
-        async with trio.open_nursery() as delivery_nursery:
-            async for trigger, stored in receive:
-                await slots.acquire()
-                delivery_nursery.start_soon(deliver, trigger, stored)
+        await deliveries.run()
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -354,51 +342,58 @@ class Module:
         self._setup_metric_export()
         self.metrics.workers_active = len(engine.connections)
         handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
-        engine_logger = logging.getLogger("iii")
-        log_send, log_receive = trio.open_memory_channel[tuple[LogicalTrigger, StoredLog]](
-            LOG_QUEUE_SIZE
+        log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] = FanOut(
+            self._deliver_log,
+            lambda queued: f"log trigger {queued[0].function_id!r}",
+            queue_size=LOG_QUEUE_SIZE,
+            concurrency=LOG_DELIVERY_CONCURRENCY,
         )
-        try:
-            async with trio.open_nursery() as module_nursery:
-                functions.register(engine, self)
-                engine.register_trigger_type(
-                    "log",
-                    self.log_triggers,
-                    description="Log entries stored by the observability module",
-                    access=LOG_TRIGGER_ACCESS,
-                )
-                if config.prometheus_enabled:
-                    self.prometheus_port = await module_nursery.start(
-                        partial(
-                            serve_metrics_port,
-                            config.prometheus_host,
-                            config.prometheus_port,
-                            self._metrics_port_routes(),
-                            keys=engine.config.listen_keys(
-                                config, "prometheus_host", "prometheus_port"
-                            ),
-                        )
+        async with AsyncExitStack() as hooks:
+            # Undone in reverse order, whatever ends the module; the exporters
+            # are flushed last.
+            hooks.push_async_callback(self._flush)
+            hooks.callback(log_deliveries.close)
+            module_nursery = await hooks.enter_async_context(trio.open_nursery())
+            functions.register(engine, self)
+            engine.register_trigger_type(
+                "log",
+                self.log_triggers,
+                description="Log entries stored by the observability module",
+                access=LOG_TRIGGER_ACCESS,
+            )
+            if config.prometheus_enabled:
+                self.prometheus_port = await module_nursery.start(
+                    partial(
+                        serve_metrics_port,
+                        config.prometheus_host,
+                        config.prometheus_port,
+                        self._metrics_port_routes(),
+                        keys=engine.config.listen_keys(
+                            config, "prometheus_host", "prometheus_port"
+                        ),
                     )
-                self._log_send = log_send
-                module_nursery.start_soon(self._deliver_logs, log_receive)
-                self.logs.listeners.append(self._offer_log)
-                engine.tracer = tracer
-                engine.telemetry.consumer = self.ingest
-                engine.worker_listeners.append(self.metrics.on_worker_event)
-                engine_logger.addHandler(handler)
-                task_status.started()
-                await trio.sleep_forever()
+                )
+            hooks.enter_context(self._offering_logs(log_deliveries))
+            module_nursery.start_soon(self._deliver_logs, log_deliveries)
+            hooks.enter_context(engine.using_tracer(tracer))
+            hooks.enter_context(engine.using_telemetry_consumer(self.ingest))
+            hooks.enter_context(engine.listening(workers=self.metrics.on_worker_event))
+            hooks.enter_context(attached_handler(logging.getLogger("iii"), handler))
+            task_status.started()
+            await trio.sleep_forever()
+
+    @contextmanager
+    def _offering_logs(
+        self, deliveries: FanOut[tuple[LogicalTrigger, StoredLog]]
+    ) -> Iterator[None]:
+        """Stored logs are offered to ``log`` triggers, for the block."""
+        self._log_deliveries = deliveries
+        self.logs.listeners.append(self._offer_log)
+        try:
+            yield
         finally:
-            engine_logger.removeHandler(handler)
-            if engine.tracer is tracer:
-                engine.tracer = NOOP_TRACER
-            if engine.telemetry.consumer == self.ingest:
-                engine.telemetry.consumer = None
-            if self.metrics.on_worker_event in engine.worker_listeners:
-                engine.worker_listeners.remove(self.metrics.on_worker_event)
-            self._log_send = None
-            log_send.close()
-            await self._flush()
+            self.logs.listeners.remove(self._offer_log)
+            self._log_deliveries = None
 
     def _metrics_port_routes(self) -> dict[bytes, Callable[[], Awaitable[Answer]]]:
         """What the metrics port serves: /metrics, /healthz, /readyz."""

@@ -37,7 +37,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -62,6 +63,7 @@ __all__ = [
     "LogTriggers",
     "SEVERITY",
     "DELIVERING",
+    "attached_handler",
     "STORED_MARK",
 ]
 
@@ -268,6 +270,16 @@ def make_entry(
     if scope_version:
         entry["instrumentation_scope_version"] = scope_version
     return entry
+
+
+@contextmanager
+def attached_handler(logger: logging.Logger, handler: logging.Handler) -> Iterator[None]:
+    """``handler`` receives ``logger``'s records for the block."""
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 class EngineLogHandler(logging.Handler):

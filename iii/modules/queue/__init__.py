@@ -64,6 +64,7 @@ from iii.config import AdapterRef
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.log import bounded_repr
+from iii.modules.conditions import CONDITION_KEYS, condition_of
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
 from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
@@ -77,7 +78,6 @@ __all__ = ["Config", "Module", "QueueSettings", "QueueStatistics", "FUNCTION_QUE
 log = logging.getLogger(__name__)
 
 FUNCTION_QUEUE_PREFIX = "@"
-CONDITION_KEYS = ("condition_function_id", "_condition_path")
 # A queue trigger names its condition and consumes the jobs of its topic (taking
 # them from the other consumers): a token needs invoke ["*"] or queue(topic-pattern).
 QUEUE_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS, data=True, resource_key="topic")
@@ -265,14 +265,7 @@ class Module:
         topic = config.get("topic")
         if not isinstance(topic, str) or not topic:
             raise TriggerRegistrationError("queue trigger needs a non-empty 'topic'")
-        condition = None
-        for key in CONDITION_KEYS:
-            value = config.get(key)
-            if value is not None:
-                if not isinstance(value, str) or not value:
-                    raise TriggerRegistrationError(f"queue trigger {key} must be a function id")
-                condition = value
-                break
+        condition = condition_of(config, "queue")
         infra: dict[str, Any] = {}
         for source in (trigger.metadata, config.get("metadata")):
             if isinstance(source, dict):

@@ -33,6 +33,7 @@ from iii.adapters.queue import Delivery, QueueConsumer
 from iii.containment import contained, describe_failure
 from iii.errors import AdapterUnavailableError, IIIError
 from iii.grants import Grant
+from iii.modules.conditions import condition_passes
 from iii.tracing import NoopSpan, Span
 
 if TYPE_CHECKING:
@@ -224,18 +225,19 @@ async def _attempt(
             return outcome
         grant = module.job_grant(job, sub)
         try:
-            if sub.condition is not None:
-                verdict = await engine.invoke(
-                    sub.condition,
-                    job.data,
-                    traceparent=span.traceparent,
-                    baggage=span.baggage,
-                    grant=grant,
-                )
-                if verdict is False:
-                    await _settle(consumer.ack(delivery), sub, "ack")
-                    outcome = "skipped"
-                    return outcome
+            if sub.condition is not None and not await condition_passes(
+                engine,
+                sub.condition,
+                job.data,
+                null_passes=True,
+                what="queue",
+                traceparent=span.traceparent,
+                baggage=span.baggage,
+                grant=grant,
+            ):
+                await _settle(consumer.ack(delivery), sub, "ack")
+                outcome = "skipped"
+                return outcome
             await engine.invoke(
                 target, job.data, traceparent=span.traceparent, baggage=span.baggage, grant=grant
             )

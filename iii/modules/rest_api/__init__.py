@@ -40,6 +40,7 @@ from iii.errors import TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.inbound import InboundBudget
 from iii.log import bounded_repr
+from iii.modules.conditions import CONDITION_KEYS, condition_of
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
 from iii.modules.rest_api.routes import (
@@ -62,7 +63,6 @@ __all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "Statistics", "rout
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-CONDITION_KEYS = ("_condition_path", "condition_function_id")
 HTTP_TRIGGER_ACCESS = TriggerAccess(function_keys=CONDITION_KEYS)
 
 
@@ -131,9 +131,7 @@ def route_for_trigger(trigger: LogicalTrigger) -> Route:
         raise TriggerRegistrationError(
             f"http_method {bounded_repr(method)} is not supported (one of {', '.join(METHODS)})"
         )
-    condition = config.get("_condition_path", config.get("condition_function_id"))
-    if condition is not None and not isinstance(condition, str):
-        raise TriggerRegistrationError("_condition_path must be a function id (a string)")
+    condition = condition_of(config, "http")
     try:
         pattern = parse_pattern(api_path)
     except RoutePatternError as exc:
@@ -142,7 +140,7 @@ def route_for_trigger(trigger: LogicalTrigger) -> Route:
         method=method.upper(),
         pattern=pattern,
         function_id=trigger.function_id,
-        condition_function_id=condition or None,
+        condition_function_id=condition,
         key=trigger,
     )
 

@@ -52,6 +52,7 @@ from iii.errors import IIIError
 from iii.grants import Grant
 from iii.inbound import InboundAccount, InboundBudget
 from iii.log import SNIPPET_CHARS, bounded_repr, truncate
+from iii.modules.conditions import condition_passes
 from iii.modules.rest_api.bodies import (
     FREE_BYTES,
     RETRY_AFTER,
@@ -245,14 +246,12 @@ class RestDispatcher:
                 413, "PAYLOAD_TOO_LARGE", f"request body larger than {self.max_body_size} bytes"
             )
             return
-        engine = self.engine
-        engine.inflight += 1
         # The request's deadline bounds everything up to the response head.
         # It is not a cancel scope around the request (8 us each; this is
         # the hot path of bench/bench_rest.py): each wait takes its share,
         # and the call's own deadline is the engine's (iii.invocations).
         deadline = trio.current_time() + self.timeout
-        try:
+        with self.engine.track_call():
             if not await self._take_slot(deadline):
                 await self._timeout_response(responder, match.route.function_id)
                 return
@@ -260,8 +259,6 @@ class RestDispatcher:
                 await self._exchange(request, responder, match, deadline, traceparent, baggage)
             finally:
                 self.limiter.release()
-        finally:
-            engine.inflight -= 1
 
     async def _take_slot(self, deadline: float) -> bool:
         """A ``concurrency_request_limit`` slot; False if none came free in time."""
@@ -415,9 +412,12 @@ class RestDispatcher:
         grant: Grant | None = None,
     ) -> bool:
         try:
-            verdict = await self.engine.invoke(
+            passes = await condition_passes(
+                self.engine,
                 condition_id,
                 dict(payload),
+                null_passes=True,
+                what="http",
                 timeout=max(0.0, deadline - trio.current_time()),
                 traceparent=traceparent,
                 baggage=baggage,
@@ -426,14 +426,11 @@ class RestDispatcher:
         except IIIError as exc:
             await self._error_response(responder, exc, condition_id)
             return False
-        if verdict is False:
+        if not passes:
             await responder.respond_error(
                 422, "CONDITION_NOT_MET", "Request condition not met", skipped=True
             )
-            return False
-        if verdict is None:
-            log.warning("condition %s returned null: the request goes on", condition_id)
-        return True
+        return passes
 
     def _control(
         self,

@@ -89,6 +89,7 @@ from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
+from iii.modules.conditions import CHANGE_CONDITION_KEYS
 from iii.modules.stream.server import MAX_CLIENT_MESSAGE, StreamServer, stream_message
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
@@ -108,7 +109,7 @@ _OVERRIDE = re.compile(r"^stream::(?:" + "|".join(OVERRIDE_OPS) + r")\(.*\)$", r
 # A stream trigger names its condition and hands out the items of its stream:
 # a token needs stream::get or a stream(stream-pattern) entry.
 STREAM_TRIGGER_ACCESS = TriggerAccess(
-    function_keys=("condition_function_id",),
+    function_keys=CHANGE_CONDITION_KEYS,
     data=True,
     resource_key="stream_name",
     read_function="stream::get",
@@ -307,16 +308,13 @@ class Module:
             )
             if self.config.auth_required and not self.config.auth_function:
                 log.warning("stream: auth_required without an auth_function has no effect")
-            self.engine.sensitive_functions.append(self._receives_others_data)
-            try:
+            with self.engine.marking_sensitive(self._receives_others_data):
                 async with trio.open_nursery() as module_nursery:
                     module_nursery.start_soon(self.dispatch.run)
                     module_nursery.start_soon(self.peers.run, adapter.publish_event)
                     await module_nursery.start(self.server.serve)
                     task_status.started()
                     await trio.sleep_forever()
-            finally:
-                self.engine.sensitive_functions.remove(self._receives_others_data)
 
     # -- events ------------------------------------------------------------------------
 

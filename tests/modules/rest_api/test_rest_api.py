@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from iii.testing import connect_test_worker
 from tests.modules.rest_api.helpers import (
@@ -398,7 +399,14 @@ async def test_shutdown_lets_requests_in_flight_finish():
         async with connect_test_worker(engine) as worker, trio.open_nursery() as nursery:
             from tests.modules.rest_api.helpers import answer_calls
 
-            nursery.start_soon(answer_calls, worker, {"t::slow": slow})
+            async def answer_until_the_engine_closes() -> None:
+                # Once the request is answered, shutdown closes the worker (1012).
+                try:
+                    await answer_calls(worker, {"t::slow": slow})
+                except* ConnectionClosed:
+                    pass
+
+            nursery.start_soon(answer_until_the_engine_closes)
             await add_route(engine, worker, "t::slow", "/slow")
             results = []
 

@@ -57,6 +57,11 @@ they reach a log, registration refusals are logged (rate-limited), every
 send is bounded by ``send_timeout_s`` and a WebSocket ping must be answered
 within ``heartbeat_timeout_s`` (else the connection is dropped).
 
+The package: this module holds :class:`EngineLink` (the supervised loop, the
+tables re-sent on every connection, the calls it makes);
+:mod:`iii.link.connection` one live connection's tasks; :mod:`iii.link.values`
+the value types, re-exported here.
+
 Lifetime: the link owns nothing outside :meth:`run`; one connection at a
 time lives in a per-connection nursery inside it (reader, writer, heartbeat
 and the exposed calls), and the socket is closed when the connection ends.
@@ -68,8 +73,8 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import orjson
@@ -77,31 +82,27 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.client import CLOSE_TIMEOUT, ClientError, Endpoint, client_metadata, open_session
-from iii.errors import (
-    FrameTooLargeError,
-    IIIError,
-    InvocationFailedError,
-    InvocationStoppedError,
-    InvocationTimeoutError,
-    MessageDecodeError,
+from iii.errors import FrameTooLargeError, IIIError, InvocationTimeoutError
+from iii.link.connection import OUTBOX_FRAMES, LinkConnection
+from iii.link.values import (
+    UNAVAILABLE,
+    Exposed,
+    ExposedHandler,
+    LinkConfig,
+    LinkStatistics,
+    PendingCall,
+    TraceContext,
 )
 from iii.log import RateLimitedLog, clean, describe_error
 from iii.protocol import (
-    ErrorBody,
-    InvocationResult,
     InvokeFunction,
     Message,
-    Ping,
-    Pong,
     Reattach,
     RegisterFunction,
     RegisterService,
     RegisterTrigger,
-    RegistrationRejected,
-    TriggerRegistrationResult,
     UnregisterFunction,
     UnregisterTrigger,
-    decode_message,
     encode_message,
 )
 
@@ -116,106 +117,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE: Final = "bridge_unavailable"
-# Frames waiting for the writer, per connection.  Registrations go in without
-# waiting; a connection whose queue is full is stuck, and is dropped.
-OUTBOX_FRAMES: Final = 1024
-
-
-@attrs.frozen(kw_only=True)
-class LinkConfig:
-    """Where the link connects and how it behaves (seconds throughout)."""
-
-    url: str
-    # Shown on the remote as the worker's name (engine::workers::list).
-    name: str = "iii-link"
-    description: str = "iii engine link"
-    token: str | None = attrs.field(default=None, repr=False)
-    ca_file: str | None = None
-    connect_timeout_s: float = 10.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    send_timeout_s: float = 10.0
-    heartbeat_interval_s: float = 15.0
-    heartbeat_timeout_s: float = 15.0
-    max_message_size: int = 64 * 1024 * 1024
-    max_concurrent_calls: int = 256
-    handler_timeout_s: float = 300.0
-
-    def endpoint(self) -> Endpoint:
-        """The parsed URL; raises :class:`~iii.client.UsageError` for a bad one."""
-        return Endpoint.parse(self.url, self.token, ca_file=self.ca_file)
-
-
-@attrs.frozen(kw_only=True)
-class TraceContext:
-    """W3C trace context that crosses the link (either may be None)."""
-
-    traceparent: str | None = None
-    baggage: str | None = None
-
-
-ExposedHandler = Callable[[Any, TraceContext], Awaitable[Any]]
-
-
-@attrs.frozen(kw_only=True)
-class LinkStatistics:
-    connected: bool
-    # Connections that got as far as registering, and attempts that failed
-    # before that (refused, unreachable, timed out, rejected token ...).
-    connections: int
-    failed_attempts: int
-    calls_in_flight: int
-    exposed_calls_running: int
-    last_error: str | None
-
-
-@attrs.define(eq=False)
-class _Pending:
-    function_id: str
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: Any = None
-    error: IIIError | None = None
-
-    def finish(self, result: Any = None, error: IIIError | None = None) -> None:
-        if self.done.is_set():
-            return
-        self.result, self.error = result, error
-        self.done.set()
-
-
-@attrs.define(eq=False)
-class _Exposed:
-    handler: ExposedHandler
-    registration: RegisterFunction
-
-
-@attrs.define(eq=False)
-class _Connection:
-    """One live connection: its socket, send queue, calls in flight and nursery."""
-
-    ws: WebSocketConnection
-    nursery: trio.Nursery
-    outbox_send: trio.MemorySendChannel[str]
-    outbox_receive: trio.MemoryReceiveChannel[str]
-    pending: dict[str, _Pending] = attrs.field(factory=dict)
-    ready: bool = False
-    running: int = 0
-    drop_reason: str | None = None
-
-    def abort(self, reason: str) -> None:
-        if self.drop_reason is None:
-            self.drop_reason = reason
-        self.nursery.cancel_scope.cancel()
-
-    def send_nowait(self, frame: str) -> None:
-        try:
-            self.outbox_send.send_nowait(frame)
-        except trio.WouldBlock:
-            self.abort("its send queue is full (the remote does not read)")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection is ending
-
 
 class _LinkDown(ClientError):
     """The connection ended; the message says why (safe to log)."""
@@ -229,10 +130,10 @@ class EngineLink:
     # Drawn from for the backoff jitter (a test may pass a seeded one).
     rng: random.Random = attrs.field(factory=random.Random)
     _endpoint: Endpoint = attrs.field(init=False)
-    _exposed: dict[str, _Exposed] = attrs.field(init=False, factory=dict)
+    _exposed: dict[str, Exposed] = attrs.field(init=False, factory=dict)
     _services: dict[str, RegisterService] = attrs.field(init=False, factory=dict)
     _triggers: dict[str, RegisterTrigger] = attrs.field(init=False, factory=dict)
-    _connection: _Connection | None = attrs.field(init=False, default=None)
+    _connection: LinkConnection | None = attrs.field(init=False, default=None)
     _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
     _previous: Reattach | None = attrs.field(init=False, default=None)
     _connections: int = attrs.field(init=False, default=0)
@@ -241,6 +142,10 @@ class EngineLink:
     _attempt_ready: bool = attrs.field(init=False, default=False)
     _metadata: dict[str, Any] = attrs.field(init=False, factory=dict)
     _bad_input_log: RateLimitedLog = attrs.field(init=False, factory=lambda: RateLimitedLog(log))
+    # A remote that stays down: the first failures, then one line a minute.
+    _attempt_log: RateLimitedLog = attrs.field(
+        init=False, factory=lambda: RateLimitedLog(log, burst=3, interval=60.0)
+    )
 
     def __attrs_post_init__(self) -> None:
         self._endpoint = self.config.endpoint()
@@ -311,7 +216,7 @@ class EngineLink:
             response_format=response_format,
             metadata=metadata,
         )
-        self._exposed[remote_function_id] = _Exposed(handler, registration)
+        self._exposed[remote_function_id] = Exposed(handler, registration)
         self._send_registration(registration)
 
     def unexpose(self, remote_function_id: str) -> None:
@@ -396,17 +301,6 @@ class EngineLink:
             )
         return frame
 
-    async def _enqueue(self, connection: _Connection, frame: str) -> bool:
-        """Queue a frame for the writer; False if the connection ended or is stuck."""
-        with trio.move_on_after(self.config.send_timeout_s):
-            try:
-                await connection.outbox_send.send(frame)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return False
-            return True
-        connection.abort(f"no room to send for {self.config.send_timeout_s:g}s")
-        return False
-
     async def call(
         self,
         function_id: str,
@@ -430,12 +324,12 @@ class EngineLink:
                 baggage=trace.baggage if trace else None,
             )
         )
-        pending = _Pending(function_id)
+        pending = PendingCall(function_id)
         connection.pending[invocation_id] = pending
         try:
             with trio.move_on_after(timeout_s):
-                if not await self._enqueue(connection, frame):
-                    pending.finish(error=self._stopped(connection, function_id))
+                if not await connection.enqueue(frame):
+                    pending.finish(error=connection.stopped_error(function_id))
                 await pending.done.wait()
         finally:
             connection.pending.pop(invocation_id, None)
@@ -467,14 +361,8 @@ class EngineLink:
                 baggage=trace.baggage if trace else None,
             )
         )
-        if not await self._enqueue(connection, frame):
+        if not await connection.enqueue(frame):
             raise self._unavailable(unavailable_code)
-
-    def _stopped(self, connection: _Connection, function_id: str) -> IIIError:
-        reason = connection.drop_reason or "the link dropped"
-        return InvocationStoppedError(
-            f"Invocation of {function_id} stopped: the link to {self.config.url} dropped ({reason})"
-        )
 
     # -- the supervised loop -------------------------------------------------------------------
 
@@ -525,21 +413,28 @@ class EngineLink:
             log.warning("link to %s: connection lost: %s", self.config.url, clean(reason, 400))
         else:
             self._failed_attempts += 1
-            log.warning("link to %s: cannot connect: %s", self.config.url, clean(reason, 400))
+            self._attempt_log.warning(
+                "link to %s: cannot connect: %s", self.config.url, clean(reason, 400)
+            )
         self._notify()
 
     async def _serve(
         self, ws: WebSocketConnection, worker_id: str, reattach_token: str | None
     ) -> None:
         """Register everything, then serve until the connection ends (:class:`_LinkDown`)."""
-        outbox_send, outbox_receive = trio.open_memory_channel[str](OUTBOX_FRAMES)
-        connection: _Connection | None = None
+        registrations = len(self._services) + len(self._exposed) + len(self._triggers)
+        connection: LinkConnection | None = None
         try:
             async with trio.open_nursery() as connection_nursery:
-                connection = _Connection(ws, connection_nursery, outbox_send, outbox_receive)
-                connection_nursery.start_soon(self._writer, connection)
-                connection_nursery.start_soon(self._reader, connection)
-                connection_nursery.start_soon(self._heartbeat, connection)
+                connection = LinkConnection(
+                    ws,
+                    connection_nursery,
+                    self.config,
+                    self._exposed,
+                    self._bad_input_log,
+                    outbox_frames=OUTBOX_FRAMES + registrations,
+                )
+                connection.start()
                 if self._previous is not None:
                     connection.send_nowait(encode_message(self._previous))
                 self._previous = (
@@ -569,17 +464,14 @@ class EngineLink:
                 self._notify()
         finally:
             if connection is not None:
-                connection.ready = False
                 if self._connection is connection:
                     self._connection = None
-                for pending in list(connection.pending.values()):
-                    pending.finish(error=self._stopped(connection, pending.function_id))
-                outbox_send.close()
+                connection.close()
                 self._notify()
         assert connection is not None
         raise _LinkDown(connection.drop_reason or "the connection ended")
 
-    async def _barrier(self, connection: _Connection) -> None:
+    async def _barrier(self, connection: LinkConnection) -> None:
         """Wait until the remote has applied what was sent so far.
 
         The remote handles a connection's frames in order, so the answer to
@@ -588,7 +480,7 @@ class EngineLink:
         (an error too) will do.
         """
         invocation_id = str(uuid.uuid4())
-        pending = _Pending("engine::workers::register")
+        pending = PendingCall("engine::workers::register")
         connection.pending[invocation_id] = pending
         connection.send_nowait(
             encode_message(
@@ -607,215 +499,3 @@ class EngineLink:
                 f"the registrations were not answered within {self.config.connect_timeout_s:g}s"
             )
             await trio.sleep_forever()  # cancelled by the abort
-
-    # -- per-connection tasks ---------------------------------------------------------
-
-    async def _writer(self, connection: _Connection) -> None:
-        async for frame in connection.outbox_receive:
-            with trio.move_on_after(self.config.send_timeout_s) as scope:
-                try:
-                    await connection.ws.send_message(frame)
-                except ConnectionClosed as exc:
-                    connection.abort(f"closed: {_close_text(exc)}")
-                    return
-            if scope.cancelled_caught:
-                connection.abort(f"a send took longer than {self.config.send_timeout_s:g}s")
-                return
-
-    async def _heartbeat(self, connection: _Connection) -> None:
-        while True:
-            await trio.sleep(self.config.heartbeat_interval_s)
-            with trio.move_on_after(self.config.heartbeat_timeout_s) as scope:
-                try:
-                    await connection.ws.ping()
-                except ConnectionClosed as exc:
-                    connection.abort(f"closed: {_close_text(exc)}")
-                    return
-            if scope.cancelled_caught:
-                connection.abort(f"no pong within {self.config.heartbeat_timeout_s:g}s")
-                return
-
-    async def _reader(self, connection: _Connection) -> None:
-        while True:
-            try:
-                frame = await connection.ws.get_message()
-            except ConnectionClosed as exc:
-                connection.abort(f"closed: {_close_text(exc)}")
-                return
-            if isinstance(frame, bytes) and frame[:4] in (b"OTLP", b"MTRC", b"LOGS"):
-                continue
-            try:
-                message = decode_message(frame)
-            except MessageDecodeError as exc:
-                self._on_bad_frame(connection, exc)
-                continue
-            self._dispatch(connection, message)
-
-    def _on_bad_frame(self, connection: _Connection, exc: MessageDecodeError) -> None:
-        self._bad_input_log.warning(
-            "link to %s: skipped a frame the remote sent: %s",
-            self.config.url,
-            clean(exc.reason, 300),
-        )
-        pending = connection.pending.get(exc.invocation_id or "")
-        if pending is not None and exc.message_type == "invocationresult":
-            pending.finish(
-                error=IIIError(
-                    f"the answer of {self.config.url} to {pending.function_id} cannot be read:"
-                    f" {clean(exc.reason, 300)}",
-                    code="deserialization_error",
-                )
-            )
-
-    def _dispatch(self, connection: _Connection, message: Message) -> None:
-        if isinstance(message, InvocationResult):
-            pending = connection.pending.get(message.invocation_id)
-            if pending is None:
-                return  # late (timed out) or never ours
-            if message.error is not None:
-                pending.finish(error=_remote_error(message.error))
-            else:
-                pending.finish(result=message.result)
-        elif isinstance(message, InvokeFunction):
-            self._on_invoke(connection, message)
-        elif isinstance(message, Ping):
-            connection.send_nowait(encode_message(Pong()))
-        elif isinstance(message, RegistrationRejected):
-            self._bad_input_log.warning(
-                "link to %s: the remote refused the registration of %s: %s",
-                self.config.url,
-                clean(message.function_id or message.worker_name or "?", 200),
-                clean(message.code, 100),
-            )
-        elif isinstance(message, TriggerRegistrationResult) and message.error is not None:
-            self._bad_input_log.warning(
-                "link to %s: the remote refused trigger %s: %s: %s",
-                self.config.url,
-                clean(message.id, 200),
-                clean(message.error.code, 100),
-                clean(message.error.message, 300),
-            )
-        # Anything else (trigger registrations for a type we never provided,
-        # a second workerregistered ...) means nothing to a link: ignored.
-
-    def _on_invoke(self, connection: _Connection, message: InvokeFunction) -> None:
-        exposed = self._exposed.get(message.function_id)
-        invocation_id = message.invocation_id
-        if exposed is None:
-            if invocation_id is not None:
-                self._answer_error(
-                    connection,
-                    message,
-                    ErrorBody(
-                        code="function_not_found",
-                        message=f"Function {message.function_id} not found",
-                    ),
-                )
-            return
-        if connection.running >= self.config.max_concurrent_calls:
-            self._bad_input_log.warning(
-                "link to %s: refused a call of %s: %d calls already running",
-                self.config.url,
-                clean(message.function_id, 200),
-                connection.running,
-            )
-            if invocation_id is not None:
-                self._answer_error(
-                    connection,
-                    message,
-                    ErrorBody(
-                        code="too_many_pending_invocations",
-                        message=f"the link runs at most"
-                        f" {self.config.max_concurrent_calls} calls at once",
-                    ),
-                )
-            return
-        connection.running += 1
-        connection.nursery.start_soon(self._run_exposed, connection, exposed, message)
-
-    def _answer_error(
-        self, connection: _Connection, message: InvokeFunction, error: ErrorBody
-    ) -> None:
-        assert message.invocation_id is not None
-        connection.send_nowait(
-            encode_message(
-                InvocationResult(
-                    invocation_id=message.invocation_id,
-                    function_id=message.function_id,
-                    error=error,
-                )
-            )
-        )
-
-    async def _run_exposed(
-        self, connection: _Connection, exposed: _Exposed, message: InvokeFunction
-    ) -> None:
-        try:
-            trace = TraceContext(traceparent=message.traceparent, baggage=message.baggage)
-            result: Any = None
-            error: ErrorBody | None = None
-            with trio.move_on_after(self.config.handler_timeout_s) as scope:
-                try:
-                    result = await exposed.handler(message.data, trace)
-                except IIIError as exc:
-                    error = ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace)
-                except Exception:
-                    log.exception(
-                        "link to %s: the handler of %s failed",
-                        self.config.url,
-                        clean(message.function_id, 200),
-                    )
-                    error = ErrorBody(code="invocation_failed", message="internal error")
-            if scope.cancelled_caught:
-                error = ErrorBody(
-                    code="timeout",
-                    message=f"Invocation of {message.function_id} timed out after"
-                    f" {self.config.handler_timeout_s:g}s",
-                )
-            if message.invocation_id is None:
-                return
-            answer = InvocationResult(
-                invocation_id=message.invocation_id,
-                function_id=message.function_id,
-                result=result if error is None else None,
-                error=error,
-            )
-            try:
-                frame = encode_message(answer)
-            except (orjson.JSONEncodeError, TypeError) as exc:
-                frame = encode_message(
-                    attrs.evolve(
-                        answer,
-                        result=None,
-                        error=ErrorBody(
-                            code="serialization_error", message=f"the result cannot be sent: {exc}"
-                        ),
-                    )
-                )
-            if len(frame.encode()) > self.config.max_message_size:
-                frame = encode_message(
-                    attrs.evolve(
-                        answer,
-                        result=None,
-                        error=ErrorBody(
-                            code=FrameTooLargeError.code,
-                            message=f"the result is larger than the link's max_message_size"
-                            f" ({self.config.max_message_size} bytes)",
-                        ),
-                    )
-                )
-            await self._enqueue(connection, frame)
-        finally:
-            connection.running -= 1
-
-
-def _remote_error(error: ErrorBody) -> IIIError:
-    return InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
-
-
-def _close_text(exc: ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "connection ended"
-    said = f" ({clean(reason.reason, 200)})" if reason.reason else ""
-    return f"code {reason.code}{said}"
