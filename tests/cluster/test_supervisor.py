@@ -125,16 +125,16 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
                         if statuses == [200] * 12:
                             break
                         await trio.sleep(0.2)
-            # kill -9 one child: the supervisor starts another.
-            os.kill(first[0], signal.SIGKILL)
-            with trio.fail_after(60):
-                while True:
-                    now = children_of(supervisor.pid)
-                    if len(now) == 2 and first[0] not in now:
-                        break
-                    await trio.sleep(0.1)
-            await wait_for_port(config["port"])
             nursery.cancel_scope.cancel()
+        # kill -9 one child: the supervisor starts another.
+        os.kill(first[0], signal.SIGKILL)
+        with trio.fail_after(60):
+            while True:
+                now = children_of(supervisor.pid)
+                if len(now) == 2 and first[0] not in now:
+                    break
+                await trio.sleep(0.1)
+        await wait_for_port(config["port"])
         supervisor.send_signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(supervisor.wait, 60)
         assert code == 0
