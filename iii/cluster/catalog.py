@@ -37,8 +37,6 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 
-from iii.modules.worker import format_tree_or_none
-
 if TYPE_CHECKING:
     from iii.cluster import Cluster
     from iii.engine import Engine
@@ -206,14 +204,3 @@ def _items(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         return []
     return [item for item in value if isinstance(item, dict)]
-
-
-def function_info(function_id: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """An ``engine::functions::list`` entry for a peer's function (0.4.1-safe formats)."""
-    return {
-        "function_id": function_id,
-        "description": entry.get("description"),
-        "request_format": format_tree_or_none(entry.get("request_format")),
-        "response_format": format_tree_or_none(entry.get("response_format")),
-        "metadata": entry.get("metadata"),
-    }

@@ -107,7 +107,6 @@ class Membership:
     rounds: int = 0
     failures: int = 0
     healthy: bool = False
-    _changed: trio.Event = attrs.field(factory=trio.Event)
     _outage_log: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log, burst=1, interval=30.0))
 
     @property
@@ -117,14 +116,6 @@ class Membership:
     @property
     def ttl_ms(self) -> int:
         return max(1, math.floor((self.dead_after - self.interval) * 1000))
-
-    async def wait_round(self, after: int, timeout_s: float) -> bool:
-        """Wait until more than ``after`` rounds completed; False on timeout."""
-        with trio.move_on_after(timeout_s):
-            while self.rounds <= after:
-                await self._changed.wait()
-            return True
-        return False
 
     async def round(self) -> None:
         try:
@@ -158,8 +149,6 @@ class Membership:
                 self.view = view
                 self.on_view(dict(view))
         self.rounds += 1
-        self._changed.set()
-        self._changed = trio.Event()
 
     async def _heartbeat(self) -> None:
         index, prefix = member_keys(self.cluster_name)
