@@ -37,7 +37,6 @@ from collections.abc import Callable
 
 import attrs
 import orjson
-import trio
 
 from iii import json_limits
 from iii.adapters.redis_support import RedisConnection
