@@ -22,11 +22,15 @@ bound)::
 
     serve (Cluster.run)                 cluster nursery
     ├── Redis client (open_redis)       coredis pool, reconnects by itself
+    ├── peer port                       only under --processes: this process's own port
+    ├── supervisor watch                only under --processes: EOF on stdin -> shutdown
     ├── membership                      heartbeat + view every dead_after/5
-    └── peer nursery
-        └── Peer.run (one per peer)     own cancel scope: cancelled when the peer
-            ├── EngineLink.run          leaves the view
-            └── catalog long poll       mirrors the peer's functions and routes
+    └── Peer.run (one per peer)         own cancel scope: cancelled when the peer
+        ├── EngineLink.run              leaves the view (iii.link)
+        └── catalog long poll           mirrors the peer's functions and routes
+
+Channels named in a forwarded call are bridged to the engine that owns them
+(:mod:`iii.cluster.channels`).
 
 Lifetime: started by :func:`iii.engine.serve_engine` when the config has a
 ``cluster`` section; ends with the connection nursery at shutdown (the
