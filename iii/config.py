@@ -57,6 +57,7 @@ __all__ = [
     "AuthConfig",
     "AuthToken",
     "TlsConfig",
+    "ClusterConfig",
     "EngineConfig",
     "ModuleEntry",
     "load_config",
@@ -154,6 +155,31 @@ class TlsConfig:
         return self.cert is not None
 
 
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """``cluster:``: engines with the same ``name`` on one Redis act as one (:mod:`iii.cluster`).
+
+    ``advertise`` is the ``ws://host:port`` peers use to reach this engine
+    (default: the worker port on the bind address).  ``token_env`` names the
+    environment variable holding the token peers present (at least 16
+    characters, read when the config is loaded, like ``auth.tokens``).  An
+    engine that stops heartbeating leaves every peer's view within
+    ``dead_after_ms``.
+    """
+
+    name: str
+    redis_url: str
+    token_env: str
+    advertise: str | None = None
+    dead_after_ms: int = 3000
+    # Filled from ``token_env`` by the loader; never read from nor shown in a file.
+    secret: str = attrs.field(default="", repr=False)
+
+    @property
+    def dead_after(self) -> float:
+        return self.dead_after_ms / 1000
+
+
 # Integer engine keys and their allowed range (low, high or None); the
 # ``Count`` keys (at least 1) are checked by their structure hook.
 _ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
@@ -217,6 +243,10 @@ class EngineConfig:
     inbound_wait_timeout_ms: int = 15_000
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
+    cluster: ClusterConfig | None = None
+    # ``serve --processes``: engine processes on this machine (iii.cluster.supervisor);
+    # "auto" = the number of cores.  None or 1: this process is the engine.
+    processes: int | str | None = None
     modules: tuple[ModuleEntry, ...] = ()
 
     def __attrs_post_init__(self) -> None:
@@ -348,6 +378,22 @@ def _make_converter() -> cattrs.Converter:
     converter.register_unstructure_hook(
         AuthToken, make_dict_unstructure_fn(AuthToken, converter, secret=override(omit=True))
     )
+    converter.register_structure_hook(
+        ClusterConfig,
+        make_dict_structure_fn(
+            ClusterConfig, converter, _cattrs_forbid_extra_keys=True, secret=override(omit=True)
+        ),
+    )
+    converter.register_unstructure_hook(
+        ClusterConfig, make_dict_unstructure_fn(ClusterConfig, converter, secret=override(omit=True))
+    )
+
+    def structure_processes(value: Any, _: Any) -> int | str | None:
+        if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value  # type: ignore[no-any-return]
+        raise TypeError(f'expected a number or "auto", got {_type_name(value)}')
+
+    converter.register_structure_hook_func(lambda t: t == (int | str | None), structure_processes)
     converter.register_unstructure_hook(
         AdapterRef, lambda ref: {"class": ref.class_name, "config": ref.config if ref.config is not None else {}}
     )
@@ -514,7 +560,9 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
         engine,
         auth=_resolve_tokens(engine.auth, os.environ if env is None else env, file),
         tls=_check_tls(engine.tls, file),
+        cluster=_resolve_cluster(engine.cluster, os.environ if env is None else env, file),
     )
+    _check_processes(engine.processes, file)
     modules: list[ModuleEntry] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
@@ -591,6 +639,47 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
         labels[token.label] = index
         tokens.append(attrs.evolve(token, secret=secret))
     return attrs.evolve(auth, tokens=tuple(tokens))
+
+
+def _resolve_cluster(cluster: ClusterConfig | None, environ: Any, file: str | None) -> ClusterConfig | None:
+    """Check ``cluster:`` and read its token from ``token_env``."""
+    if cluster is None:
+        return None
+    if not cluster.name.strip():
+        raise ConfigError("must not be empty", file=file, key="cluster.name")
+    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("must be a redis://, rediss:// or unix:// URL", file=file, key="cluster.redis_url")
+    if cluster.advertise is not None:
+        match = re.fullmatch(r"wss?://[^/:\s]+(:\d{1,5})?/?", cluster.advertise)
+        if match is None or (match.group(1) is not None and int(match.group(1)[1:]) > 65535):
+            raise ConfigError("must be ws://host:port or wss://host:port", file=file, key="cluster.advertise")
+    if not 100 <= cluster.dead_after_ms <= 600_000:
+        raise ConfigError(
+            f"must be between 100 and 600000, got {cluster.dead_after_ms}", file=file, key="cluster.dead_after_ms"
+        )
+    secret = str(environ.get(cluster.token_env, "")).strip()
+    if not secret:
+        raise ConfigError(
+            f"environment variable {cluster.token_env} (the cluster token) is not set",
+            file=file,
+            key="cluster.token_env",
+        )
+    if len(secret) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"the token in {cluster.token_env} has {len(secret)} characters; use at least {MIN_TOKEN_LENGTH}",
+            file=file,
+            key="cluster.token_env",
+        )
+    return attrs.evolve(cluster, secret=secret)
+
+
+def _check_processes(processes: int | str | None, file: str | None) -> None:
+    if processes is None or processes == "auto":
+        return
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 256:
+        raise ConfigError(
+            f"must be a number from 1 to 256 or \"auto\", got {processes!r}", file=file, key="processes"
+        )
 
 
 def _check_patterns(token: AuthToken, index: int, file: str | None) -> None:

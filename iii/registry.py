@@ -38,6 +38,7 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -162,6 +163,14 @@ class ReplicaQueues:
             del self.queues[load]
         return load
 
+    def waiting_order(self) -> list[str]:
+        """Every replica, fewest pending first, then longest waiting (O(n))."""
+        return [owner for load in sorted(self.queues) for owner in self.queues[load]]
+
+    def renew(self, owner: str) -> None:
+        """``owner`` was picked: to the back of its queue."""
+        self.queues[self.load[owner]].move_to_end(owner)
+
     def pick(self) -> str:
         """The front of the least-loaded queue, which goes to its back."""
         queue = self.queues[self.least]
@@ -184,6 +193,27 @@ class FunctionEntry:
         if queues is None:
             return next(iter(self.replicas.values()))
         return self.replicas[queues.pick()]
+
+    def pick_by(
+        self, load: Callable[[str], int], *, among: list[FunctionRegistration] | None = None
+    ) -> FunctionRegistration:
+        """The replica with the least ``load(owner)``, ties to the longest waiting.
+
+        For a cluster (:meth:`iii.engine.Engine._pick_replica`), where a peer
+        engine's replica is weighed by that peer's calls in flight, which the
+        pending table does not see.  It scans the replicas (O(n));
+        ``among``: choose from these replicas only (non-empty)."""
+        replicas = list(self.replicas.values()) if among is None else among
+        if len(replicas) == 1:
+            return replicas[0]
+        queues = self.queues
+        if queues is not None:  # oldest first, as pick() would take them
+            order = {owner: n for n, owner in enumerate(queues.waiting_order())}
+            replicas.sort(key=lambda r: order.get(r.owner or "", 0))
+        chosen = min(replicas, key=lambda r: load(r.owner) if r.owner is not None else 0)
+        if queues is not None and chosen.owner is not None:
+            queues.renew(chosen.owner)
+        return chosen
 
 
 @attrs.define(eq=False)

@@ -62,3 +62,15 @@ def test_queues_exist_only_while_a_function_is_shared_and_follow_leaving_workers
     registry.add_function(FunctionRegistration(function_id="f", owner="w2"))
     assert entry.queues is not None and entry.queues.load == {"w0": 1, "w2": 0}
     assert entry.pick().owner == "w2"
+
+
+def test_pick_by_weighs_each_replica_by_the_given_load_and_takes_turns_on_ties():
+    """The cluster's pick: a peer's replica is weighed by the peer's calls in flight."""
+    registry, _ = make(3)
+    entry = registry.functions["f"]
+    remote_load = {"w0": 0, "w1": 1, "w2": 1}  # w1, w2 stand for peers: one more each
+    assert [entry.pick_by(remote_load.__getitem__).owner for _ in range(3)] == ["w0"] * 3
+    even = {"w0": 1, "w1": 1, "w2": 1}
+    assert [entry.pick_by(even.__getitem__).owner for _ in range(4)] == ["w1", "w2", "w0", "w1"]
+    local = [entry.replicas["w0"], entry.replicas["w2"]]
+    assert {entry.pick_by(even.__getitem__, among=local).owner for _ in range(4)} == {"w0", "w2"}

@@ -148,6 +148,9 @@ class Module:
         if not self._running:
             return
         subscribers = list(self.subscribers.get(topic, {}))
+        cluster = self.engine.cluster
+        if cluster is not None:  # an identical subscriber on a peer: one of us delivers
+            subscribers = [t for t in subscribers if cluster.fires_here(t)]
         # A message published while a trigger runs (the local adapter delivers
         # in the publisher's task) is one level deeper: see iii.causation.
         depth = current_depth() + 1
