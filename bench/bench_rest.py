@@ -25,8 +25,12 @@ the CPU time the engine and the worker process spent per request (from
 /proc: a figure that other load on a shared machine disturbs less than
 throughput).  One round alone varies by about +-0.03 in the ratio here.
 
-Load: ``wrk`` (``apt-get install wrk``) when installed, else a trio/h11 load
-generator of our own (``--load builtin``), in a separate process either way.
+Load: ``wrk`` (``apt-get install wrk``) when installed, else (with a one-line
+notice) a trio/h11 load generator of our own (``--load builtin``), in a
+separate process either way.  ``--load both`` measures everything with each
+of them in the same run, to show how far the built-in generator is from
+``wrk``.  Only the ``bench`` extra is needed (no test-suite import): the SDK
+worker's virtual environment is built on first use (``bench/_support.py``).
 
 Run: ``python bench/bench_rest.py [--seconds 5] [--rounds 3] [--sdk 0.4.1 --sdk 0.25.0]``.
 """
@@ -49,6 +53,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -234,7 +239,7 @@ def start_engine(workdir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
 
 
 def start_worker(version: str, ws_port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    from tests.support import sdk_python
+    from _support import sdk_python
 
     script = workdir / f"bench_worker_{version}.py"
     script.write_text(textwrap.dedent(WORKERS[version]))
@@ -311,9 +316,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sdk", action="append", choices=list(WORKERS), help="default: both")
-    parser.add_argument("--load", choices=["wrk", "builtin"], default="wrk" if shutil.which("wrk") else "builtin")
+    parser.add_argument("--load", choices=["wrk", "builtin", "both"], help="default: wrk if installed")
     args = parser.parse_args()
-    load = run_wrk if args.load == "wrk" else run_builtin
+    if args.load is None:
+        args.load = "wrk" if shutil.which("wrk") else "builtin"
+        if args.load == "builtin":
+            print(WRK_MISSING + "; using the built-in load generator (--load builtin)", file=sys.stderr)
+    elif args.load != "builtin" and not shutil.which("wrk"):
+        print(f"bench_rest: {WRK_MISSING}", file=sys.stderr)
+        sys.exit(2)
+    loaders = {"wrk": run_wrk, "builtin": run_builtin}
+    if args.load != "both":
+        loaders = {args.load: loaders[args.load]}
+    for name, load in loaders.items():
+        print(f"=== load generator: {name}", flush=True)
+        run_all(args, name, load)
+
+
+WRK_MISSING = "wrk is not installed (install it with: apt-get install wrk)"
+
+
+def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
     rounds: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -359,7 +382,7 @@ def main() -> None:
             row["ratio"] = statistics.median(ratios)
             row["ratios"] = [round(r, 3) for r in ratios]  # type: ignore[assignment]
     print(
-        f"load generator: {args.load}, {args.seconds:g} s per measurement, medians of {args.rounds} alternating "
+        f"load generator: {load_name}, {args.seconds:g} s per measurement, medians of {args.rounds} alternating "
         f"rounds, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}; CPU columns: microseconds of CPU per request"
     )

@@ -43,7 +43,7 @@ from trio_websocket import open_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.support import free_port, sdk_python, wait_for_port  # noqa: E402
+from _support import reserve_port, sdk_python, wait_for_port  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -88,7 +88,7 @@ asyncio.run(main())
 
 class Engine:
     def __init__(self, directory: Path, modules: list[dict]):
-        self.port = free_port()
+        self.port = reserve_port()
         self.config = directory / f"engine-{self.port}.yaml"
         self.config.write_text(yaml.safe_dump({"port": self.port, "modules": modules}))
         self.log = directory / f"engine-{self.port}.log"
@@ -196,7 +196,7 @@ async def coredis_round_trips(seconds: float) -> dict[str, float]:
 async def fan_out(sizes: list[int], rounds: int) -> dict[int, dict[str, float]]:
     results: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        stream_port = free_port()
+        stream_port = reserve_port()
         modules = [{"class": "modules::stream::StreamModule", "config": {"port": stream_port, "host": "127.0.0.1"}}]
         async with Engine(Path(tmp), modules) as engine:
             await wait_for_port(stream_port, 30)

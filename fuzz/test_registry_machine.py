@@ -12,11 +12,15 @@ order.  A small model next to it says what must be true after every step:
   the registry's indexes agree with each other;
 * a service exists exactly while a live worker (or a module) registered it,
   its byte and count accounting matches what is held, a module's service is
-  never taken over, and every function is listed under at most one service.
+  never taken over, and every function is listed under at most one service;
+* a call goes where a naive model of the replica policy (iii.registry's
+  docstring) says: the fewest calls pending on the worker, then the replica
+  whose place (joined, picked, or its worker's count changed) is oldest.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 from hypothesis import strategies as st
@@ -46,7 +50,11 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.registry = Registry()
-        self.pending = PendingTable()
+        self.pending = PendingTable(on_load=self._load_changed)
+        # The naive model of the pick policy: a place per (function, replica),
+        # renewed on join, pick and load change; the smallest (load, place) wins.
+        self.clock = itertools.count()
+        self.places: dict[tuple[str, str], int] = {}
         self.live: list[str] = []
         self.answers: dict[str, int] = {}  # invocation id -> answers delivered
         self.open_calls: dict[str, Invocation] = {}  # filed and still waited on
@@ -81,8 +89,19 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
     def register_function(self, index: int, function_id: str) -> None:
         owner = self.live[index % len(self.live)]
+        entry = self.registry.functions.get(function_id)
+        joined = entry is None or owner not in entry.replicas
         self.registry.add_function(FunctionRegistration(function_id=function_id, owner=owner))
         assert owner in self.registry.functions[function_id].replicas
+        if joined:  # a re-registration keeps the replica's place
+            self.places[(function_id, owner)] = next(self.clock)
+
+    @precondition(lambda self: self.live)
+    @rule(function_id=st.sampled_from(FUNCTIONS))
+    def scale_out(self, function_id: str) -> None:
+        """Every live worker registers the function (replicas meet often)."""
+        for index in range(len(self.live)):
+            self.register_function(index, function_id)
 
     @precondition(lambda self: self.live)
     @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
@@ -177,13 +196,23 @@ class CoreMachine(RuleBasedStateMachine):
     # -- calls -----------------------------------------------------------------------------
 
     @precondition(lambda self: self.live)
-    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
+    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS), times=st.integers(1, 4))
+    def calls(self, index: int, function_id: str, times: int) -> None:
+        for _ in range(times):
+            self.call(index, function_id)
+
     def call(self, index: int, function_id: str) -> None:
         caller = self.live[index % len(self.live)]
         entry = self.registry.functions.get(function_id)
         if entry is None:
             return  # function_not_found, answered at once
-        replica = entry.pick(self.pending.executing_on)
+        expected = min(
+            entry.replicas,
+            key=lambda o: (self.pending.executing_on(o), self.places[(function_id, o)]),  # type: ignore[arg-type]
+        )
+        replica = entry.pick()
+        assert replica.owner == expected
+        self.places[(function_id, expected)] = next(self.clock)
         invocation = Invocation(
             invocation_id=str(uuid.uuid4()),
             function_id=function_id,
@@ -223,6 +252,13 @@ class CoreMachine(RuleBasedStateMachine):
         except DuplicateInvocationError:
             return
         raise AssertionError("duplicate invocation id accepted")
+
+    def _load_changed(self, worker_id: str, load: int) -> None:
+        self.registry.set_load(worker_id, load)
+        assert load == self.pending.executing_on(worker_id)
+        for (function_id, owner) in self.places:
+            if owner == worker_id:
+                self.places[(function_id, owner)] = next(self.clock)
 
     def _deliver(self, invocation: Invocation) -> None:
         """The waiting task wakes, answers its caller once, and discards the record."""
@@ -300,6 +336,19 @@ class CoreMachine(RuleBasedStateMachine):
         assert registered == len(self.registry.registrations)
         for worker_id, ids in self.pending.by_target.items():
             assert ids and all(self.pending.by_id[i].target_worker_id == worker_id for i in ids)
+        shared: dict[str, set[str]] = {}
+        for function_id, entry in self.registry.functions.items():
+            queues = entry.queues
+            if len(entry.replicas) < 2:
+                assert queues is None
+                continue
+            assert queues is not None and set(queues.load) == set(entry.replicas)
+            for owner, load in queues.load.items():
+                assert load == self.pending.executing_on(owner)
+                shared.setdefault(owner, set()).add(function_id)
+            assert set(queues.queues) == set(queues.load.values())
+            assert queues.least == min(queues.queues)
+        assert self.registry._shared == shared
 
 
 TestCoreMachine = CoreMachine.TestCase

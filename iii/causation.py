@@ -104,7 +104,10 @@ class TraceDepths:
 
     def depth_of(self, traceparent: str | None) -> int:
         """The depth of a call made with ``traceparent`` (0 if its trace is unknown)."""
-        trace_id = _trace_id(traceparent)
+        return self.depth_of_trace(_trace_id(traceparent))
+
+    def depth_of_trace(self, trace_id: str | None) -> int:
+        """The depth of work done in trace ``trace_id`` (lowercase hex; 0 if unknown)."""
         if trace_id is None:
             return 0
         depth = self._depths.get(trace_id)

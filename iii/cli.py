@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import gc
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from iii import __version__
@@ -82,10 +84,33 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
+# The cyclic collector's first threshold for ``serve`` (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """The collector policy of a serving engine (process-wide, so set here only).
+
+    With CPython's defaults a reply that builds a few thousand containers
+    (``engine::workers::list`` with 4,000 workers) runs several young
+    collections while it is built; its items survive them, are promoted,
+    and push the oldest generation into a full collection, which walks every
+    object of the engine: hundreds of milliseconds with 4,000 workers, paid
+    by whichever call lands on it.  A young threshold of 50,000 lets such a
+    reply die young, and :func:`gc.freeze` takes what was loaded at startup
+    (code, config) out of every later collection.  Refcounting still frees
+    everything acyclic at once; only cyclic garbage waits longer.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def _serve(config: EngineConfig, file: str | None = None) -> ExitCode:
     # serve_engine, plus READY/WATCHDOG/STOPPING when run by systemd (Type=notify).
     from iii.systemd import serve_with_systemd
 
+    _tune_gc()
     try:
         trio.run(serve_with_systemd, config)
     except KeyboardInterrupt:
@@ -330,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the engine")
     serve.add_argument("-c", "--config", help="config file (YAML or TOML); default ./config.yaml if present")
+    serve.add_argument(
+        "--processes",
+        help="engine processes sharing the ports as one cluster (a number or 'auto' = cores); "
+        "overrides the config's processes key",
+    )
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     config_cmd = commands.add_parser("config", help="config utilities")
@@ -360,7 +390,34 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.OK
         file = _config_path(args.config)
         config = load_config(file)
+        processes = _processes(config, args.processes, file)
     except ConfigError as exc:
         print(f"iii: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    if processes > 1:
+        return _supervise(config, file, processes, args.log_level)
     return _serve(config, file)
+
+
+def _processes(config: EngineConfig, given: str | None, file: str | None) -> int:
+    """How many engine processes to run (``--processes`` over the ``processes`` key)."""
+    from iii.cluster.supervisor import check_processes_config, process_count
+
+    if given is not None:
+        if given != "auto" and not (given.isdigit() and 1 <= int(given) <= 256):
+            raise ConfigError(f'--processes must be a number from 1 to 256 or "auto", got {given!r}')
+        config = attrs.evolve(config, processes=given if given == "auto" else int(given))
+    count = process_count(config)
+    if count > 1:
+        check_processes_config(config, file)
+    return count
+
+
+def _supervise(config: EngineConfig, file: str | None, processes: int, log_level: str) -> ExitCode:
+    from iii.cluster.supervisor import supervise
+
+    try:
+        code = trio.run(partial(supervise, config, file, processes, log_level=log_level))
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    return ExitCode(code)

@@ -61,6 +61,7 @@ from iii.config_schema import (
     AdapterRef,
     AuthConfig,
     AuthToken,
+    ClusterConfig,
     Count,
     EngineConfig,
     ModuleEntry,
@@ -78,6 +79,7 @@ __all__ = [
     "AuthConfig",
     "AuthToken",
     "TlsConfig",
+    "ClusterConfig",
     "EngineConfig",
     "ModuleEntry",
     "load_config",
@@ -223,7 +225,9 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
         engine,
         auth=_resolve_tokens(engine.auth, os.environ if env is None else env, file),
         tls=_check_tls(engine.tls, file),
+        cluster=_resolve_cluster(engine.cluster, os.environ if env is None else env, file),
     )
+    _check_processes(engine.processes, file)
     modules: list[ModuleEntry] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
@@ -330,6 +334,47 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
         labels[token.label] = index
         tokens.append(attrs.evolve(token, secret=secret))
     return attrs.evolve(auth, tokens=tuple(tokens))
+
+
+def _resolve_cluster(cluster: ClusterConfig | None, environ: Any, file: str | None) -> ClusterConfig | None:
+    """Check ``cluster:`` and read its token from ``token_env``."""
+    if cluster is None:
+        return None
+    if not cluster.name.strip():
+        raise ConfigError("must not be empty", file=file, key="cluster.name")
+    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("must be a redis://, rediss:// or unix:// URL", file=file, key="cluster.redis_url")
+    if cluster.advertise is not None:
+        match = re.fullmatch(r"wss?://[^/:\s]+(:\d{1,5})?/?", cluster.advertise)
+        if match is None or (match.group(1) is not None and int(match.group(1)[1:]) > 65535):
+            raise ConfigError("must be ws://host:port or wss://host:port", file=file, key="cluster.advertise")
+    if not 100 <= cluster.dead_after_ms <= 600_000:
+        raise ConfigError(
+            f"must be between 100 and 600000, got {cluster.dead_after_ms}", file=file, key="cluster.dead_after_ms"
+        )
+    secret = str(environ.get(cluster.token_env, "")).strip()
+    if not secret:
+        raise ConfigError(
+            f"environment variable {cluster.token_env} (the cluster token) is not set",
+            file=file,
+            key="cluster.token_env",
+        )
+    if len(secret) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"the token in {cluster.token_env} has {len(secret)} characters; use at least {MIN_TOKEN_LENGTH}",
+            file=file,
+            key="cluster.token_env",
+        )
+    return attrs.evolve(cluster, secret=secret)
+
+
+def _check_processes(processes: int | str | None, file: str | None) -> None:
+    if processes is None or processes == "auto":
+        return
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 256:
+        raise ConfigError(
+            f"must be a number from 1 to 256 or \"auto\", got {processes!r}", file=file, key="processes"
+        )
 
 
 def _check_patterns(token: AuthToken, index: int, file: str | None) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "AuthConfig",
     "AuthToken",
     "CONFIG_CONVERTER",
+    "ClusterConfig",
     "Count",
     "DEFAULT_PORT",
     "EMBEDDED",
@@ -206,6 +207,31 @@ class TlsConfig:
         return self.cert is not None
 
 
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """``cluster:``: engines with the same ``name`` on one Redis act as one (:mod:`iii.cluster`).
+
+    ``advertise`` is the ``ws://host:port`` peers use to reach this engine
+    (default: the worker port on the bind address).  ``token_env`` names the
+    environment variable holding the token peers present (at least 16
+    characters, read when the config is loaded, like ``auth.tokens``).  An
+    engine that stops heartbeating leaves every peer's view within
+    ``dead_after_ms``.
+    """
+
+    name: str
+    redis_url: str
+    token_env: str
+    advertise: str | None = None
+    dead_after_ms: int = 3000
+    # Filled from ``token_env`` by the loader; never read from nor shown in a file.
+    secret: str = attrs.field(default="", repr=False)
+
+    @property
+    def dead_after(self) -> float:
+        return self.dead_after_ms / 1000
+
+
 # Integer engine keys and their allowed range (low, high or None); the
 # ``Count`` keys (at least 1) are checked by their structure hook.
 _ENGINE_RANGES: dict[str, tuple[int, int | None]] = {
@@ -269,6 +295,10 @@ class EngineConfig:
     inbound_wait_timeout_ms: int = 15_000
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     tls: TlsConfig = attrs.field(factory=TlsConfig)
+    cluster: ClusterConfig | None = None
+    # ``serve --processes``: engine processes on this machine (iii.cluster.supervisor);
+    # "auto" = the number of cores.  None or 1: this process is the engine.
+    processes: int | str | None = None
     modules: tuple[ModuleEntry, ...] = ()
 
     def __attrs_post_init__(self) -> None:
@@ -445,6 +475,26 @@ def _make_converter() -> cattrs.Converter:
     converter.register_unstructure_hook(
         AuthToken, make_dict_unstructure_fn(AuthToken, converter, secret=override(omit=True))
     )
+    # The cluster token, like a worker token's secret, comes from the environment only.
+    converter.register_structure_hook(
+        ClusterConfig,
+        make_dict_structure_fn(
+            ClusterConfig, converter, _cattrs_forbid_extra_keys=True, secret=override(omit=True)
+        ),
+    )
+    converter.register_unstructure_hook(
+        ClusterConfig,
+        make_dict_unstructure_fn(ClusterConfig, converter, secret=override(omit=True)),
+    )
+
+    def structure_processes(value: Any, _: Any) -> int | str | None:
+        if value is None or value == "auto":
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f'expected a number or "auto", got {type_name(value)}')
+
+    converter.register_structure_hook_func(lambda t: t == (int | str | None), structure_processes)
     converter.register_unstructure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, AdapterRef),
         lambda ref: {"class": ref.class_name, "config": converter.unstructure(ref.config)},

@@ -28,9 +28,11 @@ Supervision tree (copied into README.rst)::
                 │       └── invocation tasks  one per request/response call the worker
                 │                         made, each under its own deadline
                 │   (or a channel side, or an /otel socket)
-                └── detached calls        fire-and-forget calls: owned by the engine, not
-                                          by the caller, so a caller that leaves right after
-                                          sending (``trigger_void`` then exit) loses nothing
+                ├── detached calls        fire-and-forget calls: owned by the engine, not
+                │                         by the caller, so a caller that leaves right after
+                │                         sending (``trigger_void`` then exit) loses nothing
+                └── cluster (iii.cluster) with a ``cluster:`` section: Redis membership and
+                                          one supervised link per peer engine (see there)
 
 A disconnect cancels exactly that worker's nursery: its reader, writer and the
 calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
@@ -49,7 +51,8 @@ Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
 2. in-flight calls get ``shutdown_grace`` seconds to finish;
 3. workers are closed with 1012 (service restart), not 1000/1001, so both
    SDK generations reconnect to the next engine (spec protocol.md §1);
-4. the connection nursery is cancelled, then modules exit (and close their
+4. in a cluster, the engine leaves the membership (peers drop it at once);
+   the connection nursery is cancelled, then modules exit (and close their
    adapters); ``serve_engine`` returns.
 
 A program that embeds the engine (:mod:`iii.embedding`) runs this same
@@ -59,7 +62,9 @@ the listener.
 
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
-fewest pending calls, with its pending record filed *before* the
+fewest pending calls (in a cluster a peer engine's replica counts one more,
+so an idle local one wins; a call a peer forwarded runs on local replicas
+only), with its pending record filed *before* the
 ``invokefunction`` is sent; the caller's ``invocation_id`` is used on both
 hops; an engine-side deadline (``invocation_timeout_ms``, default 30 s)
 answers ``timeout``.
@@ -103,6 +108,7 @@ from iii.protocol import (
     encode_message,
 )
 from iii.registry import (
+    FunctionEntry,
     FunctionRegistration,
     LogicalTrigger,
     Registry,
@@ -117,6 +123,7 @@ from iii.telemetry import TelemetryConsumer, TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
 if TYPE_CHECKING:
+    from iii.cluster import Cluster
     from iii.config_schema import EngineConfig
     from iii.worker_conn import WorkerConnection
 
@@ -133,7 +140,12 @@ EXPIRY_RESOLUTION = 0.05
 class Engine:
     config: EngineConfig
     registry: Registry = attrs.field(factory=Registry)
-    pending: PendingTable = attrs.field(factory=PendingTable)
+    # Tells the registry each worker's pending count: replicas are picked by it.
+    pending: PendingTable = attrs.field(
+        default=attrs.Factory(
+            lambda self: PendingTable(on_load=self.registry.set_load), takes_self=True
+        )
+    )
     channels: ChannelTable = attrs.field(
         default=attrs.Factory(lambda self: ChannelTable.from_config(self.config), takes_self=True)
     )
@@ -147,6 +159,11 @@ class Engine:
     # changes of the function set (the worker module turns them into triggers).
     worker_listeners: list[WorkerEvent] = attrs.field(factory=list)
     function_listeners: list[Callable[[], None]] = attrs.field(factory=list)
+    # Told whenever a trigger registration is added or removed (the cluster's catalog).
+    trigger_listeners: list[Callable[[], None]] = attrs.field(factory=list)
+    # Set while this engine is part of a cluster (iii.cluster): peers' functions
+    # are replicas owned by one pseudo worker per peer engine.
+    cluster: Cluster | None = None
     # Installed by the http_functions module: builds the engine-side handler
     # for a ``registerfunction`` that carries an ``invocation`` block.
     external_function_factory: Callable[[str, Any], NativeHandler] | None = None
@@ -186,7 +203,13 @@ class Engine:
         )
     )
     authenticator: Authenticator = attrs.field(
-        default=attrs.Factory(lambda self: Authenticator(self.config.auth), takes_self=True)
+        default=attrs.Factory(
+            lambda self: Authenticator(
+                self.config.auth,
+                cluster_token=self.config.cluster.secret if self.config.cluster else None,
+            ),
+            takes_self=True,
+        )
     )
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
@@ -265,16 +288,21 @@ class Engine:
             self.unregister_trigger(registration.worker_id, registration.id)
         trigger, created = self.registry.add_trigger(registration)
         if not created:
+            self.notify_triggers_changed()
             return None  # joins an identical trigger: it already fires
         error = self._activate(trigger)
         if error is not None:
             self.registry.remove_trigger(registration.worker_id, registration.id)
+        else:
+            self.notify_triggers_changed()
         return error
 
     def unregister_trigger(self, worker_id: str | None, trigger_id: str) -> None:
         removed = self.registry.remove_trigger(worker_id, trigger_id)
         if removed is not None and removed[1]:
             self._deactivate(removed[0])
+        if removed is not None:
+            self.notify_triggers_changed()
 
     def _activate(self, trigger: LogicalTrigger) -> ErrorBody | None:
         trigger_type = self.registry.trigger_types.get(trigger.trigger_type)
@@ -348,6 +376,13 @@ class Engine:
             except Exception:
                 log.exception("worker listener failed on %s", event)
 
+    def notify_triggers_changed(self) -> None:
+        for listener in self.trigger_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("trigger listener failed")
+
     def notify_functions_changed(self) -> None:
         for listener in self.function_listeners:
             try:
@@ -369,15 +404,23 @@ class Engine:
                 invocation.function_id,
                 worker_id,
             )
-        removal = self.registry.remove_worker(worker_id)
         self.channels.remove_owned_by(worker_id)
+        if self.drop_worker_entries(worker_id):
+            self.notify_worker("worker_disconnected", worker_id)
+
+    def drop_worker_entries(self, worker_id: str) -> bool:
+        """Remove a worker's functions, triggers and trigger types from the
+        registry (and deactivate its triggers); False if it had none filed."""
+        removal = self.registry.remove_worker(worker_id)
         if removal is None:
-            return
+            return False
         for trigger in removal.triggers_gone:
             self._deactivate(trigger)
         if removal.functions_gone:
             self.notify_functions_changed()
-        self.notify_worker("worker_disconnected", worker_id)
+        if removal.worker.trigger_ids or removal.triggers_gone:
+            self.notify_triggers_changed()
+        return True
 
     # -- hooks that modules install ---------------------------------------------
     # Each returns a context manager: the hook is in place for the block and
@@ -508,7 +551,7 @@ class Engine:
             raise FunctionNotFoundError(function_id)
         if timeout is None:
             timeout = self.config.invocation_timeout
-        replica = entry.pick(self.pending.executing_on)
+        replica = self._pick_replica(entry, local_only=grant is not None and grant.cluster_peer)
         if invocation_id is None:
             invocation_id = str(uuid.uuid4())
         if _span is not None:
@@ -577,6 +620,27 @@ class Engine:
         if error is not None:
             raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
         return invocation.result
+
+    def _pick_replica(self, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
+        """The replica to run a call on: the least loaded, where a peer
+        engine's replica counts one more than its calls in flight (so an idle
+        local replica is preferred).  A call a peer engine forwarded
+        (``local_only``) runs on this engine's own replicas only."""
+        cluster = self.cluster
+        if cluster is None:
+            return entry.pick()  # O(1): the registry keeps replicas in pick order
+        if local_only:
+            local = [r for r in entry.replicas.values() if not cluster.is_remote(r.owner)]
+            if not local:
+                raise FunctionNotFoundError(entry.function_id)
+            return entry.pick_by(self.pending.executing_on, among=local)
+
+        def load(owner: str) -> int:
+            if cluster.is_remote(owner):
+                return cluster.load(owner) + 1
+            return self.pending.executing_on(owner)
+
+        return entry.pick_by(load)
 
     async def _invoke_traced(
         self,
@@ -757,10 +821,16 @@ async def serve_engine(
                     len(engine.modules),
                     ", worker auth on" if engine.authenticator.enabled else "",
                 )
+                if config.cluster is not None:
+                    from iii.cluster import serve_cluster
+
+                    await connection_nursery.start(serve_cluster, engine)
                 engine.ready.set()
                 task_status.started(engine)
                 await engine._shutdown_requested.wait()
                 await engine._drain(listener_scope)
+                if engine.cluster is not None:
+                    await engine.cluster.leave()  # while Redis is still open
                 connection_nursery.cancel_scope.cancel()
             engine.connection_nursery = None
             module_nursery.cancel_scope.cancel()

@@ -46,6 +46,7 @@ from iii.errors import IIIError
 __all__ = [
     "Grant",
     "ALLOW_ALL",
+    "CLUSTER_PEER",
     "ALWAYS_INVOKABLE",
     "ForbiddenError",
     "TriggerAccess",
@@ -145,6 +146,9 @@ class Grant:
     _scoped: tuple[tuple[str, re.Pattern[str], bool], ...] = ()
     # False only for ALLOW_ALL (no tokens configured): nothing is enforced.
     authenticated: bool = True
+    # True only for CLUSTER_PEER: another engine of this cluster (iii.cluster),
+    # whose calls are served by this engine's own workers, never forwarded on.
+    cluster_peer: bool = False
 
     @classmethod
     def from_patterns(
@@ -155,6 +159,7 @@ class Grant:
         invoke: Sequence[str] = ("*",),
         trigger_types: Sequence[str] = ("*",),
         authenticated: bool = True,
+        cluster_peer: bool = False,
     ) -> Grant:
         bare: list[str] = []
         scoped: dict[str, list[str]] = {}
@@ -182,6 +187,7 @@ class Grant:
                 for trigger_type, patterns in scoped.items()
             ),
             authenticated=authenticated,
+            cluster_peer=cluster_peer,
         )
 
     @property
@@ -268,3 +274,5 @@ class Grant:
 
 
 ALLOW_ALL = Grant.from_patterns("anonymous", authenticated=False)
+# What a peer engine presenting the cluster token gets (iii.cluster).
+CLUSTER_PEER = Grant.from_patterns("iii-cluster", cluster_peer=True)

@@ -79,6 +79,9 @@ class PendingTable:
     # (deadline, tie-breaker, invocation id) for every call filed with a deadline.
     _deadlines: list[tuple[float, int, str]] = attrs.field(factory=list)
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
+    # Told (worker id, calls now pending on it) whenever that count changes:
+    # the registry orders function replicas by it (Registry.set_load).
+    on_load: Callable[[str, int], None] | None = None
     # Called when the last pending call leaves (the engine's drain waits on it).
     on_empty: Callable[[], None] | None = None
 
@@ -89,7 +92,10 @@ class PendingTable:
         if invocation.invocation_id in self.by_id:
             raise DuplicateInvocationError(invocation.invocation_id)
         self.by_id[invocation.invocation_id] = invocation
-        self.by_target.setdefault(invocation.target_worker_id, set()).add(invocation.invocation_id)
+        ids = self.by_target.setdefault(invocation.target_worker_id, set())
+        ids.add(invocation.invocation_id)
+        if self.on_load is not None:
+            self.on_load(invocation.target_worker_id, len(ids))
         if invocation.deadline != math.inf:
             self._prune_deadlines()
             heapq.heappush(self._deadlines, (invocation.deadline, next(self._order), invocation.invocation_id))
@@ -128,6 +134,8 @@ class PendingTable:
             ids.discard(invocation.invocation_id)
             if not ids:
                 del self.by_target[invocation.target_worker_id]
+            if self.on_load is not None:
+                self.on_load(invocation.target_worker_id, len(ids))
 
     def resolve_from(
         self, worker_id: str, invocation_id: str, *, result: Any = None, error: ErrorBody | None = None

@@ -8,9 +8,18 @@ the target of the state-machine fuzzer in ``fuzz/``.
 Ownership rules (which replace upstream's, see spec protocol.md §3.7):
 
 * **Function replicas.**  Several live workers may register the same function
-  id.  Each is a *replica*; a call goes to the replica with the fewest pending
-  invocations.  The function exists until its last replica is gone.  Engine
-  functions (``owner=None``) cannot be shadowed by a worker.
+  id.  Each is a *replica*; the function exists until its last replica is
+  gone.  Engine functions (``owner=None``) cannot be shadowed by a worker.
+  A call goes to the replica whose worker has the fewest calls pending (all
+  functions counted, as :class:`~iii.invocations.PendingTable` reports them
+  through :meth:`Registry.set_load`).  Among replicas with equally few, it
+  goes to the one that has waited longest: each replica's place is renewed
+  when it joins, when it is picked, and whenever its worker's pending count
+  changes, and the oldest place wins.  A picked worker's count goes up as
+  its call is filed, so equal replicas take turns.  :meth:`FunctionEntry.pick`
+  is O(1): a function with several replicas keeps them in one queue per
+  pending count (:class:`ReplicaQueues`), and a worker's count change moves
+  it in each function it shares with other workers (O(1) per such function).
 * **Logical triggers.**  Registrations identical in ``(trigger_type,
   function_id, config)`` from any number of workers are one
   :class:`LogicalTrigger`: the trigger type's handler sees it once, it fires
@@ -28,8 +37,8 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -43,6 +52,7 @@ __all__ = [
     "WorkerInfo",
     "FunctionRegistration",
     "FunctionEntry",
+    "ReplicaQueues",
     "TriggerType",
     "TriggerTypeHandler",
     "TriggerRegistration",
@@ -108,20 +118,102 @@ class FunctionRegistration:
 
 
 @attrs.define(eq=False)
+class ReplicaQueues:
+    """A shared function's replicas (worker ids) in pick order: one FIFO per pending count.
+
+    ``least`` is the smallest count with a non-empty queue.  Pick, and a
+    worker's count going up or down by one, are O(1); a replica leaving is
+    O(distinct counts) when it empties the least queue.
+    """
+
+    queues: dict[int, OrderedDict[str, None]] = attrs.field(factory=dict)
+    load: dict[str, int] = attrs.field(factory=dict)
+    least: int = 0
+
+    def __len__(self) -> int:
+        return len(self.load)
+
+    def add(self, owner: str, load: int) -> None:
+        """Enter ``owner`` at the back of the queue for ``load``."""
+        self.load[owner] = load
+        queue = self.queues.get(load)
+        if queue is None:
+            queue = self.queues[load] = OrderedDict()
+        queue[owner] = None
+        if len(self.load) == 1 or load < self.least:
+            self.least = load
+
+    def remove(self, owner: str) -> None:
+        self._take(owner)
+        if self.least not in self.queues and self.queues:
+            self.least = min(self.queues)
+
+    def move(self, owner: str, load: int) -> None:
+        """``owner``'s worker now has ``load`` calls pending: to the back of that queue."""
+        old = self._take(owner)
+        self.add(owner, load)
+        if self.least not in self.queues:  # ``old`` was the least queue and emptied
+            self.least = load if load == old + 1 else min(self.queues)
+
+    def _take(self, owner: str) -> int:
+        load = self.load.pop(owner)
+        queue = self.queues[load]
+        del queue[owner]
+        if not queue:
+            del self.queues[load]
+        return load
+
+    def waiting_order(self) -> list[str]:
+        """Every replica, fewest pending first, then longest waiting (O(n))."""
+        return [owner for load in sorted(self.queues) for owner in self.queues[load]]
+
+    def renew(self, owner: str) -> None:
+        """``owner`` was picked: to the back of its queue."""
+        self.queues[self.load[owner]].move_to_end(owner)
+
+    def pick(self) -> str:
+        """The front of the least-loaded queue, which goes to its back."""
+        queue = self.queues[self.least]
+        owner = next(iter(queue))
+        queue.move_to_end(owner)
+        return owner
+
+
+@attrs.define(eq=False)
 class FunctionEntry:
     function_id: str
     replicas: dict[str | None, FunctionRegistration] = attrs.field(factory=dict)
     latest: FunctionRegistration | None = None
-    _turn: Iterable[int] = attrs.field(factory=itertools.count)
+    # Kept only while the function has two replicas or more (Registry).
+    queues: ReplicaQueues | None = None
 
-    def pick(self, load: Callable[[str], int]) -> FunctionRegistration:
-        """The replica with the fewest pending invocations; ties rotate."""
-        replicas = list(self.replicas.values())
+    def pick(self) -> FunctionRegistration:
+        """The replica to call: fewest pending, then longest waiting (module docstring)."""
+        queues = self.queues
+        if queues is None:
+            return next(iter(self.replicas.values()))
+        return self.replicas[queues.pick()]
+
+    def pick_by(
+        self, load: Callable[[str], int], *, among: list[FunctionRegistration] | None = None
+    ) -> FunctionRegistration:
+        """The replica with the least ``load(owner)``, ties to the longest waiting.
+
+        For a cluster (:meth:`iii.engine.Engine._pick_replica`), where a peer
+        engine's replica is weighed by that peer's calls in flight, which the
+        pending table does not see.  It scans the replicas (O(n));
+        ``among``: choose from these replicas only (non-empty)."""
+        replicas = list(self.replicas.values()) if among is None else among
         if len(replicas) == 1:
             return replicas[0]
-        start = next(self._turn) % len(replicas)  # type: ignore[call-overload]
-        rotated = replicas[start:] + replicas[:start]
-        return min(rotated, key=lambda r: load(r.owner) if r.owner is not None else 0)
+        queues = self.queues
+        if queues is not None:  # oldest first, as pick() would take them
+            order = {owner: n for n, owner in enumerate(queues.waiting_order())}
+            replicas.sort(key=lambda r: order.get(r.owner or "", 0))
+        chosen = min(replicas, key=lambda r: load(r.owner) if r.owner is not None else 0)
+        if queues is not None and chosen.owner is not None:
+            queues.renew(chosen.owner)
+        return chosen
 
 
 @attrs.define(eq=False)
@@ -209,6 +301,10 @@ class Registry:
     # Bumped whenever the set of function ids changes (functions-available).
     function_set_version: int = 0
     services: ServiceTable = attrs.field(factory=ServiceTable)
+    # Calls pending on each live worker (set_load), and, per worker, the
+    # functions whose replica queues it is in (those with two replicas or more).
+    _loads: dict[str, int] = attrs.field(factory=dict)
+    _shared: dict[str, set[str]] = attrs.field(factory=dict)
 
     # -- workers ---------------------------------------------------------
 
@@ -221,6 +317,7 @@ class Registry:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return None
+        self._loads.pop(worker_id, None)
         functions_gone = [
             fid for fid in list(worker.function_ids) if self._drop_replica(worker_id, fid)
         ]
@@ -260,11 +357,52 @@ class Registry:
         if entry is None:
             entry = self.functions[registration.function_id] = FunctionEntry(registration.function_id)
             self.function_set_version += 1
-        entry.replicas[registration.owner] = registration
+        owner = registration.owner
+        joined = owner not in entry.replicas
+        entry.replicas[owner] = registration
         entry.latest = registration
-        if registration.owner is not None:
-            self.workers[registration.owner].function_ids.add(registration.function_id)
+        if owner is not None:
+            self.workers[owner].function_ids.add(registration.function_id)
+            if joined and len(entry.replicas) >= 2:
+                self._enqueue(entry, owner)
         return created
+
+    # -- replica load -------------------------------------------------------
+
+    def set_load(self, worker_id: str, load: int) -> None:
+        """``worker_id`` now has ``load`` calls pending (PendingTable's listener)."""
+        if worker_id not in self.workers:
+            return  # calls of a gone worker ending
+        if load:
+            self._loads[worker_id] = load
+        else:
+            self._loads.pop(worker_id, None)
+        functions = self.functions
+        for function_id in self._shared.get(worker_id, ()):
+            queues = functions[function_id].queues
+            assert queues is not None
+            queues.move(worker_id, load)
+
+    def _enqueue(self, entry: FunctionEntry, owner: str) -> None:
+        """``owner`` joins ``entry``, which now has two replicas or more."""
+        if entry.queues is None:
+            entry.queues = ReplicaQueues()
+            for other in entry.replicas:
+                if other != owner:
+                    assert other is not None  # engine functions have one replica
+                    self._join_queue(entry, entry.queues, other)
+        self._join_queue(entry, entry.queues, owner)
+
+    def _join_queue(self, entry: FunctionEntry, queues: ReplicaQueues, owner: str) -> None:
+        queues.add(owner, self._loads.get(owner, 0))
+        self._shared.setdefault(owner, set()).add(entry.function_id)
+
+    def _leave_queue(self, entry: FunctionEntry, owner: str) -> None:
+        shared = self._shared.get(owner)
+        if shared is not None:
+            shared.discard(entry.function_id)
+            if not shared:
+                del self._shared[owner]
 
     def remove_function(self, owner: str | None, function_id: str) -> bool:
         """Drop ``owner``'s replica; returns True if the function id is now gone."""
@@ -280,6 +418,15 @@ class Registry:
         entry = self.functions.get(function_id)
         if entry is None or entry.replicas.pop(owner, None) is None:
             return False
+        queues = entry.queues
+        if queues is not None:
+            assert owner is not None
+            queues.remove(owner)
+            self._leave_queue(entry, owner)
+            if len(queues) == 1:  # back to one replica: no queue to keep
+                (last,) = queues.load
+                self._leave_queue(entry, last)
+                entry.queues = None
         if entry.replicas:
             if entry.latest is not None and entry.latest.owner == owner:
                 entry.latest = next(reversed(entry.replicas.values()))

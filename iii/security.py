@@ -4,7 +4,9 @@
   an upgrade to ``/`` or ``/otel`` against ``auth.tokens`` (constant-time
   comparison against every token) and returns the matching :class:`Grant`, or
   the reason for a refusal.  With no tokens configured every client is let in
-  with :data:`ALLOW_ALL`.  Channel sockets are not checked here: they carry
+  with :data:`ALLOW_ALL`.  With a ``cluster:`` section, the cluster token
+  (whether or not ``auth.tokens`` is set) gets :data:`~iii.grants.CLUSTER_PEER`:
+  another engine of the cluster (:mod:`iii.cluster`).  Channel sockets are not checked here: they carry
   their own per-channel access key.
 * A :class:`~iii.grants.Grant` is the allow-list of one token (defined in
   :mod:`iii.grants`, re-exported here): function-id patterns a worker may
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from iii.errors import ConfigError
-from iii.grants import ALLOW_ALL, ALWAYS_INVOKABLE, Grant
+from iii.grants import ALLOW_ALL, ALWAYS_INVOKABLE, CLUSTER_PEER, Grant
 
 if TYPE_CHECKING:
     from iii.config_schema import AuthConfig, TlsConfig
@@ -58,7 +60,8 @@ class _Entry:
 class Authenticator:
     """Maps a bearer token to its grant; see the module docstring."""
 
-    def __init__(self, config: AuthConfig):
+    def __init__(self, config: AuthConfig, *, cluster_token: str | None = None):
+        self._cluster = cluster_token.encode() if cluster_token else None
         self._entries = [
             _Entry(
                 secret=token.secret.encode(),
@@ -91,19 +94,25 @@ class Authenticator:
         return Grant.from_patterns(label, register=(), invoke=(), trigger_types=())
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Grant | AuthRefusal:
-        if not self._entries:
+        if not self._entries and self._cluster is None:
             return ALLOW_ALL
         values = [value for name, value in headers if name.lower() == b"authorization"]
         if not values:
-            return AuthRefusal("no Authorization header")
+            return AuthRefusal("no Authorization header") if self._entries else ALLOW_ALL
         scheme, _, presented = values[0].strip().partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
+            if not self._entries:
+                return ALLOW_ALL
             return AuthRefusal("Authorization is not a Bearer token")
         presented = presented.strip()
         found: Grant | None = None
+        if self._cluster is not None and secrets.compare_digest(self._cluster, presented):
+            found = CLUSTER_PEER
+        if not self._entries:
+            return found or ALLOW_ALL
         # Compare against every token, so timing does not tell which one is near.
         for entry in self._entries:
-            if secrets.compare_digest(entry.secret, presented):
+            if secrets.compare_digest(entry.secret, presented) and found is None:
                 found = entry.grant
         if found is None:
             return AuthRefusal("unknown bearer token")

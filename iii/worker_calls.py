@@ -234,6 +234,24 @@ async def _call(
             grant_checked=True,
         )
         return {"messageReceiptId": receipt}
+    cluster = conn.engine.cluster
+    peer_url = cluster.peer_url_of_link(conn.worker_id) if conn.grant.cluster_peer and cluster else None
+    if peer_url is not None:
+        # A call a peer engine forwarded: its channel refs name the peer's channels.
+        from iii.cluster.channels import bridged_channel_refs
+
+        with bridged_channel_refs(conn.engine, peer_url, data) as bridged:
+            return await _invoke(conn, message, bridged, on_span, reply_limit)
+    return await _invoke(conn, message, data, on_span, reply_limit)
+
+
+async def _invoke(
+    conn: WorkerConnection,
+    message: InvokeFunction,
+    data: Any,
+    on_span: Callable[[Span], None] | None,
+    reply_limit: int | None,
+) -> Any:
     return await conn.engine.invoke(
         message.function_id,
         data,

@@ -15,9 +15,11 @@ from typing import Any
 
 import coredis
 
-from tests.support import require_redis
+from tests.support import backend_params, require_redis
 
 KINDS = ("memory", "file", "redis")
+# KINDS as parameters: the Redis case carries the ``services`` mark
+KIND_PARAMS = backend_params(*KINDS)
 
 CLASSES = {
     "state": ("modules::state::adapters::KvStore", "modules::state::adapters::RedisAdapter"),

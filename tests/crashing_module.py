@@ -7,6 +7,8 @@ from typing import Any
 import attrs
 import trio
 
+from iii.modules import ModuleStatistics
+
 
 class ModuleCrashed(Exception):
     pass
@@ -25,3 +27,6 @@ class Module:
         task_status.started()
         await self.engine.ready.wait()
         raise ModuleCrashed("module failed")
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()

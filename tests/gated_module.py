@@ -11,6 +11,8 @@ from typing import Any
 import attrs
 import trio
 
+from iii.modules import ModuleStatistics
+
 GATE: trio.Event | None = None  # set by the test before the engine starts
 
 
@@ -28,3 +30,6 @@ class Module:
         await GATE.wait()
         task_status.started()
         await trio.sleep_forever()
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()

@@ -1,8 +1,8 @@
-"""Command-driven worker scripts for the official Python SDKs, used by the SDK tests.
+"""The one harness for official Python SDK workers (0.4.1, 0.9.0, 0.25.0) in the tests.
 
-Each script connects to ``sys.argv[1]``, prints ``READY``, then reads one JSON
-command per stdin line and prints one line per command: ``OK <json>`` or
-``ERR <json {code, message}>``.  Functions it hosts print
+Each script in :data:`SCRIPTS` connects to ``sys.argv[1]``, prints ``READY``,
+then reads one JSON command per stdin line and prints one line per command:
+``OK <json>`` or ``ERR <json {code, message}>``.  Functions it hosts print
 ``CALLED <function_id> <json data>`` when invoked; trigger-type handlers print
 ``TRIGGER+ <json>`` / ``TRIGGER- <json>``.
 
@@ -21,13 +21,41 @@ binary chunks of 16 KiB (``sha256(i)`` repeated) and a text message
 closes it; 0.9.0's ``{"op": "channel_read", "fn", "n"}`` creates a channel,
 fires ``fn`` with its writer and reads the reader to the end: ``{"size",
 "sha256", "messages"}``.
+
+A ``register`` of kind ``returns`` (every version) hosts a function that
+answers the command's ``"result"``.
+
+Two ways to drive a script: :func:`command` sends one command to a worker from
+:func:`tests.support.start_sdk_worker`; :func:`sdk_worker` starts one with
+functions that answer fixed results and their triggers already registered,
+and yields a :class:`SdkDriver` (``call`` returns the result or raises
+:class:`SdkCallError`; ``wait_events`` waits for the calls its functions got).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
-__all__ = ["WORKER_041", "WORKER_090", "WORKER_025", "SCRIPTS", "command", "produced"]
+import trio
+
+from tests.support import SdkWorker, start_sdk_worker
+
+__all__ = [
+    "WORKER_041",
+    "WORKER_090",
+    "WORKER_025",
+    "SCRIPTS",
+    "VERSIONS",
+    "command",
+    "produced",
+    "SdkCallError",
+    "SdkDriver",
+    "sdk_worker",
+    "wait_registered",
+]
 
 WORKER_041 = r'''
 import asyncio, json, sys
@@ -43,9 +71,11 @@ class Provider(TriggerHandler):
     async def unregister_trigger(self, config):
         out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
 
-def make(kind, fid):
+def make(kind, fid, result=None):
     async def handler(data):
         print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "returns":
+            return result
         if kind == "slow":
             await asyncio.sleep(60)
         if kind == "fail":
@@ -67,7 +97,7 @@ async def main():
             op = cmd["op"]
             result = None
             if op == "register":
-                iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"]))
+                iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"], cmd.get("result")))
             elif op == "call":
                 result = await iii.trigger(cmd["fn"], cmd.get("data"), timeout=cmd.get("timeout", 15))
             elif op == "void":
@@ -101,13 +131,16 @@ asyncio.run(main())
 '''
 
 WORKER_025 = r'''
-import hashlib, json, sys, time, warnings
+import hashlib, json, sys, threading, time, warnings
 warnings.simplefilter("ignore")
 from iii import register_worker, InitOptions, InvocationError, TriggerAction
 from iii.triggers import TriggerHandler
 
+PRINT = threading.Lock()  # sync handlers run in the SDK's threads: one line at a time
+
 def out(prefix, value):
-    print(prefix + " " + json.dumps(value), flush=True)
+    with PRINT:
+        print(prefix + " " + json.dumps(value), flush=True)
 
 class Provider(TriggerHandler):
     async def register_trigger(self, config):
@@ -115,7 +148,7 @@ class Provider(TriggerHandler):
     async def unregister_trigger(self, config):
         out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
 
-def make(kind, fid):
+def make(kind, fid, result=None):
     if kind == "produce":
         async def produce(data):
             out = data["output"]
@@ -126,7 +159,10 @@ def make(kind, fid):
             return None
         return produce
     def handler(data):
-        print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        with PRINT:
+            print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "returns":
+            return result
         if kind == "slow":
             time.sleep(60)
         if kind == "fail":
@@ -142,7 +178,7 @@ for line in sys.stdin:
         op = cmd["op"]
         result = None
         if op == "register":
-            iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"]))
+            iii.register_function(cmd["id"], make(cmd.get("kind", "echo"), cmd["id"], cmd.get("result")))
         elif op == "call":
             result = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "timeout_ms": int(cmd.get("timeout", 15) * 1000)})
         elif op == "void":
@@ -181,7 +217,7 @@ class Provider(TriggerHandler):
     async def unregister_trigger(self, config):
         out("TRIGGER-", {"id": config.id, "function_id": config.function_id})
 
-def make(kind, fid):
+def make(kind, fid, result=None):
     if kind == "produce":
         async def produce(data):
             output = data["output"]
@@ -194,6 +230,8 @@ def make(kind, fid):
     def handler(data):
         with PRINT:
             print("CALLED " + fid + " " + json.dumps(data), flush=True)
+        if kind == "returns":
+            return result
         if kind == "slow":
             time.sleep(60)
         if kind == "fail":
@@ -230,7 +268,7 @@ for line in sys.stdin:
         op = cmd["op"]
         result = None
         if op == "register":
-            iii.register_function({"id": cmd["id"]}, make(cmd.get("kind", "echo"), cmd["id"]))
+            iii.register_function({"id": cmd["id"]}, make(cmd.get("kind", "echo"), cmd["id"], cmd.get("result")))
         elif op == "call":
             result = iii.trigger({"function_id": cmd["fn"], "payload": cmd.get("data"), "timeout_ms": int(cmd.get("timeout", 15) * 1000)})
         elif op == "void":
@@ -256,6 +294,7 @@ iii.shutdown()
 '''
 
 SCRIPTS = {"0.4.1": WORKER_041, "0.9.0": WORKER_090, "0.25.0": WORKER_025}
+VERSIONS = tuple(SCRIPTS)
 
 
 def produced(n: int) -> dict[str, object]:
@@ -274,3 +313,80 @@ async def command(worker, timeout: float = 30.0, **cmd):
     """Send one command; return ``("OK", value)`` or ``("ERR", {code, message})``."""
     status, rest = await worker.request(json.dumps(cmd), timeout=timeout)
     return status, json.loads(rest)
+
+
+class SdkCallError(Exception):
+    """The error an SDK reported for a call: ``code`` and ``message`` as it read them."""
+
+    def __init__(self, body: dict[str, Any]):
+        super().__init__(body.get("message"))
+        self.code: str | None = body.get("code")
+        self.message: str = body.get("message") or ""
+
+
+class SdkDriver:
+    """Calls through a running worker script, and the calls its functions got."""
+
+    def __init__(self, worker: SdkWorker):
+        self.worker = worker
+        self.events: list[tuple[str, Any]] = []  # (function_id, data), in arrival order
+
+    async def request(self, **cmd: Any) -> Any:
+        """One command; its ``OK`` value, or :class:`SdkCallError`."""
+        status, rest = await self.worker.request(json.dumps(cmd), on_line=self._record)
+        if status == "ERR":
+            raise SdkCallError(json.loads(rest))
+        return json.loads(rest)
+
+    async def call(self, function_id: str, data: Any = None) -> Any:
+        return await self.request(op="call", fn=function_id, data=data, timeout=20)
+
+    def _record(self, line: str) -> None:
+        if line.startswith("CALLED "):
+            _, fid, payload = line.split(" ", 2)
+            self.events.append((fid, json.loads(payload)))
+
+    async def wait_events(
+        self, count: int, function_id: str | None = None, within: float = 20
+    ) -> list[Any]:
+        """Wait until ``count`` calls (of ``function_id``, if given) arrived; their data."""
+
+        def matching() -> list[Any]:
+            return [d for f, d in self.events if function_id is None or f == function_id]
+
+        with trio.fail_after(within):
+            while len(matching()) < count:
+                self._record(await self.worker.lines.receive())
+        return matching()
+
+
+@asynccontextmanager
+async def sdk_worker(
+    version: str,
+    url: str,
+    *,
+    handlers: dict[str, Any] | None = None,
+    triggers: list[Any] | None = None,
+) -> AsyncIterator[SdkDriver]:
+    """A worker of SDK ``version`` on ``url`` hosting ``handlers`` (function id ->
+    the result it answers) and ``triggers`` (``[type, function_id, config]``)."""
+    async with start_sdk_worker(version, SCRIPTS[version], url=url) as worker:
+        await worker.wait_for("READY", timeout=60)
+        driver = SdkDriver(worker)
+        for function_id, result in (handlers or {}).items():
+            await driver.request(op="register", id=function_id, kind="returns", result=result)
+        for kind, function_id, config in triggers or []:
+            await driver.request(op="trigger", type=kind, fn=function_id, config=config)
+        yield driver
+
+
+async def wait_registered(
+    engine: Any, function_ids: list[str], triggers: int = 0, within: float = 20
+) -> None:
+    """Wait until ``engine`` has the functions and at least ``triggers`` triggers."""
+    with trio.fail_after(within):
+        while not (
+            set(function_ids) <= set(engine.registry.functions)
+            and len(engine.registry.triggers) >= triggers
+        ):
+            await trio.sleep(0.02)

@@ -12,7 +12,8 @@ import tomllib
 import pytest
 import yaml
 
-from tests.support import ROOT, free_port
+from iii import cli
+from tests.support import ROOT, reserve_port
 
 
 def run(*args, **kwargs):
@@ -50,7 +51,7 @@ def test_config_show_fills_defaults(tmp_path):
 
 
 def test_serve_then_sigterm_exits_zero(tmp_path):
-    port = free_port()
+    port = reserve_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"port: {port}\nmodules: []\n")
     process = subprocess.Popen(
@@ -151,3 +152,13 @@ async def test_config_bombs_exit_two_with_one_line(tmp_path, command):
         assert result.returncode == 2, (path.name, stderr[-2000:])
         assert stderr.startswith(f"iii: config error: {path}: "), (path.name, stderr[-2000:])
         assert reason in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
+
+
+def test_serve_sets_the_collector_policy():
+    """``serve`` freezes what startup loaded and raises the young threshold (cli._tune_gc)."""
+    code = (
+        "import gc\nfrom iii import cli\ncli._tune_gc()\n"
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(cli.GC_YOUNG_THRESHOLD), "True"]

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trustme
 
-from tests.support import free_port, running_engine, start_sdk_worker
+from tests.support import reserve_port, running_engine, start_sdk_worker
 from tests.support.cli import NO_ANSWER, run_cli, serving_worker
 
 OK, USAGE, CALL_FAILED, UNREACHABLE, TIMEOUT = 0, 2, 4, 5, 6
@@ -180,7 +180,7 @@ async def test_trigger_failures_exit_with_their_code(tmp_path: Path) -> None:
 
 
 async def test_trigger_without_an_engine_is_unreachable() -> None:
-    port = free_port()  # nothing listens there
+    port = reserve_port()  # nothing listens there
     for command in (("trigger", "demo::echo"), ("functions",), ("workers", "--json")):
         done = await run_cli(*command, "--url", f"ws://127.0.0.1:{port}")
         assert done.code == UNREACHABLE and done.stdout == "", done

@@ -166,7 +166,7 @@ async def test_only_the_target_can_answer():
             assert reply["result"] == "real"
 
 
-async def test_engine_timeout_answers_timeout():
+async def test_engine_timeout_answers_timeout(autojump_clock):
     config = make_config(invocation_timeout_ms=200)
     async with open_test_engine(config) as engine:
         async with connect_test_worker(engine) as owner, connect_test_worker(engine) as caller:
@@ -318,7 +318,7 @@ async def test_reattach_with_token_drops_the_old_connection():
                 assert "demo::f" not in engine.registry.functions
 
 
-async def test_heartbeat_drops_a_silent_worker():
+async def test_heartbeat_drops_a_silent_worker(autojump_clock):
     config = make_config(heartbeat_interval_ms=50, heartbeat_timeout_ms=200)
     async with open_test_engine(config) as engine, connect_test_worker(engine) as caller:
         async with connect_test_worker(engine) as silent:

@@ -25,6 +25,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from iii.causation import MAX_TRIGGER_DEPTH
 from iii.config import parse_config
@@ -318,7 +319,7 @@ async def test_a_trigger_fires_under_its_registrants_grant(tokens: None) -> None
                     await trio.sleep(0.02)
             queue = engine.modules["queue"]
             with trio.fail_after(30):
-                while queue.statistics().jobs_dead_lettered < 2:
+                while queue.statistics()["jobs_dead_lettered"] < 2:
                     await trio.sleep(0.05)
             assert calls == ["admin::marker"]
             nursery.cancel_scope.cancel()
@@ -376,7 +377,9 @@ async def test_a_state_trigger_that_refires_itself_is_bounded(
             with trio.fail_after(10):
                 while not handled:
                     await trio.sleep(0.02)
-            await trio.sleep(0.3)
+            # The engine runs in this process and the worker is on loopback: once
+            # every task waits, any further firing would have reached the handler.
+            await trio.testing.wait_all_tasks_blocked()
             assert len(handled) == 1 and handled[0]["event_type"] == "state:created"
             dispatch = engine.modules["state"].dispatch
             assert dispatch.loops.skipped == 1  # one chain, cut once
@@ -435,7 +438,7 @@ async def test_a_chain_through_a_worker_is_bounded_by_its_trace(
             assert await bind(admin, "state", "admin::echo", {"scope": "echo"}) is None
             assert "result" in await admin.call("state::set", {"scope": "echo", "key": "k", "value": 0})
             await loop_cut(caplog)
-            await trio.sleep(0.3)
+            await trio.testing.wait_all_tasks_blocked()  # as above: nothing left in flight
             assert runs == MAX_TRIGGER_DEPTH
             assert engine.modules["state"].dispatch.loops.skipped == 1
             nursery.cancel_scope.cancel()

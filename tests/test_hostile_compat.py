@@ -26,7 +26,7 @@ import pytest
 import trio
 import yaml
 
-from tests.support import ROOT, EngineProcess, free_port
+from tests.support import ROOT, EngineProcess, reserve_port
 
 OTEL = "modules::observability::OtelModule"
 REST = "modules::api::RestApiModule"
@@ -76,18 +76,18 @@ def _worker_port(port: int) -> tuple[dict[str, Any], str]:
 def _rest(port: int) -> tuple[dict[str, Any], str]:
     modules = [{"class": REST, "config": {"host": "127.0.0.1", "port": port}}]
     return (
-        {"port": free_port(), "modules": modules},
+        {"port": reserve_port(), "modules": modules},
         "config keys modules[0].config.host and modules[0].config.port",
     )
 
 
 def _stream(port: int) -> tuple[dict[str, Any], str]:
     modules = [
-        {"class": REST, "config": {"host": "127.0.0.1", "port": free_port()}},
+        {"class": REST, "config": {"host": "127.0.0.1", "port": reserve_port()}},
         {"class": STREAM, "config": {"host": "127.0.0.1", "port": port}},
     ]
     return (
-        {"port": free_port(), "modules": modules},
+        {"port": reserve_port(), "modules": modules},
         "config keys modules[1].config.host and modules[1].config.port",
     )
 
@@ -95,7 +95,7 @@ def _stream(port: int) -> tuple[dict[str, Any], str]:
 def _metrics(port: int) -> tuple[dict[str, Any], str]:
     modules = [{"class": OTEL, "config": {"prometheus_enabled": True, "prometheus_port": port}}]
     return (
-        {"port": free_port(), "modules": modules},
+        {"port": reserve_port(), "modules": modules},
         "config keys modules[0].config.prometheus_host and modules[0].config.prometheus_port",
     )
 
@@ -182,13 +182,13 @@ def upstream_sdk_ci_configs() -> list[dict[str, Any]]:
     quiet_otel = {"class": OTEL, "config": {"enabled": False}}
     memory = {"store_method": "in_memory"}
     test = {
-        "port": free_port(),
+        "port": reserve_port(),
         "modules": [
-            stream(free_port(), kv("stream", store_method="file_based", file_path="./data/stream")),
+            stream(reserve_port(), kv("stream", store_method="file_based", file_path="./data/stream")),
             state(kv("state", store_method="file_based", file_path="./data/state.db")),
             {
                 "class": REST,
-                "config": {"host": "0.0.0.0", "port": free_port(), "default_timeout": 30000},
+                "config": {"host": "0.0.0.0", "port": reserve_port(), "default_timeout": 30000},
             },
             pubsub,
             test_otel,
@@ -213,8 +213,8 @@ def upstream_sdk_ci_configs() -> list[dict[str, Any]]:
         ],
     }
     def small() -> dict[str, Any]:
-        in_memory = [stream(free_port(), kv("stream", **memory)), state(kv("state", **memory))]
-        return {"port": free_port(), "modules": [*in_memory, pubsub, quiet_otel]}
+        in_memory = [stream(reserve_port(), kv("stream", **memory)), state(kv("state", **memory))]
+        return {"port": reserve_port(), "modules": [*in_memory, pubsub, quiet_otel]}
 
     return [test, small(), small()]  # the bridge backend, the bridge
 
@@ -274,9 +274,9 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
 async def test_healthz_and_readyz_on_the_metrics_port_when_asked_for(tmp_path: Path) -> None:
     import orjson
 
-    metrics_port = free_port()
+    metrics_port = reserve_port()
     config = {
-        "port": free_port(),
+        "port": reserve_port(),
         "modules": [
             {
                 "class": OTEL,

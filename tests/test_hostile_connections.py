@@ -43,7 +43,7 @@ from wsproto.events import (
 
 from iii.engine import Engine
 from iii.testing import RawWorker, connect_loopback_worker, make_config, open_test_engine
-from tests.support import EngineProcess, free_port, wait_for_port
+from tests.support import EngineProcess, reserve_port, wait_for_port
 
 
 @attrs.define(eq=False)
@@ -456,7 +456,7 @@ async def test_replay_the_stream_port_attack_on_a_real_engine(tmp_path: Path) ->
     """3,000 joins, no reads, a ping flood: the engine drops the client (1008) and
     lives on.  (Its 3,000 sync answers alone overflow the client's queue; if
     they do not, one event for the 3,000 subscriptions does.)"""
-    stream_port = free_port()
+    stream_port = reserve_port()
     modules = [{"class": STREAM, "config": {"port": stream_port, "host": "127.0.0.1"}}]
     async with engine_process(tmp_path, {"modules": modules}) as engine:
         await wait_for_port(stream_port)

@@ -24,7 +24,7 @@ from trio_websocket import open_websocket
 from iii.json_limits import MAX_DEPTH
 from iii.modules.rest_api.server import HttpRequest, HttpServer, Responder
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, running_engine
+from tests.support import EngineProcess, reserve_port, running_engine
 
 
 def nested(depth: int) -> Any:
@@ -234,7 +234,7 @@ async def test_a_result_nested_too_deep_fails_the_call_and_both_workers_stay(tmp
 
 
 async def test_a_rest_body_nested_too_deep_is_a_400(tmp_path):
-    port = free_port()
+    port = reserve_port()
     rest = {"class": "modules::api::RestApiModule", "config": {"port": port, "host": "127.0.0.1"}}
     config = {"modules": [rest]}
     async with running_engine(tmp_path, config) as engine:

@@ -21,7 +21,7 @@ import trio
 
 from iii.causation import MAX_TRIGGER_DEPTH
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, start_sdk_worker
+from tests.support import EngineProcess, reserve_port, start_sdk_worker
 from tests.test_grants import bind, register, serve, stream_upgrade
 from tests.test_security import raw_worker
 
@@ -66,7 +66,7 @@ class Hostile:
 async def hostile_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hostile]:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    rest_port, stream_port = free_port(), free_port()
+    rest_port, stream_port = reserve_port(), reserve_port()
     config = {
         "auth": AUTH,
         "modules": [
@@ -276,7 +276,12 @@ async def test_data_triggers_of_a_token_that_cannot_read_the_data_are_refused(
             with trio.fail_after(15):
                 while "admin::job" not in handled:
                     await trio.sleep(0.05)
-            await trio.sleep(0.5)
+            # Nothing can reach the spy later either: it holds no trigger at all
+            # (proven from the registry, not by waiting for nothing to arrive).
+            listed = await admin.call("engine::triggers::list", {"include_internal": True})
+            assert "error" not in listed, listed
+            functions = [t["function_id"] for t in listed["result"]["triggers"]]
+            assert "admin::job" in functions and "spy::leak" not in functions, functions
             assert handled == ["admin::job"]  # the job went to its owner, nothing to the spy
             nursery.cancel_scope.cancel()
         await still_serving(engine)

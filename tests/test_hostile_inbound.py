@@ -34,7 +34,7 @@ from trio_websocket import wrap_client_stream
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, wait_for_port
+from tests.support import EngineProcess, reserve_port, wait_for_port
 
 MiB = 1024 * 1024
 READ_AHEAD = 64 * 1024  # iii.listener.READ_AHEAD_BYTES
@@ -124,7 +124,7 @@ async def test_workers_sending_faster_than_the_engine_reads_hold_a_bounded_numbe
 ) -> None:
     """Before: each socket's reader could queue 64 whole messages ahead of the engine's
     (6 sockets x 64 x 4 MiB here); now all of them together hold the budget."""
-    prometheus_port = free_port()
+    prometheus_port = reserve_port()
     sockets, messages, size = 6, 12, 4 * MiB
     config = {
         "max_message_size": size,
@@ -205,8 +205,8 @@ async def stalled_stream_client(port: int, sent: int, announced: int) -> AsyncIt
 async def test_stalled_stream_clients_hold_their_share_only_and_workers_keep_their_room(
     tmp_path: Path,
 ) -> None:
-    prometheus_port = free_port()
-    stream_port = free_port()
+    prometheus_port = reserve_port()
+    stream_port = reserve_port()
     clients = 12
     config = {
         "max_message_size": 4 * MiB,
@@ -295,7 +295,7 @@ async def test_idle_sockets_on_the_rest_port_hold_one_addresses_share_of_descrip
     """Before: each of the attacker's sockets held a descriptor of the engine (600 here,
     held until the 10 s head timeout, and opened again).  Now one address holds at most
     ``max_connections_per_address`` (256 by default); the rest get 503 at once."""
-    rest_port = free_port()
+    rest_port = reserve_port()
     attack = 600
     async with running_engine(tmp_path, {"modules": [rest_module(rest_port)]}) as engine:
         await wait_for_port(rest_port)
@@ -338,7 +338,7 @@ async def test_json_bodies_in_flight_on_the_rest_port_are_bounded_in_bytes(
     bodies (up to ``concurrency_request_limit`` x ``max_body_size``); now at most the
     budget and one body, and every request is served once room comes back.  (Bodies
     under 1 MiB: a raw worker gets the 0.4.1 SDK's 1 MiB frames.)"""
-    rest_port, prometheus_port = free_port(), free_port()
+    rest_port, prometheus_port = reserve_port(), reserve_port()
     requests, size = 10, 900 * 1024
     config = {
         "modules": [

@@ -25,7 +25,7 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, running_engine
+from tests.support import EngineProcess, reserve_port, running_engine
 
 # The engine's record format: "<asctime> <LEVEL> <logger>: <message>".
 RECORD = re.compile(
@@ -178,7 +178,7 @@ async def test_huge_malformed_frames_add_a_bounded_amount_of_log(tmp_path: Path)
 
 
 async def test_bad_telemetry_frames_log_a_bounded_number_of_lines(tmp_path: Path) -> None:
-    prometheus_port = free_port()
+    prometheus_port = reserve_port()
     observability = {
         "class": OBSERVABILITY["class"],
         "config": {
@@ -237,7 +237,7 @@ async def test_errors_about_a_huge_value_quote_only_a_snippet(tmp_path: Path) ->
             {"class": "modules::state::StateModule"},
             {
                 "class": "modules::api::RestApiModule",
-                "config": {"port": free_port(), "host": "127.0.0.1"},
+                "config": {"port": reserve_port(), "host": "127.0.0.1"},
             },
         ]
     }

@@ -20,13 +20,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
-import pytest
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from iii.testing import RawWorker
-from tests.support import EngineProcess, free_port, wait_for_port
+from tests.support import EngineProcess, reserve_port, wait_for_port
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -34,7 +32,7 @@ from tests.support import EngineProcess, free_port, wait_for_port
 @asynccontextmanager
 async def running_engine(tmp_path, **engine_keys: Any) -> AsyncIterator[tuple[EngineProcess, int]]:
     """An engine process with the REST module; yields it and its REST port."""
-    rest_port = free_port()
+    rest_port = reserve_port()
     engine = EngineProcess.write(
         tmp_path,
         {

@@ -31,7 +31,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, wrap_client_stream
 
 from iii.testing import RawWorker
 from tests.modules.rest_api.helpers import request_on
-from tests.support import EngineProcess, free_port
+from tests.support import EngineProcess, reserve_port
 
 pytestmark = pytest.mark.sdk
 
@@ -246,7 +246,7 @@ async def one_round(port: int) -> None:
 
 
 async def test_mixed_answers_are_deterministic_and_keep_the_connection(tmp_path: Path) -> None:
-    rest_port = free_port()
+    rest_port = reserve_port()
     rest = {"port": rest_port, "host": "127.0.0.1", "default_timeout": TIMEOUT_MS}
     engine = EngineProcess.write(
         tmp_path, {"modules": [{"class": "modules::api::RestApiModule", "config": rest}]}

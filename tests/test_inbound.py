@@ -68,7 +68,7 @@ async def test_a_waiter_gets_room_when_the_oldest_receiver_is_done(autojump_cloc
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wait)
-        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()  # it waits: no room yet
         assert got == []
         budget.done_receiving(first)  # its message is queued: second goes first now
     assert got == [True] and budget.used == 15

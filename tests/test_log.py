@@ -259,7 +259,7 @@ def test_rate_limited_log_can_report_to_another_logger(caplog: pytest.LogCapture
     limited = RateLimitedLog(logging.getLogger("iii.test.a"), burst=1)
     limited.warning("one", logger=logging.getLogger("iii.test.b"), extra={"worker_id": "w"})
     (record,) = caplog.records
-    assert record.name == "iii.test.b" and getattr(record, "worker_id") == "w"
+    assert record.name == "iii.test.b" and record.worker_id == "w"
 
 
 def test_the_old_formatter_fails_the_property() -> None:

@@ -11,7 +11,15 @@ and has the same shape:
 * ``Module(engine, config)``: an object with ``async run(*, task_status)``
   that registers its functions and trigger types, calls
   ``task_status.started()`` when it is ready, and then runs until cancelled.
-  It owns its adapter and background tasks (its own nursery).
+  It owns its adapter and background tasks (its own nursery);
+* ``statistics()``: its numbers now, as a :class:`ModuleStatistics` (the one
+  shape every module returns; ``ModuleStatistics()`` when it has nothing to
+  report).  The observability module shows them on ``/metrics`` and in
+  ``engine::metrics::list``.  A module whose numbers live behind I/O also
+  has ``async refresh_statistics()``, awaited (bounded) before each of those.
+
+Every module class is checked against :class:`Module` by mypy
+(:mod:`iii.modules._conformance`).
 
 :data:`MODULE_SPECS` maps the upstream class names (spec modules.md, summary
 table) to those Python modules.  It is explicit on purpose: no import strings
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Module",
+    "ModuleStatistics",
+    "StatisticsRow",
     "ModuleSpec",
     "MODULE_SPECS",
     "spec_for",
@@ -49,8 +59,54 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+Number = int | float
+
+
+@attrs.frozen(kw_only=True)
+class StatisticsRow:
+    """One row of a statistics table, e.g. one queue's depth: labels and numbers."""
+
+    labels: Mapping[str, str]
+    values: Mapping[str, Number]
+
+    def to_json(self) -> dict[str, str | Number]:
+        return {**self.labels, **self.values}
+
+
+@attrs.frozen(kw_only=True)
+class ModuleStatistics:
+    """A module's numbers now (trio's ``statistics()`` convention: a frozen snapshot).
+
+    * ``values``: name -> number; ``None`` is a number not known yet (shown as
+      ``null`` in ``engine::metrics::list``, left out of ``/metrics``).  Each
+      becomes the gauge ``iii_module_<module>_<name>``.
+    * ``tables``: name -> rows; each number column of a table becomes the
+      gauge ``iii_module_<module>_<table>_<column>``, one sample per row,
+      labelled with the row's labels.
+    """
+
+    values: Mapping[str, Number | None] = attrs.field(factory=dict)
+    tables: Mapping[str, Sequence[StatisticsRow]] = attrs.field(factory=dict)
+
+    def __getitem__(self, name: str) -> Number | None:
+        return self.values[name]
+
+    @property
+    def empty(self) -> bool:
+        return not self.values and not self.tables
+
+    def to_json(self) -> dict[str, object]:
+        """As ``engine::metrics::list`` shows it: values and tables in one object."""
+        out: dict[str, object] = dict(self.values)
+        for name, rows in self.tables.items():
+            out[name] = [row.to_json() for row in rows]
+        return out
+
+
 class Module(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    def statistics(self) -> ModuleStatistics: ...
 
 
 @attrs.frozen
@@ -113,7 +169,7 @@ def module_class_name(name: str) -> str | None:
     return next((spec.class_name for spec in _SPECS if spec.name == base), None)
 
 
-def build_modules(engine: Engine, config: EngineConfig) -> Iterator[tuple[str, Any]]:
+def build_modules(engine: Engine, config: EngineConfig) -> Iterator[tuple[str, Module]]:
     """Instantiate the configured modules, in config order."""
     for entry in config.modules:
         spec = MODULE_SPECS[entry.class_name]

@@ -8,6 +8,11 @@ trigger has ``condition_function_id``: a result of ``false`` or ``null``, or
 an error, skips it), then the handler, both under the trigger's grant.
 Results and errors of handlers are logged, never returned to the writer.
 
+In a cluster (:mod:`iii.cluster`) every engine receives every change, and
+an identical trigger (same type, function and config) may be registered on
+several engines: only one of them, the lowest engine id among those that
+hold it, fires it (``Cluster.fires_here``).
+
 Each event carries the causation depth of the task that produced it, and its
 triggers run one level deeper; past the limit they are not run
 (:mod:`iii.causation`): a trigger that re-fires itself is bounded.
@@ -123,10 +128,13 @@ class TriggerDispatch:
         """Run the triggers that match one event, one after another."""
         event, producer_depth = queued
         depth = producer_depth + 1
+        cluster = self.engine.cluster
         matching = [
             (trigger, condition)
             for trigger, (filter_, condition) in list(self.triggers.items())
             if self._matches(filter_, event)
+            # an identical trigger on a peer engine: one of us fires it
+            and (cluster is None or cluster.fires_here(trigger))
         ]
         if not matching or self.loops.too_deep(depth, [t.function_id for t, _ in matching]):
             return

@@ -72,6 +72,7 @@ import trio
 from iii import json_limits
 from iii.errors import IIIError
 from iii.log import bounded_repr
+from iii.modules import ModuleStatistics
 from iii.modules._http_transport import coalescing_transport
 from iii.native import CallContext, NativeHandler
 
@@ -542,3 +543,6 @@ class Module:
                 code=code if isinstance(code, str) else "http_error",
             )
         raise IIIError(f"HTTP {status}", code="http_error")
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

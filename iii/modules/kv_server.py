@@ -40,6 +40,7 @@ from iii.adapters.kvstore import KvStore, KvStoreConfig, open_kv_store
 from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits
 from iii.config_schema import Count
 from iii.errors import IIIError
+from iii.modules import ModuleStatistics
 from iii.modules._functions import register_functions
 from iii.native import CallContext, parse_input
 from iii.update_ops import parse_ops
@@ -156,3 +157,6 @@ class Module:
         for index in indexes:
             keys.update(k for k in await store.keys(index) if k.startswith(args.prefix))
         return sorted(keys)
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

@@ -44,6 +44,7 @@ from iii.causation import LoopWarning, current_depth, firing, trace_for_firing
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.fanout import FanOut
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.native import CallContext, parse_input
 from iii.registry import LogicalTrigger
 
@@ -146,6 +147,9 @@ class Module:
         if not self._running:
             return
         subscribers = list(self.subscribers.get(topic, {}))
+        cluster = self.engine.cluster
+        if cluster is not None:  # an identical subscriber on a peer: one of us delivers
+            subscribers = [t for t in subscribers if cluster.fires_here(t)]
         # A message published while a trigger runs (the local adapter delivers
         # in the publisher's task) is one level deeper: see iii.causation.
         depth = current_depth() + 1
@@ -193,3 +197,6 @@ class Module:
         assert self.adapter is not None
         await self.adapter.publish(args.topic, args.data)
         return None
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

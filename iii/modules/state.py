@@ -59,6 +59,7 @@ from iii.adapters.limits import DEFAULT_MAX_VALUE_BYTES, WriteLimits, positive_b
 from iii.adapters.state import StateAdapter, StateAdapterRef, open_state_adapter
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.conditions import CHANGE_CONDITION_KEYS
@@ -246,3 +247,6 @@ class Module:
         parse_input(data, Empty, ctx.function_id)
         assert self.adapter is not None
         return {"groups": await self._call("LIST_GROUPS_ERROR", self.adapter.list_groups())}
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from iii.config_schema import Count
+from iii.modules import ModuleStatistics
 
 __all__ = ["Config", "Module"]
 
@@ -37,3 +38,6 @@ class Module:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

@@ -6,6 +6,11 @@ Functions (spec protocol.md §4.1): ``engine::workers::register``,
 ``engine::services::list`` (:mod:`iii.services`; upstream has no such
 function: its shape follows ``engine::workers::list``).
 
+In a cluster (:mod:`iii.cluster`) the three lists cover every engine, each
+entry with the ``engine`` it lives on (functions also list ``engines``: all
+engines with a replica); ``{"local_only": true}`` lists this engine's only.
+The keys the SDKs parse are unchanged.
+
 Trigger types: ``engine::workers-available`` (``worker_connected`` /
 ``worker_disconnected`` / ``worker_metadata_updated``) and
 ``engine::functions-available`` (``functions_changed`` with every function).
@@ -30,6 +35,7 @@ import trio
 from iii.containment import start_contained
 from iii.errors import IIIError
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.native import CallContext
 from iii.registry import LogicalTrigger
 
@@ -74,6 +80,11 @@ def _is_format_tree(value: Any) -> bool:
         return False
     items = value.get("items")
     return items is None or _is_format_tree(items)
+
+
+def _local_only(data: Any) -> bool:
+    """``{"local_only": true}``: this engine's entries only, not the cluster's."""
+    return isinstance(data, dict) and data.get("local_only") is True
 
 
 class _TriggerSet:
@@ -146,11 +157,15 @@ class Module:
 
     async def workers_list(self, data: Any, ctx: CallContext) -> Any:
         wanted = data.get("worker_id") if isinstance(data, dict) else None
+        local_only = _local_only(data)
         pending = self.engine.pending
+        cluster = self.engine.cluster
         workers = []
         for info in self.engine.registry.workers.values():
             if wanted is not None and info.id != wanted:
                 continue
+            if cluster is not None and (cluster.is_remote(info.id) or cluster.is_peer_link(info.id)):
+                continue  # a peer engine's stand-in or link: its workers are listed below
             workers.append(
                 {
                     "id": info.id,
@@ -168,15 +183,26 @@ class Module:
                     "pid": info.pid,
                     "description": info.description,
                     "isolation": info.isolation,
+                    **({"engine": cluster.engine_id} if cluster is not None else {}),
                 }
+            )
+        if cluster is not None and not local_only:
+            workers.extend(
+                w for w in cluster.remote_workers() if wanted is None or w.get("id") == wanted
             )
         return {"workers": workers, "timestamp": int(time.time() * 1000)}
 
-    def _function_infos(self, include_internal: bool) -> list[dict[str, Any]]:
+    def _function_infos(self, include_internal: bool, local_only: bool = False) -> list[dict[str, Any]]:
         infos = []
+        cluster = self.engine.cluster
         for function_id, entry in self.engine.registry.functions.items():
             if not include_internal and function_id.startswith("engine::"):
                 continue
+            engines: list[str] = []
+            if cluster is not None:
+                engines = sorted({cluster.engine_of(owner) for owner in entry.replicas})
+                if local_only and cluster.engine_id not in engines:
+                    continue
             latest = entry.latest
             metadata = latest.metadata if latest is not None else None
             infos.append(
@@ -188,11 +214,16 @@ class Module:
                     "metadata": metadata if isinstance(metadata, dict) else None,
                 }
             )
+            if cluster is not None:
+                # The engine it lives on (this one first), and every engine with a replica.
+                here = cluster.engine_id in engines
+                infos[-1]["engine"] = cluster.engine_id if here else engines[0]
+                infos[-1]["engines"] = engines
         return infos
 
     async def functions_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True
-        return {"functions": self._function_infos(include_internal)}
+        return {"functions": self._function_infos(include_internal, _local_only(data))}
 
     async def services_list(self, data: Any, ctx: CallContext) -> Any:
         registry = self.engine.registry
@@ -200,17 +231,27 @@ class Module:
 
     async def triggers_list(self, data: Any, ctx: CallContext) -> Any:
         include_internal = isinstance(data, dict) and data.get("include_internal") is True
+        cluster = self.engine.cluster
         triggers = []
         for trigger in self.engine.registry.triggers.values():
             if not include_internal and trigger.trigger_type.startswith("engine::"):
                 continue
+            if cluster is not None and all(cluster.is_remote(w) for w, _ in trigger.registrants):
+                continue  # mirrored from a peer: listed with the peer's triggers below
             triggers.append(
                 {
                     "id": trigger.id,
                     "trigger_type": trigger.trigger_type,
                     "function_id": trigger.function_id,
                     "config": trigger.config,
+                    **({"engine": cluster.engine_id} if cluster is not None else {}),
                 }
+            )
+        if cluster is not None and not _local_only(data):
+            triggers.extend(
+                t
+                for t in cluster.remote_triggers()
+                if include_internal or not str(t.get("trigger_type")).startswith("engine::")
             )
         return {"triggers": triggers}
 
@@ -282,3 +323,6 @@ class Module:
             removed = self.engine.channels.sweep(trio.current_time())
             if removed:
                 log.debug("channel sweep removed %d channels", removed)
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

@@ -1,5 +1,6 @@
 """The embedded queue backend's log, beyond the shared queue contract
-(``tests/modules/test_queue.py``): compaction racing with writes, and
+(``tests/adapters/test_queue_contract.py``, and the module on it in
+``tests/modules/test_queue.py``): compaction racing with writes, and
 records too large for the log."""
 
 from __future__ import annotations

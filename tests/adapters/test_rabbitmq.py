@@ -1,5 +1,5 @@
 """The RabbitMQ queue backend on a real broker, beyond the shared queue contract
-(``tests/modules/test_queue.py``): recovery from channel-level errors."""
+(``tests/adapters/test_queue_contract.py``): recovery from channel-level errors."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.support import free_port, services_required, wait_for_port
+from tests.support import reserve_port, services_required, wait_for_port
 
 pytestmark = [
     pytest.mark.services,
@@ -44,7 +44,7 @@ async def test_outage_is_reported_and_recovered():
         if services_required():
             pytest.fail("redis-server is not installed")
         pytest.skip("redis-server is not installed")
-    port = free_port()
+    port = reserve_port()
     url = f"redis://127.0.0.1:{port}"
     redis = start_redis(port)
     try:
@@ -102,7 +102,7 @@ async def test_cron_lock_reports_an_outage_as_adapter_unavailable():
     from iii.adapters.cron.redis import Config, open_adapter
     from iii.errors import AdapterUnavailableError
 
-    port = free_port()
+    port = reserve_port()
     redis = start_redis(port)
     try:
         await wait_for_port(port)

@@ -1,5 +1,5 @@
 """The Redis queue backend on a real Redis, beyond the shared queue contract
-(``tests/modules/test_queue.py``): entries it did not write itself."""
+(``tests/adapters/test_queue_contract.py``): entries it did not write itself."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from iii.adapters.state import StateAdapterRef, open_state_adapter
 from iii.adapters.stream import StreamAdapterRef, open_stream_adapter
 from iii.config_schema import CONFIG_CONVERTER
 from iii.update_ops import parse_ops
-from tests.backends import KINDS, adapter_block, delete_prefix, new_prefix
+from tests.backends import KIND_PARAMS, KINDS, adapter_block, delete_prefix, new_prefix
 from tests.support import require_redis
 
 
@@ -37,13 +37,13 @@ async def open_backend(module, kind, tmp_path, prefix=None):
             await delete_prefix(block["config"]["key_prefix"])
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def state(request, tmp_path):
     async with open_backend("state", request.param, tmp_path) as adapter:
         yield adapter
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def stream(request, tmp_path):
     async with open_backend("stream", request.param, tmp_path) as adapter:
         yield adapter
@@ -140,12 +140,13 @@ async def _run_everywhere(sequence, prefix):
                         outcomes.append(await adapter.set("scope", "key", argument))
                     else:
                         outcomes.append(await adapter.delete("scope", "key"))
-                assert all(o == outcomes[0] for o in outcomes), (kind, argument, dict(zip(KINDS, outcomes)))
+                assert all(o == outcomes[0] for o in outcomes), (kind, argument, dict(zip(KINDS, outcomes, strict=True)))
                 assert all(repr(o) == repr(outcomes[0]) for o in outcomes), "int/float kinds differ"
             finals = [await adapter.get("scope", "key") for adapter in adapters]
             assert all(repr(f) == repr(finals[0]) for f in finals)
 
 
+@pytest.mark.services  # compares every backend, Redis included
 @hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(sequence=steps)
 def test_same_ops_same_results_on_every_backend(sequence):

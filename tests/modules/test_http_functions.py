@@ -299,9 +299,9 @@ def test_address_rules(address, rule):
 
 async def test_unreachable_port_is_http_request_failed():
     async with engine_with() as (engine, owner, caller):
-        from tests.support import free_port
+        from tests.support import reserve_port
 
-        await register(engine, owner, "ext::closed", {"url": f"http://127.0.0.1:{free_port()}/ok"})
+        await register(engine, owner, "ext::closed", {"url": f"http://127.0.0.1:{reserve_port()}/ok"})
         error = (await caller.call("ext::closed", {}))["error"]
         assert error["code"] == "http_request_failed" and "cannot connect" in error["message"]
 

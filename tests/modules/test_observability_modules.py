@@ -336,8 +336,8 @@ async def test_cron_firing_spans(autojump_clock: Any) -> None:
         assert dict(guarded["attributes"])["iii.cron.outcome"] == "skipped"
 
         stats = module.statistics()
-        assert (stats.fired_ok, stats.fired_failed, stats.skipped_by_condition) == (6, 6, 1)
-        assert stats.jobs == 3
+        assert (stats["fired_ok"], stats["fired_failed"], stats["skipped_by_condition"]) == (6, 6, 1)
+        assert stats["jobs"] == 3
 
 
 # -- queue numbers in /metrics and engine::metrics::list ------------------------------------
@@ -384,7 +384,7 @@ async def test_queue_depth_in_prometheus_and_metrics_list(backend: str, tmp_path
                 while True:
                     # Dead-lettered in the backend, and counted once the move returned.
                     stats = await ok(worker, "engine::queue::topic_stats", {"topic": dead_topic})
-                    counted = engine.modules["queue"].statistics().jobs_dead_lettered
+                    counted = engine.modules["queue"].statistics()["jobs_dead_lettered"]
                     if stats["dlq"] == 1 and counted == 1:
                         break
                     await trio.sleep(0.02)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import coredis
 import pytest
 import trio
+import trio.testing
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.backends import adapter_block, delete_prefix
+from tests.support import backend_params
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=backend_params("local", "redis"))
 async def pubsub_engine(request, tmp_path):
     block = adapter_block("pubsub", "memory" if request.param == "local" else "redis", tmp_path)
     config = make_config([{"class": "modules::pubsub::PubSubModule", "config": {"adapter": block}}])
@@ -70,7 +72,11 @@ async def test_every_subscriber_gets_every_message_and_unsubscribe_keeps_others(
             with trio.fail_after(10):
                 while len(seen_b) < 2:
                     await trio.sleep(0.01)
-            await trio.sleep(0.2)
+            # "second" was handed to every subscriber of its topic at once, in one
+            # step (PubSubModule._deliver), so a delivery to ``a`` would already be
+            # queued; what is left runs in this process: once every task is blocked,
+            # it would have reached ``a``'s collector.
+            await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         assert seen_b[1] == ("b::handler", "second")
         assert len(seen_a) == 1
@@ -111,7 +117,9 @@ async def test_slow_subscribers_fill_a_bounded_queue_then_deliveries_are_dropped
             with trio.fail_after(10):
                 while module.dropped < 13:
                     await trio.sleep(0.01)
-            await trio.sleep(0.1)
+            # Every publish has returned, and the local adapter delivers in the
+            # publisher's task: nothing else can be dropped once all tasks wait.
+            await trio.testing.wait_all_tasks_blocked()
             assert module.dropped == 13
             assert any("deliveries dropped" in r.getMessage() for r in caplog.records)
             first = [(await slow.receive_type("invokefunction"))["data"] for _ in range(2)]

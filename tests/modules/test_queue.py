@@ -16,13 +16,16 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from iii.errors import IIIError
 from iii.registry import TriggerRegistration
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.support import require_rabbitmq, require_redis
+from tests.support import backend_params, require_rabbitmq, require_redis
 
 BACKENDS = ["memory", "file", "redis", "rabbitmq"]
+# BACKENDS as parameters: Redis and RabbitMQ carry the ``services`` mark
+BACKEND_PARAMS = backend_params(*BACKENDS)
 REDIS_PREFIX = f"iiitest:{uuid.uuid4().hex[:8]}:"
 
 
@@ -127,10 +130,8 @@ async def delete_rabbit_topology(queues: list[str]) -> None:
             await channel.rpc(Exchange.Delete(exchange=f"iii.{queue}.exchange"))
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKEND_PARAMS)
 async def backend(request: Any) -> AsyncIterator[str]:
-    if request.param in ("redis", "rabbitmq"):
-        request.applymarker(pytest.mark.services)
     yield str(request.param)
     if request.param == "redis":
         await delete_redis_prefix(REDIS_PREFIX)
@@ -162,7 +163,9 @@ async def test_jobs_wait_for_a_subscriber(backend: str, tmp_path: Path) -> None:
         topic = topic_name()
         for i in range(3):
             await engine.invoke("enqueue", {"topic": topic, "data": i})
-        await trio.sleep(0.3)
+        # Held by the backend (an enqueue answers once its job is durable), not dropped.
+        stats = await engine.invoke("engine::queue::topic_stats", {"topic": topic})
+        assert (stats["waiting"], stats["active"], stats["dlq"]) == (3, 0, 0), stats
         rec = Recorder(engine, "t::late")
         subscribe(engine, topic, "t::late")
         await rec.wait_calls(3)
@@ -296,8 +299,13 @@ async def test_enqueue_action_from_a_worker(backend: str, tmp_path: Path) -> Non
 async def test_condition_false_skips(backend: str, tmp_path: Path) -> None:
     async with queue_engine(adapter_block(backend, tmp_path)) as engine:
         rec = Recorder(engine, "t::h")
+        asked: list[Any] = []
+        all_asked = trio.Event()
 
         async def condition(data: Any, ctx: Any) -> Any:
+            asked.append(data)
+            if len(asked) == 6:
+                all_asked.set()
             return data % 2 == 0
 
         engine.register_function("t::even", condition)
@@ -306,7 +314,13 @@ async def test_condition_false_skips(backend: str, tmp_path: Path) -> None:
         for i in range(6):
             await engine.invoke("enqueue", {"topic": topic, "data": i})
         await rec.wait_calls(3)
-        await trio.sleep(0.2)
+        with trio.fail_after(15):
+            await all_asked.wait()
+        # Every job's condition has answered; a handler call would follow in this
+        # process, with no backend I/O in between: once every task is blocked,
+        # any call the consumer was going to make has been made.
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(asked) == list(range(6))
         assert sorted(rec.calls) == [0, 2, 4]
 
 

@@ -337,16 +337,33 @@ async def test_two_engines_on_one_redis_share_jobs_and_cron_ticks(tmp_path: Path
             total = 40
             for i in range(total):
                 assert await command(wa if i % 2 else wb, op="call", fn="enqueue", data={"topic": topic, "data": {"i": i, "slow": 0.05}}) == "OK null"
-            await trio.sleep(4)
-            lines_a = wa.seen + []
-            lines_b = wb.seen + []
-            # drain what is already printed
-            for worker, lines in ((wa, lines_a), (wb, lines_b)):
-                while True:
-                    try:
-                        lines.append(worker.lines.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            # Read both workers until every job is done and two ticks came (no
+            # fixed wait: a slow machine only takes longer).
+            lines_a: list[str] = []
+            lines_b: list[str] = []
+            enough = trio.Event()
+
+            def complete() -> bool:
+                both = lines_a + lines_b
+                done = {json.loads(line[5:])["i"] for line in both if line.startswith("DONE ")}
+                return len(done) == total and sum(line.startswith("TICK ") for line in both) >= 2
+
+            async def read(worker: Any, into: list[str]) -> None:
+                into.extend(worker.seen)
+                worker.seen.clear()
+                if complete():
+                    enough.set()
+                async for line in worker.lines:
+                    into.append(line)
+                    if complete():
+                        enough.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, wa, lines_a)
+                nursery.start_soon(read, wb, lines_b)
+                with trio.fail_after(90):
+                    await enough.wait()
+                nursery.cancel_scope.cancel()
             jobs = [json.loads(line[5:])["i"] for line in lines_a + lines_b if line.startswith("DONE ")]
             assert sorted(jobs) == list(range(total)), jobs  # each job once
             assert any(line.startswith("DONE ") for line in lines_a) and any(line.startswith("DONE ") for line in lines_b)

@@ -6,10 +6,10 @@ import pytest
 import trio
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.backends import KINDS, adapter_block, delete_prefix
+from tests.backends import KIND_PARAMS, adapter_block, delete_prefix
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def state_engine(request, tmp_path):
     block = adapter_block("state", request.param, tmp_path)
     config = make_config([{"class": "modules::state::StateModule", "config": {"adapter": block}}])
@@ -78,13 +78,22 @@ async def answer_invocations(worker, seen, results):
 
 
 async def test_triggers_filter_and_condition(state_engine):
+    """Exactly the matching triggers fire, each once.
+
+    Nothing is proven by waiting for "nothing else": a trigger ``t::last``
+    registered last matches every event, and one event's triggers run one
+    after another in registration order, so once ``t::last`` has been called
+    for an event, that event has fired everything it will.  A sentinel write
+    after the three under test closes the sequence.
+    """
     async with connect_test_worker(state_engine) as handler, connect_test_worker(state_engine) as caller:
-        for fid in ("t::all", "t::users", "t::cond", "t::only_vip"):
+        for fid in ("t::all", "t::users", "t::cond", "t::only_vip", "t::last"):
             await handler.send({"type": "registerfunction", "id": fid})
         triggers = [
             ("t::all", {}),
             ("t::users", {"scope": "users", "key": "u1"}),
             ("t::cond", {"scope": "users", "condition_function_id": "t::only_vip"}),
+            ("t::last", {}),
         ]
         for index, (fid, config) in enumerate(triggers):
             await handler.send({"type": "registertrigger", "id": f"tr{index}", "trigger_type": "state", "function_id": fid, "config": config})
@@ -92,17 +101,17 @@ async def test_triggers_filter_and_condition(state_engine):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answer_invocations, handler, seen, {"t::only_vip": lambda d: bool((d["new_value"] or {}).get("vip"))})
             with trio.fail_after(10):
-                while "t::all" not in state_engine.registry.functions or len(state_engine.registry.triggers) < 3:
+                while "t::last" not in state_engine.registry.functions or len(state_engine.registry.triggers) < 4:
                     await trio.sleep(0.01)
             ok(await caller.call("state::set", {"scope": "users", "key": "u1", "value": {"vip": True}}))
             ok(await caller.call("state::set", {"scope": "users", "key": "u2", "value": {"vip": False}}))
             ok(await caller.call("state::delete", {"scope": "users", "key": "u1"}))
+            ok(await caller.call("state::set", {"scope": "sentinel", "key": "end", "value": 1}))
             with trio.fail_after(10):
-                while len([s for s in seen if s[0] != "t::only_vip"]) < 5:
+                while not any(fid == "t::last" and d["scope"] == "sentinel" for fid, d in seen) or sum(fid == "t::last" for fid, _ in seen) < 4:
                     await trio.sleep(0.01)
-            await trio.sleep(0.2)  # nothing else may arrive
             nursery.cancel_scope.cancel()
-    fired = [(fid, d["event_type"], d["key"]) for fid, d in seen if fid != "t::only_vip"]
+    fired = [(fid, d["event_type"], d["key"]) for fid, d in seen if fid not in ("t::only_vip", "t::last") and d["scope"] != "sentinel"]
     assert sorted(fired) == sorted(
         [
             ("t::all", "state:created", "u1"),
@@ -112,6 +121,11 @@ async def test_triggers_filter_and_condition(state_engine):
             ("t::users", "state:deleted", "u1"),
             ("t::cond", "state:created", "u1"),
         ]
-    ) or fired
+    )
+    lasts = sorted((d["event_type"], d["scope"], d["key"]) for fid, d in seen if fid == "t::last")
+    assert lasts == [("state:created", "sentinel", "end"), ("state:created", "users", "u1"), ("state:created", "users", "u2"), ("state:deleted", "users", "u1")]
+    # the condition was asked for each "users" event, and only for those
+    conditions = sorted((d["event_type"], d["key"]) for fid, d in seen if fid == "t::only_vip")
+    assert conditions == [("state:created", "u1"), ("state:created", "u2"), ("state:deleted", "u1")]
     created = next(d for fid, d in seen if fid == "t::users" and d["event_type"] == "state:created")
     assert created == {"type": "state", "event_type": "state:created", "scope": "users", "key": "u1", "old_value": None, "new_value": {"vip": True}}

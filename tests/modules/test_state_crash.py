@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import orjson
-import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket, wrap_client_stream
 

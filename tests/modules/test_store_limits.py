@@ -20,7 +20,8 @@ from iii.config import parse_config
 from iii.errors import ConfigError
 from iii.json_limits import MAX_VALUE_DEPTH
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.backends import KINDS, adapter_block, delete_prefix
+from tests.backends import KIND_PARAMS, KINDS, adapter_block, delete_prefix
+from tests.support import SERVICE_KINDS
 
 KiB = 1024
 # module -> (function prefix, key fields of an item, name of the value field)
@@ -30,7 +31,12 @@ STORES = {
     "kv_server": ("kv_server::", {"index": "s", "key": "k"}, "value"),
 }
 # (the KV server has no Redis backend)
-CASES = [(m, kind) for m in STORES for kind in KINDS if not (m == "kv_server" and kind == "redis")]
+CASES = [
+    pytest.param(m, kind, marks=[pytest.mark.services] if kind in SERVICE_KINDS else [], id=f"{m}-{kind}")
+    for m in STORES
+    for kind in KINDS
+    if not (m == "kv_server" and kind == "redis")
+]
 
 
 def module_entry(module: str, kind: str, tmp_path: Path, max_value_bytes: int) -> dict[str, Any]:
@@ -100,7 +106,7 @@ async def test_a_write_whose_answer_would_not_fit_the_caller_is_refused(module, 
             assert (await w.call(f"{prefix}get", item)).get("result") is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 async def test_a_delete_whose_answer_would_not_fit_is_refused(kind, tmp_path):
     async with store_engine("state", kind, tmp_path, 4096 * KiB) as engine:
         async with connect_test_worker(engine) as w:
@@ -144,7 +150,7 @@ def nested(depth: int) -> Any:
     return value
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 async def test_the_deepest_value_update_ops_build_can_be_read_and_set_again(kind, tmp_path):
     # issue 10 row 2: a value the engine built must go out, and come back, as well.
     async with store_engine("state", kind, tmp_path, 4096 * KiB) as engine:

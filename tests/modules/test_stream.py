@@ -11,7 +11,7 @@ import trio
 from trio_websocket import open_websocket
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
-from tests.backends import KINDS, adapter_block, delete_prefix
+from tests.backends import KIND_PARAMS, adapter_block, delete_prefix
 
 
 def stream_config(block, **extra):
@@ -29,7 +29,7 @@ async def stream_engine_for(kind, tmp_path, **extra):
             await delete_prefix(block["config"]["key_prefix"])
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=KIND_PARAMS)
 async def stream_engine(request, tmp_path):
     async with stream_engine_for(request.param, tmp_path) as engine:
         yield engine
@@ -55,11 +55,6 @@ class Client:
     async def receive(self, timeout=10):
         with trio.fail_after(timeout):
             return orjson.loads(await self.ws.get_message())
-
-    async def nothing_more(self, wait=0.3):
-        with trio.move_on_after(wait):
-            message = await self.ws.get_message()
-            raise AssertionError(f"unexpected message {message}")
 
 
 @asynccontextmanager
@@ -140,11 +135,20 @@ async def test_client_protocol(stream_engine):
         assert event_of(await c.receive()) == ("chat", "r1", None, {"type": "event", "event": {"type": "typing", "data": {"who": "x"}}})
 
         await c.leave("s-group", "chat", "r1")
-        await trio.sleep(0.1)
+        # The server handles a client's messages in order and answers a join with
+        # its sync: once this sync is here, the leave has been applied.
+        await c.join("s-end", "chat", "end")
+        assert event_of(await c.receive()) == ("chat", "end", None, {"type": "sync", "data": []})
         ok(await w.call("stream::delete", {"stream_name": "chat", "group_id": "r1", "item_id": "m1"}))
+        # Sentinels: a connection gets its events in the order of the writes, so
+        # what arrives before a sentinel is all that the writes before it sent.
+        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "end", "item_id": "x", "data": 0}))
+        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "r2", "item_id": "x", "data": 0}))
+        # the item subscription still gets the delete; the group one, left, does not
         assert event_of(await c.receive()) == ("chat", "r1", "m1", {"type": "delete", "data": {"t": 1}})
-        await c.nothing_more()
-        await other.nothing_more()  # a different group saw none of it
+        assert event_of(await c.receive()) == ("chat", "end", "x", {"type": "create", "data": 0})
+        # a different group saw none of it
+        assert event_of(await other.receive()) == ("chat", "r2", "x", {"type": "create", "data": 0})
 
         await c.ws.send_message("not json")  # ignored, the connection stays
         await c.ws.send_message(orjson.dumps({"type": "dance", "data": {}}).decode())
@@ -219,7 +223,7 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                 auth_inputs = []
                 joins = []
 
-                async def answer():
+                async def answer(auth_inputs, joins):
                     while True:
                         message = await w.receive_type("invokefunction", timeout=30)
                         data = message["data"]
@@ -233,7 +237,7 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                         await w.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], **reply})
 
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(answer)
+                    nursery.start_soon(answer, auth_inputs, joins)
                     async with client_of(engine, "/?token=a&token=b", [("Authorization", "Bearer good")]) as c:
                         await c.join("s", "chat", "g")
                         assert (await c.receive())["event"]["type"] == "sync"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from iii.testing import make_config, open_test_engine
-from tests.modules.sdk_worker import VERSIONS, sdk_worker, wait_registered
+from tests.sdk_workers import VERSIONS, sdk_worker, wait_registered
 from tests.modules.test_stream import client_of, event_of
 
 pytestmark = pytest.mark.sdk

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-import trio
-
 import pytest
+import trio
+import trio.testing
 
 from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.backends import redis_prefix
@@ -79,14 +79,26 @@ async def test_events_cross_engines():
 
                     # publish on A reaches the subscribers on both engines, once each
                     assert "error" not in await caller_a.call("publish", {"topic": "news", "data": {"n": 1}})
-                    await wait_for(lambda: any(fid == "a::news" for fid, _ in seen_a) and any(fid == "b::news" for fid, _ in seen_b))
-                    await trio.sleep(0.3)
-                    assert [d for fid, d in seen_a if fid == "a::news"] == [{"n": 1}]
-                    assert [d for fid, d in seen_b if fid == "b::news"] == [{"n": 1}]
+                    # Sentinels: a second message and a second write.  Each engine reads
+                    # Redis in order, so a duplicate of the first would have been read
+                    # (and queued) before the sentinel; from there on, everything runs
+                    # in this process, and is done once every task is blocked.
+                    assert "error" not in await caller_a.call("publish", {"topic": "news", "data": {"n": 2}})
+                    reply = await caller_a.call("state::set", {"scope": "users", "key": "u2", "value": 2})
+                    assert "error" not in reply
+                    await wait_for(
+                        lambda: {"n": 2} in [d for fid, d in seen_a if fid == "a::news"]
+                        and {"n": 2} in [d for fid, d in seen_b if fid == "b::news"]
+                        and any(fid == "b::state" and d["key"] == "u2" for fid, d in seen_b)
+                    )
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert sorted(d["n"] for fid, d in seen_a if fid == "a::news") == [1, 2]
+                    assert sorted(d["n"] for fid, d in seen_b if fid == "b::news") == [1, 2]
+                    # fired once, not once per engine
+                    assert sorted(d["key"] for fid, d in seen_b if fid == "b::state") == ["u1", "u2"]
                     # the writes are shared too
                     async with connect_test_worker(engine_b) as caller_b:
                         assert (await caller_b.call("state::get", {"scope": "users", "key": "u1"}))["result"] == {"name": "x"}
-                    assert len([1 for fid, _ in seen_b if fid == "b::state"]) == 1  # fired once, not once per engine
             nursery.cancel_scope.cancel()
 
 
@@ -94,7 +106,7 @@ async def test_events_cross_engines():
 async def test_two_engine_processes_with_an_sdk_worker(tmp_path):
     """Two real engine processes: an SDK worker on B gets the state event and the
     message that a client of A caused."""
-    from tests.modules.sdk_worker import sdk_worker
+    from tests.sdk_workers import sdk_worker
     from tests.support import EngineProcess
 
     async with redis_prefix() as prefix:

@@ -41,10 +41,14 @@ __all__ = [
     "SdkWorker",
     "EngineProcess",
     "running_engine",
+    "reserve_port",
+    "release_ports",
     "free_port",
     "require_redis",
     "require_rabbitmq",
     "services_required",
+    "SERVICE_KINDS",
+    "backend_params",
     "wait_for_port",
     "node_sdk_dir",
     "start_node_worker",
@@ -57,6 +61,22 @@ SDK_VERSIONS = ("0.4.1", "0.9.0", "0.25.0")
 
 def services_required() -> bool:
     return os.environ.get("III_REQUIRE_SERVICES") == "1"
+
+
+# Backend kinds that need a service running on 127.0.0.1 (Redis, RabbitMQ).
+SERVICE_KINDS = frozenset({"redis", "rabbitmq"})
+
+
+def backend_params(*kinds: str) -> list[Any]:
+    """``kinds`` as parameters, each service kind carrying ``pytest.mark.services``.
+
+    The mark is on the parameter itself, so ``-m "not services"`` deselects the
+    case at collection (a mark added from inside a fixture does not).
+    """
+    return [
+        pytest.param(kind, marks=pytest.mark.services, id=kind) if kind in SERVICE_KINDS else kind
+        for kind in kinds
+    ]
 
 
 def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -86,10 +106,42 @@ def require_rabbitmq() -> str:
     return "amqp://guest:guest@127.0.0.1:5672/"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_RESERVED: list[socket.socket] = []
+
+
+def reserve_port() -> int:
+    """A TCP port that nothing else on this machine can take until the test ends.
+
+    The port is bound here (port 0, every address, ``SO_REUSEADDR``) and the
+    socket is held, not listening, until :func:`release_ports` (after each
+    test, ``tests/conftest.py``; a benchmark at exit).  On Linux a listener
+    that also sets ``SO_REUSEADDR`` (trio's, Redis's) may still bind it and
+    listen, while any other bind, and the ephemeral port of any outgoing
+    connection, is refused it; so a server child started with this port gets
+    it, even when restarted.  Until something listens, a connection to it is
+    refused, which makes it a closed port too.  (Picking a free port and
+    releasing it before use, as before, let anything take it meanwhile.)
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", 0))
+    except BaseException:
+        sock.close()
+        raise
+    _RESERVED.append(sock)
+    return int(sock.getsockname()[1])
+
+
+# The old name, for tests written against it (branches in flight): the same
+# reservation, nothing is picked and released any more.  New code: reserve_port.
+free_port = reserve_port
+
+
+def release_ports() -> None:
+    """Give back every port :func:`reserve_port` holds."""
+    while _RESERVED:
+        _RESERVED.pop().close()
 
 
 async def wait_for_port(port: int, timeout: float = 15.0) -> None:
@@ -378,7 +430,7 @@ class EngineProcess:
     def write(cls, directory: Path, config: dict[str, Any], name: str = "config.yaml") -> EngineProcess:
         import yaml
 
-        port = config.setdefault("port", free_port())
+        port = config.setdefault("port", reserve_port())
         path = directory / name
         path.write_text(yaml.safe_dump(config))
         return cls(config_path=path, port=port, log_path=directory / f"{path.stem}.log")

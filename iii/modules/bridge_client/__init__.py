@@ -80,6 +80,7 @@ from iii.config_schema import FieldValueError
 from iii.errors import ConfigError, DeserializationError, IIIError
 from iii.grants import Grant
 from iii.link import EngineLink, ExposedHandler, LinkConfig, LinkStatistics, TraceContext
+from iii.modules import ModuleStatistics
 from iii.native import CallContext, NativeHandler
 
 if TYPE_CHECKING:
@@ -415,3 +416,7 @@ class Module:
             )
 
         return exposed_call
+
+    def statistics(self) -> ModuleStatistics:
+        """Nothing module-wide: each link's numbers are :meth:`link_statistics`."""
+        return ModuleStatistics()  # nothing to report

@@ -47,6 +47,7 @@ from iii.adapters.cron import CronAdapterRef, CronLockAdapter, open_cron_adapter
 from iii.containment import contained
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules.conditions import CONDITION_KEYS, condition_of, condition_passes
 from iii.modules.cron.schedule import CronExpressionError, CronSchedule, parse_schedule
 from iii.registry import LogicalTrigger
@@ -55,7 +56,7 @@ from iii.tracing import NoopSpan, Span
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "CronStatistics", "rfc3339"]
+__all__ = ["Config", "Module", "WallClock", "SystemClock", "CronJob", "rfc3339"]
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +147,6 @@ def parse_trigger(trigger: LogicalTrigger) -> CronJob:
     return CronJob(trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger))
 
 
-@attrs.frozen(kw_only=True)
-class CronStatistics:
-    jobs: int  # cron triggers registered
-    fired_ok: int
-    fired_failed: int  # the function raised (or timed out, or was not found)
-    skipped_by_condition: int  # the condition said false or failed
-    missed: int  # scheduled times skipped: later than misfire_grace
-    fired_elsewhere: int  # another engine instance held the lock
-    lock_unavailable: int  # the lock adapter failed: the time was skipped
-
-
 class Module:
     def __init__(self, engine: Engine, config: Config, *, clock: WallClock | None = None):
         self.engine = engine
@@ -167,16 +157,23 @@ class Module:
         self.counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
         self._nursery: trio.Nursery | None = None
 
-    def statistics(self) -> CronStatistics:
+    def statistics(self) -> ModuleStatistics:
         counts = self.counts
-        return CronStatistics(
-            jobs=len(self.jobs),
-            fired_ok=counts["ok"],
-            fired_failed=counts["failed"],
-            skipped_by_condition=counts["skipped"] + counts["condition_failed"],
-            missed=counts["missed"],
-            fired_elsewhere=counts["elsewhere"],
-            lock_unavailable=counts["lock_unavailable"],
+        return ModuleStatistics(
+            values={
+                "jobs": len(self.jobs),  # cron triggers registered
+                "fired_ok": counts["ok"],
+                # the function raised (or timed out, or was not found)
+                "fired_failed": counts["failed"],
+                # the condition said false or failed
+                "skipped_by_condition": counts["skipped"] + counts["condition_failed"],
+                # scheduled times skipped: later than misfire_grace
+                "missed": counts["missed"],
+                # another engine instance held the lock
+                "fired_elsewhere": counts["elsewhere"],
+                # the lock adapter failed: the time was skipped
+                "lock_unavailable": counts["lock_unavailable"],
+            }
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

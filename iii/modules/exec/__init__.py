@@ -71,6 +71,7 @@ from watchfiles import Change, awatch
 
 from iii.config_schema import FieldValueError
 from iii.errors import ConfigError
+from iii.modules import ModuleStatistics
 from iii.modules.exec.globs import WatchPatterns, check_pattern
 from iii.modules.exec.pipeline import Pipeline, PipelineSettings
 from iii.native import CallContext
@@ -332,6 +333,9 @@ class Module:
                 watch_nursery.cancel_scope.cancel()
         finally:
             self.watching = False
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report
 
 
 def _relative(path: str, base: Path) -> str:

@@ -20,7 +20,24 @@ Traces, logs and metrics through the official OpenTelemetry SDK:
 * **Logs.** ``engine::log::{info,warn,error,debug,trace}``, the engine's own
   log records and SDK ``LOGS`` frames, in one store (``engine::logs::*``),
   offered to ``log`` triggers; also exported over OTLP with
-  ``logs_exporter: otlp|both``.
+  ``logs_exporter: otlp|both``.  The engine's records come through
+  :class:`~.log_intake.LogIntake`, a thread-safe queue of at most
+  ``logs_max_bytes`` (a full queue drops and counts,
+  ``engine_records_dropped``) that the module's drain task empties into the
+  store; ``engine::logs::list`` empties it first, so it sees every record
+  logged before the call.
+* **Log triggers cannot feed themselves for ever.**  A log carries the
+  causation depth (:mod:`iii.causation`) of the code that wrote it: the
+  emitting task's for an engine record or an ``engine::log::*`` call, the
+  depth remembered for its trace id for an SDK ``LOGS`` record.  The
+  triggers of a log of depth ``d`` run at ``d + 1`` (their function calls
+  carry it, through a worker too, by trace context), and past
+  :data:`~iii.causation.MAX_TRIGGER_DEPTH` they are not run (counted,
+  ``log_triggers_too_deep``, and warned about at most every 10 s).  So a
+  trigger function that logs, or fails (its failure is logged), re-fires at
+  most that many times per original log.  This replaces a context variable
+  set in the delivery tasks: it also bounds loops through a worker, and it
+  needs nothing from the thread that logs.
 * **Metrics.** Invocation counts, errors and latency per function, workers
   connected, SDK ``MTRC`` data points (``engine::metrics::list``), OTel
   instruments exported over OTLP with ``metrics_enabled`` and
@@ -42,15 +59,15 @@ Not implemented: alerts (``alerts`` is parsed and ignored, with a warning),
 ``engine::rollups::list``, ``engine::alerts::*``.
 
 Lifetime: :meth:`Module.run` installs the tracer, the telemetry consumer, the
-worker listener and the log handler, serves ``/metrics`` and delivers log
-triggers in its own nursery; on exit it removes them all and flushes the
-OTLP exporters (bounded, shielded).
+worker listener and the log handler, serves ``/metrics``, drains the log
+intake and delivers log triggers in its own nursery; on exit it removes them
+all (the handler first), stores what the intake still holds, and flushes the
+OTLP exporters last (bounded, shielded).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from functools import partial
@@ -63,13 +80,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from iii import __version__, json_limits
+from iii.causation import LoopWarning, firing, trace_for_firing
 from iii.fanout import FanOut
 from iii.grants import TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules.observability import functions
 from iii.modules.observability.config import Config
 from iii.modules.observability.health import Answer, liveness, readiness
+from iii.modules.observability.log_intake import LogIntake
 from iii.modules.observability.logs import (
-    DELIVERING,
     EngineLogHandler,
     LogStore,
     LogTriggers,
@@ -104,7 +123,12 @@ LOG_TRIGGER_ACCESS = TriggerAccess(
     data=True, resource_key="level", read_function="engine::logs::list"
 )
 LOG_DELIVERY_CONCURRENCY = 64
+# Engine records stored between two checkpoints of the drain task.
+DRAIN_BATCH = 256
 FLUSH_DEADLINE = 5.0
+
+# A log trigger's delivery: (trigger, the log as stored, the depth it runs at).
+_Delivery = tuple[LogicalTrigger, StoredLog, int]
 
 
 class Module:
@@ -137,15 +161,17 @@ class Module:
             max_bytes=config.logs_max_bytes,
             max_entry_bytes=config.logs_max_entry_bytes,
         )
+        # The engine's own records, queued by the log handler (any thread).
+        self.intake = LogIntake(config.logs_max_bytes)
         self.log_triggers = LogTriggers()
+        self.log_loops = LoopWarning("log")
         self.logs_dropped = 0
         # Bytes of the logs waiting for (or in) delivery to log triggers.
         self.logs_queued_bytes = 0
         self.prometheus_port: int | None = None
-        # (trigger, the log as stored): one delivery each, while the module runs.
-        self._log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] | None = None
-        self._trio_thread: int | None = None
-        self._trio_token: trio.lowlevel.TrioToken | None = None
+        # (trigger, the log as stored, the depth its triggers run at): one
+        # delivery each, while the module runs.
+        self._log_deliveries: FanOut[_Delivery] | None = None
         self._closers: list[Any] = []
 
     # -- setup ---------------------------------------------------------------------
@@ -269,69 +295,99 @@ class Module:
             for span in spans_from_otlp_json(data, worker_id=worker_id):
                 self.span_processor.on_end(span)
         elif kind == "LOGS":
+            depths = self.engine.trace_depths
             for entry in entries_from_otlp_json(data):
-                self.logs.add(entry)
+                # A worker's log in a trigger's trace is as deep as that firing.
+                self.record_log(entry, depths.depth_of_trace(entry.get("trace_id")))
         elif kind == "MTRC":
             self.sdk_metrics.ingest(data, worker_id)
 
     # -- log triggers ------------------------------------------------------------------
 
-    def _offer_log(self, entry: dict[str, Any], stored: StoredLog) -> None:
-        """Store listener: queue the log (as stored) for each matching ``log`` trigger.
+    def record_log(self, entry: dict[str, Any], depth: int) -> StoredLog | None:
+        """Store a log written at causation depth ``depth`` and offer it to ``log`` triggers
+        (trio thread); None if it was sampled out."""
+        stored = self.logs.add(entry)
+        if stored is not None:
+            # What offering it logs (a loop warning) is caused by it.
+            with firing(depth + 1):
+                self._offer_log(entry, stored, depth + 1)
+        return stored
+
+    def drain_logs(self, limit: int | None = None) -> None:
+        """Store (and offer) the engine records queued so far, oldest first, at most
+        ``limit`` of them (trio thread)."""
+        for pending in self.intake.take(limit):
+            self.record_log(pending.entry, pending.depth)
+
+    async def _drain_intake(self) -> None:
+        """The drain task: stores the handler's records as they are queued.
+
+        A batch at a time, with a checkpoint between batches, so a flood does
+        not hold up the engine; no record is held outside the intake across a
+        checkpoint, so a :meth:`drain_logs` call in between keeps the order.
+        """
+        while True:
+            await self.intake.wait()
+            self.drain_logs(DRAIN_BATCH)
+            await trio.lowlevel.checkpoint()
+
+    def _offer_log(self, entry: dict[str, Any], stored: StoredLog, depth: int) -> None:
+        """Queue the log (as stored) for each matching ``log`` trigger, to run at ``depth``.
 
         The queue holds at most LOG_QUEUE_SIZE logs and ``logs_max_bytes``
         bytes of them; a log that does not fit is dropped and counted.
         """
         deliveries = self._log_deliveries
-        if DELIVERING.get() or not self.log_triggers.levels or deliveries is None:
+        if not self.log_triggers.levels or deliveries is None:
             return
-        if threading.get_ident() != self._trio_thread:
-            if self._trio_token is not None:
-                try:
-                    self._trio_token.run_sync_soon(self._offer_log, entry, stored)
-                except trio.RunFinishedError:
-                    pass
+        matching = self.log_triggers.matching(entry)
+        if not matching or self.log_loops.too_deep(depth, [t.function_id for t in matching]):
             return
-        for trigger in self.log_triggers.matching(entry):
+        for trigger in matching:
             if self.logs_queued_bytes + stored.size > self.config.logs_max_bytes:
                 self.logs_dropped += 1
                 continue
-            if deliveries.offer((trigger, stored)):
+            if deliveries.offer((trigger, stored, depth)):
                 self.logs_queued_bytes += stored.size
             else:
                 self.logs_dropped += 1
 
-    async def _deliver_log(self, queued: tuple[LogicalTrigger, StoredLog]) -> None:
-        trigger, stored = queued
+    async def _deliver_log(self, queued: _Delivery) -> None:
+        trigger, stored, depth = queued
+        engine = self.engine
         try:
-            await self.engine.invoke_logged(
-                trigger.function_id, stored.entry(), what="log trigger", grant=trigger.grant
-            )
+            with firing(depth):
+                await engine.invoke_logged(
+                    trigger.function_id,
+                    stored.entry(),
+                    what="log trigger",
+                    grant=trigger.grant,
+                    **trace_for_firing(engine.trace_depths, engine.tracer.records_spans, depth),
+                )
         finally:
             self.logs_queued_bytes -= stored.size
 
-    async def _deliver_logs(self, deliveries: FanOut[tuple[LogicalTrigger, StoredLog]]) -> None:
-        DELIVERING.set(True)  # inherited by the delivery tasks
-        await deliveries.run()
-
     # -- lifetime -------------------------------------------------------------------------
 
-    def statistics(self) -> dict[str, int]:
-        return {
+    def statistics(self) -> ModuleStatistics:
+        values = {
             "spans_stored": len(self.spans) if self.spans is not None else 0,
             "spans_bytes": self.spans.bytes if self.spans is not None else 0,
             "logs_stored": len(self.logs),
             "logs_bytes": self.logs.bytes,
             "logs_dropped": self.logs_dropped,
             "logs_queued_bytes": self.logs_queued_bytes,
+            "engine_records_queued_bytes": self.intake.bytes,
+            "engine_records_dropped": self.intake.dropped,
+            "log_triggers_too_deep": self.log_loops.skipped,
             "sdk_metric_points": len(self.sdk_metrics),
             "sdk_metric_bytes": self.sdk_metrics.bytes,
         }
+        return ModuleStatistics(values=values)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         engine, config = self.engine, self.config
-        self._trio_thread = threading.get_ident()
-        self._trio_token = trio.lowlevel.current_trio_token()
         if config.alerts:
             log.warning(
                 "observability: %d alert rules configured; alerts are not implemented and are ignored",
@@ -341,8 +397,8 @@ class Module:
         self._setup_log_export()
         self._setup_metric_export()
         self.metrics.workers_active = len(engine.connections)
-        handler = EngineLogHandler(self.logs, dict(self.resource.attributes), config.store_level)
-        log_deliveries: FanOut[tuple[LogicalTrigger, StoredLog]] = FanOut(
+        handler = EngineLogHandler(self.intake, dict(self.resource.attributes), config.store_level)
+        log_deliveries: FanOut[_Delivery] = FanOut(
             self._deliver_log,
             lambda queued: f"log trigger {queued[0].function_id!r}",
             queue_size=LOG_QUEUE_SIZE,
@@ -374,7 +430,10 @@ class Module:
                     )
                 )
             hooks.enter_context(self._offering_logs(log_deliveries))
-            module_nursery.start_soon(self._deliver_logs, log_deliveries)
+            module_nursery.start_soon(log_deliveries.run)
+            module_nursery.start_soon(self._drain_intake)
+            # On the way out, once the handler is detached: what it queued is stored.
+            hooks.callback(self.drain_logs)
             hooks.enter_context(engine.using_tracer(tracer))
             hooks.enter_context(engine.using_telemetry_consumer(self.ingest))
             hooks.enter_context(engine.listening(workers=self.metrics.on_worker_event))
@@ -383,16 +442,12 @@ class Module:
             await trio.sleep_forever()
 
     @contextmanager
-    def _offering_logs(
-        self, deliveries: FanOut[tuple[LogicalTrigger, StoredLog]]
-    ) -> Iterator[None]:
+    def _offering_logs(self, deliveries: FanOut[_Delivery]) -> Iterator[None]:
         """Stored logs are offered to ``log`` triggers, for the block."""
         self._log_deliveries = deliveries
-        self.logs.listeners.append(self._offer_log)
         try:
             yield
         finally:
-            self.logs.listeners.remove(self._offer_log)
             self._log_deliveries = None
 
     def _metrics_port_routes(self) -> dict[bytes, Callable[[], Awaitable[Answer]]]:

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 import attrs
 
 from iii import __version__
+from iii.causation import current_depth
 from iii.errors import IIIError
 from iii.modules.observability.logs import SEVERITY, STORED_MARK, make_entry
 from iii.modules.observability.metrics import (
@@ -198,7 +199,7 @@ def register(engine: Engine, module: Module) -> None:
             if given.data is not None and not isinstance(given.data, dict):
                 attributes["data"] = given.data
             service = given.service_name or "unknown"
-            stored = module.logs.add(
+            stored = module.record_log(
                 make_entry(
                     body=given.message,
                     severity_number=SEVERITY[level],
@@ -207,7 +208,8 @@ def register(engine: Engine, module: Module) -> None:
                     attributes=attributes,
                     trace_id=trace_id,
                     span_id=span_id,
-                )
+                ),
+                current_depth(),
             )
             if config.logs_console_output:
                 worker_log.log(
@@ -255,6 +257,7 @@ def register(engine: Engine, module: Module) -> None:
 
     async def logs_list(data: Any, ctx: CallContext) -> Any:
         query = parse_input(data if data is not None else {}, LogsListInput, "engine::logs::list")
+        module.drain_logs()  # every engine record logged before this call is listed
         logs = module.logs.query(
             start_ms=query.start_time,
             end_ms=query.end_time,
@@ -273,6 +276,7 @@ def register(engine: Engine, module: Module) -> None:
         }
 
     async def logs_clear(data: Any, ctx: CallContext) -> Any:
+        module.drain_logs()  # records logged before this call are cleared too
         module.logs.clear()
         return {"success": True}
 

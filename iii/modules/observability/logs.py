@@ -17,14 +17,17 @@ Sources, all stored as upstream's log JSON (spec modules.md §8):
   :class:`EngineLogHandler` on the ``iii`` logger, with the trace and span of
   the span open in the emitting task (:data:`~.tracer.CURRENT_SPAN`); their
   body is bounded like the text log's (:func:`iii.log.record_message`) but
-  not escaped: in a JSON store a newline is data, not the end of a record;
+  not escaped: in a JSON store a newline is data, not the end of a record.
+  The handler only *enqueues* (:mod:`.log_intake`, from any thread); the
+  module stores what it queued from its own task;
 * SDK ``LOGS`` frames (OTLP/JSON ``resourceLogs``).
 
 Every stored log is offered to the ``log`` triggers whose ``level`` is
-``all`` or equals the log's lowercased severity text.  Deliveries go through a
-bounded channel to the module's dispatcher (a full channel drops and counts),
-and logs the engine writes *while delivering* are stored but not offered
-again, so a trigger function that fails cannot feed itself.
+``all`` or equals the log's lowercased severity text (the module does it,
+bounding chains with the causation depth: see its docstring).
+
+The store is used from the trio thread only (the handler's records reach it
+through the intake), so it has no lock.
 
 Lifetime: owned by the observability module; the handler is attached while
 the module runs.
@@ -32,10 +35,8 @@ the module runs.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,9 +45,11 @@ from typing import Any
 import attrs
 import orjson
 
+from iii.causation import current_depth
 from iii.errors import TriggerRegistrationError
 from iii.log import MAX_MESSAGE_CHARS, bounded_repr, record_message, truncate
 from iii.modules.observability.bounds import BoundedRing, fit_record
+from iii.modules.observability.log_intake import LogIntake
 from iii.modules.observability.spans import (
     otlp_attributes,
     otlp_int,
@@ -62,7 +65,6 @@ __all__ = [
     "EngineLogHandler",
     "LogTriggers",
     "SEVERITY",
-    "DELIVERING",
     "attached_handler",
     "STORED_MARK",
 ]
@@ -79,10 +81,6 @@ _PY_LEVELS = {
 }
 TRIGGER_LEVELS = ("all", "trace", "debug", "info", "warn", "error")
 
-# Set in the trigger dispatcher: engine logs written there are not re-offered.
-DELIVERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "iii_log_delivering", default=False
-)
 # ``extra`` key of records the module wrote itself (already stored).
 STORED_MARK = "iii_log_stored"
 
@@ -161,8 +159,6 @@ class LogStore:
         self.max_entry_bytes = max_entry_bytes
         self.listeners: list[LogListener] = []
         self._ring = BoundedRing[StoredLog](max_count, max_bytes)
-        # Engine records may be written from other threads (trio.to_thread).
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -188,21 +184,17 @@ class LogStore:
             original_bytes=fitted.original_bytes,
             truncated=fitted.truncated,
         )
-        with self._lock:
-            self._ring.add(stored, stored.size)
+        self._ring.add(stored, stored.size)
         for listener in self.listeners:
             listener(record, stored)
         return stored
 
     def entries(self) -> list[dict[str, Any]]:
         """Every stored log, oldest first."""
-        with self._lock:
-            stored = list(self._ring)
-        return [log.entry() for log in stored]
+        return [log.entry() for log in self._ring]
 
     def clear(self) -> None:
-        with self._lock:
-            self._ring.clear()
+        self._ring.clear()
 
     def query(
         self,
@@ -215,10 +207,8 @@ class LogStore:
         severity_text: str | None = None,
     ) -> list[StoredLog]:
         """The stored logs that match, oldest first (``StoredLog.entry()`` decodes one)."""
-        with self._lock:
-            logs = list(self._ring)
         out = []
-        for log in logs:
+        for log in self._ring:
             stamp_ms = log.timestamp_ns // 1_000_000
             if start_ms is not None and stamp_ms < start_ms:
                 continue
@@ -283,11 +273,16 @@ def attached_handler(logger: logging.Logger, handler: logging.Handler) -> Iterat
 
 
 class EngineLogHandler(logging.Handler):
-    """Stores the engine's own log records (attached to the ``iii`` logger)."""
+    """Queues the engine's own log records (attached to the ``iii`` logger).
 
-    def __init__(self, store: LogStore, resource: dict[str, Any], level: str):
+    :meth:`emit` runs in the thread and task that logged: it reads the open
+    span and the causation depth there, makes the entry and puts it in
+    ``intake`` (never waits, never stores, never calls a listener).
+    """
+
+    def __init__(self, intake: LogIntake, resource: dict[str, Any], level: str):
         super().__init__(_PY_LEVELS.get(level, logging.INFO))
-        self.store = store
+        self.intake = intake
         self.resource = resource
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -303,7 +298,7 @@ class EngineLogHandler(logging.Handler):
                     attributes[key] = truncate(value, MAX_MESSAGE_CHARS)
                 elif value is not None:
                     attributes[key] = value
-            self.store.add(
+            self.intake.put(
                 make_entry(
                     body=record_message(record),
                     severity_number=number,
@@ -314,7 +309,8 @@ class EngineLogHandler(logging.Handler):
                     span_id=span.span_id if span is not None else None,
                     timestamp_ns=int(record.created * 1e9),
                     scope_name=record.name,
-                )
+                ),
+                current_depth(),
             )
         except Exception:
             self.handleError(record)

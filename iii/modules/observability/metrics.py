@@ -13,12 +13,13 @@
   each point is kept as its JSON, cut to :data:`MAX_POINT_BYTES`.
 * :class:`PrometheusCollector` renders all of it, plus live engine gauges
   (workers, pending calls, open sockets, telemetry frames) and every module's
-  ``statistics()`` snapshot, through ``prometheus_client``'s exposition format.
-  A snapshot's numeric fields become ``iii_module_<module>_<field>``; a field
-  holding a sequence of records (e.g. the queue's per-topic depth) becomes
-  ``iii_module_<module>_<field>_<number>`` with the records' string fields as
-  labels.  :func:`module_statistics_json` gives the same for
-  ``engine::metrics::list``.
+  ``statistics()`` (a :class:`~iii.modules.ModuleStatistics`, the one shape
+  every module returns), through ``prometheus_client``'s exposition format.
+  Each value becomes ``iii_module_<module>_<name>`` (``None``, not known yet,
+  is left out); each number column of a table (e.g. the queue's per-topic
+  depth) becomes ``iii_module_<module>_<table>_<column>``, labelled with each
+  row's labels.  :func:`module_statistics_json` gives the same for
+  ``engine::metrics::list`` (modules with nothing to report are left out).
 * Numbers that live behind I/O (a queue's depth in Redis) are read by a
   module's ``async refresh_statistics()``; :func:`refresh_module_statistics`
   awaits them all (bounded) before a scrape or a ``metrics::list``.
@@ -31,10 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -44,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from iii.log import truncate
+from iii.modules import ModuleStatistics, StatisticsRow
 from iii.modules.observability.bounds import BoundedRing, fit_record
 from iii.modules.observability.spans import otlp_attributes
 
@@ -60,6 +63,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Characters a Prometheus metric name cannot hold.
+_NOT_IN_NAMES = re.compile(r"[^a-zA-Z0-9_:]")
 
 # How long a scrape or metrics::list waits for modules' refresh_statistics().
 REFRESH_TIMEOUT = 5.0
@@ -442,58 +448,64 @@ class PrometheusCollector(Collector):
         yield from _module_statistics(engine)
 
 
-def _snapshots(engine: Engine) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(module name, its ``statistics()`` as a dict) for each module that has one."""
+def _snapshots(engine: Engine) -> Iterator[tuple[str, ModuleStatistics]]:
+    """(module name, its ``statistics()``) for each module with something to report."""
     for name, module in sorted(engine.modules.items()):
-        statistics = getattr(module, "statistics", None)
-        if not callable(statistics):
-            continue
         try:
-            snapshot = statistics()
+            snapshot = module.statistics()
         except Exception:
             log.warning("module %s: statistics() failed", name, exc_info=True)
             continue
-        values = attrs.asdict(snapshot) if attrs.has(type(snapshot)) else snapshot
-        if isinstance(values, dict):
-            yield name, values
+        if not snapshot.empty:
+            yield name, snapshot
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _metric_name(*parts: str) -> str:
+    """A valid Prometheus metric name (a repeatable module's name may hold '.' or '-')."""
+    return _NOT_IN_NAMES.sub("_", "_".join(parts))
+
+
 def _module_statistics(engine: Engine) -> Iterator[GaugeMetricFamily]:
-    """``iii_module_<name>_<field>`` for each number in a module's ``statistics()``;
-    ``iii_module_<name>_<field>_<number>{<string fields>}`` for a list of records."""
-    for name, values in _snapshots(engine):
-        for field, value in sorted(values.items()):
+    """``iii_module_<name>_<value>`` for each value of a module's ``statistics()``;
+    ``iii_module_<name>_<table>_<column>{<labels>}`` for each column of a table."""
+    for name, snapshot in _snapshots(engine):
+        # Values and tables in one name order (as the JSON's keys, sorted).
+        for field in sorted({*snapshot.values, *snapshot.tables}):
+            value = snapshot.values.get(field)
             if _is_number(value):
                 yield GaugeMetricFamily(
-                    f"iii_module_{name}_{field}", f"{name} module: {field}", value=value
+                    _metric_name("iii_module", name, field), f"{name} module: {field}", value=value
                 )
-            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
-                yield from _record_gauges(f"iii_module_{name}_{field}", f"{name} module", value)
+            rows = snapshot.tables.get(field)
+            if rows:
+                yield from _table_gauges(
+                    _metric_name("iii_module", name, field), f"{name} module", rows
+                )
 
 
-def _record_gauges(
-    prefix: str, help_prefix: str, records: list[Any] | tuple[Any, ...]
+def _table_gauges(
+    prefix: str, help_prefix: str, rows: Sequence[StatisticsRow]
 ) -> Iterator[GaugeMetricFamily]:
-    labels = sorted(k for k, v in records[0].items() if isinstance(v, str))
-    numbers = sorted(k for k, v in records[0].items() if _is_number(v))
-    for number in numbers:
+    labels = sorted(rows[0].labels)
+    columns = sorted({column for row in rows for column in row.values})
+    for column in columns:
         family = GaugeMetricFamily(
-            f"{prefix}_{number}", f"{help_prefix}: {number} by {', '.join(labels)}", labels=labels
+            f"{prefix}_{column}", f"{help_prefix}: {column} by {', '.join(labels)}", labels=labels
         )
-        for record in records:
-            value = record.get(number)
-            if _is_number(value):
-                family.add_metric([str(record.get(label, "")) for label in labels], value)
+        for row in rows:
+            value = row.values.get(column)
+            if value is not None and not isinstance(value, bool):
+                family.add_metric([row.labels.get(label, "") for label in labels], value)
         yield family
 
 
 def module_statistics_json(engine: Engine) -> dict[str, dict[str, Any]]:
-    """Every module's ``statistics()`` snapshot as JSON (for ``engine::metrics::list``)."""
-    return dict(_snapshots(engine))
+    """Every module's ``statistics()`` as JSON (for ``engine::metrics::list``)."""
+    return {name: snapshot.to_json() for name, snapshot in _snapshots(engine)}
 
 
 async def refresh_module_statistics(engine: Engine) -> None:

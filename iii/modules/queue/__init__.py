@@ -64,17 +64,18 @@ from iii.config_schema import Count, check
 from iii.errors import AdapterUnavailableError, IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
 from iii.log import bounded_repr
+from iii.modules import ModuleStatistics
 from iii.modules.conditions import CONDITION_KEYS, condition_of
 from iii.modules.queue.consumer import Subscription, run_subscription
 from iii.modules.queue.functions import register_functions
 from iii.modules.queue.names import FUNCTION_QUEUE_PREFIX
-from iii.modules.queue.stats import QueueCounters, QueueDepth, QueueStatistics, read_depth, snapshot
+from iii.modules.queue.stats import QueueCounters, QueueDepth, read_depth, snapshot
 from iii.registry import LogicalTrigger
 
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "Module", "QueueSettings", "QueueStatistics", "FUNCTION_QUEUE_PREFIX"]
+__all__ = ["Config", "Module", "QueueSettings", "FUNCTION_QUEUE_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Module:
 
     # -- numbers -----------------------------------------------------------------------
 
-    def statistics(self) -> QueueStatistics:
+    def statistics(self) -> ModuleStatistics:
         """Job counts now, and queue depth as of the last :meth:`refresh_statistics`."""
         return snapshot(self, self._depth, self._depth_read_at)
 

@@ -8,9 +8,10 @@
   previous reading in place).  The observability module awaits
   :meth:`Module.refresh_statistics` before each ``/metrics`` scrape and
   ``engine::metrics::list``, so what they show is fresh.
-* :class:`QueueStatistics` is the frozen snapshot :meth:`Module.statistics`
-  returns (trio's ``statistics()`` convention): the counters now, the depth of
-  the last reading.
+* :func:`snapshot` is what :meth:`Module.statistics` returns (the
+  :class:`~iii.modules.ModuleStatistics` every module returns): the counters
+  now, and the table ``depth`` of the last reading (one row per queue,
+  labelled ``topic`` and ``kind``).
 
 Synchronous values only; no task of its own.
 """
@@ -24,11 +25,12 @@ import attrs
 import trio
 
 from iii.errors import AdapterUnavailableError
+from iii.modules import ModuleStatistics, StatisticsRow
 
 if TYPE_CHECKING:
     from iii.modules.queue import Module
 
-__all__ = ["OUTCOMES", "QueueCounters", "QueueDepth", "QueueStatistics", "read_depth"]
+__all__ = ["OUTCOMES", "QueueCounters", "QueueDepth", "read_depth", "snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,16 @@ class QueueDepth:
     active: int  # leased to a consumer (in flight)
     dlq: int
 
-
-@attrs.frozen(kw_only=True)
-class QueueStatistics:
-    jobs_enqueued: int  # stored by this engine
-    jobs_succeeded: int  # acked after the function returned
-    jobs_skipped: int  # acked because the condition said false
-    jobs_retried: int  # failed attempts scheduled again
-    jobs_dead_lettered: int
-    jobs_released: int  # handed back unprocessed (trigger gone, shutdown)
-    jobs_in_flight: int  # held by this engine's consumers now
-    subscriptions: int  # queue triggers
-    function_queues: int  # dispatchers of enqueue-action queues
-    depth: tuple[QueueDepth, ...]  # per queue, as of ``depth_read_at``
-    depth_read_at: float | None  # time.time() of the last depth reading, None before one
+    def row(self) -> StatisticsRow:
+        return StatisticsRow(
+            labels={"topic": self.topic, "kind": self.kind},
+            values={
+                "waiting": self.waiting,
+                "delayed": self.delayed,
+                "active": self.active,
+                "dlq": self.dlq,
+            },
+        )
 
 
 async def read_depth(module: Module) -> tuple[QueueDepth, ...] | None:
@@ -108,18 +106,23 @@ async def read_depth(module: Module) -> tuple[QueueDepth, ...] | None:
 
 def snapshot(
     module: Module, depth: tuple[QueueDepth, ...], depth_read_at: float | None
-) -> QueueStatistics:
+) -> ModuleStatistics:
     counters = module.counters.by_outcome
-    return QueueStatistics(
-        jobs_enqueued=module.counters.enqueued,
-        jobs_succeeded=counters["ack"],
-        jobs_skipped=counters["skipped"],
-        jobs_retried=counters["retry"],
-        jobs_dead_lettered=counters["dead_letter"],
-        jobs_released=counters["released"],
-        jobs_in_flight=module.in_flight(),
-        subscriptions=len(module.subscriptions),
-        function_queues=len(module.dispatchers),
-        depth=depth,
-        depth_read_at=depth_read_at,
+    return ModuleStatistics(
+        values={
+            "jobs_enqueued": module.counters.enqueued,  # stored by this engine
+            "jobs_succeeded": counters["ack"],  # acked after the function returned
+            "jobs_skipped": counters["skipped"],  # acked because the condition said false
+            "jobs_retried": counters["retry"],  # failed attempts scheduled again
+            "jobs_dead_lettered": counters["dead_letter"],
+            # handed back unprocessed (trigger gone, shutdown)
+            "jobs_released": counters["released"],
+            "jobs_in_flight": module.in_flight(),  # held by this engine's consumers now
+            "subscriptions": len(module.subscriptions),  # queue triggers
+            "function_queues": len(module.dispatchers),  # dispatchers of enqueue-action queues
+            # time.time() of the last depth reading, None before one
+            "depth_read_at": depth_read_at,
+        },
+        # per queue, as of depth_read_at
+        tables={"depth": [queue.row() for queue in depth]},
     )

@@ -40,6 +40,7 @@ from iii.errors import TriggerRegistrationError
 from iii.grants import TriggerAccess
 from iii.inbound import InboundBudget
 from iii.log import bounded_repr
+from iii.modules import ModuleStatistics
 from iii.modules.conditions import CONDITION_KEYS, condition_of
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.dispatch import RestDispatcher
@@ -58,7 +59,7 @@ from iii.security import server_ssl_context
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "Statistics", "route_for_trigger"]
+__all__ = ["Config", "CorsConfig", "Module", "HttpTriggers", "route_for_trigger"]
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,6 @@ def _holds_a_body(config: Any, attribute: attrs.Attribute[int], value: int) -> N
             attribute.name,
             f"must be at least max_body_size ({config.max_body_size}), got {value}",
         )
-
-
-@attrs.frozen(kw_only=True)
-class Statistics:
-    """What :meth:`Module.statistics` reports (``iii_module_rest_api_*`` on /metrics)."""
-
-    body_bytes: int  # bytes of JSON bodies held now (max_body_bytes_in_flight)
-    body_bytes_peak: int
-    bodies_waiting: int  # requests whose body waits for room now
-    bodies_refused: int  # answered 503: no room before their deadline
-    connections: int  # sockets open now
-    connections_refused: int  # sockets refused on accept (503)
 
 
 @attrs.frozen(kw_only=True)
@@ -201,15 +190,19 @@ class Module:
         """The bytes of JSON request bodies held now (``max_body_bytes_in_flight``)."""
         return self.dispatcher.bodies
 
-    def statistics(self) -> Statistics:
+    def statistics(self) -> ModuleStatistics:
+        """``iii_module_rest_api_*`` on /metrics."""
         bodies = self.dispatcher.bodies.statistics()
-        return Statistics(
-            body_bytes=bodies.used,
-            body_bytes_peak=bodies.peak,
-            bodies_waiting=bodies.waiting,
-            bodies_refused=self.dispatcher.bodies_refused,
-            connections=self.server.connections,
-            connections_refused=self.server.refused,
+        return ModuleStatistics(
+            values={
+                # bytes of JSON bodies held now (max_body_bytes_in_flight), and the most
+                "body_bytes": bodies.used,
+                "body_bytes_peak": bodies.peak,
+                "bodies_waiting": bodies.waiting,  # requests whose body waits for room now
+                "bodies_refused": self.dispatcher.bodies_refused,  # 503: no room in time
+                "connections": self.server.connections,  # sockets open now
+                "connections_refused": self.server.refused,  # refused on accept (503)
+            }
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -87,6 +87,7 @@ from iii.admission import ConnectionLimits
 from iii.config_schema import Count, FieldValueError
 from iii.errors import IIIError, TriggerRegistrationError
 from iii.grants import Grant, TriggerAccess
+from iii.modules import ModuleStatistics
 from iii.modules._events import PeerPublisher, TriggerDispatch, config_str
 from iii.modules._functions import Empty, adapter_call, register_functions
 from iii.modules.conditions import CHANGE_CONDITION_KEYS
@@ -536,3 +537,6 @@ class Module:
             )
         )
         return None
+
+    def statistics(self) -> ModuleStatistics:
+        return ModuleStatistics()  # nothing to report

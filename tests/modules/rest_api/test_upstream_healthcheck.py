@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from iii.modules import DEFAULT_MODULES
-from tests.support import EngineProcess, free_port, start_sdk_worker
+from tests.support import EngineProcess, reserve_port, start_sdk_worker
 
 pytestmark = pytest.mark.sdk
 
@@ -101,18 +101,18 @@ finally:
 '''
 
 
-def default_config_with_free_ports() -> tuple[dict[str, object], int]:
-    rest_port = free_port()
+def default_config_with_reserved_ports() -> tuple[dict[str, object], int]:
+    rest_port = reserve_port()
     moved = {
         "modules::api::RestApiModule": {"port": rest_port},
-        "modules::stream::StreamModule": {"port": free_port()},
+        "modules::stream::StreamModule": {"port": reserve_port()},
     }
     modules = [{"class": name, "config": moved.get(name, {})} for name in DEFAULT_MODULES]
-    return {"port": free_port(), "modules": modules}, rest_port
+    return {"port": reserve_port(), "modules": modules}, rest_port
 
 
 async def test_official_025_healthcheck_passes_against_the_default_config(tmp_path: Path) -> None:
-    config, rest_port = default_config_with_free_ports()
+    config, rest_port = default_config_with_reserved_ports()
     engine = EngineProcess.write(tmp_path, config)
     engine.start()
     try:
