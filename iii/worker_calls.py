@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iii.causation import firing
+from iii.cluster_channels import bridged_channel_refs
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
 
@@ -238,8 +239,6 @@ async def _call(
     peer_url = cluster.peer_url_of_link(conn.worker_id) if conn.grant.cluster_peer and cluster else None
     if peer_url is not None:
         # A call a peer engine forwarded: its channel refs name the peer's channels.
-        from iii.cluster.channels import bridged_channel_refs
-
         with bridged_channel_refs(conn.engine, peer_url, data) as bridged:
             return await _invoke(conn, message, bridged, on_span, reply_limit)
     return await _invoke(conn, message, data, on_span, reply_limit)

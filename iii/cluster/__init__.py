@@ -30,7 +30,7 @@ bound)::
         └── catalog long poll           mirrors the peer's functions and routes
 
 Channels named in a forwarded call are bridged to the engine that owns them
-(:mod:`iii.cluster.channels`).
+(:mod:`iii.cluster_channels`).
 
 Lifetime: started by :func:`iii.engine.serve_engine` when the config has a
 ``cluster`` section; ends with the connection nursery at shutdown (the

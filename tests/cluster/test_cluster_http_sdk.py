@@ -3,7 +3,7 @@
 The handlers are those of tests/modules/rest_api/test_rest_sdk.py: JSON in
 and out, a 1 MiB upload read from the ``request_body`` channel, a 1 MiB
 download and server-sent events written to the ``response`` channel: the
-channels cross engines (:mod:`iii.cluster.channels`).
+channels cross engines (:mod:`iii.cluster_channels`).
 """
 
 from __future__ import annotations

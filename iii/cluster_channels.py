@@ -21,6 +21,10 @@ passed on; a side that ends (or cannot connect) closes the other.  Each pump
 is bounded by :data:`BRIDGE_TTL` (the time an unclaimed channel lives) and
 its socket's frames by the engine's ``max_message_size``.
 
+Outside the :mod:`iii.cluster` package on purpose: the worker-call path
+(:mod:`iii.worker_calls`) imports it, and the package's ``__init__`` imports
+the listener, which imports that path.
+
 Lifetime: each pump is a detached, contained task of the engine
 (:meth:`~iii.engine.Engine.spawn_detached`); it ends with its stream.
 """
