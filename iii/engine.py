@@ -68,6 +68,13 @@ only), with its pending record filed *before* the
 ``invokefunction`` is sent; the caller's ``invocation_id`` is used on both
 hops; an engine-side deadline (``invocation_timeout_ms``, default 30 s)
 answers ``timeout``.
+
+Tracing is one wrapper around that one path (:meth:`Engine._route`).  Both
+kinds of call get the same deadline (``timeout`` or
+``invocation_timeout_ms``); an engine function runs in the caller's task, so
+a cancel scope stops it, while a worker's call only waits for its answer,
+which the pending table's deadline heap resolves with ``timeout`` (one
+expiry task for all calls, instead of a cancel scope per routed call).
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ import signal
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -506,7 +514,6 @@ class Engine:
         reply_limit: int | None = None,
         grant: Grant | None = None,
         grant_checked: bool = False,
-        _span: Span | None = None,
     ) -> Any:
         """Run a function wherever it lives and return its result.
 
@@ -530,22 +537,51 @@ class Engine:
         ``reply_limit`` is the caller's frame limit when the result goes back
         to a worker (see :class:`~iii.native.CallContext`).
         """
-        if grant is not None and _span is None and not grant_checked:
+        if grant is not None and not grant_checked:
             grant.require_invoke(function_id)
-        if _span is None and self.tracer.enabled:
-            return await self._invoke_traced(
-                function_id,
-                data,
-                caller_worker_id=caller_worker_id,
-                invocation_id=invocation_id,
-                traceparent=traceparent,
-                baggage=baggage,
-                metadata=metadata,
-                timeout=timeout,
-                on_span=on_span,
-                reply_limit=reply_limit,
-                grant=grant,
-            )
+        route = partial(
+            self._route,
+            function_id,
+            data,
+            caller_worker_id=caller_worker_id,
+            invocation_id=invocation_id,
+            metadata=metadata,
+            timeout=timeout,
+            reply_limit=reply_limit,
+            grant=grant,
+        )
+        if not self.tracer.enabled:
+            return await route(traceparent=traceparent, baggage=baggage, span=None)
+        # Tracing is one wrapper around the one routing path.
+        with self.tracer.invocation(
+            function_id,
+            traceparent=traceparent,
+            baggage=baggage,
+            caller_worker_id=caller_worker_id,
+            invocation_id=invocation_id,
+        ) as span:
+            if on_span is not None:
+                on_span(span)
+            return await route(traceparent=span.traceparent, baggage=span.baggage, span=span)
+
+    async def _route(
+        self,
+        function_id: str,
+        data: Any,
+        *,
+        caller_worker_id: str | None,
+        invocation_id: str | None,
+        traceparent: str | None,
+        baggage: str | None,
+        metadata: Any,
+        timeout: float | None,
+        reply_limit: int | None,
+        grant: Grant | None,
+        span: Span | None,
+    ) -> Any:
+        """The one routing path (module docstring, "Routing a call"): an engine
+        function runs in this task under its deadline; a worker's call is filed
+        in the pending table, whose deadline heap answers ``timeout``."""
         entry = self.registry.functions.get(function_id)
         if entry is None:
             raise FunctionNotFoundError(function_id)
@@ -554,8 +590,8 @@ class Engine:
         replica = self._pick_replica(entry, local_only=grant is not None and grant.cluster_peer)
         if invocation_id is None:
             invocation_id = str(uuid.uuid4())
-        if _span is not None:
-            _span.set_attribute("iii.worker.id", replica.owner or "engine")
+        if span is not None:
+            span.set_attribute("iii.worker.id", replica.owner or "engine")
         if replica.handler is not None:
             ctx = CallContext(
                 function_id=function_id,
@@ -567,7 +603,7 @@ class Engine:
                 reply_limit=reply_limit,
                 grant=grant,
             )
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_after(timeout):
                 return await replica.handler(data, ctx)
             raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
         assert replica.owner is not None
@@ -641,44 +677,6 @@ class Engine:
             return self.pending.executing_on(owner)
 
         return entry.pick_by(load)
-
-    async def _invoke_traced(
-        self,
-        function_id: str,
-        data: Any,
-        *,
-        caller_worker_id: str | None,
-        invocation_id: str | None,
-        traceparent: str | None,
-        baggage: str | None,
-        metadata: Any,
-        timeout: float | None,
-        on_span: Callable[[Span], None] | None,
-        reply_limit: int | None,
-        grant: Grant | None,
-    ) -> Any:
-        with self.tracer.invocation(
-            function_id,
-            traceparent=traceparent,
-            baggage=baggage,
-            caller_worker_id=caller_worker_id,
-            invocation_id=invocation_id,
-        ) as span:
-            if on_span is not None:
-                on_span(span)
-            return await self.invoke(
-                function_id,
-                data,
-                caller_worker_id=caller_worker_id,
-                invocation_id=invocation_id,
-                traceparent=span.traceparent,
-                baggage=span.baggage,
-                metadata=metadata,
-                timeout=timeout,
-                reply_limit=reply_limit,
-                grant=grant,
-                _span=span,
-            )
 
     async def expire_invocations(self) -> None:
         """Resolve routed calls whose deadline has passed with ``timeout``.
