@@ -31,7 +31,8 @@ import attrs
 import trio
 
 from iii.config import EngineConfig
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
+from iii.serve import serve_engine
 
 __all__ = ["Notifier", "serve_with_systemd"]
 

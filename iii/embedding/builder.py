@@ -258,7 +258,7 @@ class EngineBuilder:
         handle_signals: bool,
         task_status: trio.TaskStatus[RunningEngine],
     ) -> None:
-        from iii.engine import serve_engine
+        from iii.serve import serve_engine
 
         await serve_engine(
             config,
