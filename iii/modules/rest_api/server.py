@@ -44,6 +44,7 @@ cancels it once the grace is over.
 from __future__ import annotations
 
 import email.utils
+import enum
 import logging
 import ssl
 import time
@@ -65,6 +66,8 @@ __all__ = [
     "HttpServer",
     "HttpRequest",
     "Responder",
+    "ResponseState",
+    "IllegalTransitionError",
     "App",
     "ClientGoneError",
     "BodyTooLargeError",
@@ -194,9 +197,6 @@ class HttpRequest:
     headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
     http_version: str
     _conn: _Connection
-    # Where the application may start tasks beside the request (the
-    # connection nursery); it must join them before it returns.
-    task_nursery: trio.Nursery
     body_complete: bool = False
     _pending: bytes = b""
 
@@ -276,62 +276,132 @@ class HttpRequest:
         return b"".join(parts)
 
 
+class ResponseState(enum.Enum):
+    """Where a response is: the only legal moves are in ``_NEXT_STATES``."""
+
+    NOT_STARTED = "not started"
+    HEAD_SENT = "head sent"  # status line and headers out, no body byte yet
+    BODY_STREAMING = "body streaming"  # at least one body chunk out
+    DONE = "done"  # complete: the connection may be reused
+    ABORTED = "aborted"  # cut off (client gone, bad body): the connection closes
+
+
+_NEXT_STATES: dict[ResponseState, frozenset[ResponseState]] = {
+    ResponseState.NOT_STARTED: frozenset(
+        {ResponseState.HEAD_SENT, ResponseState.DONE, ResponseState.ABORTED}
+    ),
+    ResponseState.HEAD_SENT: frozenset(
+        {ResponseState.BODY_STREAMING, ResponseState.DONE, ResponseState.ABORTED}
+    ),
+    ResponseState.BODY_STREAMING: frozenset(
+        {ResponseState.BODY_STREAMING, ResponseState.DONE, ResponseState.ABORTED}
+    ),
+    ResponseState.DONE: frozenset(),
+    ResponseState.ABORTED: frozenset(),
+}
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state machine was asked for a move it does not have: a bug in the caller."""
+
+
 @attrs.define(eq=False)
 class Responder:
-    """Sends the response to one request: whole, or streamed."""
+    """Sends the response to one request: whole, or streamed.
+
+    Its :attr:`state` (:class:`ResponseState`) moves NOT_STARTED ->
+    HEAD_SENT -> BODY_STREAMING -> DONE, or to ABORTED from any state that
+    is not final; anything else (a second head, a body before the head, a
+    chunk after the end) raises :class:`IllegalTransitionError`.  A send
+    the client does not take (:class:`ClientGoneError`) leaves it ABORTED.
+    Each move is made before the write it stands for, so a second writer
+    cannot slip in while the first one waits on the socket.
+    """
 
     _conn: _Connection
     _method: str
     # True while the server drains: the answer then says ``Connection: close``.
     _closing: Callable[[], bool] = lambda: False
     extra_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
-    started: bool = False
-    finished: bool = False
+    state: ResponseState = ResponseState.NOT_STARTED
     status: int = 0
     _no_body: bool = False
 
-    async def start(self, status: int, headers: Headers) -> None:
-        """Send the status line and headers (``h11.LocalProtocolError`` if invalid)."""
-        if self.started:
-            raise RuntimeError("the response has already started")
+    @property
+    def started(self) -> bool:
+        """The head went out (or the response ended without one)."""
+        return self.state is not ResponseState.NOT_STARTED
+
+    @property
+    def finished(self) -> bool:
+        """The response is complete: the connection may carry the next one."""
+        return self.state is ResponseState.DONE
+
+    def _move(self, new: ResponseState) -> None:
+        if new not in _NEXT_STATES[self.state]:
+            raise IllegalTransitionError(f"response: {self.state.value} -> {new.value}")
+        self.state = new
+
+    def abort(self) -> None:
+        """Cut the response off (a final state is kept): the connection closes after it."""
+        if self.state is not ResponseState.DONE:
+            self.state = ResponseState.ABORTED
+
+    async def _send(self, *events: Any) -> None:
+        try:
+            await self._conn.send(*events)
+        except ClientGoneError:
+            # Whatever the state was (DONE is entered before its last write,
+            # so that no second answer can start meanwhile): the response
+            # did not get through, and the connection cannot be reused.
+            self.state = ResponseState.ABORTED
+            raise
+
+    def _head(self, status: int, headers: Headers, length: bytes | None) -> h11.Response:
         all_headers = [(b"date", _DATE.get()), *headers, *self.extra_headers]
+        if length is not None:
+            all_headers.append((b"content-length", length))
         if self._closing():
             all_headers.append((b"connection", b"close"))
-        response = h11.Response(status_code=status, headers=all_headers)  # validates
-        self.started = True
+        return h11.Response(status_code=status, headers=all_headers)  # validates
+
+    async def start(self, status: int, headers: Headers) -> None:
+        """Send the status line and headers (``h11.LocalProtocolError`` if invalid:
+        the state is then unchanged, and an error can still be sent)."""
+        if self.state is not ResponseState.NOT_STARTED:
+            raise IllegalTransitionError(f"response: {self.state.value} -> head sent")
+        response = self._head(status, headers, None)
+        self._move(ResponseState.HEAD_SENT)
         self.status = status
         self._no_body = self._method == "HEAD" or status in (204, 304)
-        await self._conn.send(response)
+        await self._send(response)
 
     async def send(self, data: bytes) -> None:
-        if not data or self._no_body:
+        """One body chunk (nothing for an empty one, or an answer without a body)."""
+        if not data:
             return
-        await self._conn.send(h11.Data(data=data))
+        self._move(ResponseState.BODY_STREAMING)
+        if not self._no_body:
+            await self._send(h11.Data(data=data))
 
     async def end(self) -> None:
-        if not self.finished:
-            self.finished = True
-            await self._conn.send(h11.EndOfMessage())
+        """The end of a started response."""
+        if self.state is ResponseState.NOT_STARTED:
+            raise IllegalTransitionError(f"response: {self.state.value} -> done")
+        self._move(ResponseState.DONE)
+        await self._send(h11.EndOfMessage())
 
     async def respond(self, status: int, headers: Headers, body: bytes = b"") -> None:
         """A whole response with its ``content-length``, in one write."""
-        if self.started:
-            raise RuntimeError("the response has already started")
-        all_headers = [
-            (b"date", _DATE.get()),
-            *headers,
-            *self.extra_headers,
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if self._closing():
-            all_headers.append((b"connection", b"close"))
-        response = h11.Response(status_code=status, headers=all_headers)  # validates
-        self.started = self.finished = True
+        if self.state is not ResponseState.NOT_STARTED:
+            raise IllegalTransitionError(f"response: {self.state.value} -> done")
+        response = self._head(status, headers, str(len(body)).encode())
+        self._move(ResponseState.DONE)
         self.status = status
         if self._method == "HEAD" or status in (204, 304) or not body:
-            await self._conn.send(response, h11.EndOfMessage())
+            await self._send(response, h11.EndOfMessage())
         else:
-            await self._conn.send(response, h11.Data(data=body), h11.EndOfMessage())
+            await self._send(response, h11.Data(data=body), h11.EndOfMessage())
 
     async def respond_error(self, status: int, code: str, message: str, **extra: Any) -> None:
         status, headers, body = json_error(status, code, message, **extra)
@@ -396,7 +466,6 @@ class HttpServer:
     )
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _idle: set[trio.CancelScope] = attrs.field(factory=set)
-    _task_nursery: trio.Nursery | None = None  # set while serving
 
     async def serve(
         self,
@@ -418,7 +487,6 @@ class HttpServer:
         if ssl_context is not None:
             listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in tcp_listeners]
         async with trio.open_nursery() as connection_nursery:
-            self._task_nursery = connection_nursery
             with self._accept_scope:
                 task_status.started(self.port)
                 await trio.serve_listeners(
@@ -500,7 +568,7 @@ class HttpServer:
                 await self._run_app(request, responder)
             finally:
                 self.active_requests -= 1
-            if not responder.finished:
+            if responder.state is not ResponseState.DONE:
                 return  # the response was cut off: the connection cannot be reused
             if conn.h11.our_state is h11.MUST_CLOSE or self.draining:
                 return
@@ -511,7 +579,6 @@ class HttpServer:
             conn.h11.start_next_cycle()
 
     def _make_request(self, conn: _Connection, event: h11.Request) -> HttpRequest:
-        assert self._task_nursery is not None  # connections are served inside serve()
         target = event.target.decode("utf-8", "replace")
         path, query = _split_target(target)
         return HttpRequest(
@@ -522,7 +589,6 @@ class HttpServer:
             headers=list(event.headers),
             http_version=event.http_version.decode("ascii", "replace"),
             conn=conn,
-            task_nursery=self._task_nursery,
         )
 
     async def _run_app(self, request: HttpRequest, responder: Responder) -> None:
@@ -533,14 +599,14 @@ class HttpServer:
         except Exception:
             error_id = new_error_id()
             log.exception("%s %s failed (error_id %s)", request.method, request.path, error_id)
-            if not responder.started:
+            if responder.state is ResponseState.NOT_STARTED:
                 await responder.respond_error(
                     500, "INTERNAL_ERROR", "internal server error", error_id=error_id
                 )
             return
-        if not responder.started:
+        if responder.state is ResponseState.NOT_STARTED:
             await responder.respond_error(500, "INTERNAL_ERROR", "no response was produced")
-        elif not responder.finished:
+        elif responder.state is not ResponseState.DONE:
             raise ClientGoneError("the application left a response unfinished")
 
     async def _drain_body(self, request: HttpRequest) -> bool:
