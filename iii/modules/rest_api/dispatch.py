@@ -64,7 +64,7 @@ from iii.modules.rest_api.bodies import (
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.exchange import Exchange
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
-from iii.modules.rest_api.server import (
+from iii.modules.rest_api.protocol import (
     BodyTooLargeError,
     HttpRequest,
     Responder,

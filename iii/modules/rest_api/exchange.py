@@ -38,7 +38,7 @@ from iii.channels import Channel
 from iii.errors import IIIError
 from iii.grants import Grant
 from iii.log import SNIPPET_CHARS, truncate
-from iii.modules.rest_api.server import (
+from iii.modules.rest_api.protocol import (
     ClientGoneError,
     HttpRequest,
     IllegalTransitionError,
