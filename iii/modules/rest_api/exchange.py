@@ -20,8 +20,17 @@ Who answers, deterministically:
 * a failure answers if nothing was sent yet (500, 504, 413), and cuts off a
   started answer otherwise.
 
+That rule is a state machine, :class:`Answer`, and :meth:`Exchange.claim`
+is the one place it moves: UNCLAIMED -> CHANNEL_OPENED (the function opened
+its response channel) -> STREAM (its first body frame or its close), or
+UNCLAIMED -> VALUE, or FAILURE from either of the first two.  A claim that
+comes after a final owner is a race lost (False: stand down); a move the
+machine does not have is a bug (``IllegalTransitionError``).  What goes on
+the wire once owned is the Responder's own machine (:class:`.protocol.ResponseState`).
+
 Lifetime: an exchange lives as long as its request; its side tasks are
-joined (or cancelled by :meth:`Exchange.stop`) before the request ends.
+joined (or cancelled by :meth:`Exchange.stop`) before the request ends,
+and the request waits for them under its one deadline.
 """
 
 from __future__ import annotations
