@@ -212,7 +212,7 @@ class Exchange:
                     await dispatcher._simple_response(self.responder, self.function_id, result)
                     self.stop()
                     return
-            elif result is not None:
+            elif result is not None and self.answer is not Answer.FAILURE:
                 log.debug(
                     "%s returned a value and streams its answer: the streamed one answers",
                     self.function_id,
