@@ -44,7 +44,7 @@ import iii.worker_calls
 from iii.engine import Engine
 from iii.frame_writer import FrameWriter
 from iii.modules.rest_api.dispatch import RestDispatcher
-from iii.modules.rest_api.server import HttpServer
+from iii.modules.rest_api.protocol import HttpConnection
 from iii.modules.stream.server import StreamServer
 from iii.testing import RawWorker, connect_test_worker, make_config, open_test_engine
 from iii.worker_conn import WorkerConnection
@@ -73,7 +73,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "stream writer": (StreamServer, "_writer"),
     "stream join": (StreamServer, "_join"),
     "http request": (RestDispatcher, "__call__"),
-    "http connection": (HttpServer, "_serve_connection"),
+    "http connection": (HttpConnection, "serve"),
 }
 POINTS = ("start", "during")
 SCENARIO_LIMIT = 30

@@ -1,64 +1,16 @@
-"""The engine: its shared state, invocation routing, and THE supervision tree.
+"""The engine: its shared state (registries, connections, pending calls), the
+hooks modules install, and the entry point of every call.
 
-Supervision tree (copied into README.rst)::
+* Registration: functions, trigger types and triggers (``register_*``), and
+  forgetting a worker's entries when it leaves.
+* Hooks that modules install (:meth:`Engine.using_tracer`,
+  :meth:`Engine.listening`, ...): context managers that undo themselves.
+* Calls: :meth:`Engine.invoke` checks the grant and wraps the call in its
+  span, then the one routing path (:mod:`iii.routing`) runs it;
+  :meth:`Engine.track_call` counts the calls an intake handles.
 
-    trio.run
-    └── serve_engine                      engine nursery
-        ├── signal watcher                SIGTERM/SIGINT -> graceful shutdown
-        ├── invocation expiry             answers ``timeout`` for routed calls past
-        │                                 their deadline (one heap, not a scope per call)
-        └── module nursery                one task per module (``await start(module.run)``,
-            │                             in config order); each module owns its adapter
-            │                             and its own nursery; modules exit last
-            ├── <module>.run ...
-            │   └── EngineLink.run        bridge_client (and Bridge adapters): the link to a
-            │       │                     remote engine; connect, reattach, re-register;
-            │       │                     on a drop, fail calls in flight, back off, reconnect
-            │       └── link connection   per-connection nursery: reader, writer, heartbeat,
-            │                             calls from the remote (bounded, each with a deadline)
-            └── connection nursery        owned by the engine
-                ├── WS listener           port 49134: "/", "/otel", "/ws/channels/{id}";
-                │                         counts sockets on accept (iii.admission)
-                ├── socket (iii.wsserver) one per accepted socket, supervised: the library's
-                │   │                     WS reader and the handler below, in its own nursery
-                │   └── WorkerConnection.run  one per worker, with a per-connection nursery:
-                │       ├── reader        decodes and dispatches, never awaits a call inline
-                │       ├── writer        drains a bounded send queue (backpressure)
-                │       ├── heartbeat     WS ping; no pong in time -> connection dropped
-                │       └── invocation tasks  one per request/response call the worker
-                │                         made, each under its own deadline
-                │   (or a channel side, or an /otel socket)
-                ├── detached calls        fire-and-forget calls: owned by the engine, not
-                │                         by the caller, so a caller that leaves right after
-                │                         sending (``trigger_void`` then exit) loses nothing
-                └── cluster (iii.cluster) with a ``cluster:`` section: Redis membership and
-                                          one supervised link per peer engine (see there)
-
-A disconnect cancels exactly that worker's nursery: its reader, writer and the
-calls it was waiting on.  Calls routed *to* it end ``invocation_stopped``.  A
-link (:mod:`iii.link`) that drops cancels its own connection's nursery only;
-its calls in flight end ``invocation_stopped`` and it reconnects.  A
-module that crashes raises through the module nursery and stops the engine
-(one-for-all; systemd restarts it).  Nothing else is one-for-all: a failure in
-one socket's subtree, one call task, one detached call or one event a module
-dispatches is logged with its id and ends that one only (:mod:`iii.wsserver`,
-:mod:`iii.containment`).
-
-Shutdown order (SIGTERM/SIGINT or :meth:`Engine.request_shutdown`):
-
-1. stop intake: the listener closes, ``engine.shutting_down`` is set (modules
-   stop their trigger sources: cron ticks, queue pulls);
-2. in-flight calls get ``shutdown_grace`` seconds to finish;
-3. workers are closed with 1012 (service restart), not 1000/1001, so both
-   SDK generations reconnect to the next engine (spec protocol.md §1);
-4. in a cluster, the engine leaves the membership (peers drop it at once);
-   the connection nursery is cancelled, then modules exit (and close their
-   adapters); ``serve_engine`` returns.
-
-A program that embeds the engine (:mod:`iii.embedding`) runs this same
-:func:`serve_engine` in its own task tree; its native functions and trigger
-types are registered through ``before_listen``, after the modules and before
-the listener.
+Its lifetime (the supervision tree and the shutdown order) is
+:func:`iii.serve.serve_engine`'s.
 
 Routing a call (:meth:`Engine.invoke`): look the function up; an engine
 function runs in-process; a worker function goes to the replica with the
@@ -69,7 +21,7 @@ only), with its pending record filed *before* the
 hops; an engine-side deadline (``invocation_timeout_ms``, default 30 s)
 answers ``timeout``.
 
-Tracing is one wrapper around that one path (:meth:`Engine._route`).  Both
+Tracing is one wrapper around that one path (:func:`iii.routing.route`).  Both
 kinds of call get the same deadline (``timeout`` or
 ``invocation_timeout_ms``); an engine function runs in the caller's task, so
 a cancel scope stops it, while a worker's call only waits for its answer,
@@ -80,43 +32,34 @@ expiry task for all calls, instead of a cancel scope per routed call).
 from __future__ import annotations
 
 import logging
-import signal
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import orjson
 import trio
 
+from iii import routing
 from iii.admission import Admission, ConnectionLimits
 from iii.causation import TraceDepths
 from iii.channels import ChannelTable
 from iii.containment import start_contained
 from iii.errors import (
-    FunctionNotFoundError,
     IIIError,
-    InvocationFailedError,
-    InvocationTimeoutError,
     TriggerRegistrationError,
 )
 from iii.grants import Grant, TriggerAccess
 from iii.inbound import InboundBudget
-from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, PendingTable
-from iii.listener import serve_listener
-from iii.modules import build_modules, module_class_name
-from iii.native import CallContext, NativeHandler
+from iii.invocations import PendingTable
+from iii.native import NativeHandler
 from iii.protocol import (
     ErrorBody,
-    InvokeFunction,
     RegisterTrigger,
     UnregisterTrigger,
     encode_message,
 )
 from iii.registry import (
-    FunctionEntry,
     FunctionRegistration,
     LogicalTrigger,
     Registry,
@@ -126,7 +69,6 @@ from iii.registry import (
     TriggerTypeHandler,
 )
 from iii.security import Authenticator
-from iii.services import ServiceRefusedError, module_service
 from iii.telemetry import TelemetryConsumer, TelemetrySink
 from iii.tracing import NOOP_TRACER, EngineTracer, Span
 
@@ -135,13 +77,11 @@ if TYPE_CHECKING:
     from iii.config_schema import EngineConfig
     from iii.worker_conn import WorkerConnection
 
-__all__ = ["Engine", "serve_engine", "WorkerEvent"]
+__all__ = ["Engine", "WorkerEvent"]
 
 log = logging.getLogger(__name__)
 
 WorkerEvent = Callable[[str, str], None]  # (event, worker_id)
-# How late a routed call may time out at most (see Engine.expire_invocations).
-EXPIRY_RESOLUTION = 0.05
 
 
 @attrs.define(eq=False)
@@ -219,10 +159,10 @@ class Engine:
             takes_self=True,
         )
     )
-    _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+    shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
-    _expiry_scope: trio.CancelScope | None = None
-    # Set when no call is in flight and none is pending (see _wait_idle).
+    expiry_scope: trio.CancelScope | None = None
+    # Set when no call is in flight and none is pending (see wait_idle).
     _idle: trio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -540,7 +480,8 @@ class Engine:
         if grant is not None and not grant_checked:
             grant.require_invoke(function_id)
         route = partial(
-            self._route,
+            routing.route,
+            self,
             function_id,
             data,
             caller_worker_id=caller_worker_id,
@@ -564,140 +505,6 @@ class Engine:
                 on_span(span)
             return await route(traceparent=span.traceparent, baggage=span.baggage, span=span)
 
-    async def _route(
-        self,
-        function_id: str,
-        data: Any,
-        *,
-        caller_worker_id: str | None,
-        invocation_id: str | None,
-        traceparent: str | None,
-        baggage: str | None,
-        metadata: Any,
-        timeout: float | None,
-        reply_limit: int | None,
-        grant: Grant | None,
-        span: Span | None,
-    ) -> Any:
-        """The one routing path (module docstring, "Routing a call"): an engine
-        function runs in this task under its deadline; a worker's call is filed
-        in the pending table, whose deadline heap answers ``timeout``."""
-        entry = self.registry.functions.get(function_id)
-        if entry is None:
-            raise FunctionNotFoundError(function_id)
-        if timeout is None:
-            timeout = self.config.invocation_timeout
-        replica = self._pick_replica(entry, local_only=grant is not None and grant.cluster_peer)
-        if invocation_id is None:
-            invocation_id = str(uuid.uuid4())
-        if span is not None:
-            span.set_attribute("iii.worker.id", replica.owner or "engine")
-        if replica.handler is not None:
-            ctx = CallContext(
-                function_id=function_id,
-                caller_worker_id=caller_worker_id,
-                invocation_id=invocation_id,
-                traceparent=traceparent,
-                baggage=baggage,
-                metadata=metadata,
-                reply_limit=reply_limit,
-                grant=grant,
-            )
-            with trio.move_on_after(timeout):
-                return await replica.handler(data, ctx)
-            raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
-        assert replica.owner is not None
-        target = self.connections.get(replica.owner)
-        if target is None:  # registry and connections disagree only during teardown
-            raise FunctionNotFoundError(function_id)
-        deadline = trio.current_time() + timeout
-        invocation = Invocation(
-            invocation_id=invocation_id,
-            function_id=function_id,
-            target_worker_id=replica.owner,
-            caller_worker_id=caller_worker_id,
-            deadline=deadline,
-        )
-        try:
-            self.pending.add(invocation)
-        except DuplicateInvocationError:
-            raise IIIError(
-                f"invocation id {invocation_id} is already in use", code="invocation_error"
-            ) from None
-        expiry = self._expiry_scope
-        if expiry is not None and deadline < expiry.deadline:
-            expiry.deadline = deadline  # the expiry task wakes for this one
-        try:
-            try:
-                frame = encode_message(
-                    InvokeFunction(
-                        function_id=function_id,
-                        data=data,
-                        invocation_id=invocation_id,
-                        traceparent=traceparent,
-                        baggage=baggage,
-                        metadata=metadata,
-                    )
-                )
-            except orjson.JSONEncodeError as exc:  # a value no peer could have sent
-                raise IIIError(
-                    f"the data for {function_id} cannot be sent as JSON: {exc}",
-                    code="serialization_error",
-                ) from None
-            # Both waits are bounded: the send by the worker's slow-consumer
-            # timeout, the answer by the deadline (expire_invocations).
-            await target.send(frame)
-            await invocation.done.wait()
-        finally:
-            self.pending.discard(invocation)
-        error = invocation.error
-        if error is TIMED_OUT:
-            raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
-        if error is not None:
-            raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
-        return invocation.result
-
-    def _pick_replica(self, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
-        """The replica to run a call on: the least loaded, where a peer
-        engine's replica counts one more than its calls in flight (so an idle
-        local replica is preferred).  A call a peer engine forwarded
-        (``local_only``) runs on this engine's own replicas only."""
-        cluster = self.cluster
-        if cluster is None:
-            return entry.pick()  # O(1): the registry keeps replicas in pick order
-        if local_only:
-            local = [r for r in entry.replicas.values() if not cluster.is_remote(r.owner)]
-            if not local:
-                raise FunctionNotFoundError(entry.function_id)
-            return entry.pick_by(self.pending.executing_on, among=local)
-
-        def load(owner: str) -> int:
-            if cluster.is_remote(owner):
-                return cluster.load(owner) + 1
-            return self.pending.executing_on(owner)
-
-        return entry.pick_by(load)
-
-    async def expire_invocations(self) -> None:
-        """Resolve routed calls whose deadline has passed with ``timeout``.
-
-        Runs in the engine nursery while serving.  It sleeps until the
-        earliest deadline in the pending table (``invoke`` moves the wake-up
-        earlier when it files an earlier one) and, so that a stream of calls
-        does not wake it once per call, at most once per
-        ``EXPIRY_RESOLUTION`` seconds: a call times out up to that much late.
-        """
-        while True:
-            with trio.CancelScope(deadline=self.pending.next_deadline) as scope:
-                self._expiry_scope = scope
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    self._expiry_scope = None
-            for invocation in self.pending.expire(trio.current_time()):
-                log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
-            await trio.sleep(EXPIRY_RESOLUTION)
-
     @contextmanager
     def track_call(self) -> Iterator[None]:
         """Count a call an intake handles (a worker's ``invokefunction``, an HTTP
@@ -715,11 +522,15 @@ class Engine:
         if self._idle is not None and not self.inflight and not len(self.pending):
             self._idle.set()
 
-    async def _wait_idle(self) -> None:
+    async def wait_idle(self) -> None:
         """Return once no call is in flight and none is pending (no polling)."""
         while self.inflight or len(self.pending):
             self._idle = trio.Event()
             await self._idle.wait()
+
+    async def expire_invocations(self) -> None:
+        """The expiry task of routed calls (:func:`iii.routing.expire_invocations`)."""
+        await routing.expire_invocations(self)
 
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:
         """``invoke`` for trigger sources: an error is logged and returned as None."""
@@ -741,96 +552,4 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------
 
     def request_shutdown(self) -> None:
-        self._shutdown_requested.set()
-
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                self.request_shutdown()
-                return
-
-    async def _drain(self, listener_scope: trio.CancelScope) -> None:
-        """Shutdown steps 1–3 (see the module docstring)."""
-        listener_scope.cancel()
-        self.shutting_down.set()
-        with trio.move_on_after(self.config.shutdown_grace):
-            await self._wait_idle()
-        if self.inflight or len(self.pending):
-            log.warning(
-                "shutdown grace over with %d calls in flight; they are cancelled",
-                self.inflight + len(self.pending),
-            )
-        with trio.move_on_after(2):
-            async with trio.open_nursery() as closing:
-                for connection in list(self.connections.values()):
-                    closing.start_soon(connection.close_for_restart)
-
-
-async def serve_engine(
-    config: EngineConfig,
-    *,
-    handle_signals: bool = True,
-    engine: Engine | None = None,
-    before_listen: Callable[[Engine], None] | None = None,
-    task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the engine until shutdown is requested; see the module docstring.
-
-    ``before_listen`` is called once every module is ready and before the
-    worker port opens (the embedding API registers its native functions and
-    trigger types there, so no worker sees the engine without them); an
-    exception it raises stops the engine before it serves.
-    """
-    if engine is None:
-        engine = Engine(config)
-    async with trio.open_nursery() as engine_nursery:
-        engine_nursery.start_soon(engine.expire_invocations)
-        if handle_signals:
-            engine_nursery.start_soon(engine._watch_signals)
-        async with trio.open_nursery() as module_nursery:
-            for name, module in build_modules(engine, config):
-                engine.modules[name] = module
-                before = set(engine.registry.functions)
-                await module_nursery.start(module.run)
-                service = module_service(
-                    name,
-                    set(engine.registry.functions) - before,
-                    class_name=module_class_name(name),
-                )
-                if service is not None:
-                    try:
-                        engine.registry.add_service(service)
-                    except ServiceRefusedError as exc:  # listing only: not worth a crash
-                        log.warning("module %s: its service is not listed: %s", name, exc)
-                log.debug("module %s ready", name)
-            if before_listen is not None:
-                before_listen(engine)
-            async with trio.open_nursery() as connection_nursery:
-                engine.connection_nursery = connection_nursery
-                listener_scope = trio.CancelScope()
-                server = await connection_nursery.start(serve_listener, engine, listener_scope)
-                engine.listen_port = server.port
-                log.info(
-                    "iii engine listening on %s://%s:%d (%d modules%s)",
-                    "wss" if config.tls.enabled else "ws",
-                    config.host,
-                    engine.listen_port,
-                    len(engine.modules),
-                    ", worker auth on" if engine.authenticator.enabled else "",
-                )
-                if config.cluster is not None:
-                    from iii.cluster import serve_cluster
-
-                    await connection_nursery.start(serve_cluster, engine)
-                engine.ready.set()
-                task_status.started(engine)
-                await engine._shutdown_requested.wait()
-                await engine._drain(listener_scope)
-                if engine.cluster is not None:
-                    await engine.cluster.leave()  # while Redis is still open
-                connection_nursery.cancel_scope.cancel()
-            engine.connection_nursery = None
-            module_nursery.cancel_scope.cancel()
-            engine_nursery.cancel_scope.cancel()
-    log.info("iii engine stopped")
+        self.shutdown_requested.set()

@@ -27,8 +27,9 @@ import logging
 import trio
 
 from iii.config_schema import EngineConfig
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
 from iii.sd_notify import Notifier
+from iii.serve import serve_engine
 
 __all__ = ["Notifier", "serve_with_systemd"]
 

@@ -26,8 +26,9 @@ import trio.testing
 from trio_websocket import WebSocketConnection, open_websocket
 
 from iii.config import EngineConfig, parse_config
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
 from iii.listener import connection_options, handle_upgrade
+from iii.serve import serve_engine
 from iii.wsconnection import open_client_connection
 from iii.wsserver import serve_socket
 

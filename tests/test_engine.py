@@ -469,7 +469,7 @@ async def test_shutdown_lets_in_flight_calls_finish_within_the_grace():
 
 async def test_a_crashing_module_stops_the_engine(monkeypatch):
     import iii.modules as modules_registry
-    from iii.engine import serve_engine
+    from iii.serve import serve_engine
     from tests.crashing_module import ModuleCrashed
 
     spec = modules_registry.ModuleSpec("test::CrashingModule", "crashing", "tests.crashing_module")
@@ -532,7 +532,7 @@ async def test_shutdown_waits_for_tracked_calls_and_pending_ones_without_polling
             await release.wait()
 
     async def drain() -> None:
-        await engine._wait_idle()
+        await engine.wait_idle()
         idle_at.append(trio.current_time())
 
     invocation = Invocation(

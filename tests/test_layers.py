@@ -20,6 +20,7 @@ CORE, SCHEMA, ADAPTERS, MODULES, ENGINE, CLI = range(6)
 ENGINE_LAYER = {
     "iii.config",
     "iii.engine",
+    "iii.serve",
     "iii.listener",
     "iii.systemd",
     "iii.testing",
@@ -36,7 +37,7 @@ LAZY_IMPORTS_ALLOWED = {"iii.cli", "iii", "iii.pytest_plugin"}
 LAZY_PAIRS_ALLOWED = {
     # Only a clustered engine pays for the cluster (coredis, the peer links);
     # no cycle: the cluster's supervisor uses iii.sd_notify, not iii.systemd.
-    ("iii.engine", "iii.cluster"),
+    ("iii.serve", "iii.cluster"),
 }
 
 

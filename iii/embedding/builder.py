@@ -28,8 +28,9 @@ from iii.embedding.native import (
 )
 from iii.embedding.running import RunningEngine, StartedAsRunning
 from iii.embedding.thread import EngineThread
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
 from iii.modules import DEFAULT_MODULES
+from iii.serve import serve_engine
 
 __all__ = ["EngineBuilder"]
 

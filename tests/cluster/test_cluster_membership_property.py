@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
+from iii.serve import serve_engine
 from iii.testing import RawWorker, connect_test_worker
 from tests.cluster.helpers import cluster_config, new_cluster_name, wait_for
 from tests.support import require_redis

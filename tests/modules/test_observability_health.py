@@ -19,7 +19,8 @@ import pytest
 import trio
 
 import tests.gated_module
-from iii.engine import Engine, serve_engine
+from iii.engine import Engine
+from iii.serve import serve_engine
 from iii.testing import connect_test_worker, make_config, open_test_engine
 from tests.modules.test_observability import OTEL
 

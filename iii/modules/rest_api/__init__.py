@@ -213,6 +213,7 @@ class Module:
             access=HTTP_TRIGGER_ACCESS,
         )
         async with trio.open_nursery() as module_nursery:
+            await module_nursery.start(self.dispatcher.run)
             await module_nursery.start(
                 partial(
                     self.server.serve,

@@ -40,7 +40,7 @@ import math
 import trio
 
 from iii.inbound import InboundAccount
-from iii.modules.rest_api.server import BodyTooLargeError, HttpRequest
+from iii.modules.rest_api.protocol import BodyTooLargeError, HttpRequest
 
 __all__ = ["FREE_BYTES", "NoRoomError", "BodyTimeoutError", "read_body"]
 

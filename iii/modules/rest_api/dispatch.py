@@ -32,8 +32,9 @@ no room for a JSON body before the deadline (:mod:`.bodies`, with
 Lifetime: the call runs in the request's own task (:mod:`.exchange`); the
 body feeder and the response reader are side tasks of that request
 (:mod:`.side_tasks`), started only when the function opens those channels (a
-function that just returns costs no task and no nursery), and joined before
-the request ends; its two channels are removed when the request ends.
+function that just returns costs no task and no nursery), hosted in the
+dispatcher's own nursery (:meth:`RestDispatcher.run`) and joined before the
+request ends; its two channels are removed when the request ends.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from iii.modules.rest_api.bodies import (
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.exchange import Exchange
 from iii.modules.rest_api.routes import RouteMatch, RouteTable
-from iii.modules.rest_api.server import (
+from iii.modules.rest_api.protocol import (
     BodyTooLargeError,
     HttpRequest,
     Responder,
@@ -169,6 +170,25 @@ class RestDispatcher:
         self.bodies = InboundBudget(limit=max_body_bytes_in_flight, slack=max_body_size)
         self.bodies_refused = 0  # answered 503: no room before their deadline
         self.cors = cors
+        self._side_tasks_nursery: trio.Nursery | None = None  # while run() runs
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the requests' side tasks (:mod:`.side_tasks`) until cancelled.
+
+        Requests are served only while this runs: their channel work starts
+        here, in a nursery of the dispatcher's own, not in the server's."""
+        async with trio.open_nursery() as side_tasks_nursery:
+            self._side_tasks_nursery = side_tasks_nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._side_tasks_nursery = None
+
+    def _side_nursery(self) -> trio.Nursery:
+        if self._side_tasks_nursery is None:
+            raise RuntimeError("RestDispatcher.run() is not running")
+        return self._side_tasks_nursery
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         origin = request.header(b"origin")
@@ -379,20 +399,19 @@ class RestDispatcher:
                 grant=grant,
                 invocation_id=random_uuid(),
                 deadline=deadline,
-                side=SideTasks(request.task_nursery, deadline),
+                side=SideTasks(self._side_nursery()),
                 request_channel=request_channel,
                 response_channel=response_channel,
                 body_streamed=not is_json and request.has_body,
             )
-            request_channel.on_claim = exchange.on_request_claim
-            response_channel.on_claim = exchange.on_response_claim
+            exchange.attach()
             try:
                 await exchange.call(payload, traceparent, baggage)
             except BaseException:
                 exchange.stop()  # cancelled or failed: the side tasks go with it
                 raise
             finally:
-                request_channel.on_claim = response_channel.on_claim = None
+                exchange.detach()
                 await exchange.side.join()
             if exchange.client_gone is not None:
                 raise exchange.client_gone

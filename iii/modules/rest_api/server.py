@@ -1,4 +1,4 @@
-"""An HTTP/1.1 server: a connection loop around h11 on trio streams.
+"""An HTTP/1.1 server: the transport half, around the sans-I/O protocol of :mod:`.protocol`.
 
 h11 does all the parsing and framing (it is the sans-IO HTTP/1.1 library of
 trio's family; this is the loop h11 is meant to be driven by).  Measured on
@@ -6,18 +6,12 @@ this machine before choosing (issue 3): a constant JSON answer at 32
 connections gave hypercorn's trio worker 1,237 req/s, its asyncio worker
 4,048 req/s, and a bare h11 loop on trio 8,688 req/s.
 
-What the loop gives an application (``app(request, responder)``):
-
-* **keep-alive** (h11 decides from the request's version and ``Connection``
-  header) and **pipelining**: requests on one connection are served one after
-  the other, in order; h11 holds the bytes of the next request until the
-  current response is complete;
-* a request body read on demand, in chunks of at most 64 KiB
-  (:meth:`HttpRequest.receive`), with ``100 Continue`` sent when the client
-  waits for it; the application may read it while it responds;
-* a :class:`Responder` that sends a whole response or streams one (chunked
-  when the length is unknown; HEAD, 204 and 304 answers carry no body);
-* TCP_NODELAY (trio sets it on every accepted TCP socket).
+This file owns the sockets: listeners (TCP, or TLS), admission, the
+lingering close, and the graceful drain.  Each accepted stream becomes the
+``receive`` and ``send`` callables of an :class:`~.protocol.HttpConnection`,
+which parses, frames and runs the application (keep-alive, pipelining,
+bodies on demand, timeouts, the :class:`~.protocol.Responder`).  TCP_NODELAY
+is set by trio on every accepted TCP socket.
 
 A connection closed while the client still sends a body (an answer sent
 early: 413, 503) is shut on our side first, and what arrives is dropped for
@@ -27,12 +21,8 @@ Connections are counted from accept (:mod:`iii.admission`): a socket past
 ``max_connections_per_address`` from its address, or past ``max_connections``
 in all, is answered 503 (``Retry-After: 1``) without being read, and closed.
 
-Timeouts: a connection gets ``HEADER_TIMEOUT`` to send a request head,
-``KEEP_ALIVE_TIMEOUT`` of idleness between requests, and ``IO_TIMEOUT`` for
-each receive of body bytes and each send.  A malformed request gets a JSON
-400 (or h11's status hint, e.g. 431) and the connection is closed; so does a
-request whose framing a proxy could read differently (:mod:`.framing`:
-request smuggling), and nothing pipelined behind it is answered.
+Timeouts (head, keep-alive, each body receive and send) are the
+protocol's: see :mod:`.protocol`.
 
 Lifetime: :meth:`HttpServer.serve` runs until cancelled; each connection runs
 in the server's own connection nursery.  :meth:`HttpServer.begin_drain` is the
@@ -43,28 +33,38 @@ cancels it once the grace is over.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import ssl
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
-import h11
-import orjson
 import trio
 
 from iii.admission import Admission, ConnectionLimits, peer_of
 from iii.binding import NO_KEYS, open_tcp_listeners
 from iii.log import RateLimitedLog
-from iii.modules.rest_api.framing import framing_problem, request_head
+from iii.modules.rest_api.protocol import (
+    MAX_CHUNK,
+    App,
+    BodyTooLargeError,
+    ClientGoneError,
+    HttpConnection,
+    HttpRequest,
+    IllegalTransitionError,
+    Responder,
+    ResponseState,
+    ServerState,
+    json_error,
+    new_error_id,
+)
 
 __all__ = [
     "HttpServer",
+    # The protocol's names, for the applications of this server:
     "HttpRequest",
     "Responder",
+    "ResponseState",
+    "IllegalTransitionError",
     "App",
     "ClientGoneError",
     "BodyTooLargeError",
@@ -75,14 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 64 * 1024
 RECEIVE_SIZE = 64 * 1024
-HEADER_TIMEOUT = 10.0
-KEEP_ALIVE_TIMEOUT = 60.0
-IO_TIMEOUT = 30.0
-# After a response, an unread request body is drained up to this size so the
-# connection can be kept; a larger rest closes the connection instead.
-DRAIN_LIMIT = 256 * 1024
 # Written to a socket refused on accept (plain TCP); its request is never read.
 REFUSED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -94,251 +87,6 @@ REFUSE_TIMEOUT = 0.5
 # dropped after our side is shut, so the client reads our answer (a 413 or
 # 503 sent early) instead of a reset (a "lingering close").
 LINGER_TIMEOUT = 2.0
-
-Headers = Iterable[tuple[bytes, bytes]]
-
-
-class ClientGoneError(Exception):
-    """The client closed the connection, timed out, or broke the protocol."""
-
-
-class BodyTooLargeError(Exception):
-    """The request body is larger than the application allows."""
-
-
-def new_error_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def json_error(
-    status: int, code: str, message: str, *, error_id: str | None = None, **extra: Any
-) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """The one error shape of the REST port: ``{"error": {code, message, error_id}}``."""
-    body = {"error": {"code": code, "message": message, "error_id": error_id or new_error_id()}}
-    body.update(extra)
-    return status, [(b"content-type", b"application/json")], orjson.dumps(body)
-
-
-class _DateCache:
-    """The ``Date`` header, formatted at most once a second."""
-
-    def __init__(self) -> None:
-        self.second = 0
-        self.value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self.second:
-            self.second = now
-            self.value = email.utils.formatdate(now, usegmt=True).encode()
-        return self.value
-
-
-_DATE = _DateCache()
-
-
-@attrs.define(eq=False)
-class _Connection:
-    """One TCP connection: the h11 state machine and its stream."""
-
-    stream: trio.abc.Stream
-    h11: h11.Connection
-    peer: str = ""
-    head: bytes | None = None  # the raw head of the last request (framing checks)
-
-    async def next_event(self) -> Any:
-        """The next h11 event, reading as needed (the caller's scope bounds the wait).
-
-        For a ``Request``, :attr:`head` is then the raw head h11 parsed it
-        from (see :mod:`.framing`).
-        """
-        while True:
-            head = None
-            if self.h11.their_state is h11.IDLE:
-                head = request_head(self.h11.trailing_data[0])
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                self.head = head
-                return event
-            self.h11.receive_data(await self._receive())
-
-    async def _receive(self) -> bytes:
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ClientGoneError(f"connection lost: {exc}") from None
-        return data if isinstance(data, bytes) else bytes(data)  # memory streams give bytearray
-
-    async def send(self, *events: Any) -> None:
-        """Send h11 events with one write."""
-        data = b"".join(self.h11.send(event) or b"" for event in events)
-        if not data:
-            return
-        with trio.move_on_after(IO_TIMEOUT) as scope:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGoneError(f"connection lost: {exc}") from None
-        if scope.cancelled_caught:
-            raise ClientGoneError("timed out sending to the client")
-
-
-@attrs.define(eq=False)
-class HttpRequest:
-    """A request head, and its body read on demand."""
-
-    method: str
-    target: str
-    path: str  # raw (percent-encoded)
-    query: str
-    headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
-    http_version: str
-    _conn: _Connection
-    # Where the application may start tasks beside the request (the
-    # connection nursery); it must join them before it returns.
-    task_nursery: trio.Nursery
-    body_complete: bool = False
-    _pending: bytes = b""
-
-    @property
-    def peer(self) -> str:
-        return self._conn.peer
-
-    def header(self, name: bytes) -> bytes | None:
-        """The last value of a header (names are lower case)."""
-        found = None
-        for key, value in self.headers:
-            if key == name:
-                found = value
-        return found
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.header(b"content-length")
-        try:
-            return int(value) if value is not None else None
-        except ValueError:
-            return None
-
-    @property
-    def has_body(self) -> bool:
-        if self.header(b"transfer-encoding") is not None:
-            return True
-        return bool(self.content_length)
-
-    async def receive(self) -> bytes | None:
-        """The next body chunk (at most 64 KiB), or None at the end of the body.
-
-        Raises :class:`ClientGoneError` if the client leaves or stalls.
-        """
-        if self._pending:
-            chunk, self._pending = self._pending[:MAX_CHUNK], self._pending[MAX_CHUNK:]
-            return chunk
-        if self.body_complete:
-            return None
-        conn = self._conn
-        if conn.h11.client_is_waiting_for_100_continue:
-            await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-        while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ClientGoneError(f"bad request body: {exc}") from None
-            if event is h11.NEED_DATA:
-                with trio.move_on_after(IO_TIMEOUT) as scope:
-                    conn.h11.receive_data(await conn._receive())
-                if scope.cancelled_caught:
-                    raise ClientGoneError("timed out waiting for the request body")
-                continue
-            if isinstance(event, h11.Data):
-                data = bytes(event.data)
-                if not data:
-                    continue
-                chunk, self._pending = data[:MAX_CHUNK], data[MAX_CHUNK:]
-                return chunk
-            if isinstance(event, h11.EndOfMessage):
-                self.body_complete = True
-                return None
-            if isinstance(event, h11.ConnectionClosed):
-                raise ClientGoneError("connection closed during the request body")
-            # PAUSED cannot happen while the body is incomplete.
-            raise ClientGoneError(f"unexpected event {type(event).__name__}")
-
-    async def read_all(self, limit: int) -> bytes:
-        """The whole body; :class:`BodyTooLargeError` past ``limit`` bytes."""
-        parts = []
-        total = 0
-        while (chunk := await self.receive()) is not None:
-            total += len(chunk)
-            if total > limit:
-                raise BodyTooLargeError(f"request body larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
-
-@attrs.define(eq=False)
-class Responder:
-    """Sends the response to one request: whole, or streamed."""
-
-    _conn: _Connection
-    _method: str
-    # True while the server drains: the answer then says ``Connection: close``.
-    _closing: Callable[[], bool] = lambda: False
-    extra_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
-    started: bool = False
-    finished: bool = False
-    status: int = 0
-    _no_body: bool = False
-
-    async def start(self, status: int, headers: Headers) -> None:
-        """Send the status line and headers (``h11.LocalProtocolError`` if invalid)."""
-        if self.started:
-            raise RuntimeError("the response has already started")
-        all_headers = [(b"date", _DATE.get()), *headers, *self.extra_headers]
-        if self._closing():
-            all_headers.append((b"connection", b"close"))
-        response = h11.Response(status_code=status, headers=all_headers)  # validates
-        self.started = True
-        self.status = status
-        self._no_body = self._method == "HEAD" or status in (204, 304)
-        await self._conn.send(response)
-
-    async def send(self, data: bytes) -> None:
-        if not data or self._no_body:
-            return
-        await self._conn.send(h11.Data(data=data))
-
-    async def end(self) -> None:
-        if not self.finished:
-            self.finished = True
-            await self._conn.send(h11.EndOfMessage())
-
-    async def respond(self, status: int, headers: Headers, body: bytes = b"") -> None:
-        """A whole response with its ``content-length``, in one write."""
-        if self.started:
-            raise RuntimeError("the response has already started")
-        all_headers = [
-            (b"date", _DATE.get()),
-            *headers,
-            *self.extra_headers,
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if self._closing():
-            all_headers.append((b"connection", b"close"))
-        response = h11.Response(status_code=status, headers=all_headers)  # validates
-        self.started = self.finished = True
-        self.status = status
-        if self._method == "HEAD" or status in (204, 304) or not body:
-            await self._conn.send(response, h11.EndOfMessage())
-        else:
-            await self._conn.send(response, h11.Data(data=body), h11.EndOfMessage())
-
-    async def respond_error(self, status: int, code: str, message: str, **extra: Any) -> None:
-        status, headers, body = json_error(status, code, message, **extra)
-        await self.respond(status, headers, body)
-
-
-App = Callable[[HttpRequest, Responder], Awaitable[None]]
 
 
 async def _refuse(stream: trio.abc.Stream) -> None:
@@ -368,15 +116,6 @@ async def _linger(stream: trio.abc.Stream) -> None:
             pass
 
 
-def _split_target(target: str) -> tuple[str, str]:
-    if target.startswith(("http://", "https://")):  # absolute-form
-        rest = target.split("://", 1)[1]
-        slash = rest.find("/")
-        target = rest[slash:] if slash >= 0 else "/"
-    path, _, query = target.partition("?")
-    return path, query
-
-
 @attrs.define(eq=False)
 class HttpServer:
     """Serves ``app`` on a TCP port; see the module docstring."""
@@ -388,15 +127,21 @@ class HttpServer:
         factory=lambda: Admission(ConnectionLimits(max_connections=4096, max_per_address=256))
     )
     port: int | None = None
-    draining: bool = False
-    active_requests: int = 0
+    # The drain flag, idle waits and requests in flight, shared by its connections.
+    shared: ServerState = attrs.field(factory=ServerState)
     refused: int = 0  # sockets refused on accept
     _refusals: RateLimitedLog = attrs.field(
         factory=lambda: RateLimitedLog(log, burst=1, interval=10.0)
     )
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    _idle: set[trio.CancelScope] = attrs.field(factory=set)
-    _task_nursery: trio.Nursery | None = None  # set while serving
+
+    @property
+    def draining(self) -> bool:
+        return self.shared.draining
+
+    @property
+    def active_requests(self) -> int:
+        return self.shared.active_requests
 
     async def serve(
         self,
@@ -416,9 +161,10 @@ class HttpServer:
         self.port = int(tcp_listeners[0].socket.getsockname()[1])
         listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
         if ssl_context is not None:
-            listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in tcp_listeners]
+            listeners = [
+                trio.SSLListener(tcp, ssl_context, https_compatible=True) for tcp in tcp_listeners
+            ]
         async with trio.open_nursery() as connection_nursery:
-            self._task_nursery = connection_nursery
             with self._accept_scope:
                 task_status.started(self.port)
                 await trio.serve_listeners(
@@ -430,10 +176,8 @@ class HttpServer:
 
     def begin_drain(self) -> None:
         """Stop accepting; idle connections close now, busy ones after their response."""
-        self.draining = True
         self._accept_scope.cancel()
-        for scope in list(self._idle):
-            scope.cancel()
+        self.shared.begin_drain()
 
     @property
     def connections(self) -> int:
@@ -454,128 +198,32 @@ class HttpServer:
             )
             await _refuse(stream)
             return
-        conn = _Connection(stream, h11.Connection(h11.SERVER), peer_text)
         try:
-            await self._serve_connection(conn)
-        except ClientGoneError as exc:
-            log.debug("%s: %s", peer_text, exc)
-        except Exception:
-            log.exception("%s: HTTP connection failed", peer_text)
+            await self.serve_stream(stream, peer_text)
         finally:
             slot.release()
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer: str = "") -> None:
+        """Serve one connection on ``stream`` (any trio stream: a socket, TLS,
+        or one end of :func:`trio.testing.memory_stream_pair`), then close it.
+
+        Not counted by admission (:meth:`serve` counts its sockets first)."""
+
+        async def receive() -> bytes | bytearray:
+            return await stream.receive_some(RECEIVE_SIZE)
+
+        connection = HttpConnection(self.app, receive, stream.send_all, peer, self.shared)
+        try:
+            await connection.serve()
+        except ClientGoneError as exc:
+            log.debug("%s: %s", peer, exc)
+        except Exception:
+            log.exception("%s: HTTP connection failed", peer)
+        finally:
             try:
-                if conn.h11.their_state is h11.SEND_BODY:
+                if connection.body_unread:
                     await _linger(stream)
             finally:
                 with trio.move_on_after(1) as cleanup:
                     cleanup.shield = True
                     await stream.aclose()
-
-    async def _serve_connection(self, conn: _Connection) -> None:
-        first = True
-        while not self.draining:
-            timeout = HEADER_TIMEOUT if first else KEEP_ALIVE_TIMEOUT
-            first = False
-            # One scope for both ends of the wait: its deadline, and the drain.
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as idle_scope:
-                self._idle.add(idle_scope)
-                try:
-                    event = await conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(conn, exc)
-                    return
-                finally:
-                    self._idle.discard(idle_scope)
-            if idle_scope.cancelled_caught or not isinstance(event, h11.Request):
-                return  # draining, or the client closed
-            request = self._make_request(conn, event)
-            problem = framing_problem(event.http_version, request.headers, conn.head)
-            if problem is not None:
-                # Refused, and nothing pipelined behind it is read (smuggling).
-                await self._refuse(conn, *problem)
-                return
-            responder = Responder(conn, request.method, lambda: self.draining)
-            self.active_requests += 1
-            try:
-                await self._run_app(request, responder)
-            finally:
-                self.active_requests -= 1
-            if not responder.finished:
-                return  # the response was cut off: the connection cannot be reused
-            if conn.h11.our_state is h11.MUST_CLOSE or self.draining:
-                return
-            if conn.h11.their_state is h11.SEND_BODY and not await self._drain_body(request):
-                return
-            if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
-                return
-            conn.h11.start_next_cycle()
-
-    def _make_request(self, conn: _Connection, event: h11.Request) -> HttpRequest:
-        assert self._task_nursery is not None  # connections are served inside serve()
-        target = event.target.decode("utf-8", "replace")
-        path, query = _split_target(target)
-        return HttpRequest(
-            method=event.method.decode("ascii", "replace").upper(),
-            target=target,
-            path=path,
-            query=query,
-            headers=list(event.headers),
-            http_version=event.http_version.decode("ascii", "replace"),
-            conn=conn,
-            task_nursery=self._task_nursery,
-        )
-
-    async def _run_app(self, request: HttpRequest, responder: Responder) -> None:
-        try:
-            await self.app(request, responder)
-        except ClientGoneError:
-            raise
-        except Exception:
-            error_id = new_error_id()
-            log.exception("%s %s failed (error_id %s)", request.method, request.path, error_id)
-            if not responder.started:
-                await responder.respond_error(
-                    500, "INTERNAL_ERROR", "internal server error", error_id=error_id
-                )
-            return
-        if not responder.started:
-            await responder.respond_error(500, "INTERNAL_ERROR", "no response was produced")
-        elif not responder.finished:
-            raise ClientGoneError("the application left a response unfinished")
-
-    async def _drain_body(self, request: HttpRequest) -> bool:
-        """Read the rest of an unread request body; False if it is too large."""
-        total = 0
-        try:
-            while (chunk := await request.receive()) is not None:
-                total += len(chunk)
-                if total > DRAIN_LIMIT:
-                    return False
-        except ClientGoneError:
-            return False
-        return True
-
-    async def _protocol_error(self, conn: _Connection, exc: h11.RemoteProtocolError) -> None:
-        status = exc.error_status_hint if 400 <= exc.error_status_hint < 600 else 400
-        await self._refuse(conn, status, str(exc))
-
-    async def _refuse(self, conn: _Connection, status: int, reason: str) -> None:
-        """A JSON error for a request that cannot be served, with ``Connection: close``."""
-        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        status, headers, body = json_error(status, "BAD_REQUEST", f"malformed request: {reason}")
-        try:
-            await conn.send(
-                h11.Response(
-                    status_code=status,
-                    headers=[
-                        *headers,
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                )
-            )
-            await conn.send(h11.Data(data=body))
-            await conn.send(h11.EndOfMessage())
-        except (ClientGoneError, h11.LocalProtocolError):
-            pass

@@ -8,10 +8,13 @@ closes empty, a scheduler pass: about 25 us of the engine's 360 us per
 routed request (``bench/bench_rest.py`` at 32 connections).
 
 So a request's side tasks run in a nursery that a host task opens on first
-use, in the HTTP server's connection nursery, under the request's deadline.
-The request joins it (:meth:`SideTasks.join`) before it returns: no side task
-outlives its request, a request that is cancelled takes its side tasks down
-first, and an exception in one is re-raised in the request's task.
+use, in the REST dispatcher's own nursery (``parent``: opened by
+:meth:`RestDispatcher.run <iii.modules.rest_api.dispatch.RestDispatcher.run>`,
+never the HTTP server's).  They have no deadline of their own: the request
+waits for them under its deadline (:mod:`.exchange`).  The request joins them
+(:meth:`SideTasks.join`) before it returns: no side task outlives its
+request, a request that is cancelled takes its side tasks down first, and an
+exception in one is re-raised, once, in the request's task.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ __all__ = ["SideTasks"]
 
 @attrs.define(eq=False)
 class SideTasks:
-    parent: trio.Nursery  # where the host task runs (the server's connection nursery)
-    deadline: float
+    parent: trio.Nursery  # where the host task runs (the dispatcher's nursery)
     _nursery: trio.Nursery | None = None
     _queued: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = attrs.field(factory=list)
     _cancelled: bool = False
@@ -49,12 +51,6 @@ class SideTasks:
         if self._done is None:
             self._closing, self._done = trio.Event(), trio.Event()
             self.parent.start_soon(self._host, self._closing, self._done)
-
-    def extend(self, deadline: float) -> None:
-        """Move the deadline (the response streams: each gap gets the full timeout)."""
-        self.deadline = deadline
-        if self._nursery is not None:
-            self._nursery.cancel_scope.deadline = deadline
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -81,13 +77,13 @@ class SideTasks:
                     self.cancel()
                     with trio.CancelScope(shield=True):
                         await done.wait()
-        if self._failure is not None:
-            raise self._failure
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     async def _host(self, closing: trio.Event, done: trio.Event) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.cancel_scope.deadline = self.deadline
                 if self._cancelled:
                     nursery.cancel_scope.cancel()
                 self._nursery = nursery

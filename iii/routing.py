@@ -1,0 +1,182 @@
+"""How a call runs: the one routing path of :meth:`iii.engine.Engine.invoke`.
+
+* :func:`route`: look the function up; an engine function runs in the
+  caller's task under a cancel scope with the call's deadline; a worker's call
+  is filed in the pending table (:mod:`iii.invocations`) *before* its
+  ``invokefunction`` is sent, and waits for the answer, which the deadline
+  heap resolves with ``timeout``.
+* :func:`pick_replica`: which replica takes it (the registry's O(1) pick on a
+  single engine; in a cluster a peer engine's replica is weighed by that
+  peer's calls in flight, plus one).
+* :func:`expire_invocations`: the engine's one expiry task for routed calls.
+
+Tracing and the grant check are the engine's (``Engine.invoke``), around
+:func:`route`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from iii.errors import (
+    FunctionNotFoundError,
+    IIIError,
+    InvocationFailedError,
+    InvocationTimeoutError,
+)
+from iii.grants import Grant
+from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation
+from iii.native import CallContext
+from iii.protocol import InvokeFunction, encode_message
+from iii.registry import FunctionEntry, FunctionRegistration
+from iii.tracing import Span
+
+if TYPE_CHECKING:
+    from iii.engine import Engine
+
+__all__ = ["route", "pick_replica", "expire_invocations", "EXPIRY_RESOLUTION"]
+
+log = logging.getLogger("iii.engine")
+
+# The expiry task wakes at most this often (a call times out up to this late).
+EXPIRY_RESOLUTION = 0.05
+
+
+async def route(
+    engine: Engine,
+    function_id: str,
+    data: Any,
+    *,
+    caller_worker_id: str | None,
+    invocation_id: str | None,
+    traceparent: str | None,
+    baggage: str | None,
+    metadata: Any,
+    timeout: float | None,
+    reply_limit: int | None,
+    grant: Grant | None,
+    span: Span | None,
+) -> Any:
+    """The one routing path (module docstring, "Routing a call"): an engine
+    function runs in this task under its deadline; a worker's call is filed
+    in the pending table, whose deadline heap answers ``timeout``."""
+    entry = engine.registry.functions.get(function_id)
+    if entry is None:
+        raise FunctionNotFoundError(function_id)
+    if timeout is None:
+        timeout = engine.config.invocation_timeout
+    replica = pick_replica(engine, entry, local_only=grant is not None and grant.cluster_peer)
+    if invocation_id is None:
+        invocation_id = str(uuid.uuid4())
+    if span is not None:
+        span.set_attribute("iii.worker.id", replica.owner or "engine")
+    if replica.handler is not None:
+        ctx = CallContext(
+            function_id=function_id,
+            caller_worker_id=caller_worker_id,
+            invocation_id=invocation_id,
+            traceparent=traceparent,
+            baggage=baggage,
+            metadata=metadata,
+            reply_limit=reply_limit,
+            grant=grant,
+        )
+        with trio.move_on_after(timeout):
+            return await replica.handler(data, ctx)
+        raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
+    assert replica.owner is not None
+    target = engine.connections.get(replica.owner)
+    if target is None:  # registry and connections disagree only during teardown
+        raise FunctionNotFoundError(function_id)
+    deadline = trio.current_time() + timeout
+    invocation = Invocation(
+        invocation_id=invocation_id,
+        function_id=function_id,
+        target_worker_id=replica.owner,
+        caller_worker_id=caller_worker_id,
+        deadline=deadline,
+    )
+    try:
+        engine.pending.add(invocation)
+    except DuplicateInvocationError:
+        raise IIIError(
+            f"invocation id {invocation_id} is already in use", code="invocation_error"
+        ) from None
+    expiry = engine.expiry_scope
+    if expiry is not None and deadline < expiry.deadline:
+        expiry.deadline = deadline  # the expiry task wakes for this one
+    try:
+        try:
+            frame = encode_message(
+                InvokeFunction(
+                    function_id=function_id,
+                    data=data,
+                    invocation_id=invocation_id,
+                    traceparent=traceparent,
+                    baggage=baggage,
+                    metadata=metadata,
+                )
+            )
+        except orjson.JSONEncodeError as exc:  # a value no peer could have sent
+            raise IIIError(
+                f"the data for {function_id} cannot be sent as JSON: {exc}",
+                code="serialization_error",
+            ) from None
+        # Both waits are bounded: the send by the worker's slow-consumer
+        # timeout, the answer by the deadline (expire_invocations).
+        await target.send(frame)
+        await invocation.done.wait()
+    finally:
+        engine.pending.discard(invocation)
+    error = invocation.error
+    if error is TIMED_OUT:
+        raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
+    if error is not None:
+        raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
+    return invocation.result
+
+def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
+    """The replica to run a call on: the least loaded, where a peer
+    engine's replica counts one more than its calls in flight (so an idle
+    local replica is preferred).  A call a peer engine forwarded
+    (``local_only``) runs on this engine's own replicas only."""
+    cluster = engine.cluster
+    if cluster is None:
+        return entry.pick()  # O(1): the registry keeps replicas in pick order
+    if local_only:
+        local = [r for r in entry.replicas.values() if not cluster.is_remote(r.owner)]
+        if not local:
+            raise FunctionNotFoundError(entry.function_id)
+        return entry.pick_by(engine.pending.executing_on, among=local)
+
+    def load(owner: str) -> int:
+        if cluster.is_remote(owner):
+            return cluster.load(owner) + 1
+        return engine.pending.executing_on(owner)
+
+    return entry.pick_by(load)
+
+async def expire_invocations(engine: Engine) -> None:
+    """Resolve routed calls whose deadline has passed with ``timeout``.
+
+    Runs in the engine nursery while serving.  It sleeps until the
+    earliest deadline in the pending table (``invoke`` moves the wake-up
+    earlier when it files an earlier one) and, so that a stream of calls
+    does not wake it once per call, at most once per
+    ``EXPIRY_RESOLUTION`` seconds: a call times out up to that much late.
+    """
+    while True:
+        with trio.CancelScope(deadline=engine.pending.next_deadline) as scope:
+            engine.expiry_scope = scope
+            try:
+                await trio.sleep_forever()
+            finally:
+                engine.expiry_scope = None
+        for invocation in engine.pending.expire(trio.current_time()):
+            log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
+        await trio.sleep(EXPIRY_RESOLUTION)
