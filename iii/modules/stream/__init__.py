@@ -347,16 +347,19 @@ class Module:
         function_id = self.config.auth_function
         assert function_id is not None
         timeout = self.config.auth_timeout
+        no_answer = f"auth function {function_id!r} gave no answer within {timeout:g}s"
         with trio.move_on_after(timeout):
             try:
                 result = await self.engine.invoke(function_id, auth_input, timeout=timeout)
             except IIIError as exc:
+                if exc.code == "timeout":  # the engine's deadline for the call: the same one
+                    return None, no_answer
                 return None, f"auth function {function_id!r} failed: {exc.code[:64]!r}"
             if not isinstance(result, dict):
                 kind = "null" if result is None else type(result).__name__
                 return None, f"auth function {function_id!r} answered {kind}, not an object"
             return result.get("context"), None
-        return None, f"auth function {function_id!r} gave no answer within {timeout:g}s"
+        return None, no_answer
 
     def _receives_others_data(self, function_id: str) -> bool:
         """The auth function and the per-stream overrides (see Engine.sensitive_functions)."""
