@@ -292,9 +292,9 @@ class EngineLink:
                 f"the data for {message.function_id} cannot be sent as JSON: {exc}",
                 code="serialization_error",
             ) from None
-        if len(frame) > self.config.max_message_size or (
-            len(frame.encode()) > self.config.max_message_size
-        ):
+        limit = self.config.max_message_size
+        # A character takes at most 4 bytes: most frames are cleared by their length.
+        if len(frame) > limit or (len(frame) * 4 > limit and len(frame.encode()) > limit):
             raise FrameTooLargeError(
                 f"the call of {message.function_id} is larger than the link's"
                 f" max_message_size ({self.config.max_message_size} bytes)"
@@ -328,8 +328,8 @@ class EngineLink:
         connection.pending[invocation_id] = pending
         try:
             with trio.move_on_after(timeout_s):
-                if not await connection.enqueue(frame):
-                    pending.finish(error=connection.stopped_error(function_id))
+                # A connection that ends meanwhile fails the call (LinkConnection.close).
+                await connection.send(frame)
                 await pending.done.wait()
         finally:
             connection.pending.pop(invocation_id, None)
@@ -361,7 +361,7 @@ class EngineLink:
                 baggage=trace.baggage if trace else None,
             )
         )
-        if not await connection.enqueue(frame):
+        if not await connection.send(frame):
             raise self._unavailable(unavailable_code)
 
     # -- the supervised loop -------------------------------------------------------------------
