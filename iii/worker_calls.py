@@ -235,11 +235,14 @@ async def _call(
         )
         return {"messageReceiptId": receipt}
     cluster = conn.engine.cluster
-    peer_url = cluster.peer_url_of_link(conn.worker_id) if conn.grant.cluster_peer and cluster else None
-    if peer_url is not None:
-        # A call a peer engine forwarded: its channel refs name the peer's channels.
-        from iii.cluster.channels import bridged_channel_refs
+    if cluster is not None and conn.grant.cluster_peer:
+        from iii.cluster.channels import bridged_channel_refs, has_channel_refs
 
+        # A call a peer engine forwarded: its channel refs name the peer's channels.
+        peer_url = cluster.peer_url_of_link(conn.worker_id) if has_channel_refs(data) else None
+    else:
+        peer_url = None
+    if peer_url is not None:
         with bridged_channel_refs(conn.engine, peer_url, data) as bridged:
             return await _invoke(conn, message, bridged, on_span, reply_limit)
     return await _invoke(conn, message, data, on_span, reply_limit)
