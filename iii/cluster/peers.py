@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -77,11 +78,9 @@ class Peer:
     def _handler(self, function_id: str) -> NativeHandler:
         handler = self._handlers.get(function_id)
         if handler is None:
-
-            async def handler(data: Any, ctx: CallContext) -> Any:
-                return await self.forward(function_id, data, ctx)
-
-            self._handlers[function_id] = handler
+            # A partial, not a closure: no coroutine layer of its own, which
+            # every resumption of the call would pass through.
+            handler = self._handlers[function_id] = partial(self.forward, function_id)
         return handler
 
     async def forward(self, function_id: str, data: Any, ctx: CallContext) -> Any:
