@@ -40,8 +40,17 @@ from iii.wsconnection import GuardedConnection
 __all__ = ["send_frames", "receive_frames"]
 
 
+_PRIVATE = ("_wsproto", "_stream", "_stream_lock", "_close_reason")
+# By connection class: its instances have the private attributes (set in __init__).
+_SUPPORTED: dict[type, bool] = {}
+
+
 def _batching_supported(ws: WebSocketConnection) -> bool:
-    return all(hasattr(ws, name) for name in ("_wsproto", "_stream", "_stream_lock", "_close_reason"))
+    kind = type(ws)
+    supported = _SUPPORTED.get(kind)
+    if supported is None:
+        supported = _SUPPORTED[kind] = all(hasattr(ws, name) for name in _PRIVATE)
+    return supported
 
 
 def _plain_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
