@@ -48,7 +48,7 @@ from iii.wsconnection import open_client_connection
 if TYPE_CHECKING:
     from iii.engine import Engine
 
-__all__ = ["bridged_channel_refs", "is_channel_ref"]
+__all__ = ["bridged_channel_refs", "has_channel_refs", "is_channel_ref"]
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,17 @@ def is_channel_ref(value: Any) -> bool:
     )
 
 
+def has_channel_refs(data: Any) -> bool:
+    """Does a call's data hold a top-level channel ref (:func:`bridged_channel_refs`)?"""
+    return isinstance(data, dict) and any(is_channel_ref(v) for v in data.values())
+
+
 @contextmanager
 def bridged_channel_refs(engine: Engine, peer_url: str, data: Any) -> Iterator[Any]:
     """``data`` with its top-level channel refs replaced by local, bridged ones,
     for the duration of the call: a local channel the worker did not open by
     the time the call ends is removed then."""
-    if not isinstance(data, dict) or not any(is_channel_ref(v) for v in data.values()):
+    if not has_channel_refs(data):
         yield data
         return
     bridged = dict(data)

@@ -100,6 +100,11 @@ class FrameWriter:
     def __attrs_post_init__(self) -> None:
         self._queue_send, self._queue_receive = trio.open_memory_channel[str](self.queue_size)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the writer dropped): frames are dropped."""
+        return self._closed
+
     def check_size(self, frame: str) -> None:
         if len(frame) > self.frame_limit:
             raise FrameTooLargeError(

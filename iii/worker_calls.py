@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from iii.causation import firing
-from iii.cluster_channels import bridged_channel_refs
+from iii.cluster_channels import bridged_channel_refs, has_channel_refs
 from iii.errors import FrameTooLargeError, IIIError
 from iii.protocol import ErrorBody, InvocationResult, InvokeFunction, encode_message
 
@@ -116,83 +116,76 @@ async def _run_call(
 ) -> None:
     engine = conn.engine
     with engine.track_call():
-        await _answer_call(conn, message, data, reply)
-
-
-async def _answer_call(
-    conn: WorkerConnection, message: InvokeFunction, data: Any, reply: bool
-) -> None:
-    engine = conn.engine
-    # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
-    spans: list[Span] = []
-    try:
+        # The answer carries the engine span's context (protocol.md §3.9), else the caller's.
+        spans: list[Span] = []
         try:
-            # An answer that goes back must fit this worker's frames.
-            reply_limit = conn.frame_limit if reply else None
-            # A call made while handling a trigger's invocation (same trace id)
-            # is as deep as that firing: see iii.causation.
-            with firing(engine.trace_depths.depth_of(message.traceparent)):
-                result = await _call(
-                    conn, message, data, spans.append if reply else None, reply_limit
-                )
-            error = None
-        except IIIError as exc:
-            result, error = (
-                None,
-                ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace),
-            )
-        except Exception:
-            log.exception("invocation of %s failed inside the engine", message.function_id)
-            result, error = (
-                None,
-                ErrorBody(code="invocation_error", message="internal engine error"),
-            )
-        if not reply:
-            if error is not None:
-                conn.bad_input_log.log(
-                    logging.INFO,
-                    "fire-and-forget call %r from %s failed: %r: %r",
-                    message.function_id,
-                    conn.worker_id,
-                    error.code,
-                    error.message,
-                    logger=log,
-                )
-            return
-        assert message.invocation_id is not None
-        span = spans[0] if spans else None
-        answer = InvocationResult(
-            invocation_id=message.invocation_id,
-            function_id=message.function_id,
-            result=result,
-            error=error,
-            traceparent=(span.traceparent if span is not None else None) or message.traceparent,
-            baggage=(span.baggage if span is not None else None) or message.baggage,
-        )
-        try:
-            frame = encode_message(answer)
-        except orjson.JSONEncodeError as exc:
-            # A result the engine could not write (no peer can send one, so
-            # an engine-side bug): the caller still gets its answer.
-            log.error("the result of %s cannot be sent as JSON: %s", message.function_id, exc)
-            frame = _error_answer(
-                message, "serialization_error", f"the result cannot be sent as JSON: {exc}"
-            )
-        try:
-            await conn.send(frame)
-        except FrameTooLargeError as exc:
             try:
-                too_large = f"result too large: {exc.message}"
-                await conn.send(_error_answer(message, exc.code, too_large))
-            except FrameTooLargeError:  # the caller's own ids are too long to answer
-                log.warning(
-                    "worker %s: the answer to its call of a %d-character function id "
-                    "is too large even as an error; dropped",
-                    conn.worker_id,
-                    len(message.function_id),
+                # An answer that goes back must fit this worker's frames.
+                reply_limit = conn.frame_limit if reply else None
+                # A call made while handling a trigger's invocation (same trace id)
+                # is as deep as that firing: see iii.causation.
+                with firing(engine.trace_depths.depth_of(message.traceparent)):
+                    result = await _call(
+                        conn, message, data, spans.append if reply else None, reply_limit
+                    )
+                error = None
+            except IIIError as exc:
+                result, error = (
+                    None,
+                    ErrorBody(code=exc.code, message=exc.message, stacktrace=exc.stacktrace),
                 )
-    finally:
-        conn.calls_outstanding -= 1
+            except Exception:
+                log.exception("invocation of %s failed inside the engine", message.function_id)
+                result, error = (
+                    None,
+                    ErrorBody(code="invocation_error", message="internal engine error"),
+                )
+            if not reply:
+                if error is not None:
+                    conn.bad_input_log.log(
+                        logging.INFO,
+                        "fire-and-forget call %r from %s failed: %r: %r",
+                        message.function_id,
+                        conn.worker_id,
+                        error.code,
+                        error.message,
+                        logger=log,
+                    )
+                return
+            assert message.invocation_id is not None
+            span = spans[0] if spans else None
+            answer = InvocationResult(
+                invocation_id=message.invocation_id,
+                function_id=message.function_id,
+                result=result,
+                error=error,
+                traceparent=(span.traceparent if span is not None else None) or message.traceparent,
+                baggage=(span.baggage if span is not None else None) or message.baggage,
+            )
+            try:
+                frame = encode_message(answer)
+            except orjson.JSONEncodeError as exc:
+                # A result the engine could not write (no peer can send one, so
+                # an engine-side bug): the caller still gets its answer.
+                log.error("the result of %s cannot be sent as JSON: %s", message.function_id, exc)
+                frame = _error_answer(
+                    message, "serialization_error", f"the result cannot be sent as JSON: {exc}"
+                )
+            try:
+                await conn.send(frame)
+            except FrameTooLargeError as exc:
+                try:
+                    too_large = f"result too large: {exc.message}"
+                    await conn.send(_error_answer(message, exc.code, too_large))
+                except FrameTooLargeError:  # the caller's own ids are too long to answer
+                    log.warning(
+                        "worker %s: the answer to its call of a %d-character function id "
+                        "is too large even as an error; dropped",
+                        conn.worker_id,
+                        len(message.function_id),
+                    )
+        finally:
+            conn.calls_outstanding -= 1
 
 
 def _error_answer(message: InvokeFunction, code: str, text: str) -> str:
@@ -236,7 +229,11 @@ async def _call(
         )
         return {"messageReceiptId": receipt}
     cluster = conn.engine.cluster
-    peer_url = cluster.peer_url_of_link(conn.worker_id) if conn.grant.cluster_peer and cluster else None
+    peer_url = (
+        cluster.peer_url_of_link(conn.worker_id)
+        if cluster is not None and conn.grant.cluster_peer and has_channel_refs(data)
+        else None
+    )
     if peer_url is not None:
         # A call a peer engine forwarded: its channel refs name the peer's channels.
         with bridged_channel_refs(conn.engine, peer_url, data) as bridged:
@@ -244,14 +241,16 @@ async def _call(
     return await _invoke(conn, message, data, on_span, reply_limit)
 
 
-async def _invoke(
+def _invoke(
     conn: WorkerConnection,
     message: InvokeFunction,
     data: Any,
     on_span: Callable[[Span], None] | None,
     reply_limit: int | None,
-) -> Any:
-    return await conn.engine.invoke(
+) -> Coroutine[Any, Any, Any]:
+    # A plain function returning the engine's coroutine: no coroutine layer
+    # of its own on the call's path.
+    return conn.engine.invoke(
         message.function_id,
         data,
         caller_worker_id=conn.worker_id,

@@ -8,6 +8,16 @@ wsproto state and writes them in one ``send_all``.  On a 2-core machine this
 is the difference between the engine keeping up with its workers or not (see
 ``bench/bench_core.py``).
 
+**Writing at once.**  When the connection's send lock is free and its
+stream is plain TCP (a ``trio.SocketStream``, possibly inside our client's
+upgrade guard; never TLS), the bytes go to the socket with one non-blocking
+``os.write`` and no checkpoint: trio's ``send_all`` would take the lock
+through a scheduler pass, and another inside ``socket.send``, for a write
+that almost always completes at once.  Whatever the kernel does not take
+then (a full buffer) goes through ``send_all`` as before, under the lock, so
+order and the callers' write timeouts hold.  ``bench/bench_cluster.py``: this
+is on every hop of a call, twice per hop on a forwarding engine.
+
 It uses private attributes of trio-websocket's connection (``_wsproto``,
 ``_stream``, ``_stream_lock``, ``_close_reason``), the same ones its own
 ``_send`` uses; if a future trio-websocket lacks them, it falls back to one
@@ -17,6 +27,7 @@ whose private surface we know: see :mod:`iii.wsconnection`.)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import trio
@@ -29,13 +40,49 @@ from iii.wsconnection import GuardedConnection
 __all__ = ["send_frames", "receive_frames"]
 
 
+_PRIVATE = ("_wsproto", "_stream", "_stream_lock", "_close_reason")
+# By connection class: its instances have the private attributes (set in __init__).
+_SUPPORTED: dict[type, bool] = {}
+
+
 def _batching_supported(ws: WebSocketConnection) -> bool:
-    return all(hasattr(ws, name) for name in ("_wsproto", "_stream", "_stream_lock", "_close_reason"))
+    kind = type(ws)
+    supported = _SUPPORTED.get(kind)
+    if supported is None:
+        supported = _SUPPORTED[kind] = all(hasattr(ws, name) for name in _PRIVATE)
+    return supported
+
+
+def _plain_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under a plain (not TLS) stream, through our client's upgrade guard."""
+    inner = getattr(stream, "inner_stream", None)
+    if inner is not None:
+        stream = inner
+    if type(stream) is trio.SocketStream:
+        return stream.socket
+    return None
+
+
+def _write_nowait(socket: trio.socket.SocketType, data: bytes) -> int:
+    """Write what the kernel takes now, without waiting; the count written.
+
+    An error writes nothing here: the ``send_all`` that follows meets it
+    again and reports it the way trio does.  The descriptor is read and used
+    with no checkpoint between, so it is this socket's (a closed socket's
+    is -1).
+    """
+    fd = socket.fileno()
+    if fd < 0:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:  # BlockingIOError (a full buffer), or a broken connection
+        return 0
 
 
 async def send_frames(ws: WebSocketConnection, frames: Sequence[str | bytes]) -> None:
     """Send ``frames`` in order, as few writes as possible; raises ConnectionClosed."""
-    if len(frames) == 1 or not _batching_supported(ws):
+    if not _batching_supported(ws):
         for frame in frames:
             await ws.send_message(frame)
         return
@@ -43,15 +90,35 @@ async def send_frames(ws: WebSocketConnection, frames: Sequence[str | bytes]) ->
         # (wsproto would refuse a message once a Close is out either way.)
         raise ConnectionClosed(ws._close_reason)
     encode = ws._wsproto.send
-    data = b"".join(
-        encode(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame)) for frame in frames
-    )
-    async with ws._stream_lock:
+    if len(frames) == 1:
+        frame = frames[0]
+        data = encode(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+    else:
+        data = b"".join(
+            encode(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+            for frame in frames
+        )
+    lock = ws._stream_lock
+    socket = None if lock.locked() else _plain_socket(ws._stream)
+    if socket is not None:
+        lock.acquire_nowait()
         try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
+            written = _write_nowait(socket, data)
+            if written < len(data):
+                await _send_all(ws, memoryview(data)[written:])
+        finally:
+            lock.release()
+        return
+    async with lock:
+        await _send_all(ws, data)
+
+
+async def _send_all(ws: WebSocketConnection, data: bytes | memoryview) -> None:
+    try:
+        await ws._stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise ConnectionClosed(ws._close_reason) from None
 
 
 async def receive_frames(ws: WebSocketConnection) -> list[str | bytes]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -64,8 +65,6 @@ class Peer:
     trigger_keys: frozenset[tuple[str, str, bytes]] = frozenset()
     inflight: int = 0
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    # Cancel scopes of the calls in flight to this peer (ended invocation_stopped when it goes).
-    _calls: set[trio.CancelScope] = attrs.field(factory=set)
     _handlers: dict[str, NativeHandler] = attrs.field(factory=dict)
     _log: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     gone: bool = False
@@ -79,38 +78,35 @@ class Peer:
     def _handler(self, function_id: str) -> NativeHandler:
         handler = self._handlers.get(function_id)
         if handler is None:
-
-            async def handler(data: Any, ctx: CallContext) -> Any:
-                return await self.forward(function_id, data, ctx)
-
-            self._handlers[function_id] = handler
+            # A partial, not a closure: no coroutine layer of its own, which
+            # every resumption of the call would pass through.
+            handler = self._handlers[function_id] = partial(self.forward, function_id)
         return handler
 
     async def forward(self, function_id: str, data: Any, ctx: CallContext) -> Any:
         """Run ``function_id`` on the peer; its answer or error comes back as is.
 
-        The engine's own deadline bounds the call (``Engine.invoke``); the
-        link's timeout is a backstop just past it.
+        The engine's own deadline bounds the call (``Engine.invoke`` runs
+        every function under it), so the link adds no timeout of its own; a
+        call in flight when the peer goes is failed through the link
+        (:meth:`stop_calls`).  Nothing per call but the link's table entry:
+        this is the forwarding hop's hot path.
         """
         if self.gone:
             raise self._stopped(function_id)
         self.inflight += 1
         try:
-            with trio.CancelScope() as call_scope:
-                self._calls.add(call_scope)
-                try:
-                    return await self.link.call(
-                        function_id,
-                        data,
-                        timeout_s=self.engine.config.invocation_timeout + 1.0,
-                        trace=TraceContext(traceparent=ctx.traceparent, baggage=ctx.baggage),
-                        unavailable_code=InvocationStoppedError.code,
-                    )
-                finally:
-                    self._calls.discard(call_scope)
+            return await self.link.call(
+                function_id,
+                data,
+                timeout_s=None,
+                trace=TraceContext(traceparent=ctx.traceparent, baggage=ctx.baggage)
+                if ctx.traceparent is not None or ctx.baggage is not None
+                else None,
+                unavailable_code=InvocationStoppedError.code,
+            )
         finally:
             self.inflight -= 1
-        raise self._stopped(function_id)
 
     def _stopped(self, function_id: str) -> IIIError:
         return InvocationStoppedError(
@@ -212,8 +208,8 @@ class Peer:
             self.engine.drop_worker_entries(owner)
 
     def stop_calls(self) -> None:
-        for call_scope in list(self._calls):
-            call_scope.cancel()
+        """End every call in flight to the peer with ``invocation_stopped``."""
+        self.link.fail_calls(self._stopped)
 
     def leave(self) -> None:
         """The peer left the view: unmirror, end its calls, stop its task."""

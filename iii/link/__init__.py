@@ -292,9 +292,9 @@ class EngineLink:
                 f"the data for {message.function_id} cannot be sent as JSON: {exc}",
                 code="serialization_error",
             ) from None
-        if len(frame) > self.config.max_message_size or (
-            len(frame.encode()) > self.config.max_message_size
-        ):
+        limit = self.config.max_message_size
+        # A character takes at most 4 bytes: most frames are cleared by their length.
+        if len(frame) > limit or (len(frame) * 4 > limit and len(frame.encode()) > limit):
             raise FrameTooLargeError(
                 f"the call of {message.function_id} is larger than the link's"
                 f" max_message_size ({self.config.max_message_size} bytes)"
@@ -306,11 +306,16 @@ class EngineLink:
         function_id: str,
         data: Any,
         *,
-        timeout_s: float,
+        timeout_s: float | None,
         trace: TraceContext | None = None,
         unavailable_code: str = UNAVAILABLE,
     ) -> Any:
-        """Call ``function_id`` on the remote and return its result (see the module docstring)."""
+        """Call ``function_id`` on the remote and return its result (see the module docstring).
+
+        ``timeout_s=None``: the caller bounds the call itself (a deadline of
+        its own, as ``Engine.invoke`` sets for every function); the link adds
+        none, which saves a cancel scope per call.
+        """
         connection = self._connection
         if connection is None or not connection.ready:
             raise self._unavailable(unavailable_code)
@@ -327,13 +332,18 @@ class EngineLink:
         pending = PendingCall(function_id)
         connection.pending[invocation_id] = pending
         try:
-            with trio.move_on_after(timeout_s):
-                if not await connection.enqueue(frame):
-                    pending.finish(error=connection.stopped_error(function_id))
+            # A connection that ends meanwhile fails the call (LinkConnection.close).
+            if timeout_s is None:
+                await connection.send(frame)
                 await pending.done.wait()
+            else:
+                with trio.move_on_after(timeout_s):
+                    await connection.send(frame)
+                    await pending.done.wait()
         finally:
             connection.pending.pop(invocation_id, None)
         if not pending.done.is_set():
+            assert timeout_s is not None
             raise InvocationTimeoutError(
                 f"Invocation of {function_id} on {self.config.url} timed out after {timeout_s:g}s"
             )
@@ -361,8 +371,15 @@ class EngineLink:
                 baggage=trace.baggage if trace else None,
             )
         )
-        if not await connection.enqueue(frame):
+        if not await connection.send(frame):
             raise self._unavailable(unavailable_code)
+
+    def fail_calls(self, error: Callable[[str], IIIError]) -> None:
+        """End every call in flight now with ``error(function_id)``."""
+        connection = self._connection
+        if connection is not None:
+            for pending in list(connection.pending.values()):
+                pending.finish(error=error(pending.function_id))
 
     # -- the supervised loop -------------------------------------------------------------------
 

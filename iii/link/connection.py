@@ -4,8 +4,13 @@
 connection it opens, and runs in a per-connection nursery inside the link's
 loop:
 
-* the *writer* drains a bounded send queue to the socket, each send bounded
-  by ``send_timeout_s``;
+* the *writer* is an :class:`iii.frame_writer.FrameWriter`, as for a
+  worker's socket: a call made while nothing waits to be written writes its
+  frame itself (no handoff to the writer task: one scheduler pass less on the
+  forwarded call's path), else the frame is queued and the writer task
+  writes every frame queued in one wave in one system call; each write is
+  bounded by ``send_timeout_s``, and a queue that stays full that long (or is
+  full for a registration) drops the connection;
 * the *heartbeat* pings every ``heartbeat_interval_s`` and drops the
   connection when no pong comes within ``heartbeat_timeout_s``;
 * the *reader* decodes each frame (undecodable ones are skipped and logged,
@@ -40,6 +45,7 @@ from iii.errors import (
     InvocationStoppedError,
     MessageDecodeError,
 )
+from iii.frame_writer import CloseReason, FrameWriter
 from iii.link.values import Exposed, LinkConfig, PendingCall, TraceContext
 from iii.log import RateLimitedLog, clean
 from iii.protocol import (
@@ -55,7 +61,7 @@ from iii.protocol import (
     decode_message,
     encode_message,
 )
-from iii.wsio import receive_frames, send_frames
+from iii.wsio import receive_frames
 
 __all__ = ["LinkConnection", "OUTBOX_FRAMES"]
 
@@ -65,8 +71,6 @@ log = logging.getLogger("iii.link")
 # Registrations go in without waiting; a connection whose queue is full is
 # stuck, and is dropped.
 OUTBOX_FRAMES = 1024
-# Frames the writer takes from the queue for one write at most.
-WRITE_BATCH = 256
 
 
 @attrs.define(eq=False)
@@ -87,29 +91,47 @@ class LinkConnection:
     # Calls from the remote running now.
     running: int = 0
     drop_reason: str | None = None
-    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _frames: FrameWriter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](self.outbox_frames)
+        self._frames = FrameWriter(
+            self.ws,
+            queue_size=self.outbox_frames,
+            write_timeout=self.config.send_timeout_s,
+            on_drop=self._on_drop,
+            # The link checks its frames in bytes before they get here
+            # (EngineLink._encode, _run_exposed); this is a backstop.
+            frame_limit=self.config.max_message_size,
+        )
 
     def start(self) -> None:
         """Start the writer, reader and heartbeat in the connection's nursery."""
-        self.nursery.start_soon(self._writer)
+        self.nursery.start_soon(self._frames.run)
         self.nursery.start_soon(self._reader)
         self.nursery.start_soon(self._heartbeat)
 
     def abort(self, reason: str) -> None:
         if self.drop_reason is None:
             self.drop_reason = reason
+        # Also ends a direct write in progress (it runs in a caller's task,
+        # shielded, outside this nursery).
+        self._frames.close()
         self.nursery.cancel_scope.cancel()
+
+    def _on_drop(self, reason: CloseReason | None) -> None:
+        if reason is None:
+            closed = self.ws.closed
+            said = _reason_text(closed.code, closed.reason) if closed else "connection ended"
+            self.abort(f"closed: {said}")
+        else:
+            self.abort(f"a send failed ({reason})")
 
     def close(self) -> None:
         """After the nursery ended: fail the calls in flight, refuse more frames."""
         self.ready = False
         for pending in list(self.pending.values()):
             pending.finish(error=self.stopped_error(pending.function_id))
-        self._outbox_send.close()
+        self._frames.close()
 
     def stopped_error(self, function_id: str) -> IIIError:
         reason = self.drop_reason or "the link dropped"
@@ -118,43 +140,23 @@ class LinkConnection:
         )
 
     def send_nowait(self, frame: str) -> None:
+        """Queue a frame from synchronous code; a full queue drops the connection."""
         try:
-            self._outbox_send.send_nowait(frame)
-        except trio.WouldBlock:
-            self.abort("its send queue is full (the remote does not read)")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection is ending
+            self._frames.send_nowait(frame)
+        except FrameTooLargeError as exc:
+            self.abort(f"a frame to send is too large: {exc.message}")
 
-    async def enqueue(self, frame: str) -> bool:
-        """Queue a frame for the writer; False if the connection ended or is stuck."""
-        with trio.move_on_after(self.config.send_timeout_s):
-            try:
-                await self._outbox_send.send(frame)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return False
-            return True
-        self.abort(f"no room to send for {self.config.send_timeout_s:g}s")
-        return False
+    async def send(self, frame: str) -> bool:
+        """Write a frame now if nothing is queued, else queue it; False if the
+        connection was ending already (the frame is dropped).
 
-    async def _writer(self) -> None:
-        # Every frame waiting goes out in one write (iii.wsio.send_frames).
-        receive = self._outbox_receive
-        async for first in receive:
-            batch = [first]
-            while len(batch) < WRITE_BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            with trio.move_on_after(self.config.send_timeout_s) as scope:
-                try:
-                    await send_frames(self.ws, batch)
-                except ConnectionClosed as exc:
-                    self.abort(f"closed: {_close_text(exc)}")
-                    return
-            if scope.cancelled_caught:
-                self.abort(f"a send took longer than {self.config.send_timeout_s:g}s")
-                return
+        A connection that ends while the frame waits drops it too: its calls
+        in flight are then failed by :meth:`close`.
+        """
+        if self._frames.closed:
+            return False
+        await self._frames.send(frame)
+        return True
 
     async def _heartbeat(self) -> None:
         while True:
@@ -333,7 +335,7 @@ class LinkConnection:
                         ),
                     )
                 )
-            await self.enqueue(frame)
+            await self.send(frame)
         finally:
             self.running -= 1
 
@@ -346,5 +348,9 @@ def _close_text(exc: ConnectionClosed) -> str:
     reason = exc.reason
     if reason is None:
         return "connection ended"
-    said = f" ({clean(reason.reason, 200)})" if reason.reason else ""
-    return f"code {reason.code}{said}"
+    return _reason_text(reason.code, reason.reason)
+
+
+def _reason_text(code: int, reason: str | None) -> str:
+    said = f" ({clean(reason, 200)})" if reason else ""
+    return f"code {code}{said}"
