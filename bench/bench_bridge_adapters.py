@@ -36,8 +36,9 @@ from trio_websocket import WebSocketConnection, open_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from iii.client import client_metadata  # noqa: E402
 from _support import EngineProcess  # noqa: E402
+
+from iii.client import client_metadata  # noqa: E402
 
 
 def backend_config() -> dict[str, Any]:

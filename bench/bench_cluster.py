@@ -132,7 +132,9 @@ async def run_callers(url: str, callers: int, seconds: float, calls: int, pids: 
                     else:
                         future.set_result(None)
 
-        async def caller(deadline: float, limit: int, latencies: list[float], counts: list[int]) -> None:
+        async def caller(
+            deadline: float, limit: int, latencies: list[float], counts: list[int]
+        ) -> None:
             n = 0
             while loop.time() < deadline and (not limit or n < limit):
                 invocation_id = str(uuid.uuid4())
@@ -140,7 +142,12 @@ async def run_callers(url: str, callers: int, seconds: float, calls: int, pids: 
                 started = time.perf_counter()
                 await ws.send(
                     orjson.dumps(
-                        {"type": "invokefunction", "function_id": FUNCTION, "data": {"n": n}, "invocation_id": invocation_id}
+                        {
+                            "type": "invokefunction",
+                            "function_id": FUNCTION,
+                            "data": {"n": n},
+                            "invocation_id": invocation_id,
+                        }
                     ).decode()
                 )
                 await done
@@ -178,7 +185,9 @@ async def run_callers(url: str, callers: int, seconds: float, calls: int, pids: 
 # -- orchestration ---------------------------------------------------------------------------
 
 
-def write_config(path: Path, *, port: int, name: str, rest_port: int | None = None, processes: int | None = None) -> None:
+def write_config(
+    path: Path, *, port: int, name: str, rest_port: int | None = None, processes: int | None = None
+) -> None:
     prefix = f"bench-{name}:"
     lines = [
         f"port: {port}",
@@ -242,7 +251,16 @@ def start_worker(url: str, route: str | None = None) -> subprocess.Popen[bytes]:
 
 def callers(url: str, count: int, seconds: float, calls: int, pids: list[int]) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, __file__, "callers", url, str(count), str(seconds), str(calls), ",".join(map(str, pids))],
+        [
+            sys.executable,
+            __file__,
+            "callers",
+            url,
+            str(count),
+            str(seconds),
+            str(calls),
+            ",".join(map(str, pids)),
+        ],
         capture_output=True,
         env=env(),
         check=True,
@@ -260,7 +278,9 @@ def wait_visible(url_port: int, timeout: float = 30) -> None:
         with trio.fail_after(timeout):
             while True:
                 try:
-                    await call_function(Endpoint.parse(f"ws://127.0.0.1:{url_port}"), FUNCTION, {}, timeout=5)
+                    await call_function(
+                        Endpoint.parse(f"ws://127.0.0.1:{url_port}"), FUNCTION, {}, timeout=5
+                    )
                     return
                 except ClientError:
                     await trio.sleep(0.1)
@@ -312,7 +332,9 @@ def rest_part(args: argparse.Namespace, workdir: Path) -> dict[int, list[dict[st
                 time.sleep(1.0)
                 before = tree_cpu(engine.pid)
                 row = load(url, 32, args.seconds, 200)
-                row["engines_cpu_us"] = 1e6 * (tree_cpu(engine.pid) - before) / (row["rps"] * args.seconds)
+                row["engines_cpu_us"] = (
+                    1e6 * (tree_cpu(engine.pid) - before) / (row["rps"] * args.seconds)
+                )
                 rows.setdefault(processes, []).append(row)
             finally:
                 worker.kill()
@@ -331,7 +353,9 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "callers":
         pids = [int(p) for p in sys.argv[6].split(",")]
-        asyncio.run(run_callers(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), pids))
+        asyncio.run(
+            run_callers(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), pids)
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -352,9 +376,13 @@ def main() -> None:
             values.append(value[index] if index is not None else value)
         return median(values)
 
-    print(f"cluster bench: {args.rounds} rounds, {args.calls} sequential calls, {args.seconds:g}s per load step")
+    print(
+        f"cluster bench: {args.rounds} rounds, {args.calls} sequential calls, {args.seconds:g}s per load step"
+    )
     print("calls (worker on engine B; CPU per call of engine A / engine B):")
-    print(f"  {'path':10} {'p50 ms':>8} {'p99 ms':>8} {'c8 calls/s':>11} {'A us/call':>10} {'B us/call':>10}")
+    print(
+        f"  {'path':10} {'p50 ms':>8} {'p99 ms':>8} {'c8 calls/s':>11} {'A us/call':>10} {'B us/call':>10}"
+    )
     for path in ("local", "forwarded"):
         print(
             f"  {path:10} {pick(path, 'sequential', 'p50_ms'):8.3f} {pick(path, 'sequential', 'p99_ms'):8.3f}"
@@ -365,7 +393,9 @@ def main() -> None:
         f["sequential"]["p50_ms"] / loc["sequential"]["p50_ms"]  # type: ignore[index,operator]
         for loc, f in zip(calls["local"], calls["forwarded"], strict=True)
     ]
-    print(f"  forwarded/local p50: {median(ratios):.2f} (target <= 1.6); per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print(
+        f"  forwarded/local p50: {median(ratios):.2f} (target <= 1.6); per round: {', '.join(f'{r:.2f}' for r in ratios)}"
+    )
     if rest:
         print("REST GET /bench/hello, 32 connections (all engine processes' CPU per request):")
         for processes, rows in rest.items():

@@ -57,7 +57,9 @@ def run_relay(port: int) -> None:
 
     async def handler(request):  # type: ignore[no-untyped-def]
         ws = await request.accept()
-        await ws.send_message(orjson.dumps({"type": "workerregistered", "worker_id": str(uuid.uuid4())}).decode())
+        await ws.send_message(
+            orjson.dumps({"type": "workerregistered", "worker_id": str(uuid.uuid4())}).decode()
+        )
         while True:
             try:
                 frame = await ws.get_message()
@@ -76,7 +78,9 @@ def run_relay(port: int) -> None:
             elif kind == "registerfunction":
                 functions[message["id"]] = ws
 
-    trio.run(lambda: serve_websocket(handler, "127.0.0.1", port, None, max_message_size=64 * 1024 * 1024))
+    trio.run(
+        lambda: serve_websocket(handler, "127.0.0.1", port, None, max_message_size=64 * 1024 * 1024)
+    )
 
 
 # -- clients (asyncio + websockets) --------------------------------------------------------
@@ -119,7 +123,9 @@ async def run_callers(url: str, callers: int, seconds: float, calls: int) -> Non
                 if future is not None:
                     future.set_result(None)
 
-        async def caller(deadline: float, limit: int, latencies: list[float], counts: list[int]) -> None:
+        async def caller(
+            deadline: float, limit: int, latencies: list[float], counts: list[int]
+        ) -> None:
             n = 0
             while loop.time() < deadline and (not limit or n < limit):
                 invocation_id = str(uuid.uuid4())
@@ -127,7 +133,12 @@ async def run_callers(url: str, callers: int, seconds: float, calls: int) -> Non
                 started = time.perf_counter()
                 await ws.send(
                     orjson.dumps(
-                        {"type": "invokefunction", "function_id": FUNCTION, "data": {"n": n}, "invocation_id": invocation_id}
+                        {
+                            "type": "invokefunction",
+                            "function_id": FUNCTION,
+                            "data": {"n": n},
+                            "invocation_id": invocation_id,
+                        }
                     ).decode()
                 )
                 await done
@@ -206,7 +217,9 @@ def measure(kind: str, seconds: float, calls: int, workdir: Path) -> dict[str, d
     server = start_server(kind, port, workdir)
     url = f"ws://127.0.0.1:{port}/"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_SERVER_PID": str(server.pid)}
-    worker = subprocess.Popen([sys.executable, __file__, "worker", url], stdout=subprocess.PIPE, env=env)
+    worker = subprocess.Popen(
+        [sys.executable, __file__, "worker", url], stdout=subprocess.PIPE, env=env
+    )
     try:
         assert worker.stdout is not None
         assert worker.stdout.readline().strip() == b"READY"
@@ -241,7 +254,9 @@ def main() -> None:
         asyncio.run(run_worker(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "callers":
-        asyncio.run(run_callers(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
+        asyncio.run(
+            run_callers(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -62,9 +62,9 @@ def main() -> None:
     for name, raw in frames():
         number = 2000 if len(raw) < 100_000 else 10
         value = orjson.loads(raw)
-        plain = best(lambda: orjson.loads(raw), number, args.repeat)
-        bounded = best(lambda: json_limits.loads(raw), number, args.repeat)
-        walk = best(lambda: _walk(value), number, args.repeat)
+        plain = best(lambda raw=raw: orjson.loads(raw), number, args.repeat)
+        bounded = best(lambda raw=raw: json_limits.loads(raw), number, args.repeat)
+        walk = best(lambda value=value: _walk(value), number, args.repeat)
         print(
             f"{name:24} {len(raw):9d} {plain:11.1f}us {bounded:12.1f}us "
             f"{(bounded - plain) / plain:8.0%} {walk:8.1f}us"

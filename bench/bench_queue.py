@@ -54,9 +54,15 @@ def adapter(kind: str, directory: str, prefix: str) -> dict[str, Any]:
     if kind == "builtin-memory":
         return {"class": "modules::queue::BuiltinQueueAdapter", "config": common}
     if kind == "builtin-file":
-        return {"class": "modules::queue::BuiltinQueueAdapter", "config": {**common, "store_method": "file_based", "file_path": directory}}
+        return {
+            "class": "modules::queue::BuiltinQueueAdapter",
+            "config": {**common, "store_method": "file_based", "file_path": directory},
+        }
     if kind == "redis":
-        return {"class": "modules::queue::RedisAdapter", "config": {**common, "redis_url": REDIS_URL, "key_prefix": prefix}}
+        return {
+            "class": "modules::queue::RedisAdapter",
+            "config": {**common, "redis_url": REDIS_URL, "key_prefix": prefix},
+        }
     return {"class": "modules::queue::RabbitMQAdapter", "config": {**common, "amqp_url": AMQP_URL}}
 
 
@@ -104,7 +110,12 @@ async def run_engine_case(kind: str, consumers: int, total: int) -> tuple[float,
     topic = f"bench{uuid.uuid4().hex[:8]}"
     prefix = f"iiibench:{uuid.uuid4().hex[:8]}:"
     with tempfile.TemporaryDirectory() as directory:
-        modules = [{"class": "modules::queue::QueueModule", "config": {"adapter": adapter(kind, directory, prefix)}}]
+        modules = [
+            {
+                "class": "modules::queue::QueueModule",
+                "config": {"adapter": adapter(kind, directory, prefix)},
+            }
+        ]
         async with open_test_engine(make_config(modules=modules)) as engine:
             sent: dict[int, float] = {}
             latencies: list[float] = []
@@ -124,7 +135,13 @@ async def run_engine_case(kind: str, consumers: int, total: int) -> tuple[float,
             engine.register_function("bench::h", handler)
             for c in range(consumers):
                 engine.register_trigger(
-                    TriggerRegistration(worker_id=None, id=f"c{c}", trigger_type="queue", function_id="bench::h", config={"topic": topic, "concurrency": 1})
+                    TriggerRegistration(
+                        worker_id=None,
+                        id=f"c{c}",
+                        trigger_type="queue",
+                        function_id="bench::h",
+                        config={"topic": topic, "concurrency": 1},
+                    )
                 )
             await trio.sleep(0.3)
 
@@ -177,7 +194,9 @@ async def run_raw_redis(consumers: int, total: int) -> tuple[float, float]:
         async def consumer(name: str) -> None:
             nonlocal count
             while True:
-                result = await client.xreadgroup("g", name, streams={stream: ">"}, count=1, block=100)
+                result = await client.xreadgroup(
+                    "g", name, streams={stream: ">"}, count=1, block=100
+                )
                 for entries in (result or {}).values():
                     for entry in entries:
                         latencies.append(time.perf_counter() - sent[int(entry.field_values["i"])])
@@ -265,10 +284,16 @@ async def main(total: int) -> None:
             else:
                 rate, p50 = await raw(consumers, total)
             rows.append((name, consumers, rate, p50))
-            print(f"{name:28s} consumers={consumers}  {rate:8.0f} jobs/s   p50 idle enqueue->start {p50 * 1000:7.2f} ms", flush=True)
+            print(
+                f"{name:28s} consumers={consumers}  {rate:8.0f} jobs/s   p50 idle enqueue->start {p50 * 1000:7.2f} ms",
+                flush=True,
+            )
     by = {(n, c): r for n, c, r, _ in rows}
     print()
-    for engine_kind, raw_kind in (("redis", "raw XADD/XREADGROUP/XACK"), ("rabbitmq", "raw AMQP publish/consume")):
+    for engine_kind, raw_kind in (
+        ("redis", "raw XADD/XREADGROUP/XACK"),
+        ("rabbitmq", "raw AMQP publish/consume"),
+    ):
         for consumers in (1, 4):
             if (engine_kind, consumers) in by and (raw_kind, consumers) in by:
                 ratio = by[(engine_kind, consumers)] / by[(raw_kind, consumers)]

@@ -266,7 +266,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(load, url: str, connections: int, seconds: float, engine_pid: int, worker_pid: int, expect: int = 200):  # type: ignore[no-untyped-def]
+def measure(
+    load,
+    url: str,
+    connections: int,
+    seconds: float,
+    engine_pid: int,
+    worker_pid: int,
+    expect: int = 200,
+):  # type: ignore[no-untyped-def]
     engine_before, worker_before = cpu_seconds(engine_pid), cpu_seconds(worker_pid)
     row = load(url, connections, seconds, expect)
     requests = row["rps"] * seconds
@@ -316,12 +324,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sdk", action="append", choices=list(WORKERS), help="default: both")
-    parser.add_argument("--load", choices=["wrk", "builtin", "both"], help="default: wrk if installed")
+    parser.add_argument(
+        "--load", choices=["wrk", "builtin", "both"], help="default: wrk if installed"
+    )
     args = parser.parse_args()
     if args.load is None:
         args.load = "wrk" if shutil.which("wrk") else "builtin"
         if args.load == "builtin":
-            print(WRK_MISSING + "; using the built-in load generator (--load builtin)", file=sys.stderr)
+            print(
+                WRK_MISSING + "; using the built-in load generator (--load builtin)",
+                file=sys.stderr,
+            )
     elif args.load != "builtin" and not shutil.which("wrk"):
         print(f"bench_rest: {WRK_MISSING}", file=sys.stderr)
         sys.exit(2)
@@ -351,7 +364,9 @@ def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
                     load(base + BASELINE_PATH, 4, 1, 404)
                     for _ in range(args.rounds):
                         for connections in (1, 32):
-                            rounds.setdefault(f"baseline c{connections} ({version} run)", []).append(
+                            rounds.setdefault(
+                                f"baseline c{connections} ({version} run)", []
+                            ).append(
                                 measure(
                                     load,
                                     base + BASELINE_PATH,
@@ -363,7 +378,14 @@ def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
                                 )
                             )
                             rounds.setdefault(f"sdk {version} c{connections}", []).append(
-                                measure(load, base + "/bench/hello", connections, args.seconds, engine.pid, worker.pid)
+                                measure(
+                                    load,
+                                    base + "/bench/hello",
+                                    connections,
+                                    args.seconds,
+                                    engine.pid,
+                                    worker.pid,
+                                )
                             )
                 finally:
                     stop(worker)
@@ -375,7 +397,9 @@ def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
             ratios = [
                 routed["rps"] / baseline["rps"]
                 for routed, baseline in zip(
-                    rounds[f"sdk {version} c{connections}"], rounds[f"baseline c{connections} ({version} run)"]
+                    rounds[f"sdk {version} c{connections}"],
+                    rounds[f"baseline c{connections} ({version} run)"],
+                    strict=True,
                 )
             ]
             row = results[f"sdk {version} c{connections}"]
@@ -386,7 +410,9 @@ def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
         f"rounds, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}; CPU columns: microseconds of CPU per request"
     )
-    print(f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'engine us':>11}{'worker us':>11}")
+    print(
+        f"{'':34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'engine us':>11}{'worker us':>11}"
+    )
     for version in args.sdk or list(WORKERS):
         for connections in (1, 32):
             baseline = results[f"baseline c{connections} ({version} run)"]
@@ -401,7 +427,9 @@ def run_all(args: argparse.Namespace, load_name: str, load: Any) -> None:
                 )
             for row in (baseline, routed):
                 if row["unexpected"] or row["socket_errors"]:
-                    print(f"  !! errors: unexpected status {row['unexpected']} {row['socket_errors']}")
+                    print(
+                        f"  !! errors: unexpected status {row['unexpected']} {row['socket_errors']}"
+                    )
     print(json.dumps(results))
 
 

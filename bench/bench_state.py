@@ -47,7 +47,7 @@ from _support import reserve_port, sdk_python, wait_for_port  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379"
 
-SDK_SCRIPT = r'''
+SDK_SCRIPT = r"""
 import asyncio, json, sys, time
 from iii import III, InitOptions
 
@@ -83,7 +83,7 @@ async def main():
     await iii.shutdown()
 
 asyncio.run(main())
-'''
+"""
 
 
 class Engine:
@@ -120,9 +120,15 @@ def state_module(kind: str, directory: Path, prefix: str) -> dict:
     if kind == "memory":
         adapter = {"class": "modules::state::adapters::KvStore", "config": {}}
     elif kind == "file":
-        adapter = {"class": "modules::state::adapters::KvStore", "config": {"store_method": "file_based", "file_path": str(directory / "state")}}
+        adapter = {
+            "class": "modules::state::adapters::KvStore",
+            "config": {"store_method": "file_based", "file_path": str(directory / "state")},
+        }
     else:
-        adapter = {"class": "modules::state::adapters::RedisAdapter", "config": {"redis_url": REDIS_URL, "key_prefix": prefix}}
+        adapter = {
+            "class": "modules::state::adapters::RedisAdapter",
+            "config": {"redis_url": REDIS_URL, "key_prefix": prefix},
+        }
     return {"class": "modules::state::StateModule", "config": {"adapter": adapter}}
 
 
@@ -143,7 +149,11 @@ async def sdk_round_trips(kind: str, seconds: float, python: Path) -> dict[str, 
         finally:
             if kind == "redis":
                 subprocess.run(
-                    ["sh", "-c", f"redis-cli --scan --pattern '{prefix}*' | xargs -r redis-cli del"],
+                    [
+                        "sh",
+                        "-c",
+                        f"redis-cli --scan --pattern '{prefix}*' | xargs -r redis-cli del",
+                    ],
                     capture_output=True,
                     check=False,
                 )
@@ -157,7 +167,21 @@ def redis_benchmark(clients: int, requests: int) -> dict[str, float]:
     if shutil.which("redis-benchmark") is None:
         return {}
     output = subprocess.run(
-        ["redis-benchmark", "-h", "127.0.0.1", "-p", "6379", "-t", "set,get", "-n", str(requests), "-c", str(clients), "-q", "--csv"],
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6379",
+            "-t",
+            "set,get",
+            "-n",
+            str(requests),
+            "-c",
+            str(clients),
+            "-q",
+            "--csv",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -197,7 +221,12 @@ async def fan_out(sizes: list[int], rounds: int) -> dict[int, dict[str, float]]:
     results: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         stream_port = reserve_port()
-        modules = [{"class": "modules::stream::StreamModule", "config": {"port": stream_port, "host": "127.0.0.1"}}]
+        modules = [
+            {
+                "class": "modules::stream::StreamModule",
+                "config": {"port": stream_port, "host": "127.0.0.1"},
+            }
+        ]
         async with Engine(Path(tmp), modules) as engine:
             await wait_for_port(stream_port, 30)
             for size in sizes:
@@ -205,7 +234,9 @@ async def fan_out(sizes: list[int], rounds: int) -> dict[int, dict[str, float]]:
     return results
 
 
-async def _fan_out_one(engine_port: int, stream_port: int, size: int, rounds: int) -> dict[str, float]:
+async def _fan_out_one(
+    engine_port: int, stream_port: int, size: int, rounds: int
+) -> dict[str, float]:
     group = f"g{size}"
     arrivals: list[float] = []
     all_joined = trio.Event()
@@ -216,7 +247,18 @@ async def _fan_out_one(engine_port: int, stream_port: int, size: int, rounds: in
     async def client(index: int) -> None:
         nonlocal joined, round_done
         async with open_websocket("127.0.0.1", stream_port, "/", use_ssl=False) as ws:
-            await ws.send_message(orjson.dumps({"type": "join", "data": {"subscriptionId": str(index), "streamName": "bench", "groupId": group}}).decode())
+            await ws.send_message(
+                orjson.dumps(
+                    {
+                        "type": "join",
+                        "data": {
+                            "subscriptionId": str(index),
+                            "streamName": "bench",
+                            "groupId": group,
+                        },
+                    }
+                ).decode()
+            )
             await ws.get_message()  # sync
             joined += 1
             if joined == size:
@@ -246,7 +288,17 @@ async def _fan_out_one(engine_port: int, stream_port: int, size: int, rounds: in
                 start = time.perf_counter()
                 await worker.send_message(
                     orjson.dumps(
-                        {"type": "invokefunction", "function_id": "stream::set", "invocation_id": str(uuid.uuid4()), "data": {"stream_name": "bench", "group_id": group, "item_id": f"i{round_index}", "data": {"n": round_index}}}
+                        {
+                            "type": "invokefunction",
+                            "function_id": "stream::set",
+                            "invocation_id": str(uuid.uuid4()),
+                            "data": {
+                                "stream_name": "bench",
+                                "group_id": group,
+                                "item_id": f"i{round_index}",
+                                "data": {"n": round_index},
+                            },
+                        }
                     ).decode()
                 )
                 with trio.fail_after(60):
@@ -272,12 +324,18 @@ async def main(seconds: float, sizes: list[int], rounds: int) -> None:
         rows[f"SDK 0.4.1 -> engine, state on {kind}"] = await sdk_round_trips(kind, seconds, python)
     columns = ["set x1", "get x1", "set x16", "get x16", "floor x1", "floor x16"]
     reference = baseline.get("set x1"), baseline.get("get x1")
-    print(f"{'':40}" + "".join(f"{c:>10}" for c in columns) + "  set/raw  get/raw  set/floor  get/floor (x1)")
+    print(
+        f"{'':40}"
+        + "".join(f"{c:>10}" for c in columns)
+        + "  set/raw  get/raw  set/floor  get/floor (x1)"
+    )
     for name, rates in rows.items():
         cells = "".join(f"{rates[c]:>10.0f}" if c in rates else f"{'-':>10}" for c in columns)
         ratio = ""
         if reference[0] and "set x1" in rates:
-            ratio = f"  {rates['set x1'] / reference[0]:>7.3f}  {rates['get x1'] / reference[1]:>7.3f}"
+            ratio = (
+                f"  {rates['set x1'] / reference[0]:>7.3f}  {rates['get x1'] / reference[1]:>7.3f}"
+            )
         if "floor x1" in rates:
             ratio += f"  {rates['set x1'] / rates['floor x1']:>9.2f}  {rates['get x1'] / rates['floor x1']:>9.2f}"
         print(f"{name:40}{cells}{ratio}")
@@ -285,11 +343,15 @@ async def main(seconds: float, sizes: list[int], rounds: int) -> None:
     print(f"stream fan-out: one stream::set -> N clients, median of {rounds} rounds (ms)")
     print(f"{'N':>6}{'first':>10}{'median':>10}{'last':>10}")
     for size, figures in (await fan_out(sizes, rounds)).items():
-        print(f"{size:>6}{figures['first']:>10.2f}{figures['median']:>10.2f}{figures['last']:>10.2f}")
+        print(
+            f"{size:>6}{figures['first']:>10.2f}{figures['median']:>10.2f}{figures['last']:>10.2f}"
+        )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--sizes", default="1,100,1000")
     parser.add_argument("--rounds", type=int, default=10)

@@ -11,18 +11,29 @@ from iii import protocol
 
 __all__ = ["json_values", "messages", "message_of", "uuids", "ids"]
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20) | st.floats(
-    allow_nan=False, allow_infinity=False
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False)
 )
 json_values: st.SearchStrategy[Any] = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 uuids = st.uuids().map(str)
-ids = st.sampled_from(["a::f", "b::g", "engine::functions::list", "x", ""]) | st.text(min_size=1, max_size=12)
+ids = st.sampled_from(["a::f", "b::g", "engine::functions::list", "x", ""]) | st.text(
+    min_size=1, max_size=12
+)
 error_bodies = st.builds(
-    protocol.ErrorBody, code=st.text(max_size=12), message=st.text(max_size=30), stacktrace=st.none() | st.text(max_size=30)
+    protocol.ErrorBody,
+    code=st.text(max_size=12),
+    message=st.text(max_size=30),
+    stacktrace=st.none() | st.text(max_size=30),
 )
 
 

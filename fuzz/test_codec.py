@@ -6,9 +6,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz.strategies import json_values, messages
 from iii import protocol
 from iii.errors import MessageDecodeError
-from fuzz.strategies import json_values, messages
 
 
 @given(message=messages)
@@ -30,7 +30,25 @@ def test_decoding_arbitrary_json_never_crashes(value):
         pass
 
 
-@given(obj=st.dictionaries(st.sampled_from(["type", "function_id", "invocation_id", "data", "id", "error", "result", "config", "trigger_type"]), json_values | st.sampled_from(list(protocol.MESSAGE_TYPES)), max_size=6))
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(
+            [
+                "type",
+                "function_id",
+                "invocation_id",
+                "data",
+                "id",
+                "error",
+                "result",
+                "config",
+                "trigger_type",
+            ]
+        ),
+        json_values | st.sampled_from(list(protocol.MESSAGE_TYPES)),
+        max_size=6,
+    )
+)
 def test_decoding_near_messages_never_crashes(obj):
     try:
         message = protocol.decode_message(orjson.dumps(obj))

@@ -291,9 +291,10 @@ async def _scenario(kind: str, error: str, point: str) -> None:
         async with open_test_engine(config) as engine:
             stream_port = engine.modules["stream"].server.listen_port
             rest_port = engine.modules["rest_api"].port
-            async with connect_test_worker(engine) as bystander, stream_client(
-                stream_port
-            ) as watcher:
+            async with (
+                connect_test_worker(engine) as bystander,
+                stream_client(stream_port) as watcher,
+            ):
                 assert (await stream_join(watcher, "w"))["event"]["type"] == "sync"
                 fault.armed = True
                 if kind.startswith("worker "):

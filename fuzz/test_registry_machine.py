@@ -119,7 +119,9 @@ class CoreMachine(RuleBasedStateMachine):
     def engine_function_cannot_be_shadowed(self, function_id: str) -> None:
         if function_id in self.registry.functions:
             try:
-                self.registry.add_function(FunctionRegistration(function_id=function_id, owner=None))
+                self.registry.add_function(
+                    FunctionRegistration(function_id=function_id, owner=None)
+                )
             except RegistryError:
                 return
             raise AssertionError("an engine function replaced worker replicas")
@@ -136,7 +138,11 @@ class CoreMachine(RuleBasedStateMachine):
     def register_service(self, index: int, service_id: str, description, parent) -> None:
         owner = self.live[index % len(self.live)]
         registration = ServiceRegistration(
-            id=service_id, name=service_id, description=description, parent_service_id=parent, owner=owner
+            id=service_id,
+            name=service_id,
+            description=description,
+            parent_service_id=parent,
+            owner=owner,
         )
         current = self.registry.services.services.get(service_id)
         module_owned = current is not None and None in current.registrations
@@ -152,7 +158,9 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(service_id=st.sampled_from(SERVICES))
     def module_service_cannot_be_shadowed(self, service_id: str) -> None:
         try:
-            self.registry.add_service(ServiceRegistration(id=service_id, name=service_id, module="x"))
+            self.registry.add_service(
+                ServiceRegistration(id=service_id, name=service_id, module="x")
+            )
         except ServiceRefusedError:
             assert service_id in self.registry.services.services
             return
@@ -247,7 +255,9 @@ class CoreMachine(RuleBasedStateMachine):
         invocation = next(iter(self.open_calls.values()))
         try:
             self.pending.add(
-                Invocation(invocation_id=invocation.invocation_id, function_id="x", target_worker_id="y")
+                Invocation(
+                    invocation_id=invocation.invocation_id, function_id="x", target_worker_id="y"
+                )
             )
         except DuplicateInvocationError:
             return
@@ -256,7 +266,7 @@ class CoreMachine(RuleBasedStateMachine):
     def _load_changed(self, worker_id: str, load: int) -> None:
         self.registry.set_load(worker_id, load)
         assert load == self.pending.executing_on(worker_id)
-        for (function_id, owner) in self.places:
+        for function_id, owner in self.places:
             if owner == worker_id:
                 self.places[(function_id, owner)] = next(self.clock)
 
@@ -330,8 +340,12 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def indexes_agree(self) -> None:
         for worker_id, info in self.registry.workers.items():
-            assert info.function_ids == {f for f, e in self.registry.functions.items() if worker_id in e.replicas}
-            assert info.trigger_ids == {t for (w, t) in self.registry.registrations if w == worker_id}
+            assert info.function_ids == {
+                f for f, e in self.registry.functions.items() if worker_id in e.replicas
+            }
+            assert info.trigger_ids == {
+                t for (w, t) in self.registry.registrations if w == worker_id
+            }
         registered = sum(len(t.registrants) for t in self.registry.triggers.values())
         assert registered == len(self.registry.registrations)
         for worker_id, ids in self.pending.by_target.items():

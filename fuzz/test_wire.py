@@ -20,31 +20,58 @@ from hypothesis import strategies as st
 from fuzz.strategies import json_values, uuids
 from iii.testing import connect_test_worker, make_config, open_test_engine
 
-FUNCTION_IDS = st.sampled_from(["f::a", "f::b", "engine::functions::list", "engine::workers::list", "engine::channels::create"])
-TRIGGER_TYPES = st.sampled_from(["webhook", "tick", "engine::workers-available", "engine::functions-available", "nope"])
+FUNCTION_IDS = st.sampled_from(
+    ["f::a", "f::b", "engine::functions::list", "engine::workers::list", "engine::channels::create"]
+)
+TRIGGER_TYPES = st.sampled_from(
+    ["webhook", "tick", "engine::workers-available", "engine::functions-available", "nope"]
+)
 
 valid_messages = st.one_of(
     st.builds(lambda i: {"type": "registerfunction", "id": i}, FUNCTION_IDS),
     st.builds(lambda i: {"type": "unregisterfunction", "id": i}, FUNCTION_IDS),
-    st.builds(lambda i, d: {"type": "registertriggertype", "id": i, "description": d}, TRIGGER_TYPES, st.text(max_size=5)),
+    st.builds(
+        lambda i, d: {"type": "registertriggertype", "id": i, "description": d},
+        TRIGGER_TYPES,
+        st.text(max_size=5),
+    ),
     st.builds(lambda i: {"type": "unregistertriggertype", "id": i}, TRIGGER_TYPES),
     st.builds(
-        lambda i, t, f, c: {"type": "registertrigger", "id": i, "trigger_type": t, "function_id": f, "config": c},
+        lambda i, t, f, c: {
+            "type": "registertrigger",
+            "id": i,
+            "trigger_type": t,
+            "function_id": f,
+            "config": c,
+        },
         st.sampled_from(["t1", "t2"]),
         TRIGGER_TYPES,
         FUNCTION_IDS,
         st.sampled_from([None, {}, {"a": 1}]),
     ),
-    st.builds(lambda i: {"type": "unregistertrigger", "id": i}, st.sampled_from(["t1", "t2", "t3"])),
     st.builds(
-        lambda f, d, i, a: {"type": "invokefunction", "function_id": f, "data": d, "invocation_id": i, "action": a},
+        lambda i: {"type": "unregistertrigger", "id": i}, st.sampled_from(["t1", "t2", "t3"])
+    ),
+    st.builds(
+        lambda f, d, i, a: {
+            "type": "invokefunction",
+            "function_id": f,
+            "data": d,
+            "invocation_id": i,
+            "action": a,
+        },
         FUNCTION_IDS,
         json_values,
         st.none() | uuids,
         st.sampled_from([None, {"type": "void"}, {"type": "enqueue", "queue": "q"}, "weird"]),
     ),
     st.builds(
-        lambda i, f, r: {"type": "invocationresult", "invocation_id": i, "function_id": f, "result": r},
+        lambda i, f, r: {
+            "type": "invocationresult",
+            "invocation_id": i,
+            "function_id": f,
+            "result": r,
+        },
         uuids,
         FUNCTION_IDS,
         json_values,
@@ -58,9 +85,11 @@ hostile_frames = st.one_of(
     st.binary(max_size=30),
     st.builds(lambda b: b"OTLP" + b, st.binary(max_size=20)),
     st.builds(lambda v: orjson.dumps(v).decode(), json_values),
-    st.dictionaries(st.sampled_from(["type", "id", "function_id", "invocation_id", "data"]), json_values, max_size=4).map(
-        lambda d: orjson.dumps(d).decode()
-    ),
+    st.dictionaries(
+        st.sampled_from(["type", "id", "function_id", "invocation_id", "data"]),
+        json_values,
+        max_size=4,
+    ).map(lambda d: orjson.dumps(d).decode()),
 )
 frames = valid_messages.map(lambda m: orjson.dumps(m).decode()) | hostile_frames
 ops = st.lists(st.tuples(st.integers(0, 2), st.one_of(frames, st.just("DISCONNECT"))), max_size=30)
@@ -112,7 +141,9 @@ async def _scenario(sequence: list[tuple[int, object]]) -> None:
                 await trio.sleep(0.01)
         registry = engine.registry
         assert not registry.workers and not registry.registrations and not registry.triggers
-        assert all(None in entry.replicas for entry in registry.functions.values())  # only engine functions
+        assert all(
+            None in entry.replicas for entry in registry.functions.values()
+        )  # only engine functions
         assert all(t.provider is None for t in registry.trigger_types.values())
 
 

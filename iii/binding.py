@@ -32,6 +32,7 @@ def reuse_port() -> bool:
     """True in an engine process started by ``serve --processes``."""
     return os.environ.get(REUSE_PORT_ENV) == "1"
 
+
 # For a listener whose address comes from code, not from a config (tests).
 NO_KEYS = ("the address given in code", False)
 

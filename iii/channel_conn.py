@@ -142,7 +142,9 @@ async def _pump_to_socket(
                     return
             if stalled.cancelled_caught:
                 log.warning(
-                    "channel %s: the reader took no frame for %gs: closed", channel.channel_id, STALL_TIMEOUT
+                    "channel %s: the reader took no frame for %gs: closed",
+                    channel.channel_id,
+                    STALL_TIMEOUT,
                 )
                 await _close(ws, 1008, "channel reader stalled")
                 return

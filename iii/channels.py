@@ -169,7 +169,11 @@ class Channel:
 
     def ref(self, direction: str) -> dict[str, str]:
         """The ``StreamChannelRef`` a worker uses to connect to one side."""
-        return {"channel_id": self.channel_id, "access_key": self.access_key, "direction": direction}
+        return {
+            "channel_id": self.channel_id,
+            "access_key": self.access_key,
+            "direction": direction,
+        }
 
     def claim_writer(self) -> FrameWriter:
         if self.writer_claimed:
@@ -284,7 +288,8 @@ class ChannelTable:
         stale = [
             c
             for c in self.channels.values()
-            if c.finished or (now - c.created_at > ttl and not (c.writer_claimed and c.reader_claimed))
+            if c.finished
+            or (now - c.created_at > ttl and not (c.writer_claimed and c.reader_claimed))
         ]
         for channel in stale:
             self.remove(channel)

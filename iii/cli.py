@@ -181,7 +181,8 @@ def _add_client_commands(commands: Any) -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     where = connection.add_argument_group("engine connection")
     where.add_argument(
-        "--url", help="ws:// or wss:// URL of the engine (default $III_URL, else ws://127.0.0.1:49134)"
+        "--url",
+        help="ws:// or wss:// URL of the engine (default $III_URL, else ws://127.0.0.1:49134)",
     )
     where.add_argument("--address", help="engine host, with --port: upstream's form of --url")
     where.add_argument("--port", type=_port, help="engine port with --address (default 49134)")
@@ -350,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iii", description="iii orchestration engine")
     parser.add_argument("--version", action="version", version=f"iii {__version__}")
     parser.add_argument(
-        "--log-level", default=os.environ.get("III_LOG_LEVEL", "info"), help="debug, info, warning, error"
+        "--log-level",
+        default=os.environ.get("III_LOG_LEVEL", "info"),
+        help="debug, info, warning, error",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the engine")
-    serve.add_argument("-c", "--config", help="config file (YAML or TOML); default ./config.yaml if present")
+    serve.add_argument(
+        "-c", "--config", help="config file (YAML or TOML); default ./config.yaml if present"
+    )
     serve.add_argument(
         "--processes",
         help="engine processes sharing the ports as one cluster (a number or 'auto' = cores); "
@@ -405,7 +410,9 @@ def _processes(config: EngineConfig, given: str | None, file: str | None) -> int
 
     if given is not None:
         if given != "auto" and not (given.isdigit() and 1 <= int(given) <= 256):
-            raise ConfigError(f'--processes must be a number from 1 to 256 or "auto", got {given!r}')
+            raise ConfigError(
+                f'--processes must be a number from 1 to 256 or "auto", got {given!r}'
+            )
         config = attrs.evolve(config, processes=given if given == "auto" else int(given))
     count = process_count(config)
     if count > 1:

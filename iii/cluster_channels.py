@@ -109,14 +109,18 @@ def _bridge(engine: Engine, peer_url: str, key: str, ref: dict[str, str]) -> Cha
         if ref["direction"] == "read":
             engine.spawn_detached(_pull, engine, peer_url, ref, local, local.send_side, what=what)
         else:
-            engine.spawn_detached(_push, engine, peer_url, ref, local, local.receive_side, what=what)
+            engine.spawn_detached(
+                _push, engine, peer_url, ref, local, local.receive_side, what=what
+            )
 
     local.on_claim = on_claim
     return local
 
 
 @asynccontextmanager
-async def _open_side(engine: Engine, peer_url: str, ref: dict[str, str]) -> AsyncIterator[WebSocketConnection]:
+async def _open_side(
+    engine: Engine, peer_url: str, ref: dict[str, str]
+) -> AsyncIterator[WebSocketConnection]:
     """A WebSocket to one side of the peer's channel, through :mod:`iii.client`'s
     connection code (TLS, the guarded upgrade); closed, then the socket, on exit."""
     endpoint = Endpoint.parse(peer_url)
@@ -148,7 +152,9 @@ async def _open_side(engine: Engine, peer_url: str, ref: dict[str, str]) -> Asyn
         await trio.aclose_forcefully(stream)
 
 
-async def _pull(engine: Engine, peer_url: str, ref: dict[str, str], local: Channel, writer: FrameWriter) -> None:
+async def _pull(
+    engine: Engine, peer_url: str, ref: dict[str, str], local: Channel, writer: FrameWriter
+) -> None:
     """Peer channel (we read) -> local channel (the worker reads)."""
     try:
         with trio.move_on_after(BRIDGE_TTL):
@@ -170,7 +176,9 @@ async def _pull(engine: Engine, peer_url: str, ref: dict[str, str], local: Chann
         engine.channels.release_if_finished(local)
 
 
-async def _push(engine: Engine, peer_url: str, ref: dict[str, str], local: Channel, reader: FrameReader) -> None:
+async def _push(
+    engine: Engine, peer_url: str, ref: dict[str, str], local: Channel, reader: FrameReader
+) -> None:
     """Local channel (the worker writes) -> peer channel (we write)."""
     try:
         with trio.move_on_after(BRIDGE_TTL):

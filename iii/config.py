@@ -109,7 +109,9 @@ def expand_env(value: Any, *, file: str | None = None, path: str = "", env: Any 
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [expand_env(v, file=file, path=f"{path}[{i}]", env=environ) for i, v in enumerate(value)]
+        return [
+            expand_env(v, file=file, path=f"{path}[{i}]", env=environ) for i, v in enumerate(value)
+        ]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -177,17 +179,29 @@ def _read_file(path: Path) -> Any:
 def _module_entry(raw: Any, index: int, file: str | None, *, listed: bool = True) -> ModuleEntry:
     path = f"modules[{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping with 'class' and 'config', got {type_name(raw)}", file=file, key=path)
+        raise ConfigError(
+            f"expected a mapping with 'class' and 'config', got {type_name(raw)}",
+            file=file,
+            key=path,
+        )
     unknown = set(raw) - {"class", "config"}
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}", file=file, key=path)
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}",
+            file=file,
+            key=path,
+        )
     class_name = raw.get("class")
     if not isinstance(class_name, str):
-        raise ConfigError("'class' is required and must be a string", file=file, key=f"{path}.class")
+        raise ConfigError(
+            "'class' is required and must be a string", file=file, key=f"{path}.class"
+        )
     spec = MODULE_SPECS.get(class_name)
     if spec is None:
         known = ", ".join(sorted(MODULE_SPECS))
-        raise ConfigError(f"unknown module class {class_name!r} (known: {known})", file=file, key=f"{path}.class")
+        raise ConfigError(
+            f"unknown module class {class_name!r} (known: {known})", file=file, key=f"{path}.class"
+        )
     return ModuleEntry(
         class_name=class_name,
         config=_module_config(spec.class_name, raw.get("config"), file=file, path=f"{path}.config"),
@@ -214,7 +228,9 @@ def parse_config(raw: Any, *, file: str | None = None, env: Any = None) -> Engin
     if raw_modules is None:
         entries = [{"class": name} for name in DEFAULT_MODULES]
     elif not isinstance(raw_modules, list):
-        raise ConfigError(f"expected a list, got {type_name(raw_modules)}", file=file, key="modules")
+        raise ConfigError(
+            f"expected a list, got {type_name(raw_modules)}", file=file, key="modules"
+        )
     else:
         entries = raw_modules
     port = raw.get("port")
@@ -311,7 +327,11 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
         key = f"auth.tokens[{index}].env"
         secret = str(environ.get(token.env, "")).strip()
         if not secret:
-            raise ConfigError(f"environment variable {token.env} (the token's secret) is not set", file=file, key=key)
+            raise ConfigError(
+                f"environment variable {token.env} (the token's secret) is not set",
+                file=file,
+                key=key,
+            )
         if len(secret) < MIN_TOKEN_LENGTH:
             raise ConfigError(
                 f"the token in {token.env} has {len(secret)} characters; use at least {MIN_TOKEN_LENGTH}",
@@ -320,7 +340,9 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
             )
         if secret in seen:
             raise ConfigError(
-                f"the token in {token.env} is the same as auth.tokens[{seen[secret]}]'s", file=file, key=key
+                f"the token in {token.env} is the same as auth.tokens[{seen[secret]}]'s",
+                file=file,
+                key=key,
             )
         seen[secret] = index
         _check_patterns(token, index, file)
@@ -336,21 +358,29 @@ def _resolve_tokens(auth: AuthConfig, environ: Any, file: str | None) -> AuthCon
     return attrs.evolve(auth, tokens=tuple(tokens))
 
 
-def _resolve_cluster(cluster: ClusterConfig | None, environ: Any, file: str | None) -> ClusterConfig | None:
+def _resolve_cluster(
+    cluster: ClusterConfig | None, environ: Any, file: str | None
+) -> ClusterConfig | None:
     """Check ``cluster:`` and read its token from ``token_env``."""
     if cluster is None:
         return None
     if not cluster.name.strip():
         raise ConfigError("must not be empty", file=file, key="cluster.name")
     if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("must be a redis://, rediss:// or unix:// URL", file=file, key="cluster.redis_url")
+        raise ConfigError(
+            "must be a redis://, rediss:// or unix:// URL", file=file, key="cluster.redis_url"
+        )
     if cluster.advertise is not None:
         match = re.fullmatch(r"wss?://[^/:\s]+(:\d{1,5})?/?", cluster.advertise)
         if match is None or (match.group(1) is not None and int(match.group(1)[1:]) > 65535):
-            raise ConfigError("must be ws://host:port or wss://host:port", file=file, key="cluster.advertise")
+            raise ConfigError(
+                "must be ws://host:port or wss://host:port", file=file, key="cluster.advertise"
+            )
     if not 100 <= cluster.dead_after_ms <= 600_000:
         raise ConfigError(
-            f"must be between 100 and 600000, got {cluster.dead_after_ms}", file=file, key="cluster.dead_after_ms"
+            f"must be between 100 and 600000, got {cluster.dead_after_ms}",
+            file=file,
+            key="cluster.dead_after_ms",
         )
     secret = str(environ.get(cluster.token_env, "")).strip()
     if not secret:
@@ -373,7 +403,9 @@ def _check_processes(processes: int | str | None, file: str | None) -> None:
         return
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 256:
         raise ConfigError(
-            f"must be a number from 1 to 256 or \"auto\", got {processes!r}", file=file, key="processes"
+            f'must be a number from 1 to 256 or "auto", got {processes!r}',
+            file=file,
+            key="processes",
         )
 
 
@@ -444,7 +476,12 @@ def config_to_dict(config: EngineConfig) -> dict[str, Any]:
         module_config = entry.config
         if attrs.has(type(module_config)):
             module_config = CONFIG_CONVERTER.unstructure(module_config)
-        modules.append({"class": entry.class_name, "config": module_config if module_config is not None else {}})
+        modules.append(
+            {
+                "class": entry.class_name,
+                "config": module_config if module_config is not None else {},
+            }
+        )
     top["modules"] = modules
     return top
 

@@ -246,4 +246,3 @@ def _children(node: Node, path: str) -> list[tuple[Node, str]]:
         children.append((key_node, child_path))
         children.append((value_node, child_path))
     return children
-

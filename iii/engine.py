@@ -223,7 +223,9 @@ class Engine:
         for trigger in waiting:
             error = self._activate(trigger)
             if error is not None:
-                log.warning("parked trigger %s refused by %s: %s", trigger.id, type_id, error.message)
+                log.warning(
+                    "parked trigger %s refused by %s: %s", trigger.id, type_id, error.message
+                )
 
     # -- triggers ----------------------------------------------------------
 
@@ -267,7 +269,9 @@ class Engine:
             except IIIError as exc:
                 return ErrorBody(code=exc.code, message=exc.message)
             except Exception as exc:
-                log.exception("trigger type %s failed to register %s", trigger.trigger_type, trigger.id)
+                log.exception(
+                    "trigger type %s failed to register %s", trigger.trigger_type, trigger.id
+                )
                 return ErrorBody(code=TriggerRegistrationError.code, message=str(exc))
             trigger.active = True
             return None
@@ -298,7 +302,9 @@ class Engine:
             try:
                 trigger_type.handler.unregister_trigger(trigger)
             except Exception:
-                log.exception("trigger type %s failed to unregister %s", trigger.trigger_type, trigger.id)
+                log.exception(
+                    "trigger type %s failed to unregister %s", trigger.trigger_type, trigger.id
+                )
             return
         provider = self.connections.get(trigger_type.provider or "")
         if provider is not None:

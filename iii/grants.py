@@ -192,11 +192,7 @@ class Grant:
 
     @property
     def unrestricted(self) -> bool:
-        return (
-            self._register is None
-            and self._invoke is None
-            and self._trigger_types is None
-        )
+        return self._register is None and self._invoke is None and self._trigger_types is None
 
     @property
     def invokes_everything(self) -> bool:

@@ -98,7 +98,9 @@ class PendingTable:
             self.on_load(invocation.target_worker_id, len(ids))
         if invocation.deadline != math.inf:
             self._prune_deadlines()
-            heapq.heappush(self._deadlines, (invocation.deadline, next(self._order), invocation.invocation_id))
+            heapq.heappush(
+                self._deadlines, (invocation.deadline, next(self._order), invocation.invocation_id)
+            )
 
     @property
     def next_deadline(self) -> float:
@@ -113,7 +115,11 @@ class PendingTable:
             deadline, _, invocation_id = heapq.heappop(heap)
             invocation = self.by_id.get(invocation_id)
             # The same id may have been filed again since, with its own deadline.
-            if invocation is not None and invocation.deadline == deadline and invocation.resolve(error=TIMED_OUT):
+            if (
+                invocation is not None
+                and invocation.deadline == deadline
+                and invocation.resolve(error=TIMED_OUT)
+            ):
                 expired.append(invocation)
         return expired
 
@@ -138,7 +144,12 @@ class PendingTable:
                 self.on_load(invocation.target_worker_id, len(ids))
 
     def resolve_from(
-        self, worker_id: str, invocation_id: str, *, result: Any = None, error: ErrorBody | None = None
+        self,
+        worker_id: str,
+        invocation_id: str,
+        *,
+        result: Any = None,
+        error: ErrorBody | None = None,
     ) -> Invocation | None:
         """Apply a worker's ``invocationresult``.
 

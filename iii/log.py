@@ -238,7 +238,8 @@ def _escape_exception_texts(exc: traceback.TracebackException) -> None:
         seen.add(id(current))
         text = getattr(current, "_str", None)
         if isinstance(text, str):
-            setattr(current, "_str", clean(text))
+            # A private attribute of TracebackException, not in its type stubs.
+            setattr(current, "_str", clean(text))  # noqa: B010
         notes = current.__notes__
         if isinstance(notes, (list, tuple)):
             current.__notes__ = [clean(str(note)) for note in notes]

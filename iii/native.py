@@ -91,9 +91,9 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(
             cattrs.transform_error(
                 exc,
-                format_exception=lambda e, t: "missing field"
-                if isinstance(e, KeyError)
-                else (str(e) or type(e).__name__),
+                format_exception=lambda e, t: (
+                    "missing field" if isinstance(e, KeyError) else (str(e) or type(e).__name__)
+                ),
             )
         )
     return str(exc)

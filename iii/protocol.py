@@ -293,7 +293,9 @@ def _make_converter() -> cattrs.Converter:
         if not isinstance(code, str) or not isinstance(message, str):
             raise TypeError("error must be an object with string code and message")
         return ErrorBody(
-            code=code, message=message, stacktrace=stacktrace if isinstance(stacktrace, str) else None
+            code=code,
+            message=message,
+            stacktrace=stacktrace if isinstance(stacktrace, str) else None,
         )
 
     converter.register_structure_hook(str, structure_str)
@@ -315,7 +317,10 @@ def _make_converter() -> cattrs.Converter:
     converter.register_unstructure_hook(
         InvokeFunction,
         make_dict_unstructure_fn(
-            InvokeFunction, converter, _cattrs_omit_if_default=True, data=override(omit_if_default=False)
+            InvokeFunction,
+            converter,
+            _cattrs_omit_if_default=True,
+            data=override(omit_if_default=False),
         ),
     )
     return converter

@@ -355,7 +355,9 @@ class Registry:
             raise RegistryError(f"{registration.function_id} is already registered by a worker")
         created = entry is None
         if entry is None:
-            entry = self.functions[registration.function_id] = FunctionEntry(registration.function_id)
+            entry = self.functions[registration.function_id] = FunctionEntry(
+                registration.function_id
+            )
             self.function_set_version += 1
         owner = registration.owner
         joined = owner not in entry.replicas
@@ -449,7 +451,11 @@ class Registry:
         current = self.trigger_types.get(trigger_type.id)
         if current is not None and current.provider is None and trigger_type.provider is not None:
             raise RegistryError(f"trigger type {trigger_type.id} is provided by the engine")
-        if current is not None and current.provider is not None and current.provider in self.workers:
+        if (
+            current is not None
+            and current.provider is not None
+            and current.provider in self.workers
+        ):
             self.workers[current.provider].trigger_type_ids.discard(trigger_type.id)
         self.trigger_types[trigger_type.id] = trigger_type
         if trigger_type.provider is not None:

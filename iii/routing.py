@@ -140,6 +140,7 @@ async def route(
         raise InvocationFailedError(error.message, code=error.code, stacktrace=error.stacktrace)
     return invocation.result
 
+
 def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
     """The replica to run a call on: the least loaded, where a peer
     engine's replica counts one more than its calls in flight (so an idle
@@ -160,6 +161,7 @@ def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> F
         return engine.pending.executing_on(owner)
 
     return entry.pick_by(load)
+
 
 async def expire_invocations(engine: Engine) -> None:
     """Resolve routed calls whose deadline has passed with ``timeout``.

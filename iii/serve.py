@@ -91,6 +91,7 @@ async def watch_signals(engine: Engine) -> None:
             engine.request_shutdown()
             return
 
+
 async def drain(engine: Engine, listener_scope: trio.CancelScope) -> None:
     """Shutdown steps 1–3 (see the module docstring)."""
     listener_scope.cancel()

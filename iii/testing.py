@@ -92,13 +92,21 @@ class RawWorker:
                     return message  # type: ignore[no-any-return]
                 self.backlog.append(message)
 
-    async def call(self, function_id: str, data: Any = None, timeout: float = 5.0, **extra: Any) -> dict[str, Any]:
+    async def call(
+        self, function_id: str, data: Any = None, timeout: float = 5.0, **extra: Any
+    ) -> dict[str, Any]:
         """Invoke with a fresh invocation id and wait for its result."""
         import uuid
 
         invocation_id = str(uuid.uuid4())
         await self.send(
-            {"type": "invokefunction", "function_id": function_id, "data": data, "invocation_id": invocation_id, **extra}
+            {
+                "type": "invokefunction",
+                "function_id": function_id,
+                "data": data,
+                "invocation_id": invocation_id,
+                **extra,
+            }
         )
         with trio.fail_after(timeout):
             while True:

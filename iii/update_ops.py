@@ -227,8 +227,7 @@ def _add(current: Any, op: UpdateOp) -> Any:
         kind = "a 64-bit integer" if isinstance(result, int) else "a finite number"
         raise _OpFailed(
             f"{op.type}.overflow",
-            f"Cannot {op.type} at path '{_label(op.path)}' by {op.by!r}: "
-            f"the result is not {kind}.",
+            f"Cannot {op.type} at path '{_label(op.path)}' by {op.by!r}: the result is not {kind}.",
         )
     return result
 

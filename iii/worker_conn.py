@@ -100,7 +100,9 @@ class WorkerConnection:
     ws: WebSocketConnection
     ip_address: str = ""
     worker_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
-    reattach_token: str = attrs.field(factory=lambda: str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)))
+    reattach_token: str = attrs.field(
+        factory=lambda: str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
+    )
     grant: Grant = ALLOW_ALL
     close_reason: CloseReason | None = None
     # Calls this worker made that are not answered yet (max_pending_invocations).
@@ -184,7 +186,9 @@ class WorkerConnection:
     async def run(self) -> None:
         engine = self.engine
         info = WorkerInfo(id=self.worker_id, ip_address=self.ip_address, connected_at_ms=_now_ms())
-        hello = encode_message(WorkerRegistered(worker_id=self.worker_id, reattach_token=self.reattach_token))
+        hello = encode_message(
+            WorkerRegistered(worker_id=self.worker_id, reattach_token=self.reattach_token)
+        )
         with trio.move_on_after(engine.config.handshake_timeout) as hello_scope:
             try:
                 await self.ws.send_message(hello)

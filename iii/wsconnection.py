@@ -138,8 +138,10 @@ class GuardedConnection(WebSocketConnection):
         elif not inbound.add_nowait(cost) and not await self._wait_for_room(cost):
             return
         queued = self._queued
-        if self._message_parts or not event.message_finished or (
-            queued and queued + cost > self._read_ahead
+        if (
+            self._message_parts
+            or not event.message_finished
+            or (queued and queued + cost > self._read_ahead)
         ):
             self._parts_cost += cost
             self._message_parts.append(data)

@@ -92,7 +92,9 @@ async def send_frames(ws: WebSocketConnection, frames: Sequence[str | bytes]) ->
     encode = ws._wsproto.send
     if len(frames) == 1:
         frame = frames[0]
-        data = encode(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+        data = encode(
+            TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame)
+        )
     else:
         data = b"".join(
             encode(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))

@@ -32,13 +32,24 @@ def new_prefix() -> str:
     return f"iii-test-{uuid.uuid4().hex[:12]}:"
 
 
-def adapter_block(module: str, kind: str, tmp_path: Path, *, prefix: str | None = None, url: str | None = None) -> dict[str, Any]:
+def adapter_block(
+    module: str, kind: str, tmp_path: Path, *, prefix: str | None = None, url: str | None = None
+) -> dict[str, Any]:
     embedded, redis = CLASSES[module]
     if kind == "memory":
         return {"class": embedded, "config": {}}
     if kind == "file":
-        return {"class": embedded, "config": {"store_method": "file_based", "file_path": str(tmp_path / f"{module}-store")}}
-    return {"class": redis, "config": {"redis_url": url or require_redis(), "key_prefix": prefix or new_prefix()}}
+        return {
+            "class": embedded,
+            "config": {
+                "store_method": "file_based",
+                "file_path": str(tmp_path / f"{module}-store"),
+            },
+        }
+    return {
+        "class": redis,
+        "config": {"redis_url": url or require_redis(), "key_prefix": prefix or new_prefix()},
+    }
 
 
 async def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379") -> None:

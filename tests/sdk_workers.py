@@ -57,7 +57,7 @@ __all__ = [
     "wait_registered",
 ]
 
-WORKER_041 = r'''
+WORKER_041 = r"""
 import asyncio, json, sys
 from iii import III, InitOptions
 from iii.triggers import TriggerHandler
@@ -128,9 +128,9 @@ async def main():
             out("ERR", {"code": code, "message": text})
 
 asyncio.run(main())
-'''
+"""
 
-WORKER_025 = r'''
+WORKER_025 = r"""
 import hashlib, json, sys, threading, time, warnings
 warnings.simplefilter("ignore")
 from iii import register_worker, InitOptions, InvocationError, TriggerAction
@@ -195,12 +195,12 @@ for line in sys.stdin:
     except Exception as exc:
         out("ERR", {"code": None, "message": repr(exc)})
 iii.shutdown()
-'''
+"""
 
 # 0.9.0 (the SDK Motia 1.0 runs on): ``register_worker`` as in 0.25, but
 # functions are registered with ``{"id": ...}``, a sync ``trigger`` from the
 # main thread, and an error result raised as ``Exception(str(error_dict))``.
-WORKER_090 = r'''
+WORKER_090 = r"""
 import ast, asyncio, hashlib, json, sys, threading, time
 from iii import register_worker, InitOptions, TriggerAction
 from iii.triggers import TriggerHandler
@@ -291,7 +291,7 @@ for line in sys.stdin:
     except Exception as exc:
         out("ERR", error_of(exc))
 iii.shutdown()
-'''
+"""
 
 SCRIPTS = {"0.4.1": WORKER_041, "0.9.0": WORKER_090, "0.25.0": WORKER_025}
 VERSIONS = tuple(SCRIPTS)

@@ -6,7 +6,6 @@ import pytest
 
 from iii.admission import Admission, ConnectionLimits, address_key
 
-
 STREAM = "modules::stream::StreamModule"
 
 

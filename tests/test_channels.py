@@ -28,7 +28,9 @@ async def test_each_side_is_claimed_once_and_frames_are_buffered():
     assert [frame async for frame in reader] == ["a", b"b"]
 
 
-@pytest.mark.parametrize("requested, expected", [(None, 64), (0, 1), (5000, 1024), ("x", 64), (True, 64), (16, 16)])
+@pytest.mark.parametrize(
+    "requested, expected", [(None, 64), (0, 1), (5000, 1024), ("x", 64), (True, 64), (16, 16)]
+)
 async def test_buffer_size_is_clamped(requested, expected):
     assert ChannelTable().create(requested).buffer_size == expected
 

@@ -37,7 +37,11 @@ def test_check_config_ok_and_error(tmp_path):
     bad.write_text("port: 4000\nmodules:\n  - class: modules::api::RestApiModul\n")
     result = run("check-config", str(bad))
     assert result.returncode == 2
-    assert str(bad) in result.stderr and "modules[0].class" in result.stderr and "RestApiModul" in result.stderr
+    assert (
+        str(bad) in result.stderr
+        and "modules[0].class" in result.stderr
+        and "RestApiModul" in result.stderr
+    )
 
 
 def test_config_show_fills_defaults(tmp_path):
@@ -45,7 +49,10 @@ def test_config_show_fills_defaults(tmp_path):
     assert result.returncode == 0
     shown = yaml.safe_load(result.stdout)
     assert shown["port"] == 49134 and shown["invocation_timeout_ms"] == 30000
-    assert {"class": "modules::worker::WorkerModule", "config": {"functions_debounce_ms": 200}} in shown["modules"]
+    assert {
+        "class": "modules::worker::WorkerModule",
+        "config": {"functions_debounce_ms": 200},
+    } in shown["modules"]
     result = run("config", "show", "--format", "toml", cwd=tmp_path)
     assert tomllib.loads(result.stdout)["port"] == 49134
 

@@ -19,7 +19,10 @@ def test_no_file_gives_the_default_module_set():
     config = load_config(None)
     classes = [m.class_name for m in config.modules]
     assert classes[: len(DEFAULT_MODULES)] == DEFAULT_MODULES
-    assert "modules::worker::WorkerModule" in classes and "modules::telemetry::TelemetryModule" in classes
+    assert (
+        "modules::worker::WorkerModule" in classes
+        and "modules::telemetry::TelemetryModule" in classes
+    )
     assert config.port == 49134 and config.host == "127.0.0.1"
 
 
@@ -45,23 +48,46 @@ modules:
 
 
 def test_unset_variable_names_variable_key_and_file(tmp_path):
-    path = write(tmp_path, "modules:\n  - class: modules::worker::WorkerModule\n    config:\n      functions_debounce_ms: ${NOPE_NOT_SET}\n")
+    path = write(
+        tmp_path,
+        "modules:\n  - class: modules::worker::WorkerModule\n    config:\n      functions_debounce_ms: ${NOPE_NOT_SET}\n",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     message = str(info.value)
-    assert str(path) in message and "NOPE_NOT_SET" in message and "modules[0].config.functions_debounce_ms" in message
+    assert (
+        str(path) in message
+        and "NOPE_NOT_SET" in message
+        and "modules[0].config.functions_debounce_ms" in message
+    )
 
 
 @pytest.mark.parametrize(
     "raw, typed",
     [
         # YAML 1.2 core scalars, not PyYAML's 1.1 ones:
-        ("yes", "yes"), ("on", "on"), ("no", "no"), ("off", "off"), ("y", "y"),
-        ("12:30", "12:30"), ("1_000", "1_000"),
-        ("010", 10), ("0o17", 15), ("0x1F", 31), ("-3", -3), ("49134", 49134),
-        ("true", True), ("False", False), ("null", None), ("~", None),
-        ("1.5", 1.5), ("1e3", 1000.0), (".inf", float("inf")),
-        ("", ""), ("secret", "secret"), ("1.2.3", "1.2.3"),
+        ("yes", "yes"),
+        ("on", "on"),
+        ("no", "no"),
+        ("off", "off"),
+        ("y", "y"),
+        ("12:30", "12:30"),
+        ("1_000", "1_000"),
+        ("010", 10),
+        ("0o17", 15),
+        ("0x1F", 31),
+        ("-3", -3),
+        ("49134", 49134),
+        ("true", True),
+        ("False", False),
+        ("null", None),
+        ("~", None),
+        ("1.5", 1.5),
+        ("1e3", 1000.0),
+        (".inf", float("inf")),
+        ("", ""),
+        ("secret", "secret"),
+        ("1.2.3", "1.2.3"),
     ],
 )
 def test_a_lone_reference_takes_the_yaml_1_2_type_of_its_value(raw, typed):
@@ -81,8 +107,16 @@ def test_expansion_cannot_inject_yaml():
         ("prot: 1\n", None, "unknown key: prot"),
         ("port: abc\n", "port", "expected an integer"),
         ("modules:\n  - class: modules::nope::Nope\n", "modules[0].class", "unknown module class"),
-        ("modules:\n  - class: modules::worker::WorkerModule\n    config: {debounce: 1}\n", "modules[0].config", "unknown key: debounce"),
-        ("modules:\n  - class: modules::worker::WorkerModule\n  - class: modules::worker::WorkerModule\n", "modules[1].class", "listed twice"),
+        (
+            "modules:\n  - class: modules::worker::WorkerModule\n    config: {debounce: 1}\n",
+            "modules[0].config",
+            "unknown key: debounce",
+        ),
+        (
+            "modules:\n  - class: modules::worker::WorkerModule\n  - class: modules::worker::WorkerModule\n",
+            "modules[1].class",
+            "listed twice",
+        ),
         ("modules:\n  - klass: x\n", "modules[0]", "unknown key: klass"),
         ("modules: 3\n", "modules", "expected a list"),
         ("- a\n- b\n", None, "top level must be a mapping"),
@@ -240,9 +274,12 @@ def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path, name, text)
     "text, key, line",
     [
         ("port: 4000\nhost: x\nport: 5000\n", "port", 3),
-        ("modules:\n  - class: modules::worker::WorkerModule\n    config:\n"
-         "      functions_debounce_ms: 1\n      functions_debounce_ms: 2\n",
-         "modules[0].config.functions_debounce_ms", 5),
+        (
+            "modules:\n  - class: modules::worker::WorkerModule\n    config:\n"
+            "      functions_debounce_ms: 1\n      functions_debounce_ms: 2\n",
+            "modules[0].config.functions_debounce_ms",
+            5,
+        ),
         ("auth: {tokens: [], tokens: []}\n", "auth.tokens", 1),
     ],
 )

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from iii.containment import contained, start_contained
 
@@ -43,7 +44,7 @@ async def test_cancelled_propagates_and_a_group_s_exception_part_is_still_report
                 await trio.sleep_forever()
 
             async def failer() -> None:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 outer.cancel()
                 raise RuntimeError("at the same time")
 
@@ -168,7 +169,9 @@ async def test_a_trigger_function_failing_unexpectedly_ends_that_event_only(
     assert "trigger bug" in caplog.text
 
 
-async def test_a_queue_job_failing_unexpectedly_is_retried_with_backoff(autojump_clock: Any) -> None:
+async def test_a_queue_job_failing_unexpectedly_is_retried_with_backoff(
+    autojump_clock: Any,
+) -> None:
     """Not released to fail again at once: that looped thousands of times a second."""
     from iii.registry import TriggerRegistration
     from iii.testing import make_config, open_test_engine

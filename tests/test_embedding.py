@@ -93,7 +93,12 @@ def test_adapter_without_listed_modules_keeps_the_default_set():
     assert {REST, STATE, "modules::queue::QueueModule", "modules::cron::CronModule"} <= classes
     assert config.module_config(STATE).adapter.class_name == "modules::state::adapters::KvStore"
     # default_modules() after add_module(): the listed one plus every default.
-    config = EngineBuilder().add_module("modules::observability::OtelModule").default_modules().build_config()
+    config = (
+        EngineBuilder()
+        .add_module("modules::observability::OtelModule")
+        .default_modules()
+        .build_config()
+    )
     classes = [entry.class_name for entry in config.modules]
     assert classes[0] == "modules::observability::OtelModule" and REST in classes
 
@@ -117,16 +122,31 @@ def test_builder_from_a_file_and_from_a_dict(tmp_path):
     config = EngineBuilder.from_dict(data).add_module(STATE).build_config()
     assert config.port == 50400
     assert [entry.class_name for entry in config.modules][:2] == [REST, STATE]
-    assert data == {"port": 50400, "modules": [{"class": REST, "config": {"port": 3888}}]}  # not mutated
+    assert data == {
+        "port": 50400,
+        "modules": [{"class": REST, "config": {"port": 3888}}],
+    }  # not mutated
 
 
 @pytest.mark.parametrize(
     ("builder", "key", "reason"),
     [
-        (lambda: EngineBuilder().add_module(REST, {"prot": 1}), "modules[0].config", "unknown key: prot"),
-        (lambda: EngineBuilder().add_module("modules::nope::Nope"), "modules[0].class", "unknown module class"),
+        (
+            lambda: EngineBuilder().add_module(REST, {"prot": 1}),
+            "modules[0].config",
+            "unknown key: prot",
+        ),
+        (
+            lambda: EngineBuilder().add_module("modules::nope::Nope"),
+            "modules[0].class",
+            "unknown module class",
+        ),
         (lambda: EngineBuilder().port(70000), "port", "between 0 and 65535"),
-        (lambda: EngineBuilder().set("invocation_timeout_ms", "soon"), "invocation_timeout_ms", "expected an integer"),
+        (
+            lambda: EngineBuilder().set("invocation_timeout_ms", "soon"),
+            "invocation_timeout_ms",
+            "expected an integer",
+        ),
         (lambda: EngineBuilder().set("colour", "blue"), None, "unknown key: colour"),
         (lambda: EngineBuilder.from_dict({"modules": "all"}), "modules", "expected a list"),
     ],
@@ -142,7 +162,9 @@ def test_a_bad_config_names_the_key(builder, key, reason):
 
 def test_a_bad_file_names_the_file_and_the_key(tmp_path):
     file = tmp_path / "bad.yaml"
-    file.write_text("modules:\n  - class: modules::api::RestApiModule\n    config: {port: yes-please}\n")
+    file.write_text(
+        "modules:\n  - class: modules::api::RestApiModule\n    config: {port: yes-please}\n"
+    )
     with pytest.raises(ConfigError) as caught:
         EngineBuilder.from_file(file).build_config()
     assert (caught.value.file, caught.value.key) == (str(file), "modules[0].config.port")
@@ -172,7 +194,9 @@ async def test_a_config_error_leaves_open_before_anything_runs():
 
 
 async def test_a_native_function_clashing_with_a_module_function_stops_the_start():
-    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="'publish'"), flatten_subgroups=True):
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ValueError, match="'publish'"), flatten_subgroups=True
+    ):
         async with EngineBuilder().free_ports().function("publish", add).open():
             raise AssertionError("the block must not run")
 
@@ -209,7 +233,10 @@ async def test_serve_in_the_callers_nursery():
 
 
 async def test_two_engines_on_free_ports_side_by_side():
-    async with EngineBuilder().free_ports().open() as one, EngineBuilder().free_ports().open() as two:
+    async with (
+        EngineBuilder().free_ports().open() as one,
+        EngineBuilder().free_ports().open() as two,
+    ):
         assert one.ports.worker != two.ports.worker
         assert one.ports.rest_api != two.ports.rest_api
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.sdk
 
 SAMPLE = Path(__file__).with_name("embedding_sample")
 
-FAILING = '''
+FAILING = """
 import subprocess
 from functools import partial
 
@@ -45,7 +45,7 @@ def test_wrong_greeting_in_a_plain_test(iii_engine_thread, greeter_argv):
         finally:
             worker.kill()
     assert answer == {"message": "bonjour sync"}
-'''
+"""
 
 
 def require_entry_point() -> None:

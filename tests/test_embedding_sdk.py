@@ -70,15 +70,21 @@ async def test_sdk_worker_calls_native_functions_and_binds_them(version):
             # The native functions are listed to the SDK and callable by it.
             status, functions = await command(worker, op="functions")
             assert status == "OK" and {"native::greet", "native::hello"} <= set(functions)
-            status, value = await command(worker, op="call", fn="native::greet", data={"name": "ada"})
+            status, value = await command(
+                worker, op="call", fn="native::greet", data={"name": "ada"}
+            )
             assert status == "OK" and value["greeting"] == "hello ada"
             assert value["caller"] in engine._engine.connections
-            status, error = await command(worker, op="call", fn="native::greet", data={"name": "nobody"})
+            status, error = await command(
+                worker, op="call", fn="native::greet", data={"name": "nobody"}
+            )
             assert (status, error) == ("ERR", {"code": "no_name", "message": "nobody has no name"})
 
             # An HTTP route the SDK binds to a native function.
             config = {"api_path": "hello/:name", "http_method": "GET"}
-            assert await command(worker, op="trigger", type="http", fn="native::hello", config=config) == (
+            assert await command(
+                worker, op="trigger", type="http", fn="native::hello", config=config
+            ) == (
                 "OK",
                 None,
             )

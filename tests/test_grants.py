@@ -399,7 +399,9 @@ TRACING = module(
 
 
 @pytest.mark.parametrize(
-    "modules", [[STATE], [STATE, OTEL], [STATE, TRACING]], ids=["no-tracer", "traces-off", "tracing"]
+    "modules",
+    [[STATE], [STATE, OTEL], [STATE, TRACING]],
+    ids=["no-tracer", "traces-off", "tracing"],
 )
 async def test_a_chain_through_a_worker_is_bounded_by_its_trace(
     tokens: None, caplog: pytest.LogCaptureFixture, modules: list[dict[str, Any]]
@@ -436,7 +438,9 @@ async def test_a_chain_through_a_worker_is_bounded_by_its_trace(
             assert await register(host, "admin::echo") is None
             nursery.start_soon(serve, host, {"admin::echo": handler})
             assert await bind(admin, "state", "admin::echo", {"scope": "echo"}) is None
-            assert "result" in await admin.call("state::set", {"scope": "echo", "key": "k", "value": 0})
+            assert "result" in await admin.call(
+                "state::set", {"scope": "echo", "key": "k", "value": 0}
+            )
             await loop_cut(caplog)
             await trio.testing.wait_all_tasks_blocked()  # as above: nothing left in flight
             assert runs == MAX_TRIGGER_DEPTH
@@ -512,7 +516,10 @@ async def test_without_tokens_nothing_changes() -> None:
         async with raw_worker(port) as worker:
             for function_id in ("w::fn", "w::auth", "stream::get(x)"):
                 assert await register(worker, function_id) is None
-            assert await bind(worker, "state", "w::fn", {"condition_function_id": "state::get"}) is None
+            assert (
+                await bind(worker, "state", "w::fn", {"condition_function_id": "state::get"})
+                is None
+            )
             assert await bind(worker, "subscribe", "w::fn", {"topic": "t"}) is None
 
 
@@ -559,7 +566,10 @@ async def test_a_failing_auth_function_refuses_the_upgrade(
                 await trio.sleep_forever()
             return {"null": None, "string": "yes", "ok": {"context": {"user": 1}}}[mode]
 
-        async with raw_worker(engine.listen_port, PROVIDER) as provider, trio.open_nursery() as nursery:
+        async with (
+            raw_worker(engine.listen_port, PROVIDER) as provider,
+            trio.open_nursery() as nursery,
+        ):
             assert await register(provider, "auth::stream") is None
             nursery.start_soon(serve, provider, {"auth::stream": auth})
             for mode in ("error", "null", "string", "hang"):

@@ -153,6 +153,7 @@ def upstream_sdk_ci_configs() -> list[dict[str, Any]]:
     each with the observability module and no ``prometheus_*`` key.  Ports are
     free ones instead of 49199/49198/49197, 3112-3114 and 3199; the third's
     bridge adapters (not available here) are in-memory stores."""
+
     def kv(kind: str, **config: Any) -> dict[str, Any]:
         return {"class": f"modules::{kind}::adapters::KvStore", "config": config}
 
@@ -184,7 +185,9 @@ def upstream_sdk_ci_configs() -> list[dict[str, Any]]:
     test = {
         "port": reserve_port(),
         "modules": [
-            stream(reserve_port(), kv("stream", store_method="file_based", file_path="./data/stream")),
+            stream(
+                reserve_port(), kv("stream", store_method="file_based", file_path="./data/stream")
+            ),
             state(kv("state", store_method="file_based", file_path="./data/state.db")),
             {
                 "class": REST,
@@ -212,6 +215,7 @@ def upstream_sdk_ci_configs() -> list[dict[str, Any]]:
             },
         ],
     }
+
     def small() -> dict[str, Any]:
         in_memory = [stream(reserve_port(), kv("stream", **memory)), state(kv("state", **memory))]
         return {"port": reserve_port(), "modules": [*in_memory, pubsub, quiet_otel]}

@@ -143,9 +143,7 @@ async def closed_by_engine(stream: trio.SocketStream, timeout: float = 5.0) -> b
 
 
 @asynccontextmanager
-async def worker_from(
-    port: int, source: str, token: str | None = None
-) -> AsyncIterator[RawWorker]:
+async def worker_from(port: int, source: str, token: str | None = None) -> AsyncIterator[RawWorker]:
     """A raw worker whose socket comes from address ``source``."""
     headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import open_websocket
 
 from iii.testing import RawWorker
@@ -157,7 +158,7 @@ async def test_a_storm_of_file_changes(directory: Path) -> None:
                     sub = directory / "src" / f"d{index % 20}"
                     sub.mkdir(exist_ok=True)
                     (sub / f"f{index}.py").write_text(f"{round_}\n")
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         with trio.fail_after(60):
             while True:
                 listed = (await pipelines(engine))[0]

@@ -77,10 +77,17 @@ async def hostile_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
                 "class": "modules::observability::OtelModule",
                 "config": {"enabled": False, "prometheus_enabled": False},
             },
-            {"class": "modules::api::RestApiModule", "config": {"port": rest_port, "host": "127.0.0.1"}},
+            {
+                "class": "modules::api::RestApiModule",
+                "config": {"port": rest_port, "host": "127.0.0.1"},
+            },
             {
                 "class": "modules::stream::StreamModule",
-                "config": {"port": stream_port, "host": "127.0.0.1", "auth_function": "auth::stream"},
+                "config": {
+                    "port": stream_port,
+                    "host": "127.0.0.1",
+                    "auth_function": "auth::stream",
+                },
             },
         ],
     }
@@ -129,13 +136,18 @@ async def test_conditions_outside_the_grant_and_a_self_refiring_trigger(
                 assert await register(host, function_id) is None
             nursery.start_soon(serve, host, {"admin::secret": record, "admin::watch": record})
             for key in range(3):
-                answer = await admin.call("state::set", {"scope": "admin", "key": f"k{key}", "value": key})
+                answer = await admin.call(
+                    "state::set", {"scope": "admin", "key": f"k{key}", "value": key}
+                )
                 assert "error" not in answer
             assert await register(spy, "spy::handler") is None
 
             # Attack 1: the spy's own HTTP route with the admin's function as its condition.
             refusal = await bind(
-                spy, "http", "spy::handler", {"api_path": "/spy", "condition_function_id": "admin::secret"}
+                spy,
+                "http",
+                "spy::handler",
+                {"api_path": "/spy", "condition_function_id": "admin::secret"},
             )
             assert refusal is not None and refusal["code"] == "forbidden", refusal
             async with httpx.AsyncClient() as client:
@@ -144,7 +156,10 @@ async def test_conditions_outside_the_grant_and_a_self_refiring_trigger(
 
             # Attack 2: state::delete as the condition of its state trigger.
             refusal = await bind(
-                spy, "state", "spy::handler", {"scope": "admin", "condition_function_id": "state::delete"}
+                spy,
+                "state",
+                "spy::handler",
+                {"scope": "admin", "condition_function_id": "state::delete"},
             )
             assert refusal is not None and refusal["code"] == "forbidden", refusal
             answer = await admin.call("state::set", {"scope": "admin", "key": "k1", "value": 10})
@@ -212,10 +227,14 @@ async def test_sdk_025_spy_cannot_bind_a_condition_or_read_state(
     async with hostile_engine(tmp_path, monkeypatch) as engine:
         async with raw_worker(engine.port, ADMIN) as admin:
             for key in range(3):
-                answer = await admin.call("state::set", {"scope": "admin", "key": f"k{key}", "value": key})
+                answer = await admin.call(
+                    "state::set", {"scope": "admin", "key": f"k{key}", "value": key}
+                )
                 assert "error" not in answer
             url = f"ws://127.0.0.1:{engine.port}"
-            async with start_sdk_worker("0.25.0", WORKER_SPY_025, url=url, env={"III_TOKEN": SPY}) as spy:
+            async with start_sdk_worker(
+                "0.25.0", WORKER_SPY_025, url=url, env={"III_TOKEN": SPY}
+            ) as spy:
                 await spy.wait_for("READY", timeout=60)
                 first = await spy.wait_for("REFUSED", timeout=30)
                 second = await spy.wait_for("REFUSED", timeout=30)
@@ -261,7 +280,10 @@ async def test_data_triggers_of_a_token_that_cannot_read_the_data_are_refused(
                 ("queue", {"topic": "admin.jobs"}),
             ]:
                 refusal = await bind(spy, trigger_type, "spy::leak", config)
-                assert refusal is not None and refusal["code"] == "forbidden", (trigger_type, refusal)
+                assert refusal is not None and refusal["code"] == "forbidden", (
+                    trigger_type,
+                    refusal,
+                )
                 assert "may not receive" in refusal["message"]
             # The admin's own consumer of its queue.
             assert await bind(admin, "queue", "admin::job", {"topic": "admin.jobs"}) is None
@@ -362,7 +384,9 @@ async def test_sdk_025_handler_writing_what_it_watches_is_bounded(
     context on to the calls its handler makes, which is how the engine follows it."""
     async with hostile_engine(tmp_path, monkeypatch) as engine:
         url = f"ws://127.0.0.1:{engine.port}"
-        async with start_sdk_worker("0.25.0", WORKER_ECHO_025, url=url, env={"III_TOKEN": ADMIN}) as w:
+        async with start_sdk_worker(
+            "0.25.0", WORKER_ECHO_025, url=url, env={"III_TOKEN": ADMIN}
+        ) as w:
             await w.wait_for("READY", timeout=60)
             async with raw_worker(engine.port, ADMIN) as admin:
                 with trio.fail_after(30):  # the SDK registers its trigger after READY

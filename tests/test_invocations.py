@@ -6,7 +6,9 @@ from iii.invocations import STOPPED, TIMED_OUT, Invocation, PendingTable
 
 
 def file(table, invocation_id, deadline, target="w1"):
-    invocation = Invocation(invocation_id=invocation_id, function_id="f", target_worker_id=target, deadline=deadline)
+    invocation = Invocation(
+        invocation_id=invocation_id, function_id="f", target_worker_id=target, deadline=deadline
+    )
     table.add(invocation)
     return invocation
 

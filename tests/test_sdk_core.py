@@ -35,9 +35,10 @@ async def wait_function(engine, function_id, timeout=20):
 async def test_both_sdks_register_call_and_list():
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=url, args=("w041",)) as old, start_sdk_worker(
-            "0.25.0", SCRIPTS["0.25.0"], url=url, args=("w025",)
-        ) as new:
+        async with (
+            start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=url, args=("w041",)) as old,
+            start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=url, args=("w025",)) as new,
+        ):
             await old.wait_for("READY")
             await new.wait_for("READY")
             assert await command(old, op="register", id="old::echo") == ("OK", None)
@@ -56,9 +57,15 @@ async def test_both_sdks_register_call_and_list():
             assert (status, value["echo"]) == ("OK", None)
 
             # Fire-and-forget from both sides still runs the function.
-            assert await command(old, op="void", fn="new::echo", data={"v": "from-old"}) == ("OK", None)
+            assert await command(old, op="void", fn="new::echo", data={"v": "from-old"}) == (
+                "OK",
+                None,
+            )
             await new.wait_for("CALLED new::echo", contains='"v": "from-old"')
-            assert await command(new, op="void", fn="old::echo", data={"v": "from-new"}) == ("OK", None)
+            assert await command(new, op="void", fn="old::echo", data={"v": "from-new"}) == (
+                "OK",
+                None,
+            )
             await old.wait_for("CALLED old::echo", contains='"v": "from-new"')
 
             for worker in (old, new):
@@ -84,9 +91,10 @@ async def test_both_sdks_register_call_and_list():
 async def test_sdk_090_calls_both_ways(other):
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.9.0", SCRIPTS["0.9.0"], url=url, args=("w090",)) as w090, start_sdk_worker(
-            other, SCRIPTS[other], url=url, args=("wother",)
-        ) as peer:
+        async with (
+            start_sdk_worker("0.9.0", SCRIPTS["0.9.0"], url=url, args=("w090",)) as w090,
+            start_sdk_worker(other, SCRIPTS[other], url=url, args=("wother",)) as peer,
+        ):
             await w090.wait_for("READY", timeout=60)
             await peer.wait_for("READY", timeout=60)
             assert await command(w090, op="register", id="w090::echo") == ("OK", None)
@@ -104,9 +112,15 @@ async def test_sdk_090_calls_both_ways(other):
             assert (status, value["echo"]) == ("OK", None)
 
             # Fire-and-forget both ways.
-            assert await command(w090, op="void", fn="peer::echo", data={"v": "from-090"}) == ("OK", None)
+            assert await command(w090, op="void", fn="peer::echo", data={"v": "from-090"}) == (
+                "OK",
+                None,
+            )
             await peer.wait_for("CALLED peer::echo", contains='"v": "from-090"')
-            assert await command(peer, op="void", fn="w090::echo", data={"v": "to-090"}) == ("OK", None)
+            assert await command(peer, op="void", fn="w090::echo", data={"v": "to-090"}) == (
+                "OK",
+                None,
+            )
             await w090.wait_for("CALLED w090::echo", contains='"v": "to-090"')
 
             # Errors, as each SDK reports them.
@@ -131,9 +145,10 @@ async def test_sdk_090_reads_channels_written_by_090_and_025():
     writer, and reads binary chunks and text messages to the end."""
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.9.0", SCRIPTS["0.9.0"], url=url) as w090, start_sdk_worker(
-            "0.25.0", SCRIPTS["0.25.0"], url=url
-        ) as w025:
+        async with (
+            start_sdk_worker("0.9.0", SCRIPTS["0.9.0"], url=url) as w090,
+            start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=url) as w025,
+        ):
             await w090.wait_for("READY", timeout=60)
             await w025.wait_for("READY", timeout=60)
             await command(w090, op="register", id="w090::produce", kind="produce")
@@ -159,7 +174,9 @@ async def test_killed_worker_process_stops_its_calls(caller_version):
                 await command(target, op="register", id="slow::fn", kind="slow")
                 await wait_function(engine, "slow::fn")
                 await caller.wait_for("READY")
-                await caller.send_line('{"op": "call", "fn": "slow::fn", "data": {}, "timeout": 25}')
+                await caller.send_line(
+                    '{"op": "call", "fn": "slow::fn", "data": {}, "timeout": 25}'
+                )
                 await target.wait_for("CALLED slow::fn")
                 target.kill()
                 with trio.fail_after(20):
@@ -172,13 +189,17 @@ async def test_worker_provided_trigger_types(provider_version):
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
         other = other_than(provider_version)
-        async with start_sdk_worker(provider_version, SCRIPTS[provider_version], url=url) as provider:
+        async with start_sdk_worker(
+            provider_version, SCRIPTS[provider_version], url=url
+        ) as provider:
             await provider.wait_for("READY")
             await command(provider, op="trigger_type", id="demo-type")
             async with start_sdk_worker(other, SCRIPTS[other], url=url) as registrant:
                 await registrant.wait_for("READY")
                 await command(registrant, op="register", id="hook::target")
-                await command(registrant, op="trigger", type="demo-type", fn="hook::target", config={"a": 1})
+                await command(
+                    registrant, op="trigger", type="demo-type", fn="hook::target", config={"a": 1}
+                )
                 added = json.loads((await provider.wait_for("TRIGGER+"))[9:])
                 assert added["function_id"] == "hook::target" and added["config"] == {"a": 1}
             if provider_version == "0.25.0":  # 0.4.1 and 0.9.0 never act on an unregistertrigger
@@ -196,9 +217,10 @@ async def test_engine_restart_both_sdks_come_back(provider_version, tmp_path):
     engine.start()
     try:
         await engine.started()
-        async with start_sdk_worker(
-            provider_version, SCRIPTS[provider_version], url=engine.url
-        ) as old, start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=engine.url) as new:
+        async with (
+            start_sdk_worker(provider_version, SCRIPTS[provider_version], url=engine.url) as old,
+            start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=engine.url) as new,
+        ):
             await old.wait_for("READY", timeout=60)
             await new.wait_for("READY", timeout=60)
             await command(old, op="register", id="old::echo")
@@ -219,8 +241,12 @@ async def test_engine_restart_both_sdks_come_back(provider_version, tmp_path):
                 line = await old.wait_for("TRIGGER+", timeout=40)
                 assert '"function_id": "new::echo"' in line
                 for _ in range(200):
-                    status_a, a = await command(new, op="call", fn="old::echo", data={"after": stop}, timeout=40)
-                    status_b, b = await command(old, op="call", fn="new::echo", data={"after": stop}, timeout=40)
+                    status_a, a = await command(
+                        new, op="call", fn="old::echo", data={"after": stop}, timeout=40
+                    )
+                    status_b, b = await command(
+                        old, op="call", fn="new::echo", data={"after": stop}, timeout=40
+                    )
                     if status_a == status_b == "OK":
                         break
                     await trio.sleep(0.2)

@@ -42,9 +42,10 @@ process.exit(0)
 async def test_node_and_python_workers_call_each_other():
     async with open_test_engine() as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_node_worker(NODE_WORKER, url=url) as node, start_sdk_worker(
-            "0.25.0", SCRIPTS["0.25.0"], url=url
-        ) as python:
+        async with (
+            start_node_worker(NODE_WORKER, url=url) as node,
+            start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=url) as python,
+        ):
             await node.wait_for("READY", timeout=60)
             await python.wait_for("READY")
             await command(python, op="register", id="py::echo")
@@ -52,7 +53,9 @@ async def test_node_and_python_workers_call_each_other():
                 while not {"node::echo", "py::echo"} <= set(engine.registry.functions):
                     await trio.sleep(0.05)
 
-            status, value = await command(python, op="call", fn="node::echo", data={"from": "python"})
+            status, value = await command(
+                python, op="call", fn="node::echo", data={"from": "python"}
+            )
             assert status == "OK" and value["by"] == "node" and value["echo"]["from"] == "python"
             status, value = await command(node, op="call", fn="py::echo", data={"from": "node"})
             assert status == "OK" and value["by"] == "0.25.0" and value["echo"]["from"] == "node"

@@ -37,7 +37,8 @@ def test_a_backend_that_breaks_its_protocol_fails_the_type_check(mypy_cache, tmp
     # A cron lock backend whose try_lock takes an int, registered the way
     # every BACKENDS table is: mypy must refuse the entry.
     source = tmp_path / "broken_backend.py"
-    source.write_text(textwrap.dedent('''
+    source.write_text(
+        textwrap.dedent("""
         from collections.abc import AsyncIterator
         from contextlib import asynccontextmanager
         from typing import Any
@@ -72,7 +73,8 @@ def test_a_backend_that_breaks_its_protocol_fails_the_type_check(mypy_cache, tmp
             "broken": backend(Config, open_adapter),
             "mismatched": backend(OtherConfig, open_fine),
         }
-    '''))
+    """)
+    )
     result = mypy(str(source), cache=mypy_cache)
     assert result.returncode == 1, result.stdout
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]

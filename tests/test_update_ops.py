@@ -33,8 +33,14 @@ def test_floats_are_numbers():
 
 
 def test_decrement_does_not_zero_a_non_number():
-    assert run({"n": "x"}, {"type": "decrement", "path": "n", "by": 1}) == ({"n": "x"}, ["decrement.not_number"])
-    assert run({"n": True}, {"type": "increment", "path": "n", "by": 1}) == ({"n": True}, ["increment.not_number"])
+    assert run({"n": "x"}, {"type": "decrement", "path": "n", "by": 1}) == (
+        {"n": "x"},
+        ["decrement.not_number"],
+    )
+    assert run({"n": True}, {"type": "increment", "path": "n", "by": 1}) == (
+        {"n": True},
+        ["increment.not_number"],
+    )
     assert run({}, {"type": "decrement", "path": "n", "by": 3}) == ({"n": -3}, [])
 
 
@@ -53,8 +59,14 @@ def test_nested_paths_create_objects_and_refuse_non_objects():
 
 def test_merge_root_and_nested():
     assert run({"a": 1}, {"type": "merge", "value": {"b": 2}}) == ({"a": 1, "b": 2}, [])
-    assert run({"u": {"x": 1}}, {"type": "merge", "path": ["u"], "value": {"y": 2}}) == ({"u": {"x": 1, "y": 2}}, [])
-    assert run({"a": 1}, {"type": "merge", "path": "", "value": 3}) == ({"a": 1}, ["merge.value.not_an_object"])
+    assert run({"u": {"x": 1}}, {"type": "merge", "path": ["u"], "value": {"y": 2}}) == (
+        {"u": {"x": 1, "y": 2}},
+        [],
+    )
+    assert run({"a": 1}, {"type": "merge", "path": "", "value": 3}) == (
+        {"a": 1},
+        ["merge.value.not_an_object"],
+    )
     assert run([1], {"type": "merge", "value": {"a": 1}}) == ([1], ["merge.target_not_object"])
 
 
@@ -63,7 +75,10 @@ def test_append():
     assert run({}, {"type": "append", "path": "s", "value": "ab"}) == ({"s": "ab"}, [])
     assert run({"s": "ab"}, {"type": "append", "path": "s", "value": "c"}) == ({"s": "abc"}, [])
     assert run({"l": [1]}, {"type": "append", "path": ["l"], "value": [2]}) == ({"l": [1, [2]]}, [])
-    assert run({"s": "ab"}, {"type": "append", "path": "s", "value": 1}) == ({"s": "ab"}, ["append.type_mismatch"])
+    assert run({"s": "ab"}, {"type": "append", "path": "s", "value": 1}) == (
+        {"s": "ab"},
+        ["append.type_mismatch"],
+    )
     assert run(MISSING, {"type": "append", "value": "x"}) == ("x", [])
 
 
@@ -84,7 +99,9 @@ def test_failed_op_is_skipped_others_apply():
 
 def test_old_value_and_op_values_are_not_aliased():
     old = {"a": {"b": 1}}
-    ops = parse_ops([{"type": "set", "path": "c", "value": {}}, {"type": "set", "path": ["c", "d"], "value": 1}])
+    ops = parse_ops(
+        [{"type": "set", "path": "c", "value": {}}, {"type": "set", "path": ["c", "d"], "value": 1}]
+    )
     first, _ = apply_ops(old, ops)
     second, _ = apply_ops(old, ops)
     assert old == {"a": {"b": 1}}

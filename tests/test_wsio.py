@@ -10,8 +10,8 @@ must end in ``ConnectionClosed``, as trio-websocket reports it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 import struct
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest

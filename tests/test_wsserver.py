@@ -54,6 +54,7 @@ async def test_trio_websocket_private_surface_is_there() -> None:
     ws = GuardedConnection(server_stream, wsproto.WSConnection(wsproto.ConnectionType.SERVER))
     missing = [name for name in PRIVATE_SURFACE if not hasattr(ws, name)]
     assert not missing, f"trio-websocket no longer has {missing}"
+
     # The methods GuardedConnection overrides, or calls, keep their shape.
     def parameters(method: Any) -> list[str]:
         return list(inspect.signature(method).parameters)

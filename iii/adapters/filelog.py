@@ -125,7 +125,9 @@ def _read_frames(path: Path) -> tuple[list[Any], Recovery]:
             break
         offset = start + length
     damaged = len(data) - offset
-    return records, Recovery(records=len(records), good_bytes=offset, damaged_bytes=damaged, reason=reason)
+    return records, Recovery(
+        records=len(records), good_bytes=offset, damaged_bytes=damaged, reason=reason
+    )
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -100,16 +100,20 @@ class Cluster:
     # -- routing (Engine._pick_replica) and introspection ------------------------------
 
     def is_remote(self, owner: str | None) -> bool:
-        return owner is not None and owner.startswith(PSEUDO_PREFIX) and owner[len(PSEUDO_PREFIX):] in self.peers
+        return (
+            owner is not None
+            and owner.startswith(PSEUDO_PREFIX)
+            and owner[len(PSEUDO_PREFIX) :] in self.peers
+        )
 
     def load(self, owner: str) -> int:
-        peer = self.peers.get(owner[len(PSEUDO_PREFIX):])
+        peer = self.peers.get(owner[len(PSEUDO_PREFIX) :])
         return peer.inflight if peer is not None else 0
 
     def engine_of(self, owner: str | None) -> str:
         """The engine a replica or worker lives on."""
         if owner is not None and owner.startswith(PSEUDO_PREFIX):
-            return owner[len(PSEUDO_PREFIX):]
+            return owner[len(PSEUDO_PREFIX) :]
         return self.engine_id
 
     def remote_workers(self) -> list[dict[str, Any]]:
@@ -142,7 +146,7 @@ class Cluster:
         name = info.name if info is not None else None
         if not name or not name.startswith(LINK_NAME_PREFIX):
             return None
-        peer = self.peers.get(name[len(LINK_NAME_PREFIX):])
+        peer = self.peers.get(name[len(LINK_NAME_PREFIX) :])
         return peer.advertise if peer is not None else None
 
     def is_peer_link(self, worker_id: str) -> bool:
@@ -204,7 +208,9 @@ class Cluster:
                 continue
             peer = self._new_peer(member)
             self.peers[engine_id] = peer
-            log.info("cluster %s: engine %s joined (%s)", self.config.name, engine_id, member.advertise)
+            log.info(
+                "cluster %s: engine %s joined (%s)", self.config.name, engine_id, member.advertise
+            )
             start_contained(self._peer_nursery, f"cluster peer {engine_id}", peer.run)
 
     def _new_peer(self, member: MemberInfo) -> Peer:
@@ -237,12 +243,17 @@ class Cluster:
             scheme = "wss" if config.tls.enabled else "ws"
             if host in ("0.0.0.0", "::", ""):
                 host = socket.gethostname()
-                log.info("cluster: advertising %s; set cluster.advertise if peers reach this engine otherwise", host)
+                log.info(
+                    "cluster: advertising %s; set cluster.advertise if peers reach this engine otherwise",
+                    host,
+                )
         if ":" in host:
             host = f"[{host}]"
         return f"{scheme}://{host}:{port}"
 
-    async def _serve_peer_port(self, *, task_status: trio.TaskStatus[WebSocketPort] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_peer_port(
+        self, *, task_status: trio.TaskStatus[WebSocketPort] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """This process's own port for peers, when the worker port is shared
         (``serve --processes``: a peer must reach this very process)."""
         engine = self.engine
@@ -259,21 +270,30 @@ class Cluster:
             task_status=task_status,
         )
 
-    async def run(self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         engine = self.engine
         dead_after = self.config.dead_after
         settings = RedisSettings(
             redis_url=self.config.redis_url,
             timeout_ms=Count(max(1000, min(5000, int(dead_after * 1000 / 2)))),
         )
-        engine.register_function(CATALOG_FUNCTION, self.catalog, description="This engine's catalog (cluster peers only)")
-        engine.register_function(STATUS_FUNCTION, self.status, description="This engine's view of the cluster")
+        engine.register_function(
+            CATALOG_FUNCTION, self.catalog, description="This engine's catalog (cluster peers only)"
+        )
+        engine.register_function(
+            STATUS_FUNCTION, self.status, description="This engine's view of the cluster"
+        )
         engine.function_listeners.append(self._changed)
         engine.trigger_listeners.append(self._changed)
         engine.worker_listeners.append(self._changed)
         engine.cluster = self
         try:
-            async with open_redis(settings, name=f"cluster {self.config.name}") as redis, trio.open_nursery() as cluster_nursery:
+            async with (
+                open_redis(settings, name=f"cluster {self.config.name}") as redis,
+                trio.open_nursery() as cluster_nursery,
+            ):
                 if reuse_port():
                     peer_port = await cluster_nursery.start(self._serve_peer_port)
                     self.advertise = self.default_advertise(peer_port.port)
@@ -342,6 +362,8 @@ class Cluster:
             self._left.set()
 
 
-async def serve_cluster(engine: Engine, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_cluster(
+    engine: Engine, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED
+) -> None:
     assert engine.config.cluster is not None
     await Cluster(engine, engine.config.cluster).run(task_status=task_status)

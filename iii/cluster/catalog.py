@@ -88,7 +88,9 @@ def build_catalog(engine: Engine, cluster: Cluster) -> dict[str, Any]:
     http = []
     triggers = []
     for trigger in registry.triggers.values():
-        if not any(is_local_owner(engine, cluster, worker_id) for worker_id, _ in trigger.registrants):
+        if not any(
+            is_local_owner(engine, cluster, worker_id) for worker_id, _ in trigger.registrants
+        ):
             continue
         if trigger.trigger_type in MIRRORED_TRIGGER_TYPES:
             http.append(
@@ -168,11 +170,19 @@ def read_catalog(value: Any, *, expected_engine: str) -> Catalog | None:
         }
     http: dict[str, dict[str, Any]] = {}
     for item in _items(value.get("http")):
-        trigger_id, function_id, config = item.get("id"), item.get("function_id"), item.get("config")
+        trigger_id, function_id, config = (
+            item.get("id"),
+            item.get("function_id"),
+            item.get("config"),
+        )
         trigger_type = item.get("trigger_type", "http")
         if trigger_type not in MIRRORED_TRIGGER_TYPES:
             continue
-        if _short_str(trigger_id) and _short_str(function_id) and isinstance(config, (dict, type(None))):
+        if (
+            _short_str(trigger_id)
+            and _short_str(function_id)
+            and isinstance(config, (dict, type(None)))
+        ):
             http[trigger_id] = {
                 "trigger_type": trigger_type,
                 "function_id": function_id,
@@ -188,7 +198,9 @@ def read_catalog(value: Any, *, expected_engine: str) -> Catalog | None:
             "config": t.get("config"),
         }
         for t in _items(value.get("triggers"))
-        if _short_str(t.get("id")) and _short_str(t.get("trigger_type")) and _short_str(t.get("function_id"))
+        if _short_str(t.get("id"))
+        and _short_str(t.get("trigger_type"))
+        and _short_str(t.get("function_id"))
     ]
     return Catalog(
         engine=expected_engine,

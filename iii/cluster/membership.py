@@ -82,7 +82,9 @@ class MemberInfo:
             return None
         if not isinstance(host, str) or not isinstance(pid, int) or not isinstance(started, int):
             return None
-        return cls(id=member_id, advertise=advertise[:512], host=host[:256], pid=pid, started_ms=started)
+        return cls(
+            id=member_id, advertise=advertise[:512], host=host[:256], pid=pid, started_ms=started
+        )
 
 
 def member_keys(name: str) -> tuple[str, str]:
@@ -106,7 +108,9 @@ class Membership:
     rounds: int = 0
     failures: int = 0
     healthy: bool = False
-    _outage_log: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log, burst=1, interval=30.0))
+    _outage_log: RateLimitedLog = attrs.field(
+        factory=lambda: RateLimitedLog(log, burst=1, interval=30.0)
+    )
 
     @property
     def interval(self) -> float:
@@ -201,9 +205,15 @@ class Membership:
             await self.redis.call("cluster leave", lambda: client.delete([prefix + self.me.id]))
             await self.redis.call("cluster leave", lambda: client.srem(index, [self.me.id]))
         except IIIError as exc:
-            log.info("cluster %s: could not remove this engine's record: %s", self.cluster_name, exc.message)
+            log.info(
+                "cluster %s: could not remove this engine's record: %s",
+                self.cluster_name,
+                exc.message,
+            )
         except RuntimeError as exc:  # coredis: the pool is already closing
-            log.info("cluster %s: could not remove this engine's record: %s", self.cluster_name, exc)
+            log.info(
+                "cluster %s: could not remove this engine's record: %s", self.cluster_name, exc
+            )
 
 
 def describe_self(member_id: str, advertise: str) -> MemberInfo:

@@ -156,7 +156,12 @@ class Peer:
                 current.request_format,
                 current.response_format,
                 current.metadata,
-            ) == (info["description"], info["request_format"], info["response_format"], info["metadata"]):
+            ) == (
+                info["description"],
+                info["request_format"],
+                info["response_format"],
+                info["metadata"],
+            ):
                 continue
             try:
                 engine.register_function(

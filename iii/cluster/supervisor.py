@@ -56,7 +56,14 @@ from iii.config_schema import EngineConfig
 from iii.errors import ConfigError
 from iii.sd_notify import Notifier
 
-__all__ = ["check_processes_config", "process_count", "supervise", "Child", "watch_supervisor", "SUPERVISED_ENV"]
+__all__ = [
+    "check_processes_config",
+    "process_count",
+    "supervise",
+    "Child",
+    "watch_supervisor",
+    "SUPERVISED_ENV",
+]
 
 SUPERVISED_ENV = "III_SUPERVISED"
 
@@ -81,7 +88,12 @@ def process_count(config: EngineConfig) -> int:
     if value is None:
         return 1
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return max(
+            1,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        )
     assert isinstance(value, int)
     return value
 
@@ -90,7 +102,9 @@ def check_processes_config(config: EngineConfig, file: str | None) -> None:
     """Several processes need a cluster and shared adapters; else a ConfigError (exit 2)."""
     if config.cluster is None:
         raise ConfigError(
-            "processes > 1 needs a cluster section (the processes form a cluster)", file=file, key="processes"
+            "processes > 1 needs a cluster section (the processes form a cluster)",
+            file=file,
+            key="processes",
         )
     for index, entry in enumerate(config.modules):
         kind = SHARED_KINDS.get(entry.class_name)
@@ -137,7 +151,9 @@ class Child:
             self.last_ping = started
             # The child's stdin is a pipe we never write: if this process dies
             # (even by SIGKILL), the child reads EOF and stops (watch_supervisor).
-            process = await trio.lowlevel.open_process(self.command, env=self.env, stdin=subprocess.PIPE)
+            process = await trio.lowlevel.open_process(
+                self.command, env=self.env, stdin=subprocess.PIPE
+            )
             self.process = process
             log.info("child %d started (pid %d)", self.index, process.pid)
             try:
@@ -183,7 +199,12 @@ def _child_command(file: str | None, log_level: str) -> list[str]:
 
 
 async def supervise(
-    config: EngineConfig, file: str | None, processes: int, *, log_level: str = "info", notifier: Notifier | None = None
+    config: EngineConfig,
+    file: str | None,
+    processes: int,
+    *,
+    log_level: str = "info",
+    notifier: Notifier | None = None,
 ) -> int:
     notifier = notifier or Notifier.from_environ()
     shutdown_wait = config.shutdown_grace + 10.0
@@ -192,7 +213,8 @@ async def supervise(
         env = {
             key: value
             for key, value in os.environ.items()
-            if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+            if key
+            not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
         }
         children = []
         for index in range(processes):
@@ -213,14 +235,20 @@ async def supervise(
         try:
             async with trio.open_nursery() as supervisor_nursery:
                 for child, notify_sock in zip(children, sockets, strict=True):
-                    supervisor_nursery.start_soon(_read_notifications, notify_sock, child, children, all_ready)
+                    supervisor_nursery.start_soon(
+                        _read_notifications, notify_sock, child, children, all_ready
+                    )
                 supervisor_nursery.start_soon(_watch_children, children)
                 for child in children:
                     supervisor_nursery.start_soon(child.run)
                 supervisor_nursery.start_soon(_report_ready, notifier, all_ready, processes)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        log.info("received %s: stopping %d children", signal.Signals(signum).name, processes)
+                        log.info(
+                            "received %s: stopping %d children",
+                            signal.Signals(signum).name,
+                            processes,
+                        )
                         notifier.notify("STOPPING=1")
                         for child in children:
                             child.stopping = True
@@ -270,7 +298,11 @@ async def _watch_children(children: list[Child]) -> None:
         await trio.sleep(CHILD_WATCHDOG_S / 4)
         now = trio.current_time()
         for child in children:
-            if child.process is not None and child.ready and now - child.last_ping > CHILD_WATCHDOG_S:
+            if (
+                child.process is not None
+                and child.ready
+                and now - child.last_ping > CHILD_WATCHDOG_S
+            ):
                 log.warning("child %d stopped pinging its watchdog: killed", child.index)
                 child.signal(signal.SIGKILL)
 

@@ -134,7 +134,9 @@ class ModuleSpec:
 
 _SPECS = [
     ModuleSpec("modules::worker::WorkerModule", "worker", "iii.modules.worker", mandatory=True),
-    ModuleSpec("modules::telemetry::TelemetryModule", "telemetry", "iii.modules.telemetry", mandatory=True),
+    ModuleSpec(
+        "modules::telemetry::TelemetryModule", "telemetry", "iii.modules.telemetry", mandatory=True
+    ),
     ModuleSpec("modules::api::RestApiModule", "rest_api", "iii.modules.rest_api", default=True),
     ModuleSpec("modules::queue::QueueModule", "queue", "iii.modules.queue", default=True),
     ModuleSpec("modules::cron::CronModule", "cron", "iii.modules.cron", default=True),
@@ -143,10 +145,12 @@ _SPECS = [
     ModuleSpec("modules::pubsub::PubSubModule", "pubsub", "iii.modules.pubsub", default=True),
     ModuleSpec("modules::kv_server::KvServer", "kv_server", "iii.modules.kv_server", default=True),
     ModuleSpec("modules::observability::OtelModule", "observability", "iii.modules.observability"),
-    ModuleSpec("modules::http_functions::HttpFunctionsModule", "http_functions", "iii.modules.http_functions"),
     ModuleSpec(
-        "modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True
+        "modules::http_functions::HttpFunctionsModule",
+        "http_functions",
+        "iii.modules.http_functions",
     ),
+    ModuleSpec("modules::shell::ExecModule", "exec", "iii.modules.exec", repeatable=True),
     ModuleSpec(
         "modules::bridge_client::BridgeClientModule",
         "bridge_client",

@@ -357,9 +357,7 @@ class Module:
     def build_handler(self, function_id: str, raw: Any) -> NativeHandler:
         """The engine-side handler for an HTTP-invoked function; :class:`IIIError` refuses it."""
         invocation = parse_invocation(raw, self.config)
-        log.info(
-            "HTTP function %s -> %s %s", function_id, invocation.method, invocation.url.url
-        )
+        log.info("HTTP function %s -> %s %s", function_id, invocation.method, invocation.url.url)
 
         async def handler(data: Any, ctx: CallContext) -> Any:
             return await self.call(function_id, invocation, data, ctx)
@@ -377,7 +375,9 @@ class Module:
         else:
             with trio.move_on_after(DNS_TIMEOUT) as scope:
                 try:
-                    infos = await trio.socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+                    infos = await trio.socket.getaddrinfo(
+                        url.host, url.port, type=socket.SOCK_STREAM
+                    )
                 except OSError as exc:
                     raise _refused(f"DNS lookup failed for {url.host}: {exc}") from None
             if scope.cancelled_caught:
@@ -393,7 +393,9 @@ class Module:
             for address in addresses:
                 reason = blocked_address_reason(address)
                 if reason is not None:
-                    raise _refused(f"{url.host} resolves to {address}, a {reason} (block_private_ips)")
+                    raise _refused(
+                        f"{url.host} resolves to {address}, a {reason} (block_private_ips)"
+                    )
         return [str(address) for address in addresses]
 
     def _acquire_client(self, url: CheckedUrl) -> httpx.AsyncClient:
@@ -434,7 +436,9 @@ class Module:
         if self._nursery is not None:
             self._nursery.start_soon(client.aclose)
 
-    async def call(self, function_id: str, invocation: HttpInvocation, data: Any, ctx: CallContext) -> Any:
+    async def call(
+        self, function_id: str, invocation: HttpInvocation, data: Any, ctx: CallContext
+    ) -> Any:
         try:
             url = check_url(invocation.url.url, self.config.security)  # again on every call
         except UrlRefusedError as exc:
@@ -505,7 +509,8 @@ class Module:
                     size += len(chunk)
                     if size > limit:
                         raise IIIError(
-                            f"response of {url.url} is larger than {limit} bytes", code="invalid_response"
+                            f"response of {url.url} is larger than {limit} bytes",
+                            code="invalid_response",
                         )
                     parts.append(chunk)
             finally:
@@ -514,7 +519,8 @@ class Module:
             raise
         except httpx.HTTPError as exc:
             raise IIIError(
-                f"{request.method} {url.url} failed: {type(exc).__name__}: {exc}", code="http_request_failed"
+                f"{request.method} {url.url} failed: {type(exc).__name__}: {exc}",
+                code="http_request_failed",
             ) from None
         return response.status_code, b"".join(parts)
 
@@ -529,7 +535,9 @@ class Module:
                     f"response of {url.url} is {exc.reason}", code="invalid_response"
                 ) from None
             except orjson.JSONDecodeError:
-                raise IIIError(f"response of {url.url} is not JSON", code="invalid_response") from None
+                raise IIIError(
+                    f"response of {url.url} is not JSON", code="invalid_response"
+                ) from None
         try:
             body = json_limits.loads(content) if content else None
         except orjson.JSONDecodeError:

@@ -164,7 +164,9 @@ class Module:
         for info in self.engine.registry.workers.values():
             if wanted is not None and info.id != wanted:
                 continue
-            if cluster is not None and (cluster.is_remote(info.id) or cluster.is_peer_link(info.id)):
+            if cluster is not None and (
+                cluster.is_remote(info.id) or cluster.is_peer_link(info.id)
+            ):
                 continue  # a peer engine's stand-in or link: its workers are listed below
             workers.append(
                 {
@@ -192,7 +194,9 @@ class Module:
             )
         return {"workers": workers, "timestamp": int(time.time() * 1000)}
 
-    def _function_infos(self, include_internal: bool, local_only: bool = False) -> list[dict[str, Any]]:
+    def _function_infos(
+        self, include_internal: bool, local_only: bool = False
+    ) -> list[dict[str, Any]]:
         infos = []
         cluster = self.engine.cluster
         for function_id, entry in self.engine.registry.functions.items():
@@ -209,8 +213,12 @@ class Module:
                 {
                     "function_id": function_id,
                     "description": latest.description if latest is not None else None,
-                    "request_format": format_tree_or_none(latest.request_format if latest else None),
-                    "response_format": format_tree_or_none(latest.response_format if latest else None),
+                    "request_format": format_tree_or_none(
+                        latest.request_format if latest else None
+                    ),
+                    "response_format": format_tree_or_none(
+                        latest.response_format if latest else None
+                    ),
                     "metadata": metadata if isinstance(metadata, dict) else None,
                 }
             )

@@ -42,7 +42,10 @@ def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
         "shutdown_grace_ms": 1000,
         "modules": [
             {"class": "modules::state::StateModule"},
-            {"class": "modules::stream::StreamModule", "config": {"port": free_port(), "host": "127.0.0.1"}},
+            {
+                "class": "modules::stream::StreamModule",
+                "config": {"port": free_port(), "host": "127.0.0.1"},
+            },
             {"class": "modules::pubsub::PubSubModule"},
             {"class": "modules::kv_server::KvServer"},
             {
@@ -50,7 +53,11 @@ def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
                 "config": {
                     "adapter": {
                         "class": "modules::queue::BuiltinQueueAdapter",
-                        "config": {"store_method": "file_based", "file_path": str(queue_dir), "backoff_ms": 50},
+                        "config": {
+                            "store_method": "file_based",
+                            "file_path": str(queue_dir),
+                            "backoff_ms": 50,
+                        },
                     }
                 },
             },
@@ -61,14 +68,28 @@ def backend_config(queue_dir: Path, port: int | None = None) -> dict[str, Any]:
 def bridge_config(url: str, *, queue: bool = True, **adapter_keys: Any):
     bridge = {"bridge_url": url, **adapter_keys}
     modules: list[dict[str, Any]] = [
-        {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::Bridge", "config": bridge}}},
+        {
+            "class": "modules::state::StateModule",
+            "config": {"adapter": {"class": "modules::state::adapters::Bridge", "config": bridge}},
+        },
         {
             "class": "modules::stream::StreamModule",
-            "config": {"port": 0, "host": "127.0.0.1", "adapter": {"class": "modules::stream::adapters::Bridge", "config": bridge}},
+            "config": {
+                "port": 0,
+                "host": "127.0.0.1",
+                "adapter": {"class": "modules::stream::adapters::Bridge", "config": bridge},
+            },
         },
     ]
     if queue:
-        modules.append({"class": "modules::queue::QueueModule", "config": {"adapter": {"class": "modules::queue::adapters::Bridge", "config": bridge}}})
+        modules.append(
+            {
+                "class": "modules::queue::QueueModule",
+                "config": {
+                    "adapter": {"class": "modules::queue::adapters::Bridge", "config": bridge}
+                },
+            }
+        )
     return make_config(modules)
 
 
@@ -129,7 +150,14 @@ async def answer_jobs(worker: RawWorker, seen: list[Any], hold: trio.Event | Non
             first = False
             hold.set()
             continue
-        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": None})
+        await worker.send(
+            {
+                "type": "invocationresult",
+                "invocation_id": message["invocation_id"],
+                "function_id": message["function_id"],
+                "result": None,
+            }
+        )
 
 
 async def topic_stats(port: int, topic: str) -> dict[str, Any]:

@@ -70,7 +70,9 @@ async def test_senders_waiting_on_a_lost_connection_are_released(autojump_clock)
     assert outcome == ["failed"]
 
 
-async def test_a_reply_that_comes_after_its_call_gave_up_is_not_taken_by_the_next_call(autojump_clock):
+async def test_a_reply_that_comes_after_its_call_gave_up_is_not_taken_by_the_next_call(
+    autojump_clock,
+):
     client, broker = trio.testing.memory_stream_pair()
     connection = AmqpConnection(stream=client, heartbeat=0)
 

@@ -78,45 +78,79 @@ async def sdk_worker(kind: str, url: str):
             yield worker
 
 
-
 @pytest.mark.sdk
 @pytest.mark.parametrize("kind", ["python-0.25", "node"])
 async def test_state_and_stream_through_the_bridge(tmp_path, kind):
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
-        other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
+        other = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
         await wait_for(lambda: connected(bridge, "state", "stream") and connected(other, "stream"))
         on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
-        worker = await stack.enter_async_context(sdk_worker(kind, f"ws://127.0.0.1:{bridge.listen_port}"))
+        worker = await stack.enter_async_context(
+            sdk_worker(kind, f"ws://127.0.0.1:{bridge.listen_port}")
+        )
         client_here = await stack.enter_async_context(client_of(bridge))
         client_there = await stack.enter_async_context(client_of(other))
 
         for fn in ("t::on_state", "t::on_stream"):
             assert (await command(worker, op="register", id=fn))[0] == "OK"
-        await command(worker, op="trigger", type="state", fn="t::on_state", config={"scope": "users"})
-        await command(worker, op="trigger", type="stream", fn="t::on_stream", config={"stream_name": "chat"})
+        await command(
+            worker, op="trigger", type="state", fn="t::on_state", config={"scope": "users"}
+        )
+        await command(
+            worker, op="trigger", type="stream", fn="t::on_stream", config={"stream_name": "chat"}
+        )
         await wait_for(lambda: len(bridge.registry.triggers) == 2)
         for client in (client_here, client_there):
             await client.join("s1", "chat", "room")
             assert (await client.receive())["event"] == {"type": "sync", "data": []}
 
         # state::set / get / list from the SDK; the data is on the backend
-        status, value = await command(worker, op="call", fn="state::set", data={"scope": "users", "key": "u1", "value": {"name": "ada"}})
+        status, value = await command(
+            worker,
+            op="call",
+            fn="state::set",
+            data={"scope": "users", "key": "u1", "value": {"name": "ada"}},
+        )
         assert (status, value) == ("OK", {"old_value": None, "new_value": {"name": "ada"}})
-        assert ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) == {"name": "ada"}
-        ok(await on_backend.call("state::set", {"scope": "users", "key": "u2", "value": {"name": "bob"}}))
-        assert await command(worker, op="call", fn="state::get", data={"scope": "users", "key": "u2"}) == ("OK", {"name": "bob"})
+        assert ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) == {
+            "name": "ada"
+        }
+        ok(
+            await on_backend.call(
+                "state::set", {"scope": "users", "key": "u2", "value": {"name": "bob"}}
+            )
+        )
+        assert await command(
+            worker, op="call", fn="state::get", data={"scope": "users", "key": "u2"}
+        ) == ("OK", {"name": "bob"})
         status, values = await command(worker, op="call", fn="state::list", data={"scope": "users"})
         assert status == "OK" and sorted(v["name"] for v in values) == ["ada", "bob"]
         event = called(await worker.wait_for("CALLED t::on_state", timeout=20))
-        assert event == {"type": "state", "event_type": "state:created", "scope": "users", "key": "u1", "old_value": None, "new_value": {"name": "ada"}}
+        assert event == {
+            "type": "state",
+            "event_type": "state:created",
+            "scope": "users",
+            "key": "u1",
+            "old_value": None,
+            "new_value": {"name": "ada"},
+        }
 
         # stream::set / get from the SDK; the trigger fires, both engines' clients get the event
         item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
-        status, value = await command(worker, op="call", fn="stream::set", data={**item, "data": {"text": "hi"}})
+        status, value = await command(
+            worker, op="call", fn="stream::set", data={**item, "data": {"text": "hi"}}
+        )
         assert (status, value) == ("OK", {"old_value": None, "new_value": {"text": "hi"}})
         assert ok(await on_backend.call("stream::get", item)) == {"text": "hi"}
-        assert await command(worker, op="call", fn="stream::get", data=item) == ("OK", {"text": "hi"})
+        assert await command(worker, op="call", fn="stream::get", data=item) == (
+            "OK",
+            {"text": "hi"},
+        )
         created = ("chat", "room", "m1", {"type": "create", "data": {"text": "hi"}})
         assert event_of(await client_here.receive()) == created
         assert event_of(await client_there.receive()) == created
@@ -124,15 +158,21 @@ async def test_state_and_stream_through_the_bridge(tmp_path, kind):
         assert event_of(message) == created
         # the bridge engine does not hear its own event back from the backend
         ok(await on_backend.call("stream::set", {**item, "item_id": "m2", "data": 2}))
-        status, _ = await command(worker, op="call", fn="stream::set", data={**item, "item_id": "m3", "data": 3})
+        status, _ = await command(
+            worker, op="call", fn="stream::set", data={**item, "item_id": "m3", "data": 3}
+        )
         assert status == "OK"
         assert event_of(await client_here.receive())[2] == "m3"
 
 
 async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_path):
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
-        other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
+        other = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
         await wait_for(lambda: connected(bridge, "state", "stream") and connected(other, "stream"))
         caller = await stack.enter_async_context(connect_test_worker(bridge))
         client = await stack.enter_async_context(client_of(other))
@@ -143,7 +183,15 @@ async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_pat
         # a stream trigger on the other engine fires for this engine's writes too
         watcher = await stack.enter_async_context(connect_test_worker(other))
         await watcher.send({"type": "registerfunction", "id": "w::chat"})
-        await watcher.send({"type": "registertrigger", "id": "tw", "trigger_type": "stream", "function_id": "w::chat", "config": {"stream_name": "chat"}})
+        await watcher.send(
+            {
+                "type": "registertrigger",
+                "id": "tw",
+                "trigger_type": "stream",
+                "function_id": "w::chat",
+                "config": {"stream_name": "chat"},
+            }
+        )
         await wait_for(lambda: len(other.registry.triggers) == 1)
         seen: list[Any] = []
         answering = await stack.enter_async_context(trio.open_nursery())
@@ -152,23 +200,46 @@ async def test_stream_events_reach_the_other_engine_and_the_backend_list(tmp_pat
         ok(await caller.call("stream::set", {**item, "data": 1}))
         await wait_for(lambda: len(seen) == 1)
         assert event_of(seen[0]) == ("chat", "room", "m1", {"type": "create", "data": 1})
-        ok(await caller.call("stream::update", {**item, "ops": [{"type": "set", "path": "", "value": 5}]}))
+        ok(
+            await caller.call(
+                "stream::update", {**item, "ops": [{"type": "set", "path": "", "value": 5}]}
+            )
+        )
         assert ok(await caller.call("stream::delete", item)) == {"old_value": 5}
-        ok(await caller.call("stream::send", {"stream_name": "chat", "group_id": "room", "type": "typing", "data": {"who": "x"}}))
+        ok(
+            await caller.call(
+                "stream::send",
+                {"stream_name": "chat", "group_id": "room", "type": "typing", "data": {"who": "x"}},
+            )
+        )
         kinds = [event_of(await client.receive())[3]["type"] for _ in range(4)]
         assert kinds == ["create", "update", "delete", "event"]
         # this engine's own client gets each message once: the echo from the backend is
         # dropped (a message published on the backend after them arrives next)
         assert [event_of(await own_client.receive())[3]["type"] for _ in range(4)] == kinds
         async with raw_worker_at(backend.port) as on_backend:
-            sentinel = {"type": "stream", "timestamp": 1, "streamName": "chat", "groupId": "room", "id": "end", "event": {"type": "event", "event": {"type": "end", "data": None}}}
+            sentinel = {
+                "type": "stream",
+                "timestamp": 1,
+                "streamName": "chat",
+                "groupId": "room",
+                "id": "end",
+                "event": {"type": "event", "event": {"type": "end", "data": None}},
+            }
             ok(await on_backend.call("publish", {"topic": "stream.events", "data": sentinel}))
         assert await own_client.receive() == sentinel
         ok(await caller.call("stream::set", {**item, "group_id": "b", "data": 1}))
         assert ok(await caller.call("stream::list_groups", {"stream_name": "chat"})) == ["b"]
-        assert ok(await caller.call("stream::list", {"stream_name": "chat", "group_id": "b"})) == [1]
+        assert ok(await caller.call("stream::list", {"stream_name": "chat", "group_id": "b"})) == [
+            1
+        ]
         ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
-        assert ok(await caller.call("state::update", {"scope": "s", "key": "k", "ops": [{"type": "increment", "path": "", "by": 2}]})) == {"old_value": 1, "new_value": 3}
+        assert ok(
+            await caller.call(
+                "state::update",
+                {"scope": "s", "key": "k", "ops": [{"type": "increment", "path": "", "by": 2}]},
+            )
+        ) == {"old_value": 1, "new_value": 3}
         assert ok(await caller.call("state::list_groups", {})) == {"groups": ["s"]}
         assert ok(await caller.call("state::delete", {"scope": "s", "key": "k"})) == 3
         answering.cancel_scope.cancel()
@@ -184,7 +255,10 @@ async def test_adapter_unavailable_at_once_while_the_backend_is_down(tmp_path):
     backend.start()
     try:
         await backend.started()
-        async with open_test_engine(bridge_config(backend.url)) as bridge, connect_test_worker(bridge) as caller:
+        async with (
+            open_test_engine(bridge_config(backend.url)) as bridge,
+            connect_test_worker(bridge) as caller,
+        ):
             await wait_for(lambda: connected(bridge, "state", "stream", "queue"))
             ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
 
@@ -201,11 +275,16 @@ async def test_adapter_unavailable_at_once_while_the_backend_is_down(tmp_path):
                     assert reply["error"]["code"] == "adapter_unavailable", reply
                 # the queue module answers its own code for a backend it cannot reach
                 reply = await caller.call("enqueue", {"topic": "t", "data": 1}, timeout=60)
-                assert reply["error"]["code"] == "enqueue_error" and "is down" in reply["error"]["message"], reply
+                assert (
+                    reply["error"]["code"] == "enqueue_error"
+                    and "is down" in reply["error"]["message"]
+                ), reply
 
             backend.start()  # the same port: the links come back by themselves
             await backend.started()
-            assert await until_ok(caller, "state::get", {"scope": "s", "key": "k"}) is None  # in-memory backend
+            assert (
+                await until_ok(caller, "state::get", {"scope": "s", "key": "k"}) is None
+            )  # in-memory backend
             ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 3}))
             async with raw_worker_at(port) as on_backend:
                 assert ok(await on_backend.call("state::get", {"scope": "s", "key": "k"})) == 3
@@ -218,15 +297,32 @@ async def test_adapter_unavailable_at_once_while_the_backend_is_down(tmp_path):
 
 async def test_kv_server_remote_keeps_state_and_streams_in_kv_server_indexes(tmp_path):
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, remote="kv_server")))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False, remote="kv_server"))
+        )
         await wait_for(lambda: connected(bridge, "state", "stream"))
         caller = await stack.enter_async_context(connect_test_worker(bridge))
         on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
 
-        assert ok(await caller.call("state::set", {"scope": "users", "key": "u1", "value": {"n": 1}})) == {"old_value": None, "new_value": {"n": 1}}
-        assert ok(await on_backend.call("kv_server::get", {"index": "users", "key": "u1"})) == {"n": 1}
-        assert ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) is None  # not the state module
-        reply = ok(await caller.call("state::update", {"scope": "users", "key": "u1", "ops": [{"type": "increment", "path": "n", "by": 2}]}))
+        assert ok(
+            await caller.call("state::set", {"scope": "users", "key": "u1", "value": {"n": 1}})
+        ) == {"old_value": None, "new_value": {"n": 1}}
+        assert ok(await on_backend.call("kv_server::get", {"index": "users", "key": "u1"})) == {
+            "n": 1
+        }
+        assert (
+            ok(await on_backend.call("state::get", {"scope": "users", "key": "u1"})) is None
+        )  # not the state module
+        reply = ok(
+            await caller.call(
+                "state::update",
+                {
+                    "scope": "users",
+                    "key": "u1",
+                    "ops": [{"type": "increment", "path": "n", "by": 2}],
+                },
+            )
+        )
         assert reply == {"old_value": {"n": 1}, "new_value": {"n": 3}}
         assert ok(await caller.call("state::list", {"scope": "users"})) == [{"n": 3}]
         assert ok(await caller.call("state::delete", {"scope": "users", "key": "u1"})) == {"n": 3}
@@ -234,10 +330,18 @@ async def test_kv_server_remote_keeps_state_and_streams_in_kv_server_indexes(tmp
         assert (await caller.call("state::list_groups", {}))["error"]["code"] == "not_supported"
 
         item = {"stream_name": "chat", "group_id": "room", "item_id": "m1"}
-        assert ok(await caller.call("stream::set", {**item, "data": "hi"})) == {"old_value": None, "new_value": "hi"}
-        assert ok(await on_backend.call("kv_server::get", {"index": "chat::room", "key": "m1"})) == "hi"
+        assert ok(await caller.call("stream::set", {**item, "data": "hi"})) == {
+            "old_value": None,
+            "new_value": "hi",
+        }
+        assert (
+            ok(await on_backend.call("kv_server::get", {"index": "chat::room", "key": "m1"}))
+            == "hi"
+        )
         assert ok(await caller.call("stream::get", item)) == "hi"
-        assert ok(await caller.call("stream::list", {"stream_name": "chat", "group_id": "room"})) == ["hi"]
+        assert ok(
+            await caller.call("stream::list", {"stream_name": "chat", "group_id": "room"})
+        ) == ["hi"]
         assert ok(await caller.call("stream::delete", item)) == {"old_value": "hi"}
         assert (await caller.call("stream::list_all", {}))["error"]["code"] == "not_supported"
 
@@ -250,12 +354,21 @@ async def serve_hooks(worker: RawWorker, answers: dict[str, dict[str, Any]]) -> 
     while True:
         message = await worker.receive_type("invokefunction", timeout=120)
         body = answers[message["function_id"]]
-        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], **body})
+        await worker.send(
+            {
+                "type": "invocationresult",
+                "invocation_id": message["invocation_id"],
+                "function_id": message["function_id"],
+                **body,
+            }
+        )
 
 
 async def test_remote_errors_keep_their_code_and_bad_answers_are_refused(tmp_path):
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
         await wait_for(lambda: connected(bridge, "state", "stream"))
         caller = await stack.enter_async_context(connect_test_worker(bridge))
         hooks = await stack.enter_async_context(raw_worker_at(backend.port))
@@ -274,10 +387,17 @@ async def test_remote_errors_keep_their_code_and_bad_answers_are_refused(tmp_pat
         with trio.fail_after(20):
             while (await caller.call("stream::get", item)).get("error", {}).get("code") != "E_HOOK":
                 await trio.sleep(0.05)
-        assert (await caller.call("stream::list", {"stream_name": "evil", "group_id": "g"}))["error"]["code"] == "bad_remote_answer"
-        assert (await caller.call("stream::list_groups", {"stream_name": "evil"}))["error"]["code"] == "bad_remote_answer"
+        assert (await caller.call("stream::list", {"stream_name": "evil", "group_id": "g"}))[
+            "error"
+        ]["code"] == "bad_remote_answer"
+        assert (await caller.call("stream::list_groups", {"stream_name": "evil"}))["error"][
+            "code"
+        ] == "bad_remote_answer"
         # a hook answering a set (the remote's override) is an answer like any other
-        assert ok(await caller.call("stream::set", {**item, "stream_name": "odd", "data": 1})) == {"old_value": None, "new_value": 1}
+        assert ok(await caller.call("stream::set", {**item, "stream_name": "odd", "data": 1})) == {
+            "old_value": None,
+            "new_value": 1,
+        }
         # a raw worker has 1 MiB frames: the bridge reads the old value first, and the
         # remote's error on that read is the answer (nothing was written)
         assert (await caller.call("stream::set", {**item, "data": 1}))["error"]["code"] == "E_HOOK"
@@ -286,7 +406,9 @@ async def test_remote_errors_keep_their_code_and_bad_answers_are_refused(tmp_pat
 
 async def test_stream_events_from_the_remote_are_checked(tmp_path, caplog):
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
         await wait_for(lambda: connected(bridge, "stream"))
         client = await stack.enter_async_context(client_of(bridge))
         await client.join("s", "chat", "room")
@@ -294,9 +416,20 @@ async def test_stream_events_from_the_remote_are_checked(tmp_path, caplog):
         publisher = await stack.enter_async_context(raw_worker_at(backend.port))
         for bad in ("garbage", {"streamName": "chat"}, {"__iii_origin": 5}):
             ok(await publisher.call("publish", {"topic": "stream.events", "data": bad}))
-        await wait_for(lambda: sum("ignoring a malformed message" in r.getMessage() for r in caplog.records) == 3)
+        await wait_for(
+            lambda: (
+                sum("ignoring a malformed message" in r.getMessage() for r in caplog.records) == 3
+            )
+        )
         # a well-formed message from another engine (an upstream one carries no origin)
-        message = {"type": "stream", "timestamp": 1, "streamName": "chat", "groupId": "room", "id": "x", "event": {"type": "create", "data": 7}}
+        message = {
+            "type": "stream",
+            "timestamp": 1,
+            "streamName": "chat",
+            "groupId": "room",
+            "id": "x",
+            "event": {"type": "create", "data": 7},
+        }
         ok(await publisher.call("publish", {"topic": "stream.events", "data": message}))
         assert await client.receive() == message
 
@@ -324,15 +457,25 @@ def test_a_bad_bridge_key_is_a_config_error_naming_it(config, key):
         entry = {"class": module, "config": {"adapter": {"class": adapter, "config": config}}}
         with pytest.raises(ConfigError) as info:
             parse_config({"modules": [entry]}, file="c.yaml")
-        assert (info.value.file, info.value.key) == ("c.yaml", f"modules[0].config.adapter.config.{key}")
+        assert (info.value.file, info.value.key) == (
+            "c.yaml",
+            f"modules[0].config.adapter.config.{key}",
+        )
 
 
 async def test_an_unreachable_remote_does_not_stop_the_engine():
     port = free_port()  # nothing listens there
-    async with open_test_engine(bridge_config(f"ws://127.0.0.1:{port}")) as bridge, connect_test_worker(bridge) as caller:
+    async with (
+        open_test_engine(bridge_config(f"ws://127.0.0.1:{port}")) as bridge,
+        connect_test_worker(bridge) as caller,
+    ):
         assert not bridge.modules["state"].adapter.link.connected
-        assert (await caller.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
-        assert (await caller.call("engine::queue::list_topics", {}))["error"]["code"] == "adapter_unavailable"
+        assert (await caller.call("state::get", {"scope": "s", "key": "k"}))["error"][
+            "code"
+        ] == "adapter_unavailable"
+        assert (await caller.call("engine::queue::list_topics", {}))["error"][
+            "code"
+        ] == "adapter_unavailable"
 
 
 @pytest.mark.sdk
@@ -340,24 +483,50 @@ async def test_sdk_041_worker_on_the_bridge_engine(tmp_path):
     """A 0.4.1 worker (1 MiB frames): its set lands on the backend, and a write whose
     answer would not fit its frames is refused before anything is sent."""
     async with backend_process(tmp_path) as backend, AsyncExitStack() as stack:
-        bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False)))
+        bridge = await stack.enter_async_context(
+            open_test_engine(bridge_config(backend.url, queue=False))
+        )
         await wait_for(lambda: connected(bridge, "state", "stream"))
         on_backend = await stack.enter_async_context(raw_worker_at(backend.port))
-        worker = await stack.enter_async_context(start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=f"ws://127.0.0.1:{bridge.listen_port}"))
+        worker = await stack.enter_async_context(
+            start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=f"ws://127.0.0.1:{bridge.listen_port}")
+        )
         await worker.wait_for("READY", timeout=60)
 
-        status, value = await command(worker, op="call", fn="state::set", data={"scope": "s", "key": "k", "value": {"v": 1}})
+        status, value = await command(
+            worker, op="call", fn="state::set", data={"scope": "s", "key": "k", "value": {"v": 1}}
+        )
         assert (status, value) == ("OK", {"old_value": None, "new_value": {"v": 1}})
         assert ok(await on_backend.call("state::get", {"scope": "s", "key": "k"})) == {"v": 1}
 
         big = "x" * 700_000
-        for fn, data in [("state::set", {"scope": "s", "key": "big", "value": big}), ("stream::set", {"stream_name": "a", "group_id": "b", "item_id": "c", "data": big})]:
+        for fn, data in [
+            ("state::set", {"scope": "s", "key": "big", "value": big}),
+            ("stream::set", {"stream_name": "a", "group_id": "b", "item_id": "c", "data": big}),
+        ]:
             status, value = await command(worker, op="call", fn=fn, data=data)
-            assert (status, value) == ("OK", {"old_value": None, "new_value": big}) or (status, value["new_value"]) == ("OK", big)
-            status, error = await command(worker, op="call", fn=fn, data={**data, ("value" if fn == "state::set" else "data"): big + "y"})
+            assert (status, value) == ("OK", {"old_value": None, "new_value": big}) or (
+                status,
+                value["new_value"],
+            ) == ("OK", big)
+            status, error = await command(
+                worker,
+                op="call",
+                fn=fn,
+                data={**data, ("value" if fn == "state::set" else "data"): big + "y"},
+            )
             assert (status, error["code"]) == ("ERR", "payload_too_large"), error
-        assert ok(await on_backend.call("state::get", {"scope": "s", "key": "big"})) == big  # unchanged
-        assert ok(await on_backend.call("stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"})) == big
+        assert (
+            ok(await on_backend.call("state::get", {"scope": "s", "key": "big"})) == big
+        )  # unchanged
+        assert (
+            ok(
+                await on_backend.call(
+                    "stream::get", {"stream_name": "a", "group_id": "b", "item_id": "c"}
+                )
+            )
+            == big
+        )
 
 
 # -- auth: the grant a Bridge needs on the backend ---------------------------------------------
@@ -392,15 +561,27 @@ async def test_bridge_with_a_restricted_token(tmp_path, monkeypatch):
     try:
         await backend.started()
         async with AsyncExitStack() as stack:
-            wrong = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, token="not-the-token-at-all")))
-            bridge = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, token=secret)))
-            other = await stack.enter_async_context(open_test_engine(bridge_config(backend.url, queue=False, token=secret)))
-            await wait_for(lambda: connected(bridge, "state", "stream", "queue") and connected(other, "stream"))
+            wrong = await stack.enter_async_context(
+                open_test_engine(
+                    bridge_config(backend.url, queue=False, token="not-the-token-at-all")
+                )
+            )
+            bridge = await stack.enter_async_context(
+                open_test_engine(bridge_config(backend.url, token=secret))
+            )
+            other = await stack.enter_async_context(
+                open_test_engine(bridge_config(backend.url, queue=False, token=secret))
+            )
+            await wait_for(
+                lambda: connected(bridge, "state", "stream", "queue") and connected(other, "stream")
+            )
             refused_link = wrong.modules["state"].adapter.link
             assert not refused_link.connected and refused_link.statistics().failed_attempts >= 1
             assert "401" in (refused_link.statistics().last_error or "")
             async with connect_test_worker(wrong) as refused:
-                assert (await refused.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
+                assert (await refused.call("state::get", {"scope": "s", "key": "k"}))["error"][
+                    "code"
+                ] == "adapter_unavailable"
 
             caller = await stack.enter_async_context(connect_test_worker(bridge))
             ok(await caller.call("state::set", {"scope": "s", "key": "k", "value": 1}))
@@ -408,12 +589,30 @@ async def test_bridge_with_a_restricted_token(tmp_path, monkeypatch):
             client = await stack.enter_async_context(client_of(other))
             await client.join("s", "chat", "room")
             assert (await client.receive())["event"] == {"type": "sync", "data": []}
-            ok(await caller.call("stream::set", {"stream_name": "chat", "group_id": "room", "item_id": "m", "data": 1}))
-            assert event_of(await client.receive()) == ("chat", "room", "m", {"type": "create", "data": 1})
+            ok(
+                await caller.call(
+                    "stream::set",
+                    {"stream_name": "chat", "group_id": "room", "item_id": "m", "data": 1},
+                )
+            )
+            assert event_of(await client.receive()) == (
+                "chat",
+                "room",
+                "m",
+                {"type": "create", "data": 1},
+            )
 
             handler = await stack.enter_async_context(connect_test_worker(bridge))
             await handler.send({"type": "registerfunction", "id": "jobs::run"})
-            await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+            await handler.send(
+                {
+                    "type": "registertrigger",
+                    "id": "q1",
+                    "trigger_type": "queue",
+                    "function_id": "jobs::run",
+                    "config": {"topic": "orders"},
+                }
+            )
             await wait_for(lambda: len(bridge.registry.triggers) == 1)
             seen: list[Any] = []
             answering = await stack.enter_async_context(trio.open_nursery())

@@ -33,16 +33,29 @@ from tests.support import EngineProcess, start_sdk_worker
 
 
 async def test_queue_job_enqueued_through_the_bridge_runs(tmp_path):
-    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
+    async with (
+        backend_process(tmp_path) as backend,
+        open_test_engine(bridge_config(backend.url)) as bridge,
+    ):
         await wait_for(lambda: connected(bridge, "queue"))
         async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
             await handler.send({"type": "registerfunction", "id": "jobs::run"})
-            await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+            await handler.send(
+                {
+                    "type": "registertrigger",
+                    "id": "q1",
+                    "trigger_type": "queue",
+                    "function_id": "jobs::run",
+                    "config": {"topic": "orders"},
+                }
+            )
             await wait_for(lambda: len(bridge.registry.triggers) == 1)
             seen: list[Any] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_jobs, handler, seen)
-                assert ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}})) is None
+                assert (
+                    ok(await caller.call("enqueue", {"topic": "orders", "data": {"n": 1}})) is None
+                )
                 await wait_for(lambda: seen == [{"n": 1}])
                 # the job was kept by the backend's queue, and is done there
                 async with raw_worker_at(backend.port) as on_backend:
@@ -59,9 +72,20 @@ async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
         await backend.started()
         async with open_test_engine(bridge_config(backend.url)) as bridge:
             await wait_for(lambda: connected(bridge, "queue"))
-            async with connect_test_worker(bridge) as handler, connect_test_worker(bridge) as caller:
+            async with (
+                connect_test_worker(bridge) as handler,
+                connect_test_worker(bridge) as caller,
+            ):
                 await handler.send({"type": "registerfunction", "id": "jobs::run"})
-                await handler.send({"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}})
+                await handler.send(
+                    {
+                        "type": "registertrigger",
+                        "id": "q1",
+                        "trigger_type": "queue",
+                        "function_id": "jobs::run",
+                        "config": {"topic": "orders"},
+                    }
+                )
                 await wait_for(lambda: len(bridge.registry.triggers) == 1)
                 seen: list[Any] = []
                 held = trio.Event()
@@ -75,7 +99,12 @@ async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
                     backend.start()
                     await backend.started()
                     # every job ran to an answer; the cut-off one ran again
-                    await wait_for(lambda: all(seen[1:].count({"n": n}) >= 1 for n in range(3)) and len(seen) >= 4, timeout=60)
+                    await wait_for(
+                        lambda: (
+                            all(seen[1:].count({"n": n}) >= 1 for n in range(3)) and len(seen) >= 4
+                        ),
+                        timeout=60,
+                    )
                     assert seen.count(seen[0]) >= 2
                     nursery.cancel_scope.cancel()
                 stats = await topic_stats(backend.port, "orders")
@@ -87,18 +116,29 @@ async def test_queue_link_drop_during_a_job_loses_nothing(tmp_path):
 @pytest.mark.sdk
 @pytest.mark.parametrize("version", ["0.4.1", "0.25.0"])
 async def test_sdk_worker_job_through_the_bridge_queue_runs(tmp_path, version):
-    async with backend_process(tmp_path) as backend, open_test_engine(bridge_config(backend.url)) as bridge:
+    async with (
+        backend_process(tmp_path) as backend,
+        open_test_engine(bridge_config(backend.url)) as bridge,
+    ):
         await wait_for(lambda: connected(bridge, "queue"))
-        async with start_sdk_worker(version, SCRIPTS[version], url=f"ws://127.0.0.1:{bridge.listen_port}") as worker:
+        async with start_sdk_worker(
+            version, SCRIPTS[version], url=f"ws://127.0.0.1:{bridge.listen_port}"
+        ) as worker:
             await worker.wait_for("READY", timeout=60)
             assert (await command(worker, op="register", id="jobs::run"))[0] == "OK"
-            await command(worker, op="trigger", type="queue", fn="jobs::run", config={"topic": "orders"})
+            await command(
+                worker, op="trigger", type="queue", fn="jobs::run", config={"topic": "orders"}
+            )
             await wait_for(lambda: len(bridge.registry.triggers) == 1)
-            assert await command(worker, op="call", fn="enqueue", data={"topic": "orders", "data": {"order": 7}}) == ("OK", None)
+            assert await command(
+                worker, op="call", fn="enqueue", data={"topic": "orders", "data": {"order": 7}}
+            ) == ("OK", None)
             assert called(await worker.wait_for("CALLED jobs::run", timeout=30)) == {"order": 7}
             # the backend kept the job, and it is done there
             with trio.fail_after(20):
-                while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats["active"]:
+                while (stats := await topic_stats(backend.port, "orders"))["waiting"] or stats[
+                    "active"
+                ]:
                     await trio.sleep(0.05)
             assert stats["dlq"] == 0
 
@@ -113,9 +153,18 @@ async def test_a_job_cut_off_by_its_worker_leaving_does_not_count_an_attempt(tmp
     backend.start()
     try:
         await backend.started()
-        async with open_test_engine(bridge_config(backend.url)) as bridge, connect_test_worker(bridge) as caller:
+        async with (
+            open_test_engine(bridge_config(backend.url)) as bridge,
+            connect_test_worker(bridge) as caller,
+        ):
             await wait_for(lambda: connected(bridge, "queue"))
-            trigger = {"type": "registertrigger", "id": "q1", "trigger_type": "queue", "function_id": "jobs::run", "config": {"topic": "orders"}}
+            trigger = {
+                "type": "registertrigger",
+                "id": "q1",
+                "trigger_type": "queue",
+                "function_id": "jobs::run",
+                "config": {"topic": "orders"},
+            }
             async with connect_test_worker(bridge) as first:
                 await first.send({"type": "registerfunction", "id": "jobs::run"})
                 await first.send(trigger)

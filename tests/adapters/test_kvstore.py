@@ -40,9 +40,13 @@ async def test_basic_operations(config):
         assert await store.list_indexes() == ["i"]
         await store.delete("i", "b")
         assert await store.list_indexes() == []
-        result = await store.update("j", "k", parse_ops([{"type": "increment", "path": "n", "by": 2}]))
+        result = await store.update(
+            "j", "k", parse_ops([{"type": "increment", "path": "n", "by": 2}])
+        )
         assert (result.old_value, result.new_value) == (None, {"n": 2})
-        await store.write_batch([("set", "j", "x", 1), ("delete", "j", "k"), ("set", "m", "y", [1])])
+        await store.write_batch(
+            [("set", "j", "x", 1), ("delete", "j", "k"), ("set", "m", "y", [1])]
+        )
         assert await store.items("j") == [("x", 1)]
         assert await store.get("m", "y") == [1]
 
@@ -55,7 +59,9 @@ async def test_file_store_survives_reopen_and_compaction(tmp_path):
                 nursery.start_soon(store.set, f"idx{i % 3}", f"k{i}", {"i": i})
         for i in range(0, 200, 2):
             await store.delete(f"idx{i % 3}", f"k{i}")
-        await store.update("idx0", "k3", parse_ops([{"type": "set", "path": "extra", "value": True}]))
+        await store.update(
+            "idx0", "k3", parse_ops([{"type": "set", "path": "extra", "value": True}])
+        )
         before = {i: await store.items(i) for i in await store.list_indexes()}
         await store.compact()
         assert store.statistics().log_records == 0

@@ -70,8 +70,9 @@ async def test_a_failed_compaction_keeps_the_old_log_and_what_was_queued(tmp_pat
 
 small_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from("xyz"), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("xyz"), inner, max_size=3)
+    ),
     max_leaves=5,
 )
 # Strings around the limits (the record limit is 3000 bytes, value limits

@@ -28,7 +28,17 @@ pytestmark = [
 
 def start_redis(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -52,32 +62,59 @@ async def test_outage_is_reported_and_recovered():
         adapter = {"config": {"redis_url": url, "timeout_ms": 1000}}
         config = make_config(
             [
-                {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::RedisAdapter", **adapter}}},
-                {"class": "modules::pubsub::PubSubModule", "config": {"adapter": {"class": "modules::pubsub::RedisAdapter", **adapter}}},
+                {
+                    "class": "modules::state::StateModule",
+                    "config": {
+                        "adapter": {"class": "modules::state::adapters::RedisAdapter", **adapter}
+                    },
+                },
+                {
+                    "class": "modules::pubsub::PubSubModule",
+                    "config": {"adapter": {"class": "modules::pubsub::RedisAdapter", **adapter}},
+                },
                 {"class": "modules::kv_server::KvServer", "config": {}},
             ]
         )
         async with open_test_engine(config) as engine, connect_test_worker(engine) as w:
             await w.send({"type": "registerfunction", "id": "w::sub"})
-            await w.send({"type": "registertrigger", "id": "t", "trigger_type": "subscribe", "function_id": "w::sub", "config": {"topic": "news"}})
+            await w.send(
+                {
+                    "type": "registertrigger",
+                    "id": "t",
+                    "trigger_type": "subscribe",
+                    "function_id": "w::sub",
+                    "config": {"topic": "news"},
+                }
+            )
             assert "error" not in await w.call("state::set", {"scope": "s", "key": "k", "value": 1})
 
             stop(redis)
             reply = await w.call("state::set", {"scope": "s", "key": "k", "value": 2})
             assert reply["error"]["code"] == "adapter_unavailable", reply
-            assert (await w.call("state::get", {"scope": "s", "key": "k"}))["error"]["code"] == "adapter_unavailable"
-            assert (await w.call("publish", {"topic": "news", "data": 1}))["error"]["code"] == "adapter_unavailable"
+            assert (await w.call("state::get", {"scope": "s", "key": "k"}))["error"][
+                "code"
+            ] == "adapter_unavailable"
+            assert (await w.call("publish", {"topic": "news", "data": 1}))["error"][
+                "code"
+            ] == "adapter_unavailable"
             # everything else keeps working
-            assert "error" not in await w.call("kv_server::set", {"index": "i", "key": "k", "value": 1})
+            assert "error" not in await w.call(
+                "kv_server::set", {"index": "i", "key": "k", "value": 1}
+            )
             assert "functions" in (await w.call("engine::functions::list", {}))["result"]
 
             redis = start_redis(port)
             await wait_for_port(port)
             with trio.fail_after(20):
-                while "error" in (reply := await w.call("state::set", {"scope": "s", "key": "k", "value": 3})):
+                while "error" in (
+                    reply := await w.call("state::set", {"scope": "s", "key": "k", "value": 3})
+                ):
                     assert reply["error"]["code"] == "adapter_unavailable"
                     await trio.sleep(0.2)
-            assert reply["result"] == {"old_value": None, "new_value": 3}  # the new Redis started empty
+            assert reply["result"] == {
+                "old_value": None,
+                "new_value": 3,
+            }  # the new Redis started empty
             # the pub/sub subscription came back too: a publish reaches the trigger
             with trio.fail_after(20):
                 while True:

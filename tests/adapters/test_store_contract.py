@@ -62,7 +62,9 @@ async def test_state_contract(state):
     result = await state.update("s", "fresh", ops({"type": "increment", "path": "c", "by": 1}))
     assert (result.old_value, result.new_value, result.errors) == (None, {"c": 1}, ())
     result = await state.update("s", "fresh", ops({"type": "append", "path": "c", "value": 1}))
-    assert result.new_value == {"c": 1} and [e.code for e in result.errors] == ["append.type_mismatch"]
+    assert result.new_value == {"c": 1} and [e.code for e in result.errors] == [
+        "append.type_mismatch"
+    ]
     assert sorted(map(repr, await state.list("s"))) == sorted(map(repr, [{"a": 2}, None, {"c": 1}]))
     await state.set("t", "x", 1)
     assert await state.list_groups() == ["s", "t"]
@@ -75,7 +77,9 @@ async def test_state_contract(state):
 async def test_concurrent_updates_are_atomic(state):
     async with trio.open_nursery() as nursery:
         for _ in range(40):
-            nursery.start_soon(state.update, "s", "counter", ops({"type": "increment", "path": "n", "by": 1}))
+            nursery.start_soon(
+                state.update, "s", "counter", ops({"type": "increment", "path": "n", "by": 1})
+            )
     assert await state.get("s", "counter") == {"n": 40}
 
 
@@ -88,7 +92,9 @@ async def test_stream_contract(stream):
     assert await stream.list("chat", "r1") == [{"t": 2}]
     assert await stream.list_groups("chat") == ["r1", "r:2"]
     assert await stream.list_all() == [("chat", ["r1", "r:2"]), ("chat:x", ["g"])]
-    result = await stream.update("chat", "r1", "m2", ops({"type": "set", "path": ["a", "b"], "value": 1}))
+    result = await stream.update(
+        "chat", "r1", "m2", ops({"type": "set", "path": ["a", "b"], "value": 1})
+    )
     assert (result.old_value, result.new_value) == (None, {"a": {"b": 1}})
     assert await stream.delete("chat", "r:2", "m1") == 3
     assert await stream.delete("chat", "r:2", "m1") is None
@@ -102,14 +108,22 @@ async def test_stream_contract(stream):
 fields = st.sampled_from(["a", "b", "n"])
 paths = st.one_of(st.just(""), fields, st.lists(fields, min_size=1, max_size=3))
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-1000, 1000) | st.floats(-1e6, 1e6, allow_nan=False) | st.text(max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-1000, 1000)
+    | st.floats(-1e6, 1e6, allow_nan=False)
+    | st.text(max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(fields, inner, max_size=3),
     max_leaves=6,
 )
 numbers = st.integers(-50, 50) | st.floats(-100, 100, allow_nan=False)
 op_strategy = st.one_of(
     st.builds(lambda p, v: {"type": "set", "path": p, "value": v}, paths, json_values),
-    st.builds(lambda p, v: {"type": "merge", "path": p, "value": v}, paths, st.dictionaries(fields, json_values, max_size=2) | json_values),
+    st.builds(
+        lambda p, v: {"type": "merge", "path": p, "value": v},
+        paths,
+        st.dictionaries(fields, json_values, max_size=2) | json_values,
+    ),
     st.builds(lambda p, b: {"type": "increment", "path": p, "by": b}, paths, numbers),
     st.builds(lambda p, b: {"type": "decrement", "path": p, "by": b}, paths, numbers),
     st.builds(lambda p: {"type": "remove", "path": p}, paths),
@@ -129,25 +143,36 @@ steps = st.lists(
 async def _run_everywhere(sequence, prefix):
     with tempfile.TemporaryDirectory() as tmp:
         async with AsyncExitStack() as stack:
-            adapters = [await stack.enter_async_context(open_backend("state", kind, tmp, prefix)) for kind in KINDS]
+            adapters = [
+                await stack.enter_async_context(open_backend("state", kind, tmp, prefix))
+                for kind in KINDS
+            ]
             for kind, argument in sequence:
                 outcomes = []
                 for adapter in adapters:
                     if kind == "update":
                         r = await adapter.update("scope", "key", parse_ops(argument))
-                        outcomes.append((r.old_value, r.new_value, [(e.op_index, e.code) for e in r.errors]))
+                        outcomes.append(
+                            (r.old_value, r.new_value, [(e.op_index, e.code) for e in r.errors])
+                        )
                     elif kind == "set":
                         outcomes.append(await adapter.set("scope", "key", argument))
                     else:
                         outcomes.append(await adapter.delete("scope", "key"))
-                assert all(o == outcomes[0] for o in outcomes), (kind, argument, dict(zip(KINDS, outcomes, strict=True)))
+                assert all(o == outcomes[0] for o in outcomes), (
+                    kind,
+                    argument,
+                    dict(zip(KINDS, outcomes, strict=True)),
+                )
                 assert all(repr(o) == repr(outcomes[0]) for o in outcomes), "int/float kinds differ"
             finals = [await adapter.get("scope", "key") for adapter in adapters]
             assert all(repr(f) == repr(finals[0]) for f in finals)
 
 
 @pytest.mark.services  # compares every backend, Redis included
-@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+    max_examples=60, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 @hypothesis.given(sequence=steps)
 def test_same_ops_same_results_on_every_backend(sequence):
     require_redis()

@@ -22,13 +22,22 @@ TOKEN = "cluster-test-token-0123456789"
 
 
 def cluster_config(
-    name: str, *, dead_after_ms: int = 1000, modules: list[dict[str, Any]] | None = None, **keys: Any
+    name: str,
+    *,
+    dead_after_ms: int = 1000,
+    modules: list[dict[str, Any]] | None = None,
+    **keys: Any,
 ) -> EngineConfig:
     url = require_redis()
     env = {**os.environ, TOKEN_ENV: TOKEN}
     raw = {
         "modules": modules or [],
-        "cluster": {"name": name, "redis_url": url, "token_env": TOKEN_ENV, "dead_after_ms": dead_after_ms},
+        "cluster": {
+            "name": name,
+            "redis_url": url,
+            "token_env": TOKEN_ENV,
+            "dead_after_ms": dead_after_ms,
+        },
         **keys,
     }
     return attrs.evolve(parse_config(raw, env=env), port=0)
@@ -61,7 +70,10 @@ async def wait_full_view(engines: list[Engine], timeout: float = 10.0) -> None:
             others = ids - {cluster.engine_id}
             if set(cluster.peers) != others:
                 return False
-            if any(not cluster.peers[i].link.connected or cluster.peers[i].catalog is None for i in others):
+            if any(
+                not cluster.peers[i].link.connected or cluster.peers[i].catalog is None
+                for i in others
+            ):
                 return False
         return True
 
@@ -69,10 +81,15 @@ async def wait_full_view(engines: list[Engine], timeout: float = 10.0) -> None:
 
 
 @asynccontextmanager
-async def open_cluster(count: int, *, name: str | None = None, **kwargs: Any) -> AsyncIterator[list[Engine]]:
+async def open_cluster(
+    count: int, *, name: str | None = None, **kwargs: Any
+) -> AsyncIterator[list[Engine]]:
     name = name or new_cluster_name()
     async with AsyncExitStack() as stack:
-        engines = [await stack.enter_async_context(open_test_engine(cluster_config(name, **kwargs))) for _ in range(count)]
+        engines = [
+            await stack.enter_async_context(open_test_engine(cluster_config(name, **kwargs)))
+            for _ in range(count)
+        ]
         await wait_full_view(engines)
         yield engines
 

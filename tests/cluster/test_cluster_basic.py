@@ -50,7 +50,14 @@ async def test_a_call_in_flight_to_a_leaving_engine_ends_invocation_stopped() ->
         async with connect_test_worker(b) as worker, connect_test_worker(a) as caller:
             await worker.send({"type": "registerfunction", "id": "t::slow"})
             await wait_for(lambda: sees_function(a, "t::slow"))
-            await caller.send({"type": "invokefunction", "function_id": "t::slow", "data": {}, "invocation_id": str(uuid.uuid4())})
+            await caller.send(
+                {
+                    "type": "invokefunction",
+                    "function_id": "t::slow",
+                    "data": {},
+                    "invocation_id": str(uuid.uuid4()),
+                }
+            )
             await worker.receive_type("invokefunction")  # it arrived; never answered
             b.request_shutdown()
             answer = await caller.receive_type("invocationresult", timeout=10)
@@ -118,7 +125,11 @@ async def test_introspection_lists_the_cluster_with_each_entry_s_engine() -> Non
             assert engines_of[worker.worker_id] == b_id
             assert engines_of[caller.worker_id] == cluster_of(a).engine_id
             assert not any(w["id"].startswith("cluster:") for w in workers)
-            local = (await caller.call("engine::workers::list", {"local_only": True}))["result"]["workers"]
+            local = (await caller.call("engine::workers::list", {"local_only": True}))["result"][
+                "workers"
+            ]
             assert {w["id"] for w in local} == {caller.worker_id}
-            local_functions = (await caller.call("engine::functions::list", {"local_only": True}))["result"]
+            local_functions = (await caller.call("engine::functions::list", {"local_only": True}))[
+                "result"
+            ]
             assert "t::listed" not in {f["function_id"] for f in local_functions["functions"]}

@@ -10,7 +10,13 @@ import orjson
 
 from iii.engine import Engine
 from tests.cluster.helpers import open_cluster, wait_for
-from tests.modules.rest_api.helpers import add_route, open_channel_side, open_worker, read_channel, rest_module
+from tests.modules.rest_api.helpers import (
+    add_route,
+    open_channel_side,
+    open_worker,
+    read_channel,
+    rest_module,
+)
 
 
 async def test_a_streamed_request_and_a_streamed_response_cross_engines() -> None:
@@ -18,14 +24,18 @@ async def test_a_streamed_request_and_a_streamed_response_cross_engines() -> Non
 
         async def upload(data: Any) -> Any:
             async with open_channel_side(b, data["request_body"], "read") as side:
-                blob = b"".join(f if isinstance(f, bytes) else f.encode() for f in await read_channel(side))
+                blob = b"".join(
+                    f if isinstance(f, bytes) else f.encode() for f in await read_channel(side)
+                )
             return {"body": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}
 
         async def events(data: Any) -> Any:
             async with open_channel_side(b, data["response"], "write") as side:
                 await side.send(orjson.dumps({"type": "set_status", "status_code": 201}).decode())
                 await side.send(
-                    orjson.dumps({"type": "set_headers", "headers": {"Content-Type": "text/event-stream"}}).decode()
+                    orjson.dumps(
+                        {"type": "set_headers", "headers": {"Content-Type": "text/event-stream"}}
+                    ).decode()
                 )
                 await side.ws.send_message(b"data: one\n\n")
                 await side.ws.send_message(b"data: two\n\n")
@@ -42,7 +52,10 @@ async def test_a_streamed_request_and_a_streamed_response_cross_engines() -> Non
                     "/up", content=blob, headers={"content-type": "application/octet-stream"}
                 )
                 assert response.status_code == 200, response.text
-                assert response.json() == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                assert response.json() == {
+                    "size": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(),
+                }
                 streamed = await client.get("/events")
                 assert streamed.status_code == 201
                 assert streamed.headers["content-type"] == "text/event-stream"

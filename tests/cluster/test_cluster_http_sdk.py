@@ -23,12 +23,17 @@ pytestmark = [pytest.mark.sdk, pytest.mark.services]
 
 @VERSIONS
 async def test_sdk_http_handlers_on_another_engine(version: str) -> None:
-    async with open_cluster(2, modules=[rest_module(default_timeout=4000)]) as (a, b), AsyncExitStack() as stack:
+    async with (
+        open_cluster(2, modules=[rest_module(default_timeout=4000)]) as (a, b),
+        AsyncExitStack() as stack,
+    ):
         await start(b, version, stack)
         await wait_for(lambda: len(rest_routes(a)) == 7, timeout=30)
         base = f"http://127.0.0.1:{a.modules['rest_api'].port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            response = await client.get("/rest/items/42", params={"q": "a"}, headers={"X-Agent": "tester"})
+            response = await client.get(
+                "/rest/items/42", params={"q": "a"}, headers={"X-Agent": "tester"}
+            )
             assert response.status_code == 200
             assert response.json()["id"] == "42" and response.json()["agent"] == "tester"
             response = await client.post("/rest/echo", json={"name": "iii"})
@@ -46,7 +51,9 @@ async def test_sdk_http_handlers_on_another_engine(version: str) -> None:
             assert response.status_code == 200 and response.content == BLOB
             async with client.stream("GET", "/rest/events") as response:
                 assert response.status_code == 200
-                events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+                events = [
+                    line[6:] async for line in response.aiter_lines() if line.startswith("data: ")
+                ]
             assert events == ["event 0", "event 1", "event 2"]
             response = await client.get("/rest/slow")
             assert response.status_code == 504

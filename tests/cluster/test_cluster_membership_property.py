@@ -88,7 +88,9 @@ async def scenario(ops: list[tuple[Any, ...]]) -> None:
                 async def run_engine(task_status: trio.TaskStatus[Engine]) -> None:
                     with scope:
                         engine: Engine = await nursery.start(
-                            lambda task_status: serve_engine(config, handle_signals=False, task_status=task_status)
+                            lambda task_status: serve_engine(
+                                config, handle_signals=False, task_status=task_status
+                            )
                         )
                         async with connect_test_worker(engine) as worker:
                             await worker.send({"type": "registerfunction", "id": "p::f"})
@@ -103,10 +105,12 @@ async def scenario(ops: list[tuple[Any, ...]]) -> None:
                 assert engine.cluster is not None
                 engine_id = engine.cluster.engine_id
                 await wait_for(
-                    lambda: a.cluster is not None
-                    and engine_id in a.cluster.peers
-                    and a.cluster.peers[engine_id].catalog is not None
-                    and "p::f" in a.cluster.peers[engine_id].catalog.functions,  # type: ignore[union-attr]
+                    lambda: (
+                        a.cluster is not None
+                        and engine_id in a.cluster.peers
+                        and a.cluster.peers[engine_id].catalog is not None
+                        and "p::f" in a.cluster.peers[engine_id].catalog.functions
+                    ),  # type: ignore[union-attr]
                     timeout=20,
                 )
 
@@ -159,6 +163,8 @@ async def scenario(ops: list[tuple[Any, ...]]) -> None:
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(operations)
-def test_every_call_is_answered_once_while_engines_join_and_leave(ops: list[tuple[Any, ...]]) -> None:
+def test_every_call_is_answered_once_while_engines_join_and_leave(
+    ops: list[tuple[Any, ...]],
+) -> None:
     require_redis()
     trio.run(scenario, ops)

@@ -7,19 +7,24 @@ Redis other tests share.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import gc
+from contextlib import AsyncExitStack
 
 import attrs
 import pytest
 import trio
 
 from iii.testing import connect_test_worker, open_test_engine
-from tests.cluster.helpers import cluster_config, cluster_of, new_cluster_name, sees_function, wait_for, wait_full_view
+from tests.cluster.helpers import (
+    cluster_config,
+    cluster_of,
+    new_cluster_name,
+    sees_function,
+    wait_for,
+    wait_full_view,
+)
 from tests.cluster.test_cluster_basic import serve_echo
 from tests.support import free_port
-
 
 pytestmark = [
     pytest.mark.services,
@@ -73,13 +78,18 @@ async def test_local_and_linked_calls_survive_a_redis_outage_and_the_view_heals(
         await nursery.start(proxy.serve)
         config = cluster_config(name)
         config = attrs.evolve(
-            config, cluster=attrs.evolve(config.cluster, redis_url=f"redis://127.0.0.1:{proxy.port}")  # type: ignore[arg-type]
+            config,
+            cluster=attrs.evolve(config.cluster, redis_url=f"redis://127.0.0.1:{proxy.port}"),  # type: ignore[arg-type]
         )
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(open_test_engine(config))
             b = await stack.enter_async_context(open_test_engine(config))
             await wait_full_view([a, b])
-            async with connect_test_worker(b) as worker, connect_test_worker(a) as caller, trio.open_nursery() as serving:
+            async with (
+                connect_test_worker(b) as worker,
+                connect_test_worker(a) as caller,
+                trio.open_nursery() as serving,
+            ):
                 await worker.send({"type": "registerfunction", "id": "t::o"})
                 await wait_for(lambda: sees_function(a, "t::o"))
                 serving.start_soon(serve_echo, worker, "t::o")

@@ -66,7 +66,9 @@ async def test_sdk_workers_on_three_engines_call_each_other(tmp_path: Path) -> N
             status, listed = await command(w025, op="functions")
             assert status == "OK" and {"p::from041", "p::from025", "node::echo"} <= set(listed)
             status, workers = await command(w041, op="workers")
-            assert status == "OK" and {"w041", "w025", "node-worker"} <= {w["name"] for w in workers}
+            assert status == "OK" and {"w041", "w025", "node-worker"} <= {
+                w["name"] for w in workers
+            }
 
 
 async def test_kill_9_of_an_engine_stops_its_calls_and_its_functions_vanish(tmp_path: Path) -> None:
@@ -85,7 +87,9 @@ async def test_kill_9_of_an_engine_stops_its_calls_and_its_functions_vanish(tmp_
                 answers: list[tuple[str, object]] = []
 
                 async def slow_call() -> None:
-                    answers.append(await command(on_a, op="call", fn="p::slow", data={}, timeout=30))
+                    answers.append(
+                        await command(on_a, op="call", fn="p::slow", data={}, timeout=30)
+                    )
 
                 nursery.start_soon(slow_call)
                 await on_b.wait_for("CALLED p::slow", timeout=30)
@@ -104,7 +108,9 @@ async def test_kill_9_of_an_engine_stops_its_calls_and_its_functions_vanish(tmp_
             assert (await call(c, "p::echo", {"again": True}))["echo"]["again"] is True
 
 
-async def test_a_hung_engine_is_dropped_within_dead_after_and_rejoins_when_it_resumes(tmp_path: Path) -> None:
+async def test_a_hung_engine_is_dropped_within_dead_after_and_rejoins_when_it_resumes(
+    tmp_path: Path,
+) -> None:
     """SIGSTOP: no socket closes; the record expires and the links' pings go unanswered."""
     import os
     import signal
@@ -124,7 +130,9 @@ async def test_a_hung_engine_is_dropped_within_dead_after_and_rejoins_when_it_re
                 answers: list[tuple[str, object]] = []
 
                 async def hung_call() -> None:
-                    answers.append(await command(on_a, op="call", fn="p::hang", data={}, timeout=30))
+                    answers.append(
+                        await command(on_a, op="call", fn="p::hang", data={}, timeout=30)
+                    )
 
                 nursery.start_soon(hung_call)
                 await on_b.wait_for("CALLED p::hang", timeout=30)

@@ -33,7 +33,9 @@ async def three_engines() -> AsyncIterator[list[Engine]]:
     try:
         async with AsyncExitStack() as stack:
             engines = [
-                await stack.enter_async_context(open_test_engine(cluster_config(name, modules=modules)))
+                await stack.enter_async_context(
+                    open_test_engine(cluster_config(name, modules=modules))
+                )
                 for _ in range(3)
             ]
             await wait_full_view(engines)
@@ -103,7 +105,11 @@ async def replicas(
         # Every engine knows both registrations (the catalogs are synced).
         await wait_for(
             lambda: all(
-                sum(1 for p in e.cluster.peers.values() if function_id in (p.catalog.functions if p.catalog else {}))  # type: ignore[union-attr]
+                sum(
+                    1
+                    for p in e.cluster.peers.values()
+                    if function_id in (p.catalog.functions if p.catalog else {})
+                )  # type: ignore[union-attr]
                 == (2 if e is a else 1)
                 for e in engines
             )
@@ -113,7 +119,9 @@ async def replicas(
         nursery.cancel_scope.cancel()
 
 
-def assert_once_each(handled: Handled, function_id: str, keys: list[Any], key_of: Callable[[Any], Any]) -> None:
+def assert_once_each(
+    handled: Handled, function_id: str, keys: list[Any], key_of: Callable[[Any], Any]
+) -> None:
     seen = Counter(key_of(data) for _, fid, data in handled.calls if fid == function_id)
     assert {k: seen[k] for k in keys} == {k: 1 for k in keys}, seen
     assert sum(seen.values()) == len(keys), seen
@@ -134,11 +142,15 @@ async def test_state_changes_fire_once() -> None:
 async def test_stream_changes_fire_once() -> None:
     async with three_engines() as engines:
         stream = f"st{uuid.uuid4().hex[:6]}"
-        async with replicas(engines, "t::on_stream", "stream", {"stream_name": stream}) as (handled, caller):
+        async with replicas(engines, "t::on_stream", "stream", {"stream_name": stream}) as (
+            handled,
+            caller,
+        ):
             items = [f"i{i}" for i in range(EVENTS)] + ["marker"]
             for item in items:
                 answer = await caller.call(
-                    "stream::set", {"stream_name": stream, "group_id": "g", "item_id": item, "data": {"v": 1}}
+                    "stream::set",
+                    {"stream_name": stream, "group_id": "g", "item_id": item, "data": {"v": 1}},
                 )
                 assert answer.get("error") is None, answer
             await handled.wait(lambda: any(d.get("id") == "marker" for _, _, d in handled.calls))
@@ -148,7 +160,10 @@ async def test_stream_changes_fire_once() -> None:
 async def test_pubsub_messages_reach_each_subscriber_once() -> None:
     async with three_engines() as engines:
         topic = f"t{uuid.uuid4().hex[:6]}"
-        async with replicas(engines, "t::on_message", "subscribe", {"topic": topic}) as (handled, caller):
+        async with replicas(engines, "t::on_message", "subscribe", {"topic": topic}) as (
+            handled,
+            caller,
+        ):
             numbers = list(range(EVENTS)) + ["marker"]
             for n in numbers:
                 answer = await caller.call("publish", {"topic": topic, "data": {"n": n}})
@@ -160,7 +175,9 @@ async def test_pubsub_messages_reach_each_subscriber_once() -> None:
 async def test_queue_jobs_are_handled_once() -> None:
     async with three_engines() as engines:
         topic = f"q{uuid.uuid4().hex[:6]}"
-        async with replicas(engines, "t::on_job", "queue", {"topic": topic}, result={"ok": True}) as (handled, caller):
+        async with replicas(
+            engines, "t::on_job", "queue", {"topic": topic}, result={"ok": True}
+        ) as (handled, caller):
             numbers = list(range(EVENTS))
             for n in numbers:
                 answer = await caller.call("enqueue", {"topic": topic, "data": {"n": n}})
@@ -172,7 +189,10 @@ async def test_queue_jobs_are_handled_once() -> None:
 
 async def test_cron_ticks_fire_once() -> None:
     async with three_engines() as engines:
-        async with replicas(engines, "t::on_tick", "cron", {"expression": "* * * * * *"}) as (handled, _):
+        async with replicas(engines, "t::on_tick", "cron", {"expression": "* * * * * *"}) as (
+            handled,
+            _,
+        ):
             await handled.wait(lambda: len({d["scheduled_time"] for _, _, d in handled.calls}) >= 3)
             ticks = Counter(d["scheduled_time"] for _, _, d in handled.calls)
             assert all(count == 1 for count in ticks.values()), ticks
@@ -183,20 +203,27 @@ async def test_http_requests_are_served_once_by_the_engine_they_reach() -> None:
         path = f"/h{uuid.uuid4().hex[:6]}"
         result = {"status_code": 200, "body": {"ok": True}}
         config = {"api_path": path, "http_method": "POST"}
-        async with replicas(engines, "t::on_request", "http", config, result=result) as (handled, _):
+        async with replicas(engines, "t::on_request", "http", config, result=result) as (
+            handled,
+            _,
+        ):
             await wait_for(lambda: all(len(e.modules["rest_api"].routes) == 1 for e in engines))
             async with httpx.AsyncClient() as client:
                 for n in range(EVENTS):
                     port = engines[n % 3].modules["rest_api"].port
                     response = await client.post(f"http://127.0.0.1:{port}{path}", json={"n": n})
                     assert response.status_code == 200, response.text
-            assert_once_each(handled, "t::on_request", list(range(EVENTS)), lambda d: d["body"]["n"])
+            assert_once_each(
+                handled, "t::on_request", list(range(EVENTS)), lambda d: d["body"]["n"]
+            )
 
 
 async def test_stream_join_fires_once_for_a_client_on_another_engine() -> None:
     async with three_engines() as engines:
         stream = f"j{uuid.uuid4().hex[:6]}"
-        async with replicas(engines, "t::on_join", "stream:join", {"stream_name": stream}, result={}) as (handled, _):
+        async with replicas(
+            engines, "t::on_join", "stream:join", {"stream_name": stream}, result={}
+        ) as (handled, _):
             await wait_for(lambda: all(e.modules["stream"].join_triggers.triggers for e in engines))  # type: ignore[attr-defined]
             port = engines[0].modules["stream"].server.listen_port
             from trio_websocket import open_websocket_url
@@ -207,5 +234,11 @@ async def test_stream_join_fires_once_for_a_client_on_another_engine() -> None:
                         '{"type": "join", "data": {"subscriptionId": "s%d", "streamName": "%s", "groupId": "g"}}'
                         % (n, stream)
                     )
-                    await handled.wait(lambda n=n: any(d.get("subscription_id") == f"s{n}" for _, _, d in handled.calls))
-            assert_once_each(handled, "t::on_join", ["s0", "s1", "s2"], lambda d: d.get("subscription_id"))
+                    await handled.wait(
+                        lambda n=n: any(
+                            d.get("subscription_id") == f"s{n}" for _, _, d in handled.calls
+                        )
+                    )
+            assert_once_each(
+                handled, "t::on_join", ["s0", "s1", "s2"], lambda d: d.get("subscription_id")
+            )

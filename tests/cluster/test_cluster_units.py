@@ -38,12 +38,25 @@ def test_a_peer_catalog_keeps_only_well_formed_entries() -> None:
             "garbage",
         ],
         "http": [
-            {"id": "t1", "trigger_type": "http", "function_id": "ok::f", "config": {"api_path": "/x"}},
-            {"id": "t2", "trigger_type": "state", "function_id": "ok::f", "config": {}},  # not mirrored
+            {
+                "id": "t1",
+                "trigger_type": "http",
+                "function_id": "ok::f",
+                "config": {"api_path": "/x"},
+            },
+            {
+                "id": "t2",
+                "trigger_type": "state",
+                "function_id": "ok::f",
+                "config": {},
+            },  # not mirrored
             {"id": "t3", "function_id": "ok::f", "config": "x"},
         ],
         "workers": [{"id": "w1"}, {"no": "id"}],
-        "triggers": [{"id": "t1", "trigger_type": "http", "function_id": "ok::f", "config": {}}, {"id": 1}],
+        "triggers": [
+            {"id": "t1", "trigger_type": "http", "function_id": "ok::f", "config": {}},
+            {"id": 1},
+        ],
     }
     catalog = read_catalog(raw, expected_engine="e2")
     assert catalog is not None

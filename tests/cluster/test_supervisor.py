@@ -16,9 +16,9 @@ import trio
 import yaml
 from trio_websocket import ConnectionClosed, open_websocket
 
+from iii.testing import RawWorker
 from tests.cluster.helpers import TOKEN, TOKEN_ENV
 from tests.cluster.processes import engine_config
-from iii.testing import RawWorker
 from tests.support import ROOT, wait_for_port
 from tests.support.cli import run_cli
 
@@ -56,7 +56,9 @@ async def answer_http(worker: RawWorker) -> None:
         return  # its engine process was the one killed
 
 
-async def test_processes_without_a_cluster_or_with_memory_adapters_is_a_config_error(tmp_path: Path) -> None:
+async def test_processes_without_a_cluster_or_with_memory_adapters_is_a_config_error(
+    tmp_path: Path,
+) -> None:
     plain = tmp_path / "plain.yaml"
     plain.write_text("modules: []\n")
     result = await run_cli("serve", "-c", str(plain), "--processes", "2")
@@ -64,7 +66,9 @@ async def test_processes_without_a_cluster_or_with_memory_adapters_is_a_config_e
     assert "processes" in result.stderr and "cluster" in result.stderr
     config = engine_config("x", "p:")
     config["modules"].append({"class": "modules::state::StateModule", "config": {}})
-    config["modules"] = [m for m in config["modules"] if "State" not in m["class"] or m["config"] == {}]
+    config["modules"] = [
+        m for m in config["modules"] if "State" not in m["class"] or m["config"] == {}
+    ]
     memory = tmp_path / "memory.yaml"
     memory.write_text(yaml.safe_dump({**config, "processes": 2}))
     result = await run_cli("serve", "-c", str(memory), env={TOKEN_ENV: TOKEN})
@@ -74,7 +78,9 @@ async def test_processes_without_a_cluster_or_with_memory_adapters_is_a_config_e
     assert bad.code == 2
 
 
-async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_sigterm(tmp_path: Path) -> None:
+async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_sigterm(
+    tmp_path: Path,
+) -> None:
     config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
     config["processes"] = 2
     rest_port = config["modules"][0]["config"]["port"]
@@ -96,7 +102,10 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
                 pass
         first = sorted(children_of(supervisor.pid))
         assert len(first) == 2
-        async with open_websocket("127.0.0.1", config["port"], "/", use_ssl=False) as ws, trio.open_nursery() as nursery:
+        async with (
+            open_websocket("127.0.0.1", config["port"], "/", use_ssl=False) as ws,
+            trio.open_nursery() as nursery,
+        ):
             worker = RawWorker(ws)
             await worker.receive_type("workerregistered")
             await worker.send({"type": "registerfunction", "id": "sup::hello"})
@@ -117,7 +126,8 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
                         statuses = [
                             (
                                 await client.get(
-                                    f"http://127.0.0.1:{rest_port}/sup/hello", headers={"connection": "close"}
+                                    f"http://127.0.0.1:{rest_port}/sup/hello",
+                                    headers={"connection": "close"},
                                 )
                             ).status_code
                             for _ in range(12)

@@ -13,7 +13,9 @@ async def test_hello_in_trio(iii_engine, greeter_argv):
         await nursery.start(partial(trio.run_process, [*greeter_argv, iii_engine.url], check=False))
         with trio.fail_after(30):
             await iii_engine.wait_for_function("greeter::hello")
-        assert await iii_engine.call("greeter::hello", {"name": "trio"}) == {"message": "hello trio"}
+        assert await iii_engine.call("greeter::hello", {"name": "trio"}) == {
+            "message": "hello trio"
+        }
         nursery.cancel_scope.cancel()  # stops the worker
 
 

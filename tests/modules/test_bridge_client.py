@@ -175,9 +175,10 @@ async def test_expose_forward_invoke_with_sdk_workers_on_both_sides() -> None:
         async with open_test_engine(engine_config([bridge])) as edge:
             module = bridge_of(edge)
             assert await module.link.wait_connected(15)
-            async with sdk_pair(url_of(backend), "backend") as (b041, b025), sdk_pair(
-                url_of(edge), "edge"
-            ) as (e041, e025):
+            async with (
+                sdk_pair(url_of(backend), "backend") as (b041, b025),
+                sdk_pair(url_of(edge), "edge") as (e041, e025),
+            ):
                 assert await command(b025, op="register", id="backend::echo025") == ("OK", None)
                 assert await command(b041, op="register", id="backend::echo041") == ("OK", None)
                 assert await command(b041, op="register", id="backend::fail", kind="fail") == (

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from iii.errors import IIIError
 from iii.modules.cron import Config, Module
@@ -56,7 +57,9 @@ class Recorder:
 
 
 @asynccontextmanager
-async def cron_engine(base: dt.datetime, config: Config | None = None) -> AsyncIterator[tuple[Any, Module]]:
+async def cron_engine(
+    base: dt.datetime, config: Config | None = None
+) -> AsyncIterator[tuple[Any, Module]]:
     async with open_test_engine(make_config(modules=[])) as engine:
         module = Module(engine, config or Config(), clock=VirtualClock(base))
         async with trio.open_nursery() as nursery:
@@ -65,9 +68,17 @@ async def cron_engine(base: dt.datetime, config: Config | None = None) -> AsyncI
             nursery.cancel_scope.cancel()
 
 
-def register(engine: Any, config: dict[str, Any], trigger_id: str = "t1", function_id: str = "t::tick") -> Any:
+def register(
+    engine: Any, config: dict[str, Any], trigger_id: str = "t1", function_id: str = "t::tick"
+) -> Any:
     return engine.register_trigger(
-        TriggerRegistration(worker_id=None, id=trigger_id, trigger_type="cron", function_id=function_id, config=config)
+        TriggerRegistration(
+            worker_id=None,
+            id=trigger_id,
+            trigger_type="cron",
+            function_id=function_id,
+            config=config,
+        )
     )
 
 
@@ -84,10 +95,14 @@ async def test_seconds_field_and_payload(autojump_clock: Any) -> None:
         rec = Recorder(engine)
         assert register(engine, {"expression": "*/15 * * * * *"}) is None
         await trio.sleep(61)
-    assert rec.scheduled == [iso(2024, 1, 7, 0, 0, s) for s in (15, 30, 45)] + [iso(2024, 1, 7, 0, 1, 0)]
+    assert rec.scheduled == [iso(2024, 1, 7, 0, 0, s) for s in (15, 30, 45)] + [
+        iso(2024, 1, 7, 0, 1, 0)
+    ]
     first = rec.calls[0]
     assert first["trigger"] == "cron" and first["job_id"] == "t1"
-    assert dt.datetime.fromisoformat(first["actual_time"]) >= dt.datetime.fromisoformat(first["scheduled_time"])
+    assert dt.datetime.fromisoformat(first["actual_time"]) >= dt.datetime.fromisoformat(
+        first["scheduled_time"]
+    )
 
 
 async def test_day_of_week_one_is_sunday_in_six_fields(autojump_clock: Any) -> None:
@@ -131,7 +146,9 @@ async def test_five_field_day_fields_are_or_six_field_are_and(autojump_clock: An
         vixie = Recorder(engine, "t::or")
         quartz = Recorder(engine, "t::and")
         assert register(engine, {"expression": "0 12 13 * 5"}, "a", "t::or") is None
-        assert register(engine, {"expression": "0 0 12 13 * 6"}, "b", "t::and") is None  # 6 = Friday
+        assert (
+            register(engine, {"expression": "0 0 12 13 * 6"}, "b", "t::and") is None
+        )  # 6 = Friday
         await trio.sleep(31 * 86400)
     assert vixie.scheduled == [iso(2024, 1, d, 12) for d in (5, 12, 13, 19, 26)]
     assert quartz.scheduled == []
@@ -150,20 +167,34 @@ async def test_dst_spring_forward_fires_once_after_the_gap(autojump_clock: Any) 
     start = dt.datetime(2024, 3, 9, 12, 0, 5, tzinfo=UTC)
     async with cron_engine(start) as (engine, _):
         rec = Recorder(engine)
-        assert register(engine, {"expression": "0 30 2 * * *", "timezone": "America/New_York"}) is None
+        assert (
+            register(engine, {"expression": "0 30 2 * * *", "timezone": "America/New_York"}) is None
+        )
         await trio.sleep(3 * 86400)
-    assert rec.scheduled == [iso(2024, 3, 10, 7, 0), iso(2024, 3, 11, 6, 30), iso(2024, 3, 12, 6, 30)]
+    assert rec.scheduled == [
+        iso(2024, 3, 10, 7, 0),
+        iso(2024, 3, 11, 6, 30),
+        iso(2024, 3, 12, 6, 30),
+    ]
 
 
-async def test_dst_fall_back_fixed_time_once_wildcard_hour_every_real_hour(autojump_clock: Any) -> None:
+async def test_dst_fall_back_fixed_time_once_wildcard_hour_every_real_hour(
+    autojump_clock: Any,
+) -> None:
     # New York, 2024-11-03: 02:00 EDT goes back to 01:00 EST; 01:30 happens twice.
     start = dt.datetime(2024, 11, 3, 4, 0, 5, tzinfo=UTC)  # 00:00:05 EDT
     async with cron_engine(start) as (engine, _):
         daily = Recorder(engine, "t::daily")
         hourly = Recorder(engine, "t::hourly")
         tz = "America/New_York"
-        assert register(engine, {"expression": "0 30 1 * * *", "timezone": tz}, "a", "t::daily") is None
-        assert register(engine, {"expression": "0 30 * * * *", "timezone": tz}, "b", "t::hourly") is None
+        assert (
+            register(engine, {"expression": "0 30 1 * * *", "timezone": tz}, "a", "t::daily")
+            is None
+        )
+        assert (
+            register(engine, {"expression": "0 30 * * * *", "timezone": tz}, "b", "t::hourly")
+            is None
+        )
         await trio.sleep(4 * 3600)
     assert daily.scheduled == [iso(2024, 11, 3, 5, 30)]
     assert hourly.scheduled == [iso(2024, 11, 3, h, 30) for h in (4, 5, 6, 7)]
@@ -178,7 +209,9 @@ async def test_no_catch_up_burst_but_grace_fires_once(autojump_clock: Any) -> No
     # 00:00:00 passed 0.5 s before registration: within grace, fires.  Its run
     # ends at 00:00:04.0: 01, 02, 03 are missed by more than the grace and
     # skipped; 04 is on time again.
-    assert rec.scheduled == [iso(2024, 1, 7, 0, 0, s) for s in (0, 4, 5, 6, 7)][:len(rec.scheduled)]
+    assert (
+        rec.scheduled == [iso(2024, 1, 7, 0, 0, s) for s in (0, 4, 5, 6, 7)][: len(rec.scheduled)]
+    )
     assert rec.scheduled[:3] == [iso(2024, 1, 7, 0, 0, s) for s in (0, 4, 5)]
 
 
@@ -204,7 +237,9 @@ async def test_condition(autojump_clock: Any) -> None:
             return verdict
 
         engine.register_function("t::cond", condition)
-        assert register(engine, {"expression": "*/10 * * * * *", "_condition_path": "t::cond"}) is None
+        assert (
+            register(engine, {"expression": "*/10 * * * * *", "_condition_path": "t::cond"}) is None
+        )
         await trio.sleep(40)
     # 10: false (skip), 20: null (runs), 30: true (runs), 40: error (skip)
     assert rec.scheduled == [iso(2024, 1, 7, 0, 0, 20), iso(2024, 1, 7, 0, 0, 30)]
@@ -236,7 +271,7 @@ async def test_unregister_and_shutdown_stop_firing(autojump_clock: Any) -> None:
         assert register(engine, {"expression": "* * * * * *"}, "t2") is None
         await trio.sleep(2)
         engine.shutting_down.set()
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         count = len(rec.calls)
         await trio.sleep(5)
         assert len(rec.calls) == count

@@ -21,7 +21,9 @@ UTC = dt.UTC
 NAMES_DOW = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
 
 
-def _matches(text: str, value: int, lo: int, hi: int, names: list[str] | None = None, base: int = 0) -> bool:
+def _matches(
+    text: str, value: int, lo: int, hi: int, names: list[str] | None = None, base: int = 0
+) -> bool:
     """Independent matcher for one field: is ``value`` allowed by ``text``?"""
     for part in text.split(","):
         body, _, step_text = part.partition("/")
@@ -57,11 +59,15 @@ def brute_next(expression: str, after: dt.datetime, *, years: int = 6) -> dt.dat
     while day <= end:
         weekday = (day.weekday() + 1) % 7  # 0 = Sunday
         if five:
-            dow_ok = _matches(dow, weekday, 0, 7, NAMES_DOW, 0) or (weekday == 0 and _matches(dow, 7, 0, 7, NAMES_DOW, 0))
+            dow_ok = _matches(dow, weekday, 0, 7, NAMES_DOW, 0) or (
+                weekday == 0 and _matches(dow, 7, 0, 7, NAMES_DOW, 0)
+            )
         else:
             dow_ok = _matches(dow, weekday + 1, 1, 7, NAMES_DOW, 1)
         dom_ok = _matches(dom, day.day, 1, 31)
-        restricted = dom[0] not in "*?" and dow[0] not in "*?"  # Vixie: a leading '*' is unrestricted
+        restricted = (
+            dom[0] not in "*?" and dow[0] not in "*?"
+        )  # Vixie: a leading '*' is unrestricted
         day_ok = (dom_ok or dow_ok) if (five and restricted) else (dom_ok and dow_ok)
         if day_ok and _matches(month, day.month, 1, 12) and _matches(year, day.year, 1970, 2099):
             for h in range(24):
@@ -79,15 +85,26 @@ def brute_next(expression: str, after: dt.datetime, *, years: int = 6) -> dt.dat
     return None
 
 
-def field(lo: int, hi: int, names: list[str] | None = None, base: int = 0) -> st.SearchStrategy[str]:
+def field(
+    lo: int, hi: int, names: list[str] | None = None, base: int = 0
+) -> st.SearchStrategy[str]:
     value = st.integers(lo, hi)
     word = value.map(str)
     if names:
-        word = st.one_of(word, st.integers(0, len(names) - 1).filter(lambda i: lo <= i + base <= hi).map(lambda i: names[i]))
+        word = st.one_of(
+            word,
+            st.integers(0, len(names) - 1)
+            .filter(lambda i: lo <= i + base <= hi)
+            .map(lambda i: names[i]),
+        )
     single = word
     ranged = st.tuples(value, value).map(lambda ab: f"{min(ab)}-{max(ab)}")
-    stepped = st.tuples(st.sampled_from(["*", str(lo)]), st.integers(1, max(1, hi - lo))).map(lambda t: f"{t[0]}/{t[1]}")
-    ranged_step = st.tuples(value, value, st.integers(1, 5)).map(lambda t: f"{min(t[:2])}-{max(t[:2])}/{t[2]}")
+    stepped = st.tuples(st.sampled_from(["*", str(lo)]), st.integers(1, max(1, hi - lo))).map(
+        lambda t: f"{t[0]}/{t[1]}"
+    )
+    ranged_step = st.tuples(value, value, st.integers(1, 5)).map(
+        lambda t: f"{min(t[:2])}-{max(t[:2])}/{t[2]}"
+    )
     item = st.one_of(single, ranged, stepped, ranged_step)
     listed = st.lists(item, min_size=2, max_size=3).map(",".join)
     return st.one_of(st.just("*"), item, listed)
@@ -97,7 +114,9 @@ six_field = st.tuples(
     field(0, 59), field(0, 59), field(0, 23), field(1, 28), field(1, 12), field(1, 7, NAMES_DOW, 1)
 ).map(" ".join)
 seven_field = st.tuples(six_field, st.sampled_from(["*", "2024-2030", "2025,2027"])).map(" ".join)
-five_field = st.tuples(field(0, 59), field(0, 23), field(1, 28), field(1, 12), field(0, 7, NAMES_DOW, 0)).map(" ".join)
+five_field = st.tuples(
+    field(0, 59), field(0, 23), field(1, 28), field(1, 12), field(0, 7, NAMES_DOW, 0)
+).map(" ".join)
 instants = st.datetimes(min_value=dt.datetime(2024, 1, 1), max_value=dt.datetime(2026, 12, 31)).map(
     lambda d: d.replace(microsecond=0, tzinfo=UTC)
 )
@@ -118,15 +137,25 @@ def test_next_matches_brute_force_utc(expression: str, after: dt.datetime) -> No
 
 
 @SETTINGS
-@given(st.one_of(six_field, five_field), instants, st.sampled_from(["Asia/Kolkata", "Asia/Tokyo", "Etc/GMT+5"]))
-def test_next_matches_brute_force_fixed_offset_zone(expression: str, after: dt.datetime, zone: str) -> None:
+@given(
+    st.one_of(six_field, five_field),
+    instants,
+    st.sampled_from(["Asia/Kolkata", "Asia/Tokyo", "Etc/GMT+5"]),
+)
+def test_next_matches_brute_force_fixed_offset_zone(
+    expression: str, after: dt.datetime, zone: str
+) -> None:
     schedule = parse_schedule(expression, zone)
     local_after = after.astimezone(schedule.timezone).replace(tzinfo=None)
     expected = brute_next(expression, local_after)
     got = schedule.next_after(after)
     if expected is not None:
         assert got is not None
-        assert got.astimezone(schedule.timezone).replace(tzinfo=None) == expected, (expression, after, zone)
+        assert got.astimezone(schedule.timezone).replace(tzinfo=None) == expected, (
+            expression,
+            after,
+            zone,
+        )
 
 
 @SETTINGS
@@ -144,5 +173,7 @@ def test_successive_times_increase_and_match(expression: str, after: dt.datetime
 
 def test_seventh_field_year() -> None:
     schedule = parse_schedule("0 0 0 1 1 * 2030")
-    assert schedule.next_after(dt.datetime(2024, 5, 1, tzinfo=UTC)) == dt.datetime(2030, 1, 1, tzinfo=UTC)
+    assert schedule.next_after(dt.datetime(2024, 5, 1, tzinfo=UTC)) == dt.datetime(
+        2030, 1, 1, tzinfo=UTC
+    )
     assert schedule.next_after(dt.datetime(2030, 1, 1, tzinfo=UTC)) is None

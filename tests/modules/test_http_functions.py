@@ -33,16 +33,22 @@ class RemoteFunction:
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         body = await request.read_all(1 << 20)
         headers = {k.decode(): v.decode() for k, v in request.headers}
-        self.requests.append({"method": request.method, "path": request.path, "headers": headers, "body": body})
+        self.requests.append(
+            {"method": request.method, "path": request.path, "headers": headers, "body": body}
+        )
         json = [(b"content-type", b"application/json")]
         if request.path == "/ok":
-            await responder.respond(200, json, orjson.dumps({"echo": orjson.loads(body) if body else None}))
+            await responder.respond(
+                200, json, orjson.dumps({"echo": orjson.loads(body) if body else None})
+            )
         elif request.path == "/empty":
             await responder.respond(200, [])
         elif request.path == "/notjson":
             await responder.respond(200, [], b"hello")
         elif request.path == "/err":
-            await responder.respond(500, json, b'{"error": {"code": "boom", "message": "bad thing"}}')
+            await responder.respond(
+                500, json, b'{"error": {"code": "boom", "message": "bad thing"}}'
+            )
         elif request.path == "/redirect":
             await responder.respond(302, [(b"location", b"/ok")])
         elif request.path == "/slow":
@@ -99,8 +105,12 @@ async def register(engine, owner, function_id, invocation, *, expect_ok=True):
 async def test_call_reaches_the_url_with_method_headers_and_body():
     async with remote_server() as remote, engine_with() as (engine, owner, caller):
         url = f"http://localhost:{remote.port}/ok"
-        await register(engine, owner, "ext::put", {
-            "url": url, "method": "PUT", "timeout_ms": 5000, "headers": {"X-Custom": "yes"}})
+        await register(
+            engine,
+            owner,
+            "ext::put",
+            {"url": url, "method": "PUT", "timeout_ms": 5000, "headers": {"X-Custom": "yes"}},
+        )
         result = await caller.call("ext::put", {"a": 1, "nested": {"b": [1, 2]}})
         assert "error" not in result, result
         echoed = result["result"]["echo"]
@@ -113,7 +123,9 @@ async def test_call_reaches_the_url_with_method_headers_and_body():
         assert uuid.UUID(seen["headers"]["x-iii-invocation-id"])
         assert seen["headers"]["x-iii-timestamp"].isdigit()
         assert seen["headers"]["x-custom"] == "yes"
-        assert seen["headers"]["host"] == f"localhost:{remote.port}"  # the name, though the address was pinned
+        assert (
+            seen["headers"]["host"] == f"localhost:{remote.port}"
+        )  # the name, though the address was pinned
         assert orjson.loads(seen["body"]) == echoed
 
         # GET still sends the JSON body; the function belongs to its worker
@@ -126,11 +138,19 @@ async def test_answers_and_errors():
     async with remote_server() as remote, engine_with() as (engine, owner, caller):
         base = f"http://127.0.0.1:{remote.port}"
         for name in ("empty", "notjson", "err", "missing", "redirect", "slow"):
-            await register(engine, owner, f"ext::{name}", {"url": f"{base}/{name}", "timeout_ms": 500})
+            await register(
+                engine, owner, f"ext::{name}", {"url": f"{base}/{name}", "timeout_ms": 500}
+            )
         assert "result" not in await caller.call("ext::empty", {})  # null
         assert (await caller.call("ext::notjson", {}))["error"]["code"] == "invalid_response"
-        assert (await caller.call("ext::err", {}))["error"] == {"code": "boom", "message": "bad thing"}
-        assert (await caller.call("ext::missing", {}))["error"] == {"code": "http_error", "message": "HTTP 404"}
+        assert (await caller.call("ext::err", {}))["error"] == {
+            "code": "boom",
+            "message": "bad thing",
+        }
+        assert (await caller.call("ext::missing", {}))["error"] == {
+            "code": "http_error",
+            "message": "HTTP 404",
+        }
         hits = len(remote.requests)
         assert (await caller.call("ext::redirect", {}))["error"]["message"] == "HTTP 302"
         assert len(remote.requests) == hits + 1  # the redirect was not followed
@@ -149,7 +169,11 @@ async def test_each_auth_kind_is_verified_by_the_server(monkeypatch):
         url = f"http://127.0.0.1:{remote.port}/ok"
         auths = {
             "bearer": {"type": "bearer", "token_key": "III_TEST_TOKEN"},
-            "basic": {"type": "basic", "username_key": "III_TEST_USER", "password_key": "III_TEST_PASS"},
+            "basic": {
+                "type": "basic",
+                "username_key": "III_TEST_USER",
+                "password_key": "III_TEST_PASS",
+            },
             "api_key": {"type": "api_key", "header": "X-Api-Key", "value_key": "III_TEST_KEY"},
             "hmac": {"type": "hmac", "secret_key": "III_TEST_HMAC"},
         }
@@ -174,6 +198,7 @@ async def test_each_auth_kind_is_verified_by_the_server(monkeypatch):
                 # a server recomputing it from what it received gets the same signature
                 import hashlib
                 import hmac as hmac_lib
+
                 payload = f"{timestamp}:{base64.b64encode(body).decode()}".encode()
                 digest = hmac_lib.new(b"hmac-secret", payload, hashlib.sha256).hexdigest()
                 assert headers["x-iii-signature"] == f"sha256={digest}"
@@ -184,14 +209,28 @@ async def test_secrets_only_from_allowed_variables(monkeypatch):
     monkeypatch.setenv("HOME_SECRET", "do-not-send")
     async with engine_with() as (engine, owner, caller):
         url = "http://127.0.0.1:9/ok"
-        rejected = await register(engine, owner, "ext::steal", {
-            "url": url, "auth": {"type": "bearer", "token_key": "HOME_SECRET"}}, expect_ok=False)
+        rejected = await register(
+            engine,
+            owner,
+            "ext::steal",
+            {"url": url, "auth": {"type": "bearer", "token_key": "HOME_SECRET"}},
+            expect_ok=False,
+        )
         assert rejected["code"] == "secret_not_allowed" and rejected["function_id"] == "ext::steal"
-        rejected = await register(engine, owner, "ext::missing", {
-            "url": url, "auth": {"type": "api_key", "header": "X-K", "value_key": "III_TEST_UNSET"}}, expect_ok=False)
+        rejected = await register(
+            engine,
+            owner,
+            "ext::missing",
+            {
+                "url": url,
+                "auth": {"type": "api_key", "header": "X-K", "value_key": "III_TEST_UNSET"},
+            },
+            expect_ok=False,
+        )
         assert rejected["code"] == "api_key_not_found"
-        rejected = await register(engine, owner, "ext::weird", {
-            "url": url, "auth": {"type": "custom"}}, expect_ok=False)
+        rejected = await register(
+            engine, owner, "ext::weird", {"url": url, "auth": {"type": "custom"}}, expect_ok=False
+        )
         assert rejected["code"] == "invalid_invocation"
         assert "ext::steal" not in engine.registry.functions
 
@@ -199,7 +238,11 @@ async def test_secrets_only_from_allowed_variables(monkeypatch):
 async def test_url_rules_at_registration(caplog):
     # The worker gets the code (registrationrejected has no message); the
     # engine log names the rule.
-    async with engine_with(security={"url_allowlist": ["*.example.com"]}) as (engine, owner, caller):
+    async with engine_with(security={"url_allowlist": ["*.example.com"]}) as (
+        engine,
+        owner,
+        caller,
+    ):
         cases = {
             "http://api.example.com/f": "HTTPS is required",
             "https://evil.test/f": "host evil.test is not in the url_allowlist",
@@ -208,7 +251,9 @@ async def test_url_rules_at_registration(caplog):
         }
         for index, (url, rule) in enumerate(cases.items()):
             caplog.clear()
-            rejected = await register(engine, owner, f"ext::r{index}", {"url": url}, expect_ok=False)
+            rejected = await register(
+                engine, owner, f"ext::r{index}", {"url": url}, expect_ok=False
+            )
             assert rejected["code"] == "url_validation_failed", (url, rejected)
             assert rule in caplog.text
         assert not any(f.startswith("ext::") for f in engine.registry.functions)
@@ -227,14 +272,21 @@ async def test_url_rules_at_registration(caplog):
             # the log (the first five, then one per 10 s).
             async with connect_test_worker(engine) as registrant:
                 rejected = await register(
-                    engine, registrant, f"ext::ip{index}", {"url": f"http://{host}/f"}, expect_ok=False
+                    engine,
+                    registrant,
+                    f"ext::ip{index}",
+                    {"url": f"http://{host}/f"},
+                    expect_ok=False,
                 )
             assert rejected["code"] == "url_validation_failed"
             assert rule in caplog.text and "block_private_ips" in caplog.text
 
 
 async def test_blocked_address_is_refused_on_call():
-    async with remote_server() as remote, engine_with(security={"require_https": False}) as (engine, owner, caller):
+    async with (
+        remote_server() as remote,
+        engine_with(security={"require_https": False}) as (engine, owner, caller),
+    ):
         # A host name passes registration; its address is checked on the call.
         await register(engine, owner, "ext::local", {"url": f"http://localhost:{remote.port}/ok"})
         result = await caller.call("ext::local", {})
@@ -256,8 +308,16 @@ async def test_function_goes_with_its_worker():
 
 async def test_disabled_module_refuses_http_functions():
     async with open_test_engine(make_config([])) as engine, connect_test_worker(engine) as owner:
-        await owner.send({"type": "registerfunction", "id": "ext::x", "invocation": {"url": "https://a.example/"}})
-        assert (await owner.receive_type("registrationrejected"))["code"] == "HTTP_FUNCTIONS_DISABLED"
+        await owner.send(
+            {
+                "type": "registerfunction",
+                "id": "ext::x",
+                "invocation": {"url": "https://a.example/"},
+            }
+        )
+        assert (await owner.receive_type("registrationrejected"))[
+            "code"
+        ] == "HTTP_FUNCTIONS_DISABLED"
 
 
 @pytest.mark.parametrize(
@@ -301,7 +361,9 @@ async def test_unreachable_port_is_http_request_failed():
     async with engine_with() as (engine, owner, caller):
         from tests.support import reserve_port
 
-        await register(engine, owner, "ext::closed", {"url": f"http://127.0.0.1:{reserve_port()}/ok"})
+        await register(
+            engine, owner, "ext::closed", {"url": f"http://127.0.0.1:{reserve_port()}/ok"}
+        )
         error = (await caller.call("ext::closed", {}))["error"]
         assert error["code"] == "http_request_failed" and "cannot connect" in error["message"]
 
@@ -374,10 +436,13 @@ async def test_one_write_over_https_too(monkeypatch):
 
     monkeypatch.setattr("iii.modules._http_transport.client_ssl_context", trusting)
     security = {"require_https": True, "block_private_ips": False}
-    async with head_reader(server_context) as (port, bodies), engine_with(security=security) as (
-        engine,
-        owner,
-        caller,
+    async with (
+        head_reader(server_context) as (port, bodies),
+        engine_with(security=security) as (
+            engine,
+            owner,
+            caller,
+        ),
     ):
         await register(engine, owner, "ext::tls", {"url": f"https://localhost:{port}/webhook"})
         for n in range(10):
@@ -438,7 +503,10 @@ async def test_sdk_registers_and_calls_an_http_function(version, monkeypatch):
     from tests.support import start_sdk_worker
 
     monkeypatch.setenv("III_TEST_TOKEN", f"sdk-token-{version}")
-    async with remote_server() as remote, open_test_engine(make_config([http_functions()])) as engine:
+    async with (
+        remote_server() as remote,
+        open_test_engine(make_config([http_functions()])) as engine,
+    ):
         url = f"http://127.0.0.1:{remote.port}/ok"
         async with start_sdk_worker(
             version, SDK_WORKERS[version], url=f"ws://127.0.0.1:{engine.listen_port}", args=(url,)
@@ -500,9 +568,11 @@ async def test_a_client_dropped_from_the_pool_finishes_its_calls_first(monkeypat
                 while not any(r["path"] == "/gate" for r in remote.requests):
                     await trio.sleep(0.01)
             # A call to another host takes the only pool slot from the gated call's client.
-            assert (await caller.call("ext::other", {"n": 1}))["result"]["echo"] == {"n": 1, "_caller_worker_id": caller.worker_id}
+            assert (await caller.call("ext::other", {"n": 1}))["result"]["echo"] == {
+                "n": 1,
+                "_caller_worker_id": caller.worker_id,
+            }
             assert len(module.clients) == 1
             remote.gate.set()
         assert answers["gate"].get("result") == {"through": True}, answers["gate"]
         assert not module._in_use and not module._dropped
-

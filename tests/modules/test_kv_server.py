@@ -33,21 +33,57 @@ def test_an_unknown_key_is_a_config_error_like_in_every_module():
 
 async def test_functions_and_prefix_listing_returns_keys():
     async with open_test_engine(kv_config()) as engine, connect_test_worker(engine) as w:
-        assert ok(await w.call("kv_server::set", {"index": "default", "key": "user:1", "value": {"name": "Alice"}})) == {
+        assert ok(
+            await w.call(
+                "kv_server::set", {"index": "default", "key": "user:1", "value": {"name": "Alice"}}
+            )
+        ) == {
             "old_value": None,
             "new_value": {"name": "Alice"},
         }
-        ok(await w.call("kv_server::set", {"index": "default", "key": "user:2", "value": {"name": "Bob"}}))
-        ok(await w.call("kv_server::set", {"index": "default", "key": "product:1", "value": {"name": "Widget"}}))
+        ok(
+            await w.call(
+                "kv_server::set", {"index": "default", "key": "user:2", "value": {"name": "Bob"}}
+            )
+        )
+        ok(
+            await w.call(
+                "kv_server::set",
+                {"index": "default", "key": "product:1", "value": {"name": "Widget"}},
+            )
+        )
         ok(await w.call("kv_server::set", {"index": "other", "key": "user:3", "value": 3}))
-        assert ok(await w.call("kv_server::list_keys_with_prefix", {"prefix": "user:"})) == ["user:1", "user:2", "user:3"]
-        assert ok(await w.call("kv_server::list_keys_with_prefix", {"prefix": "user:", "index": "default"})) == ["user:1", "user:2"]
-        assert ok(await w.call("kv_server::get", {"index": "default", "key": "user:1"})) == {"name": "Alice"}
-        assert ok(await w.call("kv_server::list", {"index": "default"})) == [{"name": "Alice"}, {"name": "Bob"}, {"name": "Widget"}]
-        reply = ok(await w.call("kv_server::update", {"index": "c", "key": "n", "ops": [{"type": "increment", "path": "hits", "by": 1}]}))
+        assert ok(await w.call("kv_server::list_keys_with_prefix", {"prefix": "user:"})) == [
+            "user:1",
+            "user:2",
+            "user:3",
+        ]
+        assert ok(
+            await w.call(
+                "kv_server::list_keys_with_prefix", {"prefix": "user:", "index": "default"}
+            )
+        ) == ["user:1", "user:2"]
+        assert ok(await w.call("kv_server::get", {"index": "default", "key": "user:1"})) == {
+            "name": "Alice"
+        }
+        assert ok(await w.call("kv_server::list", {"index": "default"})) == [
+            {"name": "Alice"},
+            {"name": "Bob"},
+            {"name": "Widget"},
+        ]
+        reply = ok(
+            await w.call(
+                "kv_server::update",
+                {"index": "c", "key": "n", "ops": [{"type": "increment", "path": "hits", "by": 1}]},
+            )
+        )
         assert reply == {"old_value": None, "new_value": {"hits": 1}}
-        assert ok(await w.call("kv_server::delete", {"index": "default", "key": "user:2"})) == {"old_value": {"name": "Bob"}}
-        assert ok(await w.call("kv_server::delete", {"index": "default", "key": "user:2"})) == {"old_value": None}
+        assert ok(await w.call("kv_server::delete", {"index": "default", "key": "user:2"})) == {
+            "old_value": {"name": "Bob"}
+        }
+        assert ok(await w.call("kv_server::delete", {"index": "default", "key": "user:2"})) == {
+            "old_value": None
+        }
         reply = await w.call("kv_server::get", {"index": "default"})
         assert reply["error"]["code"] == "deserialization_error"
 

@@ -53,8 +53,9 @@ text = st.text(
 ) | st.sampled_from(["\x00" * 500, "é" * 2000, "\U0001f600" * 700, '"\\' * 600])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=20), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -179,9 +180,7 @@ def test_log_store_stays_within_its_bytes_and_keeps_the_newest() -> None:
 def otel_span(
     name: str, attributes: dict[str, Any], events: int = 0, resource_size: int = 10
 ) -> ReadableSpan:
-    context = SpanContext(
-        0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
-    )
+    context = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
     return ReadableSpan(
         name=name,
         context=context,

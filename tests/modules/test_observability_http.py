@@ -38,7 +38,10 @@ time.sleep(600)
 async def test_http_request_trace_holds_server_invocation_and_worker_spans() -> None:
     config = make_config(
         modules=[
-            {"class": OTEL, "config": {"enabled": True, "exporter": "memory", "memory_max_spans": 5000}},
+            {
+                "class": OTEL,
+                "config": {"enabled": True, "exporter": "memory", "memory_max_spans": 5000},
+            },
             {"class": "modules::api::RestApiModule", "config": {"port": 0, "host": "127.0.0.1"}},
         ]
     )

@@ -336,7 +336,11 @@ async def test_cron_firing_spans(autojump_clock: Any) -> None:
         assert dict(guarded["attributes"])["iii.cron.outcome"] == "skipped"
 
         stats = module.statistics()
-        assert (stats["fired_ok"], stats["fired_failed"], stats["skipped_by_condition"]) == (6, 6, 1)
+        assert (stats["fired_ok"], stats["fired_failed"], stats["skipped_by_condition"]) == (
+            6,
+            6,
+            1,
+        )
         assert stats["jobs"] == 3
 
 

@@ -29,7 +29,9 @@ async def wait_redis_subscribers(prefix, topic, count):
         return
     async with coredis.Redis.from_url("redis://127.0.0.1:6379") as client:
         with trio.fail_after(10):
-            while (await client.pubsub_numsub(prefix + topic)).get((prefix + topic).encode(), 0) < count:
+            while (await client.pubsub_numsub(prefix + topic)).get(
+                (prefix + topic).encode(), 0
+            ) < count:
                 await trio.sleep(0.02)
 
 
@@ -37,16 +39,43 @@ async def collect(worker, into):
     while True:
         message = await worker.receive_type("invokefunction", timeout=60)
         into.append((message["function_id"], message["data"]))
-        await worker.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": None})
+        await worker.send(
+            {
+                "type": "invocationresult",
+                "invocation_id": message["invocation_id"],
+                "function_id": message["function_id"],
+                "result": None,
+            }
+        )
 
 
 async def test_every_subscriber_gets_every_message_and_unsubscribe_keeps_others(pubsub_engine):
     engine, prefix = pubsub_engine
-    async with connect_test_worker(engine) as a, connect_test_worker(engine) as b, connect_test_worker(engine) as caller:
+    async with (
+        connect_test_worker(engine) as a,
+        connect_test_worker(engine) as b,
+        connect_test_worker(engine) as caller,
+    ):
         await a.send({"type": "registerfunction", "id": "a::handler"})
         await b.send({"type": "registerfunction", "id": "b::handler"})
-        await a.send({"type": "registertrigger", "id": "ta", "trigger_type": "subscribe", "function_id": "a::handler", "config": {"topic": "news"}})
-        await b.send({"type": "registertrigger", "id": "tb", "trigger_type": "subscribe", "function_id": "b::handler", "config": {"topic": "news"}})
+        await a.send(
+            {
+                "type": "registertrigger",
+                "id": "ta",
+                "trigger_type": "subscribe",
+                "function_id": "a::handler",
+                "config": {"topic": "news"},
+            }
+        )
+        await b.send(
+            {
+                "type": "registertrigger",
+                "id": "tb",
+                "trigger_type": "subscribe",
+                "function_id": "b::handler",
+                "config": {"topic": "news"},
+            }
+        )
         with trio.fail_after(10):
             while len(engine.registry.triggers) < 2:
                 await trio.sleep(0.01)
@@ -56,7 +85,9 @@ async def test_every_subscriber_gets_every_message_and_unsubscribe_keeps_others(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect, a, seen_a)
             nursery.start_soon(collect, b, seen_b)
-            reply = await caller.call("publish", {"topic": "news", "data": {"n": 1, "nested": [1, None]}})
+            reply = await caller.call(
+                "publish", {"topic": "news", "data": {"n": 1, "nested": [1, None]}}
+            )
             assert "error" not in reply and "result" not in reply
             with trio.fail_after(10):
                 while not (seen_a and seen_b):
@@ -91,12 +122,22 @@ async def test_publish_errors_and_refused_trigger(pubsub_engine):
         assert reply["error"]["code"] == "topic_not_set"
         assert "error" not in await w.call("publish", {"topic": "nobody-listens", "data": 1})
         await w.send({"type": "registerfunction", "id": "w::h"})
-        await w.send({"type": "registertrigger", "id": "t1", "trigger_type": "subscribe", "function_id": "w::h", "config": {"topic": ""}})
+        await w.send(
+            {
+                "type": "registertrigger",
+                "id": "t1",
+                "trigger_type": "subscribe",
+                "function_id": "w::h",
+                "config": {"topic": ""},
+            }
+        )
         result = await w.receive_type("triggerregistrationresult")
         assert result["id"] == "t1" and result["error"]["code"] == "trigger_registration_failed"
 
 
-async def test_slow_subscribers_fill_a_bounded_queue_then_deliveries_are_dropped(monkeypatch, caplog):
+async def test_slow_subscribers_fill_a_bounded_queue_then_deliveries_are_dropped(
+    monkeypatch, caplog
+):
     """Publishers faster than subscribers: deliveries wait in a bounded queue
     (not one task each), the rest are dropped and reported, the engine serves on."""
     monkeypatch.setattr("iii.modules.pubsub.CONCURRENT_DELIVERIES", 2)
@@ -105,7 +146,15 @@ async def test_slow_subscribers_fill_a_bounded_queue_then_deliveries_are_dropped
     async with open_test_engine(config) as engine:
         async with connect_test_worker(engine) as slow, connect_test_worker(engine) as caller:
             await slow.send({"type": "registerfunction", "id": "slow::handler"})
-            await slow.send({"type": "registertrigger", "id": "t", "trigger_type": "subscribe", "function_id": "slow::handler", "config": {"topic": "flood"}})
+            await slow.send(
+                {
+                    "type": "registertrigger",
+                    "id": "t",
+                    "trigger_type": "subscribe",
+                    "function_id": "slow::handler",
+                    "config": {"topic": "flood"},
+                }
+            )
             with trio.fail_after(10):
                 while not engine.registry.triggers:
                     await trio.sleep(0.01)

@@ -19,10 +19,16 @@ async def test_publish_reaches_every_sdk_subscriber(version):
             version,
             url,
             handlers={"sdk::sub1": None, "sdk::sub2": None},
-            triggers=[["subscribe", "sdk::sub1", {"topic": "orders"}], ["subscribe", "sdk::sub2", {"topic": "orders"}]],
+            triggers=[
+                ["subscribe", "sdk::sub1", {"topic": "orders"}],
+                ["subscribe", "sdk::sub2", {"topic": "orders"}],
+            ],
         ) as w:
             await wait_registered(engine, ["sdk::sub1", "sdk::sub2"], triggers=2)
-            assert await w.call("publish", {"topic": "orders", "data": {"id": 7, "items": ["a"]}}) is None
+            assert (
+                await w.call("publish", {"topic": "orders", "data": {"id": 7, "items": ["a"]}})
+                is None
+            )
             assert await w.wait_events(1, "sdk::sub1") == [{"id": 7, "items": ["a"]}]
             assert await w.wait_events(1, "sdk::sub2") == [{"id": 7, "items": ["a"]}]
             with pytest.raises(SdkCallError) as caught:

@@ -39,20 +39,32 @@ async def delete_redis_prefix(prefix: str) -> None:
 
 
 def adapter_block(backend: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"backoff_ms": 50, "poll_interval_ms": 20, "visibility_timeout_ms": 3000, **extra}
+    base: dict[str, Any] = {
+        "backoff_ms": 50,
+        "poll_interval_ms": 20,
+        "visibility_timeout_ms": 3000,
+        **extra,
+    }
     if backend == "memory":
         return {"class": "modules::queue::BuiltinQueueAdapter", "config": base}
     if backend == "file":
         return {
             "class": "modules::queue::BuiltinQueueAdapter",
-            "config": {**base, "store_method": "file_based", "file_path": str(tmp_path / "queue-data")},
+            "config": {
+                **base,
+                "store_method": "file_based",
+                "file_path": str(tmp_path / "queue-data"),
+            },
         }
     if backend == "redis":
         return {
             "class": "modules::queue::RedisAdapter",
             "config": {**base, "redis_url": require_redis(), "key_prefix": REDIS_PREFIX},
         }
-    return {"class": "modules::queue::RabbitMQAdapter", "config": {**base, "amqp_url": require_rabbitmq()}}
+    return {
+        "class": "modules::queue::RabbitMQAdapter",
+        "config": {**base, "amqp_url": require_rabbitmq()},
+    }
 
 
 @asynccontextmanager
@@ -65,7 +77,9 @@ async def queue_engine(adapter: dict[str, Any], **config: Any) -> AsyncIterator[
 class Recorder:
     """An engine function that records calls; ``behaviour`` may raise or sleep."""
 
-    def __init__(self, engine: Any, function_id: str, behaviour: Callable[[Any], Any] | None = None):
+    def __init__(
+        self, engine: Any, function_id: str, behaviour: Callable[[Any], Any] | None = None
+    ):
         self.calls: list[Any] = []
         self.running = 0
         self.max_running = 0
@@ -94,7 +108,9 @@ class Recorder:
                 await self.changed.wait()
 
 
-def subscribe(engine: Any, topic: str, function_id: str, trigger_id: str | None = None, **config: Any) -> None:
+def subscribe(
+    engine: Any, topic: str, function_id: str, trigger_id: str | None = None, **config: Any
+) -> None:
     error = engine.register_trigger(
         TriggerRegistration(
             worker_id=None,
@@ -124,7 +140,9 @@ async def delete_rabbit_topology(queues: list[str]) -> None:
     async with open_amqp_connection(require_rabbitmq()) as connection:
         channel = await connection.channel()
         for queue in queues:
-            doomed = [f"iii.{queue}.queue", f"iii.{queue}.dlq"] + [f"iii.{queue}.delay.{50 * 2**k}" for k in range(6)]
+            doomed = [f"iii.{queue}.queue", f"iii.{queue}.dlq"] + [
+                f"iii.{queue}.delay.{50 * 2**k}" for k in range(6)
+            ]
             for name in doomed:
                 await channel.rpc(Queue.Delete(queue=name))
             await channel.rpc(Exchange.Delete(exchange=f"iii.{queue}.exchange"))
@@ -203,7 +221,10 @@ async def test_retries_then_dlq_then_redrive(backend: str, tmp_path: Path) -> No
         assert {"topic": topic, "kind": "topic", "count": 1} in dlq_topics["topics"]
 
         healthy = True
-        assert await engine.invoke("iii::queue::redrive", {"queue": topic}) == {"queue": topic, "redriven": 1}
+        assert await engine.invoke("iii::queue::redrive", {"queue": topic}) == {
+            "queue": topic,
+            "redriven": 1,
+        }
         await rec.wait_calls(1)
         assert rec.calls == [{"job": 1}]
         with trio.fail_after(10):
@@ -225,19 +246,27 @@ async def test_redrive_and_discard_single_messages(backend: str, tmp_path: Path)
         for i in range(3):
             await engine.invoke("enqueue", {"topic": topic, "data": i})
         with trio.fail_after(15):
-            while (await engine.invoke("engine::queue::dlq_messages", {"topic": topic}))["total"] < 3:
+            while (await engine.invoke("engine::queue::dlq_messages", {"topic": topic}))[
+                "total"
+            ] < 3:
                 await trio.sleep(0.05)
         listed = await engine.invoke("engine::queue::dlq_messages", {"topic": topic, "limit": 10})
         by_data = {m["data"]: m["id"] for m in listed["messages"]}
         fail = False
-        result = await engine.invoke("iii::queue::discard_message", {"queue": topic, "message_id": by_data[0]})
+        result = await engine.invoke(
+            "iii::queue::discard_message", {"queue": topic, "message_id": by_data[0]}
+        )
         assert result == {"queue": topic, "message_id": by_data[0], "discarded": True}
-        result = await engine.invoke("iii::queue::redrive_message", {"queue": topic, "message_id": by_data[1]})
+        result = await engine.invoke(
+            "iii::queue::redrive_message", {"queue": topic, "message_id": by_data[1]}
+        )
         assert result["redriven"] is True
         await rec.wait_calls(1)
         assert rec.calls == [1]
         with pytest.raises(IIIError) as info:
-            await engine.invoke("iii::queue::redrive_message", {"queue": topic, "message_id": by_data[0]})
+            await engine.invoke(
+                "iii::queue::redrive_message", {"queue": topic, "message_id": by_data[0]}
+            )
         assert info.value.code == "message_not_found"
         remaining = await engine.invoke("engine::queue::dlq_messages", {"topic": topic})
         assert [m["data"] for m in remaining["messages"]] == [2]
@@ -245,7 +274,7 @@ async def test_redrive_and_discard_single_messages(backend: str, tmp_path: Path)
 
 async def test_per_trigger_concurrency(backend: str, tmp_path: Path) -> None:
     async with queue_engine(adapter_block(backend, tmp_path)) as engine:
-        rec = Recorder(engine, "t::slow", lambda data: trio.sleep(0.1))
+        rec = Recorder(engine, "t::slow", lambda data: trio.sleep(0.1))  # noqa: ASYNC105 (awaited by Recorder)
         topic = topic_name()
         subscribe(engine, topic, "t::slow", concurrency=2)
         for i in range(8):
@@ -328,7 +357,9 @@ async def test_condition_false_skips(backend: str, tmp_path: Path) -> None:
 async def test_bad_trigger_config_is_refused(config: Any, tmp_path: Path) -> None:
     async with queue_engine(adapter_block("memory", tmp_path)) as engine:
         error = engine.register_trigger(
-            TriggerRegistration(worker_id=None, id="bad", trigger_type="queue", function_id="f", config=config)
+            TriggerRegistration(
+                worker_id=None, id="bad", trigger_type="queue", function_id="f", config=config
+            )
         )
         assert error is not None and error.code == "trigger_registration_failed"
 
@@ -346,7 +377,9 @@ async def test_file_store_keeps_jobs_across_restart(tmp_path: Path) -> None:
         Recorder(engine, "t::fail", fail)
         subscribe(engine, topic, "t::fail", concurrency=1)
         with trio.fail_after(10):
-            while (await engine.invoke("engine::queue::topic_stats", {"topic": topic}))["delayed"] == 0:
+            while (await engine.invoke("engine::queue::topic_stats", {"topic": topic}))[
+                "delayed"
+            ] == 0:
                 await trio.sleep(0.02)
     async with queue_engine(adapter) as engine:
         stats = await engine.invoke("engine::queue::topic_stats", {"topic": topic})
@@ -369,7 +402,9 @@ async def test_redis_keys_vanishing_does_not_crash_the_engine(tmp_path: Path) ->
         subscribe(engine, topic, "t::h")
         await engine.invoke("enqueue", {"topic": topic, "data": 1})
         await rec.wait_calls(1)
-        await delete_redis_prefix(REDIS_PREFIX)  # the stream and its group disappear under the consumer
+        await delete_redis_prefix(
+            REDIS_PREFIX
+        )  # the stream and its group disappear under the consumer
         await trio.sleep(1.0)
         await engine.invoke("enqueue", {"topic": topic, "data": 2})
         await rec.wait_calls(2, timeout=20)

@@ -143,7 +143,9 @@ async def collect(worker: Any, prefix: str, count: int, timeout: float = 30) -> 
     with trio.fail_after(timeout):
         while len(found) < count:
             line = await worker.wait_for(prefix, timeout=timeout)
-            found.append(json.loads(line[len(prefix) :]) if prefix != "TICK " else line[len(prefix) :])
+            found.append(
+                json.loads(line[len(prefix) :]) if prefix != "TICK " else line[len(prefix) :]
+            )
     return found
 
 
@@ -155,16 +157,24 @@ async def wait_function(engine: Any, function_id: str) -> None:
 
 def queue_module(adapter_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     config = {"backoff_ms": 100, "poll_interval_ms": 20, **(adapter_config or {})}
-    return [{"class": "modules::queue::QueueModule", "config": {"adapter": {"class": "modules::queue::BuiltinQueueAdapter", "config": config}}}]
+    return [
+        {
+            "class": "modules::queue::QueueModule",
+            "config": {
+                "adapter": {"class": "modules::queue::BuiltinQueueAdapter", "config": config}
+            },
+        }
+    ]
 
 
 async def test_enqueue_to_queue_trigger_and_enqueue_action_both_sdks() -> None:
     topic = f"sdk{uuid.uuid4().hex[:8]}"
     async with open_test_engine(make_config(modules=queue_module())) as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.4.1", WORKER_041, url=url, env={"TOPIC": topic}) as w041, start_sdk_worker(
-            "0.25.0", WORKER_025, url=url
-        ) as w025:
+        async with (
+            start_sdk_worker("0.4.1", WORKER_041, url=url, env={"TOPIC": topic}) as w041,
+            start_sdk_worker("0.25.0", WORKER_025, url=url) as w025,
+        ):
             await w041.wait_for("READY")
             await w025.wait_for("READY")
             await wait_function(engine, "w025::job")
@@ -172,7 +182,9 @@ async def test_enqueue_to_queue_trigger_and_enqueue_action_both_sdks() -> None:
                 while not engine.modules["queue"].subscriptions:
                     await trio.sleep(0.05)
             for i in range(5):
-                line = await command(w025, op="call", fn="enqueue", data={"topic": topic, "data": {"n": i}})
+                line = await command(
+                    w025, op="call", fn="enqueue", data={"topic": topic, "data": {"n": i}}
+                )
                 assert line == "OK null"
             jobs = await collect(w041, "JOB ", 5)
             assert sorted(j["n"] for j in jobs) == list(range(5))
@@ -181,7 +193,9 @@ async def test_enqueue_to_queue_trigger_and_enqueue_action_both_sdks() -> None:
             line = await command(w025, op="call", fn="enqueue", data={"topic": "", "data": 1})
             assert json.loads(line[4:])["code"] == "topic_not_set"
 
-            line = await command(w025, op="enqueue_action", queue="sdk-jobs", data={"via": "action"})
+            line = await command(
+                w025, op="enqueue_action", queue="sdk-jobs", data={"via": "action"}
+            )
             assert line.startswith("OK "), line
             receipt = json.loads(line[3:])
             assert uuid.UUID(receipt["messageReceiptId"])
@@ -199,7 +213,9 @@ async def test_enqueue_to_queue_trigger_and_enqueue_action_sdk_090() -> None:
                 while not engine.modules["queue"].subscriptions:
                     await trio.sleep(0.05)
             for i in range(5):
-                line = await command(worker, op="call", fn="enqueue", data={"topic": topic, "data": {"n": i}})
+                line = await command(
+                    worker, op="call", fn="enqueue", data={"topic": topic, "data": {"n": i}}
+                )
                 assert line == "OK null"
             jobs = await collect(worker, "JOB ", 5)
             assert sorted(j["n"] for j in jobs) == list(range(5))
@@ -208,7 +224,9 @@ async def test_enqueue_to_queue_trigger_and_enqueue_action_sdk_090() -> None:
             line = await command(worker, op="call", fn="enqueue", data={"topic": "", "data": 1})
             assert json.loads(line[4:])["code"] == "topic_not_set"
 
-            line = await command(worker, op="enqueue_action", queue="sdk-jobs", data={"via": "action"})
+            line = await command(
+                worker, op="enqueue_action", queue="sdk-jobs", data={"via": "action"}
+            )
             assert line.startswith("OK "), line
             assert uuid.UUID(json.loads(line[3:])["messageReceiptId"])
             assert await collect(worker, "JOB ", 1) == [{"via": "action"}]
@@ -218,21 +236,34 @@ async def test_retries_then_dlq_then_redrive_with_sdk() -> None:
     topic = f"sdk{uuid.uuid4().hex[:8]}"
     async with open_test_engine(make_config(modules=queue_module({"max_attempts": 3}))) as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "HEALTHY": "0"}) as worker:
+        async with start_sdk_worker(
+            "0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "HEALTHY": "0"}
+        ) as worker:
             await worker.wait_for("READY")
             await wait_function(engine, "w041::job")
-            assert await command(worker, op="call", fn="enqueue", data={"topic": topic, "data": {"fail": True}}) == "OK null"
+            assert (
+                await command(
+                    worker, op="call", fn="enqueue", data={"topic": topic, "data": {"fail": True}}
+                )
+                == "OK null"
+            )
             attempts = await collect(worker, "JOB ", 3)
             assert attempts == [{"fail": True}] * 3
             with trio.fail_after(10):
                 while True:
-                    line = await command(worker, op="call", fn="engine::queue::topic_stats", data={"topic": topic})
+                    line = await command(
+                        worker, op="call", fn="engine::queue::topic_stats", data={"topic": topic}
+                    )
                     if json.loads(line[3:])["dlq"] == 1:
                         break
                     await trio.sleep(0.1)
-            line = await command(worker, op="call", fn="engine::queue::dlq_messages", data={"topic": topic})
+            line = await command(
+                worker, op="call", fn="engine::queue::dlq_messages", data={"topic": topic}
+            )
             listed = json.loads(line[3:])
-            assert listed["total"] == 1 and "job failed on purpose" in listed["messages"][0]["error"]
+            assert (
+                listed["total"] == 1 and "job failed on purpose" in listed["messages"][0]["error"]
+            )
             await command(worker, op="heal")
             line = await command(worker, op="call", fn="iii::queue::redrive", data={"queue": topic})
             assert json.loads(line[3:]) == {"queue": topic, "redriven": 1}
@@ -243,27 +274,49 @@ async def test_worker_killed_mid_job_is_redelivered() -> None:
     topic = f"sdk{uuid.uuid4().hex[:8]}"
     async with open_test_engine(make_config(modules=queue_module())) as engine:
         url = f"ws://127.0.0.1:{engine.listen_port}"
-        async with start_sdk_worker("0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "NAME": "first"}) as first:
+        async with start_sdk_worker(
+            "0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "NAME": "first"}
+        ) as first:
             await first.wait_for("READY")
             await wait_function(engine, "w041::job")
-            await command(first, op="call", fn="enqueue", data={"topic": topic, "data": {"slow": 60, "id": "x"}})
+            await command(
+                first,
+                op="call",
+                fn="enqueue",
+                data={"topic": topic, "data": {"slow": 60, "id": "x"}},
+            )
             assert await collect(first, "JOB ", 1) == [{"slow": 60, "id": "x"}]
             first.kill()
             await first.process.wait()
         with trio.fail_after(10):
             while "w041::job" in engine.registry.functions:
                 await trio.sleep(0.05)
-        async with start_sdk_worker("0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "NAME": "second"}) as second:
+        async with start_sdk_worker(
+            "0.4.1", WORKER_041, url=url, env={"TOPIC": topic, "NAME": "second"}
+        ) as second:
             assert await collect(second, "JOB ", 1) == [{"slow": 60, "id": "x"}]
 
 
 def _adapter_for(kind: str, directory: Path, prefix: str) -> dict[str, Any]:
     common = {"backoff_ms": 200, "poll_interval_ms": 20, "visibility_timeout_ms": 2000}
     if kind == "file":
-        return {"class": "modules::queue::BuiltinQueueAdapter", "config": {**common, "store_method": "file_based", "file_path": str(directory / "queue")}}
+        return {
+            "class": "modules::queue::BuiltinQueueAdapter",
+            "config": {
+                **common,
+                "store_method": "file_based",
+                "file_path": str(directory / "queue"),
+            },
+        }
     if kind == "redis":
-        return {"class": "modules::queue::RedisAdapter", "config": {**common, "redis_url": require_redis(), "key_prefix": prefix}}
-    return {"class": "modules::queue::RabbitMQAdapter", "config": {**common, "amqp_url": require_rabbitmq()}}
+        return {
+            "class": "modules::queue::RedisAdapter",
+            "config": {**common, "redis_url": require_redis(), "key_prefix": prefix},
+        }
+    return {
+        "class": "modules::queue::RabbitMQAdapter",
+        "config": {**common, "amqp_url": require_rabbitmq()},
+    }
 
 
 async def _cleanup(kind: str, prefix: str, topic: str) -> None:
@@ -277,11 +330,25 @@ async def _cleanup(kind: str, prefix: str, topic: str) -> None:
         await delete_rabbit_topology([topic])
 
 
-@pytest.mark.parametrize("kind", ["file", pytest.param("redis", marks=pytest.mark.services), pytest.param("rabbitmq", marks=pytest.mark.services)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file",
+        pytest.param("redis", marks=pytest.mark.services),
+        pytest.param("rabbitmq", marks=pytest.mark.services),
+    ],
+)
 async def test_engine_kill9_with_jobs_pending_loses_nothing(kind: str, tmp_path: Path) -> None:
     topic = f"crash{uuid.uuid4().hex[:8]}"
     prefix = f"iiitest:{uuid.uuid4().hex[:8]}:"
-    config = {"modules": [{"class": "modules::queue::QueueModule", "config": {"adapter": _adapter_for(kind, tmp_path, prefix)}}]}
+    config = {
+        "modules": [
+            {
+                "class": "modules::queue::QueueModule",
+                "config": {"adapter": _adapter_for(kind, tmp_path, prefix)},
+            }
+        ]
+    }
     engine = EngineProcess.write(tmp_path, config)
     engine.start()
     total = 30
@@ -291,7 +358,12 @@ async def test_engine_kill9_with_jobs_pending_loses_nothing(kind: str, tmp_path:
         async with start_sdk_worker("0.4.1", WORKER_041, url=engine.url, env=env) as worker:
             await worker.wait_for("READY")
             for i in range(total):
-                line = await command(worker, op="call", fn="enqueue", data={"topic": topic, "data": {"i": i, "slow": 0.2}})
+                line = await command(
+                    worker,
+                    op="call",
+                    fn="enqueue",
+                    data={"topic": topic, "data": {"i": i, "slow": 0.2}},
+                )
                 assert line == "OK null", line  # acknowledged = durable
             done = {d["i"] for d in await collect(worker, "DONE ", 3)}
             engine.kill()  # kill -9 with jobs waiting and two in flight
@@ -315,8 +387,28 @@ async def test_two_engines_on_one_redis_share_jobs_and_cron_ticks(tmp_path: Path
     topic = f"shared{uuid.uuid4().hex[:8]}"
     prefix = f"iiitest:{uuid.uuid4().hex[:8]}:"
     modules = [
-        {"class": "modules::queue::QueueModule", "config": {"adapter": {"class": "modules::queue::RedisAdapter", "config": {"redis_url": redis_url, "key_prefix": prefix, "poll_interval_ms": 20}}}},
-        {"class": "modules::cron::CronModule", "config": {"adapter": {"class": "modules::cron::RedisCronAdapter", "config": {"redis_url": redis_url, "key_prefix": prefix}}}},
+        {
+            "class": "modules::queue::QueueModule",
+            "config": {
+                "adapter": {
+                    "class": "modules::queue::RedisAdapter",
+                    "config": {
+                        "redis_url": redis_url,
+                        "key_prefix": prefix,
+                        "poll_interval_ms": 20,
+                    },
+                }
+            },
+        },
+        {
+            "class": "modules::cron::CronModule",
+            "config": {
+                "adapter": {
+                    "class": "modules::cron::RedisCronAdapter",
+                    "config": {"redis_url": redis_url, "key_prefix": prefix},
+                }
+            },
+        },
     ]
     engines = []
     for name in ("a", "b"):
@@ -329,14 +421,23 @@ async def test_two_engines_on_one_redis_share_jobs_and_cron_ticks(tmp_path: Path
         for engine in engines:
             await engine.started()
         env = {"TOPIC": topic, "CRON": "* * * * * *", "CONCURRENCY": "4"}
-        async with start_sdk_worker("0.4.1", WORKER_041, url=engines[0].url, env=env) as wa, start_sdk_worker(
-            "0.4.1", WORKER_041, url=engines[1].url, env=env
-        ) as wb:
+        async with (
+            start_sdk_worker("0.4.1", WORKER_041, url=engines[0].url, env=env) as wa,
+            start_sdk_worker("0.4.1", WORKER_041, url=engines[1].url, env=env) as wb,
+        ):
             await wa.wait_for("READY")
             await wb.wait_for("READY")
             total = 40
             for i in range(total):
-                assert await command(wa if i % 2 else wb, op="call", fn="enqueue", data={"topic": topic, "data": {"i": i, "slow": 0.05}}) == "OK null"
+                assert (
+                    await command(
+                        wa if i % 2 else wb,
+                        op="call",
+                        fn="enqueue",
+                        data={"topic": topic, "data": {"i": i, "slow": 0.05}},
+                    )
+                    == "OK null"
+                )
             # Read both workers until every job is done and two ticks came (no
             # fixed wait: a slow machine only takes longer).
             lines_a: list[str] = []
@@ -364,9 +465,13 @@ async def test_two_engines_on_one_redis_share_jobs_and_cron_ticks(tmp_path: Path
                 with trio.fail_after(90):
                     await enough.wait()
                 nursery.cancel_scope.cancel()
-            jobs = [json.loads(line[5:])["i"] for line in lines_a + lines_b if line.startswith("DONE ")]
+            jobs = [
+                json.loads(line[5:])["i"] for line in lines_a + lines_b if line.startswith("DONE ")
+            ]
             assert sorted(jobs) == list(range(total)), jobs  # each job once
-            assert any(line.startswith("DONE ") for line in lines_a) and any(line.startswith("DONE ") for line in lines_b)
+            assert any(line.startswith("DONE ") for line in lines_a) and any(
+                line.startswith("DONE ") for line in lines_b
+            )
             ticks = [line[5:] for line in lines_a + lines_b if line.startswith("TICK ")]
             assert len(ticks) >= 2
             assert len(ticks) == len(set(ticks)), ticks  # each scheduled second fired once

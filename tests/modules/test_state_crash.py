@@ -34,7 +34,12 @@ async def write_burst(url_port: int, acknowledged: dict[str, int], enough: trio.
             pending[invocation_id] = (key, counter)
             await ws.send_message(
                 orjson.dumps(
-                    {"type": "invokefunction", "function_id": "state::set", "invocation_id": invocation_id, "data": {"scope": "crash", "key": key, "value": {"n": counter}}}
+                    {
+                        "type": "invokefunction",
+                        "function_id": "state::set",
+                        "invocation_id": invocation_id,
+                        "data": {"scope": "crash", "key": key, "value": {"n": counter}},
+                    }
                 ).decode()
             )
 
@@ -68,7 +73,15 @@ async def test_no_acknowledged_write_is_lost_on_kill_9(tmp_path):
         tmp_path,
         {
             "modules": [
-                {"class": "modules::state::StateModule", "config": {"adapter": {"class": "modules::state::adapters::KvStore", "config": {"store_method": "file_based", "file_path": str(store)}}}}
+                {
+                    "class": "modules::state::StateModule",
+                    "config": {
+                        "adapter": {
+                            "class": "modules::state::adapters::KvStore",
+                            "config": {"store_method": "file_based", "file_path": str(store)},
+                        }
+                    },
+                }
             ]
         },
     )
@@ -78,7 +91,6 @@ async def test_no_acknowledged_write_is_lost_on_kill_9(tmp_path):
         await engine.started()
         enough = trio.Event()
         async with trio.open_nursery() as nursery:
-
             nursery.start_soon(write_burst, engine.port, acknowledged, enough)
             with trio.fail_after(60):
                 await enough.wait()
@@ -93,7 +105,16 @@ async def test_no_acknowledged_write_is_lost_on_kill_9(tmp_path):
         async with open_websocket("127.0.0.1", engine.port, "/", use_ssl=False) as ws:
             await ws.get_message()
             invocation_id = str(uuid.uuid4())
-            await ws.send_message(orjson.dumps({"type": "invokefunction", "function_id": "state::list", "invocation_id": invocation_id, "data": {"scope": "crash"}}).decode())
+            await ws.send_message(
+                orjson.dumps(
+                    {
+                        "type": "invokefunction",
+                        "function_id": "state::list",
+                        "invocation_id": invocation_id,
+                        "data": {"scope": "crash"},
+                    }
+                ).decode()
+            )
             with trio.fail_after(10):
                 reply = orjson.loads(await ws.get_message())
         values = reply["result"]

@@ -32,7 +32,9 @@ STORES = {
 }
 # (the KV server has no Redis backend)
 CASES = [
-    pytest.param(m, kind, marks=[pytest.mark.services] if kind in SERVICE_KINDS else [], id=f"{m}-{kind}")
+    pytest.param(
+        m, kind, marks=[pytest.mark.services] if kind in SERVICE_KINDS else [], id=f"{m}-{kind}"
+    )
     for m in STORES
     for kind in KINDS
     if not (m == "kv_server" and kind == "redis")

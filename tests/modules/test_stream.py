@@ -15,7 +15,14 @@ from tests.backends import KIND_PARAMS, adapter_block, delete_prefix
 
 
 def stream_config(block, **extra):
-    return make_config([{"class": "modules::stream::StreamModule", "config": {"port": 0, "host": "127.0.0.1", "adapter": block, **extra}}])
+    return make_config(
+        [
+            {
+                "class": "modules::stream::StreamModule",
+                "config": {"port": 0, "host": "127.0.0.1", "adapter": block, **extra},
+            }
+        ]
+    )
 
 
 @asynccontextmanager
@@ -59,7 +66,9 @@ class Client:
 
 @asynccontextmanager
 async def client_of(engine, path="/", headers=None):
-    async with open_websocket("127.0.0.1", port_of(engine), path, use_ssl=False, extra_headers=headers or []) as ws:
+    async with open_websocket(
+        "127.0.0.1", port_of(engine), path, use_ssl=False, extra_headers=headers or []
+    ) as ws:
         yield Client(ws)
 
 
@@ -93,30 +102,75 @@ async def test_functions(stream_engine):
     async with connect_test_worker(stream_engine) as w:
         item = {"stream_name": "chat", "group_id": "room-1", "item_id": "m1"}
         assert ok(await w.call("stream::get", item)) is None
-        assert ok(await w.call("stream::set", {**item, "data": {"text": "hi"}})) == {"old_value": None, "new_value": {"text": "hi"}}
-        assert ok(await w.call("stream::set", {**item, "data": {"text": "hey"}})) == {"old_value": {"text": "hi"}, "new_value": {"text": "hey"}}
-        reply = ok(await w.call("stream::update", {**item, "ops": [{"type": "append", "path": "text", "value": "!"}]}))
+        assert ok(await w.call("stream::set", {**item, "data": {"text": "hi"}})) == {
+            "old_value": None,
+            "new_value": {"text": "hi"},
+        }
+        assert ok(await w.call("stream::set", {**item, "data": {"text": "hey"}})) == {
+            "old_value": {"text": "hi"},
+            "new_value": {"text": "hey"},
+        }
+        reply = ok(
+            await w.call(
+                "stream::update",
+                {**item, "ops": [{"type": "append", "path": "text", "value": "!"}]},
+            )
+        )
         assert reply == {"old_value": {"text": "hey"}, "new_value": {"text": "hey!"}}
-        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "room:2", "item_id": "a", "data": 1}))
-        ok(await w.call("stream::set", {"stream_name": "chat:x", "group_id": "g", "item_id": "a", "data": 2}))
-        assert ok(await w.call("stream::list", {"stream_name": "chat", "group_id": "room-1"})) == [{"text": "hey!"}]
-        assert ok(await w.call("stream::list_groups", {"stream_name": "chat"})) == ["room-1", "room:2"]
+        ok(
+            await w.call(
+                "stream::set",
+                {"stream_name": "chat", "group_id": "room:2", "item_id": "a", "data": 1},
+            )
+        )
+        ok(
+            await w.call(
+                "stream::set", {"stream_name": "chat:x", "group_id": "g", "item_id": "a", "data": 2}
+            )
+        )
+        assert ok(await w.call("stream::list", {"stream_name": "chat", "group_id": "room-1"})) == [
+            {"text": "hey!"}
+        ]
+        assert ok(await w.call("stream::list_groups", {"stream_name": "chat"})) == [
+            "room-1",
+            "room:2",
+        ]
         assert ok(await w.call("stream::list_all", {})) == {
-            "stream": [{"id": "chat", "groups": ["room-1", "room:2"]}, {"id": "chat:x", "groups": ["g"]}],
+            "stream": [
+                {"id": "chat", "groups": ["room-1", "room:2"]},
+                {"id": "chat:x", "groups": ["g"]},
+            ],
             "count": 2,
         }
         assert ok(await w.call("stream::delete", item)) == {"old_value": {"text": "hey!"}}
         assert ok(await w.call("stream::delete", item)) == {"old_value": None}
         assert ok(await w.call("stream::list_groups", {"stream_name": "chat"})) == ["room:2"]
-        assert ok(await w.call("stream::send", {"stream_name": "chat", "group_id": "g", "type": "typing", "data": {}})) is None
-        for bad in [("stream::set", {"stream_name": "c"}), ("stream::list_all", None), ("stream::update", {**item, "ops": "x"})]:
+        assert (
+            ok(
+                await w.call(
+                    "stream::send",
+                    {"stream_name": "chat", "group_id": "g", "type": "typing", "data": {}},
+                )
+            )
+            is None
+        )
+        for bad in [
+            ("stream::set", {"stream_name": "c"}),
+            ("stream::list_all", None),
+            ("stream::update", {**item, "ops": "x"}),
+        ]:
             assert (await w.call(*bad))["error"]["code"] == "deserialization_error"
 
 
 async def test_client_protocol(stream_engine):
     engine = stream_engine
     async with connect_test_worker(engine) as w, client_of(engine) as c, client_of(engine) as other:
-        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "r1", "item_id": "old", "data": {"n": 0}}))
+        ok(
+            await w.call(
+                "stream::set",
+                {"stream_name": "chat", "group_id": "r1", "item_id": "old", "data": {"n": 0}},
+            )
+        )
         await c.join("s-group", "chat", "r1")
         sync = await c.receive()
         assert sync["type"] == "stream" and isinstance(sync["timestamp"], int)
@@ -126,26 +180,75 @@ async def test_client_protocol(stream_engine):
         await other.join("o", "chat", "r2")
         assert (await other.receive())["event"] == {"type": "sync", "data": []}
 
-        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "r1", "item_id": "m1", "data": {"t": 1}}))
+        ok(
+            await w.call(
+                "stream::set",
+                {"stream_name": "chat", "group_id": "r1", "item_id": "m1", "data": {"t": 1}},
+            )
+        )
         # one copy per matching subscription: the group one and the item one
-        assert [event_of(await c.receive()) for _ in range(2)] == [("chat", "r1", "m1", {"type": "create", "data": {"t": 1}})] * 2
-        ok(await w.call("stream::update", {"stream_name": "chat", "group_id": "r1", "item_id": "old", "ops": [{"type": "increment", "path": "n", "by": 1}]}))
-        assert event_of(await c.receive()) == ("chat", "r1", "old", {"type": "update", "data": {"n": 1}})
-        ok(await w.call("stream::send", {"stream_name": "chat", "group_id": "r1", "type": "typing", "data": {"who": "x"}}))
-        assert event_of(await c.receive()) == ("chat", "r1", None, {"type": "event", "event": {"type": "typing", "data": {"who": "x"}}})
+        assert [event_of(await c.receive()) for _ in range(2)] == [
+            ("chat", "r1", "m1", {"type": "create", "data": {"t": 1}})
+        ] * 2
+        ok(
+            await w.call(
+                "stream::update",
+                {
+                    "stream_name": "chat",
+                    "group_id": "r1",
+                    "item_id": "old",
+                    "ops": [{"type": "increment", "path": "n", "by": 1}],
+                },
+            )
+        )
+        assert event_of(await c.receive()) == (
+            "chat",
+            "r1",
+            "old",
+            {"type": "update", "data": {"n": 1}},
+        )
+        ok(
+            await w.call(
+                "stream::send",
+                {"stream_name": "chat", "group_id": "r1", "type": "typing", "data": {"who": "x"}},
+            )
+        )
+        assert event_of(await c.receive()) == (
+            "chat",
+            "r1",
+            None,
+            {"type": "event", "event": {"type": "typing", "data": {"who": "x"}}},
+        )
 
         await c.leave("s-group", "chat", "r1")
         # The server handles a client's messages in order and answers a join with
         # its sync: once this sync is here, the leave has been applied.
         await c.join("s-end", "chat", "end")
         assert event_of(await c.receive()) == ("chat", "end", None, {"type": "sync", "data": []})
-        ok(await w.call("stream::delete", {"stream_name": "chat", "group_id": "r1", "item_id": "m1"}))
+        ok(
+            await w.call(
+                "stream::delete", {"stream_name": "chat", "group_id": "r1", "item_id": "m1"}
+            )
+        )
         # Sentinels: a connection gets its events in the order of the writes, so
         # what arrives before a sentinel is all that the writes before it sent.
-        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "end", "item_id": "x", "data": 0}))
-        ok(await w.call("stream::set", {"stream_name": "chat", "group_id": "r2", "item_id": "x", "data": 0}))
+        ok(
+            await w.call(
+                "stream::set", {"stream_name": "chat", "group_id": "end", "item_id": "x", "data": 0}
+            )
+        )
+        ok(
+            await w.call(
+                "stream::set", {"stream_name": "chat", "group_id": "r2", "item_id": "x", "data": 0}
+            )
+        )
         # the item subscription still gets the delete; the group one, left, does not
-        assert event_of(await c.receive()) == ("chat", "r1", "m1", {"type": "delete", "data": {"t": 1}})
+        assert event_of(await c.receive()) == (
+            "chat",
+            "r1",
+            "m1",
+            {"type": "delete", "data": {"t": 1}},
+        )
         assert event_of(await c.receive()) == ("chat", "end", "x", {"type": "create", "data": 0})
         # a different group saw none of it
         assert event_of(await other.receive()) == ("chat", "r2", "x", {"type": "create", "data": 0})
@@ -160,8 +263,24 @@ async def test_join_triggers_can_refuse_and_leave_runs_on_close(tmp_path):
     async with stream_engine_for("memory", tmp_path) as engine, connect_test_worker(engine) as w:
         await w.send({"type": "registerfunction", "id": "w::join"})
         await w.send({"type": "registerfunction", "id": "w::leave"})
-        await w.send({"type": "registertrigger", "id": "tj", "trigger_type": "stream:join", "function_id": "w::join", "config": {}})
-        await w.send({"type": "registertrigger", "id": "tl", "trigger_type": "stream:leave", "function_id": "w::leave", "config": {}})
+        await w.send(
+            {
+                "type": "registertrigger",
+                "id": "tj",
+                "trigger_type": "stream:join",
+                "function_id": "w::join",
+                "config": {},
+            }
+        )
+        await w.send(
+            {
+                "type": "registertrigger",
+                "id": "tl",
+                "trigger_type": "stream:leave",
+                "function_id": "w::leave",
+                "config": {},
+            }
+        )
         with trio.fail_after(5):
             while len(engine.registry.triggers) < 2:
                 await trio.sleep(0.01)
@@ -171,14 +290,30 @@ async def test_join_triggers_can_refuse_and_leave_runs_on_close(tmp_path):
             while True:
                 message = await w.receive_type("invokefunction", timeout=30)
                 seen.append((message["function_id"], message["data"]))
-                result = {"unauthorized": message["data"]["group_id"] == "secret"} if message["function_id"] == "w::join" else None
-                await w.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], "result": result})
+                result = (
+                    {"unauthorized": message["data"]["group_id"] == "secret"}
+                    if message["function_id"] == "w::join"
+                    else None
+                )
+                await w.send(
+                    {
+                        "type": "invocationresult",
+                        "invocation_id": message["invocation_id"],
+                        "function_id": message["function_id"],
+                        "result": result,
+                    }
+                )
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answer)
             async with client_of(engine) as c:
                 await c.join("s1", "chat", "secret")
-                assert event_of(await c.receive()) == ("chat", "secret", None, {"type": "unauthorized"})
+                assert event_of(await c.receive()) == (
+                    "chat",
+                    "secret",
+                    None,
+                    {"type": "unauthorized"},
+                )
                 await c.join("s2", "chat", "open", "i1")
                 assert (await c.receive())["event"]["type"] == "sync"
             with trio.fail_after(5):
@@ -186,7 +321,13 @@ async def test_join_triggers_can_refuse_and_leave_runs_on_close(tmp_path):
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         joins = [d for fid, d in seen if fid == "w::join"]
-        assert joins[1] == {"subscription_id": "s2", "stream_name": "chat", "group_id": "open", "id": "i1", "context": None}
+        assert joins[1] == {
+            "subscription_id": "s2",
+            "stream_name": "chat",
+            "group_id": "open",
+            "id": "i1",
+            "context": None,
+        }
         assert [d for fid, d in seen if fid == "w::leave"] == [joins[1]]
 
 
@@ -194,16 +335,42 @@ async def test_stream_triggers_filter(stream_engine):
     engine = stream_engine
     async with connect_test_worker(engine) as w:
         await w.send({"type": "registerfunction", "id": "w::room1"})
-        await w.send({"type": "registertrigger", "id": "t1", "trigger_type": "stream", "function_id": "w::room1", "config": {"stream_name": "chat", "group_id": "r1", "item_id": ""}})
-        await w.send({"type": "registertrigger", "id": "t2", "trigger_type": "stream", "function_id": "w::room1", "config": {"group_id": "r1"}})
+        await w.send(
+            {
+                "type": "registertrigger",
+                "id": "t1",
+                "trigger_type": "stream",
+                "function_id": "w::room1",
+                "config": {"stream_name": "chat", "group_id": "r1", "item_id": ""},
+            }
+        )
+        await w.send(
+            {
+                "type": "registertrigger",
+                "id": "t2",
+                "trigger_type": "stream",
+                "function_id": "w::room1",
+                "config": {"group_id": "r1"},
+            }
+        )
         refused = await w.receive_type("triggerregistrationresult")
         assert refused["id"] == "t2" and "stream_name" in refused["error"]["message"]
         with trio.fail_after(5):
             while len(engine.registry.triggers) < 1:
                 await trio.sleep(0.01)
         async with connect_test_worker(engine) as caller:
-            ok(await caller.call("stream::set", {"stream_name": "chat", "group_id": "r2", "item_id": "x", "data": 0}))
-            ok(await caller.call("stream::set", {"stream_name": "chat", "group_id": "r1", "item_id": "x", "data": 1}))
+            ok(
+                await caller.call(
+                    "stream::set",
+                    {"stream_name": "chat", "group_id": "r2", "item_id": "x", "data": 0},
+                )
+            )
+            ok(
+                await caller.call(
+                    "stream::set",
+                    {"stream_name": "chat", "group_id": "r1", "item_id": "x", "data": 1},
+                )
+            )
         message = await w.receive_type("invokefunction")
         assert message["function_id"] == "w::room1"
         assert event_of(message["data"]) == ("chat", "r1", "x", {"type": "create", "data": 1})
@@ -212,13 +379,25 @@ async def test_stream_triggers_filter(stream_engine):
 
 async def test_auth_function_context_and_auth_required(tmp_path):
     for required in (False, True):
-        async with stream_engine_for("memory", tmp_path / str(required), auth_function="w::auth", auth_required=required) as engine:
+        async with stream_engine_for(
+            "memory", tmp_path / str(required), auth_function="w::auth", auth_required=required
+        ) as engine:
             async with connect_test_worker(engine) as w:
                 await w.send({"type": "registerfunction", "id": "w::auth"})
                 await w.send({"type": "registerfunction", "id": "w::join"})
-                await w.send({"type": "registertrigger", "id": "tj", "trigger_type": "stream:join", "function_id": "w::join", "config": {}})
+                await w.send(
+                    {
+                        "type": "registertrigger",
+                        "id": "tj",
+                        "trigger_type": "stream:join",
+                        "function_id": "w::join",
+                        "config": {},
+                    }
+                )
                 with trio.fail_after(5):
-                    while "w::auth" not in engine.registry.functions or not engine.registry.triggers:
+                    while (
+                        "w::auth" not in engine.registry.functions or not engine.registry.triggers
+                    ):
                         await trio.sleep(0.01)
                 auth_inputs = []
                 joins = []
@@ -230,18 +409,34 @@ async def test_auth_function_context_and_auth_required(tmp_path):
                         if message["function_id"] == "w::auth":
                             auth_inputs.append(data)
                             good = data["headers"].get("authorization") == "Bearer good"
-                            reply = {"result": {"context": {"user": "u1"}}} if good else {"error": {"code": "denied", "message": "no"}}
+                            reply = (
+                                {"result": {"context": {"user": "u1"}}}
+                                if good
+                                else {"error": {"code": "denied", "message": "no"}}
+                            )
                         else:
                             joins.append(data)
                             reply = {"result": {"unauthorized": False}}
-                        await w.send({"type": "invocationresult", "invocation_id": message["invocation_id"], "function_id": message["function_id"], **reply})
+                        await w.send(
+                            {
+                                "type": "invocationresult",
+                                "invocation_id": message["invocation_id"],
+                                "function_id": message["function_id"],
+                                **reply,
+                            }
+                        )
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(answer, auth_inputs, joins)
-                    async with client_of(engine, "/?token=a&token=b", [("Authorization", "Bearer good")]) as c:
+                    async with client_of(
+                        engine, "/?token=a&token=b", [("Authorization", "Bearer good")]
+                    ) as c:
                         await c.join("s", "chat", "g")
                         assert (await c.receive())["event"]["type"] == "sync"
-                    assert auth_inputs[0]["query_params"] == {"token": ["a", "b"]} and auth_inputs[0]["path"] == "/"
+                    assert (
+                        auth_inputs[0]["query_params"] == {"token": ["a", "b"]}
+                        and auth_inputs[0]["path"] == "/"
+                    )
                     assert joins[0]["context"] == {"user": "u1"}
                     # A failed auth refuses the upgrade whatever auth_required says
                     # (v0.4 let the client in without a context).
@@ -287,7 +482,10 @@ async def test_a_client_that_stops_reading_is_disconnected(tmp_path):
             for i in range(20_000):
                 if connection.closed:
                     break
-                await engine.invoke("stream::set", {"stream_name": "big", "group_id": "g", "item_id": str(i), "data": blob})
+                await engine.invoke(
+                    "stream::set",
+                    {"stream_name": "big", "group_id": "g", "item_id": str(i), "data": blob},
+                )
             assert connection.closed, "the client's queue never overflowed"
             with trio.fail_after(30):
                 while server.connections:

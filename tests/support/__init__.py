@@ -177,7 +177,9 @@ def sdk_python(version: str) -> Path:
                 text=True,
             )
             if result.returncode != 0:
-                raise RuntimeError(f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"installing iii-sdk=={version} failed:\n{result.stderr[-2000:]}"
+                )
             marker.write_text(version)
     return python
 
@@ -188,10 +190,13 @@ MOTIA_SDK_VERSION = "0.9.0"
 
 def motia_venv() -> Path:
     """The ``bin`` directory of a venv with ``motia`` and its ``iii-sdk``; built once, locked."""
-    return _cached_venv(
-        CACHE / "motia-venvs" / f"motia-{MOTIA_VERSION}",
-        [f"motia=={MOTIA_VERSION}", f"iii-sdk=={MOTIA_SDK_VERSION}"],
-    ) / "bin"
+    return (
+        _cached_venv(
+            CACHE / "motia-venvs" / f"motia-{MOTIA_VERSION}",
+            [f"motia=={MOTIA_VERSION}", f"iii-sdk=={MOTIA_SDK_VERSION}"],
+        )
+        / "bin"
+    )
 
 
 def _cached_venv(target: Path, requirements: list[str]) -> Path:
@@ -290,7 +295,7 @@ async def _run_worker_process(
     send, receive = trio.open_memory_channel[str](1000)
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
-            lambda task_status: trio.run_process(
+            lambda task_status: trio.run_process(  # noqa: ASYNC105 (awaited by start)
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -377,7 +382,9 @@ def node_sdk_dir() -> Path:
 
 
 @asynccontextmanager
-async def start_node_worker(script: str, *, url: str, args: tuple[str, ...] = ()) -> AsyncIterator[SdkWorker]:
+async def start_node_worker(
+    script: str, *, url: str, args: tuple[str, ...] = ()
+) -> AsyncIterator[SdkWorker]:
     """Run an ES-module ``script`` with the Node SDK installed beside it."""
     directory = await trio.to_thread.run_sync(node_sdk_dir)
     file = directory / f"w{os.getpid()}_{id(script)}.mjs"
@@ -427,7 +434,9 @@ class EngineProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     @classmethod
-    def write(cls, directory: Path, config: dict[str, Any], name: str = "config.yaml") -> EngineProcess:
+    def write(
+        cls, directory: Path, config: dict[str, Any], name: str = "config.yaml"
+    ) -> EngineProcess:
         import yaml
 
         port = config.setdefault("port", reserve_port())

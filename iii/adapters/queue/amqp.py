@@ -131,13 +131,19 @@ class AmqpChannel:
                 try:
                     send.send_nowait(message)
                 except trio.WouldBlock:  # prefetch bounds this; never expected
-                    log.error("AMQP consumer buffer full; message %s requeued", message.delivery_tag)
+                    log.error(
+                        "AMQP consumer buffer full; message %s requeued", message.delivery_tag
+                    )
                     self.nack_nowait(message.delivery_tag, requeue=True)
         elif isinstance(assembly.method, Basic.GetOk):
             self._replies[0].send_nowait(message)
 
     def _on_confirm(self, value: Any) -> None:
-        tags = [t for t in self._unconfirmed if t <= value.delivery_tag] if value.multiple else [value.delivery_tag]
+        tags = (
+            [t for t in self._unconfirmed if t <= value.delivery_tag]
+            if value.multiple
+            else [value.delivery_tag]
+        )
         for tag in tags:
             waiter = self._unconfirmed.pop(tag, None)
             if waiter is not None:
@@ -186,7 +192,9 @@ class AmqpChannel:
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 raise AdapterUnavailableError(f"AMQP channel {self.id}: {self.closed}") from None
             except trio.TooSlowError:
-                raise AdapterUnavailableError(f"AMQP {method.name} got no reply in {timeout:g}s") from None
+                raise AdapterUnavailableError(
+                    f"AMQP {method.name} got no reply in {timeout:g}s"
+                ) from None
             finally:
                 if waiting:
                     self._abandoned += 1
@@ -196,7 +204,13 @@ class AmqpChannel:
         self._confirming = True
 
     async def publish(
-        self, exchange: str, routing_key: str, body: bytes, properties: Any, *, timeout: float = RPC_TIMEOUT
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Any,
+        *,
+        timeout: float = RPC_TIMEOUT,
     ) -> None:
         """Publish; in confirm mode, return once the broker confirmed it (raise if it refused)."""
         self._check()
@@ -222,11 +236,17 @@ class AmqpChannel:
         except trio.TooSlowError:
             if waiter is not None:
                 self._unconfirmed.pop(seq, None)
-            raise AdapterUnavailableError(f"AMQP publish to {exchange or routing_key} not confirmed in {timeout:g}s") from None
+            raise AdapterUnavailableError(
+                f"AMQP publish to {exchange or routing_key} not confirmed in {timeout:g}s"
+            ) from None
         if not waiter[1]:
-            raise AdapterUnavailableError(f"AMQP publish to {exchange or routing_key} refused ({self.closed or 'nack'})")
+            raise AdapterUnavailableError(
+                f"AMQP publish to {exchange or routing_key} refused ({self.closed or 'nack'})"
+            )
 
-    async def consume(self, queue: str, prefetch: int) -> tuple[str, trio.MemoryReceiveChannel[AmqpMessage]]:
+    async def consume(
+        self, queue: str, prefetch: int
+    ) -> tuple[str, trio.MemoryReceiveChannel[AmqpMessage]]:
         await self.rpc(Basic.Qos(prefetch_count=prefetch))
         send, receive = trio.open_memory_channel[AmqpMessage](prefetch + 16)
         # Our own tag, registered before asking: a delivery can follow
@@ -250,13 +270,19 @@ class AmqpChannel:
 
     def nack_nowait(self, delivery_tag: int, *, requeue: bool) -> None:
         self._check()
-        self.connection._send_nowait(frame.marshal(Basic.Nack(delivery_tag=delivery_tag, requeue=requeue), self.id))
+        self.connection._send_nowait(
+            frame.marshal(Basic.Nack(delivery_tag=delivery_tag, requeue=requeue), self.id)
+        )
 
     async def aclose(self) -> None:
         if self.closed is None and not self.connection.closed.is_set():
             with trio.move_on_after(2):
                 try:
-                    await self.rpc(commands.Channel.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0))
+                    await self.rpc(
+                        commands.Channel.Close(
+                            reply_code=200, reply_text="bye", class_id=0, method_id=0
+                        )
+                    )
                 except AdapterUnavailableError:
                     pass
         if self.closed is None:
@@ -350,7 +376,9 @@ class AmqpConnection:
         if channel_id == 0:
             if isinstance(value, commands.Connection.Close):
                 self._send_nowait(frame.marshal(commands.Connection.CloseOk(), 0))
-                raise ConnectionError(f"closed by the broker: {value.reply_code} {value.reply_text}")
+                raise ConnectionError(
+                    f"closed by the broker: {value.reply_code} {value.reply_text}"
+                )
             if isinstance(value, commands.Connection.CloseOk):
                 raise ConnectionError("closed")
             if isinstance(value, commands.Connection.Blocked):
@@ -376,7 +404,13 @@ class AmqpConnection:
                 if self.heartbeat:
                     io_nursery.start_soon(self._heartbeat)
                 task_status.started()
-        except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError, AdapterUnavailableError) as group:
+        except* (
+            OSError,
+            ConnectionError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            AdapterUnavailableError,
+        ) as group:
             self._lost(str(group.exceptions[0]))
         except* Exception as group:  # a codec error: the stream cannot be trusted any more
             self._lost(f"protocol error: {group.exceptions[0]!r}")
@@ -395,7 +429,9 @@ async def _read_method(stream: trio.abc.Stream, buffer: bytearray) -> Any:
                 return value
         data = await stream.receive_some(65536)
         if not data:
-            raise ConnectionError("the broker closed the socket during the handshake (bad credentials or vhost?)")
+            raise ConnectionError(
+                "the broker closed the socket during the handshake (bad credentials or vhost?)"
+            )
         buffer += data
 
 
@@ -423,7 +459,11 @@ async def open_amqp_connection(url: str, *, heartbeat_s: int = 30) -> AsyncItera
                     commands.Connection.StartOk(
                         client_properties={
                             "product": "iii",
-                            "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True},
+                            "capabilities": {
+                                "publisher_confirms": True,
+                                "basic.nack": True,
+                                "consumer_cancel_notify": True,
+                            },
                         },
                         mechanism="PLAIN",
                         response=f"\0{user}\0{password}",
@@ -437,14 +477,23 @@ async def open_amqp_connection(url: str, *, heartbeat_s: int = 30) -> AsyncItera
             frame_max = min(tune.frame_max or 131072, 131072)
             beat = min(tune.heartbeat, heartbeat_s) if tune.heartbeat else heartbeat_s
             await stream.send_all(
-                frame.marshal(commands.Connection.TuneOk(channel_max=2047, frame_max=frame_max, heartbeat=beat), 0)
+                frame.marshal(
+                    commands.Connection.TuneOk(
+                        channel_max=2047, frame_max=frame_max, heartbeat=beat
+                    ),
+                    0,
+                )
                 + frame.marshal(commands.Connection.Open(virtual_host=vhost), 0)
             )
             opened = await _read_method(stream, buffer)
             if not isinstance(opened, commands.Connection.OpenOk):
-                raise ConnectionError(f"cannot open vhost {vhost!r}: {getattr(opened, 'reply_text', opened)}")
+                raise ConnectionError(
+                    f"cannot open vhost {vhost!r}: {getattr(opened, 'reply_text', opened)}"
+                )
     except (OSError, ConnectionError, trio.TooSlowError) as exc:
-        raise AdapterUnavailableError(f"cannot connect to RabbitMQ at {host}:{port}: {exc or type(exc).__name__}") from exc
+        raise AdapterUnavailableError(
+            f"cannot connect to RabbitMQ at {host}:{port}: {exc or type(exc).__name__}"
+        ) from exc
     connection = AmqpConnection(stream=stream, frame_max=frame_max, heartbeat=beat)
     connection._last_received = trio.current_time()
     async with trio.open_nursery() as connection_nursery:
@@ -455,7 +504,9 @@ async def open_amqp_connection(url: str, *, heartbeat_s: int = 30) -> AsyncItera
             try:
                 if not connection.closed.is_set():
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
-                        close = commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+                        close = commands.Connection.Close(
+                            reply_code=200, reply_text="bye", class_id=0, method_id=0
+                        )
                         try:
                             await connection._send(frame.marshal(close, 0))
                             await connection.closed.wait()

@@ -71,7 +71,13 @@ from iii.adapters.queue.base import (
 from iii.errors import IIIError
 from iii.link import TraceContext
 
-__all__ = ["Config", "BridgeQueueAdapter", "BridgeConsumer", "open_adapter", "FUNCTION_QUEUE_PREFIX"]
+__all__ = [
+    "Config",
+    "BridgeQueueAdapter",
+    "BridgeConsumer",
+    "open_adapter",
+    "FUNCTION_QUEUE_PREFIX",
+]
 
 log = logging.getLogger(__name__)
 

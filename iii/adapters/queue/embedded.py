@@ -186,7 +186,9 @@ class EmbeddedQueueAdapter:
             dlq=len(q.dlq),
         )
 
-    async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
+    async def dlq_messages(
+        self, queue: str, offset: int, limit: int
+    ) -> tuple[list[DeadLetter], int]:
         q = self.queues.get(queue)
         if q is None:
             return [], 0
@@ -257,7 +259,10 @@ class EmbeddedQueueAdapter:
             q.delayed = [(when, job_id) for job_id, when in q_due.items() if job_id in q.jobs]
             heapq.heapify(q.delayed)
             q.ready = deque(
-                sorted((job_id for job_id in q.jobs if job_id not in q_due), key=lambda i: q_order.get(i, -1))
+                sorted(
+                    (job_id for job_id in q.jobs if job_id not in q_due),
+                    key=lambda i: q_order.get(i, -1),
+                )
             )
 
     def snapshot(self) -> Iterator[dict[str, Any]]:
@@ -313,7 +318,11 @@ class _Consumer:
         for job_id in expired:
             del self.queue.leased[job_id]
             if job_id in self.queue.jobs:
-                log.info("queue %s: lease on job %s expired; it is delivered again", self.queue.name, job_id)
+                log.info(
+                    "queue %s: lease on job %s expired; it is delivered again",
+                    self.queue.name,
+                    job_id,
+                )
                 self.queue.ready.appendleft(job_id)
 
     async def receive(self, timeout: float) -> Delivery | None:
@@ -396,7 +405,12 @@ async def open_adapter(config: Config, hooks: None) -> AsyncIterator[EmbeddedQue
             adapter.record_log = record_log
             adapter.replay(records)
             pending = sum(len(q.jobs) for q in adapter.queues.values())
-            log.info("embedded queue: %d records replayed from %s, %d jobs pending", recovery.records, record_log.path, pending)
+            log.info(
+                "embedded queue: %d records replayed from %s, %d jobs pending",
+                recovery.records,
+                record_log.path,
+                pending,
+            )
         try:
             yield adapter
         finally:

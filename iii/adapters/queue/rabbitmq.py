@@ -73,7 +73,6 @@ __all__ = ["Config", "RabbitQueueAdapter", "open_adapter", "names"]
 log = logging.getLogger(__name__)
 
 
-
 # Declared in iii.adapters.queue.base (read without importing the AMQP client).
 Config = RabbitQueueConfig
 
@@ -176,7 +175,9 @@ class RabbitQueueAdapter:
                 return
             admin = await self._admin_channel()
             exchange, main, dlq = names(queue)
-            await admin.rpc(Exchange.Declare(exchange=exchange, exchange_type="topic", durable=True))
+            await admin.rpc(
+                Exchange.Declare(exchange=exchange, exchange_type="topic", durable=True)
+            )
             await admin.rpc(Queue.Declare(queue=main, durable=True))
             await admin.rpc(Queue.Bind(queue=main, exchange=exchange, routing_key=queue))
             await admin.rpc(Queue.Declare(queue=dlq, durable=True))
@@ -213,7 +214,9 @@ class RabbitQueueAdapter:
 
     # -- producing ----------------------------------------------------------------------------
 
-    async def publish_job(self, job: Job, *, exchange: str | None = None, routing_key: str | None = None) -> None:
+    async def publish_job(
+        self, job: Job, *, exchange: str | None = None, routing_key: str | None = None
+    ) -> None:
         await self.declare(job.queue)
         publisher = await self._publisher_channel()
         await publisher.publish(
@@ -252,9 +255,19 @@ class RabbitQueueAdapter:
         for delay_ms in sorted(self._delays.get(queue, ())):
             delayed += await self._count(
                 f"iii.{queue}.delay.{delay_ms}",
-                {"x-message-ttl": delay_ms, "x-dead-letter-exchange": names(queue)[0], "x-dead-letter-routing-key": queue},
+                {
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": names(queue)[0],
+                    "x-dead-letter-routing-key": queue,
+                },
             )
-        return QueueStats(queue=queue, waiting=waiting, delayed=delayed, active=self._active.get(queue, 0), dlq=dead)
+        return QueueStats(
+            queue=queue,
+            waiting=waiting,
+            delayed=delayed,
+            active=self._active.get(queue, 0),
+            dlq=dead,
+        )
 
     @asynccontextmanager
     async def _dlq_channel(self, queue: str) -> AsyncIterator[tuple[AmqpChannel, int]]:
@@ -273,10 +286,16 @@ class RabbitQueueAdapter:
         try:
             return DeadLetter.from_json(orjson.loads(message.body))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            job = Job(id=f"undecodable-{message.delivery_tag}", queue=queue, data=message.body.decode(errors="replace"))
+            job = Job(
+                id=f"undecodable-{message.delivery_tag}",
+                queue=queue,
+                data=message.body.decode(errors="replace"),
+            )
             return DeadLetter(job=job, error="undecodable message", failed_at=0)
 
-    async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
+    async def dlq_messages(
+        self, queue: str, offset: int, limit: int
+    ) -> tuple[list[DeadLetter], int]:
         letters: list[DeadLetter] = []
         async with self._dlq_channel(queue) as (channel, total):
             for _ in range(min(total, offset + limit)):
@@ -327,7 +346,9 @@ class _Consumer:
             try:
                 message = await self.messages.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise AdapterUnavailableError(f"AMQP consumer on {self.queue} closed: {self.channel.closed}") from None
+                raise AdapterUnavailableError(
+                    f"AMQP consumer on {self.queue} closed: {self.channel.closed}"
+                ) from None
         if message is None:
             return None
         try:
@@ -337,7 +358,11 @@ class _Consumer:
                 job = attrs.evolve(job, attempts_made=attempts)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("queue %s: undecodable message moved to the DLQ", self.queue)
-            job = Job(id=f"undecodable-{_now_ms()}", queue=self.queue, data=message.body.decode(errors="replace"))
+            job = Job(
+                id=f"undecodable-{_now_ms()}",
+                queue=self.queue,
+                data=message.body.decode(errors="replace"),
+            )
             await self.dead_letter(Delivery(job=job, handle=message), job, "undecodable message")
             return None
         self.adapter._active[self.queue] += 1
@@ -370,7 +395,11 @@ class _Consumer:
             orjson.dumps(letter.to_json()),
             Basic.Properties(content_type="application/json", delivery_mode=2, message_id=job.id),
         )
-        if isinstance(delivery.handle, AmqpMessage) and delivery.job is not job or delivery.handle is not None:
+        if (
+            isinstance(delivery.handle, AmqpMessage)
+            and delivery.job is not job
+            or delivery.handle is not None
+        ):
             if delivery.job.id.startswith("undecodable-"):
                 self.channel.ack_nowait(delivery.handle.delivery_tag)
                 return

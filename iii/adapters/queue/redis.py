@@ -97,7 +97,13 @@ if type(summary) == 'table' and summary.err == nil then pending = summary[1] end
 return {length, pending, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3])}
 """
 
-_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError, anyio.ClosedResourceError, anyio.BrokenResourceError)
+_ERRORS = (
+    coredis.exceptions.RedisError,
+    OSError,
+    trio.TooSlowError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 
 def _now_ms() -> int:
@@ -177,10 +183,16 @@ class RedisQueueAdapter:
                 keys=[self.key(queue, "stream"), self.key(queue, "delayed"), self.key(queue, "dlq")]
             )
         return QueueStats(
-            queue=queue, waiting=max(int(length) - int(active), 0), delayed=int(delayed), active=int(active), dlq=int(dlq)
+            queue=queue,
+            waiting=max(int(length) - int(active), 0),
+            delayed=int(delayed),
+            active=int(active),
+            dlq=int(dlq),
         )
 
-    async def dlq_messages(self, queue: str, offset: int, limit: int) -> tuple[list[DeadLetter], int]:
+    async def dlq_messages(
+        self, queue: str, offset: int, limit: int
+    ) -> tuple[list[DeadLetter], int]:
         async with _translated("dlq read"):
             raw = await self.client.lrange(self.key(queue, "dlq"), offset, offset + limit - 1)
             total = await self.client.llen(self.key(queue, "dlq"))
@@ -195,7 +207,8 @@ class RedisQueueAdapter:
         job = attrs.evolve(letter.job, attempts_made=0)
         async with _translated("redrive"):
             moved = await self._redrive_one(
-                keys=[self.key(queue, "dlq"), self.key(queue, "stream")], args=[raw, _dumps(job.to_json())]
+                keys=[self.key(queue, "dlq"), self.key(queue, "stream")],
+                args=[raw, _dumps(job.to_json())],
             )
         return bool(moved)
 
@@ -247,7 +260,9 @@ class _Consumer:
             job = Job(id=f"undecodable-{entry.identifier}", queue=self.queue, data=raw)
             letter = DeadLetter(job=job, error="undecodable message", failed_at=_now_ms())
             dlq = self.adapter.key(self.queue, "dlq")
-            await self._remove(entry.identifier, lambda pipe: pipe.rpush(dlq, [_dumps(letter.to_json())]))
+            await self._remove(
+                entry.identifier, lambda pipe: pipe.rpush(dlq, [_dumps(letter.to_json())])
+            )
             return None
         return Delivery(job=job, handle=entry.identifier)
 
@@ -262,18 +277,29 @@ class _Consumer:
             self._next_reclaim = now + max(defaults.visibility_timeout / 2, 0.2)
             async with _translated("reclaim"):
                 claimed = await adapter.client.xautoclaim(
-                    self.stream, GROUP, self.name, int(defaults.visibility_timeout * 1000), "0-0", count=10
+                    self.stream,
+                    GROUP,
+                    self.name,
+                    int(defaults.visibility_timeout * 1000),
+                    "0-0",
+                    count=10,
                 )
             for entry in claimed[1]:
                 delivery = await self._take(entry)
                 if delivery is not None:
-                    log.info("queue %s: job %s reclaimed after its lease ran out", self.queue, delivery.job.id)
+                    log.info(
+                        "queue %s: job %s reclaimed after its lease ran out",
+                        self.queue,
+                        delivery.job.id,
+                    )
                     self.buffer.append(delivery)
         if self.buffer:
             return self.buffer.popleft()
         block = max(int(min(timeout, defaults.poll_interval * 5, 1.0) * 1000), 1)
         async with _translated("read", COMMAND_TIMEOUT + block / 1000):
-            result = await adapter.client.xreadgroup(GROUP, self.name, streams={self.stream: ">"}, count=1, block=block)
+            result = await adapter.client.xreadgroup(
+                GROUP, self.name, streams={self.stream: ">"}, count=1, block=block
+            )
         if not result:
             return None
         for entries in result.values():
@@ -297,12 +323,16 @@ class _Consumer:
     async def retry(self, delivery: Delivery, job: Job, delay: float) -> None:
         due = _now_ms() + int(delay * 1000)
         delayed = self.adapter.key(self.queue, "delayed")
-        await self._remove(delivery.handle, lambda pipe: pipe.zadd(delayed, {_dumps(job.to_json()): due}))
+        await self._remove(
+            delivery.handle, lambda pipe: pipe.zadd(delayed, {_dumps(job.to_json()): due})
+        )
 
     async def dead_letter(self, delivery: Delivery, job: Job, error: str) -> None:
         letter = DeadLetter(job=job, error=error, failed_at=_now_ms())
         dlq = self.adapter.key(self.queue, "dlq")
-        await self._remove(delivery.handle, lambda pipe: pipe.rpush(dlq, [_dumps(letter.to_json())]))
+        await self._remove(
+            delivery.handle, lambda pipe: pipe.rpush(dlq, [_dumps(letter.to_json())])
+        )
 
     async def release(self, delivery: Delivery) -> None:
         body = _dumps(delivery.job.to_json())
@@ -320,7 +350,9 @@ class _Consumer:
 @asynccontextmanager
 async def open_adapter(config: Config, hooks: None) -> AsyncIterator[RedisQueueAdapter]:
     url, prefix, defaults = config.redis_url, config.key_prefix, config.defaults
-    client = coredis.Redis.from_url(url, decode_responses=True, connect_timeout=5, stream_timeout=None)
+    client = coredis.Redis.from_url(
+        url, decode_responses=True, connect_timeout=5, stream_timeout=None
+    )
     async with client:
         async with _translated(f"connect to {url}"):
             await client.ping()

@@ -144,7 +144,9 @@ def parse_trigger(trigger: LogicalTrigger) -> CronJob:
     except CronExpressionError as exc:
         raise TriggerRegistrationError(f"Invalid cron expression '{expression}': {exc}") from None
     condition = condition_of(config, "cron", CRON_CONDITION_KEYS)
-    return CronJob(trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger))
+    return CronJob(
+        trigger=trigger, schedule=schedule, condition=condition, lock_key=_job_key(trigger)
+    )
 
 
 class Module:
@@ -253,7 +255,12 @@ class Module:
                 self.counts["elsewhere"] += 1
                 return
         except IIIError as exc:
-            log.warning("cron %s at %s: skipped, lock unavailable: %s", trigger.id, rfc3339(scheduled), exc.message)
+            log.warning(
+                "cron %s at %s: skipped, lock unavailable: %s",
+                trigger.id,
+                rfc3339(scheduled),
+                exc.message,
+            )
             self.counts["lock_unavailable"] += 1
             return
         payload: dict[str, Any] = {
@@ -296,7 +303,12 @@ class Module:
                     grant=trigger.grant,
                 )
             except IIIError as exc:
-                log.warning("cron %s: condition %s failed (%s); skipped", trigger.id, job.condition, exc.message)
+                log.warning(
+                    "cron %s: condition %s failed (%s); skipped",
+                    trigger.id,
+                    job.condition,
+                    exc.message,
+                )
                 span.set_error(exc.code, exc.message)
                 return "condition_failed"
             if not passes:
@@ -311,7 +323,11 @@ class Module:
             )
         except IIIError as exc:
             log.warning(
-                "cron %s -> %s failed: %s: %s", trigger.id, trigger.function_id, exc.code, exc.message
+                "cron %s -> %s failed: %s: %s",
+                trigger.id,
+                trigger.function_id,
+                exc.code,
+                exc.message,
             )
             span.set_error(exc.code, exc.message)
             return "failed"

@@ -44,9 +44,12 @@ __all__ = ["CronSchedule", "CronExpressionError", "parse_schedule", "FIELD_NAMES
 
 UTC = dt.UTC
 
-MONTH_NAMES = {n: i + 1 for i, n in enumerate(
-    ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
-)}
+MONTH_NAMES = {
+    n: i + 1
+    for i, n in enumerate(
+        ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+    )
+}
 # Upstream numbering (1 = Sunday); the 5-field form shifts it to 0 = Sunday.
 DAY_NAMES = {n: i + 1 for i, n in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
 
@@ -92,7 +95,9 @@ def _spec(name: str, *, five_field: bool) -> _FieldSpec:
         return _FieldSpec(name, 1, 12, MONTH_NAMES)
     if name == "day-of-week":
         if five_field:
-            return _FieldSpec(name, 0, 7, {n: v - 1 for n, v in DAY_NAMES.items()}, question_ok=True)
+            return _FieldSpec(
+                name, 0, 7, {n: v - 1 for n, v in DAY_NAMES.items()}, question_ok=True
+            )
         return _FieldSpec(name, 1, 7, DAY_NAMES, question_ok=True)
     return _FieldSpec(name, 1970, 2099)
 
@@ -111,7 +116,9 @@ def _value(text: str, spec: _FieldSpec) -> int:
         hint = ""
         if spec.name == "day-of-week":
             hint = " (0 or 7 = Sunday)" if spec.lo == 0 else " (1 = Sunday, 7 = Saturday)"
-        raise CronExpressionError(f"{spec.name} field: {value} is out of range {spec.lo}-{spec.hi}{hint}")
+        raise CronExpressionError(
+            f"{spec.name} field: {value} is out of range {spec.lo}-{spec.hi}{hint}"
+        )
     return value
 
 
@@ -131,7 +138,9 @@ def parse_field(text: str, spec: _FieldSpec) -> frozenset[int]:
             step = int(step_text)
         if body in ("*", "?"):
             if body == "?" and not spec.question_ok:
-                raise CronExpressionError(f"{spec.name} field: '?' is only allowed for the day fields")
+                raise CronExpressionError(
+                    f"{spec.name} field: '?' is only allowed for the day fields"
+                )
             lo, hi = spec.lo, spec.hi
         elif "-" in body:
             first, _, last = body.partition("-")
@@ -261,7 +270,10 @@ def parse_schedule(expression: str, timezone: str | None = None) -> CronSchedule
             f"expected 5 fields (min hour day month weekday) or 6-7 fields "
             f"(sec min hour day month weekday [year]), got {len(fields)}"
         )
-    parsed = [parse_field(text_, _spec(name, five_field=five_field)) for name, text_ in zip(FIELD_NAMES, fields, strict=False)]
+    parsed = [
+        parse_field(text_, _spec(name, five_field=five_field))
+        for name, text_ in zip(FIELD_NAMES, fields, strict=False)
+    ]
     seconds, minutes, hours, days, months, raw_weekdays = parsed[:6]
     years = parsed[6] if len(parsed) == 7 else None
     if five_field:
@@ -276,9 +288,7 @@ def parse_schedule(expression: str, timezone: str | None = None) -> CronSchedule
         raise CronExpressionError("day-of-week field allows no day")
     # A day-of-month set that no month can reach (e.g. only the 31st in February)
     # is caught by croniter's search bound; an impossible combination is refused here.
-    if not any(
-        d <= {2: 29, 4: 30, 6: 30, 9: 30, 11: 30}.get(m, 31) for d in days for m in months
-    ):
+    if not any(d <= {2: 29, 4: 30, 6: 30, 9: 30, 11: 30}.get(m, 31) for d in days for m in months):
         raise CronExpressionError("day-of-month and month never meet (e.g. 30 February)")
     days_text, weekdays_text = _explicit(days, 1, 31), _explicit(weekdays, 0, 6)
     if day_or and "*" in (days_text, weekdays_text):

@@ -167,7 +167,8 @@ async def stop_tree(process: trio.Process, token: str, grace: float, *, name: st
         _signal_all(pgid, members, signal.SIGTERM)
         with trio.move_on_after(grace):
             await process.wait()
-            while await trio.to_thread.run_sync(run_members, pgid, token):
+            # The kernel gives no event when a group's last member exits: polled.
+            while await trio.to_thread.run_sync(run_members, pgid, token):  # noqa: ASYNC110
                 await trio.sleep(STOP_POLL)
     for _ in range(KILL_ROUNDS):
         members = await trio.to_thread.run_sync(run_members, pgid, token)

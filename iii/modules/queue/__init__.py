@@ -108,7 +108,9 @@ def _positive(value: Any, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TriggerRegistrationError(f"queue trigger {what} must be a positive integer, got {bounded_repr(value)}")
+        raise TriggerRegistrationError(
+            f"queue trigger {what} must be a positive integer, got {bounded_repr(value)}"
+        )
     return value
 
 
@@ -225,7 +227,9 @@ class Module:
         except (AdapterUnavailableError, OSError) as exc:
             message = exc.message if isinstance(exc, IIIError) else str(exc)
             log.error("enqueue to %s failed: %s", job.queue, message)
-            raise IIIError(f"Failed to enqueue to {job.queue}: {message}", code="enqueue_error") from exc
+            raise IIIError(
+                f"Failed to enqueue to {job.queue}: {message}", code="enqueue_error"
+            ) from exc
         self.counters.enqueued += 1
 
     def ensure_dispatcher(self, queue: str) -> None:
@@ -241,7 +245,9 @@ class Module:
             queue=FUNCTION_QUEUE_PREFIX + queue,
             function_id=None,
             condition=None,
-            concurrency=1 if fifo and not settings.message_group_field else (settings.concurrency or defaults.concurrency),
+            concurrency=1
+            if fifo and not settings.message_group_field
+            else (settings.concurrency or defaults.concurrency),
             group_field=settings.message_group_field,
             max_attempts=None,
             backoff_ms=None,
@@ -275,25 +281,37 @@ class Module:
         infra: dict[str, Any] = {}
         for source in (trigger.metadata, config.get("metadata")):
             if isinstance(source, dict):
-                candidate = (source.get("infrastructure") or {}).get("queue") if isinstance(source.get("infrastructure"), dict) else None
+                candidate = (
+                    (source.get("infrastructure") or {}).get("queue")
+                    if isinstance(source.get("infrastructure"), dict)
+                    else None
+                )
                 if isinstance(candidate, dict):
                     infra.update(candidate)
         queue_type = infra.get("type", "standard")
         if queue_type not in ("standard", "fifo"):
-            raise TriggerRegistrationError(f"queue trigger type must be 'standard' or 'fifo', got {bounded_repr(queue_type)}")
+            raise TriggerRegistrationError(
+                f"queue trigger type must be 'standard' or 'fifo', got {bounded_repr(queue_type)}"
+            )
         group_field = config.get("message_group_field")
         if group_field is not None and (not isinstance(group_field, str) or not group_field):
             raise TriggerRegistrationError("queue trigger message_group_field must be a field name")
         defaults = self.adapter.defaults
-        concurrency = _positive(config.get("concurrency"), "concurrency") or _positive(
-            infra.get("concurrency"), "metadata concurrency"
-        ) or defaults.concurrency
+        concurrency = (
+            _positive(config.get("concurrency"), "concurrency")
+            or _positive(infra.get("concurrency"), "metadata concurrency")
+            or defaults.concurrency
+        )
         fifo = queue_type == "fifo" or defaults.fifo
         if fifo and group_field is None:
             concurrency = 1
         max_retries = infra.get("maxRetries")
-        if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0):
-            raise TriggerRegistrationError("queue trigger maxRetries must be a non-negative integer")
+        if max_retries is not None and (
+            isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+        ):
+            raise TriggerRegistrationError(
+                "queue trigger maxRetries must be a non-negative integer"
+            )
         return Subscription(
             name=f"{self.instance_id}:{trigger.id}",
             queue=topic,

@@ -78,13 +78,21 @@ async def run_subscription(module: Module, sub: Subscription) -> None:
         while not module.engine.shutting_down.is_set():
             failure: BaseException | None = None
             try:
-                async with module.adapter.open_consumer(sub.queue, sub.name, sub.concurrency) as consumer:
+                async with module.adapter.open_consumer(
+                    sub.queue, sub.name, sub.concurrency
+                ) as consumer:
                     delay = 0.5
                     await _consume(module, sub, consumer)
                 return
             except* (AdapterUnavailableError, OSError) as group:  # raised through the job nursery
                 failure = group.exceptions[0]
-            log.warning("queue %s: consumer %s failed (%s); retrying in %.1fs", sub.queue, sub.name, failure, delay)
+            log.warning(
+                "queue %s: consumer %s failed (%s); retrying in %.1fs",
+                sub.queue,
+                sub.name,
+                failure,
+                delay,
+            )
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -97,12 +105,16 @@ async def _consume(module: Module, sub: Subscription, consumer: QueueConsumer) -
     held.clear()
     groups: dict[str, deque[Delivery]] = {}
     async with trio.open_nursery() as job_nursery:
-        job_nursery.start_soon(_keep_leases, consumer, held, module.adapter.defaults.visibility_timeout)
+        job_nursery.start_soon(
+            _keep_leases, consumer, held, module.adapter.defaults.visibility_timeout
+        )
         try:
             while not engine.shutting_down.is_set():
                 await slots.acquire()
                 try:
-                    delivery = await consumer.receive(timeout=min(max(sub.poll_interval, 0.05) * 10, 1.0))
+                    delivery = await consumer.receive(
+                        timeout=min(max(sub.poll_interval, 0.05) * 10, 1.0)
+                    )
                 except BaseException:
                     slots.release()
                     raise
@@ -116,7 +128,9 @@ async def _consume(module: Module, sub: Subscription, consumer: QueueConsumer) -
                         groups[group].append(delivery)
                         continue
                     groups[group] = deque()
-                job_nursery.start_soon(_run_line, module, sub, consumer, delivery, group, slots, held, groups)
+                job_nursery.start_soon(
+                    _run_line, module, sub, consumer, delivery, group, slots, held, groups
+                )
         finally:
             # Intake is over: jobs waiting in a group line go back unprocessed.
             waiting = [d for line in groups.values() for d in line]
@@ -125,7 +139,9 @@ async def _consume(module: Module, sub: Subscription, consumer: QueueConsumer) -
             for delivery in waiting:
                 held.discard(delivery)
                 await _settle(consumer.release(delivery), sub, "release")
-        while held:  # let the jobs in flight finish, then stop the lease keeper
+        # Let the jobs in flight finish, then stop the lease keeper.  Polled:
+        # once per shutdown, and each job leaves ``held`` on its own path.
+        while held:  # noqa: ASYNC110
             await trio.sleep(0.05)
         job_nursery.cancel_scope.cancel()
 
@@ -168,12 +184,21 @@ async def _settle(operation: Any, sub: Subscription, what: str) -> None:
         try:
             await operation
         except (AdapterUnavailableError, OSError) as exc:
-            log.warning("queue %s: %s failed (%s); the job comes back when its lease ends", sub.queue, what, exc)
+            log.warning(
+                "queue %s: %s failed (%s); the job comes back when its lease ends",
+                sub.queue,
+                what,
+                exc,
+            )
     if scope.cancelled_caught:
-        log.warning("queue %s: %s timed out; the job comes back when its lease ends", sub.queue, what)
+        log.warning(
+            "queue %s: %s timed out; the job comes back when its lease ends", sub.queue, what
+        )
 
 
-async def _process(module: Module, sub: Subscription, consumer: QueueConsumer, delivery: Delivery) -> None:
+async def _process(
+    module: Module, sub: Subscription, consumer: QueueConsumer, delivery: Delivery
+) -> None:
     """One attempt at a job, under a ``consumer`` span (child of the enqueuer's context)."""
     job = delivery.job
     tracer = module.engine.tracer
@@ -220,7 +245,11 @@ async def _attempt(
     try:
         if target is None:
             span.set_error("no_function", "the job has no function_id")
-            await _settle(consumer.dead_letter(delivery, job, "no function: the job has no function_id"), sub, "dead-letter")
+            await _settle(
+                consumer.dead_letter(delivery, job, "no function: the job has no function_id"),
+                sub,
+                "dead-letter",
+            )
             outcome = "dead_letter"
             return outcome
         grant = module.job_grant(job, sub)
@@ -271,23 +300,40 @@ async def _attempt(
         counters.count(outcome)
 
 
-async def _failed(sub: Subscription, consumer: QueueConsumer, delivery: Delivery, error: str) -> str:
+async def _failed(
+    sub: Subscription, consumer: QueueConsumer, delivery: Delivery, error: str
+) -> str:
     job = delivery.job
     attempts = job.attempts_made + 1
     max_attempts = sub.max_attempts or job.max_attempts
     failed = attrs.evolve(job, attempts_made=attempts)
     if attempts >= max_attempts:
-        log.warning("queue %s: job %s failed %d times (%s); moved to the DLQ", sub.queue, job.id, attempts, error)
+        log.warning(
+            "queue %s: job %s failed %d times (%s); moved to the DLQ",
+            sub.queue,
+            job.id,
+            attempts,
+            error,
+        )
         await _settle(consumer.dead_letter(delivery, failed, error), sub, "dead-letter")
         return "dead_letter"
     backoff = (sub.backoff_ms or job.backoff_ms) / 1000
     delay = min(backoff * 2 ** (attempts - 1), MAX_BACKOFF)
-    log.info("queue %s: job %s attempt %d failed (%s); retry in %.1fs", sub.queue, job.id, attempts, error, delay)
+    log.info(
+        "queue %s: job %s attempt %d failed (%s); retry in %.1fs",
+        sub.queue,
+        job.id,
+        attempts,
+        error,
+        delay,
+    )
     await _settle(consumer.retry(delivery, failed, delay), sub, "retry")
     return "retry"
 
 
-async def _keep_leases(consumer: QueueConsumer, held: set[Delivery], visibility_timeout: float) -> None:
+async def _keep_leases(
+    consumer: QueueConsumer, held: set[Delivery], visibility_timeout: float
+) -> None:
     while True:
         await trio.sleep(visibility_timeout / 3)
         if held:

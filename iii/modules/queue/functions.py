@@ -80,7 +80,9 @@ def register_functions(module: Module) -> None:
             if ref.queue in module.dispatchers or internal in await adapter().list_queues():
                 return internal, ref.queue
             return ref.queue, ref.queue
-        raise IIIError(f"{function_id}: 'queue' or 'topic' is required", code="deserialization_error")
+        raise IIIError(
+            f"{function_id}: 'queue' or 'topic' is required", code="deserialization_error"
+        )
 
     def describe(name: str) -> dict[str, Any]:
         shown, kind = module.display_name(name)
@@ -130,7 +132,13 @@ def register_functions(module: Module) -> None:
         ref = parse_input(data, QueueRef, "engine::queue::topic_stats")
         internal, shown = await resolve(ref, "engine::queue::topic_stats")
         stats = await adapter().stats(internal)
-        return {"topic": shown, "waiting": stats.waiting, "delayed": stats.delayed, "active": stats.active, "dlq": stats.dlq}
+        return {
+            "topic": shown,
+            "waiting": stats.waiting,
+            "delayed": stats.delayed,
+            "active": stats.active,
+            "dlq": stats.dlq,
+        }
 
     async def dlq_topics(data: Any, ctx: CallContext) -> Any:
         topics = []
@@ -171,23 +179,36 @@ def register_functions(module: Module) -> None:
         ref = parse_input(data, QueueRef, "iii::queue::redrive_message")
         internal, shown = await resolve(ref, "iii::queue::redrive_message")
         if not ref.message_id:
-            raise IIIError("iii::queue::redrive_message: 'message_id' is required", code="deserialization_error")
+            raise IIIError(
+                "iii::queue::redrive_message: 'message_id' is required",
+                code="deserialization_error",
+            )
         if not await adapter().redrive_message(internal, ref.message_id):
-            raise IIIError(f"message {ref.message_id} is not in the DLQ of {shown}", code="message_not_found")
+            raise IIIError(
+                f"message {ref.message_id} is not in the DLQ of {shown}", code="message_not_found"
+            )
         return {"queue": shown, "message_id": ref.message_id, "redriven": True}
 
     async def discard_message(data: Any, ctx: CallContext) -> Any:
         ref = parse_input(data, QueueRef, "iii::queue::discard_message")
         internal, shown = await resolve(ref, "iii::queue::discard_message")
         if not ref.message_id:
-            raise IIIError("iii::queue::discard_message: 'message_id' is required", code="deserialization_error")
+            raise IIIError(
+                "iii::queue::discard_message: 'message_id' is required",
+                code="deserialization_error",
+            )
         if not await adapter().discard_message(internal, ref.message_id):
-            raise IIIError(f"message {ref.message_id} is not in the DLQ of {shown}", code="message_not_found")
+            raise IIIError(
+                f"message {ref.message_id} is not in the DLQ of {shown}", code="message_not_found"
+            )
         return {"queue": shown, "message_id": ref.message_id, "discarded": True}
 
     functions = {
         "enqueue": (enqueue, "Enqueue a job for the queue triggers of a topic"),
-        "engine::queue::enqueue": (enqueue_action, "Enqueue a call to a function (invokefunction enqueue action)"),
+        "engine::queue::enqueue": (
+            enqueue_action,
+            "Enqueue a call to a function (invokefunction enqueue action)",
+        ),
         "engine::queue::list_topics": (list_topics, "List queue topics"),
         "engine::queue::topic_stats": (topic_stats, "Job counts of a topic"),
         "engine::queue::dlq_topics": (dlq_topics, "Topics with dead-lettered jobs"),

@@ -168,7 +168,9 @@ class Module:
             concurrency_limit=config.concurrency_request_limit,
             max_body_size=config.max_body_size,
             max_body_bytes_in_flight=config.max_body_bytes_in_flight,
-            cors=CorsPolicy() if cors is None else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
+            cors=CorsPolicy()
+            if cors is None
+            else CorsPolicy.from_lists(cors.allowed_origins, cors.allowed_methods),
         )
         self.server = HttpServer(
             self.dispatcher,

@@ -75,5 +75,7 @@ class CorsPolicy:
         if request_headers:
             headers.append((b"access-control-allow-headers", request_headers))
         if self.origins is not None:
-            headers.append((b"vary", b"access-control-request-method, access-control-request-headers"))
+            headers.append(
+                (b"vary", b"access-control-request-method, access-control-request-headers")
+            )
         return PreflightVerdict(True, headers)

@@ -63,13 +63,13 @@ from iii.modules.rest_api.bodies import (
 )
 from iii.modules.rest_api.cors import CorsPolicy
 from iii.modules.rest_api.exchange import Exchange
-from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.protocol import (
     BodyTooLargeError,
     HttpRequest,
     Responder,
     new_error_id,
 )
+from iii.modules.rest_api.routes import RouteMatch, RouteTable
 from iii.modules.rest_api.side_tasks import SideTasks
 
 if TYPE_CHECKING:
@@ -137,7 +137,9 @@ def build_payload(request: HttpRequest, match: RouteMatch, body: Any) -> dict[st
         headers[name.decode("latin-1")] = text
     route = match.route
     return {
-        "query_params": dict(parse_qsl(request.query, keep_blank_values=True)) if request.query else {},
+        "query_params": dict(parse_qsl(request.query, keep_blank_values=True))
+        if request.query
+        else {},
         "path_params": match.path_params,
         "headers": headers,
         "path": route.pattern.raw,
@@ -231,7 +233,9 @@ class RestDispatcher:
 
     # -- a routed request ----------------------------------------------------
 
-    async def _call_route_traced(self, request: HttpRequest, responder: Responder, match: RouteMatch) -> None:
+    async def _call_route_traced(
+        self, request: HttpRequest, responder: Responder, match: RouteMatch
+    ) -> None:
         """A routed request under a ``server`` span (tracing on): child of the
         client's ``traceparent`` header, parent of the function's call."""
         route = match.route
@@ -315,7 +319,9 @@ class RestDispatcher:
         try:
             body = await self._json_body(request, responder, match, account, deadline)
             if body is not _ANSWERED:
-                await self._call(request, responder, match, body, True, deadline, traceparent, baggage)
+                await self._call(
+                    request, responder, match, body, True, deadline, traceparent, baggage
+                )
         finally:
             account.close()
 
@@ -532,11 +538,15 @@ class RestDispatcher:
             # workers take at most 1 MiB): a large body must be streamed.
             await responder.respond_error(413, "PAYLOAD_TOO_LARGE", exc.message)
         elif exc.code == "function_not_found":
-            await responder.respond_error(404, "FUNCTION_NOT_FOUND", f"function {function_id} not found")
+            await responder.respond_error(
+                404, "FUNCTION_NOT_FOUND", f"function {function_id} not found"
+            )
         else:
             await self._internal_error(responder, function_id, f"{exc.code}: {exc.message}")
 
     async def _internal_error(self, responder: Responder, function_id: str, detail: str) -> None:
         error_id = new_error_id()
         log.warning("%s: 500 (error_id %s): %s", function_id, error_id, detail)
-        await responder.respond_error(500, "INTERNAL_ERROR", "internal server error", error_id=error_id)
+        await responder.respond_error(
+            500, "INTERNAL_ERROR", "internal server error", error_id=error_id
+        )

@@ -128,7 +128,9 @@ class RouteMatch:
     path_params: dict[str, str]
 
 
-def _match(pattern: RoutePattern, segments: list[str]) -> tuple[tuple[int, ...], dict[str, str]] | None:
+def _match(
+    pattern: RoutePattern, segments: list[str]
+) -> tuple[tuple[int, ...], dict[str, str]] | None:
     """The match's priority (literal = 1 per segment, left first) and its parameters."""
     priority = []
     params: dict[str, str] = {}

@@ -122,7 +122,9 @@ JOIN_TRIGGER_ACCESS = TriggerAccess(data=True, resource_key="stream_name")
 
 def _positive(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if value <= 0:
-        raise FieldValueError(attribute.name, f"must be a positive number of milliseconds, got {value}")
+        raise FieldValueError(
+            attribute.name, f"must be a positive number of milliseconds, got {value}"
+        )
 
 
 def _holds_a_message(_: Any, attribute: attrs.Attribute[int], value: int) -> None:

@@ -19,7 +19,10 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 
 def rest_module(**config: Any) -> dict[str, Any]:
-    return {"class": "modules::api::RestApiModule", "config": {"port": 0, "host": "127.0.0.1", **config}}
+    return {
+        "class": "modules::api::RestApiModule",
+        "config": {"port": 0, "host": "127.0.0.1", **config},
+    }
 
 
 @asynccontextmanager
@@ -99,7 +102,9 @@ async def open_worker(engine: Engine, handlers: dict[str, Handler]) -> AsyncIter
 
 
 @asynccontextmanager
-async def open_channel_side(engine: Engine, ref: dict[str, str], direction: str) -> AsyncIterator[RawWorker]:
+async def open_channel_side(
+    engine: Engine, ref: dict[str, str], direction: str
+) -> AsyncIterator[RawWorker]:
     """One side of a channel over the engine's ``/ws/channels`` route, as a raw socket."""
     path = f"/ws/channels/{ref['channel_id']}?key={ref['access_key']}&dir={direction}"
     async with connect_test_worker(engine, path, handshake=False) as side:

@@ -32,7 +32,10 @@ async def test_get_payload_is_the_spec_shape():
         seen.append(data)
         return {"status_code": 201, "body": {"ok": True}, "headers": {"X-Answer": "42"}}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::get": handler}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::get": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::get", "/items/:id")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.get("/items/a%20b?q=1&q=2&empty=", headers={"X-Custom": "v"})
@@ -65,7 +68,11 @@ async def test_defaults_and_header_list_form():
         return {
             "status_code": 200,
             "body": "text",
-            "headers": ["Set-Cookie: a=1", "Set-Cookie: b=2", "Content-Type: text/plain; charset=utf-8"],
+            "headers": [
+                "Set-Cookie: a=1",
+                "Set-Cookie: b=2",
+                "Content-Type: text/plain; charset=utf-8",
+            ],
         }
 
     handlers = {"t::defaults": defaults, "t::listed": listed}
@@ -88,13 +95,18 @@ async def test_post_json_body_is_parsed_and_bad_json_is_null():
         seen.append(data["body"])
         return {"status_code": 200, "body": data["body"]}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::post": handler}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::post": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::post", "/post", "post")  # method in any case
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.post("/post", json={"a": [1, 2], "b": "é"})
             assert response.json() == {"a": [1, 2], "b": "é"}
             response = await client.post(
-                "/post", content=b"{not json", headers={"content-type": "application/json; charset=utf-8"}
+                "/post",
+                content=b"{not json",
+                headers={"content-type": "application/json; charset=utf-8"},
             )
             assert response.status_code == 200
         assert seen == [{"a": [1, 2], "b": "é"}, None]
@@ -147,7 +159,10 @@ async def test_a_worker_may_route_health():
     async def health(data):
         return {"body": {"mine": True}}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::health": health}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::health": health}) as worker,
+    ):
         await add_route(engine, worker, "t::health", "/health")
         async with httpx.AsyncClient(base_url=base) as client:
             assert (await client.get("/health")).json() == {"mine": True}
@@ -157,9 +172,10 @@ async def test_null_result_without_channel_is_504():
     async def silent(data):
         return None
 
-    async with open_rest_engine(default_timeout=300) as (engine, base), open_worker(
-        engine, {"t::silent": silent}
-    ) as worker:
+    async with (
+        open_rest_engine(default_timeout=300) as (engine, base),
+        open_worker(engine, {"t::silent": silent}) as worker,
+    ):
         await add_route(engine, worker, "t::silent", "/silent")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.get("/silent")
@@ -177,9 +193,10 @@ async def test_slow_function_is_504_and_the_engine_keeps_serving():
     async def fast(data):
         return {"body": "fast"}
 
-    async with open_rest_engine(default_timeout=300) as (engine, base), open_worker(
-        engine, {"t::slow": slow, "t::fast": fast}
-    ) as worker:
+    async with (
+        open_rest_engine(default_timeout=300) as (engine, base),
+        open_worker(engine, {"t::slow": slow, "t::fast": fast}) as worker,
+    ):
         await add_route(engine, worker, "t::slow", "/slow")
         await add_route(engine, worker, "t::fast", "/fast")
         async with httpx.AsyncClient(base_url=base) as client:
@@ -193,11 +210,16 @@ async def test_routes_come_and_go_while_serving():
     async def handler(data):
         return {"body": "here"}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::hot": handler}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::hot": handler}) as worker,
+    ):
         trigger_id = await add_route(engine, worker, "t::hot", "/hot")
         async with httpx.AsyncClient(base_url=base) as client:
             assert (await client.get("/hot")).status_code == 200
-            await worker.send({"type": "unregistertrigger", "id": trigger_id, "trigger_type": "http"})
+            await worker.send(
+                {"type": "unregistertrigger", "id": trigger_id, "trigger_type": "http"}
+            )
             await wait_until(lambda: len(engine.modules["rest_api"].routes) == 0)
             assert (await client.get("/hot")).status_code == 404
             await add_route(engine, worker, "t::hot", "/hot", trigger_id=trigger_id)
@@ -208,7 +230,10 @@ async def test_route_conflict_is_refused_and_replicas_share_a_route():
     async def handler(data):
         return {"body": "first"}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::one": handler}) as first:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::one": handler}) as first,
+    ):
         await add_route(engine, first, "t::one", "/thing/:id")
         async with connect_test_worker(engine) as second:
             await second.send({"type": "registerfunction", "id": "t::two"})
@@ -248,11 +273,21 @@ async def test_bad_trigger_configs_are_refused():
     async with open_rest_engine() as (engine, base), connect_test_worker(engine) as worker:
         await worker.send({"type": "registerfunction", "id": "t::x"})
         for index, config in enumerate(
-            [{"http_method": "GET"}, {"api_path": "/a", "http_method": "BREW"}, "nope", {"api_path": "/a/:x/:x"}]
+            [
+                {"http_method": "GET"},
+                {"api_path": "/a", "http_method": "BREW"},
+                "nope",
+                {"api_path": "/a/:x/:x"},
+            ]
         ):
             await worker.send(
-                {"type": "registertrigger", "id": f"bad-{index}", "trigger_type": "http",
-                 "function_id": "t::x", "config": config}
+                {
+                    "type": "registertrigger",
+                    "id": f"bad-{index}",
+                    "trigger_type": "http",
+                    "function_id": "t::x",
+                    "config": config,
+                }
             )
             result = await worker.receive_type("triggerregistrationresult")
             assert result["id"] == f"bad-{index}" and result["error"]["message"]
@@ -270,9 +305,12 @@ async def test_condition_function_gates_the_route():
         assert "request_body" not in data and "response" not in data
         return data["query_params"].get("allow") == "yes"
 
-    async with open_rest_engine() as (engine, base), open_worker(
-        engine, {"t::gated": handler, "t::cond": condition, "t::gated2": handler}
-    ) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(
+            engine, {"t::gated": handler, "t::cond": condition, "t::gated2": handler}
+        ) as worker,
+    ):
         await worker.send({"type": "registerfunction", "id": "t::cond"})
         await add_route(engine, worker, "t::gated", "/gated", _condition_path="t::cond")
         await add_route(engine, worker, "t::gated2", "/gated2", condition_function_id="t::cond")
@@ -291,7 +329,10 @@ async def test_cors_permissive_by_default():
     async def handler(data):
         return {"body": 1}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::c": handler}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::c": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::c", "/c", "PUT")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.options(
@@ -315,7 +356,10 @@ async def test_cors_with_configured_origins_and_methods():
         return {"body": 1}
 
     cors = {"allowed_origins": ["https://good.example"], "allowed_methods": ["GET", "POST"]}
-    async with open_rest_engine(cors=cors) as (engine, base), open_worker(engine, {"t::c": handler}) as worker:
+    async with (
+        open_rest_engine(cors=cors) as (engine, base),
+        open_worker(engine, {"t::c": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::c", "/c", "POST")
         async with httpx.AsyncClient(base_url=base) as client:
             good = {"Origin": "https://good.example", "Access-Control-Request-Method": "POST"}
@@ -324,10 +368,14 @@ async def test_cors_with_configured_origins_and_methods():
             assert response.headers["access-control-allow-origin"] == "https://good.example"
             assert "origin" in response.headers["vary"]
 
-            response = await client.options("/c", headers={**good, "Origin": "https://evil.example"})
+            response = await client.options(
+                "/c", headers={**good, "Origin": "https://evil.example"}
+            )
             assert response.status_code == 403
             assert "https://evil.example" in error_of(response)["message"]
-            response = await client.options("/c", headers={**good, "Access-Control-Request-Method": "DELETE"})
+            response = await client.options(
+                "/c", headers={**good, "Access-Control-Request-Method": "DELETE"}
+            )
             assert response.status_code == 403
 
             response = await client.post("/c", headers={"Origin": "https://good.example"})
@@ -342,9 +390,10 @@ async def test_body_limit_is_413():
         reader = data["request_body"]
         return {"body": reader["direction"]}
 
-    async with open_rest_engine(max_body_size=1000) as (engine, base), open_worker(
-        engine, {"t::up": handler}
-    ) as worker:
+    async with (
+        open_rest_engine(max_body_size=1000) as (engine, base),
+        open_worker(engine, {"t::up": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::up", "/up", "POST")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.post("/up", content=b"x" * 1001)  # content-length known
@@ -369,12 +418,15 @@ async def test_concurrency_limit_makes_requests_wait():
         running -= 1
         return {"body": "done"}
 
-    async with open_rest_engine(concurrency_request_limit=2) as (engine, base), open_worker(
-        engine, {"t::busy": handler}
-    ) as worker:
+    async with (
+        open_rest_engine(concurrency_request_limit=2) as (engine, base),
+        open_worker(engine, {"t::busy": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::busy", "/busy")
         results = []
-        async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=10)) as client:
+        async with httpx.AsyncClient(
+            base_url=base, limits=httpx.Limits(max_connections=10)
+        ) as client:
 
             async def one():
                 results.append((await client.get("/busy")).status_code)
@@ -439,7 +491,10 @@ async def test_json_body_too_large_for_the_worker_is_413():
     async def handler(data):
         return {"body": "never"}
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::big": handler}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::big": handler}) as worker,
+    ):
         await add_route(engine, worker, "t::big", "/big", "POST")
         async with httpx.AsyncClient(base_url=base) as client:
             # A raw worker, like 0.4.1, takes messages of at most 1 MiB.

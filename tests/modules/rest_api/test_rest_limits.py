@@ -53,9 +53,10 @@ async def test_json_bodies_held_at_once_are_bounded_in_bytes_and_the_rest_wait()
         return {"body": {"length": len(data["body"]["x"])}}
 
     config = {"max_body_size": MiB, "max_body_bytes_in_flight": 2 * MiB, "default_timeout": 60_000}
-    async with open_rest_engine(**config) as (engine, base), open_worker(
-        engine, {"t::hold": hold}
-    ) as worker:
+    async with (
+        open_rest_engine(**config) as (engine, base),
+        open_worker(engine, {"t::hold": hold}) as worker,
+    ):
         await add_route(engine, worker, "t::hold", "/hold", "POST")
         module = engine.modules["rest_api"]
         answers: list[bytes] = []
@@ -87,9 +88,10 @@ async def test_a_body_that_finds_no_room_before_its_deadline_gets_503_with_retry
         return {"body": "served"}
 
     config = {"max_body_size": MiB, "max_body_bytes_in_flight": MiB, "default_timeout": 1000}
-    async with open_rest_engine(**config) as (engine, base), open_worker(
-        engine, {"t::answer": answer}
-    ) as worker:
+    async with (
+        open_rest_engine(**config) as (engine, base),
+        open_worker(engine, {"t::answer": answer}) as worker,
+    ):
         await add_route(engine, worker, "t::answer", "/answer", "POST")
         module = engine.modules["rest_api"]
         # Bodies of other requests fill the budget for longer than this request waits.
@@ -119,9 +121,10 @@ async def test_a_chunked_body_takes_room_as_it_arrives() -> None:
         return {"body": "served"}
 
     config = {"max_body_size": MiB, "max_body_bytes_in_flight": MiB, "default_timeout": 30_000}
-    async with open_rest_engine(**config) as (engine, base), open_worker(
-        engine, {"t::answer": answer}
-    ) as worker:
+    async with (
+        open_rest_engine(**config) as (engine, base),
+        open_worker(engine, {"t::answer": answer}) as worker,
+    ):
         await add_route(engine, worker, "t::answer", "/answer", "POST")
         module = engine.modules["rest_api"]
         holder = object()  # another body still arriving: the oldest receiver
@@ -136,9 +139,10 @@ async def test_a_chunked_body_takes_room_as_it_arrives() -> None:
             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks + b"0\r\n\r\n"
         )
         answer_bytes = b""
-        async with await trio.open_tcp_stream(
-            "127.0.0.1", module.port
-        ) as stream, trio.open_nursery() as nursery:
+        async with (
+            await trio.open_tcp_stream("127.0.0.1", module.port) as stream,
+            trio.open_nursery() as nursery,
+        ):
             # (In the background: what the engine does not read fills the socket buffers.)
             nursery.start_soon(stream.send_all, request)
             with trio.fail_after(10):

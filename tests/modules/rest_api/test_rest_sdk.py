@@ -26,7 +26,7 @@ pytestmark = pytest.mark.sdk
 
 BLOB = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB
 
-HANDLERS = '''
+HANDLERS = """
 import asyncio, hashlib, json, logging, sys
 
 logging.basicConfig(stream=sys.stdout, format="LOG %(message)s", level=logging.WARNING)
@@ -88,9 +88,11 @@ ROUTES = [
     ("rest::events", events, "/rest/events", "GET"),
     ("rest::slow", slow, "/rest/slow", "GET"),
 ]
-'''
+"""
 
-WORKER_041 = HANDLERS + '''
+WORKER_041 = (
+    HANDLERS
+    + """
 from iii import III, InitOptions
 from iii.types import HttpResponse as Response
 
@@ -114,9 +116,12 @@ async def main():
         print("OK", flush=True)
 
 asyncio.run(main())
-'''
+"""
+)
 
-WORKER_025 = HANDLERS + '''
+WORKER_025 = (
+    HANDLERS
+    + """
 from iii import register_worker, InitOptions
 from iii.types import StreamResponse as Response
 
@@ -137,9 +142,12 @@ for line in sys.stdin:
                               "config": {"api_path": "/rest/items/:other", "http_method": "GET"}})
     print("OK", flush=True)
 iii.shutdown()
-'''
+"""
+)
 
-WORKER_090 = HANDLERS + '''
+WORKER_090 = (
+    HANDLERS
+    + """
 from iii import register_worker, InitOptions
 from iii.types import HttpResponse as Response
 
@@ -160,7 +168,8 @@ for line in sys.stdin:
                               "config": {"api_path": "/rest/items/:other", "http_method": "GET"}})
     print("OK", flush=True)
 iii.shutdown()
-'''
+"""
+)
 
 SCRIPTS = {"0.4.1": WORKER_041, "0.9.0": WORKER_090, "0.25.0": WORKER_025}
 VERSIONS = pytest.mark.parametrize("version", list(SCRIPTS))
@@ -189,12 +198,19 @@ async def test_http_round_trips_through_an_sdk_worker(version):
         base = f"http://127.0.0.1:{engine.modules['rest_api'].port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             # GET with path and query parameters
-            response = await client.get("/rest/items/42", params=[("q", "a"), ("q", "b"), ("x", "1")],
-                                        headers={"X-Agent": "tester"})
+            response = await client.get(
+                "/rest/items/42",
+                params=[("q", "a"), ("q", "b"), ("x", "1")],
+                headers={"X-Agent": "tester"},
+            )
             assert response.status_code == 200
             assert response.json() == {
-                "id": "42", "q": {"q": "b", "x": "1"}, "path": "/rest/items/:id", "method": "GET",
-                "agent": "tester", "trigger": {"type": "http", "path": "/rest/items/:id", "method": "GET"},
+                "id": "42",
+                "q": {"q": "b", "x": "1"},
+                "path": "/rest/items/:id",
+                "method": "GET",
+                "agent": "tester",
+                "trigger": {"type": "http", "path": "/rest/items/:id", "method": "GET"},
             }
 
             # POST JSON, custom status and headers
@@ -205,10 +221,14 @@ async def test_http_round_trips_through_an_sdk_worker(version):
             assert response.headers["cache-control"] == "no-store"
 
             # 1 MiB upload streamed through the request_body channel
-            response = await client.post("/rest/upload", content=BLOB,
-                                         headers={"content-type": "application/octet-stream"})
-            assert response.json() == {"size": len(BLOB), "sha256": hashlib.sha256(BLOB).hexdigest(),
-                                       "content_type": "application/octet-stream"}
+            response = await client.post(
+                "/rest/upload", content=BLOB, headers={"content-type": "application/octet-stream"}
+            )
+            assert response.json() == {
+                "size": len(BLOB),
+                "sha256": hashlib.sha256(BLOB).hexdigest(),
+                "content_type": "application/octet-stream",
+            }
 
             # 1 MiB download streamed through the response channel
             response = await client.get("/rest/download")
@@ -225,8 +245,11 @@ async def test_http_round_trips_through_an_sdk_worker(version):
             assert result["parsed"] is None
 
             # multipart/form-data
-            response = await client.post("/rest/raw", data={"field": "value"},
-                                         files={"upload": ("notes.txt", b"hello multipart", "text/plain")})
+            response = await client.post(
+                "/rest/raw",
+                data={"field": "value"},
+                files={"upload": ("notes.txt", b"hello multipart", "text/plain")},
+            )
             result = response.json()
             assert result["content_type"].startswith("multipart/form-data; boundary=")
             boundary = result["content_type"].split("boundary=")[1]
@@ -246,13 +269,20 @@ async def test_http_round_trips_through_an_sdk_worker(version):
             assert events == ["event 0", "event 1", "event 2"]
 
             # CORS preflight on an SDK route (permissive by default)
-            response = await client.options("/rest/echo", headers={
-                "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "content-type"})
+            response = await client.options(
+                "/rest/echo",
+                headers={
+                    "Origin": "https://ui.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type",
+                },
+            )
             assert response.status_code == 200
             assert response.headers["access-control-allow-origin"] == "*"
             assert response.headers["access-control-allow-methods"] == "POST"
-            response = await client.post("/rest/echo", json={}, headers={"Origin": "https://ui.example"})
+            response = await client.post(
+                "/rest/echo", json={}, headers={"Origin": "https://ui.example"}
+            )
             assert response.headers["access-control-allow-origin"] == "*"
 
             # a handler slower than default_timeout: 504
@@ -280,8 +310,14 @@ async def test_routes_follow_the_worker(version):
                 line = await worker.wait_for("LOG [iii] Trigger registration failed")
                 assert "conflicts with GET /rest/items/:id of function rest::get" in line
             else:  # 0.4.1 and 0.9.0 ignore it; the engine never filed the trigger
-                await wait_until(lambda: not any(
-                    t.function_id == "rest::other" for t in engine.registry.triggers.values()))
+                await wait_until(
+                    lambda: (
+                        not any(
+                            t.function_id == "rest::other"
+                            for t in engine.registry.triggers.values()
+                        )
+                    )
+                )
             assert all(r.function_id != "rest::other" for r in rest_routes(engine).by_key.values())
             assert (await client.get("/rest/items/1")).json()["id"] == "1"
 
@@ -358,7 +394,10 @@ async def test_sdk_090_streamed_and_returned_answer_is_the_streamed_one(caplog):
                     assert (status, headers.get(b"x-step")) == (202, b"accept")
                     assert json.loads(body) == {"accepted": True, "got": {"n": n}}
                     status, headers, body = await request_on(stream, client, "/missing")
-                    assert (status, json.loads(body)) == (404, {"error": "no such item", "got": None})
+                    assert (status, json.loads(body)) == (
+                        404,
+                        {"error": "no such item", "got": None},
+                    )
                     status, headers, body = await request_on(stream, client, "/empty", "DELETE")
                     assert (status, body) == (204, b"")
             assert not [line for line in worker.seen if line.startswith("LOG ")]

@@ -30,10 +30,15 @@ async def test_request_body_streams_to_the_function_in_small_chunks():
         return {"body": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}
 
     blob = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::up": upload}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::up": upload}) as worker,
+    ):
         await add_route(engine, worker, "t::up", "/up", "PUT")
         async with httpx.AsyncClient(base_url=base) as client:
-            response = await client.put("/up", content=blob, headers={"content-type": "application/octet-stream"})
+            response = await client.put(
+                "/up", content=blob, headers={"content-type": "application/octet-stream"}
+            )
         assert response.json() == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         assert max(sizes) <= 64 * 1024
 
@@ -48,9 +53,10 @@ async def test_body_over_the_limit_mid_stream_is_413():
         for _ in range(10):
             yield b"y" * 1000
 
-    async with open_rest_engine(max_body_size=5000) as (engine, base), open_worker(
-        engine, {"t::up": upload}
-    ) as worker:
+    async with (
+        open_rest_engine(max_body_size=5000) as (engine, base),
+        open_worker(engine, {"t::up": upload}) as worker,
+    ):
         await add_route(engine, worker, "t::up", "/up", "POST")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.post("/up", content=chunks())
@@ -66,7 +72,10 @@ async def test_streamed_response_with_status_headers_and_events():
             await side.send(orjson.dumps({"type": "set_status", "status_code": 201}).decode())
             await side.send(
                 orjson.dumps(
-                    {"type": "set_headers", "headers": {"Content-Type": "text/event-stream", "X-Id": "7"}}
+                    {
+                        "type": "set_headers",
+                        "headers": {"Content-Type": "text/event-stream", "X-Id": "7"},
+                    }
                 ).decode()
             )
             await side.ws.send_message(b"data: one\n\n")
@@ -74,7 +83,10 @@ async def test_streamed_response_with_status_headers_and_events():
             await side.ws.send_message(b"data: two\n\n")
         return None
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::sse": events}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::sse": events}) as worker,
+    ):
         await add_route(engine, worker, "t::sse", "/events")
         async with httpx.AsyncClient(base_url=base) as client:
             async with client.stream("GET", "/events") as response:
@@ -96,12 +108,19 @@ async def test_streamed_download_of_one_mebibyte():
 
     async def download(data):
         async with open_channel_side(engine, data["response"], "write") as side:
-            await side.send(orjson.dumps({"type": "set_headers", "headers": ["Content-Type: application/pdf"]}).decode())
+            await side.send(
+                orjson.dumps(
+                    {"type": "set_headers", "headers": ["Content-Type: application/pdf"]}
+                ).decode()
+            )
             for offset in range(0, len(blob), 64 * 1024):
                 await side.ws.send_message(blob[offset : offset + 64 * 1024])
         return None
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::dl": download}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::dl": download}) as worker,
+    ):
         await add_route(engine, worker, "t::dl", "/file")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.get("/file")
@@ -119,9 +138,10 @@ async def test_status_only_stream_and_head_request():
     async def simple(data):
         return {"body": {"method": data["method"]}}
 
-    async with open_rest_engine() as (engine, base), open_worker(
-        engine, {"t::empty": empty, "t::simple": simple}
-    ) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::empty": empty, "t::simple": simple}) as worker,
+    ):
         await add_route(engine, worker, "t::empty", "/empty", "DELETE")
         await add_route(engine, worker, "t::simple", "/simple")
         async with httpx.AsyncClient(base_url=base) as client:
@@ -148,7 +168,10 @@ async def test_function_error_after_status_frames_is_500():
         await opened.wait()
         raise RuntimeError("failed before any body")
 
-    async with open_rest_engine() as (engine, base), open_worker(engine, {"t::half": half}) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::half": half}) as worker,
+    ):
         async with trio.open_nursery() as holder:
             await add_route(engine, worker, "t::half", "/half")
             async with httpx.AsyncClient(base_url=base) as client:
@@ -163,7 +186,11 @@ async def test_client_leaving_mid_stream_ends_the_request():
 
     async def endless(data):
         async with open_channel_side(engine, data["response"], "write") as side:
-            await side.send(orjson.dumps({"type": "set_headers", "headers": {"content-type": "text/event-stream"}}).decode())
+            await side.send(
+                orjson.dumps(
+                    {"type": "set_headers", "headers": {"content-type": "text/event-stream"}}
+                ).decode()
+            )
             with trio.move_on_after(10):
                 while not stop_streaming.is_set():
                     await side.ws.send_message(b"data: tick\n\n")
@@ -173,9 +200,10 @@ async def test_client_leaving_mid_stream_ends_the_request():
     async def ping(data):
         return {"body": "pong"}
 
-    async with open_rest_engine() as (engine, base), open_worker(
-        engine, {"t::endless": endless, "t::ping": ping}
-    ) as worker:
+    async with (
+        open_rest_engine() as (engine, base),
+        open_worker(engine, {"t::endless": endless, "t::ping": ping}) as worker,
+    ):
         await add_route(engine, worker, "t::endless", "/endless")
         await add_route(engine, worker, "t::ping", "/ping")
         port = engine.modules["rest_api"].port
@@ -204,9 +232,10 @@ async def test_a_stream_that_never_starts_is_504_and_its_side_task_ends():
             await release.wait()
         return None
 
-    async with open_rest_engine(default_timeout=500) as (engine, base), open_worker(
-        engine, {"t::silent": silent}
-    ) as worker:
+    async with (
+        open_rest_engine(default_timeout=500) as (engine, base),
+        open_worker(engine, {"t::silent": silent}) as worker,
+    ):
         await add_route(engine, worker, "t::silent", "/silent")
         async with httpx.AsyncClient(base_url=base) as client:
             response = await client.get("/silent")

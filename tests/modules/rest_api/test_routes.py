@@ -14,8 +14,12 @@ from iii.modules.rest_api.routes import (
 
 
 def route(method: str, api_path: str, function_id: str, key: object = None) -> Route:
-    return Route(method=method, pattern=parse_pattern(api_path), function_id=function_id,
-                 key=key if key is not None else object())
+    return Route(
+        method=method,
+        pattern=parse_pattern(api_path),
+        function_id=function_id,
+        key=key if key is not None else object(),
+    )
 
 
 def test_leading_slash_is_optional_and_trailing_slash_matters():

@@ -87,7 +87,9 @@ async def test_keep_alive_reuses_the_connection():
         async with httpx.AsyncClient() as client:
             peers = set()
             for i in range(5):
-                response = await client.post(f"http://127.0.0.1:{server.port}/p{i}", content=b"x" * i)
+                response = await client.post(
+                    f"http://127.0.0.1:{server.port}/p{i}", content=b"x" * i
+                )
                 method, path, _query, size, peer = response.text.split(" ")
                 assert (method, path, int(size)) == ("POST", f"/p{i}", i)
                 peers.add(peer)

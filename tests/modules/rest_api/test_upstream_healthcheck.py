@@ -23,7 +23,7 @@ from tests.support import EngineProcess, reserve_port, start_sdk_worker
 
 pytestmark = pytest.mark.sdk
 
-HEALTHCHECK_025 = r'''
+HEALTHCHECK_025 = r"""
 import asyncio, sys, time
 import httpx
 from iii import InitOptions
@@ -98,7 +98,7 @@ except AssertionError as exc:
     print("RESULT FAIL " + str(exc), flush=True)
 finally:
     client.shutdown()
-'''
+"""
 
 
 def default_config_with_reserved_ports() -> tuple[dict[str, object], int]:
