@@ -101,6 +101,26 @@ class WorkerInfo:
     trigger_ids: set[str] = attrs.field(factory=set)
     trigger_type_ids: set[str] = attrs.field(factory=set)
 
+    def listing(self, active_invocations: int) -> dict[str, Any]:
+        """This worker as ``engine::workers::list`` shows it (and a cluster catalog)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "runtime": self.runtime,
+            "version": self.version,
+            "os": self.os,
+            "ip_address": self.ip_address,
+            "status": self.status,
+            "connected_at_ms": self.connected_at_ms,
+            "function_count": len(self.function_ids),
+            "functions": sorted(self.function_ids),
+            "active_invocations": active_invocations,
+            "latest_metrics": self.latest_metrics,
+            "pid": self.pid,
+            "description": self.description,
+            "isolation": self.isolation,
+        }
+
 
 @attrs.define(eq=False)
 class FunctionRegistration:

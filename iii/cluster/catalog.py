@@ -114,25 +114,7 @@ def build_catalog(engine: Engine, cluster: Cluster) -> dict[str, Any]:
     for info in registry.workers.values():
         if not is_local_owner(engine, cluster, info.id):
             continue
-        workers.append(
-            {
-                "id": info.id,
-                "name": info.name,
-                "runtime": info.runtime,
-                "version": info.version,
-                "os": info.os,
-                "ip_address": info.ip_address,
-                "status": info.status,
-                "connected_at_ms": info.connected_at_ms,
-                "function_count": len(info.function_ids),
-                "functions": sorted(info.function_ids),
-                "active_invocations": engine.pending.executing_on(info.id),
-                "latest_metrics": info.latest_metrics,
-                "pid": info.pid,
-                "description": info.description,
-                "isolation": info.isolation,
-            }
-        )
+        workers.append(info.listing(engine.pending.executing_on(info.id)))
     return {
         "engine": cluster.engine_id,
         "version": cluster.catalog_version,

@@ -168,26 +168,10 @@ class Module:
                 cluster.is_remote(info.id) or cluster.is_peer_link(info.id)
             ):
                 continue  # a peer engine's stand-in or link: its workers are listed below
-            workers.append(
-                {
-                    "id": info.id,
-                    "name": info.name,
-                    "runtime": info.runtime,
-                    "version": info.version,
-                    "os": info.os,
-                    "ip_address": info.ip_address,
-                    "status": info.status,
-                    "connected_at_ms": info.connected_at_ms,
-                    "function_count": len(info.function_ids),
-                    "functions": sorted(info.function_ids),
-                    "active_invocations": pending.executing_on(info.id),
-                    "latest_metrics": info.latest_metrics,
-                    "pid": info.pid,
-                    "description": info.description,
-                    "isolation": info.isolation,
-                    **({"engine": cluster.engine_id} if cluster is not None else {}),
-                }
-            )
+            listed = info.listing(pending.executing_on(info.id))
+            if cluster is not None:
+                listed["engine"] = cluster.engine_id
+            workers.append(listed)
         if cluster is not None and not local_only:
             workers.extend(
                 w for w in cluster.remote_workers() if wanted is None or w.get("id") == wanted

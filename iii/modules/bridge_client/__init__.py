@@ -81,6 +81,7 @@ from iii.errors import ConfigError, DeserializationError, IIIError
 from iii.grants import Grant
 from iii.link import EngineLink, ExposedHandler, LinkConfig, LinkStatistics, TraceContext
 from iii.modules import ModuleStatistics
+from iii.modules.instances import unique_names
 from iii.native import CallContext, NativeHandler
 
 if TYPE_CHECKING:
@@ -225,19 +226,11 @@ def _default_name(config: Config) -> str:
 
 def name_instances(configs: list[Config], *, file: str | None, keys: list[str]) -> list[Config]:
     """Name every entry uniquely; forwarded local ids must be unique across entries."""
-    taken: dict[str, int] = {}
-    for index, config in enumerate(configs):
-        if not config.name:
-            continue
-        if config.name in taken:
-            raise ConfigError(
-                f"two bridge clients are named {config.name!r} (also {keys[taken[config.name]]})",
-                file=file,
-                key=f"{keys[index]}.name",
-            )
-        taken[config.name] = index
+    named = unique_names(
+        configs, what="bridge clients", default_name=_default_name, file=file, keys=keys
+    )
     forwarded: dict[str, str] = {}
-    for index, config in enumerate(configs):
+    for index, config in enumerate(named):
         for position, forward in enumerate(config.forward):
             key = f"{keys[index]}.forward[{position}].local_function"
             if forward.local_function in forwarded:
@@ -248,16 +241,6 @@ def name_instances(configs: list[Config], *, file: str | None, keys: list[str]) 
                     key=key,
                 )
             forwarded[forward.local_function] = key
-    named = []
-    for index, config in enumerate(configs):
-        if not config.name:
-            base = _default_name(config)
-            name, suffix = base, 2
-            while name in taken:
-                name, suffix = f"{base}-{suffix}", suffix + 1
-            taken[name] = index
-            config = attrs.evolve(config, name=name)
-        named.append(config)
     return named
 
 

@@ -70,10 +70,10 @@ import trio
 from watchfiles import Change, awatch
 
 from iii.config_schema import FieldValueError
-from iii.errors import ConfigError
 from iii.modules import ModuleStatistics
 from iii.modules.exec.globs import WatchPatterns, check_pattern
 from iii.modules.exec.pipeline import Pipeline, PipelineSettings
+from iii.modules.instances import unique_names
 from iii.native import CallContext
 
 if TYPE_CHECKING:
@@ -157,28 +157,13 @@ def _program_name(command: str) -> str:
 
 def name_instances(configs: list[Config], *, file: str | None, keys: list[str]) -> list[Config]:
     """Give every pipeline a unique name (see the module docstring); ``keys`` locate errors."""
-    taken: dict[str, int] = {}
-    for index, config in enumerate(configs):
-        if not config.name:
-            continue
-        if config.name in taken:
-            raise ConfigError(
-                f"two exec pipelines are named {config.name!r} (also {keys[taken[config.name]]})",
-                file=file,
-                key=f"{keys[index]}.name",
-            )
-        taken[config.name] = index
-    named = []
-    for index, config in enumerate(configs):
-        if not config.name:
-            base = _program_name(config.exec[-1])
-            name, suffix = base, 2
-            while name in taken:
-                name, suffix = f"{base}-{suffix}", suffix + 1
-            taken[name] = index
-            config = attrs.evolve(config, name=name)
-        named.append(config)
-    return named
+    return unique_names(
+        configs,
+        what="exec pipelines",
+        default_name=lambda config: _program_name(config.exec[-1]),
+        file=file,
+        keys=keys,
+    )
 
 
 # The directory the engine's own ``iii`` package was imported from.
