@@ -237,11 +237,6 @@ class _UpgradeGuard(trio.abc.Stream):
     def upgraded(self) -> None:
         self._upgrading = False
 
-    @property
-    def inner_stream(self) -> trio.abc.Stream:
-        """The stream it watches (:mod:`iii.wsio` writes to a plain socket directly)."""
-        return self._inner
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)
 
