@@ -106,9 +106,14 @@ class FrameWriter:
         return self._closed
 
     def check_size(self, frame: str) -> None:
-        if len(frame) > self.frame_limit:
+        """The limit counts bytes: a character may take up to 4 in UTF-8, so a
+        frame that is not ASCII and could pass the limit is measured encoded."""
+        size = len(frame)
+        if size * 4 > self.frame_limit and size <= self.frame_limit and not frame.isascii():
+            size = len(frame.encode("utf-8", "surrogatepass"))
+        if size > self.frame_limit:
             raise FrameTooLargeError(
-                f"message of {len(frame)} bytes exceeds this worker's limit of {self.frame_limit}"
+                f"message of {size} bytes or more exceeds this worker's limit of {self.frame_limit}"
             )
 
     # -- intake ----------------------------------------------------------------

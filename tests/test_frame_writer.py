@@ -212,6 +212,17 @@ async def test_close_ends_a_direct_write_blocked_on_a_peer_that_reads_nothing(
     assert drops == []  # our own close is not a drop
 
 
+async def test_the_frame_limit_counts_bytes_not_characters() -> None:
+    drops: list[CloseReason | None] = []
+    async with socket_pair(trio.testing.memory_stream_pair) as (engine, _worker):
+        writer = writer_for(engine, drops, frame_limit=10)
+        with pytest.raises(FrameTooLargeError):
+            writer.send_nowait("é" * 6)  # 6 characters, 12 bytes
+        writer.send_nowait("é" * 5)  # 10 bytes: fits
+        writer.send_nowait("x" * 10)
+        assert writer.unwritten == 2 and drops == []
+
+
 async def test_an_oversized_frame_is_refused_before_anything_is_written() -> None:
     drops: list[CloseReason | None] = []
     async with socket_pair(trio.testing.memory_stream_pair) as (engine, _worker):
