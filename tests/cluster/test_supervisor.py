@@ -196,3 +196,38 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+async def test_a_child_config_error_stops_the_tree_with_exit_2(tmp_path: Path) -> None:
+    # Both children open one file store's directory: the second one's start
+    # fails with a config error (exit 2).  A restart cannot fix that, so the
+    # supervisor stops the other child and exits 2 itself (no restart loop).
+    config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
+    config["processes"] = 2
+    config["shutdown_grace_ms"] = 200
+    config["modules"].append(
+        {
+            "class": "modules::kv_server::KvServer",
+            "config": {"store_method": "file_based", "file_path": str(tmp_path / "kv")},
+        }
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = await trio.to_thread.run_sync(supervisor.communicate, None, 90)
+        assert supervisor.returncode == 2, stderr
+        assert "another key-value store" in stderr
+        assert "(a config error): not restarted" in stderr
+        assert "restarting in" not in stderr
+        assert children_of(supervisor.pid) == []
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
