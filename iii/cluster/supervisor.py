@@ -7,8 +7,9 @@ share the worker, REST and stream ports through ``SO_REUSEPORT``
 they form a cluster through the config's ``cluster`` section
 (:mod:`iii.cluster`).  Because each process has its own memory, this needs
 the shared state to be in Redis: :func:`check_processes_config` refuses a
-config without a ``cluster`` section, or with a state, stream, pubsub, queue
-or cron module on a non-shared adapter (exit 2).
+config without a ``cluster`` section, with a state, stream, pubsub, queue
+or cron module on a non-shared adapter, or with a module's own file store
+(the kv_server's ``file_based``: every process would open the one file) (exit 2).
 
 Supervision tree::
 
@@ -56,6 +57,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from iii.adapters.kvstore import KvStoreConfig
 from iii.binding import REUSE_PORT_ENV
 from iii.config_schema import EngineConfig
 from iii.errors import ConfigError
@@ -114,6 +116,15 @@ def check_processes_config(config: EngineConfig, file: str | None) -> None:
             key="processes",
         )
     for index, entry in enumerate(config.modules):
+        if isinstance(entry.config, KvStoreConfig) and entry.config.file_based:
+            # Every process reads the same file: each would open the same store.
+            key = entry.key or f"modules[{index}]"
+            raise ConfigError(
+                f"processes > 1 cannot share one file store ({entry.config.file_path}): "
+                "each process would open it; use store_method: in_memory, or one engine",
+                file=file,
+                key=f"{key}.store_method" if entry.key else "processes",
+            )
         kind = SHARED_KINDS.get(entry.class_name)
         if kind is None:
             continue
