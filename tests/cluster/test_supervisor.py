@@ -202,7 +202,6 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-
 async def test_a_file_store_under_several_processes_is_a_config_error(tmp_path: Path) -> None:
     # Every process would open the same store directory.
     config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
