@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from iii.cluster.catalog import CATALOG_FUNCTION, Catalog, read_catalog
+from iii.cluster_channels import bridge_result_refs, has_channel_refs
 from iii.errors import IIIError, InvocationStoppedError
 from iii.link import EngineLink, TraceContext
 from iii.log import RateLimitedLog, bounded_repr
@@ -96,7 +97,7 @@ class Peer:
             raise self._stopped(function_id)
         self.inflight += 1
         try:
-            return await self.link.call(
+            result = await self.link.call(
                 function_id,
                 data,
                 timeout_s=None,
@@ -107,6 +108,11 @@ class Peer:
             )
         finally:
             self.inflight -= 1
+        if has_channel_refs(result):  # the peer's channels, which the caller opens here
+            return bridge_result_refs(
+                self.engine, self.advertise, result, owner=ctx.caller_worker_id
+            )
+        return result
 
     def _stopped(self, function_id: str) -> IIIError:
         return InvocationStoppedError(
