@@ -9,7 +9,8 @@ registry under one *pseudo worker* ``cluster:<peer id>``:
 
 * every function becomes a replica whose handler forwards the call over the
   link (:meth:`Peer.forward`); the registry's replica choice then load
-  balances across engines, and the engine's deadline applies as for any call;
+  balances across engines (the pseudo worker's load is the calls in flight
+  to the peer, plus one), and the engine's deadline applies as for any call;
 * every ``http`` trigger becomes a registration of the pseudo worker, so the
   REST module serves the route here too, and refuses one that conflicts with
   a route of this engine (logged: a route conflict across the cluster).
@@ -96,6 +97,7 @@ class Peer:
         if self.gone:
             raise self._stopped(function_id)
         self.inflight += 1
+        self.engine.registry.set_load(self.owner_id, self.inflight + 1)
         try:
             result = await self.link.call(
                 function_id,
@@ -108,6 +110,7 @@ class Peer:
             )
         finally:
             self.inflight -= 1
+            self.engine.registry.set_load(self.owner_id, self.inflight + 1)
         if has_channel_refs(result):  # the peer's channels, which the caller opens here
             return bridge_result_refs(
                 self.engine, self.advertise, result, owner=ctx.caller_worker_id
@@ -136,8 +139,11 @@ class Peer:
                     name=f"iii engine {self.engine_id}",
                     runtime="iii-cluster-peer",
                     status="peer",
+                    remote=True,
                 )
             )
+            # Its replicas weigh its calls in flight plus one (iii.routing.pick_replica).
+            registry.set_load(owner, self.inflight + 1)
         worker = registry.workers[owner]
         # Routes first out, functions first in (a route never names a missing function).
         for trigger_id in list(worker.trigger_ids):
