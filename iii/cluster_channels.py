@@ -55,6 +55,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -98,8 +99,25 @@ def is_channel_ref(value: Any) -> bool:
 
 
 def has_channel_refs(data: Any) -> bool:
-    """Does ``data`` hold a channel ref at any depth?  (Depth is bounded by
-    :data:`iii.json_limits.MAX_DEPTH` for anything read from a peer.)"""
+    """Does ``data`` hold a channel ref at any depth?
+
+    On every call between engines, so cheap: a value with no ``"access_key"``
+    key anywhere is cleared by one C-speed encode and search (a walk in
+    Python costs about 1 us per object); only one with such a key is walked.
+    """
+    kind = type(data)
+    if kind is not dict and kind is not list:
+        return False
+    try:
+        if b'"access_key"' not in orjson.dumps(data):
+            return False
+    except orjson.JSONEncodeError:  # not from the wire: walk it
+        pass
+    return _walk_for_refs(data)
+
+
+def _walk_for_refs(data: Any) -> bool:
+    """(Depth is bounded by :data:`iii.json_limits.MAX_DEPTH` for anything read from a peer.)"""
     kind = type(data)
     if kind is dict:
         if "access_key" in data and is_channel_ref(data):
@@ -111,7 +129,7 @@ def has_channel_refs(data: Any) -> bool:
         return False
     for value in values:
         kind = type(value)
-        if (kind is dict or kind is list) and has_channel_refs(value):
+        if (kind is dict or kind is list) and _walk_for_refs(value):
             return True
     return False
 
