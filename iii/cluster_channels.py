@@ -20,6 +20,11 @@ channel of its own, and pumps frames between the two:
   calling worker disconnects, or for :data:`~iii.channels.UNCLAIMED_TTL`
   (the sweep), and count in ``max_channels`` as the caller's own would.
 
+A ref to one of the receiving engine's own channels is left as it is, and a
+function that returns a ref of its data without opening it returns the
+caller's own ref (:meth:`BridgedValue.restore`): a channel passed to a
+function on another engine and handed back is the caller's channel again.
+
 Each bridged channel, by the direction of the ref:
 
 * ``read`` ref (the receiver reads): a socket to the peer's
@@ -55,6 +60,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import attrs
 import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -69,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_BRIDGED_REFS",
+    "BridgedValue",
     "bridge_result_refs",
     "bridged_channel_refs",
     "has_channel_refs",
@@ -166,18 +173,23 @@ def _replace_refs(data: Any, replace: Callable[[dict[str, Any]], dict[str, Any]]
 
 def _bridge_all(
     engine: Engine, peer_url: str, data: Any, create: Callable[[], Channel]
-) -> tuple[Any, list[Channel]]:
+) -> tuple[Any, dict[Channel, dict[str, Any]]]:
     """``data`` with its refs bridged to ``peer_url`` through channels made by
-    ``create``; at most :data:`MAX_BRIDGED_REFS` (else nothing is left made)."""
-    created: list[Channel] = []
+    ``create`` (returned with the ref each stands for); at most
+    :data:`MAX_BRIDGED_REFS` (else nothing is left made)."""
+    created: dict[Channel, dict[str, Any]] = {}
+
+    table = engine.channels
 
     def replace(ref: dict[str, Any]) -> dict[str, Any]:
+        if table.lookup(ref["channel_id"], ref["access_key"]) is not None:
+            return ref  # one of this engine's own, handed back: as it is
         if len(created) >= MAX_BRIDGED_REFS:
             raise TooManyChannelsError(
                 f"a value sent between engines holds more than {MAX_BRIDGED_REFS} channel refs"
             )
         local = _bridge(engine, peer_url, ref, create())
-        created.append(local)
+        created[local] = ref
         return {**ref, **local.ref(ref["direction"])}
 
     try:
@@ -188,17 +200,47 @@ def _bridge_all(
         raise
 
 
+@attrs.define(eq=False)
+class BridgedValue:
+    """A forwarded call's data with its refs bridged (:attr:`data`), and what
+    they stood for, to hand back a ref the function returns unopened."""
+
+    engine: Engine
+    data: Any
+    # local channel id -> the ref it stands for (the peer's)
+    originals: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    def restore(self, result: Any) -> Any:
+        """``result`` with each bridged ref the function returns without
+        having opened it replaced by the peer's own (which the peer keeps as
+        it is): a function may pass a channel on, as on one engine."""
+        if not self.originals or not has_channel_refs(result):
+            return result
+        table = self.engine.channels
+
+        def replace(ref: dict[str, Any]) -> dict[str, Any]:
+            original = self.originals.get(ref["channel_id"])
+            local = table.lookup(ref["channel_id"], ref["access_key"])
+            if original is None or local is None or local.on_claim is None:
+                return ref  # not ours, or opened: the peer bridges it back
+            return original
+
+        return _replace_refs(result, replace)
+
+
 @contextmanager
-def bridged_channel_refs(engine: Engine, peer_url: str, data: Any) -> Iterator[Any]:
+def bridged_channel_refs(engine: Engine, peer_url: str, data: Any) -> Iterator[BridgedValue]:
     """A forwarded call's ``data`` with its channel refs replaced by local,
     bridged ones, for the duration of the call: a local channel the worker
     did not open by the time the call ends is removed then."""
     if not has_channel_refs(data):
-        yield data
+        yield BridgedValue(engine, data)
         return
     bridged, created = _bridge_all(engine, peer_url, data, engine.channels.create)
     try:
-        yield bridged
+        yield BridgedValue(
+            engine, bridged, {local.channel_id: ref for local, ref in created.items()}
+        )
     finally:
         for local in created:
             if local.on_claim is not None:  # never opened

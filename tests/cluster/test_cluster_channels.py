@@ -230,3 +230,27 @@ async def test_an_unopened_result_ref_goes_with_its_caller_and_refs_are_bounded(
                     assert len(a.channels) == channels_on_a
                 # the two bridged for the caller went with it; the 33 it made stay (owner-less)
                 await wait_for(lambda: len(a.channels) == 33)
+
+
+async def test_a_ref_passed_on_unopened_comes_back_as_the_callers_own() -> None:
+    frames = frames_of(3)
+    async with open_cluster(2) as (a, b):
+
+        async def pass_on(data: Any) -> Any:
+            return {"again": data["x"]["reader"]}
+
+        async with (
+            open_worker(b, {"t::pass": pass_on}) as worker,
+            connect_test_worker(a) as caller,
+        ):
+            await worker.send({"type": "registerfunction", "id": "t::pass"})
+            await wait_for(lambda: sees_function(a, "t::pass"))
+            pair = (await caller.call("engine::channels::create", {}))["result"]
+            answer = await caller.call("t::pass", {"x": {"reader": pair["reader"]}}, timeout=20)
+            assert answer["result"] == {"again": pair["reader"]}, answer
+            assert no_channels(b)  # B's stand-in, never opened, is gone
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_channel, a, pair["writer"], frames)
+                async with open_channel_side(a, pair["reader"], "read") as side:
+                    assert await read_channel(side) == frames
+        await wait_for(lambda: no_channels(a))
