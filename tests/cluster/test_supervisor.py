@@ -95,14 +95,24 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
     await receiver.bind(notify_path)
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "iii", "serve", "-c", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            TOKEN_ENV: TOKEN,
+            "NOTIFY_SOCKET": notify_path,
+            "WATCHDOG_USEC": "2000000",  # systemd's WatchdogSec=2
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        # READY=1 only once both children are ready.
+        # READY=1 only once both children are ready; then the supervisor
+        # keeps systemd's watchdog (WATCHDOG=1 every half of it).
         with trio.fail_after(90):
             while b"READY=1" not in await receiver.recv(4096):
+                pass
+        with trio.fail_after(30):
+            while b"WATCHDOG=1" not in await receiver.recv(4096):
                 pass
         first = sorted(children_of(supervisor.pid))
         assert len(first) == 2
