@@ -360,7 +360,10 @@ def node_sdk_dir() -> Path:
     import shutil
 
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node.js and npm are not installed (the Node SDK tests need them)")
+        message = "Node.js and npm are not installed (the Node SDK tests need them)"
+        if services_required():  # CI runs everything: a missing tool is a failure there
+            pytest.fail(message + " (III_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
     target = CACHE / "node-sdk"
     marker = target / ".installed"
     if marker.exists():
