@@ -125,10 +125,10 @@ def drop_reports(log: str, name: str) -> list[tuple[int, int]]:
     marker = f"[{name}] "
     reports = []
     for index, line in enumerate(log.splitlines()):
-        head, found, rest = line.partition(marker)
-        words = rest.split(" ", 1)
-        if found and words[0].isdigit() and words[1].startswith("lines of output dropped"):
-            reports.append((index, int(words[0])))
+        _, found, rest = line.partition(marker)
+        count, _, words = rest.partition(" ")
+        if found and count.isdigit() and words.startswith("lines of output dropped"):
+            reports.append((index, int(count)))
     return reports
 
 
