@@ -6,11 +6,15 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from iii.testing import connect_test_worker
 from tests.cluster.helpers import cluster_of, open_cluster, sees_function, wait_for
 from tests.modules.rest_api.helpers import add_route, open_worker, rest_module
+
+# Cluster membership lives in Redis.
+pytestmark = pytest.mark.services
 
 
 async def serve_echo(worker, function_id: str, count: int | None = None) -> None:

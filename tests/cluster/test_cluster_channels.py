@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
 
 from iii.engine import Engine
@@ -19,6 +20,9 @@ from tests.modules.rest_api.helpers import (
     read_channel,
     rest_module,
 )
+
+# Cluster membership lives in Redis.
+pytestmark = pytest.mark.services
 
 
 async def test_a_streamed_request_and_a_streamed_response_cross_engines() -> None:

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from iii.engine import Engine
@@ -22,6 +23,9 @@ from iii.testing import RawWorker, connect_test_worker, open_test_engine
 from tests.backends import delete_prefix
 from tests.cluster.helpers import cluster_config, new_cluster_name, wait_for, wait_full_view
 from tests.cluster.processes import shared_modules
+
+# Cluster membership lives in Redis.
+pytestmark = pytest.mark.services
 
 EVENTS = 12
 
