@@ -26,6 +26,9 @@ from tests.modules.rest_api.helpers import (
 )
 
 
+pytestmark = pytest.mark.services  # the engines meet through Redis
+
+
 def tls_config(tmp_path: Path) -> tuple[dict[str, str], str]:
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
