@@ -25,7 +25,6 @@ from tests.modules.rest_api.helpers import (
     rest_module,
 )
 
-
 pytestmark = pytest.mark.services  # the engines meet through Redis
 
 
