@@ -50,7 +50,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.errors import FrameTooLargeError
-from iii.wsio import send_frames
+from iii.wsio import send_frames, write_nowait
 
 __all__ = ["CloseReason", "DropCause", "FrameWriter", "WRITE_BATCH"]
 
@@ -151,6 +151,19 @@ class FrameWriter:
             return
         if not self._enqueue_nowait(frame):
             self._drop(DropCause.QUEUE_FULL)
+
+    def offer_nowait(self, frame: str) -> bool:
+        """Queue ``frame`` from synchronous code; False (nothing done) when the
+        queue is full, so the caller can wait with :meth:`send` instead.
+
+        Raises :class:`FrameTooLargeError` for a frame over ``frame_limit``.
+        """
+        self.check_size(frame)
+        if self._closed:
+            return True
+        if self.unwritten == 0 and write_nowait(self.ws, frame):
+            return True  # (nothing ahead of it, nothing else writing)
+        return self._enqueue_nowait(frame)
 
     def _enqueue_nowait(self, frame: str) -> bool:
         """Queue ``frame``; False when the queue is full.  A closed queue takes

@@ -72,6 +72,14 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     if action_type != "enqueue" and isinstance(data, dict):
         data["_caller_worker_id"] = conn.worker_id
     conn.calls_outstanding += 1
+    cluster = conn.engine.cluster
+    if (
+        cluster is not None
+        and not detached
+        and action is None
+        and cluster.relay(conn, message, data)
+    ):
+        return  # relayed to a peer engine without a task here (iii.cluster.relay)
     what = f"call {message.function_id!r} ({message.invocation_id!r}) from worker {conn.worker_id}"
     if detached:
         # Fire-and-forget: owned by the engine, not by this connection.
