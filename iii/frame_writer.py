@@ -8,6 +8,12 @@ reach it two ways, and both are this class's:
   the writer task, which at low load halves the scheduler passes per call);
   otherwise the frame is queued.
 * :meth:`FrameWriter.send_nowait` (sync code): always queued.
+* :meth:`FrameWriter.offer_nowait` (sync code, the cluster's relayed calls):
+  when nothing is waiting to be written and the frame is small, written at
+  once without blocking (:func:`iii.wsio.write_nowait`, which checks the
+  socket's lock, so it never lands inside another write); then a marker is
+  queued behind it, so frames offered later in the same scheduler pass queue
+  and go out in one batch.  Else queued; False when the queue is full.
 
 Queued frames are written by :meth:`FrameWriter.run`, the writer task, which
 takes every frame queued in the same wave and writes them in one system call.
@@ -77,6 +83,10 @@ class CloseReason:
 
     def __str__(self) -> str:
         return f"{self.cause.value} {self.detail}" if self.detail else self.cause.value
+
+
+# Queued after a frame offer_nowait wrote at once; never written (no frame is empty).
+PASS_MARK = ""
 
 
 @attrs.define(eq=False)
@@ -162,7 +172,11 @@ class FrameWriter:
         if self._closed:
             return True
         if self.unwritten == 0 and write_nowait(self.ws, frame):
-            return True  # (nothing ahead of it, nothing else writing)
+            # Written (nothing was ahead of it, nothing else writing).  Frames
+            # offered later in this scheduler pass queue behind a marker, so
+            # the writer task writes them in one batch, not one write each.
+            self._enqueue_nowait(PASS_MARK)
+            return True
         return self._enqueue_nowait(frame)
 
     def _enqueue_nowait(self, frame: str) -> bool:
@@ -247,6 +261,10 @@ class FrameWriter:
         except trio.WouldBlock:
             await self._write_lock.acquire()
         try:
+            if PASS_MARK in batch:
+                batch = [frame for frame in batch if frame]
+                if not batch:
+                    return
             await send_frames(self.ws, batch)
         finally:
             self._write_lock.release()

@@ -3,7 +3,9 @@
 A request/response call (an ``invocation_id`` and no ``void`` action) runs as
 its own task in the caller's per-connection nursery, so it is cancelled if the
 caller leaves; a fire-and-forget call runs in the engine's nursery instead, so
-a worker that sends ``trigger_void`` and exits at once loses nothing.  Each
+a worker that sends ``trigger_void`` and exits at once loses nothing.  In a
+cluster, a request/response call whose replica is on a peer engine is
+relayed instead, with no task here (:mod:`iii.cluster.relay`).  Each
 call passes the token's allow-list and the worker's ``max_pending_invocations``
 first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
