@@ -132,7 +132,7 @@ async def test_frames_offered_from_sync_code_keep_their_order() -> None:
                 for index, frame in enumerate(sent):
                     assert writer.offer_nowait(frame)
                     if index % 3 == 0:
-                        await trio.sleep(0)  # a new scheduler pass now and then
+                        await trio.lowlevel.checkpoint()  # a new scheduler pass now and then
                 while len(received) < len(sent):
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
