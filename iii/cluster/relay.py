@@ -6,9 +6,10 @@ forwards it over the link (:meth:`iii.cluster.peers.Peer.forward`) and
 waits.  :func:`relay_call` does the same work from the caller's reader,
 synchronously: it files the call in the engine's pending table (its
 deadline, the drain), queues the ``invokefunction`` on the link, and the
-link's reader hands the answer straight to the caller's send queue
-(:meth:`RelayedCall.on_answer`).  Two task hand-offs and most of the Python
-of a forwarded call fewer on this engine (README, "Cluster").
+link socket's reader task hands the answer straight to the caller's socket
+(:meth:`RelayedCall.on_answer`, :meth:`iii.link.connection.LinkConnection.start`).
+Three of the four task hand-offs of a forwarded call on this engine, and
+most of its Python, are gone (README, "Cluster").
 
 The guarantees are the slow path's:
 
