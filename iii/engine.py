@@ -521,8 +521,16 @@ class Engine:
         try:
             yield
         finally:
-            self.inflight -= 1
-            self._check_idle()
+            self.end_call()
+
+    def begin_call(self) -> None:
+        """:meth:`track_call` for a call no task runs (iii.cluster.relay): call
+        :meth:`end_call` once it ends."""
+        self.inflight += 1
+
+    def end_call(self) -> None:
+        self.inflight -= 1
+        self._check_idle()
 
     def _check_idle(self) -> None:
         if self._idle is not None and not self.inflight and not len(self.pending):

@@ -8,6 +8,12 @@ reach it two ways, and both are this class's:
   the writer task, which at low load halves the scheduler passes per call);
   otherwise the frame is queued.
 * :meth:`FrameWriter.send_nowait` (sync code): always queued.
+* :meth:`FrameWriter.offer_nowait` (sync code, the cluster's relayed calls):
+  when nothing is waiting to be written and the frame is small, written at
+  once without blocking (:func:`iii.wsio.write_nowait`, which checks the
+  socket's lock, so it never lands inside another write); then a marker is
+  queued behind it, so frames offered later in the same scheduler pass queue
+  and go out in one batch.  Else queued; False when the queue is full.
 
 Queued frames are written by :meth:`FrameWriter.run`, the writer task, which
 takes every frame queued in the same wave and writes them in one system call.
@@ -50,7 +56,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from iii.errors import FrameTooLargeError
-from iii.wsio import send_frames
+from iii.wsio import send_frames, write_nowait
 
 __all__ = ["CloseReason", "DropCause", "FrameWriter", "WRITE_BATCH"]
 
@@ -77,6 +83,10 @@ class CloseReason:
 
     def __str__(self) -> str:
         return f"{self.cause.value} {self.detail}" if self.detail else self.cause.value
+
+
+# Queued after a frame offer_nowait wrote at once; never written (no frame is empty).
+PASS_MARK = ""
 
 
 @attrs.define(eq=False)
@@ -151,6 +161,23 @@ class FrameWriter:
             return
         if not self._enqueue_nowait(frame):
             self._drop(DropCause.QUEUE_FULL)
+
+    def offer_nowait(self, frame: str) -> bool:
+        """Queue ``frame`` from synchronous code; False (nothing done) when the
+        queue is full, so the caller can wait with :meth:`send` instead.
+
+        Raises :class:`FrameTooLargeError` for a frame over ``frame_limit``.
+        """
+        self.check_size(frame)
+        if self._closed:
+            return True
+        if self.unwritten == 0 and write_nowait(self.ws, frame):
+            # Written (nothing was ahead of it, nothing else writing).  Frames
+            # offered later in this scheduler pass queue behind a marker, so
+            # the writer task writes them in one batch, not one write each.
+            self._enqueue_nowait(PASS_MARK)
+            return True
+        return self._enqueue_nowait(frame)
 
     def _enqueue_nowait(self, frame: str) -> bool:
         """Queue ``frame``; False when the queue is full.  A closed queue takes
@@ -234,6 +261,10 @@ class FrameWriter:
         except trio.WouldBlock:
             await self._write_lock.acquire()
         try:
+            if PASS_MARK in batch:
+                batch = [frame for frame in batch if frame]
+                if not batch:
+                    return
             await send_frames(self.ws, batch)
         finally:
             self._write_lock.release()

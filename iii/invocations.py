@@ -61,6 +61,9 @@ class Invocation:
     error: ErrorBody | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     deadline: float = math.inf  # trio time; resolved TIMED_OUT once it passes
+    # Called with the invocation when it is resolved, for a call no task waits
+    # on (a call relayed to a peer engine: iii.cluster.relay).
+    on_resolve: Callable[[Invocation], None] | None = None
 
     def resolve(self, *, result: Any = None, error: ErrorBody | None = None) -> bool:
         """Complete the invocation; only the first resolution counts."""
@@ -69,6 +72,8 @@ class Invocation:
         self.result = result
         self.error = error
         self.done.set()
+        if self.on_resolve is not None:
+            self.on_resolve(self)
         return True
 
 

@@ -327,6 +327,10 @@ class Registry:
 
     # -- replica load -------------------------------------------------------
 
+    def load_of(self, worker_id: str) -> int:
+        """The load the pick weighs for ``worker_id`` (as last set)."""
+        return self._loads.get(worker_id, 0)
+
     def set_load(self, worker_id: str, load: int) -> None:
         """``worker_id`` now has ``load`` calls pending (PendingTable's listener)."""
         if worker_id not in self.workers:

@@ -3,7 +3,9 @@
 A request/response call (an ``invocation_id`` and no ``void`` action) runs as
 its own task in the caller's per-connection nursery, so it is cancelled if the
 caller leaves; a fire-and-forget call runs in the engine's nursery instead, so
-a worker that sends ``trigger_void`` and exits at once loses nothing.  Each
+a worker that sends ``trigger_void`` and exits at once loses nothing.  In a
+cluster, a request/response call whose replica is on a peer engine is
+relayed instead, with no task here (:mod:`iii.cluster.relay`).  Each
 call passes the token's allow-list and the worker's ``max_pending_invocations``
 first; object payloads get ``_caller_worker_id``; the answer carries the
 engine span's trace context (spec protocol.md §3.9), else the caller's.  An
@@ -72,6 +74,14 @@ def start_call(conn: WorkerConnection, message: InvokeFunction) -> None:
     if action_type != "enqueue" and isinstance(data, dict):
         data["_caller_worker_id"] = conn.worker_id
     conn.calls_outstanding += 1
+    cluster = conn.engine.cluster
+    if (
+        cluster is not None
+        and not detached
+        and action is None
+        and cluster.relay(conn, message, data)
+    ):
+        return  # relayed to a peer engine without a task here (iii.cluster.relay)
     what = f"call {message.function_id!r} ({message.invocation_id!r}) from worker {conn.worker_id}"
     if detached:
         # Fire-and-forget: owned by the engine, not by this connection.

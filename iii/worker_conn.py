@@ -47,6 +47,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from iii.containment import start_contained
 from iii.errors import FrameTooLargeError, IIIError, MessageDecodeError
 from iii.frame_writer import CloseReason, DropCause, FrameWriter
+from iii.invocations import STOPPED, Invocation
 from iii.log import RateLimitedLog, bounded_repr
 from iii.protocol import (
     TELEMETRY_PREFIXES,
@@ -107,6 +108,9 @@ class WorkerConnection:
     close_reason: CloseReason | None = None
     # Calls this worker made that are not answered yet (max_pending_invocations).
     calls_outstanding: int = 0
+    # Its calls relayed to a peer engine (iii.cluster.relay), by their
+    # invocation in the pending table: stopped when this worker leaves.
+    relayed: set[Invocation] = attrs.field(factory=set)
     # Set once a refusal for max_pending_invocations was logged (iii.worker_calls).
     over_limit_logged: bool = False
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -151,6 +155,11 @@ class WorkerConnection:
             self._frames.send_nowait(frame)
         except FrameTooLargeError as exc:
             self.bad_input_log.warning("worker %s: frame dropped: %s", self.worker_id, exc.message)
+
+    def offer_nowait(self, frame: str) -> bool:
+        """Queue a frame from synchronous code; False (nothing queued) when the
+        queue is full.  Raises :class:`FrameTooLargeError` over the frame limit."""
+        return self._frames.offer_nowait(frame)
 
     def _on_drop(self, reason: CloseReason | None) -> None:
         if reason is None:
@@ -210,6 +219,8 @@ class WorkerConnection:
                     connection_nursery.cancel_scope.cancel()
         finally:
             self._frames.close()
+            for invocation in list(self.relayed):
+                invocation.resolve(error=STOPPED)  # (its answer has nowhere to go)
             engine.forget_worker(self.worker_id)
             self.bad_input_log.report_held("worker %s", self.worker_id)
             log.info(

@@ -5,7 +5,9 @@ kernel takes at once and sends the rest through ``send_all``.  These tests
 run over loopback TCP (the in-memory streams of ``test_frame_writer.py``
 never take that path): frames larger than the socket buffers, so the
 fallback runs, must arrive whole and in order, and a socket the peer reset
-must end in ``ConnectionClosed``, as trio-websocket reports it.
+must end in ``ConnectionClosed``, as trio-websocket reports it.  Frames
+written at once from synchronous code (:func:`iii.wsio.write_nowait`, through
+``FrameWriter.offer_nowait``) keep their order among queued ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from iii.wsio import send_frames
+from iii.frame_writer import CloseReason, FrameWriter
+from iii.wsio import DIRECT_WRITE_MAX, send_frames, write_nowait
 
 LIMIT = 2**25
 LINGER_0 = struct.pack("ii", 1, 0)
@@ -104,3 +107,34 @@ async def test_a_reset_socket_ends_in_connection_closed() -> None:
                 for _ in range(1000):
                     await send_frames(client, ["after the reset"])
                     await trio.sleep(0.01)
+
+
+async def test_frames_offered_from_sync_code_keep_their_order() -> None:
+    # Small frames go out at once when the socket is idle; the rest queue (behind
+    # a large frame still in the kernel's queue, or later in the same pass).
+    sent = [f"small {i}" if i % 10 else "x" * (4 * 2**20) + str(i) for i in range(40)]
+    received: list[str | bytes] = []
+    drops: list[CloseReason | None] = []
+    with trio.fail_after(60):
+        async with tcp_pair() as (client, server, _):
+            assert not write_nowait(client, "y" * (DIRECT_WRITE_MAX + 1))
+            writer = FrameWriter(
+                client, queue_size=64, write_timeout=30, on_drop=drops.append, frame_limit=LIMIT
+            )
+
+            async def read() -> None:
+                while len(received) < len(sent):
+                    received.append(await server.get_message())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                nursery.start_soon(read)
+                for index, frame in enumerate(sent):
+                    assert writer.offer_nowait(frame)
+                    if index % 3 == 0:
+                        await trio.lowlevel.checkpoint()  # a new scheduler pass now and then
+                while len(received) < len(sent):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    assert received == sent
+    assert drops == []

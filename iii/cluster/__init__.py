@@ -55,6 +55,7 @@ from iii.binding import reuse_port
 from iii.cluster.catalog import CATALOG_FUNCTION, build_catalog
 from iii.cluster.membership import MemberInfo, Membership, describe_self
 from iii.cluster.peers import PSEUDO_PREFIX, Peer
+from iii.cluster.relay import relay_call
 from iii.cluster.supervisor import SUPERVISED_ENV, watch_supervisor
 from iii.config_schema import Count
 from iii.containment import start_contained
@@ -69,6 +70,8 @@ from iii.wsserver import WebSocketPort, serve_websockets
 if TYPE_CHECKING:
     from iii.config import ClusterConfig
     from iii.engine import Engine
+    from iii.protocol import InvokeFunction
+    from iii.worker_conn import WorkerConnection
 
 __all__ = ["Cluster", "serve_cluster"]
 
@@ -105,6 +108,11 @@ class Cluster:
             and owner.startswith(PSEUDO_PREFIX)
             and owner[len(PSEUDO_PREFIX) :] in self.peers
         )
+
+    def relay(self, conn: WorkerConnection, message: InvokeFunction, data: Any) -> bool:
+        """Relay a worker's call to a peer's replica without a task here, if
+        it may (:func:`iii.cluster.relay.relay_call`); False: run it as usual."""
+        return relay_call(self, conn, message, data)
 
     def engine_of(self, owner: str | None) -> str:
         """The engine a replica or worker lives on."""

@@ -351,6 +351,49 @@ class EngineLink:
             raise pending.error
         return pending.result
 
+    def start_call_nowait(
+        self,
+        invocation_id: str,
+        function_id: str,
+        data: Any,
+        *,
+        trace: TraceContext | None,
+        on_finish: Callable[[PendingCall], None],
+    ) -> bool:
+        """Send a call without waiting for anything: ``on_finish`` gets its
+        :class:`PendingCall` once the answer (or the link's drop) is there.
+
+        False (nothing sent) when the link is down, its queue is full, or the
+        call cannot be encoded or sent whole: the caller then uses
+        :meth:`call`, which says why.  No deadline: the caller keeps one, and
+        :meth:`forget_call` when it gives up (a late answer is then ignored).
+        """
+        connection = self._connection
+        if connection is None or not connection.ready:
+            return False
+        try:
+            frame = self._encode(
+                InvokeFunction(
+                    function_id=function_id,
+                    data=data,
+                    invocation_id=invocation_id,
+                    traceparent=trace.traceparent if trace else None,
+                    baggage=trace.baggage if trace else None,
+                )
+            )
+        except IIIError:
+            return False
+        if invocation_id in connection.pending or not connection.offer_nowait(frame):
+            return False
+        connection.pending[invocation_id] = PendingCall(function_id, on_finish=on_finish)
+        return True
+
+    def forget_call(self, invocation_id: str) -> None:
+        """Stop waiting for the answer to a call of :meth:`start_call_nowait`."""
+        connection = self._connection
+        if connection is not None:
+            connection.pending.pop(invocation_id, None)
+
     async def call_void(
         self,
         function_id: str,

@@ -96,9 +96,14 @@ class PendingCall:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: IIIError | None = None
+    # Called with the call when it finishes, for a call no task waits on
+    # (EngineLink.start_call_nowait).
+    on_finish: Callable[[PendingCall], None] | None = None
 
     def finish(self, result: Any = None, error: IIIError | None = None) -> None:
         if self.done.is_set():
             return
         self.result, self.error = result, error
         self.done.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
