@@ -64,16 +64,10 @@ class DuplicateInvocationError(Exception):
 
 
 class Expiring(Protocol):
-    """A call with a deadline in the heap: what the expiry task can end."""
+    """A call the expiry task ended (for its log line)."""
 
     function_id: str
     invocation_id: str
-    # True once the call is over (its heap entry is then stale).
-    ended: bool
-
-    def expire(self) -> bool:
-        """End the call with ``timeout``; False if it was over already."""
-        ...
 
 
 @attrs.define(eq=False)
@@ -88,10 +82,6 @@ class Invocation:
     error: ErrorBody | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     deadline: float = math.inf  # trio time; resolved TIMED_OUT once it passes
-    ended: bool = False  # discarded from the table
-
-    def expire(self) -> bool:
-        return not self.ended and self.resolve(error=TIMED_OUT)
 
     def resolve(self, *, result: Any = None, error: ErrorBody | None = None) -> bool:
         """Complete the invocation; only the first resolution counts."""
@@ -115,6 +105,7 @@ class NativeCall:
     ended: bool = False
 
     def expire(self) -> bool:
+        """Cancel the call (it then answers ``timeout``); False if it had returned."""
         if self.ended:
             return False
         self.scope.cancel()
@@ -125,8 +116,11 @@ class NativeCall:
 class PendingTable:
     by_id: dict[str, Invocation] = attrs.field(factory=dict)
     by_target: dict[str, set[str]] = attrs.field(factory=dict)
-    # (deadline, tie-breaker, call) for every call filed with a deadline.
-    _deadlines: list[tuple[float, int, Expiring]] = attrs.field(factory=list)
+    # (deadline, tie-breaker, call) for every call filed with a deadline: a
+    # routed call by its invocation id (a string holds no object alive, so
+    # stale entries cost the collector nothing), an engine function by its
+    # NativeCall.
+    _deadlines: list[tuple[float, int, str | NativeCall]] = attrs.field(factory=list)
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
     # Engine functions running with a deadline filed (start_native .. end_native).
     native_running: int = 0
@@ -148,23 +142,32 @@ class PendingTable:
         if self.on_load is not None:
             self.on_load(invocation.target_worker_id, len(ids))
         if invocation.deadline != math.inf:
-            self._file_deadline(invocation.deadline, invocation)
+            heap = self._deadlines
+            if len(heap) > 2 * (len(self.by_id) + self.native_running) + _HEAP_SLACK:
+                heap = self._prune_deadlines()
+            heapq.heappush(heap, (invocation.deadline, next(self._order), invocation.invocation_id))
 
     def start_native(self, call: NativeCall) -> None:
         """File an engine function's deadline; :meth:`end_native` when it returns."""
         self.native_running += 1
-        self._file_deadline(call.deadline, call)
+        heap = self._deadlines
+        if len(heap) > 2 * (len(self.by_id) + self.native_running) + _HEAP_SLACK:
+            heap = self._prune_deadlines()
+        heapq.heappush(heap, (call.deadline, next(self._order), call))
 
     def end_native(self, call: NativeCall) -> None:
         call.ended = True
         self.native_running -= 1
 
-    def _file_deadline(self, deadline: float, call: Expiring) -> None:
-        heap = self._deadlines
-        if len(heap) > 2 * (len(self.by_id) + self.native_running) + _HEAP_SLACK:
-            heap = self._deadlines = [entry for entry in heap if not entry[2].ended]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, next(self._order), call))
+    def _prune_deadlines(self) -> list[tuple[float, int, str | NativeCall]]:
+        by_id = self.by_id
+        heap = self._deadlines = [
+            entry
+            for entry in self._deadlines
+            if (entry[2] in by_id if isinstance(entry[2], str) else not entry[2].ended)
+        ]
+        heapq.heapify(heap)
+        return heap
 
     @property
     def next_deadline(self) -> float:
@@ -174,19 +177,28 @@ class PendingTable:
     def expire(self, now: float) -> list[Expiring]:
         """End every call whose deadline is ``now`` or earlier with ``timeout``:
         a routed call is resolved, an engine function's scope cancelled."""
-        expired = []
+        expired: list[Expiring] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            call = heapq.heappop(heap)[2]
-            if call.expire():
-                expired.append(call)
+            deadline, _, call = heapq.heappop(heap)
+            if not isinstance(call, str):
+                if call.expire():
+                    expired.append(call)
+                continue
+            invocation = self.by_id.get(call)
+            # The same id may have been filed again since, with its own deadline.
+            if (
+                invocation is not None
+                and invocation.deadline == deadline
+                and invocation.resolve(error=TIMED_OUT)
+            ):
+                expired.append(invocation)
         return expired
 
     def discard(self, invocation: Invocation) -> None:
         if self.by_id.get(invocation.invocation_id) is not invocation:
             return
         del self.by_id[invocation.invocation_id]
-        invocation.ended = True
         if not self.by_id and self.on_empty is not None:
             self.on_empty()
         ids = self.by_target.get(invocation.target_worker_id)
