@@ -13,6 +13,10 @@ asyncio + ``websockets`` (as bench_core.py), which in one run measures:
 * **replicas**: the p50 and p99 of ``bench::echo`` calls at ``--inflight``
   calls in flight (one caller connection), with one replica and then with
   ``--large`` replicas (one per connected worker, all answering);
+* **cluster routing**: the CPU to pick a replica on a clustered engine, where
+  two of the replicas are peer engines', with few and with ``--large``
+  replicas, for a worker's call and for a call a peer forwarded (local
+  replicas only), and the ratio of the two sizes (1 when the pick is O(1));
 * **memory**: the engine's RSS per connected worker (each with one
   function), and per pending call (``--pending`` calls held by a worker
   that never answers).
@@ -46,6 +50,8 @@ from _support import free_port, wait_port
 ROOT = Path(__file__).resolve().parents[1]
 ECHO = "bench::echo"
 HOLD = "bench::hold"
+# Peer engines among the replicas in the cluster routing measurement.
+PEERS = 2
 
 
 def rss_bytes(pid: int) -> int:
@@ -332,6 +338,78 @@ def routing_cost(replicas: int, calls: int, inflight: int) -> float:
     return 1e6 * (time.process_time() - started) / calls
 
 
+def cluster_routing_cost(replicas: int, calls: int, inflight: int, forwarded: int) -> float:
+    """As :func:`routing_cost`, on a clustered engine: ``PEERS`` of the
+    ``replicas`` are peer engines' (pseudo workers weighed by their calls in
+    flight plus one), the rest local.  ``forwarded``: the calls come from a
+    peer, so only local replicas may take them.
+
+    Either the current API (peers' loads set in the registry, an O(1) pick)
+    or the one before it (``FunctionEntry.pick_by``, handed the load, which
+    sorted the replicas on every call).
+    """
+    import collections
+
+    from iii.invocations import Invocation, PendingTable
+    from iii.registry import FunctionEntry, FunctionRegistration, Registry, WorkerInfo
+
+    registry = Registry()
+    pending = PendingTable(on_load=registry.set_load)
+    current = hasattr(FunctionEntry, "pick_local")
+    in_flight: dict[str, int] = {}
+    for i in range(replicas):
+        owner = f"cluster:p{i}" if i < PEERS else f"w{i}"
+        remote = i < PEERS
+        if current:
+            registry.add_worker(WorkerInfo(id=owner, remote=remote))  # type: ignore[call-arg,unused-ignore]
+        else:
+            registry.add_worker(WorkerInfo(id=owner))
+        if remote:
+            in_flight[owner] = 0
+            if current:
+                registry.set_load(owner, 1)
+        registry.add_function(FunctionRegistration(function_id=ECHO, owner=owner))
+    entry = registry.functions[ECHO]
+
+    def load(owner: str) -> int:
+        peer = in_flight.get(owner)
+        return pending.executing_on(owner) if peer is None else peer + 1
+
+    def pick() -> Any:
+        if current:
+            if forwarded:
+                return entry.pick_local(in_flight.__contains__)  # type: ignore[attr-defined,unused-ignore]
+            return entry.pick()
+        if forwarded:  # what routing.pick_replica did: the local replicas, then pick_by
+            local = [r for r in entry.replicas.values() if r.owner not in in_flight]
+            return entry.pick_by(pending.executing_on, among=local)  # type: ignore[attr-defined,unused-ignore]
+        return entry.pick_by(load)  # type: ignore[attr-defined,unused-ignore]
+
+    def peer_calls(owner: str, change: int) -> None:
+        in_flight[owner] += change
+        if current:
+            registry.set_load(owner, in_flight[owner] + 1)
+
+    open_calls: collections.deque[Any] = collections.deque()
+    started = time.process_time()
+    for n in range(calls):
+        owner = pick().owner
+        if owner in in_flight:
+            peer_calls(owner, 1)
+            open_calls.append(owner)
+        else:
+            invocation = Invocation(invocation_id=str(n), function_id=ECHO, target_worker_id=owner)
+            pending.add(invocation)
+            open_calls.append(invocation)
+        if len(open_calls) > inflight:
+            done = open_calls.popleft()
+            if isinstance(done, str):
+                peer_calls(done, -1)
+            else:
+                pending.discard(done)
+    return 1e6 * (time.process_time() - started) / calls
+
+
 # -- orchestration --------------------------------------------------------------------------
 
 
@@ -375,6 +453,16 @@ def measure_routing(python: str, args: argparse.Namespace) -> dict[str, float]:
             check=True,
         )
         out[f"routing_{replicas}_us"] = float(done.stdout.decode().split()[-1])
+    for replicas in (PEERS + 2, args.large):
+        for forwarded in (0, 1):
+            done = subprocess.run(
+                [python, __file__, "cluster-routing", str(replicas), "5000", str(args.inflight)]
+                + [str(forwarded)],
+                capture_output=True,
+                check=True,
+            )
+            key = f"cluster_{'forwarded_' if forwarded else ''}routing_{replicas}_us"
+            out[key] = float(done.stdout.decode().split()[-1])
     return out
 
 
@@ -435,6 +523,22 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         )
     row("routing CPU per call, 1 replica (us)", ".1f", "routing_1_us")
     row(f"routing CPU per call, {args.large:,} replicas (us)", ".1f", f"routing_{args.large}_us")
+    small_cluster = PEERS + 2
+    for kind, label in (("", "a worker's call"), ("forwarded_", "a call a peer forwarded")):
+        print(f"cluster ({PEERS} of the replicas on peer engines), {label}:")
+        for replicas in (small_cluster, args.large):
+            row(
+                f"  routing CPU per call, {replicas:,} replicas (us)",
+                ".1f",
+                f"cluster_{kind}routing_{replicas}_us",
+            )
+        print(
+            f"{f'  ratio {args.large:,} / {small_cluster} replicas (1 when O(1))':46}"
+            + "".join(
+                f"{med(n, f'cluster_{kind}routing_{args.large}_us') / med(n, f'cluster_{kind}routing_{small_cluster}_us'):14.2f}"
+                for n in names
+            )
+        )
     row("RSS per connected worker (KiB)", ".1f", "rss_per_worker_kib")
     row(f"RSS per pending call, {args.pending:,} held (bytes)", ".0f", "rss_per_pending_call_bytes")
     row("engine RSS at the end (MiB)", ".0f", "engine_rss_mib")
@@ -443,6 +547,9 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "routing":
         print(routing_cost(*(int(a) for a in sys.argv[2:5])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "cluster-routing":
+        print(cluster_routing_cost(*(int(a) for a in sys.argv[2:6])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "clients":
         asyncio.run(run_clients(sys.argv[2], *(int(a) for a in sys.argv[3:8])))

@@ -15,7 +15,10 @@ order.  A small model next to it says what must be true after every step:
   never taken over, and every function is listed under at most one service;
 * a call goes where a naive model of the replica policy (iii.registry's
   docstring) says: the fewest calls pending on the worker, then the replica
-  whose place (joined, picked, or its worker's count changed) is oldest.
+  whose place (joined, picked, or its worker's count changed) is oldest; some
+  workers stand for peer engines (``remote``: a load set from outside, as
+  the cluster sets the calls in flight to the peer plus one), and a call a
+  peer forwarded picks among the others only, by the same rule.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.clock = itertools.count()
         self.places: dict[tuple[str, str], int] = {}
         self.live: list[str] = []
+        self.remote: dict[str, int] = {}  # peer engines' pseudo workers -> their load
         self.answers: dict[str, int] = {}  # invocation id -> answers delivered
         self.open_calls: dict[str, Invocation] = {}  # filed and still waited on
         self.registry.add_service(ServiceRegistration(id="mod", name="mod", module="modules::m::M"))
@@ -68,10 +72,37 @@ class CoreMachine(RuleBasedStateMachine):
         self.registry.add_worker(WorkerInfo(id=worker_id))
         self.live.append(worker_id)
 
+    @rule()
+    def connect_peer(self) -> None:
+        """A peer engine's pseudo worker: idle, so its load is 0 + 1."""
+        worker_id = "cluster:" + str(uuid.uuid4())
+        self.registry.add_worker(WorkerInfo(id=worker_id, remote=True))
+        self.live.append(worker_id)
+        self._set_peer_load(worker_id, 1)
+
+    @precondition(lambda self: self.remote)
+    @rule(index=st.integers(0, 10), load=st.integers(1, 4))
+    def peer_load(self, index: int, load: int) -> None:
+        """Calls in flight to a peer begin or end."""
+        peers = sorted(self.remote)
+        self._set_peer_load(peers[index % len(peers)], load)
+
+    def _set_peer_load(self, worker_id: str, load: int) -> None:
+        self.remote[worker_id] = load
+        self.registry.set_load(worker_id, load)
+        for function_id, owner in self.places:
+            if owner == worker_id:
+                self.places[(function_id, owner)] = next(self.clock)
+
+    def _load_of(self, owner: str) -> int:
+        remote = self.remote.get(owner)
+        return self.pending.executing_on(owner) if remote is None else remote
+
     @precondition(lambda self: self.live)
     @rule(index=st.integers(0, 10))
     def disconnect(self, index: int) -> None:
         worker_id = self.live.pop(index % len(self.live))
+        self.remote.pop(worker_id, None)
         # What Engine.forget_worker does, in the same order.
         for invocation in self.pending.stop_target(worker_id):
             self._deliver(invocation)
@@ -216,15 +247,41 @@ class CoreMachine(RuleBasedStateMachine):
             return  # function_not_found, answered at once
         expected = min(
             entry.replicas,
-            key=lambda o: (self.pending.executing_on(o), self.places[(function_id, o)]),  # type: ignore[arg-type]
+            key=lambda o: (self._load_of(o), self.places[(function_id, o)]),  # type: ignore[arg-type]
         )
         replica = entry.pick()
         assert replica.owner == expected
         self.places[(function_id, expected)] = next(self.clock)
+        if expected in self.remote:
+            return  # forwarded to the peer: its load is the peer_load rule's
+        self._file(replica.owner, function_id, caller)
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 10), function_id=st.sampled_from(FUNCTIONS))
+    def forwarded_call(self, index: int, function_id: str) -> None:
+        """A call a peer engine forwarded: this engine's replicas only."""
+        caller = self.live[index % len(self.live)]
+        entry = self.registry.functions.get(function_id)
+        if entry is None:
+            return
+        local = [o for o in entry.replicas if o not in self.remote]
+        replica = entry.pick_local(lambda o: o in self.remote)
+        if not local:
+            assert replica is None
+            return
+        expected = min(
+            local,
+            key=lambda o: (self._load_of(o), self.places[(function_id, o)]),  # type: ignore[arg-type]
+        )
+        assert replica is not None and replica.owner == expected
+        self.places[(function_id, expected)] = next(self.clock)
+        self._file(replica.owner, function_id, caller)
+
+    def _file(self, target: str | None, function_id: str, caller: str) -> None:
         invocation = Invocation(
             invocation_id=str(uuid.uuid4()),
             function_id=function_id,
-            target_worker_id=replica.owner,
+            target_worker_id=target,
             caller_worker_id=caller,
         )
         self.pending.add(invocation)
@@ -358,10 +415,17 @@ class CoreMachine(RuleBasedStateMachine):
                 continue
             assert queues is not None and set(queues.load) == set(entry.replicas)
             for owner, load in queues.load.items():
-                assert load == self.pending.executing_on(owner)
+                assert load == self._load_of(owner)
                 shared.setdefault(owner, set()).add(function_id)
-            assert set(queues.queues) == set(queues.load.values())
-            assert queues.least == min(queues.queues)
+            assert queues.remote_owners == set(queues.load) & set(self.remote)
+            for group, owners in (
+                (queues.local, set(queues.load) - queues.remote_owners),
+                (queues.remote, queues.remote_owners),
+            ):
+                assert set(group.queues) == {queues.load[o] for o in owners}
+                assert {o for q in group.queues.values() for o in q} == owners
+                if group.queues:
+                    assert group.least == min(group.queues)
         assert self.registry._shared == shared
 
 

@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_client(args, extra, trigger)
     try:
         if args.command == "check-config":
-            load_config(args.file)
+            # What serve checks before it starts anything, `processes:` included.
+            _processes(load_config(args.file), None, args.file)
             print(f"{args.file}: ok")
             return ExitCode.OK
         if args.command in ("config", "print-config"):

@@ -20,6 +20,11 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
   is O(1): a function with several replicas keeps them in one queue per
   pending count (:class:`ReplicaQueues`), and a worker's count change moves
   it in each function it shares with other workers (O(1) per such function).
+  In a cluster, a peer engine's replicas belong to a pseudo worker
+  (:attr:`WorkerInfo.remote`) whose count is the calls in flight to the peer
+  plus one, so an idle local replica wins; they are queued apart from the
+  local ones, so a call a peer forwarded picks among the local replicas in
+  O(1) too (:meth:`FunctionEntry.pick_local`).
 * **Logical triggers.**  Registrations identical in ``(trigger_type,
   function_id, config)`` from any number of workers are one
   :class:`LogicalTrigger`: the trigger type's handler sees it once, it fires
@@ -37,7 +42,6 @@ Ownership rules (which replace upstream's, see spec protocol.md §3.7):
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -45,6 +49,7 @@ import attrs
 import orjson
 
 from iii.grants import Grant, TriggerAccess
+from iii.replica_queues import ReplicaQueues
 from iii.services import ServiceRefusedError, ServiceRegistration, ServiceTable
 
 __all__ = [
@@ -97,6 +102,9 @@ class WorkerInfo:
     features: tuple[str, ...] = ()
     latest_metrics: Any = None
     status: str = "connected"
+    # A peer engine's pseudo worker (iii.cluster.peers): its replicas are
+    # weighed apart from this engine's own (ReplicaQueues).
+    remote: bool = False
     function_ids: set[str] = attrs.field(factory=set)
     trigger_ids: set[str] = attrs.field(factory=set)
     trigger_type_ids: set[str] = attrs.field(factory=set)
@@ -138,68 +146,6 @@ class FunctionRegistration:
 
 
 @attrs.define(eq=False)
-class ReplicaQueues:
-    """A shared function's replicas (worker ids) in pick order: one FIFO per pending count.
-
-    ``least`` is the smallest count with a non-empty queue.  Pick, and a
-    worker's count going up or down by one, are O(1); a replica leaving is
-    O(distinct counts) when it empties the least queue.
-    """
-
-    queues: dict[int, OrderedDict[str, None]] = attrs.field(factory=dict)
-    load: dict[str, int] = attrs.field(factory=dict)
-    least: int = 0
-
-    def __len__(self) -> int:
-        return len(self.load)
-
-    def add(self, owner: str, load: int) -> None:
-        """Enter ``owner`` at the back of the queue for ``load``."""
-        self.load[owner] = load
-        queue = self.queues.get(load)
-        if queue is None:
-            queue = self.queues[load] = OrderedDict()
-        queue[owner] = None
-        if len(self.load) == 1 or load < self.least:
-            self.least = load
-
-    def remove(self, owner: str) -> None:
-        self._take(owner)
-        if self.least not in self.queues and self.queues:
-            self.least = min(self.queues)
-
-    def move(self, owner: str, load: int) -> None:
-        """``owner``'s worker now has ``load`` calls pending: to the back of that queue."""
-        old = self._take(owner)
-        self.add(owner, load)
-        if self.least not in self.queues:  # ``old`` was the least queue and emptied
-            self.least = load if load == old + 1 else min(self.queues)
-
-    def _take(self, owner: str) -> int:
-        load = self.load.pop(owner)
-        queue = self.queues[load]
-        del queue[owner]
-        if not queue:
-            del self.queues[load]
-        return load
-
-    def waiting_order(self) -> list[str]:
-        """Every replica, fewest pending first, then longest waiting (O(n))."""
-        return [owner for load in sorted(self.queues) for owner in self.queues[load]]
-
-    def renew(self, owner: str) -> None:
-        """``owner`` was picked: to the back of its queue."""
-        self.queues[self.load[owner]].move_to_end(owner)
-
-    def pick(self) -> str:
-        """The front of the least-loaded queue, which goes to its back."""
-        queue = self.queues[self.least]
-        owner = next(iter(queue))
-        queue.move_to_end(owner)
-        return owner
-
-
-@attrs.define(eq=False)
 class FunctionEntry:
     function_id: str
     replicas: dict[str | None, FunctionRegistration] = attrs.field(factory=dict)
@@ -214,26 +160,16 @@ class FunctionEntry:
             return next(iter(self.replicas.values()))
         return self.replicas[queues.pick()]
 
-    def pick_by(
-        self, load: Callable[[str], int], *, among: list[FunctionRegistration] | None = None
-    ) -> FunctionRegistration:
-        """The replica with the least ``load(owner)``, ties to the longest waiting.
-
-        For a cluster (:meth:`iii.engine.Engine._pick_replica`), where a peer
-        engine's replica is weighed by that peer's calls in flight, which the
-        pending table does not see.  It scans the replicas (O(n));
-        ``among``: choose from these replicas only (non-empty)."""
-        replicas = list(self.replicas.values()) if among is None else among
-        if len(replicas) == 1:
-            return replicas[0]
+    def pick_local(self, is_remote: Callable[[str | None], bool]) -> FunctionRegistration | None:
+        """As :meth:`pick`, among this engine's replicas only (a call a peer
+        engine forwarded); None if every replica is a peer's.  ``is_remote``
+        is asked only about a lone replica."""
         queues = self.queues
-        if queues is not None:  # oldest first, as pick() would take them
-            order = {owner: n for n, owner in enumerate(queues.waiting_order())}
-            replicas.sort(key=lambda r: order.get(r.owner or "", 0))
-        chosen = min(replicas, key=lambda r: load(r.owner) if r.owner is not None else 0)
-        if queues is not None and chosen.owner is not None:
-            queues.renew(chosen.owner)
-        return chosen
+        if queues is None:
+            replica = next(iter(self.replicas.values()))
+            return None if is_remote(replica.owner) else replica
+        owner = queues.pick_local()
+        return None if owner is None else self.replicas[owner]
 
 
 @attrs.define(eq=False)
@@ -416,7 +352,7 @@ class Registry:
         self._join_queue(entry, entry.queues, owner)
 
     def _join_queue(self, entry: FunctionEntry, queues: ReplicaQueues, owner: str) -> None:
-        queues.add(owner, self._loads.get(owner, 0))
+        queues.add(owner, self._loads.get(owner, 0), remote=self.workers[owner].remote)
         self._shared.setdefault(owner, set()).add(entry.function_id)
 
     def _leave_queue(self, entry: FunctionEntry, owner: str) -> None:

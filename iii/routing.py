@@ -7,9 +7,9 @@
   ``invokefunction`` is sent, and waits for the answer, which the same heap
   resolves with ``timeout``.  One deadline mechanism for both: the call
   answers ``timeout`` up to ``EXPIRY_RESOLUTION`` late.
-* :func:`pick_replica`: which replica takes it (the registry's O(1) pick on a
-  single engine; in a cluster a peer engine's replica is weighed by that
-  peer's calls in flight, plus one).
+* :func:`pick_replica`: which replica takes it (the registry's O(1) pick; in
+  a cluster a peer engine's replica is weighed by that peer's calls in
+  flight, plus one).
 * :func:`expire_invocations`: the engine's one expiry task for every call.
 
 Tracing and the grant check are the engine's (``Engine.invoke``), around
@@ -156,25 +156,18 @@ def _wake_expiry(engine: Engine, deadline: float) -> None:
 
 
 def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
-    """The replica to run a call on: the least loaded, where a peer
+    """The replica to run a call on: the registry's O(1) pick, where a peer
     engine's replica counts one more than its calls in flight (so an idle
-    local replica is preferred).  A call a peer engine forwarded
-    (``local_only``) runs on this engine's own replicas only."""
+    local replica is preferred; :class:`~iii.registry.ReplicaQueues`).  A
+    call a peer engine forwarded (``local_only``) runs on this engine's own
+    replicas only."""
     cluster = engine.cluster
-    if cluster is None:
-        return entry.pick()  # O(1): the registry keeps replicas in pick order
-    if local_only:
-        local = [r for r in entry.replicas.values() if not cluster.is_remote(r.owner)]
-        if not local:
-            raise FunctionNotFoundError(entry.function_id)
-        return entry.pick_by(engine.pending.executing_on, among=local)
-
-    def load(owner: str) -> int:
-        if cluster.is_remote(owner):
-            return cluster.load(owner) + 1
-        return engine.pending.executing_on(owner)
-
-    return entry.pick_by(load)
+    if cluster is None or not local_only:
+        return entry.pick()
+    replica = entry.pick_local(cluster.is_remote)
+    if replica is None:
+        raise FunctionNotFoundError(entry.function_id)
+    return replica
 
 
 async def expire_invocations(engine: Engine) -> None:

@@ -237,7 +237,7 @@ async def _call(
     if peer_url is not None:
         # A call a peer engine forwarded: its channel refs name the peer's channels.
         with bridged_channel_refs(conn.engine, peer_url, data) as bridged:
-            return await _invoke(conn, message, bridged, on_span, reply_limit)
+            return bridged.restore(await _invoke(conn, message, bridged.data, on_span, reply_limit))
     return await _invoke(conn, message, data, on_span, reply_limit)
 
 

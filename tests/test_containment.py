@@ -94,8 +94,10 @@ async def test_a_detached_task_that_fails_ends_only_itself(
             raise RuntimeError("detached bug")
 
         engine.spawn_detached(boom)
-        await trio.sleep(0.05)
-        async with connect_test_worker(engine) as worker:
+        with trio.fail_after(10):  # it has failed (and been logged) ...
+            while "detached bug" not in caplog.text:
+                await trio.sleep(0.01)
+        async with connect_test_worker(engine) as worker:  # ... and the engine still serves
             assert "result" in await worker.call("engine::functions::list", {})
     assert "detached bug" in caplog.text
 

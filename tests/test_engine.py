@@ -709,7 +709,8 @@ async def test_shutdown_lets_in_flight_calls_finish_within_the_grace():
             )
             request = await owner.receive_type("invokefunction")
             engine.request_shutdown()
-            await trio.sleep(0.2)
+            with trio.fail_after(10):
+                await engine.shutting_down.wait()
             # Intake is closed, but the call in flight may still finish.
             await owner.send(
                 {
@@ -752,7 +753,7 @@ async def test_removing_a_channel_ends_its_sockets():
                 await socket_side.ws.get_message()
 
 
-async def test_a_short_deadline_filed_after_a_long_one_still_times_out_on_time():
+async def test_a_short_deadline_filed_after_a_long_one_still_times_out_on_time(autojump_clock):
     """The expiry task sleeps until the earliest deadline; a later, shorter
     call must move that wake-up earlier."""
     async with open_test_engine() as engine:
@@ -761,11 +762,12 @@ async def test_a_short_deadline_filed_after_a_long_one_still_times_out_on_time()
             await settle(engine, lambda: "demo::never" in engine.registry.functions)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_expect_timeout, engine, 60.0)  # long: still pending at the end
-                await trio.sleep(0.05)
+                await settle(engine, lambda: len(engine.pending) == 1)
                 started = trio.current_time()
                 await _expect_timeout(engine, 0.2)
                 waited = trio.current_time() - started
-                assert 0.2 <= waited < 2.0, waited
+                # Virtual time: it wakes at the short deadline, or at 60 s.
+                assert 0.2 <= waited < 1.0, waited
                 assert len(engine.pending) == 1
                 nursery.cancel_scope.cancel()
             assert len(engine.pending) == 0

@@ -27,6 +27,9 @@ from tests.test_load import loopback_worker
 
 pytestmark = [pytest.mark.sdk, pytest.mark.load]
 
+# Calls that end in each steady phase (with four callers, some two seconds' worth).
+STEADY_CALLS = 100
+
 WORKER_025 = """
 import sys
 from iii import register_worker, InitOptions
@@ -145,11 +148,17 @@ async def test_engine_killed_and_restarted_under_load(
                     outcomes[phase if phase == begun_in else "across a change"][outcome] += 1
                     await trio.sleep(0.01)
 
+            async def steady_calls(phase: str) -> None:
+                """A window of the phase: enough calls ended in it, however long they take."""
+                with trio.fail_after(60):
+                    while sum(outcomes[phase].values()) < STEADY_CALLS:
+                        await trio.sleep(0.05)
+
             figures = {}
             async with trio.open_nursery() as load_nursery:
                 for index in range(4):
                     load_nursery.start_soon(caller, index)
-                await trio.sleep(2)
+                await steady_calls("before")
 
                 phase = "killed"
                 engine.kill()  # SIGKILL: sockets dropped without a close frame
@@ -157,7 +166,7 @@ async def test_engine_killed_and_restarted_under_load(
                 engine.start()
                 figures["SIGKILL"] = await recovered(engine, workers, started)
                 phase = "after kill"
-                await trio.sleep(2)
+                await steady_calls(phase)
 
                 phase = "stopped"
                 code = await trio.to_thread.run_sync(engine.terminate)  # SIGTERM: close 1012
@@ -166,7 +175,7 @@ async def test_engine_killed_and_restarted_under_load(
                 engine.start()
                 figures["SIGTERM"] = await recovered(engine, workers, started)
                 phase = "after stop"
-                await trio.sleep(2)
+                await steady_calls(phase)
                 load_nursery.cancel_scope.cancel()
     finally:
         engine.kill()

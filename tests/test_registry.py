@@ -64,13 +64,32 @@ def test_queues_exist_only_while_a_function_is_shared_and_follow_leaving_workers
     assert entry.pick().owner == "w2"
 
 
-def test_pick_by_weighs_each_replica_by_the_given_load_and_takes_turns_on_ties():
-    """The cluster's pick: a peer's replica is weighed by the peer's calls in flight."""
-    registry, _ = make(3)
+def test_a_peers_replica_is_weighed_by_its_load_plus_one_and_takes_turns_on_ties():
+    """The cluster's pick: a peer engine's pseudo worker (``remote``) has its
+    calls in flight plus one set as its load, so an idle local replica wins."""
+    registry = Registry()
+    pending = PendingTable(on_load=registry.set_load)
+    registry.add_worker(WorkerInfo(id="w0"))
+    for peer in ("p1", "p2"):
+        registry.add_worker(WorkerInfo(id=peer, remote=True))
+        registry.set_load(peer, 1)  # idle peer: 0 in flight, plus one
+    for owner in ("w0", "p1", "p2"):
+        registry.add_function(FunctionRegistration(function_id="f", owner=owner))
     entry = registry.functions["f"]
-    remote_load = {"w0": 0, "w1": 1, "w2": 1}  # w1, w2 stand for peers: one more each
-    assert [entry.pick_by(remote_load.__getitem__).owner for _ in range(3)] == ["w0"] * 3
-    even = {"w0": 1, "w1": 1, "w2": 1}
-    assert [entry.pick_by(even.__getitem__).owner for _ in range(4)] == ["w1", "w2", "w0", "w1"]
-    local = [entry.replicas["w0"], entry.replicas["w2"]]
-    assert {entry.pick_by(even.__getitem__, among=local).owner for _ in range(4)} == {"w0", "w2"}
+    assert [entry.pick().owner for _ in range(3)] == ["w0"] * 3  # idle local first
+    call = file_call(pending, "w0")  # w0 busy with one: all three at 1, oldest place first
+    assert [entry.pick().owner for _ in range(4)] == ["p1", "p2", "w0", "p1"]
+    # a forwarded call (local only) never goes to a peer
+    assert {entry.pick_local(lambda owner: owner in ("p1", "p2")).owner for _ in range(3)} == {"w0"}
+    registry.set_load("p2", 3)  # two in flight to p2
+    pending.discard(call)
+    assert [entry.pick().owner for _ in range(3)] == ["w0"] * 3
+    registry.set_load("w0", 5)
+    assert [entry.pick().owner for _ in range(3)] == ["p1"] * 3
+    assert entry.queues is not None and entry.queues.waiting_order()[-1] == "w0"
+    registry.remove_worker("w0")
+    assert entry.pick_local(lambda owner: owner in ("p1", "p2")) is None
+    registry.remove_worker("p2")
+    assert entry.queues is None
+    assert entry.pick_local(lambda owner: owner == "p1") is None
+    assert entry.pick().owner == "p1"

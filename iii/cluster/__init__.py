@@ -106,10 +106,6 @@ class Cluster:
             and owner[len(PSEUDO_PREFIX) :] in self.peers
         )
 
-    def load(self, owner: str) -> int:
-        peer = self.peers.get(owner[len(PSEUDO_PREFIX) :])
-        return peer.inflight if peer is not None else 0
-
     def engine_of(self, owner: str | None) -> str:
         """The engine a replica or worker lives on."""
         if owner is not None and owner.startswith(PSEUDO_PREFIX):

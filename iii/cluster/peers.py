@@ -9,7 +9,8 @@ registry under one *pseudo worker* ``cluster:<peer id>``:
 
 * every function becomes a replica whose handler forwards the call over the
   link (:meth:`Peer.forward`); the registry's replica choice then load
-  balances across engines, and the engine's deadline applies as for any call;
+  balances across engines (the pseudo worker's load is the calls in flight
+  to the peer, plus one), and the engine's deadline applies as for any call;
 * every ``http`` trigger becomes a registration of the pseudo worker, so the
   REST module serves the route here too, and refuses one that conflicts with
   a route of this engine (logged: a route conflict across the cluster).
@@ -35,6 +36,7 @@ import attrs
 import trio
 
 from iii.cluster.catalog import CATALOG_FUNCTION, Catalog, read_catalog
+from iii.cluster_channels import bridge_result_refs, has_channel_refs
 from iii.errors import IIIError, InvocationStoppedError
 from iii.link import EngineLink, TraceContext
 from iii.log import RateLimitedLog, bounded_repr
@@ -95,8 +97,9 @@ class Peer:
         if self.gone:
             raise self._stopped(function_id)
         self.inflight += 1
+        self.engine.registry.set_load(self.owner_id, self.inflight + 1)
         try:
-            return await self.link.call(
+            result = await self.link.call(
                 function_id,
                 data,
                 timeout_s=None,
@@ -107,6 +110,12 @@ class Peer:
             )
         finally:
             self.inflight -= 1
+            self.engine.registry.set_load(self.owner_id, self.inflight + 1)
+        if has_channel_refs(result):  # the peer's channels, which the caller opens here
+            return bridge_result_refs(
+                self.engine, self.advertise, result, owner=ctx.caller_worker_id
+            )
+        return result
 
     def _stopped(self, function_id: str) -> IIIError:
         return InvocationStoppedError(
@@ -130,8 +139,11 @@ class Peer:
                     name=f"iii engine {self.engine_id}",
                     runtime="iii-cluster-peer",
                     status="peer",
+                    remote=True,
                 )
             )
+            # Its replicas weigh its calls in flight plus one (iii.routing.pick_replica).
+            registry.set_load(owner, self.inflight + 1)
         worker = registry.workers[owner]
         # Routes first out, functions first in (a route never names a missing function).
         for trigger_id in list(worker.trigger_ids):

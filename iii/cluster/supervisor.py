@@ -7,14 +7,16 @@ share the worker, REST and stream ports through ``SO_REUSEPORT``
 they form a cluster through the config's ``cluster`` section
 (:mod:`iii.cluster`).  Because each process has its own memory, this needs
 the shared state to be in Redis: :func:`check_processes_config` refuses a
-config without a ``cluster`` section, or with a state, stream, pubsub, queue
-or cron module on a non-shared adapter (exit 2).
+config without a ``cluster`` section, with a state, stream, pubsub, queue
+or cron module on a non-shared adapter, or with a module's own file store
+(the kv_server's ``file_based``: every process would open the one file) (exit 2).
 
 Supervision tree::
 
     trio.run
     └── supervise                     supervisor nursery
         ├── signal watcher            SIGTERM/SIGINT -> forwarded to every child, then wait
+        │                             (a child's config error, exit 2, does the same)
         ├── readiness (one per child) its datagram socket: READY=1 / WATCHDOG=1
         ├── watchdog                  WATCHDOG=1 to systemd (after READY), from this loop
         └── Child.run (one per child) start the process, wait for it; a crash is
@@ -31,7 +33,11 @@ every child has sent its own ``READY=1`` (each child's ``NOTIFY_SOCKET`` is the
 supervisor's socket), and pings systemd's watchdog itself.  On SIGTERM it
 sends SIGTERM to every child and waits for them (each child drains
 gracefully); a child still running ``shutdown_grace + 10`` seconds later is
-killed.  Exit status: 0 after a requested stop.
+killed.  Exit status: 0 after a requested stop.  A child that exits with 2
+(a config error its own start found, e.g. two processes given one file
+store's directory) is not restarted, since a restart cannot fix it: the
+supervisor stops the other children the same way and exits 2 itself, so
+systemd's ``RestartPreventExitStatus=2`` holds for the whole tree.
 
 Lifetime: the whole process; each child is a task in the supervisor nursery.
 """
@@ -51,6 +57,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from iii.adapters.kvstore import KvStoreConfig
 from iii.binding import REUSE_PORT_ENV
 from iii.config_schema import EngineConfig
 from iii.errors import ConfigError
@@ -79,6 +86,8 @@ SHARED_KINDS = {
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 60.0
+# A child's exit status for a config error (iii.cli.ExitCode.CONFIG): not restarted.
+CONFIG_ERROR_EXIT = 2
 # The watchdog the supervisor gives each child (it pings every half of it).
 CHILD_WATCHDOG_S = 20.0
 
@@ -107,6 +116,15 @@ def check_processes_config(config: EngineConfig, file: str | None) -> None:
             key="processes",
         )
     for index, entry in enumerate(config.modules):
+        if isinstance(entry.config, KvStoreConfig) and entry.config.file_based:
+            # Every process reads the same file: each would open the same store.
+            key = entry.key or f"modules[{index}]"
+            raise ConfigError(
+                f"processes > 1 cannot share one file store ({entry.config.file_path}): "
+                "each process would open it; use store_method: in_memory, or one engine",
+                file=file,
+                key=f"{key}.store_method" if entry.key else "processes",
+            )
         kind = SHARED_KINDS.get(entry.class_name)
         if kind is None:
             continue
@@ -128,6 +146,8 @@ class Child:
     command: list[str]
     env: dict[str, str]
     shutdown_wait: float
+    # Called with the exit status when the child exits with a config error.
+    on_config_error: Callable[[int], None] = lambda code: None
     process: trio.Process | None = None
     ready: bool = False
     starts: int = 0
@@ -165,6 +185,14 @@ class Child:
             self.process = None
             if self.stopping:
                 log.info("child %d exited (%s)", self.index, code)
+                return
+            if code == CONFIG_ERROR_EXIT:
+                log.error(
+                    "child %d exited with %d (a config error): not restarted; stopping",
+                    self.index,
+                    code,
+                )
+                self.on_config_error(code)
                 return
             if trio.current_time() - started > STABLE_AFTER:
                 attempt = 0
@@ -232,8 +260,20 @@ async def supervise(
             }
             children.append(Child(index, _child_command(file, log_level), child_env, shutdown_wait))
         all_ready = trio.Event()
+        stop_requested = trio.Event()
+        exit_code = 0
+
+        def request_stop(code: int) -> None:
+            nonlocal exit_code
+            if not stop_requested.is_set():
+                exit_code = code
+                stop_requested.set()
+
+        for child in children:
+            child.on_config_error = request_stop
         try:
             async with trio.open_nursery() as supervisor_nursery:
+                await supervisor_nursery.start(_watch_signals, request_stop, processes)
                 for child, notify_sock in zip(children, sockets, strict=True):
                     supervisor_nursery.start_soon(
                         _read_notifications, notify_sock, child, children, all_ready
@@ -242,18 +282,11 @@ async def supervise(
                 for child in children:
                     supervisor_nursery.start_soon(child.run)
                 supervisor_nursery.start_soon(_report_ready, notifier, all_ready, processes)
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info(
-                            "received %s: stopping %d children",
-                            signal.Signals(signum).name,
-                            processes,
-                        )
-                        notifier.notify("STOPPING=1")
-                        for child in children:
-                            child.stopping = True
-                            child.signal(signal.SIGTERM)
-                        break
+                await stop_requested.wait()
+                notifier.notify("STOPPING=1")
+                for child in children:
+                    child.stopping = True
+                    child.signal(signal.SIGTERM)
                 with trio.move_on_after(shutdown_wait) as wait_scope:
                     for child in children:
                         await child.done.wait()
@@ -265,7 +298,21 @@ async def supervise(
             for notify_sock in sockets:
                 notify_sock.close()
             notifier.close()
-    return 0
+    return exit_code
+
+
+async def _watch_signals(
+    request_stop: Callable[[int], None],
+    processes: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGTERM or SIGINT: a requested stop (exit 0)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s: stopping %d children", signal.Signals(signum).name, processes)
+            request_stop(0)
 
 
 async def _report_ready(notifier: Notifier, all_ready: trio.Event, processes: int) -> None:

@@ -133,3 +133,28 @@ async def wait_function(
             if (function_id in {f["function_id"] for f in listed["functions"]}) == present:
                 return
             await trio.sleep(0.05)
+
+
+def rest_port(engine: EngineProcess) -> int:
+    """The REST module's port in the engine's config (:func:`engine_config`)."""
+    import yaml
+
+    config = yaml.safe_load(engine.config_path.read_text())
+    (rest,) = [m for m in config["modules"] if m["class"] == "modules::api::RestApiModule"]
+    return int(rest["config"]["port"])
+
+
+async def http_status(
+    engine: EngineProcess, path: str, *, until: int, timeout: float = 30.0
+) -> int:
+    """GET ``path`` on the engine's REST port until it answers ``until`` (a
+    route appears or vanishes as catalogs sync); returns that status."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(timeout):
+            while True:
+                response = await client.get(f"http://127.0.0.1:{rest_port(engine)}{path}")
+                if response.status_code == until:
+                    return response.status_code
+                await trio.sleep(0.05)

@@ -6,11 +6,15 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from iii.testing import connect_test_worker
 from tests.cluster.helpers import cluster_of, open_cluster, sees_function, wait_for
 from tests.modules.rest_api.helpers import add_route, open_worker, rest_module
+
+# Cluster membership lives in Redis.
+pytestmark = pytest.mark.services
 
 
 async def serve_echo(worker, function_id: str, count: int | None = None) -> None:
@@ -133,3 +137,54 @@ async def test_introspection_lists_the_cluster_with_each_entry_s_engine() -> Non
                 "result"
             ]
             assert "t::listed" not in {f["function_id"] for f in local_functions["functions"]}
+
+
+async def test_an_idle_local_replica_is_preferred_and_a_busy_one_shares_with_the_peers() -> None:
+    async with open_cluster(2) as (a, b):
+        async with (
+            connect_test_worker(a) as on_a,
+            connect_test_worker(b) as on_b,
+            connect_test_worker(a) as caller,
+        ):
+            for worker in (on_a, on_b):
+                await worker.send({"type": "registerfunction", "id": "t::lb"})
+            entry = None
+
+            def both_replicas() -> bool:
+                nonlocal entry
+                entry = a.registry.functions.get("t::lb")
+                return entry is not None and len(entry.replicas) == 2
+
+            await wait_for(both_replicas)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_echo, on_a, "t::lb", 3)
+                for n in range(3):  # A's replica is idle each time: it takes them all
+                    answer = await caller.call("t::lb", {"n": n})
+                    assert answer["result"]["worker"] == on_a.worker_id, answer
+            # A's replica busy with one call: the peer's (0 in flight + 1) ties
+            # and has waited longer, so it takes the next.
+            held = str(uuid.uuid4())
+            await caller.send(
+                {
+                    "type": "invokefunction",
+                    "function_id": "t::lb",
+                    "data": {},
+                    "invocation_id": held,
+                }
+            )
+            first = await on_a.receive_type("invokefunction", timeout=10)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_echo, on_b, "t::lb", 1)
+                answer = await caller.call("t::lb", {"n": 9}, timeout=10)
+            assert answer["result"]["worker"] == on_b.worker_id, answer
+            await on_a.send(
+                {
+                    "type": "invocationresult",
+                    "invocation_id": first["invocation_id"],
+                    "function_id": "t::lb",
+                    "result": {"done": True},
+                }
+            )
+            assert (await caller.receive_type("invocationresult", timeout=10))["result"] == {
+                "done": True
+            }

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from tests.cluster.processes import call, engine_processes, wait_cluster_size, wait_function
+from iii.client import ClientError
+from iii.testing import RawWorker
+from tests.cluster.processes import (
+    call,
+    engine_processes,
+    http_status,
+    wait_cluster_size,
+    wait_function,
+)
 from tests.sdk_workers import SCRIPTS, command
 from tests.support import start_node_worker, start_sdk_worker
 
@@ -71,33 +80,87 @@ async def test_sdk_workers_on_three_engines_call_each_other(tmp_path: Path) -> N
             }
 
 
+async def serve_route(port: int, *, task_status: trio.TaskStatus[None]) -> None:
+    """A raw worker on ``port`` with ``p::route`` behind ``GET /kill9``, until
+    its engine dies (on a socket it owns and always closes)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream, trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/")
+        worker = RawWorker(ws)
+        try:
+            await worker.receive_type("workerregistered", timeout=10)
+            await worker.send({"type": "registerfunction", "id": "p::route"})
+            await worker.send(
+                {
+                    "type": "registertrigger",
+                    "id": "kill9-route",
+                    "trigger_type": "http",
+                    "function_id": "p::route",
+                    "config": {"api_path": "kill9", "http_method": "GET"},
+                }
+            )
+            task_status.started()
+            while True:
+                message = await worker.receive_type("invokefunction", timeout=3600)
+                await worker.send(
+                    {
+                        "type": "invocationresult",
+                        "invocation_id": message["invocation_id"],
+                        "function_id": "p::route",
+                        "result": {"status_code": 200, "body": {"ok": True}},
+                    }
+                )
+        except ConnectionClosed:
+            pass
+        finally:
+            with trio.move_on_after(2):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_kill_9_of_an_engine_stops_its_calls_and_its_functions_vanish(tmp_path: Path) -> None:
     async with engine_processes(tmp_path, 3) as (a, b, c):
         async with (
             start_sdk_worker("0.4.1", SCRIPTS["0.4.1"], url=b.url) as on_b,
             start_sdk_worker("0.25.0", SCRIPTS["0.25.0"], url=a.url) as on_a,
+            trio.open_nursery() as route_nursery,
         ):
+            await route_nursery.start(serve_route, b.port)
             await on_b.wait_for("READY", timeout=60)
             await on_a.wait_for("READY", timeout=60)
             assert await command(on_b, op="register", id="p::slow", kind="slow") == ("OK", None)
             assert await command(on_b, op="register", id="p::echo") == ("OK", None)
             await wait_function(a, "p::slow")
             await wait_function(c, "p::echo")
+            for engine in (a, c):
+                assert await http_status(engine, "/kill9", until=200) == 200
             async with trio.open_nursery() as nursery:
                 answers: list[tuple[str, object]] = []
+                errors: list[str] = []
 
                 async def slow_call() -> None:
                     answers.append(
                         await command(on_a, op="call", fn="p::slow", data={}, timeout=30)
                     )
 
+                async def slow_call_on_c() -> None:
+                    with pytest.raises(ClientError) as info:
+                        await call(c, "p::slow", {}, timeout=30)
+                    errors.append(info.value.message)
+
                 nursery.start_soon(slow_call)
                 await on_b.wait_for("CALLED p::slow", timeout=30)
+                nursery.start_soon(slow_call_on_c)
+                await on_b.wait_for("CALLED p::slow", timeout=30)
                 b.kill()  # SIGKILL
+            # Both calls in flight end invocation_stopped, through A and through C.
             ((status, error),) = answers
             assert status == "ERR" and error["code"] == "invocation_stopped", error  # type: ignore[index]
+            (message,) = errors
+            assert "invocation_stopped" in message, message
             for engine in (a, c):
                 await wait_function(engine, "p::echo", present=False)
+                assert await http_status(engine, "/kill9", until=404) == 404
             with pytest.raises(Exception, match="function_not_found"):
                 await call(c, "p::echo", {})
             # B comes back; its worker reconnects by itself and everything works again.

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from iii.engine import Engine
@@ -22,6 +23,9 @@ from iii.testing import RawWorker, connect_test_worker, open_test_engine
 from tests.backends import delete_prefix
 from tests.cluster.helpers import cluster_config, new_cluster_name, wait_for, wait_full_view
 from tests.cluster.processes import shared_modules
+
+# Cluster membership lives in Redis.
+pytestmark = pytest.mark.services
 
 EVENTS = 12
 
@@ -242,3 +246,70 @@ async def test_stream_join_fires_once_for_a_client_on_another_engine() -> None:
             assert_once_each(
                 handled, "t::on_join", ["s0", "s1", "s2"], lambda d: d.get("subscription_id")
             )
+
+
+async def test_stream_leave_fires_once_for_a_client_on_another_engine() -> None:
+    async with three_engines() as engines:
+        stream = f"l{uuid.uuid4().hex[:6]}"
+        async with replicas(
+            engines, "t::on_leave", "stream:leave", {"stream_name": stream}, result={}
+        ) as (handled, _):
+            await wait_for(
+                lambda: all(e.modules["stream"].leave_triggers.triggers for e in engines)
+            )  # type: ignore[attr-defined]
+            port = engines[0].modules["stream"].server.listen_port
+            from trio_websocket import open_websocket_url
+
+            for n in range(3):
+                async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+                    await ws.send_message(
+                        '{"type": "join", "data": {"subscriptionId": "s%d", "streamName": "%s", "groupId": "g"}}'
+                        % (n, stream)
+                    )
+                    await ws.get_message()  # joined: the first sync of the group
+                await handled.wait(  # the client left with its socket
+                    lambda n=n: any(
+                        d.get("subscription_id") == f"s{n}" for _, _, d in handled.calls
+                    )
+                )
+            assert_once_each(
+                handled, "t::on_leave", ["s0", "s1", "s2"], lambda d: d.get("subscription_id")
+            )
+
+
+async def test_fire_and_forget_and_enqueued_calls_to_another_engine_run_once() -> None:
+    async with three_engines() as engines:
+        a, b, c = engines
+        handled = Handled()
+        queue = f"q{uuid.uuid4().hex[:6]}"
+        async with (
+            connect_test_worker(b) as on_b,
+            connect_test_worker(c) as on_c,
+            connect_test_worker(a) as caller,
+            trio.open_nursery() as nursery,
+        ):
+            for worker, name in ((on_b, "b"), (on_c, "c")):
+                await worker.send({"type": "registerfunction", "id": "t::work"})
+                nursery.start_soon(serve, worker, name, handled, {"ok": True})
+            await wait_for(
+                lambda: (
+                    "t::work" in a.registry.functions
+                    and len(a.registry.functions["t::work"].replicas) == 2
+                )
+            )
+            for n in range(EVENTS):
+                await caller.send(
+                    {"type": "invokefunction", "function_id": "t::work", "data": {"n": f"v{n}"}}
+                )
+                answer = await caller.call(
+                    "t::work",
+                    {"n": f"e{n}"},
+                    action={"type": "enqueue", "queue": queue},
+                    timeout=10,
+                )
+                assert answer.get("error") is None and answer["result"]["messageReceiptId"], answer
+            keys = [f"{how}{n}" for n in range(EVENTS) for how in "ve"]
+            await handled.wait(lambda: len(handled.calls) >= len(keys))
+            assert_once_each(handled, "t::work", keys, lambda d: d["n"])
+            assert {worker for worker, _, _ in handled.calls} <= {"b", "c"}
+            nursery.cancel_scope.cancel()

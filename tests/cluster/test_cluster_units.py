@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from iii.cluster.catalog import read_catalog
 from iii.cluster.membership import MAX_RECORD_BYTES, MemberInfo
@@ -89,6 +90,7 @@ def test_cluster_config_errors_name_the_key() -> None:
     assert config.cluster is not None and config.cluster.dead_after_ms <= 5000
 
 
+@pytest.mark.services  # two engines meet through Redis
 async def test_only_peers_may_read_the_catalog() -> None:
     async with open_cluster(2) as (a, _):
         async with connect_test_worker(a) as worker:

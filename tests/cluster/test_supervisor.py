@@ -64,6 +64,10 @@ async def test_processes_without_a_cluster_or_with_memory_adapters_is_a_config_e
     result = await run_cli("serve", "-c", str(plain), "--processes", "2")
     assert result.code == 2
     assert "processes" in result.stderr and "cluster" in result.stderr
+    plain.write_text("processes: 2\nmodules: []\n")
+    checked = await run_cli("check-config", str(plain))
+    assert checked.code == 2  # check-config catches what serve catches
+    assert "processes" in checked.stderr and "cluster" in checked.stderr
     config = engine_config("x", "p:")
     config["modules"].append({"class": "modules::state::StateModule", "config": {}})
     config["modules"] = [
@@ -91,14 +95,24 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
     await receiver.bind(notify_path)
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "iii", "serve", "-c", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            TOKEN_ENV: TOKEN,
+            "NOTIFY_SOCKET": notify_path,
+            "WATCHDOG_USEC": "2000000",  # systemd's WatchdogSec=2
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        # READY=1 only once both children are ready.
+        # READY=1 only once both children are ready; then the supervisor
+        # keeps systemd's watchdog (WATCHDOG=1 every half of it).
         with trio.fail_after(90):
             while b"READY=1" not in await receiver.recv(4096):
+                pass
+        with trio.fail_after(30):
+            while b"WATCHDOG=1" not in await receiver.recv(4096):
                 pass
         first = sorted(children_of(supervisor.pid))
         assert len(first) == 2
@@ -196,3 +210,64 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+async def test_a_file_store_under_several_processes_is_a_config_error(tmp_path: Path) -> None:
+    # Every process would open the same store directory.
+    config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
+    config["processes"] = 2
+    config["modules"].append(
+        {
+            "class": "modules::kv_server::KvServer",
+            "config": {"store_method": "file_based", "file_path": str(tmp_path / "kv")},
+        }
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    index = len(config["modules"]) - 1
+    for command in (["check-config", str(path)], ["serve", "-c", str(path)]):
+        result = await run_cli(*command, env={TOKEN_ENV: TOKEN})
+        assert result.code == 2, result.stderr
+        assert f"modules[{index}].config.store_method" in result.stderr, result.stderr
+        assert str(path) in result.stderr
+
+
+async def test_a_child_config_error_stops_the_tree_with_exit_2(tmp_path: Path) -> None:
+    # The config file is made invalid while the tree runs; a child killed
+    # afterwards restarts, reads it, and exits 2.  A restart cannot fix that,
+    # so the supervisor stops the other child and exits 2 itself (no loop).
+    config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
+    config["processes"] = 2
+    config["shutdown_grace_ms"] = 200
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    notify_path = str(tmp_path / "notify.sock")
+    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await receiver.bind(notify_path)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with trio.fail_after(90):
+            while b"READY=1" not in await receiver.recv(4096):
+                pass
+        first = children_of(supervisor.pid)
+        assert len(first) == 2
+        path.write_text(yaml.safe_dump({**config, "port": "not a port"}))
+        os.kill(first[0], signal.SIGKILL)
+        _, stderr = await trio.to_thread.run_sync(supervisor.communicate, None, 90)
+        assert supervisor.returncode == 2, stderr
+        assert "config error" in stderr and "port" in stderr
+        assert "(a config error): not restarted" in stderr
+        assert stderr.count("restarting in") == 1  # the kill, then no loop
+        assert children_of(supervisor.pid) == []
+        assert not any(alive(pid) for pid in first)
+    finally:
+        receiver.close()
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()

@@ -8,6 +8,7 @@ RabbitMQ cases skip when the service is absent (fail under III_REQUIRE_SERVICES=
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -106,6 +107,13 @@ class Recorder:
         with trio.fail_after(timeout):
             while len(self.calls) < count:
                 await self.changed.wait()
+
+
+async def overlapping(rec: Recorder, count: int) -> None:
+    """Wait until ``count`` calls have run at once (so a test of a limit sees it reached)."""
+    with trio.fail_after(15):
+        while rec.max_running < count:
+            await trio.sleep(0.01)
 
 
 def subscribe(
@@ -274,7 +282,12 @@ async def test_redrive_and_discard_single_messages(backend: str, tmp_path: Path)
 
 async def test_per_trigger_concurrency(backend: str, tmp_path: Path) -> None:
     async with queue_engine(adapter_block(backend, tmp_path)) as engine:
-        rec = Recorder(engine, "t::slow", lambda data: trio.sleep(0.1))  # noqa: ASYNC105 (awaited by Recorder)
+
+        async def slow(data: Any) -> None:
+            await overlapping(rec, 2)
+            await trio.sleep(0.1)  # holds its slot: a third call now would overlap
+
+        rec = Recorder(engine, "t::slow", slow)
         topic = topic_name()
         subscribe(engine, topic, "t::slow", concurrency=2)
         for i in range(8):
@@ -292,6 +305,7 @@ async def test_fifo_groups_run_in_order_one_at_a_time(backend: str, tmp_path: Pa
             if data["g"] in running:
                 overlaps.append(data["g"])
             running.add(data["g"])
+            await overlapping(rec, 2)
             await trio.sleep(0.02)
             running.discard(data["g"])
 
@@ -394,8 +408,18 @@ async def test_file_store_keeps_jobs_across_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.services
-async def test_redis_keys_vanishing_does_not_crash_the_engine(tmp_path: Path) -> None:
+async def test_redis_keys_vanishing_does_not_crash_the_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A backend error inside a consumer is retried, not a module crash."""
+    caplog.set_level(logging.WARNING, logger="iii.modules.queue.consumer")
+
+    def consumer_failed() -> bool:
+        return any(
+            record.name == "iii.modules.queue.consumer" and " failed (" in record.getMessage()
+            for record in caplog.records
+        )
+
     async with queue_engine(adapter_block("redis", tmp_path)) as engine:
         rec = Recorder(engine, "t::h")
         topic = topic_name()
@@ -405,7 +429,10 @@ async def test_redis_keys_vanishing_does_not_crash_the_engine(tmp_path: Path) ->
         await delete_redis_prefix(
             REDIS_PREFIX
         )  # the stream and its group disappear under the consumer
-        await trio.sleep(1.0)
+        assert not consumer_failed()
+        with trio.fail_after(20):  # the consumer meets it, and retries
+            while not consumer_failed():
+                await trio.sleep(0.02)
         await engine.invoke("enqueue", {"topic": topic, "data": 2})
         await rec.wait_calls(2, timeout=20)
     await delete_redis_prefix(REDIS_PREFIX)

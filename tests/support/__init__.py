@@ -24,8 +24,8 @@ import subprocess
 import sys
 import textwrap
 import venv
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,26 @@ def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+_RUNNING: list[pytest.Item] = []
+
+
+@contextmanager
+def running_test(item: pytest.Item) -> Iterator[None]:
+    """While ``item`` runs (``tests/conftest.py``): :func:`_require` checks its mark."""
+    _RUNNING.append(item)
+    try:
+        yield
+    finally:
+        _RUNNING.remove(item)
+
+
 def _require(name: str, port: int) -> None:
+    if _RUNNING and _RUNNING[-1].get_closest_marker("services") is None:
+        pytest.fail(
+            f"{_RUNNING[-1].nodeid} uses {name} without the `services` mark "
+            "(pytest.param(..., marks=pytest.mark.services), tests.support.backend_params, "
+            "or a module or class mark)"
+        )
     if _port_open("127.0.0.1", port):
         return
     message = f"{name} is not running on 127.0.0.1:{port}"
@@ -360,7 +379,10 @@ def node_sdk_dir() -> Path:
     import shutil
 
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node.js and npm are not installed (the Node SDK tests need them)")
+        message = "Node.js and npm are not installed (the Node SDK tests need them)"
+        if services_required():  # CI runs everything: a missing tool is a failure there
+            pytest.fail(message + " (III_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
     target = CACHE / "node-sdk"
     marker = target / ".installed"
     if marker.exists():

@@ -10,7 +10,9 @@ is the long-running worker.  A run ends when its worker exits.
 * **A restart** (:meth:`Pipeline.request_restart`, from the file watcher)
   cancels the current run: its processes are stopped (SIGTERM, then SIGKILL
   after ``stop_grace_ms``) and the pipeline starts again at once.  Requests
-  that arrive while a run stops are one restart.
+  that arrive while a run stops are one restart (each is logged).  Until the
+  next run starts the state is ``restarting``, even for a process that was
+  started just as the run was cancelled.
 * **An unexpected end** (the worker exits, whatever its status, or a build
   step fails, or a command cannot be started) is restarted after a delay:
   ``restart_backoff_ms``, doubled after each consecutive quick failure, up to
@@ -107,6 +109,8 @@ class Pipeline:
         """Stop the current run (or the wait before the next) and start again."""
         if not self._restart_requested:
             log.info("[%s] restarting: %s", self.name, reason)
+        else:  # still stopping the run: one restart for both
+            log.info("[%s] restart already under way, also for: %s", self.name, reason)
         self._restart_requested = True
         if self._run_scope is not None:
             self.state = "restarting"
@@ -201,7 +205,8 @@ class Pipeline:
         commands = self.settings.commands
         for index, command in enumerate(commands):
             last = index == len(commands) - 1
-            self.state = "starting"
+            if not self._restart_requested:
+                self.state = "starting"
             self.command = command
             log.info("[%s] starting: %s", self.name, command)
             try:
@@ -234,6 +239,9 @@ class Pipeline:
         raise AssertionError("a pipeline has at least one command")
 
     def _started(self, state: str, pid: int) -> None:
-        self.state = state
+        # A process that started after its run was cancelled is about to be
+        # stopped: the listing keeps saying so rather than "running".
+        if not self._restart_requested:
+            self.state = state
         self.pid = pid
         self.started_at = trio.current_time()

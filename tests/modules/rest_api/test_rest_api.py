@@ -414,7 +414,10 @@ async def test_concurrency_limit_makes_requests_wait():
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
-        await trio.sleep(0.05)
+        with trio.fail_after(15):  # two at once for sure: the limit is reached
+            while peak < 2:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)  # holds its slot: a third request now would overlap
         running -= 1
         return {"body": "done"}
 
