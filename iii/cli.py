@@ -26,13 +26,11 @@ Logging is configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import enum
 import gc
 import logging
 import math
 import os
-import platform
 import sys
 from functools import partial
 from pathlib import Path
@@ -108,44 +106,11 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-# glibc's allocator policy for ``serve`` (mallopt parameters and values).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 2**20
-TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
-
-
-def _tune_malloc() -> bool:
-    """The allocator policy of a serving engine (process-wide, so set here only);
-    False where the C library is not glibc (nothing is changed).
-
-    A large reply (``engine::workers::list`` with 4,000 workers: about 5 MB
-    of JSON, held at once as bytes, str and frame) is freed when its call
-    ends.  With glibc's default, dynamic thresholds the freed top of the
-    heap was handed back to the system after every such call and taken
-    again by the next: about 1,500 minor page faults per call, some 6 ms of
-    CPU on this machine (4 us a fault), against none with 1,000 workers.
-    These are the values glibc's dynamic policy tops out at (an mmap
-    threshold of 32 MiB, a trim threshold of twice that), set from the
-    start: buffers up to 32 MiB come from the heap, and up to 64 MiB of
-    freed heap stays mapped for the next call.
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
-
-
 def _serve(config: EngineConfig, file: str | None = None) -> ExitCode:
     # serve_engine, plus READY/WATCHDOG/STOPPING when run by systemd (Type=notify).
     from iii.systemd import serve_with_systemd
 
     _tune_gc()
-    _tune_malloc()
     try:
         trio.run(serve_with_systemd, config)
     except KeyboardInterrupt:

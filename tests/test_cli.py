@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -170,37 +169,3 @@ def test_serve_sets_the_collector_policy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(cli.GC_YOUNG_THRESHOLD), "True"]
-
-
-_FAULTS_PER_ROUND = """
-import resource, sys
-from iii import cli
-tuned = cli._tune_malloc() if sys.argv[1] == "tuned" else None
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):  # let glibc's dynamic thresholds settle first
-    held = [b"x" * (5 * 2**20) for _ in range(4)]
-    del held
-before = faults()
-for _ in range(10):
-    held = [b"x" * (5 * 2**20) for _ in range(4)]  # a large reply's buffers, at once
-    del held
-print(tuned, (faults() - before) // 10)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_serve_keeps_freed_heap_for_the_next_large_reply():
-    """``serve`` pins glibc's thresholds (cli._tune_malloc): 20 MiB of buffers
-    freed at once stay mapped, where the default policy hands them back and
-    faults them in again on the next call (5,120 pages a round)."""
-
-    def faults_per_round(mode: str) -> list[str]:
-        argv = [sys.executable, "-c", _FAULTS_PER_ROUND, mode]
-        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
-
-    tuned, tuned_faults = faults_per_round("tuned")
-    default, default_faults = faults_per_round("default")
-    assert tuned == "True" and default == "None"
-    assert int(default_faults) > 2000, default_faults  # what the policy is for
-    assert int(tuned_faults) < 100, tuned_faults
