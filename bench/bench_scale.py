@@ -4,10 +4,12 @@ One engine process (``python -m iii serve``) and one client process on
 asyncio + ``websockets`` (as bench_core.py), which in one run measures:
 
 * **engine::functions::list**, **engine::triggers::list** and
-  **engine::workers::list**: the median round trip of the call with
-  ``--small`` and with ``--large`` items registered (functions, parked
-  triggers, connected workers), and the ratio of the two, which is the
-  item ratio (4 by default) when the call is linear;
+  **engine::workers::list**: the median and worst round trip of the call
+  with ``--small`` and with ``--large`` items registered (functions, parked
+  triggers, connected workers), the engine's CPU and minor page faults per
+  call, and the ratio of each pair, which is the item ratio (4 by default)
+  when the call is linear; and the engine's idle CPU right after (the
+  heartbeats of 4,000 connections; part of the CPU per call if not zero);
 * **replicas**: the p50 and p99 of ``bench::echo`` calls at ``--inflight``
   calls in flight (one caller connection), with one replica and then with
   ``--large`` replicas (one per connected worker, all answering);
@@ -141,18 +143,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (Linux /proc)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 async def timed_call(caller: Conn, function_id: str, repeat: int) -> dict[str, Any]:
-    """``repeat`` sequential calls: median and worst round trip, the engine's CPU per call."""
+    """``repeat`` sequential calls: median and worst round trip, the engine's CPU
+    and minor page faults per call, and its idle CPU over a window as long
+    right after (the heartbeats of every connection: if it is not about
+    zero, part of the CPU per call is that background, which grows with the
+    workers *and* with the call's duration)."""
     times, result = [], None
     server_pid = int(os.environ["BENCH_SERVER_PID"])
-    cpu_before = cpu_seconds(server_pid)
+    cpu_before, faults_before = cpu_seconds(server_pid), minor_faults(server_pid)
+    started_all = time.perf_counter()
     for _ in range(repeat):
         started = time.perf_counter()
         result = await caller.call(function_id, {})
         times.append(1000 * (time.perf_counter() - started))
-    cpu_ms = 1000 * (cpu_seconds(server_pid) - cpu_before) / repeat
+    wall = time.perf_counter() - started_all
+    cpu = cpu_seconds(server_pid) - cpu_before
+    faults = minor_faults(server_pid) - faults_before
+    idle_before = cpu_seconds(server_pid)
+    idle_started = time.perf_counter()
+    await asyncio.sleep(max(wall, 2.0))
+    idle_rate = (cpu_seconds(server_pid) - idle_before) / (time.perf_counter() - idle_started)
     items = len(next(iter(result.values())))
-    return {"items": items, "ms": statistics.median(times), "max_ms": max(times), "cpu_ms": cpu_ms}
+    return {
+        "items": items,
+        "ms": statistics.median(times),
+        "max_ms": max(times),
+        "cpu_ms": 1000 * cpu / repeat,
+        "idle_cpu_ms_per_s": 1000 * idle_rate,
+        "faults": faults / repeat,
+    }
 
 
 async def closed_loop(caller: Conn, inflight: int, calls: int) -> dict[str, float]:
@@ -462,7 +487,12 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     for kind in ("functions", "triggers", "workers"):
         small = int(med(names[0], f"{kind}_list_small", "items"))
         large = int(med(names[0], f"{kind}_list_large", "items"))
-        for key, what in (("ms", "p50 ms"), ("max_ms", "max ms"), ("cpu_ms", "engine CPU ms")):
+        for key, what in (
+            ("ms", "p50 ms"),
+            ("max_ms", "max ms"),
+            ("cpu_ms", "engine CPU ms"),
+            ("faults", "engine minor faults"),
+        ):
             row(f"{kind}::list, {small:,} {kind}, {what}", ".1f", f"{kind}_list_small", key)
             row(f"{kind}::list, {large:,} {kind}, {what}", ".1f", f"{kind}_list_large", key)
             pairs = [
@@ -472,6 +502,14 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             print(
                 f"{f'  ratio (items ratio {large / small:.2f})':46}"
                 + "".join(f"{a / b:14.2f}" if b else f"{'n/a':>14}" for a, b in pairs)
+            )
+        for label in ("small", "large"):
+            items = small if label == "small" else large
+            row(
+                f"  engine idle CPU, {items:,} {kind} (ms/s)",
+                ".1f",
+                f"{kind}_list_{label}",
+                "idle_cpu_ms_per_s",
             )
     count = int(med(names[0], "replicas_large_count"))
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("calls_per_s", "calls/s")):

@@ -23,10 +23,11 @@ answers ``timeout``.
 
 Tracing is one wrapper around that one path (:func:`iii.routing.route`).  Both
 kinds of call get the same deadline (``timeout`` or
-``invocation_timeout_ms``); an engine function runs in the caller's task, so
-a cancel scope stops it, while a worker's call only waits for its answer,
-which the pending table's deadline heap resolves with ``timeout`` (one
-expiry task for all calls, instead of a cancel scope per routed call).
+``invocation_timeout_ms``) through one mechanism: it is filed in the pending
+table's deadline heap, and the one expiry task ends the call with
+``timeout`` (an engine function runs in the caller's task, so the expiry
+cancels its cancel scope; a worker's call only waits for its answer, so the
+expiry resolves it).
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class Engine:
     )
     shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The expiry task's sleep (see expire_invocations); None while it works.
+    # Every call's deadline goes through it: an engine not served (no expiry
+    # task) times no call out.
     expiry_scope: trio.CancelScope | None = None
     # Set when no call is in flight and none is pending (see wait_idle).
     _idle: trio.Event | None = None
@@ -543,7 +546,7 @@ class Engine:
             await self._idle.wait()
 
     async def expire_invocations(self) -> None:
-        """The expiry task of routed calls (:func:`iii.routing.expire_invocations`)."""
+        """The expiry task of every call (:func:`iii.routing.expire_invocations`)."""
         await routing.expire_invocations(self)
 
     async def invoke_logged(self, function_id: str, data: Any, *, what: str, **kwargs: Any) -> Any:

@@ -1,14 +1,16 @@
 """How a call runs: the one routing path of :meth:`iii.engine.Engine.invoke`.
 
 * :func:`route`: look the function up; an engine function runs in the
-  caller's task under a cancel scope with the call's deadline; a worker's call
-  is filed in the pending table (:mod:`iii.invocations`) *before* its
-  ``invokefunction`` is sent, and waits for the answer, which the deadline
-  heap resolves with ``timeout``.
+  caller's task under a cancel scope without a deadline, its deadline filed
+  in the pending table's heap, whose expiry cancels that scope; a worker's
+  call is filed in the pending table (:mod:`iii.invocations`) *before* its
+  ``invokefunction`` is sent, and waits for the answer, which the same heap
+  resolves with ``timeout``.  One deadline mechanism for both: the call
+  answers ``timeout`` up to ``EXPIRY_RESOLUTION`` late.
 * :func:`pick_replica`: which replica takes it (the registry's O(1) pick; in
   a cluster a peer engine's replica is weighed by that peer's calls in
   flight, plus one).
-* :func:`expire_invocations`: the engine's one expiry task for routed calls.
+* :func:`expire_invocations`: the engine's one expiry task for every call.
 
 Tracing and the grant check are the engine's (``Engine.invoke``), around
 :func:`route`.
@@ -30,7 +32,7 @@ from iii.errors import (
     InvocationTimeoutError,
 )
 from iii.grants import Grant
-from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation
+from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation, NativeCall
 from iii.native import CallContext
 from iii.protocol import InvokeFunction, encode_message
 from iii.registry import FunctionEntry, FunctionRegistration
@@ -62,9 +64,9 @@ async def route(
     grant: Grant | None,
     span: Span | None,
 ) -> Any:
-    """The one routing path (module docstring, "Routing a call"): an engine
-    function runs in this task under its deadline; a worker's call is filed
-    in the pending table, whose deadline heap answers ``timeout``."""
+    """The one routing path (module docstring): an engine function runs in
+    this task, a worker's call is filed in the pending table; the deadline
+    heap ends either with ``timeout``."""
     entry = engine.registry.functions.get(function_id)
     if entry is None:
         raise FunctionNotFoundError(function_id)
@@ -86,8 +88,15 @@ async def route(
             reply_limit=reply_limit,
             grant=grant,
         )
-        with trio.move_on_after(timeout):
-            return await replica.handler(data, ctx)
+        call = NativeCall(function_id, invocation_id, trio.current_time() + timeout)
+        engine.pending.start_native(call)
+        _wake_expiry(engine, call.deadline)
+        try:
+            with call.scope:
+                return await replica.handler(data, ctx)
+        finally:
+            engine.pending.end_native(call)
+        # Reached only when the expiry task cancelled the scope.
         raise InvocationTimeoutError(f"Invocation of {function_id} timed out after {timeout:g}s")
     assert replica.owner is not None
     target = engine.connections.get(replica.owner)
@@ -107,9 +116,7 @@ async def route(
         raise IIIError(
             f"invocation id {invocation_id} is already in use", code="invocation_error"
         ) from None
-    expiry = engine.expiry_scope
-    if expiry is not None and deadline < expiry.deadline:
-        expiry.deadline = deadline  # the expiry task wakes for this one
+    _wake_expiry(engine, deadline)
     try:
         try:
             frame = encode_message(
@@ -141,6 +148,13 @@ async def route(
     return invocation.result
 
 
+def _wake_expiry(engine: Engine, deadline: float) -> None:
+    """Make the sleeping expiry task wake by ``deadline`` (a call just filed it)."""
+    expiry = engine.expiry_scope
+    if expiry is not None and deadline < expiry.deadline:
+        expiry.deadline = deadline
+
+
 def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> FunctionRegistration:
     """The replica to run a call on: the registry's O(1) pick, where a peer
     engine's replica counts one more than its calls in flight (so an idle
@@ -157,10 +171,11 @@ def pick_replica(engine: Engine, entry: FunctionEntry, *, local_only: bool) -> F
 
 
 async def expire_invocations(engine: Engine) -> None:
-    """Resolve routed calls whose deadline has passed with ``timeout``.
+    """End every call whose deadline has passed with ``timeout``: a routed
+    call is resolved, an engine function's cancel scope is cancelled.
 
     Runs in the engine nursery while serving.  It sleeps until the
-    earliest deadline in the pending table (``invoke`` moves the wake-up
+    earliest deadline in the pending table (``route`` moves the wake-up
     earlier when it files an earlier one) and, so that a stream of calls
     does not wake it once per call, at most once per
     ``EXPIRY_RESOLUTION`` seconds: a call times out up to that much late.
@@ -172,6 +187,6 @@ async def expire_invocations(engine: Engine) -> None:
                 await trio.sleep_forever()
             finally:
                 engine.expiry_scope = None
-        for invocation in engine.pending.expire(trio.current_time()):
-            log.debug("%s (%s) timed out", invocation.function_id, invocation.invocation_id)
+        for call in engine.pending.expire(trio.current_time()):
+            log.debug("%s (%s) timed out", call.function_id, call.invocation_id)
         await trio.sleep(EXPIRY_RESOLUTION)

@@ -5,8 +5,9 @@ Supervision tree (copied into README.rst)::
     trio.run
     └── serve_engine                      engine nursery
         ├── signal watcher                SIGTERM/SIGINT -> graceful shutdown
-        ├── invocation expiry             answers ``timeout`` for routed calls past
-        │                                 their deadline (one heap, not a scope per call)
+        ├── invocation expiry             answers ``timeout`` for every call past its
+        │                                 deadline (one heap: a routed call is resolved,
+        │                                 an engine function's scope is cancelled)
         └── module nursery                one task per module (``await start(module.run)``,
             │                             in config order); each module owns its adapter
             │                             and its own nursery; modules exit last
