@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -38,6 +42,53 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+@attrs.define
+class Tree:
+    """A ``serve`` supervisor started by :func:`supervisor_tree`."""
+
+    process: subprocess.Popen[str]
+    notifications: trio.socket.SocketType  # the NOTIFY_SOCKET it was given
+    config_path: Path
+
+    async def wait_notified(self, field: bytes, timeout: float) -> None:
+        with trio.fail_after(timeout):
+            while field not in await self.notifications.recv(4096):
+                pass
+
+
+@asynccontextmanager
+async def supervisor_tree(
+    tmp_path: Path, config: dict[str, Any], *, env: dict[str, str] | None = None, stderr: int
+) -> AsyncIterator[Tree]:
+    """``python -m iii serve`` on ``config`` with a datagram socket standing in
+    for systemd's NOTIFY_SOCKET; killed on exit if still running."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    notify_path = str(tmp_path / "notify.sock")
+    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await receiver.bind(notify_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            TOKEN_ENV: TOKEN,
+            "NOTIFY_SOCKET": notify_path,
+            **(env or {}),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        yield Tree(process, receiver, path)
+    finally:
+        receiver.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 async def answer_http(worker: RawWorker) -> None:
@@ -88,32 +139,17 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
     config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
     config["processes"] = 2
     rest_port = config["modules"][0]["config"]["port"]
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    notify_path = str(tmp_path / "notify.sock")
-    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    await receiver.bind(notify_path)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            TOKEN_ENV: TOKEN,
-            "NOTIFY_SOCKET": notify_path,
-            "WATCHDOG_USEC": "2000000",  # systemd's WatchdogSec=2
-        },
-        stdout=subprocess.DEVNULL,
+    async with supervisor_tree(
+        tmp_path,
+        config,
+        env={"WATCHDOG_USEC": "2000000"},  # systemd's WatchdogSec=2
         stderr=subprocess.DEVNULL,
-    )
-    try:
+    ) as tree:
+        supervisor = tree.process
         # READY=1 only once both children are ready; then the supervisor
         # keeps systemd's watchdog (WATCHDOG=1 every half of it).
-        with trio.fail_after(90):
-            while b"READY=1" not in await receiver.recv(4096):
-                pass
-        with trio.fail_after(30):
-            while b"WATCHDOG=1" not in await receiver.recv(4096):
-                pass
+        await tree.wait_notified(b"READY=1", 90)
+        await tree.wait_notified(b"WATCHDOG=1", 30)
         first = sorted(children_of(supervisor.pid))
         assert len(first) == 2
         async with (
@@ -163,42 +199,24 @@ async def test_two_processes_share_the_ports_restart_a_killed_child_and_stop_on_
         code = await trio.to_thread.run_sync(supervisor.wait, 60)
         assert code == 0
         assert children_of(supervisor.pid) == []
-    finally:
-        receiver.close()
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
 
 
 async def test_children_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
     config["processes"] = 2
     config["shutdown_grace_ms"] = 200
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    notify_path = str(tmp_path / "notify.sock")
-    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    await receiver.bind(notify_path)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     children: list[int] = []
     try:
-        with trio.fail_after(90):
-            while b"READY=1" not in await receiver.recv(4096):
-                pass
-        children = children_of(supervisor.pid)
-        assert len(children) == 2
-        supervisor.kill()  # SIGKILL: it cannot stop them itself
-        supervisor.wait()
-        with trio.fail_after(30):
-            while any(alive(pid) for pid in children):
-                await trio.sleep(0.1)
+        async with supervisor_tree(tmp_path, config, stderr=subprocess.DEVNULL) as tree:
+            await tree.wait_notified(b"READY=1", 90)
+            children = children_of(tree.process.pid)
+            assert len(children) == 2
+            tree.process.kill()  # SIGKILL: it cannot stop them itself
+            tree.process.wait()
+            with trio.fail_after(30):
+                while any(alive(pid) for pid in children):
+                    await trio.sleep(0.1)
     finally:
-        receiver.close()
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -239,25 +257,12 @@ async def test_a_child_config_error_stops_the_tree_with_exit_2(tmp_path: Path) -
     config = engine_config(f"sup-{uuid.uuid4().hex[:6]}", f"iiitest:{uuid.uuid4().hex[:8]}:")
     config["processes"] = 2
     config["shutdown_grace_ms"] = 200
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    notify_path = str(tmp_path / "notify.sock")
-    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    await receiver.bind(notify_path)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "iii", "serve", "-c", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN, "NOTIFY_SOCKET": notify_path},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        with trio.fail_after(90):
-            while b"READY=1" not in await receiver.recv(4096):
-                pass
+    async with supervisor_tree(tmp_path, config, stderr=subprocess.PIPE) as tree:
+        supervisor = tree.process
+        await tree.wait_notified(b"READY=1", 90)
         first = children_of(supervisor.pid)
         assert len(first) == 2
-        path.write_text(yaml.safe_dump({**config, "port": "not a port"}))
+        tree.config_path.write_text(yaml.safe_dump({**config, "port": "not a port"}))
         os.kill(first[0], signal.SIGKILL)
         _, stderr = await trio.to_thread.run_sync(supervisor.communicate, None, 90)
         assert supervisor.returncode == 2, stderr
@@ -266,8 +271,3 @@ async def test_a_child_config_error_stops_the_tree_with_exit_2(tmp_path: Path) -
         assert stderr.count("restarting in") == 1  # the kill, then no loop
         assert children_of(supervisor.pid) == []
         assert not any(alive(pid) for pid in first)
-    finally:
-        receiver.close()
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
