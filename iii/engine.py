@@ -92,7 +92,7 @@ class Engine:
     # Tells the registry each worker's pending count: replicas are picked by it.
     pending: PendingTable = attrs.field(
         default=attrs.Factory(
-            lambda self: PendingTable(on_load=self.registry.set_load), takes_self=True
+            lambda self: PendingTable(on_load=self.registry.set_pending), takes_self=True
         )
     )
     channels: ChannelTable = attrs.field(

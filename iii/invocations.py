@@ -130,7 +130,7 @@ class PendingTable:
     # Engine functions running with a deadline filed (start_native .. end_native).
     native_running: int = 0
     # Told (worker id, calls now pending on it) whenever that count changes:
-    # the registry orders function replicas by it (Registry.set_load).
+    # the registry orders function replicas by it (Registry.set_pending).
     on_load: Callable[[str, int], None] | None = None
     # Called when the last pending call leaves (the engine's drain waits on it).
     on_empty: Callable[[], None] | None = None

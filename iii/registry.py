@@ -331,8 +331,17 @@ class Registry:
         """The load the pick weighs for ``worker_id`` (as last set)."""
         return self._loads.get(worker_id, 0)
 
+    def set_pending(self, worker_id: str, pending: int) -> None:
+        """PendingTable's listener: a worker of this engine now has ``pending``
+        calls pending, which is its load.  A peer engine's stand-in worker is
+        left alone: its load is set by its :class:`~iii.cluster.peers.Peer`
+        (calls in flight to the peer, relayed or not, plus one)."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and not worker.remote:
+            self.set_load(worker_id, pending)
+
     def set_load(self, worker_id: str, load: int) -> None:
-        """``worker_id`` now has ``load`` calls pending (PendingTable's listener)."""
+        """``worker_id``'s replicas now weigh ``load`` in the pick."""
         if worker_id not in self.workers:
             return  # calls of a gone worker ending
         if load:

@@ -12,7 +12,7 @@ _ids = itertools.count()
 
 def make(replicas: int) -> tuple[Registry, PendingTable]:
     registry = Registry()
-    pending = PendingTable(on_load=registry.set_load)
+    pending = PendingTable(on_load=registry.set_pending)
     for i in range(replicas):
         registry.add_worker(WorkerInfo(id=f"w{i}"))
         registry.add_function(FunctionRegistration(function_id="f", owner=f"w{i}"))
@@ -68,7 +68,7 @@ def test_a_peers_replica_is_weighed_by_its_load_plus_one_and_takes_turns_on_ties
     """The cluster's pick: a peer engine's pseudo worker (``remote``) has its
     calls in flight plus one set as its load, so an idle local replica wins."""
     registry = Registry()
-    pending = PendingTable(on_load=registry.set_load)
+    pending = PendingTable(on_load=registry.set_pending)
     registry.add_worker(WorkerInfo(id="w0"))
     for peer in ("p1", "p2"):
         registry.add_worker(WorkerInfo(id=peer, remote=True))

@@ -119,15 +119,13 @@ def relay_call(
         on_finish=call.on_answer,
     ):
         engine.pending.discard(invocation)
-        engine.registry.set_load(owner, peer.inflight + 1)  # as it was (discard reset it)
         return False
     expiry = engine.expiry_scope
     if expiry is not None and deadline < expiry.deadline:
         expiry.deadline = deadline  # the expiry task wakes for this one
     engine.begin_call()
     peer.inflight += 1
-    # After the pending table's own count for the owner (add): the pick
-    # weighs a peer by its calls in flight, relayed or not, plus one.
+    # The pick weighs a peer by its calls in flight, relayed or not, plus one.
     engine.registry.set_load(owner, peer.inflight + 1)
     conn.relayed.add(invocation)
     return True
