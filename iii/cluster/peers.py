@@ -96,8 +96,7 @@ class Peer:
         """
         if self.gone:
             raise self._stopped(function_id)
-        self.inflight += 1
-        self.engine.registry.set_load(self.owner_id, self.inflight + 1)
+        self.call_started()
         try:
             result = await self.link.call(
                 function_id,
@@ -109,13 +108,22 @@ class Peer:
                 unavailable_code=InvocationStoppedError.code,
             )
         finally:
-            self.inflight -= 1
-            self.engine.registry.set_load(self.owner_id, self.inflight + 1)
+            self.call_ended()
         if has_channel_refs(result):  # the peer's channels, which the caller opens here
             return bridge_result_refs(
                 self.engine, self.advertise, result, owner=ctx.caller_worker_id
             )
         return result
+
+    def call_started(self) -> None:
+        """A call to the peer is in flight (forwarded here or relayed): its
+        replicas weigh the calls in flight plus one in the pick."""
+        self.inflight += 1
+        self.engine.registry.set_load(self.owner_id, self.inflight + 1)
+
+    def call_ended(self) -> None:
+        self.inflight -= 1
+        self.engine.registry.set_load(self.owner_id, self.inflight + 1)
 
     def _stopped(self, function_id: str) -> IIIError:
         return InvocationStoppedError(

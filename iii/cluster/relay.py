@@ -124,9 +124,7 @@ def relay_call(
     if expiry is not None and deadline < expiry.deadline:
         expiry.deadline = deadline  # the expiry task wakes for this one
     engine.begin_call()
-    peer.inflight += 1
-    # The pick weighs a peer by its calls in flight, relayed or not, plus one.
-    engine.registry.set_load(owner, peer.inflight + 1)
+    peer.call_started()
     conn.relayed.add(invocation)
     return True
 
@@ -181,8 +179,7 @@ class RelayedCall:
         invocation, conn = self.invocation, self.conn
         self.peer.link.forget_call(invocation.invocation_id)
         self.engine.pending.discard(invocation)
-        self.peer.inflight -= 1
-        self.engine.registry.set_load(self.peer.owner_id, self.peer.inflight + 1)
+        self.peer.call_ended()
         conn.calls_outstanding -= 1
         conn.relayed.discard(invocation)
         try:
