@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from iii.cluster.catalog import CATALOG_FUNCTION, Catalog, read_catalog
-from iii.cluster_channels import bridge_result_refs, has_channel_refs
+from iii.cluster_channels import bridge_result_refs
 from iii.errors import IIIError, InvocationStoppedError
 from iii.link import EngineLink, TraceContext
 from iii.log import RateLimitedLog, bounded_repr
@@ -109,11 +109,13 @@ class Peer:
             )
         finally:
             self.call_ended()
-        if has_channel_refs(result):  # the peer's channels, which the caller opens here
-            return bridge_result_refs(
-                self.engine, self.advertise, result, owner=ctx.caller_worker_id
-            )
-        return result
+        return self.bridged_result(result, ctx.caller_worker_id)
+
+    def bridged_result(self, result: Any, owner: str | None) -> Any:
+        """The peer's answer as the caller here gets it: channel refs in it (the
+        peer's channels) bridged to channels of this engine that ``owner`` opens
+        (:class:`~iii.channels.TooManyChannelsError` past the bounds)."""
+        return bridge_result_refs(self.engine, self.advertise, result, owner=owner)
 
     def call_started(self) -> None:
         """A call to the peer is in flight (forwarded here or relayed): its

@@ -33,7 +33,7 @@ whose queue is full, a call that cannot be encoded or sent whole (the slow
 path then answers why).  Channel refs in the call's data need nothing on
 this engine (the engine that runs the call bridges them); refs in the
 answer are bridged here, as :meth:`iii.cluster.peers.Peer.forward` does
-(:func:`iii.cluster_channels.bridge_result_refs`: the caller opens them on
+(:meth:`~iii.cluster.peers.Peer.bridged_result`: the caller opens them on
 this engine).  The peer's load in the registry (its calls in flight + 1,
 which the cluster pick weighs) counts relayed calls too.
 
@@ -53,7 +53,6 @@ import orjson
 import trio
 
 from iii.cluster.peers import PSEUDO_PREFIX, Peer
-from iii.cluster_channels import bridge_result_refs, has_channel_refs
 from iii.errors import FrameTooLargeError, IIIError, InvocationTimeoutError
 from iii.invocations import TIMED_OUT, DuplicateInvocationError, Invocation
 from iii.link.values import PendingCall, TraceContext
@@ -145,15 +144,11 @@ class RelayedCall:
         """The link's answer, or its drop (``invocation_stopped``)."""
         error = pending.error
         if error is None:
-            result = pending.result
-            if has_channel_refs(result):  # the peer's channels, opened here by the caller
-                try:
-                    result = bridge_result_refs(
-                        self.engine, self.peer.advertise, result, owner=self.conn.worker_id
-                    )
-                except IIIError as exc:
-                    self.end(None, ErrorBody(code=exc.code, message=exc.message))
-                    return
+            try:
+                result = self.peer.bridged_result(pending.result, self.conn.worker_id)
+            except IIIError as exc:
+                self.end(None, ErrorBody(code=exc.code, message=exc.message))
+                return
             self.end(result, None)
         else:
             self.end(
